@@ -1,0 +1,244 @@
+//! Types shared by ripcord's BPF programs (`ripcord-agent-ebpf`) and the user-space agent.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding, so the kernel and user space agree
+//! on one layout without hand-synced copies. Sizes are checked at compile time.
+//!
+//! # Slots
+//! Every protected device (a whole disk or a partition of one) gets a *slot*: an index into
+//! the per-slot maps (statistics, overflow bitmap). The in-kernel filter is the `PROTECTED`
+//! hash map, keyed by the kernel `dev_t` of the *whole disk* (block tracepoints always report
+//! the disk and absolute sectors, also for partitions); its value lists the disk's protected
+//! ranges, each naming its slot.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Most protected devices (slots) one agent tracks.
+pub const MAX_SLOTS: u32 = 64;
+/// Most protected ranges (partitions, or the whole disk) on one disk.
+pub const MAX_RANGES_PER_DISK: usize = 8;
+/// Bits of overflow bitmap per slot. The agent picks each slot's granularity so the device
+/// fits: at least [`MIN_OVERFLOW_SHIFT`], coarser for devices over 64 GiB.
+pub const OVERFLOW_BITS_PER_SLOT: u64 = 65_536;
+/// 64-bit words of overflow bitmap per slot.
+pub const OVERFLOW_WORDS_PER_SLOT: u32 = (OVERFLOW_BITS_PER_SLOT / 64) as u32;
+/// Entries of the `OVERFLOW` array map.
+pub const OVERFLOW_WORDS: u32 = MAX_SLOTS * OVERFLOW_WORDS_PER_SLOT;
+/// Finest overflow granularity: 2^11 sectors = 1 MiB per bit.
+pub const MIN_OVERFLOW_SHIFT: u32 = 11;
+/// Most bits one event may set in the overflow bitmap; a wider event marks the whole slot
+/// (`SlotStats::overflow_all`), which makes the agent resynchronise the whole device.
+pub const MAX_OVERFLOW_BITS_PER_EVENT: u64 = 64;
+
+/// Entries of the `WRITE_GEN` array (a power of two; regions hash into it).
+pub const WRITE_GEN_ENTRIES: u32 = 1 << 20;
+/// Sectors per write-generation region, as a shift: 2^8 sectors = 128 KiB.
+pub const WRITE_GEN_REGION_SHIFT: u32 = 8;
+/// Most regions one queued write bumps one by one; a wider write bumps the slot's
+/// `SlotStats::wide_gen` instead, which the agent treats as "every region raced".
+pub const MAX_GEN_REGIONS_PER_WRITE: u64 = 64;
+
+/// Default size of the event ring buffer in bytes (a power of two, page multiple).
+pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+
+/// Operation flags of a [`ChangeEvent`].
+pub mod op {
+    /// Data written.
+    pub const WRITE: u32 = 1 << 0;
+    /// Range discarded (contents undefined afterwards; loop devices read zeroes).
+    pub const DISCARD: u32 = 1 << 1;
+    /// Range set to zeroes (REQ_OP_WRITE_ZEROES).
+    pub const WRITE_ZEROES: u32 = 1 << 2;
+    /// Cache flush (REQ_OP_FLUSH, or REQ_PREFLUSH on a write).
+    pub const FLUSH: u32 = 1 << 3;
+    /// Forced unit access: this write was durable on completion.
+    pub const FUA: u32 = 1 << 4;
+    /// Secure erase (treated as a discard).
+    pub const SECURE_ERASE: u32 = 1 << 5;
+    /// The request completed with an error. Its range may hold partial data, so the agent
+    /// still treats it as changed.
+    pub const ERROR: u32 = 1 << 6;
+    /// Every flag that changes device contents.
+    pub const CHANGES_DATA: u32 = WRITE | DISCARD | WRITE_ZEROES | SECURE_ERASE;
+}
+
+/// A protected range of a disk: a partition, or the whole disk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtectedRange {
+    /// First sector of the range on the whole disk.
+    pub start: u64,
+    /// Length in 512-byte sectors.
+    pub len: u64,
+    /// Slot index (< [`MAX_SLOTS`]).
+    pub slot: u32,
+    /// log2 of sectors per overflow-bitmap bit for this slot.
+    pub overflow_shift: u32,
+}
+const _: () = assert!(size_of::<ProtectedRange>() == 24);
+
+/// Value of the `PROTECTED` map: the protected ranges of one disk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskRanges {
+    /// Used entries of `ranges`.
+    pub count: u32,
+    pub _pad: u32,
+    pub ranges: [ProtectedRange; MAX_RANGES_PER_DISK],
+}
+const _: () = assert!(size_of::<DiskRanges>() == 8 + 24 * MAX_RANGES_PER_DISK);
+
+/// One completed block operation on a protected device, as the BPF program reports it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChangeEvent {
+    /// Completion time, CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`).
+    pub time_ns: u64,
+    /// Per-slot sequence number, from 0. A gap means events were dropped (and the range
+    /// of the dropped ones is in the overflow bitmap).
+    pub seq: u64,
+    /// First sector, relative to the protected device (partition-relative).
+    pub sector: u64,
+    /// Length in 512-byte sectors (0 for a flush).
+    pub sectors: u32,
+    /// Slot of the protected device.
+    pub slot: u32,
+    /// [`op`] flags.
+    pub op: u32,
+    /// Error the request completed with (negative errno), 0 on success.
+    pub error: i32,
+}
+/// Size of [`ChangeEvent`] in the ring buffer.
+pub const CHANGE_EVENT_SIZE: usize = 40;
+const _: () = assert!(size_of::<ChangeEvent>() == CHANGE_EVENT_SIZE);
+
+/// Per-slot counters, updated atomically by the BPF programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotStats {
+    /// Next sequence number to hand out.
+    pub seq: u64,
+    /// Events that could not be reserved in the ring buffer (their ranges are in the
+    /// overflow bitmap).
+    pub dropped: u64,
+    /// Dropped events too wide for the bitmap: the whole device must be resynchronised.
+    pub overflow_all: u64,
+    /// Writes queued (block_bio_queue) on this slot.
+    pub queued: u64,
+    /// Generation bumped by queued writes too wide for per-region generations.
+    pub wide_gen: u64,
+}
+const _: () = assert!(size_of::<SlotStats>() == 40);
+
+/// Decode a `rwbs` string (as `blk_fill_rwbs` writes it; its first 8 bytes as a
+/// little-endian word) into [`op`] flags.
+///
+/// The layout is: an optional `F` for REQ_PREFLUSH, one operation letter (`W`rite,
+/// `D`iscard (`DE` secure erase), `F`lush, `R`ead, `N` other: write-zeroes on a block
+/// device), then modifier letters (`F` FUA, `A`, `S`, `M`, ...). A bare `F` is a flush.
+#[inline(always)]
+pub fn parse_rwbs(rwbs: u64) -> u32 {
+    // Characters are taken by shifting one little-endian word: the BPF verifier rejects
+    // variable indexes into a stack array.
+    let c = |i: u32| (rwbs >> (8 * i)) as u8;
+    let preflush = c(0) == b'F' && matches!(c(1), b'W' | b'D' | b'F' | b'R' | b'N');
+    let (mut flags, opc, next, after) = if preflush {
+        (op::FLUSH, c(1), c(2), c(3))
+    } else {
+        (0, c(0), c(1), c(2))
+    };
+    let mut modifier = next;
+    match opc {
+        b'W' => flags |= op::WRITE,
+        b'D' if next == b'E' => {
+            flags |= op::SECURE_ERASE;
+            modifier = after;
+        }
+        b'D' => flags |= op::DISCARD,
+        b'F' => flags |= op::FLUSH,
+        b'N' => flags |= op::WRITE_ZEROES,
+        _ => {}
+    }
+    // FUA is the first modifier letter when present.
+    if modifier == b'F' {
+        flags |= op::FUA;
+    }
+    flags
+}
+
+/// Kernel-internal `dev_t` (`MKDEV`: 12-bit major, 20-bit minor) as block tracepoints
+/// report it.
+pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
+    (major << 20) | (minor & 0xf_ffff)
+}
+
+/// Index into `WRITE_GEN` of a region of a slot: a multiplicative hash, so regions of
+/// different slots spread out. Collisions only cause false "raced" verdicts (safe).
+#[inline(always)]
+pub const fn write_gen_index(slot: u32, region: u64) -> u32 {
+    let h = (region ^ ((slot as u64) << 48)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> 44) as u32 & (WRITE_GEN_ENTRIES - 1)
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all these types are repr(C), have no padding (checked by the size asserts
+    // above) and every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::ProtectedRange {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DiskRanges {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ChangeEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SlotStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rwbs(s: &str) -> u64 {
+        let mut b = [0u8; 8];
+        b[..s.len()].copy_from_slice(s.as_bytes());
+        u64::from_le_bytes(b)
+    }
+
+    #[test]
+    fn rwbs_decoding() {
+        assert_eq!(parse_rwbs(&rwbs("W")), op::WRITE);
+        assert_eq!(parse_rwbs(&rwbs("WS")), op::WRITE);
+        assert_eq!(parse_rwbs(&rwbs("WFS")), op::WRITE | op::FUA);
+        assert_eq!(parse_rwbs(&rwbs("FWFS")), op::FLUSH | op::WRITE | op::FUA);
+        assert_eq!(parse_rwbs(&rwbs("FWS")), op::FLUSH | op::WRITE);
+        assert_eq!(parse_rwbs(&rwbs("F")), op::FLUSH);
+        assert_eq!(parse_rwbs(&rwbs("FF")), op::FLUSH);
+        assert_eq!(parse_rwbs(&rwbs("FS")), op::FLUSH);
+        assert_eq!(parse_rwbs(&rwbs("DS")), op::DISCARD);
+        assert_eq!(parse_rwbs(&rwbs("DE")), op::SECURE_ERASE);
+        assert_eq!(parse_rwbs(&rwbs("NS")), op::WRITE_ZEROES);
+        assert_eq!(parse_rwbs(&rwbs("RA")), 0);
+        assert_eq!(parse_rwbs(&rwbs("RS")), 0);
+        assert_eq!(parse_rwbs(&rwbs("")), 0);
+    }
+
+    #[test]
+    fn kernel_dev_encoding() {
+        assert_eq!(kernel_dev(7, 0), 7 << 20);
+        assert_eq!(kernel_dev(259, 3), (259 << 20) | 3);
+    }
+
+    #[test]
+    fn write_gen_index_in_range_and_spread() {
+        let mut seen = [false; 64];
+        for region in 0..10_000u64 {
+            let i = write_gen_index(3, region);
+            assert!(i < WRITE_GEN_ENTRIES);
+            seen[(i >> 14) as usize] = true;
+        }
+        assert!(
+            seen.iter().filter(|s| **s).count() > 48,
+            "hash clusters: {seen:?}"
+        );
+        assert_ne!(write_gen_index(0, 5), write_gen_index(1, 5));
+    }
+}

@@ -1,0 +1,367 @@
+//! Loading and driving the capture programs: protect devices, attach the tracepoints,
+//! consume change events, and fold back the overflow bitmap.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use agent_common::{
+    ChangeEvent, DEFAULT_RING_BYTES, DiskRanges, MAX_RANGES_PER_DISK, MAX_SLOTS, OVERFLOW_WORDS,
+    OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT,
+    write_gen_index,
+};
+use anyhow::{Context as _, bail, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, RingBuf},
+    programs::{TracePoint, trace_point::TracePointLinkId},
+};
+
+use crate::{device::BlockDevice, event, extents::ExtentSet, tracefs};
+
+/// The BPF object built by build.rs.
+static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ripcord-agent-ebpf"));
+
+/// Tuning of the capture path.
+#[derive(Clone, Copy, Debug)]
+pub struct CaptureConfig {
+    /// Ring buffer size in bytes: a power of two and a multiple of the page size.
+    pub ring_bytes: u32,
+    /// Bytes waiting in the ring before the kernel wakes the agent; below it, the agent's
+    /// poll timeout collects them.
+    pub wakeup_bytes: u64,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            ring_bytes: DEFAULT_RING_BYTES,
+            wakeup_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl CaptureConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let page = page_size();
+        ensure!(
+            self.ring_bytes.is_power_of_two() && self.ring_bytes as usize >= page,
+            "ring size {} must be a power of two and at least the page size ({page})",
+            self.ring_bytes
+        );
+        Ok(())
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).unwrap_or(4096)
+}
+
+/// A shared mapping of a BPF_F_MMAPABLE array of u64, read and swapped atomically
+/// alongside the BPF programs' atomic updates.
+struct MmapWords {
+    ptr: NonNull<u64>,
+    len: usize,
+    bytes: usize,
+    _map: MapData,
+}
+
+impl MmapWords {
+    fn new(map: MapData, len: u32) -> anyhow::Result<Self> {
+        let bytes = (len as usize * 8).next_multiple_of(page_size());
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: mapping a BPF array fd created with BPF_F_MMAPABLE; length covers the
+        // array's values, rounded to pages as the kernel requires.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of a BPF array");
+        }
+        let ptr = NonNull::new(ptr.cast::<u64>()).context("mmap returned null")?;
+        Ok(Self {
+            ptr,
+            len: len as usize,
+            bytes,
+            _map: map,
+        })
+    }
+
+    fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < self.len, "word {i} out of {}", self.len);
+        // SAFETY: in bounds of the live mapping, 8-aligned (page-aligned base); the kernel
+        // only touches these words atomically.
+        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(i)) }
+    }
+}
+
+impl Drop for MmapWords {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// What the overflow bitmap says must be resynchronised for one slot.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Overflow {
+    /// Regions whose events were dropped (device-relative sectors).
+    pub regions: ExtentSet,
+    /// A dropped event was too wide for the bitmap: resync the whole device.
+    pub whole_device: bool,
+}
+
+/// The loaded and attached capture programs.
+pub struct Capture {
+    ebpf: Ebpf,
+    links: Vec<(&'static str, TracePointLinkId)>,
+    ring: RingBuf<MapData>,
+    stats: Array<MapData, SlotStats>,
+    overflow: MmapWords,
+    write_gen: MmapWords,
+    devices: Vec<BlockDevice>,
+    overflow_all_seen: Vec<u64>,
+}
+
+const PROGRAMS: [&str; 2] = ["block_rq_complete", "block_bio_queue"];
+
+impl Capture {
+    /// Load the programs, protect `devices` (slot = index), and attach.
+    pub fn start(devices: &[BlockDevice], config: CaptureConfig) -> anyhow::Result<Capture> {
+        config.validate()?;
+        ensure!(!devices.is_empty(), "no devices to protect");
+        ensure!(
+            devices.len() <= MAX_SLOTS as usize,
+            "at most {MAX_SLOTS} devices per agent"
+        );
+        for (i, a) in devices.iter().enumerate() {
+            for b in &devices[..i] {
+                let overlap = a.disk == b.disk
+                    && a.start < b.start + b.sectors
+                    && b.start < a.start + a.sectors;
+                ensure!(
+                    !overlap,
+                    "{} and {} overlap on disk {}: protect either the disk or its partitions",
+                    a.path.display(),
+                    b.path.display(),
+                    a.disk
+                );
+            }
+        }
+        let tracefs = tracefs::mount_point()?;
+        let rq = tracefs::Format::read(&tracefs, "block", "block_rq_complete")?;
+        let bq = tracefs::Format::read(&tracefs, "block", "block_bio_queue")?;
+        let offsets: [(&str, u32); 9] = [
+            ("RQ_DEV_OFF", rq.offset("dev", &[4], "4")?),
+            ("RQ_SECTOR_OFF", rq.offset("sector", &[8], "8")?),
+            ("RQ_NR_SECTOR_OFF", rq.offset("nr_sector", &[4], "4")?),
+            ("RQ_ERROR_OFF", rq.offset("error", &[4], "4")?),
+            (
+                "RQ_RWBS_OFF",
+                rq.offset("rwbs", &[8, 9, 10, 11, 12, 16], "8 to 16")?,
+            ),
+            ("BQ_DEV_OFF", bq.offset("dev", &[4], "4")?),
+            ("BQ_SECTOR_OFF", bq.offset("sector", &[8], "8")?),
+            ("BQ_NR_SECTOR_OFF", bq.offset("nr_sector", &[4], "4")?),
+            (
+                "BQ_RWBS_OFF",
+                bq.offset("rwbs", &[8, 9, 10, 11, 12, 16], "8 to 16")?,
+            ),
+        ];
+
+        let mut loader = EbpfLoader::new();
+        for (name, off) in &offsets {
+            loader.override_global(name, off, true);
+        }
+        loader.override_global("WAKEUP_BYTES", &config.wakeup_bytes, true);
+        loader.map_max_entries("EVENTS", config.ring_bytes);
+        let mut ebpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
+
+        // Protect before attaching, so the first event already passes the filter.
+        {
+            let mut protected: HashMap<_, u32, DiskRanges> =
+                HashMap::try_from(ebpf.map_mut("PROTECTED").context("map PROTECTED")?)?;
+            let mut by_disk: BTreeMap<u32, DiskRanges> = BTreeMap::new();
+            for (slot, dev) in devices.iter().enumerate() {
+                let entry = by_disk.entry(dev.disk.kernel()).or_default();
+                let i = entry.count as usize;
+                ensure!(
+                    i < MAX_RANGES_PER_DISK,
+                    "more than {MAX_RANGES_PER_DISK} protected partitions on disk {}",
+                    dev.disk
+                );
+                entry.ranges[i] = ProtectedRange {
+                    start: dev.start,
+                    len: dev.sectors,
+                    slot: slot as u32,
+                    overflow_shift: dev.overflow_shift(),
+                };
+                entry.count += 1;
+            }
+            for (disk, ranges) in by_disk {
+                protected
+                    .insert(disk, ranges, 0)
+                    .context("filling PROTECTED")?;
+            }
+        }
+
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
+        let stats = Array::try_from(ebpf.take_map("STATS").context("map STATS")?)?;
+        let overflow = MmapWords::new(array_data(&mut ebpf, "OVERFLOW")?, OVERFLOW_WORDS)?;
+        let write_gen = MmapWords::new(array_data(&mut ebpf, "WRITE_GEN")?, WRITE_GEN_ENTRIES)?;
+
+        let mut links = Vec::new();
+        for name in PROGRAMS {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the BPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("loading program {name}"))?;
+            let link = prog
+                .attach("block", name)
+                .with_context(|| format!("attaching to tracepoint block:{name}"))?;
+            links.push((name, link));
+        }
+        Ok(Capture {
+            ebpf,
+            links,
+            ring,
+            stats,
+            overflow,
+            write_gen,
+            devices: devices.to_vec(),
+            overflow_all_seen: vec![0; devices.len()],
+        })
+    }
+
+    /// The protected devices, by slot.
+    pub fn devices(&self) -> &[BlockDevice] {
+        &self.devices
+    }
+
+    /// Wait until the ring signals readiness or `timeout` passes.
+    pub fn wait(&self, timeout: Duration) -> std::io::Result<()> {
+        let fd: BorrowedFd<'_> = self.ring.as_fd();
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Consume every event waiting in the ring.
+    pub fn drain_events(
+        &mut self,
+        mut f: impl FnMut(ChangeEvent),
+    ) -> Result<usize, event::DecodeError> {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            let event = event::decode(&item)?;
+            drop(item);
+            if (event.slot as usize) < self.devices.len() {
+                f(event);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Take (and clear) the overflow bitmap of `slot`.
+    pub fn drain_overflow(&mut self, slot: usize) -> Overflow {
+        let dev = &self.devices[slot];
+        let shift = dev.overflow_shift();
+        let mut regions = ExtentSet::new();
+        let base = slot * OVERFLOW_WORDS_PER_SLOT as usize;
+        for w in 0..OVERFLOW_WORDS_PER_SLOT as usize {
+            let word = self.overflow.word(base + w);
+            if word.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let mut bits = word.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let bit = (w as u64) * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let start = bit << shift;
+                let len = (1u64 << shift).min(dev.sectors.saturating_sub(start));
+                regions.insert(start, len);
+            }
+        }
+        let all = self.stats(slot).overflow_all;
+        let whole_device = all != self.overflow_all_seen[slot];
+        self.overflow_all_seen[slot] = all;
+        Overflow {
+            regions,
+            whole_device,
+        }
+    }
+
+    /// Counters of `slot`.
+    pub fn stats(&self, slot: usize) -> SlotStats {
+        self.stats.get(&(slot as u32), 0).unwrap_or_default()
+    }
+
+    /// The write generation of the sectors `[sector, sector + len)` of `slot`: it changes
+    /// whenever a write touching them is queued. Compare it before and after reading the
+    /// range back; a change means a newer write raced the read.
+    pub fn write_generation(&self, slot: usize, sector: u64, len: u64) -> u64 {
+        let mut sum = self.stats(slot).wide_gen;
+        if len == 0 {
+            return sum;
+        }
+        let first = sector >> WRITE_GEN_REGION_SHIFT;
+        let last = (sector + len - 1) >> WRITE_GEN_REGION_SHIFT;
+        for region in first..=last {
+            let i = write_gen_index(slot as u32, region) as usize;
+            sum = sum.wrapping_add(self.write_gen.word(i).load(Ordering::Acquire));
+        }
+        sum
+    }
+
+    /// Detach the programs: no event is produced after this returns. Events already in
+    /// the ring and the overflow bitmap can still be drained.
+    pub fn detach(&mut self) -> anyhow::Result<()> {
+        for (name, link) in self.links.drain(..) {
+            let prog: &mut TracePoint = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name}"))?
+                .try_into()?;
+            prog.detach(link)
+                .with_context(|| format!("detaching {name}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn array_data(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<MapData> {
+    match ebpf.take_map(name) {
+        Some(Map::Array(data)) => Ok(data),
+        Some(_) => bail!("map {name} is not an array"),
+        None => bail!("map {name} missing from the BPF object"),
+    }
+}

@@ -1,0 +1,12 @@
+//! ripcord's agent: block-change capture with eBPF on protected devices.
+//!
+//! The library holds the logic (decoding, extent sets, device resolution, capture) so it
+//! is unit-testable; `main.rs` is the command line.
+
+pub mod capture;
+pub mod device;
+pub mod event;
+pub mod extents;
+pub mod preflight;
+pub mod tracefs;
+pub mod watch;
