@@ -205,20 +205,20 @@ mod tests {
 
     #[test]
     fn rwbs_decoding() {
-        assert_eq!(parse_rwbs(&rwbs("W")), op::WRITE);
-        assert_eq!(parse_rwbs(&rwbs("WS")), op::WRITE);
-        assert_eq!(parse_rwbs(&rwbs("WFS")), op::WRITE | op::FUA);
-        assert_eq!(parse_rwbs(&rwbs("FWFS")), op::FLUSH | op::WRITE | op::FUA);
-        assert_eq!(parse_rwbs(&rwbs("FWS")), op::FLUSH | op::WRITE);
-        assert_eq!(parse_rwbs(&rwbs("F")), op::FLUSH);
-        assert_eq!(parse_rwbs(&rwbs("FF")), op::FLUSH);
-        assert_eq!(parse_rwbs(&rwbs("FS")), op::FLUSH);
-        assert_eq!(parse_rwbs(&rwbs("DS")), op::DISCARD);
-        assert_eq!(parse_rwbs(&rwbs("DE")), op::SECURE_ERASE);
-        assert_eq!(parse_rwbs(&rwbs("NS")), op::WRITE_ZEROES);
-        assert_eq!(parse_rwbs(&rwbs("RA")), 0);
-        assert_eq!(parse_rwbs(&rwbs("RS")), 0);
-        assert_eq!(parse_rwbs(&rwbs("")), 0);
+        assert_eq!(parse_rwbs(rwbs("W")), op::WRITE);
+        assert_eq!(parse_rwbs(rwbs("WS")), op::WRITE);
+        assert_eq!(parse_rwbs(rwbs("WFS")), op::WRITE | op::FUA);
+        assert_eq!(parse_rwbs(rwbs("FWFS")), op::FLUSH | op::WRITE | op::FUA);
+        assert_eq!(parse_rwbs(rwbs("FWS")), op::FLUSH | op::WRITE);
+        assert_eq!(parse_rwbs(rwbs("F")), op::FLUSH);
+        assert_eq!(parse_rwbs(rwbs("FF")), op::FLUSH);
+        assert_eq!(parse_rwbs(rwbs("FS")), op::FLUSH);
+        assert_eq!(parse_rwbs(rwbs("DS")), op::DISCARD);
+        assert_eq!(parse_rwbs(rwbs("DE")), op::SECURE_ERASE);
+        assert_eq!(parse_rwbs(rwbs("NS")), op::WRITE_ZEROES);
+        assert_eq!(parse_rwbs(rwbs("RA")), 0);
+        assert_eq!(parse_rwbs(rwbs("RS")), 0);
+        assert_eq!(parse_rwbs(rwbs("")), 0);
     }
 
     #[test]

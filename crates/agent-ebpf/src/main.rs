@@ -10,14 +10,19 @@
 //!
 //! Tracepoint field offsets come from tracefs at load time (globals below), so this object
 //! does not depend on one kernel's struct layout.
-#![no_std]
-#![no_main]
+//!
+//! On the host (`cargo clippy --workspace`, `cargo test --workspace`) this compiles to an
+//! empty program, so workspace-wide commands need no special casing.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 // core's atomic types have no read-modify-write operations on the BPF target; the
 // intrinsics lower to BPF atomic instructions (kernel >= 5.12 for fetch variants).
-#![feature(core_intrinsics)]
-#![expect(internal_features, reason = "BPF atomics need core::intrinsics")]
-
-use core::intrinsics::{AtomicOrdering, atomic_or, atomic_xadd};
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "BPF atomics need core::intrinsics")
+)]
+#![cfg_attr(not(target_arch = "bpf"), allow(dead_code))]
 
 use agent_common::{
     ChangeEvent, DiskRanges, MAX_GEN_REGIONS_PER_WRITE, MAX_OVERFLOW_BITS_PER_EVENT,
@@ -84,17 +89,36 @@ fn field<T>(ctx: &TracePointContext, off: &u32) -> Result<T, i32> {
 
 /// Atomic `*ptr += 1`, returning the old value. SeqCst: LLVM's BPF backend lowers a
 /// relaxed fetch-and-add whose result is used to the plain (non-fetching) instruction.
+#[cfg(target_arch = "bpf")]
 #[inline(always)]
 fn fetch_inc(ptr: *mut u64) -> u64 {
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
     // SAFETY: `ptr` points into a map value, valid for the program's run and 8-aligned.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(ptr, 1) }
 }
 
 /// Atomic `*ptr |= bits`.
+#[cfg(target_arch = "bpf")]
 #[inline(always)]
 fn fetch_or(ptr: *mut u64, bits: u64) {
+    use core::intrinsics::{AtomicOrdering, atomic_or};
     // SAFETY: as in `fetch_inc`.
     unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, bits) };
+}
+
+// Host builds (type-checking only): the same operations through core's atomics.
+#[cfg(not(target_arch = "bpf"))]
+fn fetch_inc(ptr: *mut u64) -> u64 {
+    // SAFETY: as above.
+    unsafe { core::sync::atomic::AtomicU64::from_ptr(ptr) }
+        .fetch_add(1, core::sync::atomic::Ordering::SeqCst)
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn fetch_or(ptr: *mut u64, bits: u64) {
+    // SAFETY: as above.
+    unsafe { core::sync::atomic::AtomicU64::from_ptr(ptr) }
+        .fetch_or(bits, core::sync::atomic::Ordering::Relaxed);
 }
 
 #[tracepoint]
@@ -269,11 +293,14 @@ fn try_bio_queue(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -30,7 +30,9 @@ enum Command {
         devices: Vec<PathBuf>,
         /// Write one JSON line per change to stdout:
         /// {"dev":"7:0","sector":N,"sectors":N,"op":"write|discard|write-zeroes|flush","seq":N,"time_ns":N}.
-        /// Regions whose events were dropped (ring buffer full) come as "op":"overflow".
+        /// Regions whose events were dropped (ring buffer full) come as "op":"overflow";
+        /// at exit, one {"op":"stats","dev":..,"events":N,"dropped":N,"overflow_all":N}
+        /// line per device.
         #[arg(long)]
         json: bool,
         /// Size of the kernel-to-agent ring buffer in bytes (a power of two, at least a

@@ -146,6 +146,17 @@ pub fn run(opts: &WatchOptions) -> anyhow::Result<()> {
         }
         if stopping {
             for (i, slot) in slots.iter().enumerate() {
+                let stats = capture.stats(i);
+                if opts.json {
+                    let line = serde_json::json!({
+                        "dev": devices[i].dev.to_string(),
+                        "op": "stats",
+                        "events": slot.events,
+                        "dropped": stats.dropped,
+                        "overflow_all": stats.overflow_all,
+                    });
+                    writeln!(out, "{line}").context("writing to stdout")?;
+                }
                 tracing::info!(
                     device = %devices[i].path.display(),
                     events = slot.events,
@@ -154,6 +165,7 @@ pub fn run(opts: &WatchOptions) -> anyhow::Result<()> {
                     "stopped"
                 );
             }
+            out.flush().context("writing to stdout")?;
             return Ok(());
         }
     }

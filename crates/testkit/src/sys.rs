@@ -1,0 +1,175 @@
+//! Loop devices, partitions and mounts, cleaned up on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+/// Run a command; fail with its stderr if it fails.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    run_output(program, args).map(drop)
+}
+
+/// Run a command and return its stdout.
+pub fn run_output(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program} (is it installed? `cargo xtask setup`)"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A loop device over a sparse file; detached and the file removed on drop.
+pub struct LoopDevice {
+    pub path: PathBuf,
+    pub backing: PathBuf,
+    pub size: u64,
+    /// Partition nodes this process created with mknod (no udev), removed on drop.
+    made_nodes: Vec<PathBuf>,
+}
+
+impl LoopDevice {
+    /// A loop device of `size` bytes over a new sparse file `backing`.
+    pub fn create(backing: &Path, size: u64) -> anyhow::Result<LoopDevice> {
+        Self::create_with(backing, size, &[])
+    }
+
+    /// Like [`LoopDevice::create`], with extra `losetup` arguments (e.g. `-P` to scan
+    /// partitions, `--direct-io=on`).
+    pub fn create_with(backing: &Path, size: u64, extra: &[&str]) -> anyhow::Result<LoopDevice> {
+        let f = std::fs::File::create(backing)
+            .with_context(|| format!("creating {}", backing.display()))?;
+        f.set_len(size)
+            .with_context(|| format!("sizing {}", backing.display()))?;
+        drop(f);
+        let backing_s = backing.to_str().context("non-UTF-8 path")?;
+        let mut args = vec!["-f", "--show"];
+        args.extend_from_slice(extra);
+        args.push(backing_s);
+        let out = run_output("losetup", &args)?;
+        Ok(LoopDevice {
+            path: PathBuf::from(out.trim()),
+            backing: backing.to_owned(),
+            size,
+            made_nodes: Vec::new(),
+        })
+    }
+
+    /// Write a GPT with the given partitions (sizes in MiB, the last may be `None` for
+    /// "the rest") and rescan; returns the partition device paths.
+    pub fn partition(&mut self, sizes_mib: &[Option<u64>]) -> anyhow::Result<Vec<PathBuf>> {
+        let mut script = String::from("label: gpt\n");
+        for s in sizes_mib {
+            match s {
+                Some(mib) => script.push_str(&format!("size={mib}MiB\n")),
+                None => script.push_str("size=+\n"),
+            }
+        }
+        let mut child = Command::new("sfdisk")
+            .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+            .arg(&self.path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("running sfdisk")?;
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(script.as_bytes())?;
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("sfdisk failed on {}: {status}", self.path.display());
+        }
+        let dev = self.path.to_str().context("path")?;
+        run("partx", &["--add", dev]).or_else(|_| run("partx", &["--update", dev]))?;
+        let parts: Vec<PathBuf> = (1..=sizes_mib.len())
+            .map(|i| PathBuf::from(format!("{dev}p{i}")))
+            .collect();
+        for p in &parts {
+            // udev may be absent: create the node from sysfs if needed.
+            if !p.exists() {
+                let name = p
+                    .file_name()
+                    .context("name")?
+                    .to_string_lossy()
+                    .into_owned();
+                let devnum = std::fs::read_to_string(format!("/sys/class/block/{name}/dev"))
+                    .with_context(|| format!("partition {name} did not appear in sysfs"))?;
+                let (ma, mi) = devnum.trim().split_once(':').context("dev format")?;
+                run("mknod", &[p.to_str().context("path")?, "b", ma, mi])?;
+                self.made_nodes.push(p.clone());
+            }
+        }
+        Ok(parts)
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        if let Some(dev) = self.path.to_str() {
+            for node in &self.made_nodes {
+                let _ = std::fs::remove_file(node);
+            }
+            let _ = run("partx", &["--delete", dev]);
+            if let Err(e) = run("losetup", &["-d", dev]) {
+                eprintln!("warning: detaching {dev}: {e:#}");
+            }
+        }
+        let _ = std::fs::remove_file(&self.backing);
+    }
+}
+
+/// A mounted file system; unmounted on drop.
+pub struct Mount {
+    pub dir: PathBuf,
+    mounted: bool,
+}
+
+impl Mount {
+    pub fn new(dev: &Path, dir: &Path, options: &[&str]) -> anyhow::Result<Mount> {
+        std::fs::create_dir_all(dir)?;
+        let mut args = vec![];
+        args.extend_from_slice(options);
+        args.push(dev.to_str().context("path")?);
+        args.push(dir.to_str().context("path")?);
+        run("mount", &args)?;
+        Ok(Mount {
+            dir: dir.to_owned(),
+            mounted: true,
+        })
+    }
+
+    /// Unmount now (flushing the file system), reporting errors.
+    pub fn unmount(mut self) -> anyhow::Result<()> {
+        self.mounted = false;
+        run("umount", &[self.dir.to_str().context("path")?])
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.mounted
+            && let Some(d) = self.dir.to_str()
+            && run("umount", &[d]).is_err()
+        {
+            let _ = run("umount", &["-l", d]);
+        }
+    }
+}
+
+/// Read a whole block device or file.
+pub fn read_all(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}

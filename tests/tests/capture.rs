@@ -1,0 +1,299 @@
+//! Block-change capture on real loop devices with the real BPF programs.
+//!
+//! Needs root. Skips loudly without it, and fails under `CI=true`.
+
+use std::{path::Path, time::Duration};
+
+use ripcord_agent::{
+    capture::{Capture, CaptureConfig},
+    device::BlockDevice,
+    extents::ExtentSet,
+};
+use testkit::{AgentProcess, LoopDevice, Mount, Scratch, Workload, binary, dev_id, require_root};
+
+const MIB: u64 = 1 << 20;
+
+fn union(ranges: &[(u64, u64)]) -> ExtentSet {
+    ranges.iter().copied().collect()
+}
+
+/// Sectors in `a` but not in `b`, as a short printable list.
+fn missing(a: &ExtentSet, b: &ExtentSet) -> Vec<(u64, u64)> {
+    let mut d = a.clone();
+    for (s, l) in b.iter() {
+        d.remove(s, l);
+    }
+    d.iter().take(10).collect()
+}
+
+fn assert_same(captured: &ExtentSet, written: &ExtentSet) {
+    let lost = missing(written, captured);
+    let extra = missing(captured, written);
+    assert!(
+        lost.is_empty() && extra.is_empty(),
+        "captured set differs from the written set: written but not captured {lost:?}, \
+         captured but not written {extra:?} ({} captured vs {} written sectors)",
+        captured.sectors(),
+        written.sectors()
+    );
+}
+
+fn agent() -> std::path::PathBuf {
+    binary("ripcord-agent")
+}
+
+#[test]
+fn raw_device_every_written_sector_exactly() {
+    if !require_root("raw_device_every_written_sector_exactly") {
+        return;
+    }
+    let dir = Scratch::new("capture-raw");
+    let lo = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
+    let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], &dir.path).unwrap();
+    let mut w = Workload::new(&lo.path, 0x5eed_0001).unwrap();
+    w.mixed(3).unwrap();
+    let run = watcher.stop().unwrap();
+
+    let dev = dev_id(&lo.path);
+    let stats = run.stats_for(&dev);
+    assert_eq!(stats.dropped, 0, "drops with the default ring");
+    assert!(
+        run.overflow.is_empty(),
+        "overflow without drops: {:?}",
+        run.overflow
+    );
+    assert_same(&union(&run.ranges(&dev, false)), &union(&w.report.changed));
+    // Every op kind showed up.
+    for op in ["write", "discard", "write-zeroes", "flush"] {
+        assert!(
+            run.changes.iter().any(|e| e.op == op),
+            "no {op} event captured"
+        );
+    }
+    // Without drops, sequence numbers are exactly 0..events.
+    let mut seqs: Vec<u64> = run.changes.iter().filter_map(|e| e.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (0..stats.events).collect::<Vec<_>>(),
+        "sequence numbers not dense"
+    );
+    assert!(w.report.uring_writes >= 96 && w.report.zeroouts > 0 && w.report.discards > 0);
+}
+
+#[test]
+fn partition_sectors_are_relative_and_the_sibling_is_ignored() {
+    if !require_root("partition_sectors_are_relative_and_the_sibling_is_ignored") {
+        return;
+    }
+    let dir = Scratch::new("capture-part");
+    let mut lo = LoopDevice::create(&dir.path.join("disk.img"), 160 * MIB).unwrap();
+    let parts = lo.partition(&[Some(64), None]).unwrap();
+    let (p1, p2) = (&parts[0], &parts[1]);
+    let dev = BlockDevice::resolve(p1).unwrap();
+    assert!(
+        dev.start > 0 && dev.disk != dev.dev,
+        "{dev:?} is not a partition"
+    );
+
+    let watcher = AgentProcess::watch(&agent(), &[p1], &[], &dir.path).unwrap();
+    let mut w1 = Workload::new(p1, 11).unwrap();
+    let mut w2 = Workload::new(p2, 12).unwrap();
+    for _ in 0..2 {
+        w1.mixed(1).unwrap();
+        w2.mixed(1).unwrap();
+    }
+    let run = watcher.stop().unwrap();
+
+    let p1_id = dev_id(p1);
+    assert!(
+        run.changes.iter().all(|e| e.dev == p1_id),
+        "events for devices other than {p1_id}"
+    );
+    let captured = union(&run.ranges(&p1_id, false));
+    assert_same(&captured, &union(&w1.report.changed));
+    let p1_sectors = w1.size() / 512;
+    assert!(
+        captured.iter().all(|(s, l)| s + l <= p1_sectors),
+        "sectors beyond the partition: not partition-relative?"
+    );
+}
+
+#[test]
+fn unprotected_devices_produce_no_events() {
+    if !require_root("unprotected_devices_produce_no_events") {
+        return;
+    }
+    let dir = Scratch::new("capture-unprot");
+    let protected = LoopDevice::create(&dir.path.join("a.img"), 64 * MIB).unwrap();
+    let other = LoopDevice::create(&dir.path.join("b.img"), 64 * MIB).unwrap();
+    let watcher = AgentProcess::watch(&agent(), &[&protected.path], &[], &dir.path).unwrap();
+    let mut w = Workload::new(&other.path, 3).unwrap();
+    w.mixed(2).unwrap();
+    let run = watcher.stop().unwrap();
+    assert!(
+        run.changes.is_empty(),
+        "events from an unprotected device: {:?}",
+        &run.changes[..3.min(run.changes.len())]
+    );
+    assert_eq!(run.stats_for(&dev_id(&protected.path)).events, 0);
+}
+
+#[test]
+fn overflow_is_counted_and_covers_every_dropped_write() {
+    if !require_root("overflow_is_counted_and_covers_every_dropped_write") {
+        return;
+    }
+    let dir = Scratch::new("capture-overflow");
+    let lo = LoopDevice::create(&dir.path.join("disk.img"), 512 * MIB).unwrap();
+    // One page of ring holds about 85 events; a stalled agent cannot drain it.
+    let watcher =
+        AgentProcess::watch(&agent(), &[&lo.path], &["--ring-bytes", "4096"], &dir.path).unwrap();
+    watcher.signal(libc::SIGSTOP);
+    let mut w = Workload::new(&lo.path, 99).unwrap();
+    let burst = w.burst(3000);
+    watcher.signal(libc::SIGCONT);
+    burst.unwrap();
+    w.direct_writes(20).unwrap();
+    let run = watcher.stop().unwrap();
+
+    let dev = dev_id(&lo.path);
+    let stats = run.stats_for(&dev);
+    assert!(
+        stats.dropped > 0,
+        "no drops with a one-page ring and a stalled agent"
+    );
+    assert!(
+        !run.overflow.is_empty(),
+        "drops but no overflow regions reported"
+    );
+    let covered = union(&run.ranges(&dev, true));
+    let lost = missing(&union(&w.report.changed), &covered);
+    assert!(
+        lost.is_empty(),
+        "written sectors neither captured nor in overflow: {lost:?}"
+    );
+    // Overflow regions are coarse but bounded: 1 MiB per bit on this device, and a 4 KiB
+    // write sets at most two bits.
+    let overflow_sectors: u64 = run.overflow.iter().map(|e| e.sectors).sum();
+    assert_eq!(
+        stats.overflow_all, 0,
+        "a 4 KiB write marked the whole device"
+    );
+    assert!(
+        overflow_sectors <= stats.dropped * 2 * 2048,
+        "{overflow_sectors} overflow sectors for {} drops",
+        stats.dropped
+    );
+}
+
+/// Sector-by-sector comparison of two images; returns the differing sectors.
+fn changed_sectors(before: &[u8], after: &[u8]) -> ExtentSet {
+    assert_eq!(before.len(), after.len());
+    let mut set = ExtentSet::new();
+    for (i, (a, b)) in before.chunks(512).zip(after.chunks(512)).enumerate() {
+        if a != b {
+            set.insert(i as u64, 1);
+        }
+    }
+    set
+}
+
+fn file_workload(root: &Path, seed: u64) {
+    use rand::{Rng as _, RngCore as _, SeedableRng as _};
+    use std::io::Write as _;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    std::fs::create_dir_all(root.join("d")).unwrap();
+    for i in 0..120 {
+        let len = rng.random_range(1..2 * MIB as usize);
+        let mut data = vec![0u8; len];
+        rng.fill_bytes(&mut data);
+        let p = root.join("d").join(format!("f{i}"));
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        if i > 0 && i % 3 == 0 && (i - 1) % 7 != 0 {
+            std::fs::remove_file(root.join("d").join(format!("f{}", i - 1))).unwrap();
+        }
+        if i % 7 == 0 {
+            std::fs::rename(&p, root.join("d").join(format!("r{i}"))).unwrap();
+        }
+    }
+}
+
+#[test]
+fn ext4_every_changed_sector_is_captured() {
+    if !require_root("ext4_every_changed_sector_is_captured") {
+        return;
+    }
+    let dir = Scratch::new("capture-ext4");
+    let lo = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
+    testkit::run("mkfs.ext4", &["-q", "-F", lo.path.to_str().unwrap()]).unwrap();
+    let before = testkit::sys::read_all(&lo.path).unwrap();
+
+    let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], &dir.path).unwrap();
+    let mnt = Mount::new(&lo.path, &dir.path.join("mnt"), &["-t", "ext4"]).unwrap();
+    file_workload(&mnt.dir, 7);
+    mnt.unmount().unwrap();
+    let run = watcher.stop().unwrap();
+    let after = testkit::sys::read_all(&lo.path).unwrap();
+
+    let dev = dev_id(&lo.path);
+    assert_eq!(run.stats_for(&dev).dropped, 0);
+    let changed = changed_sectors(&before, &after);
+    assert!(
+        changed.sectors() > 10_000,
+        "workload changed only {} sectors",
+        changed.sectors()
+    );
+    let captured = union(&run.ranges(&dev, false));
+    let lost = missing(&changed, &captured);
+    assert!(
+        lost.is_empty(),
+        "sectors changed on ext4 but not captured: {lost:?}"
+    );
+}
+
+#[test]
+fn write_generation_moves_when_a_write_is_queued() {
+    if !require_root("write_generation_moves_when_a_write_is_queued") {
+        return;
+    }
+    let dir = Scratch::new("capture-gen");
+    let lo = LoopDevice::create(&dir.path.join("disk.img"), 64 * MIB).unwrap();
+    let dev = BlockDevice::resolve(&lo.path).unwrap();
+    let mut capture = Capture::start(std::slice::from_ref(&dev), CaptureConfig::default()).unwrap();
+    let region = (8 * MIB / 512, 16); // 8 KiB at 8 MiB
+    let far = (48 * MIB / 512, 16);
+    let g0 = capture.write_generation(0, region.0, region.1);
+    let f0 = capture.write_generation(0, far.0, far.1);
+    let buf = testkit::workload::AlignedBuf::new(8192);
+    {
+        use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&lo.path)
+            .unwrap();
+        f.write_all_at(buf.as_slice(), 8 * MIB).unwrap();
+    }
+    let g1 = capture.write_generation(0, region.0, region.1);
+    assert!(
+        g1 > g0,
+        "generation did not move after a write: {g0} -> {g1}"
+    );
+    assert_eq!(
+        capture.write_generation(0, far.0, far.1),
+        f0,
+        "unrelated region moved"
+    );
+    // The completion was captured too.
+    capture.wait(Duration::from_millis(50)).unwrap();
+    let mut seen = Vec::new();
+    capture.drain_events(|e| seen.push(e)).unwrap();
+    assert!(
+        seen.iter().any(|e| e.sector == region.0 && e.sectors == 16),
+        "write not captured: {seen:?}"
+    );
+    capture.detach().unwrap();
+}
