@@ -187,40 +187,6 @@ fn overflow_is_counted_and_covers_every_dropped_write() {
     );
 }
 
-/// Sector-by-sector comparison of two images; returns the differing sectors.
-fn changed_sectors(before: &[u8], after: &[u8]) -> ExtentSet {
-    assert_eq!(before.len(), after.len());
-    let mut set = ExtentSet::new();
-    for (i, (a, b)) in before.chunks(512).zip(after.chunks(512)).enumerate() {
-        if a != b {
-            set.insert(i as u64, 1);
-        }
-    }
-    set
-}
-
-fn file_workload(root: &Path, seed: u64) {
-    use rand::{Rng as _, RngCore as _, SeedableRng as _};
-    use std::io::Write as _;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    std::fs::create_dir_all(root.join("d")).unwrap();
-    for i in 0..120 {
-        let len = rng.random_range(1..2 * MIB as usize);
-        let mut data = vec![0u8; len];
-        rng.fill_bytes(&mut data);
-        let p = root.join("d").join(format!("f{i}"));
-        let mut f = std::fs::File::create(&p).unwrap();
-        f.write_all(&data).unwrap();
-        f.sync_all().unwrap();
-        if i > 0 && i % 3 == 0 && (i - 1) % 7 != 0 {
-            std::fs::remove_file(root.join("d").join(format!("f{}", i - 1))).unwrap();
-        }
-        if i % 7 == 0 {
-            std::fs::rename(&p, root.join("d").join(format!("r{i}"))).unwrap();
-        }
-    }
-}
-
 #[test]
 fn ext4_every_changed_sector_is_captured() {
     if !require_root("ext4_every_changed_sector_is_captured") {
@@ -229,18 +195,19 @@ fn ext4_every_changed_sector_is_captured() {
     let dir = Scratch::new("capture-ext4");
     let lo = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
     testkit::run("mkfs.ext4", &["-q", "-F", lo.path.to_str().unwrap()]).unwrap();
-    let before = testkit::sys::read_all(&lo.path).unwrap();
+    let before = dir.path.join("before.img");
+    testkit::run("cp", &["--sparse=always", lo.path.to_str().unwrap(), before.to_str().unwrap()])
+        .unwrap();
 
     let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], &dir.path).unwrap();
     let mnt = Mount::new(&lo.path, &dir.path.join("mnt"), &["-t", "ext4"]).unwrap();
-    file_workload(&mnt.dir, 7);
+    testkit::file_workload(&mnt.dir, 7, 120, 2 << 20).unwrap();
     mnt.unmount().unwrap();
     let run = watcher.stop().unwrap();
-    let after = testkit::sys::read_all(&lo.path).unwrap();
 
     let dev = dev_id(&lo.path);
     assert_eq!(run.stats_for(&dev).dropped, 0);
-    let changed = changed_sectors(&before, &after);
+    let changed = union(&testkit::sys::diff_sectors(&before, &lo.path).unwrap());
     assert!(
         changed.sectors() > 10_000,
         "workload changed only {} sectors",

@@ -49,6 +49,9 @@ enum Command {
         /// Create this file once the probes are attached (for scripts and tests).
         #[arg(long, value_name = "PATH")]
         ready_file: Option<PathBuf>,
+        /// At exit, write per-device counters (events, dropped, dirty bytes) as JSON here.
+        #[arg(long, value_name = "PATH")]
+        stats_file: Option<PathBuf>,
     },
 }
 
@@ -68,6 +71,7 @@ fn main() -> anyhow::Result<()> {
             wakeup_bytes,
             interval,
             ready_file,
+            stats_file,
         } => {
             ensure!(
                 interval >= 0.0 && interval.is_finite(),
@@ -82,6 +86,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 summary: (interval > 0.0).then(|| Duration::from_secs_f64(interval)),
                 ready_file,
+                stats_file,
             })
         }
     }

@@ -32,6 +32,8 @@ pub struct WatchOptions {
     pub summary: Option<Duration>,
     /// Created once the probes are attached.
     pub ready_file: Option<PathBuf>,
+    /// Written at exit: a JSON array of per-device counters.
+    pub stats_file: Option<PathBuf>,
 }
 
 /// How often the overflow bitmaps are folded into the dirty sets.
@@ -166,6 +168,25 @@ pub fn run(opts: &WatchOptions) -> anyhow::Result<()> {
                 );
             }
             out.flush().context("writing to stdout")?;
+            if let Some(path) = &opts.stats_file {
+                let all: Vec<_> = slots
+                    .iter()
+                    .enumerate()
+                    .map(|(i, slot)| {
+                        let stats = capture.stats(i);
+                        serde_json::json!({
+                            "device": devices[i].path,
+                            "dev": devices[i].dev.to_string(),
+                            "events": slot.events,
+                            "dropped": stats.dropped,
+                            "overflow_all": stats.overflow_all,
+                            "dirty_bytes": slot.dirty.sectors() * 512,
+                        })
+                    })
+                    .collect();
+                std::fs::write(path, serde_json::to_vec_pretty(&all)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             return Ok(());
         }
     }

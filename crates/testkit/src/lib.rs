@@ -5,12 +5,13 @@
 //! failing test does not leave the machine dirty for the next run.
 
 pub mod agent;
+pub mod ranges;
 pub mod sys;
 pub mod workload;
 
 pub use agent::{AgentEvent, AgentProcess, AgentRun, AgentStats};
 pub use sys::{LoopDevice, Mount, run, run_output};
-pub use workload::{Workload, WorkloadReport};
+pub use workload::{Workload, WorkloadReport, file_workload};
 
 use std::path::PathBuf;
 

@@ -173,3 +173,42 @@ impl Drop for Mount {
 pub fn read_all(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
+
+/// The 512-byte sectors where two equally sized files or devices differ, as merged
+/// `(sector, len)` ranges. Streams both, 4 MiB at a time.
+pub fn diff_sectors(a: &Path, b: &Path) -> anyhow::Result<Vec<(u64, u64)>> {
+    use std::io::Read as _;
+    let mut fa = std::fs::File::open(a).with_context(|| format!("opening {}", a.display()))?;
+    let mut fb = std::fs::File::open(b).with_context(|| format!("opening {}", b.display()))?;
+    let (mut ba, mut bb) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut sector = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba)?;
+        let nb = read_full(&mut fb, &mut bb)?;
+        anyhow::ensure!(na == nb, "{} and {} differ in size", a.display(), b.display());
+        if na == 0 {
+            return Ok(out);
+        }
+        for (x, y) in ba[..na].chunks(512).zip(bb[..nb].chunks(512)) {
+            if x != y {
+                match out.last_mut() {
+                    Some((s, l)) if *s + *l == sector => *l += 1,
+                    _ => out.push((sector, 1)),
+                }
+            }
+            sector += 1;
+        }
+    }
+
+    fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> anyhow::Result<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        Ok(n)
+    }
+}

@@ -264,3 +264,31 @@ pub fn block_size_bytes(f: &File) -> anyhow::Result<u64> {
     }
     Ok(size)
 }
+
+/// A file workload under `root`: `files` files of random size up to `max_size` bytes, each
+/// written and fsynced; every third file deletes its predecessor, every seventh is renamed.
+/// Returns the bytes written.
+pub fn file_workload(root: &Path, seed: u64, files: usize, max_size: usize) -> anyhow::Result<u64> {
+    use std::io::Write as _;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let dir = root.join("d");
+    std::fs::create_dir_all(&dir)?;
+    let mut bytes = 0;
+    for i in 0..files {
+        let len = rng.random_range(1..max_size.max(2));
+        let mut data = vec![0u8; len];
+        rng.fill_bytes(&mut data);
+        let p = dir.join(format!("f{i}"));
+        let mut f = File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        bytes += len as u64;
+        if i > 0 && i % 3 == 0 && (i - 1) % 7 != 0 {
+            std::fs::remove_file(dir.join(format!("f{}", i - 1)))?;
+        }
+        if i % 7 == 0 {
+            std::fs::rename(&p, dir.join(format!("r{i}")))?;
+        }
+    }
+    Ok(bytes)
+}
