@@ -2,7 +2,7 @@
 //!
 //! Needs root. Skips loudly without it, and fails under `CI=true`.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use ripcord_agent::{
     capture::{Capture, CaptureConfig},
@@ -196,8 +196,15 @@ fn ext4_every_changed_sector_is_captured() {
     let lo = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
     testkit::run("mkfs.ext4", &["-q", "-F", lo.path.to_str().unwrap()]).unwrap();
     let before = dir.path.join("before.img");
-    testkit::run("cp", &["--sparse=always", lo.path.to_str().unwrap(), before.to_str().unwrap()])
-        .unwrap();
+    testkit::run(
+        "cp",
+        &[
+            "--sparse=always",
+            lo.path.to_str().unwrap(),
+            before.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
 
     let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], &dir.path).unwrap();
     let mnt = Mount::new(&lo.path, &dir.path.join("mnt"), &["-t", "ext4"]).unwrap();

@@ -35,7 +35,11 @@ pub enum Which {
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
-        Which::Capture { reps, runtime, size_mib } => capture(reps, runtime, size_mib),
+        Which::Capture {
+            reps,
+            runtime,
+            size_mib,
+        } => capture(reps, runtime, size_mib),
     }
 }
 
@@ -45,9 +49,18 @@ struct Job {
 }
 
 const JOBS: [Job; 3] = [
-    Job { name: "qd32", args: &["--rw=randwrite", "--bs=4k", "--iodepth=32"] },
-    Job { name: "qd1", args: &["--rw=randwrite", "--bs=4k", "--iodepth=1"] },
-    Job { name: "seq", args: &["--rw=write", "--bs=1M", "--iodepth=8"] },
+    Job {
+        name: "qd32",
+        args: &["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+    },
+    Job {
+        name: "qd1",
+        args: &["--rw=randwrite", "--bs=4k", "--iodepth=1"],
+    },
+    Job {
+        name: "seq",
+        args: &["--rw=write", "--bs=1M", "--iodepth=8"],
+    },
 ];
 
 #[derive(Clone, Copy, Debug)]
@@ -83,7 +96,9 @@ fn fio(dev: &Path, job: &Job, runtime: u64) -> anyhow::Result<FioResult> {
     Ok(FioResult {
         iops: w["iops"].as_f64().context("fio: no write.iops")?,
         bw_bytes: w["bw_bytes"].as_f64().context("fio: no write.bw_bytes")?,
-        p99_ns: w["clat_ns"]["percentile"]["99.000000"].as_f64().unwrap_or(f64::NAN),
+        p99_ns: w["clat_ns"]["percentile"]["99.000000"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
     })
 }
 
@@ -113,7 +128,10 @@ impl Watcher {
             if let Some(s) = child.try_wait()? {
                 bail!("ripcord-agent exited early ({s}); run it by hand to see why");
             }
-            ensure!(Instant::now() < deadline, "ripcord-agent did not attach in 30 s");
+            ensure!(
+                Instant::now() < deadline,
+                "ripcord-agent did not attach in 30 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(Watcher { child, stats })
@@ -126,18 +144,28 @@ impl Watcher {
         let status = self.child.wait()?;
         ensure!(status.success(), "ripcord-agent failed: {status}");
         let v: Value = serde_json::from_slice(&std::fs::read(&self.stats)?)?;
-        Ok((v[0]["events"].as_u64().unwrap_or(0), v[0]["dropped"].as_u64().unwrap_or(0)))
+        Ok((
+            v[0]["events"].as_u64().unwrap_or(0),
+            v[0]["dropped"].as_u64().unwrap_or(0),
+        ))
     }
 }
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn capture(reps: usize, runtime: u64, size_mib: u64) -> anyhow::Result<()> {
-    ensure!(reps >= 1 && runtime >= 1, "--reps and --runtime must be at least 1");
+    ensure!(
+        reps >= 1 && runtime >= 1,
+        "--reps and --runtime must be at least 1"
+    );
     cargo(&["build", "--release", "-p", "ripcord-agent"])?;
     let agent = workspace_root().join("target/release/ripcord-agent");
     let scratch = Scratch::new("bench");
@@ -165,14 +193,30 @@ fn capture(reps: usize, runtime: u64, size_mib: u64) -> anyhow::Result<()> {
         // Allocate the backing file first so no run pays for first-touch allocation.
         testkit::run(
             "dd",
-            &["if=/dev/zero", &format!("of={}", dev.path.display()), "bs=1M", "oflag=direct", "status=none"],
+            &[
+                "if=/dev/zero",
+                &format!("of={}", dev.path.display()),
+                "bs=1M",
+                "oflag=direct",
+                "status=none",
+            ],
         )
-        .or_else(|e| if e.to_string().contains("No space left") { Ok(()) } else { Err(e) })?;
+        .or_else(|e| {
+            if e.to_string().contains("No space left") {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
         let mut results: BTreeMap<(&str, bool), Vec<FioResult>> = BTreeMap::new();
         for rep in 0..reps {
             for job in &JOBS {
                 // Alternate which mode goes first, to cancel drift.
-                let order = if rep % 2 == 0 { [false, true] } else { [true, false] };
+                let order = if rep % 2 == 0 {
+                    [false, true]
+                } else {
+                    [true, false]
+                };
                 for with_agent in order {
                     let watcher = if with_agent {
                         Some(Watcher::start(&agent, &dev.path, &scratch.path)?)
@@ -202,7 +246,12 @@ fn capture(reps: usize, runtime: u64, size_mib: u64) -> anyhow::Result<()> {
         };
         let mut b = serde_json::Map::new();
         for (metric, job, f, unit) in [
-            ("iops_qd32", "qd32", (|r: &FioResult| r.iops) as fn(&FioResult) -> f64, "IOPS"),
+            (
+                "iops_qd32",
+                "qd32",
+                (|r: &FioResult| r.iops) as fn(&FioResult) -> f64,
+                "IOPS",
+            ),
             ("iops_qd1", "qd1", |r| r.iops, "IOPS"),
             ("p99_lat_qd1", "qd1", |r| r.p99_ns / 1e3, "us"),
             ("seq_bw", "seq", |r| r.bw_bytes / 1e6, "MB/s"),
@@ -220,7 +269,11 @@ fn capture(reps: usize, runtime: u64, size_mib: u64) -> anyhow::Result<()> {
     }
     let worst = |key: &str, max: bool| {
         let vals = report.values().filter_map(|b| b[key].as_f64());
-        if max { vals.fold(f64::MIN, f64::max) } else { vals.fold(f64::MAX, f64::min) }
+        if max {
+            vals.fold(f64::MIN, f64::max)
+        } else {
+            vals.fold(f64::MAX, f64::min)
+        }
     };
     let summary = json!({
         "iops_ratio_qd32": worst("iops_qd32_ratio", false),

@@ -22,12 +22,22 @@ pub fn run(size_mib: u64) -> anyhow::Result<()> {
     let dir = Scratch::new("demo");
     println!("\n== ripcord demo: block-change capture ==");
     let disk = LoopDevice::create(&dir.path.join("disk.img"), size_mib * MIB)?;
-    println!("1. protected disk: {} ({size_mib} MiB loop device over a sparse file)", disk.path.display());
-    testkit::run("mkfs.ext4", &["-q", "-F", disk.path.to_str().context("path")?])?;
+    println!(
+        "1. protected disk: {} ({size_mib} MiB loop device over a sparse file)",
+        disk.path.display()
+    );
+    testkit::run(
+        "mkfs.ext4",
+        &["-q", "-F", disk.path.to_str().context("path")?],
+    )?;
     let before = dir.path.join("before.img");
     testkit::run(
         "cp",
-        &["--sparse=always", disk.backing.to_str().context("path")?, before.to_str().context("path")?],
+        &[
+            "--sparse=always",
+            disk.backing.to_str().context("path")?,
+            before.to_str().context("path")?,
+        ],
     )?;
     println!("2. ext4 created; reference copy taken");
 

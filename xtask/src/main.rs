@@ -66,18 +66,81 @@ fn main() -> anyhow::Result<()> {
 fn test(no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
     if !no_lint {
         cargo(&["fmt", "--all", "--", "--check"]).context("rustfmt: run `cargo fmt --all`")?;
-        cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])?;
     }
     cargo(&["build", "--workspace", "--all-targets"])?;
     let filter: Vec<&str> = filter.into_iter().collect();
     let mut unit = vec!["test", "--workspace", "--exclude", "ripcord-tests", "--"];
     unit.extend(&filter);
-    cargo(&unit)?;
+    let mut totals = cargo_test(&unit)?;
     // Privileged tests one at a time: they share the kernel's block layer and CPU, and
     // the overflow test wants a quiet machine.
-    let mut privileged = vec!["test", "-p", "ripcord-tests", "--", "--test-threads=1"];
+    let mut privileged = vec![
+        "test",
+        "-p",
+        "ripcord-tests",
+        "--tests",
+        "--",
+        "--test-threads=1",
+    ];
     privileged.extend(&filter);
-    cargo(&privileged)
+    let t = cargo_test(&privileged)?;
+    totals.0 += t.0;
+    totals.1 += t.1;
+    totals.2 += t.2;
+    // One plain closing line for the whole run.
+    println!(
+        "\nxtask test: {} passed, {} failed, {} ignored",
+        totals.0, totals.1, totals.2
+    );
+    if totals.1 > 0 {
+        bail!("{} tests failed", totals.1);
+    }
+    Ok(())
+}
+
+/// Run `cargo test ...`, echoing its output, and add up its "test result:" lines into
+/// (passed, failed, ignored). Fails if cargo fails.
+fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64, u64)> {
+    use std::io::{BufRead as _, Write as _};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let mut child = Command::new(cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut totals = (0, 0, 0);
+    let mut out = std::io::stdout().lock();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        writeln!(out, "{line}")?;
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word))
+                    .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            totals.0 += count(" passed");
+            totals.1 += count(" failed");
+            totals.2 += count(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(totals)
 }
 
 /// Run `cargo` with `args` from the workspace root.

@@ -33,12 +33,21 @@ fn toolchains() -> anyhow::Result<()> {
     let toolchains = cmd_output("rustup", &["toolchain", "list"])?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         say("installing the nightly toolchain (needed to build the BPF programs)");
-        cmd("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+        cmd(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
     }
-    let nightly = cmd_output("rustup", &["component", "list", "--installed", "--toolchain", "nightly"])?;
+    let nightly = cmd_output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", "nightly"],
+    )?;
     if !nightly.lines().any(|l| l.starts_with("rust-src")) {
         say("adding rust-src to nightly");
-        cmd("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+        cmd(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        )?;
     }
     let stable = cmd_output("rustup", &["component", "list", "--installed"])?;
     for c in ["clippy", "rustfmt"] {
@@ -90,7 +99,9 @@ fn bpf_linker() -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    say(&format!("installing bpf-linker for LLVM {major} ({soname}); takes a few minutes"));
+    say(&format!(
+        "installing bpf-linker for LLVM {major} ({soname}); takes a few minutes"
+    ));
     let prefix_lib = prefix.join("lib");
     std::fs::create_dir_all(&prefix_lib)?;
     for name in ["libLLVM.so", soname.as_str()] {
@@ -101,7 +112,14 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
     let feature = format!("llvm-{major}");
     let status = Command::new("cargo")
-        .args(["install", "--force", "bpf-linker", "--no-default-features", "--features", &feature])
+        .args([
+            "install",
+            "--force",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+            &feature,
+        ])
         .env("LLVM_PREFIX", &prefix)
         .status()
         .context("running cargo install bpf-linker")?;
@@ -146,7 +164,10 @@ fn apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    say(&format!("installing Debian packages: {}", missing.join(" ")));
+    say(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
     cmd("apt-get", &["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(missing);
@@ -167,7 +188,10 @@ fn tracefs() -> anyhow::Result<()> {
         return Ok(());
     }
     say("mounting tracefs on /sys/kernel/tracing");
-    cmd("mount", &["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
+    cmd(
+        "mount",
+        &["-t", "tracefs", "tracefs", "/sys/kernel/tracing"],
+    )
 }
 
 #[cfg(test)]

@@ -130,7 +130,7 @@ pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
 fn try_rq_complete(ctx: &TracePointContext) -> Result<(), i32> {
     let dev: u32 = field(ctx, &RQ_DEV_OFF)?;
     // SAFETY: the value is only read in this program run.
-    let Some(disk) = (unsafe { PROTECTED.get(&dev) }) else {
+    let Some(disk) = (unsafe { PROTECTED.get(dev) }) else {
         return Ok(());
     };
     let rwbs: u64 = field(ctx, &RQ_RWBS_OFF)?;
@@ -243,7 +243,7 @@ pub fn block_bio_queue(ctx: TracePointContext) -> u32 {
 fn try_bio_queue(ctx: &TracePointContext) -> Result<(), i32> {
     let dev: u32 = field(ctx, &BQ_DEV_OFF)?;
     // SAFETY: the value is only read in this program run.
-    let Some(disk) = (unsafe { PROTECTED.get(&dev) }) else {
+    let Some(disk) = (unsafe { PROTECTED.get(dev) }) else {
         return Ok(());
     };
     let rwbs: u64 = field(ctx, &BQ_RWBS_OFF)?;

@@ -56,10 +56,19 @@ mod tests {
 
     #[test]
     fn union_and_difference() {
-        assert_eq!(union([(10, 5), (0, 3), (3, 2), (14, 10), (40, 0)]), vec![(0, 5), (10, 14)]);
-        assert_eq!(difference(&[(0, 100)], &[(10, 10), (50, 60)]), vec![(0, 10), (20, 30)]);
+        assert_eq!(
+            union([(10, 5), (0, 3), (3, 2), (14, 10), (40, 0)]),
+            vec![(0, 5), (10, 14)]
+        );
+        assert_eq!(
+            difference(&[(0, 100)], &[(10, 10), (50, 60)]),
+            vec![(0, 10), (20, 30)]
+        );
         assert_eq!(difference(&[(0, 10)], &[(0, 10)]), vec![]);
         assert_eq!(difference(&[(5, 10), (30, 5)], &[]), vec![(5, 10), (30, 5)]);
-        assert_eq!(difference(&[(0, 4), (6, 4)], &[(2, 6)]), vec![(0, 2), (8, 2)]);
+        assert_eq!(
+            difference(&[(0, 4), (6, 4)], &[(2, 6)]),
+            vec![(0, 2), (8, 2)]
+        );
     }
 }

@@ -186,7 +186,12 @@ pub fn diff_sectors(a: &Path, b: &Path) -> anyhow::Result<Vec<(u64, u64)>> {
     loop {
         let na = read_full(&mut fa, &mut ba)?;
         let nb = read_full(&mut fb, &mut bb)?;
-        anyhow::ensure!(na == nb, "{} and {} differ in size", a.display(), b.display());
+        anyhow::ensure!(
+            na == nb,
+            "{} and {} differ in size",
+            a.display(),
+            b.display()
+        );
         if na == 0 {
             return Ok(out);
         }

@@ -1,0 +1,152 @@
+//! Canonical AES-256-GCM inputs for sealing a [`Batch`](crate::wire::Batch)
+//! payload: the additional authenticated data (AAD) and the nonce.
+//!
+//! This crate does not encrypt; it defines the exact bytes the agent passes to
+//! AES-256-GCM and the process server / recovery side passes to open it, so
+//! that a payload cannot be replayed under another machine, disk, epoch or
+//! sequence range.
+//!
+//! # AAD layout
+//!
+//! | offset | size | field                                   |
+//! |-------:|-----:|-----------------------------------------|
+//! | 0      | 16   | domain tag [`AAD_DOMAIN`] `"ripcord/batch/v1"` |
+//! | 16     | 8    | machine_id byte length, u64 LE          |
+//! | 24     | n    | machine_id, UTF-8 bytes                 |
+//! | 24+n   | 16   | disk_id                                 |
+//! | 40+n   | 8    | epoch, u64 LE                           |
+//! | 48+n   | 8    | first_seq, u64 LE                       |
+//! | 56+n   | 8    | last_seq, u64 LE                        |
+//!
+//! The length prefix makes the encoding injective (no two different inputs give
+//! the same bytes).
+//!
+//! # Nonce layout (96 bits)
+//!
+//! | offset | size | field                            |
+//! |-------:|-----:|----------------------------------|
+//! | 0      | 4    | epoch, u32 LE (epoch must be `<= u32::MAX`) |
+//! | 4      | 8    | first_seq, u64 LE                |
+//!
+//! # Uniqueness rules (the caller's obligations)
+//!
+//! AES-GCM breaks catastrophically if one key seals two different plaintexts
+//! under one nonce. The nonce is a deterministic function of
+//! `(epoch, first_seq)`, so:
+//!
+//! 1. **One key per disk stream.** Use a distinct key per `(machine, disk)`
+//!    (e.g. HKDF of a machine master key with the disk id as `info`); the same
+//!    `(epoch, first_seq)` occurs on every disk.
+//! 2. **Never re-seal a sequence with different contents.** Batches in one
+//!    epoch cover disjoint sequence ranges, so `first_seq` is unique per epoch.
+//!    Retransmitting the *same sealed bytes* is fine. If the agent loses its
+//!    unacknowledged batches (crash) and cannot reproduce them byte-for-byte,
+//!    it must start a new epoch (full resync) rather than reuse sequences.
+//! 3. **Epochs stay below 2^32** per key ([`nonce`] refuses larger ones);
+//!    rotate the key before that.
+
+use crate::wire::DiskId;
+use thiserror::Error;
+
+/// Domain separation tag at the start of every AAD.
+pub const AAD_DOMAIN: &[u8; 16] = b"ripcord/batch/v1";
+/// AES-GCM nonce length in bytes.
+pub const NONCE_LEN: usize = 12;
+
+/// The nonce cannot be built without risking reuse.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum NonceError {
+    /// The epoch does not fit the nonce's 32-bit epoch field.
+    #[error(
+        "epoch {epoch} exceeds the nonce's 32-bit epoch field (max {max}); rotate the disk key and restart epochs"
+    )]
+    EpochTooLarge {
+        /// The epoch given.
+        epoch: u64,
+        /// Largest usable epoch.
+        max: u64,
+    },
+}
+
+/// Canonical AAD binding a sealed batch payload to its machine, disk, epoch and
+/// sequence range (layout in the module docs).
+pub fn aad(
+    machine_id: &str,
+    disk_id: &DiskId,
+    epoch: u64,
+    first_seq: u64,
+    last_seq: u64,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 8 + machine_id.len() + 16 + 24);
+    out.extend_from_slice(AAD_DOMAIN);
+    out.extend_from_slice(&(machine_id.len() as u64).to_le_bytes());
+    out.extend_from_slice(machine_id.as_bytes());
+    out.extend_from_slice(&disk_id.0);
+    out.extend_from_slice(&epoch.to_le_bytes());
+    out.extend_from_slice(&first_seq.to_le_bytes());
+    out.extend_from_slice(&last_seq.to_le_bytes());
+    out
+}
+
+/// Deterministic 96-bit nonce for the batch starting at `first_seq` in
+/// `epoch` (layout and uniqueness rules in the module docs).
+pub fn nonce(epoch: u64, first_seq: u64) -> Result<[u8; NONCE_LEN], NonceError> {
+    let e = u32::try_from(epoch).map_err(|_| NonceError::EpochTooLarge {
+        epoch,
+        max: u32::MAX.into(),
+    })?;
+    let mut n = [0u8; NONCE_LEN];
+    n[..4].copy_from_slice(&e.to_le_bytes());
+    n[4..].copy_from_slice(&first_seq.to_le_bytes());
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aad_layout_is_exact() {
+        let d = DiskId([7; 16]);
+        let a = aad("m1", &d, 3, 10, 12);
+        let mut want = b"ripcord/batch/v1".to_vec();
+        want.extend_from_slice(&2u64.to_le_bytes());
+        want.extend_from_slice(b"m1");
+        want.extend_from_slice(&[7; 16]);
+        want.extend_from_slice(&3u64.to_le_bytes());
+        want.extend_from_slice(&10u64.to_le_bytes());
+        want.extend_from_slice(&12u64.to_le_bytes());
+        assert_eq!(a, want);
+    }
+
+    #[test]
+    fn aad_is_injective_across_field_boundaries() {
+        // Moving a byte between machine_id and the following fields must change the AAD.
+        let d = DiskId([0; 16]);
+        assert_ne!(aad("a", &d, 1, 1, 1), aad("a\0", &d, 1, 1, 1));
+        assert_ne!(aad("m", &d, 1, 1, 2), aad("m", &d, 1, 2, 2));
+        assert_ne!(aad("m", &d, 1, 1, 2), aad("m", &DiskId([1; 16]), 1, 1, 2));
+    }
+
+    #[test]
+    fn nonce_is_unique_per_epoch_and_seq() {
+        let mut seen = std::collections::HashSet::new();
+        for epoch in [0u64, 1, 2, u32::MAX as u64] {
+            for seq in [0u64, 1, 2, u32::MAX as u64 + 1, u64::MAX] {
+                assert!(seen.insert(nonce(epoch, seq).unwrap()), "{epoch} {seq}");
+            }
+        }
+        assert_eq!(nonce(1, 2).unwrap(), [1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn nonce_refuses_wide_epoch() {
+        assert_eq!(
+            nonce(u32::MAX as u64 + 1, 1),
+            Err(NonceError::EpochTooLarge {
+                epoch: u32::MAX as u64 + 1,
+                max: u32::MAX as u64
+            })
+        );
+    }
+}
