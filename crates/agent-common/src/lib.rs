@@ -31,7 +31,7 @@ pub const MIN_OVERFLOW_SHIFT: u32 = 11;
 pub const MAX_OVERFLOW_BITS_PER_EVENT: u64 = 64;
 
 /// Entries of the `WRITE_GEN` array (a power of two; regions hash into it).
-pub const WRITE_GEN_ENTRIES: u32 = 1 << 20;
+pub const WRITE_GEN_ENTRIES: u32 = 1 << 18;
 /// Sectors per write-generation region, as a shift: 2^8 sectors = 128 KiB.
 pub const WRITE_GEN_REGION_SHIFT: u32 = 8;
 /// Most regions one queued write bumps one by one; a wider write bumps the slot's

@@ -99,6 +99,23 @@ impl ExtentSet {
         self.sectors
     }
 
+    /// Remove and return extents from the start, up to `max` sectors in total (the last
+    /// one may be split).
+    pub fn take_up_to(&mut self, max: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut budget = max;
+        while budget > 0 {
+            let Some((&s, &e)) = self.map.iter().next() else {
+                break;
+            };
+            let len = (e - s).min(budget);
+            self.remove(s, len);
+            out.push((s, len));
+            budget -= len;
+        }
+        out
+    }
+
     /// Remove and return everything.
     pub fn take(&mut self) -> ExtentSet {
         std::mem::take(self)
@@ -138,6 +155,15 @@ mod tests {
         assert_eq!(s.iter().collect::<Vec<_>>(), vec![(0, 40), (50, 50)]);
         assert!(s.contains(39) && !s.contains(40) && !s.contains(49) && s.contains(50));
         assert_eq!(s.sectors(), 90);
+    }
+
+    #[test]
+    fn take_up_to_splits_the_last_extent() {
+        let mut s: ExtentSet = [(0, 10), (20, 10), (40, 10)].into_iter().collect();
+        assert_eq!(s.take_up_to(15), vec![(0, 10), (20, 5)]);
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![(25, 5), (40, 10)]);
+        assert_eq!(s.take_up_to(100), vec![(25, 5), (40, 10)]);
+        assert!(s.is_empty() && s.take_up_to(5).is_empty());
     }
 
     #[derive(Clone, Debug)]

@@ -8,5 +8,6 @@ pub mod device;
 pub mod event;
 pub mod extents;
 pub mod preflight;
+pub mod readback;
 pub mod tracefs;
 pub mod watch;
