@@ -58,11 +58,16 @@ pub fn negotiate(offered: u16) -> Result<u16, VersionError> {
 
 /// Server side: the reply to a [`Hello`]. `Ok(HelloAck)` to proceed, or
 /// `Err((error, Message::Error))`: send the message, then close.
-pub fn answer_hello(hello: &Hello, server_id: &str) -> Result<Message, (VersionError, Message)> {
+pub fn answer_hello(
+    hello: &Hello,
+    server_id: &str,
+    escrow_key: [u8; 32],
+) -> Result<Message, (VersionError, Message)> {
     match negotiate(hello.protocol_version) {
         Ok(v) => Ok(Message::HelloAck(HelloAck {
             protocol_version: v,
             server_id: server_id.to_owned(),
+            escrow_key,
         })),
         Err(e) => {
             let m = Message::Error(e.to_message());
@@ -99,7 +104,7 @@ mod tests {
 
     #[test]
     fn current_version_is_accepted() {
-        let m = answer_hello(&hello(PROTOCOL_VERSION), "ps1").unwrap();
+        let m = answer_hello(&hello(PROTOCOL_VERSION), "ps1", [7; 32]).unwrap();
         let Message::HelloAck(ack) = m else {
             panic!("expected HelloAck, got {m:?}")
         };
@@ -117,7 +122,7 @@ mod tests {
 
     #[test]
     fn too_old_version_is_refused_with_error_naming_both() {
-        let (err, msg) = answer_hello(&hello(0), "ps1").unwrap_err();
+        let (err, msg) = answer_hello(&hello(0), "ps1", [7; 32]).unwrap_err();
         assert_eq!(
             err,
             VersionError::Unsupported {
@@ -142,11 +147,13 @@ mod tests {
     #[test]
     fn agent_refuses_server_choice_above_offer() {
         let ack = HelloAck {
+            escrow_key: [0; 32],
             protocol_version: PROTOCOL_VERSION + 1,
             server_id: "s".into(),
         };
         assert!(check_hello_ack(PROTOCOL_VERSION, &ack).is_err());
         let ack0 = HelloAck {
+            escrow_key: [0; 32],
             protocol_version: 0,
             server_id: "s".into(),
         };

@@ -469,6 +469,7 @@ mod tests {
     }
     fn cut(seq: u64, id: u64) -> Cut {
         Cut {
+            mono_ns: 0,
             disk_id: D,
             epoch: 1,
             seq,
@@ -583,6 +584,7 @@ mod tests {
         assert_eq!((r.epoch(), r.received_seq(), r.durable_seq()), (2, 0, 0));
         assert_eq!(r.handle_batch(&batch(2, 1, 1)), BatchAction::Append);
         let p = ProtectDisk {
+            wrapped_key: vec![],
             disk_id: D,
             size_bytes: 1 << 30,
             sector_size: 512,
@@ -613,6 +615,7 @@ mod tests {
             },
         );
         let p = ProtectDisk {
+            wrapped_key: vec![],
             disk_id: D,
             size_bytes: 4096,
             sector_size: 4096,

@@ -348,7 +348,12 @@ impl Sender {
     /// Queues a consistency point at the current stream position (after the
     /// last pushed batch) and returns it. Cut ids are assigned consecutively
     /// from 1 so the receiver can detect a missing cut.
-    pub fn push_cut(&mut self, kind: CutKind, time_ns: u64) -> Result<Cut, PushError> {
+    pub fn push_cut(
+        &mut self,
+        kind: CutKind,
+        time_ns: u64,
+        mono_ns: u64,
+    ) -> Result<Cut, PushError> {
         let id = self.last_cut_id + 1;
         if self.cuts.len() >= MAX_PENDING_CUTS {
             return Err(PushError::CutBufferFull);
@@ -358,6 +363,7 @@ impl Sender {
             epoch: self.epoch,
             seq: self.last_pushed_seq,
             time_ns,
+            mono_ns,
             kind,
             id,
         };
@@ -675,8 +681,8 @@ mod tests {
         let mut other = batch(1, 1, 0);
         other.epoch = 2;
         assert!(matches!(s.push(other), Err(PushError::WrongStream { .. })));
-        assert_eq!(s.push_cut(CutKind::Crash, 0).unwrap().id, 1);
-        assert_eq!(s.push_cut(CutKind::App, 0).unwrap().id, 2);
+        assert_eq!(s.push_cut(CutKind::Crash, 0, 0).unwrap().id, 1);
+        assert_eq!(s.push_cut(CutKind::App, 0, 0).unwrap().id, 2);
     }
 
     #[test]
@@ -685,7 +691,7 @@ mod tests {
         let mut s = Sender::new(D, 1, SenderConfig::default());
         s.handle_connected(now, 1).unwrap();
         s.push(batch(1, 2, 1)).unwrap();
-        s.push_cut(CutKind::App, 7).unwrap();
+        s.push_cut(CutKind::App, 7, 7).unwrap();
         s.push(batch(3, 3, 1)).unwrap();
         s.push(batch(4, 6, 1)).unwrap();
         assert_eq!(

@@ -37,11 +37,11 @@
 //! | type   | message          | body layout (in order)                                                                                    |
 //! |-------:|------------------|-----------------------------------------------------------------------------------------------------------|
 //! | 0x0001 | [`Hello`]        | protocol_version u16, machine_id str (`<=` [`MAX_MACHINE_ID_LEN`]), agent_version str (`<=` [`MAX_AGENT_VERSION_LEN`]) |
-//! | 0x0002 | [`HelloAck`]     | protocol_version u16, server_id str (`<=` [`MAX_SERVER_ID_LEN`])                                          |
-//! | 0x0003 | [`ProtectDisk`]  | disk_id `[u8; 16]`, size_bytes u64, sector_size u32 (power of two, 512..=65536), epoch u64                      |
+//! | 0x0002 | [`HelloAck`]     | protocol_version u16, server_id str (`<=` [`MAX_SERVER_ID_LEN`]), escrow_key `[u8; 32]`                   |
+//! | 0x0003 | [`ProtectDisk`]  | disk_id `[u8; 16]`, size_bytes u64, sector_size u32 (power of two, 512..=65536), epoch u64, wrapped_key u16-len bytes (`<=` [`MAX_WRAPPED_KEY_LEN`]) |
 //! | 0x0004 | [`DiskAccepted`] | disk_id `[u8; 16]`, epoch u64, resume_from_seq u64                                                              |
 //! | 0x0005 | [`Batch`]        | disk_id `[u8; 16]`, epoch u64, first_seq u64, last_seq u64, flags u32, extent_count u32 (`<=` [`MAX_EXTENTS_PER_BATCH`]), extent_count x { sector u64, sectors u32, kind u8 }, payload_len u32 (`<=` [`MAX_PAYLOAD_LEN`]), payload bytes |
-//! | 0x0006 | [`Cut`]          | disk_id `[u8; 16]`, epoch u64, seq u64, time_ns u64, kind u8, id u64                                            |
+//! | 0x0006 | [`Cut`]          | disk_id `[u8; 16]`, epoch u64, seq u64, time_ns u64, mono_ns u64, kind u8, id u64                               |
 //! | 0x0007 | [`Ack`]          | disk_id `[u8; 16]`, epoch u64, durable_seq u64, durable_cut_id u64                                              |
 //! | 0x0008 | [`ErrorMessage`] | code u16, has_disk u8 (0 or 1), disk_id `[u8; 16]` (only if has_disk = 1), message str (`<=` [`MAX_ERROR_MESSAGE_LEN`]) |
 //! | 0x0009 | [`Ping`]         | nonce u64                                                                                                 |
@@ -87,6 +87,8 @@ pub const MAX_AGENT_VERSION_LEN: usize = 64;
 pub const MAX_SERVER_ID_LEN: usize = 256;
 /// Maximum byte length of [`ErrorMessage::message`].
 pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
+/// Maximum byte length of [`ProtectDisk::wrapped_key`].
+pub const MAX_WRAPPED_KEY_LEN: usize = 256;
 /// Smallest accepted [`ProtectDisk::sector_size`].
 pub const MIN_SECTOR_SIZE: u32 = 512;
 /// Largest accepted [`ProtectDisk::sector_size`].
@@ -163,11 +165,11 @@ impl MessageType {
     pub const fn max_body_len(self) -> usize {
         match self {
             Self::Hello => 2 + 2 + MAX_MACHINE_ID_LEN + 2 + MAX_AGENT_VERSION_LEN,
-            Self::HelloAck => 2 + 2 + MAX_SERVER_ID_LEN,
-            Self::ProtectDisk => DISK_ID_LEN + 8 + 4 + 8,
+            Self::HelloAck => 2 + 2 + MAX_SERVER_ID_LEN + 32,
+            Self::ProtectDisk => DISK_ID_LEN + 8 + 4 + 8 + 2 + MAX_WRAPPED_KEY_LEN,
             Self::DiskAccepted => DISK_ID_LEN + 8 + 8,
             Self::Batch => MAX_BODY_LEN,
-            Self::Cut => DISK_ID_LEN + 8 + 8 + 8 + 1 + 8,
+            Self::Cut => DISK_ID_LEN + 8 + 8 + 8 + 8 + 1 + 8,
             Self::Ack => DISK_ID_LEN + 8 + 8 + 8,
             Self::Error => 2 + 1 + DISK_ID_LEN + 2 + MAX_ERROR_MESSAGE_LEN,
             Self::Ping | Self::Pong => 8,
@@ -289,6 +291,9 @@ pub struct HelloAck {
     pub protocol_version: u16,
     /// Identifier of the process server (`<=` [`MAX_SERVER_ID_LEN`] bytes).
     pub server_id: String,
+    /// The deployment's key-escrow public key (X25519): agents wrap each disk's
+    /// data key to it, so only the deployment passphrase can unwrap it.
+    pub escrow_key: [u8; 32],
 }
 
 /// Agent -> server: start (new epoch) or resume (same epoch) a disk stream.
@@ -302,6 +307,9 @@ pub struct ProtectDisk {
     pub sector_size: u32,
     /// Replication epoch; a new epoch means a full resync.
     pub epoch: u64,
+    /// The disk's data key, sealed to the deployment's escrow key
+    /// (`<=` [`MAX_WRAPPED_KEY_LEN`] bytes; opaque to this crate).
+    pub wrapped_key: Vec<u8>,
 }
 
 /// Server -> agent: stream accepted; the agent (re)sends from `resume_from_seq`.
@@ -346,6 +354,9 @@ pub struct Cut {
     pub seq: u64,
     /// Wall-clock time of the cut, nanoseconds since the Unix epoch.
     pub time_ns: u64,
+    /// The same instant on the protected host's CLOCK_MONOTONIC (the clock of the
+    /// capture timestamps), for write-order checks.
+    pub mono_ns: u64,
     /// Crash- or application-consistent.
     pub kind: CutKind,
     /// Cut identifier: consecutive per (disk, epoch), starting at 1.
@@ -642,7 +653,14 @@ impl Message {
             Self::HelloAck(m) => {
                 check_len("hello_ack.server_id", m.server_id.len(), MAX_SERVER_ID_LEN)
             }
-            Self::ProtectDisk(m) => check_sector_size(m.sector_size),
+            Self::ProtectDisk(m) => {
+                check_sector_size(m.sector_size)?;
+                check_len(
+                    "protect_disk.wrapped_key",
+                    m.wrapped_key.len(),
+                    MAX_WRAPPED_KEY_LEN,
+                )
+            }
             Self::Batch(b) => b.validate(),
             Self::Error(m) => check_len("error.message", m.message.len(), MAX_ERROR_MESSAGE_LEN),
             Self::DiskAccepted(_) | Self::Cut(_) | Self::Ack(_) | Self::Ping(_) | Self::Pong(_) => {
@@ -669,12 +687,15 @@ impl Message {
             Self::HelloAck(m) => {
                 put_u16(out, m.protocol_version);
                 put_str(out, &m.server_id);
+                out.extend_from_slice(&m.escrow_key);
             }
             Self::ProtectDisk(m) => {
                 out.extend_from_slice(&m.disk_id.0);
                 put_u64(out, m.size_bytes);
                 put_u32(out, m.sector_size);
                 put_u64(out, m.epoch);
+                put_u16(out, m.wrapped_key.len() as u16);
+                out.extend_from_slice(&m.wrapped_key);
             }
             Self::DiskAccepted(m) => {
                 out.extend_from_slice(&m.disk_id.0);
@@ -687,6 +708,7 @@ impl Message {
                 put_u64(out, m.epoch);
                 put_u64(out, m.seq);
                 put_u64(out, m.time_ns);
+                put_u64(out, m.mono_ns);
                 out.push(m.kind as u8);
                 put_u64(out, m.id);
             }
@@ -804,12 +826,18 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
         MessageType::HelloAck => Message::HelloAck(HelloAck {
             protocol_version: r.u16("hello_ack.protocol_version")?,
             server_id: r.string(MAX_SERVER_ID_LEN, "hello_ack.server_id")?,
+            escrow_key: r.array("hello_ack.escrow_key")?,
         }),
         MessageType::ProtectDisk => Message::ProtectDisk(ProtectDisk {
             disk_id: r.disk_id("protect_disk.disk_id")?,
             size_bytes: r.u64("protect_disk.size_bytes")?,
             sector_size: r.u32("protect_disk.sector_size")?,
             epoch: r.u64("protect_disk.epoch")?,
+            wrapped_key: {
+                let len = r.u16("protect_disk.wrapped_key")? as usize;
+                r.bounded(len, MAX_WRAPPED_KEY_LEN, "protect_disk.wrapped_key")?
+                    .to_vec()
+            },
         }),
         MessageType::DiskAccepted => Message::DiskAccepted(DiskAccepted {
             disk_id: r.disk_id("disk_accepted.disk_id")?,
@@ -861,6 +889,7 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
             let epoch = r.u64("cut.epoch")?;
             let seq = r.u64("cut.seq")?;
             let time_ns = r.u64("cut.time_ns")?;
+            let mono_ns = r.u64("cut.mono_ns")?;
             let kind_raw = r.u8("cut.kind")?;
             let kind = CutKind::from_u8(kind_raw).ok_or(DecodeError::InvalidEnum {
                 field: "cut.kind",
@@ -872,6 +901,7 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
                 epoch,
                 seq,
                 time_ns,
+                mono_ns,
                 kind,
                 id,
             })

@@ -73,20 +73,34 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     agent_version
                 })
             ),
-        (any::<u16>(), arb_string(MAX_SERVER_ID_LEN)).prop_map(|(protocol_version, server_id)| {
-            Message::HelloAck(HelloAck {
-                protocol_version,
-                server_id,
-            })
-        }),
-        (arb_disk(), any::<u64>(), 9u32..=16, any::<u64>()).prop_map(
-            |(disk_id, size_bytes, shift, epoch)| Message::ProtectDisk(ProtectDisk {
-                disk_id,
-                size_bytes,
-                sector_size: 1 << shift,
-                epoch
-            })
-        ),
+        (
+            any::<u16>(),
+            arb_string(MAX_SERVER_ID_LEN),
+            any::<[u8; 32]>()
+        )
+            .prop_map(|(protocol_version, server_id, escrow_key)| {
+                Message::HelloAck(HelloAck {
+                    protocol_version,
+                    server_id,
+                    escrow_key,
+                })
+            }),
+        (
+            arb_disk(),
+            any::<u64>(),
+            9u32..=16,
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..=MAX_WRAPPED_KEY_LEN)
+        )
+            .prop_map(|(disk_id, size_bytes, shift, epoch, wrapped_key)| {
+                Message::ProtectDisk(ProtectDisk {
+                    disk_id,
+                    size_bytes,
+                    sector_size: 1 << shift,
+                    epoch,
+                    wrapped_key,
+                })
+            }),
         (arb_disk(), any::<u64>(), any::<u64>()).prop_map(|(disk_id, epoch, resume_from_seq)| {
             Message::DiskAccepted(DiskAccepted {
                 disk_id,
@@ -101,16 +115,20 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<u64>(),
             any::<u64>(),
             any::<bool>(),
+            any::<u64>(),
             any::<u64>()
         )
-            .prop_map(|(disk_id, epoch, seq, time_ns, app, id)| Message::Cut(Cut {
-                disk_id,
-                epoch,
-                seq,
-                time_ns,
-                kind: if app { CutKind::App } else { CutKind::Crash },
-                id
-            })),
+            .prop_map(
+                |(disk_id, epoch, seq, time_ns, app, id, mono_ns)| Message::Cut(Cut {
+                    disk_id,
+                    epoch,
+                    seq,
+                    time_ns,
+                    mono_ns,
+                    kind: if app { CutKind::App } else { CutKind::Crash },
+                    id
+                })
+            ),
         (arb_disk(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
             |(disk_id, epoch, durable_seq, durable_cut_id)| Message::Ack(Ack {
                 disk_id,
@@ -464,7 +482,7 @@ fn err_invalid_enums() {
             value: 3
         })
     );
-    let mut cut = vec![0u8; 16 + 24];
+    let mut cut = vec![0u8; 16 + 32];
     cut.push(2);
     cut.extend_from_slice(&1u64.to_le_bytes());
     assert_eq!(
@@ -532,6 +550,7 @@ fn err_invariants() {
     let mut pd = vec![0u8; 16 + 8];
     pd.extend_from_slice(&1000u32.to_le_bytes());
     pd.extend_from_slice(&1u64.to_le_bytes());
+    pd.extend_from_slice(&0u16.to_le_bytes());
     assert_eq!(
         decode_frame(&frame(3, &pd)),
         Err(DecodeError::Invalid(InvalidMessage::InvalidSectorSize {

@@ -29,6 +29,7 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
         (
             "hello_ack",
             Message::HelloAck(HelloAck {
+                escrow_key: [0; 32],
                 protocol_version: 1,
                 server_id: "ps-1".into(),
             }),
@@ -36,6 +37,7 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
         (
             "protect_disk",
             Message::ProtectDisk(ProtectDisk {
+                wrapped_key: vec![],
                 disk_id: disk,
                 size_bytes: 64 << 30,
                 sector_size: 4096,
@@ -81,6 +83,7 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
         (
             "cut",
             Message::Cut(Cut {
+                mono_ns: 0,
                 disk_id: disk,
                 epoch: 3,
                 seq: 44,

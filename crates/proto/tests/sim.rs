@@ -259,7 +259,7 @@ impl Sim {
 
     fn server_recv(&mut self, m: Message) {
         match m {
-            Message::Hello(h) => match answer_hello(&h, "ps-sim") {
+            Message::Hello(h) => match answer_hello(&h, "ps-sim", [1; 32]) {
                 Ok(reply) => {
                     self.server_hello = true;
                     self.send_msg(false, &reply);
@@ -432,7 +432,10 @@ impl Sim {
                 } else {
                     CutKind::Crash
                 };
-                let cut = self.sender.push_cut(kind, self.t * 1_000_000).expect("cut");
+                let cut = self
+                    .sender
+                    .push_cut(kind, self.t * 1_000_000, self.t)
+                    .expect("cut");
                 self.pushed.push(Rec::Cut {
                     id: cut.id,
                     seq: cut.seq,
@@ -458,6 +461,7 @@ impl Sim {
                 self.send_msg(
                     true,
                     &Message::ProtectDisk(ProtectDisk {
+                        wrapped_key: vec![],
                         disk_id: DISK,
                         size_bytes: 1 << 30,
                         sector_size: 512,
