@@ -88,6 +88,28 @@ pub fn aad(
     out
 }
 
+/// The AAD of a sealed batch: [`aad`] followed by the batch's extent list (sector u64,
+/// sectors u32, kind u8 each, little-endian), so a tampered extent list fails the
+/// authentication of the payload it describes.
+pub fn batch_aad(
+    machine_id: &str,
+    disk_id: &DiskId,
+    epoch: u64,
+    first_seq: u64,
+    last_seq: u64,
+    extents: &[crate::wire::Extent],
+) -> Vec<u8> {
+    let mut out = aad(machine_id, disk_id, epoch, first_seq, last_seq);
+    out.reserve(extents.len() * crate::wire::EXTENT_LEN + 8);
+    out.extend_from_slice(&(extents.len() as u64).to_le_bytes());
+    for e in extents {
+        out.extend_from_slice(&e.sector.to_le_bytes());
+        out.extend_from_slice(&e.sectors.to_le_bytes());
+        out.push(e.kind as u8);
+    }
+    out
+}
+
 /// Deterministic 96-bit nonce for the batch starting at `first_seq` in
 /// `epoch` (layout and uniqueness rules in the module docs).
 pub fn nonce(epoch: u64, first_seq: u64) -> Result<[u8; NONCE_LEN], NonceError> {

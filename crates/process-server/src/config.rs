@@ -1,0 +1,112 @@
+//! `ps.toml`: the process server's configuration, with documented defaults, validated once
+//! at load.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, ensure};
+use serde::{Deserialize, Serialize};
+
+/// Process-server configuration (`<deployment>/ps.toml`). Every field is optional.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PsConfig {
+    /// QUIC endpoint for replication traffic (mutual TLS). Default `0.0.0.0:9443`.
+    pub listen: SocketAddr,
+    /// QUIC endpoint where agents register with a bootstrap token. Default `0.0.0.0:9442`.
+    pub register_listen: SocketAddr,
+    /// Prometheus metrics (`GET /metrics`). Default `127.0.0.1:9444`; empty string: off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Identifier reported to agents. Default: the host name.
+    pub server_id: String,
+    /// Directory for the journals (the cache disk). Default `<deployment>/cache`.
+    pub cache_dir: Option<PathBuf>,
+    /// Journal segment size in MiB (1..=1024). Default 64.
+    pub segment_mib: u64,
+    /// Stop acknowledging (back-pressure) when the cache file system has less than this
+    /// percentage free (0..50). Default 5.
+    pub min_free_percent: f64,
+    /// ... or less than this many MiB free. Default 256.
+    pub min_free_mib: u64,
+    /// Most bytes of frames journaled before one fdatasync (group commit), in MiB (1..=256).
+    /// Default 16.
+    pub group_commit_mib: u64,
+}
+
+impl Default for PsConfig {
+    fn default() -> Self {
+        PsConfig {
+            listen: "0.0.0.0:9443".parse().expect("literal"),
+            register_listen: "0.0.0.0:9442".parse().expect("literal"),
+            metrics_listen: Some("127.0.0.1:9444".parse().expect("literal")),
+            server_id: hostname(),
+            cache_dir: None,
+            segment_mib: 64,
+            min_free_percent: 5.0,
+            min_free_mib: 256,
+            group_commit_mib: 16,
+        }
+    }
+}
+
+/// The host name, or "ripcord-ps".
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "ripcord-ps".into())
+}
+
+impl PsConfig {
+    /// Load and validate; a missing file means all defaults.
+    pub fn load(path: &Path) -> anyhow::Result<PsConfig> {
+        let cfg = match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PsConfig::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        cfg.validate().with_context(|| format!("invalid {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!((1..=1024).contains(&self.segment_mib), "segment-mib must be 1..=1024");
+        ensure!(
+            (0.0..50.0).contains(&self.min_free_percent),
+            "min-free-percent must be in [0, 50)"
+        );
+        ensure!((1..=256).contains(&self.group_commit_mib), "group-commit-mib must be 1..=256");
+        ensure!(!self.server_id.is_empty() && self.server_id.len() <= 256, "server-id must be 1..=256 bytes");
+        Ok(())
+    }
+
+    pub fn cache_dir(&self, deployment: &Path) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(|| deployment.join("cache"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_validate() {
+        let cfg = PsConfig::default();
+        cfg.validate().unwrap();
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(toml::from_str::<PsConfig>(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn partial_files_take_defaults_and_bad_values_are_named() {
+        let cfg: PsConfig = toml::from_str("listen = \"127.0.0.1:7000\"").unwrap();
+        assert_eq!(cfg.listen.port(), 7000);
+        assert_eq!(cfg.segment_mib, 64);
+        let bad: PsConfig = toml::from_str("segment-mib = 0").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("segment-mib"));
+        assert!(toml::from_str::<PsConfig>("no-such-key = 1").is_err());
+    }
+}

@@ -1,0 +1,131 @@
+//! A deployment directory: the CA, the server identity, bootstrap tokens, the key-escrow
+//! public key, the disk registry, the configuration, and (by default) the cache.
+//!
+//! ```text
+//! <dir>/ps.toml        configuration (optional; defaults documented in config.rs)
+//! <dir>/ca/            deployment CA (ca.crt, ca.key 0600)
+//! <dir>/server/        this server's certificate chain and key
+//! <dir>/tokens/        bootstrap tokens (hashed secrets)
+//! <dir>/escrow.json    key-escrow public key and the KDF salt/parameters
+//! <dir>/disks.json     disk registry: owner machine, size, wrapped data key
+//! <dir>/cache/<disk>/  per-disk journals
+//! ```
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use ripcord_seal::escrow::{EscrowParams, EscrowSecret};
+use ripcord_transport::{Ca, ServerIdentity, Token, TokenStore};
+use serde::{Deserialize, Serialize};
+
+use crate::config::PsConfig;
+
+/// `escrow.json`: what agents need to wrap data keys, and what the passphrase needs to
+/// unwrap them. Holds no secret.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EscrowFile {
+    /// X25519 public key (hex).
+    pub public_key: String,
+    pub params: EscrowParams,
+}
+
+impl EscrowFile {
+    pub fn public_key(&self) -> anyhow::Result<[u8; 32]> {
+        let bytes = hex::decode(&self.public_key).context("escrow public key is not hex")?;
+        bytes.try_into().map_err(|_| anyhow::anyhow!("escrow public key is not 32 bytes"))
+    }
+
+    /// Derive the escrow secret from the passphrase and check it matches the public key:
+    /// a wrong passphrase is named as such.
+    pub fn unlock(&self, passphrase: &[u8]) -> anyhow::Result<EscrowSecret> {
+        let secret = EscrowSecret::derive(passphrase, &self.params)?;
+        if secret.public_key() != self.public_key()? {
+            bail!("wrong deployment passphrase (it does not match escrow.json)");
+        }
+        Ok(secret)
+    }
+}
+
+/// What `init` prints for the operator.
+pub struct InitOutput {
+    pub token: Token,
+    pub ca_hash: String,
+}
+
+/// An opened deployment.
+pub struct Deployment {
+    pub dir: PathBuf,
+    pub config: PsConfig,
+    pub ca: Ca,
+    pub identity: ServerIdentity,
+    pub escrow: EscrowFile,
+}
+
+/// Write `bytes` to `path` crash-safely (temp file, fsync, rename, directory fsync).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().context("path has no parent")?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Create a deployment in `dir`: CA, server certificate for `names` (DNS names or IPs the
+/// agents use to reach this server), a first bootstrap token valid for `token_ttl`, and the
+/// escrow key derived from `passphrase`.
+pub fn init(
+    dir: &Path,
+    names: &[&str],
+    passphrase: &[u8],
+    params: EscrowParams,
+    token_ttl: Duration,
+) -> anyhow::Result<InitOutput> {
+    if dir.join("ca").exists() {
+        bail!("{} already holds a deployment (ca/ exists)", dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let config_path = dir.join("ps.toml");
+    if !config_path.exists() {
+        let text = toml::to_string(&PsConfig::default())?;
+        write_atomic(&config_path, format!("# ripcord process server\n{text}").as_bytes())?;
+    }
+    let secret = EscrowSecret::derive(passphrase, &params)?;
+    let escrow = EscrowFile { public_key: hex::encode(secret.public_key()), params };
+    write_atomic(&dir.join("escrow.json"), &serde_json::to_vec_pretty(&escrow)?)?;
+
+    let ca = Ca::create(&dir.join("ca"), "ripcord deployment CA")?;
+    let identity = ca.issue_server(names)?;
+    identity.save(&dir.join("server"))?;
+    let mut tokens = TokenStore::open_or_create(&dir.join("tokens"))?;
+    let token = tokens.add(token_ttl, None, SystemTime::now())?;
+    Ok(InitOutput { token, ca_hash: ca.hash() })
+}
+
+/// Open an existing deployment.
+pub fn open(dir: &Path) -> anyhow::Result<Deployment> {
+    let config = PsConfig::load(&dir.join("ps.toml"))?;
+    let ca = Ca::load(&dir.join("ca"))
+        .with_context(|| format!("{} is not a deployment (run `ripcord-ps init`)", dir.display()))?;
+    let identity = ServerIdentity::load(&dir.join("server"))?;
+    let escrow: EscrowFile = serde_json::from_slice(
+        &std::fs::read(dir.join("escrow.json")).context("reading escrow.json")?,
+    )
+    .context("parsing escrow.json")?;
+    escrow.public_key()?;
+    Ok(Deployment { dir: dir.to_owned(), config, ca, identity, escrow })
+}
+
+/// Add a bootstrap token.
+pub fn new_token(dir: &Path, ttl: Duration, uses: Option<u32>) -> anyhow::Result<Token> {
+    let mut tokens = TokenStore::open_or_create(&dir.join("tokens"))?;
+    Ok(tokens.add(ttl, uses, SystemTime::now())?)
+}
