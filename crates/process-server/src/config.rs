@@ -64,27 +64,41 @@ impl PsConfig {
     /// Load and validate; a missing file means all defaults.
     pub fn load(path: &Path) -> anyhow::Result<PsConfig> {
         let cfg = match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+            Ok(text) => {
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => PsConfig::default(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        cfg.validate().with_context(|| format!("invalid {}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("invalid {}", path.display()))?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        ensure!((1..=1024).contains(&self.segment_mib), "segment-mib must be 1..=1024");
+        ensure!(
+            (1..=1024).contains(&self.segment_mib),
+            "segment-mib must be 1..=1024"
+        );
         ensure!(
             (0.0..50.0).contains(&self.min_free_percent),
             "min-free-percent must be in [0, 50)"
         );
-        ensure!((1..=256).contains(&self.group_commit_mib), "group-commit-mib must be 1..=256");
-        ensure!(!self.server_id.is_empty() && self.server_id.len() <= 256, "server-id must be 1..=256 bytes");
+        ensure!(
+            (1..=256).contains(&self.group_commit_mib),
+            "group-commit-mib must be 1..=256"
+        );
+        ensure!(
+            !self.server_id.is_empty() && self.server_id.len() <= 256,
+            "server-id must be 1..=256 bytes"
+        );
         Ok(())
     }
 
     pub fn cache_dir(&self, deployment: &Path) -> PathBuf {
-        self.cache_dir.clone().unwrap_or_else(|| deployment.join("cache"))
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| deployment.join("cache"))
     }
 }
 
@@ -106,7 +120,12 @@ mod tests {
         assert_eq!(cfg.listen.port(), 7000);
         assert_eq!(cfg.segment_mib, 64);
         let bad: PsConfig = toml::from_str("segment-mib = 0").unwrap();
-        assert!(bad.validate().unwrap_err().to_string().contains("segment-mib"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("segment-mib")
+        );
         assert!(toml::from_str::<PsConfig>("no-such-key = 1").is_err());
     }
 }

@@ -35,7 +35,9 @@ pub struct EscrowFile {
 impl EscrowFile {
     pub fn public_key(&self) -> anyhow::Result<[u8; 32]> {
         let bytes = hex::decode(&self.public_key).context("escrow public key is not hex")?;
-        bytes.try_into().map_err(|_| anyhow::anyhow!("escrow public key is not 32 bytes"))
+        bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("escrow public key is not 32 bytes"))
     }
 
     /// Derive the escrow secret from the passphrase and check it matches the public key:
@@ -70,7 +72,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().context("path has no parent")?;
     let tmp = path.with_extension("tmp");
     {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -96,32 +99,54 @@ pub fn init(
     let config_path = dir.join("ps.toml");
     if !config_path.exists() {
         let text = toml::to_string(&PsConfig::default())?;
-        write_atomic(&config_path, format!("# ripcord process server\n{text}").as_bytes())?;
+        write_atomic(
+            &config_path,
+            format!("# ripcord process server\n{text}").as_bytes(),
+        )?;
     }
     let secret = EscrowSecret::derive(passphrase, &params)?;
-    let escrow = EscrowFile { public_key: hex::encode(secret.public_key()), params };
-    write_atomic(&dir.join("escrow.json"), &serde_json::to_vec_pretty(&escrow)?)?;
+    let escrow = EscrowFile {
+        public_key: hex::encode(secret.public_key()),
+        params,
+    };
+    write_atomic(
+        &dir.join("escrow.json"),
+        &serde_json::to_vec_pretty(&escrow)?,
+    )?;
 
     let ca = Ca::create(&dir.join("ca"), "ripcord deployment CA")?;
     let identity = ca.issue_server(names)?;
     identity.save(&dir.join("server"))?;
     let mut tokens = TokenStore::open_or_create(&dir.join("tokens"))?;
     let token = tokens.add(token_ttl, None, SystemTime::now())?;
-    Ok(InitOutput { token, ca_hash: ca.hash() })
+    Ok(InitOutput {
+        token,
+        ca_hash: ca.hash(),
+    })
 }
 
 /// Open an existing deployment.
 pub fn open(dir: &Path) -> anyhow::Result<Deployment> {
     let config = PsConfig::load(&dir.join("ps.toml"))?;
-    let ca = Ca::load(&dir.join("ca"))
-        .with_context(|| format!("{} is not a deployment (run `ripcord-ps init`)", dir.display()))?;
+    let ca = Ca::load(&dir.join("ca")).with_context(|| {
+        format!(
+            "{} is not a deployment (run `ripcord-ps init`)",
+            dir.display()
+        )
+    })?;
     let identity = ServerIdentity::load(&dir.join("server"))?;
     let escrow: EscrowFile = serde_json::from_slice(
         &std::fs::read(dir.join("escrow.json")).context("reading escrow.json")?,
     )
     .context("parsing escrow.json")?;
     escrow.public_key()?;
-    Ok(Deployment { dir: dir.to_owned(), config, ca, identity, escrow })
+    Ok(Deployment {
+        dir: dir.to_owned(),
+        config,
+        ca,
+        identity,
+        escrow,
+    })
 }
 
 /// Add a bootstrap token.

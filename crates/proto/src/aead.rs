@@ -88,6 +88,16 @@ pub fn aad(
     out
 }
 
+/// The context a disk's escrow-wrapped data key is bound to: a wrapped key copied to
+/// another machine or disk does not open.
+pub fn key_context(machine_id: &str, disk_id: &DiskId) -> Vec<u8> {
+    let mut out = b"ripcord/disk-key/v1".to_vec();
+    out.extend_from_slice(&(machine_id.len() as u64).to_le_bytes());
+    out.extend_from_slice(machine_id.as_bytes());
+    out.extend_from_slice(&disk_id.0);
+    out
+}
+
 /// The AAD of a sealed batch: [`aad`] followed by the batch's extent list (sector u64,
 /// sectors u32, kind u8 each, little-endian), so a tampered extent list fails the
 /// authentication of the payload it describes.

@@ -37,3 +37,4 @@ pub use wire::{
     ExtentKind, FrameDecoder, Hello, HelloAck, InvalidMessage, Message, Ping, Pong, ProtectDisk,
     decode_frame,
 };
+pub use wire::{FLAG_COMPRESSED, FLAG_SEALED, MAX_EXTENTS_PER_BATCH, MAX_PAYLOAD_LEN};

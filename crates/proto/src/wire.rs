@@ -204,9 +204,9 @@ impl ExtentKind {
 /// A run of `sectors` sectors starting at `sector`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Extent {
-    /// First sector (in units of the disk's sector size).
+    /// First sector, in 512-byte units (whatever the disk's logical block size).
     pub sector: u64,
-    /// Number of sectors.
+    /// Number of 512-byte sectors.
     pub sectors: u32,
     /// What happened to these sectors.
     pub kind: ExtentKind,

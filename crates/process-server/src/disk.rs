@@ -1,0 +1,302 @@
+//! One protected disk on the process server: its journal on the cache disk and the
+//! receiver state machine. Frames are journaled as received (sealed; the server never
+//! sees plaintext); acknowledgements go out only after fdatasync.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use ripcord_journal::{Journal, JournalConfig, JournalError, RecordType, SpaceThresholds};
+use ripcord_proto::{
+    Ack, BatchAction, CutAction, DiskAccepted, DiskId, DurableState, ErrorCode, ErrorMessage,
+    Message, ProtectDisk, ProtectOutcome, Receiver, decode_frame, receiver::CutPos,
+};
+
+/// What a journaled record holds, decoded.
+pub enum Entry {
+    /// A new epoch began (full resync); the frame carries the wrapped data key.
+    EpochStart(ProtectDisk),
+    Batch(ripcord_proto::Batch),
+    Cut(ripcord_proto::Cut),
+}
+
+/// Decode one journal record's payload (an encoded protocol frame).
+pub fn decode_entry(kind: RecordType, payload: &[u8]) -> anyhow::Result<Entry> {
+    let (msg, used) = decode_frame(payload)?.context("journal record holds a truncated frame")?;
+    if used != payload.len() {
+        bail!(
+            "journal record has {} bytes after its frame",
+            payload.len() - used
+        );
+    }
+    Ok(match (kind, msg) {
+        (RecordType::EpochStart, Message::ProtectDisk(p)) => Entry::EpochStart(p),
+        (RecordType::Batch, Message::Batch(b)) => Entry::Batch(b),
+        (RecordType::Cut, Message::Cut(c)) => Entry::Cut(c),
+        (kind, msg) => bail!(
+            "journal record of type {kind:?} holds a {:?} frame",
+            msg.message_type()
+        ),
+    })
+}
+
+/// The journal directory of a disk.
+pub fn journal_dir(cache: &Path, disk: &DiskId) -> PathBuf {
+    cache.join(hex::encode(disk.0))
+}
+
+/// Journal settings from the server configuration.
+pub fn journal_config(cfg: &crate::config::PsConfig) -> JournalConfig {
+    JournalConfig {
+        segment_size: cfg.segment_mib << 20,
+        space: SpaceThresholds {
+            min_free_bytes: cfg.min_free_mib << 20,
+            min_free_percent: cfg.min_free_percent,
+        },
+        ..JournalConfig::default()
+    }
+}
+
+/// Counters for metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DiskCounters {
+    pub batches: u64,
+    pub cuts: u64,
+    pub bytes_in: u64,
+    pub duplicates: u64,
+    pub syncs: u64,
+    pub backpressure_waits: u64,
+}
+
+/// Journal + receiver of one disk.
+pub struct DiskCore {
+    pub disk: DiskId,
+    journal: Journal,
+    receiver: Receiver,
+    pub counters: DiskCounters,
+}
+
+/// What applying a group of frames produced.
+#[derive(Default)]
+pub struct Applied {
+    /// Acks to send (after the group became durable).
+    pub acks: Vec<Ack>,
+    /// A refusal: send it and close the stream.
+    pub error: Option<ErrorMessage>,
+}
+
+impl DiskCore {
+    /// Open (recovering) the journal and rebuild the receiver from it.
+    pub fn open(cache: &Path, disk: DiskId, cfg: JournalConfig) -> anyhow::Result<DiskCore> {
+        let dir = journal_dir(cache, &disk);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let journal = Journal::open(&dir, cfg)
+            .with_context(|| format!("opening journal {}", dir.display()))?;
+        let report = journal.recovery_report();
+        if report.truncated_bytes > 0 {
+            tracing::warn!(
+                disk = %hex::encode(disk.0), bytes = report.truncated_bytes,
+                "journal recovery truncated a torn tail (never acknowledged)"
+            );
+        }
+        let state = scan(&journal)?;
+        tracing::info!(
+            disk = %hex::encode(disk.0), epoch = state.epoch, durable_seq = state.durable_seq,
+            engine = ?journal.engine_kind(), "journal opened"
+        );
+        Ok(DiskCore {
+            disk,
+            journal,
+            receiver: Receiver::restore(disk, state),
+            counters: DiskCounters::default(),
+        })
+    }
+
+    pub fn durable_state(&self) -> DurableState {
+        self.receiver.durable_state()
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Handle `ProtectDisk` (frame `raw`): resume, or durably start a new epoch.
+    pub fn protect(
+        &mut self,
+        pd: &ProtectDisk,
+        raw: &[u8],
+    ) -> anyhow::Result<Result<DiskAccepted, ErrorMessage>> {
+        match self.receiver.handle_protect(pd) {
+            ProtectOutcome::Resume(a) => Ok(Ok(a)),
+            ProtectOutcome::NewEpoch {
+                previous_epoch,
+                accepted,
+            } => {
+                self.wait_for_space()?;
+                self.journal.append(RecordType::EpochStart, raw)?;
+                self.journal.sync()?;
+                tracing::info!(
+                    disk = %hex::encode(self.disk.0), previous_epoch, epoch = pd.epoch,
+                    "new epoch: full resync"
+                );
+                Ok(Ok(accepted))
+            }
+            ProtectOutcome::Reject(reason) => Ok(Err(ErrorMessage {
+                code: ErrorCode::StaleEpoch,
+                disk_id: Some(self.disk),
+                message: format!("{reason:?}"),
+            })),
+        }
+    }
+
+    /// Back-pressure: wait (never drop) until the cache has room again.
+    fn wait_for_space(&mut self) -> anyhow::Result<()> {
+        let mut logged = false;
+        loop {
+            match self.journal.check_space() {
+                Ok(_) => return Ok(()),
+                Err(e @ JournalError::LowSpace { .. }) => {
+                    if !logged {
+                        tracing::warn!(disk = %hex::encode(self.disk.0), "{e}; holding acknowledgements");
+                        logged = true;
+                        self.counters.backpressure_waits += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Journal a group of received frames, fdatasync once, and return the acks.
+    pub fn apply(&mut self, frames: &[(Message, Vec<u8>)]) -> anyhow::Result<Applied> {
+        let mut out = Applied::default();
+        let mut last_batch = None;
+        let mut last_cut = None;
+        self.wait_for_space()?;
+        for (msg, raw) in frames {
+            match msg {
+                Message::Batch(b) => match self.receiver.handle_batch(b) {
+                    BatchAction::Append => {
+                        self.append_retrying(RecordType::Batch, raw)?;
+                        self.counters.batches += 1;
+                        self.counters.bytes_in += raw.len() as u64;
+                        last_batch = Some(b.last_seq);
+                    }
+                    BatchAction::Duplicate => self.counters.duplicates += 1,
+                    BatchAction::EpochChanged { .. } => {
+                        // Batches of a new epoch come only after its ProtectDisk.
+                        let msg = "batch of an epoch not announced by ProtectDisk";
+                        out.error = Some(error(ErrorCode::StaleEpoch, self.disk, msg));
+                        break;
+                    }
+                    other => {
+                        let msg = format!("{other:?}");
+                        out.error = Some(error(ErrorCode::OutOfOrder, self.disk, &msg));
+                        break;
+                    }
+                },
+                Message::Cut(c) => match self.receiver.handle_cut(c) {
+                    CutAction::Record => {
+                        self.append_retrying(RecordType::Cut, raw)?;
+                        self.counters.cuts += 1;
+                        last_cut = Some(c.id);
+                    }
+                    CutAction::Duplicate => {}
+                    CutAction::Reject(r) => {
+                        out.error = Some(error(
+                            ErrorCode::OutOfOrder,
+                            self.disk,
+                            &format!("cut refused: {r:?}"),
+                        ));
+                        break;
+                    }
+                },
+                Message::Ping(_) => {}
+                other => {
+                    out.error = Some(error(
+                        ErrorCode::BadFrame,
+                        self.disk,
+                        &format!("unexpected {:?} on a disk stream", other.message_type()),
+                    ));
+                    break;
+                }
+            }
+        }
+        if last_batch.is_some() || last_cut.is_some() {
+            self.journal.sync()?;
+            self.counters.syncs += 1;
+            if let Some(seq) = last_batch {
+                self.receiver.handle_durable(seq)?;
+            }
+            if let Some(id) = last_cut {
+                self.receiver.handle_cut_durable(id)?;
+            }
+        }
+        out.acks.extend(self.receiver.poll_ack());
+        Ok(out)
+    }
+
+    fn append_retrying(&mut self, kind: RecordType, raw: &[u8]) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            match self.journal.append(kind, raw) {
+                Ok(_) => return Ok(()),
+                Err(JournalError::NoSpace { .. }) => {
+                    // Rolled back by the journal: wait for space, retry. Nothing is lost.
+                    if started.elapsed() < Duration::from_millis(250) {
+                        tracing::warn!(disk = %hex::encode(self.disk.0), "cache disk full; holding");
+                    }
+                    self.counters.backpressure_waits += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn error(code: ErrorCode, disk: DiskId, message: &str) -> ErrorMessage {
+    ErrorMessage {
+        code,
+        disk_id: Some(disk),
+        message: message.chars().take(1000).collect(),
+    }
+}
+
+/// Rebuild the receiver's durable state from the journal (everything in it is durable:
+/// recovery dropped any torn tail).
+fn scan(journal: &Journal) -> anyhow::Result<DurableState> {
+    let mut state = DurableState {
+        epoch: 0,
+        durable_seq: 0,
+        last_cut: None,
+    };
+    for record in journal.read_from(journal.first_seq())? {
+        let record = record?;
+        match decode_entry(record.kind, &record.payload)
+            .with_context(|| format!("journal record {}", record.seq))?
+        {
+            Entry::EpochStart(p) => {
+                state = DurableState {
+                    epoch: p.epoch,
+                    durable_seq: 0,
+                    last_cut: None,
+                }
+            }
+            Entry::Batch(b) if b.epoch == state.epoch => state.durable_seq = b.last_seq,
+            Entry::Cut(c) if c.epoch == state.epoch => {
+                state.last_cut = Some(CutPos {
+                    id: c.id,
+                    seq: c.seq,
+                })
+            }
+            Entry::Batch(_) | Entry::Cut(_) => {
+                bail!("journal record {} belongs to another epoch", record.seq)
+            }
+        }
+    }
+    Ok(state)
+}

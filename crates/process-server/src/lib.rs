@@ -1,0 +1,42 @@
+//! ripcord's process server: receives replication streams from agents over mutual-TLS
+//! QUIC, journals them durably on the cache disk, and acknowledges only what is durable.
+
+pub mod config;
+pub mod deploy;
+pub mod disk;
+pub mod metrics;
+pub mod registry;
+pub mod replay;
+pub mod server;
+
+/// Read the deployment passphrase from a file (first line) or `RIPCORD_PASSPHRASE`.
+pub fn read_passphrase(file: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context as _;
+    let pass = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading passphrase file {}", path.display()))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        None => std::env::var("RIPCORD_PASSPHRASE").map_err(|_| {
+            anyhow::anyhow!(
+                "give the deployment passphrase with --passphrase-file or RIPCORD_PASSPHRASE"
+            )
+        })?,
+    };
+    anyhow::ensure!(
+        pass.len() >= 8,
+        "the deployment passphrase must be at least 8 characters"
+    );
+    Ok(pass.into_bytes())
+}
+
+/// Parse a disk id given as 32 hex digits.
+pub fn parse_disk_id(s: &str) -> anyhow::Result<ripcord_proto::DiskId> {
+    let bytes = hex::decode(s.trim()).map_err(|_| anyhow::anyhow!("disk id {s:?} is not hex"))?;
+    let arr: [u8; 16] = bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("disk id {s:?} is not 16 bytes (32 hex digits)"))?;
+    Ok(ripcord_proto::DiskId(arr))
+}

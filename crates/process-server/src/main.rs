@@ -1,0 +1,173 @@
+//! `ripcord-ps`: the process server.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use ripcord_process_server::{deploy, parse_disk_id, read_passphrase, replay, server};
+use ripcord_seal::{KdfParams, escrow::EscrowParams};
+
+/// ripcord's process server: receives replication streams from agents (QUIC, mutual TLS),
+/// journals them durably on the cache disk, and acknowledges only what is durable.
+///
+/// Start with `ripcord-ps init --dir /var/lib/ripcord/ps --name <this host's name or IP>`,
+/// then `ripcord-ps serve --dir /var/lib/ripcord/ps`, and register agents with the token
+/// and CA hash that `init` prints.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a deployment: CA, server certificate, key escrow, first bootstrap token.
+    Init {
+        /// Deployment directory (created).
+        #[arg(long, default_value = "/var/lib/ripcord/ps")]
+        dir: PathBuf,
+        /// Names (DNS or IP) agents use to reach this server; repeat for several.
+        #[arg(long = "name", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
+        names: Vec<String>,
+        /// File whose first line is the deployment passphrase (else RIPCORD_PASSPHRASE).
+        /// Failover needs it; it is never stored.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// Hours the first bootstrap token stays valid.
+        #[arg(long, default_value_t = 24)]
+        token_ttl_hours: u64,
+        /// Argon2id memory for the escrow key, MiB (8..=2048).
+        #[arg(long, default_value_t = 64)]
+        kdf_memory_mib: u32,
+    },
+    /// Run the server (endpoints and cache from <dir>/ps.toml).
+    Serve {
+        #[arg(long, default_value = "/var/lib/ripcord/ps")]
+        dir: PathBuf,
+    },
+    /// Create another bootstrap token.
+    Token {
+        #[arg(long, default_value = "/var/lib/ripcord/ps")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u64,
+        /// Registrations allowed with it (default: unlimited until expiry).
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+    /// Rebuild a disk image from the journal (the server must be stopped).
+    Replay {
+        #[arg(long, default_value = "/var/lib/ripcord/ps")]
+        dir: PathBuf,
+        /// Disk id (32 hex digits, as `ripcord-agent` prints it).
+        #[arg(long)]
+        disk: String,
+        /// Image file (created, sparse) or block device to write.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// Stop at the last consistency cut instead of the end of the journal.
+        #[arg(long, conflicts_with = "cut")]
+        last_cut: bool,
+        /// Stop at this cut id (of the last epoch).
+        #[arg(long)]
+        cut: Option<u64>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RIPCORD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Init {
+            dir,
+            names,
+            passphrase_file,
+            token_ttl_hours,
+            kdf_memory_mib,
+        } => {
+            let pass = read_passphrase(passphrase_file.as_deref())?;
+            let kdf = KdfParams {
+                memory_kib: kdf_memory_mib * 1024,
+                ..KdfParams::default()
+            };
+            let params = EscrowParams::generate(kdf)?;
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let out = deploy::init(
+                &dir,
+                &names,
+                &pass,
+                params,
+                Duration::from_secs(token_ttl_hours * 3600),
+            )?;
+            println!("deployment created in {}", dir.display());
+            println!("token:   {}", out.token);
+            println!("ca-hash: {}", out.ca_hash);
+            println!(
+                "register an agent with:\n  ripcord-agent register --server {}:{} --token {} --ca-hash {}",
+                names.first().copied().unwrap_or("HOST"),
+                deploy::open(&dir)?.config.register_listen.port(),
+                out.token,
+                out.ca_hash
+            );
+            Ok(())
+        }
+        Command::Serve { dir } => {
+            let dep = deploy::open(&dir)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(server::serve(dep, async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }))
+        }
+        Command::Token {
+            dir,
+            ttl_hours,
+            uses,
+        } => {
+            let token = deploy::new_token(&dir, Duration::from_secs(ttl_hours * 3600), uses)?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Replay {
+            dir,
+            disk,
+            output,
+            passphrase_file,
+            last_cut,
+            cut,
+        } => {
+            let pass = read_passphrase(passphrase_file.as_deref())?;
+            let until = match (last_cut, cut) {
+                (true, _) => replay::Until::LastCut,
+                (false, Some(id)) => replay::Until::Cut(id),
+                (false, None) => replay::Until::End,
+            };
+            let r = replay::replay(&dir, parse_disk_id(&disk)?, &output, &pass, until)
+                .context("replay failed")?;
+            println!(
+                "replayed epoch {} ({} batches, {} MiB data, {} MiB zero) into {}{}",
+                r.epoch,
+                r.batches,
+                r.data_bytes >> 20,
+                r.zero_bytes >> 20,
+                output.display(),
+                r.cut.map(|c| format!(" up to cut {c}")).unwrap_or_default()
+            );
+            Ok(())
+        }
+    }
+}

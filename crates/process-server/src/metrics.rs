@@ -1,0 +1,176 @@
+//! Prometheus metrics on `GET /metrics` (prometheus-client text format).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{
+    disk::{DiskCore, DiskCounters},
+    server::State,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DiskLabel {
+    pub disk: String,
+}
+
+/// The process server's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub errors: Counter,
+    bytes_in: Family<DiskLabel, Counter>,
+    batches: Family<DiskLabel, Counter>,
+    cuts: Family<DiskLabel, Counter>,
+    duplicates: Family<DiskLabel, Counter>,
+    syncs: Family<DiskLabel, Counter>,
+    backpressure: Family<DiskLabel, Counter>,
+    durable_seq: Family<DiskLabel, Gauge>,
+    epoch: Family<DiskLabel, Gauge>,
+    journal_bytes: Family<DiskLabel, Gauge>,
+    last_durable: Family<DiskLabel, Gauge>,
+    seen: Mutex<HashMap<String, DiskCounters>>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("ripcord_ps");
+        let m = Metrics {
+            connections: Gauge::default(),
+            errors: Counter::default(),
+            bytes_in: Family::default(),
+            batches: Family::default(),
+            cuts: Family::default(),
+            duplicates: Family::default(),
+            syncs: Family::default(),
+            backpressure: Family::default(),
+            durable_seq: Family::default(),
+            epoch: Family::default(),
+            journal_bytes: Family::default(),
+            last_durable: Family::default(),
+            seen: Mutex::new(HashMap::new()),
+            registry: Registry::default(),
+        };
+        registry.register("connections", "Connected agents", m.connections.clone());
+        registry.register("errors", "Streams refused or failed", m.errors.clone());
+        registry.register("bytes_in", "Batch bytes journaled", m.bytes_in.clone());
+        registry.register("batches", "Batches journaled", m.batches.clone());
+        registry.register("cuts", "Consistency cuts journaled", m.cuts.clone());
+        registry.register(
+            "duplicates",
+            "Batches received again after a reconnect",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "syncs",
+            "Journal fdatasyncs (group commits)",
+            m.syncs.clone(),
+        );
+        registry.register(
+            "backpressure_waits",
+            "Times acknowledgements were held for cache space",
+            m.backpressure.clone(),
+        );
+        registry.register(
+            "durable_seq",
+            "Highest durable sequence of the current epoch",
+            m.durable_seq.clone(),
+        );
+        registry.register("epoch", "Current replication epoch", m.epoch.clone());
+        registry.register(
+            "journal_bytes_written",
+            "Bytes written to the journal since start",
+            m.journal_bytes.clone(),
+        );
+        registry.register(
+            "last_durable_timestamp_seconds",
+            "Unix time of the last group commit (replication lag = now - this)",
+            m.last_durable.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Fold a disk's counters in after a group commit.
+    pub fn observe(&self, disk: &str, core: &DiskCore) {
+        let label = DiskLabel {
+            disk: disk.to_owned(),
+        };
+        let c = core.counters;
+        let mut seen = self.seen.lock().expect("metrics lock");
+        let prev = seen.insert(disk.to_owned(), c).unwrap_or_default();
+        self.bytes_in
+            .get_or_create(&label)
+            .inc_by(c.bytes_in - prev.bytes_in);
+        self.batches
+            .get_or_create(&label)
+            .inc_by(c.batches - prev.batches);
+        self.cuts.get_or_create(&label).inc_by(c.cuts - prev.cuts);
+        self.duplicates
+            .get_or_create(&label)
+            .inc_by(c.duplicates - prev.duplicates);
+        self.syncs
+            .get_or_create(&label)
+            .inc_by(c.syncs - prev.syncs);
+        self.backpressure
+            .get_or_create(&label)
+            .inc_by(c.backpressure_waits - prev.backpressure_waits);
+        let st = core.durable_state();
+        self.durable_seq
+            .get_or_create(&label)
+            .set(st.durable_seq as i64);
+        self.epoch.get_or_create(&label).set(st.epoch as i64);
+        self.journal_bytes
+            .get_or_create(&label)
+            .set(core.journal().metrics().bytes_written as i64);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_durable.get_or_create(&label).set(now as i64);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serve `GET /metrics` on `addr` from a thread.
+pub fn spawn_http(addr: SocketAddr, state: Arc<State>) -> anyhow::Result<()> {
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let response = if request.url() == "/metrics" {
+                    tiny_http::Response::from_string(state.metrics.render()).with_header(
+                        "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+                            .parse::<tiny_http::Header>()
+                            .expect("static header"),
+                    )
+                } else {
+                    tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+                };
+                let _ = request.respond(response);
+            }
+        })?;
+    Ok(())
+}

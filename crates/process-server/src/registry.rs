@@ -1,0 +1,125 @@
+//! The disk registry (`disks.json`): which machine owns each disk, its geometry, and its
+//! escrow-wrapped data key. A machine may only write disks it owns.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use ripcord_proto::{DiskId, ProtectDisk};
+use serde::{Deserialize, Serialize};
+
+use crate::deploy::write_atomic;
+
+/// One protected disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    /// Machine id of the owner (from its client certificate).
+    pub owner: String,
+    pub size_bytes: u64,
+    pub sector_size: u32,
+    /// Latest epoch seen.
+    pub epoch: u64,
+    /// Data key sealed to the deployment escrow key (hex).
+    pub wrapped_key: String,
+}
+
+/// Why a claim was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("disk {disk} belongs to machine {owner:?}, not {claimant:?}")]
+    NotOwner {
+        disk: String,
+        owner: String,
+        claimant: String,
+    },
+    #[error("writing the disk registry: {0:#}")]
+    Io(anyhow::Error),
+}
+
+/// `disks.json`, kept in memory and rewritten crash-safely on change.
+pub struct Registry {
+    path: PathBuf,
+    disks: BTreeMap<String, DiskRecord>,
+}
+
+impl Registry {
+    pub fn open(path: &Path) -> anyhow::Result<Registry> {
+        let disks = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Registry {
+            path: path.to_owned(),
+            disks,
+        })
+    }
+
+    pub fn get(&self, disk: &DiskId) -> Option<&DiskRecord> {
+        self.disks.get(&hex::encode(disk.0))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &DiskRecord)> {
+        self.disks.iter()
+    }
+
+    /// Record that `machine` protects `pd.disk_id`; refuse if another machine owns it.
+    /// Persisted before returning.
+    pub fn claim(&mut self, machine: &str, pd: &ProtectDisk) -> Result<(), ClaimError> {
+        let key = hex::encode(pd.disk_id.0);
+        if let Some(existing) = self.disks.get(&key)
+            && existing.owner != machine
+        {
+            return Err(ClaimError::NotOwner {
+                disk: key,
+                owner: existing.owner.clone(),
+                claimant: machine.to_owned(),
+            });
+        }
+        let record = DiskRecord {
+            owner: machine.to_owned(),
+            size_bytes: pd.size_bytes,
+            sector_size: pd.sector_size,
+            epoch: pd.epoch,
+            wrapped_key: hex::encode(&pd.wrapped_key),
+        };
+        if self.disks.get(&key) == Some(&record) {
+            return Ok(());
+        }
+        self.disks.insert(key, record);
+        let bytes = serde_json::to_vec_pretty(&self.disks).map_err(|e| ClaimError::Io(e.into()))?;
+        write_atomic(&self.path, &bytes).map_err(ClaimError::Io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pd(disk: u8, epoch: u64) -> ProtectDisk {
+        ProtectDisk {
+            disk_id: DiskId([disk; 16]),
+            size_bytes: 1 << 30,
+            sector_size: 512,
+            epoch,
+            wrapped_key: vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn owners_are_enforced_and_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disks.json");
+        let mut r = Registry::open(&path).unwrap();
+        r.claim("m1", &pd(1, 1)).unwrap();
+        r.claim("m1", &pd(1, 2)).unwrap();
+        let err = r.claim("m2", &pd(1, 3)).unwrap_err();
+        assert!(matches!(err, ClaimError::NotOwner { .. }), "{err}");
+        let r = Registry::open(&path).unwrap();
+        let rec = r.get(&DiskId([1; 16])).unwrap();
+        assert_eq!((rec.owner.as_str(), rec.epoch), ("m1", 2));
+    }
+}
