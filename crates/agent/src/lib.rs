@@ -4,10 +4,15 @@
 //! is unit-testable; `main.rs` is the command line.
 
 pub mod capture;
+pub mod config;
 pub mod device;
 pub mod event;
 pub mod extents;
+pub mod net;
+pub mod pipeline;
 pub mod preflight;
+pub mod protect;
 pub mod readback;
+pub mod state;
 pub mod tracefs;
 pub mod watch;

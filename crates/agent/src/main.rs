@@ -1,9 +1,15 @@
 //! `ripcord-agent`: the agent that runs on every protected host.
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 use clap::{Parser, Subcommand};
-use ripcord_agent::{capture::CaptureConfig, watch};
+use ripcord_agent::{
+    capture::CaptureConfig,
+    config::{AgentConfig, DEFAULT_CONFIG, DEFAULT_STATE_DIR},
+    protect,
+    state::AgentState,
+    watch,
+};
 
 /// ripcord's agent: records every completed write to protected block devices with eBPF
 /// probes on the kernel's block-layer tracepoints.
@@ -16,6 +22,61 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Register this machine with a process server (once): check the server against the
+    /// pinned CA hash, present the bootstrap token, and get a client certificate. The
+    /// private key is made here and never leaves the machine.
+    ///
+    /// Example: ripcord-agent register --server ps.example:9442 --token abcdef.0123456789abcdef
+    ///          --ca-hash sha256:...
+    Register {
+        /// The process server's registration endpoint, HOST:PORT (port 9442 by default).
+        #[arg(long)]
+        server: String,
+        /// Bootstrap token printed by `ripcord-ps init` or `ripcord-ps token`.
+        #[arg(long)]
+        token: String,
+        /// The deployment CA's hash printed by `ripcord-ps init` (sha256:<hex>).
+        #[arg(long)]
+        ca_hash: String,
+        /// This machine's id (letters, digits, . _ -). Default: the host name.
+        #[arg(long)]
+        machine_id: Option<String>,
+        /// Replication endpoint to use afterwards. Default: the same host, port 9443.
+        #[arg(long)]
+        data_server: Option<String>,
+        /// Where the identity and state live.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Replicate block devices to the process server until interrupted.
+    ///
+    /// Starts a new epoch per device with a full initial sync (zero regions are skipped;
+    /// progress bar on a terminal) while tracking changes, then streams every change
+    /// read back from the device, compressed and sealed, with crash-consistent cuts.
+    /// SIGINT/SIGTERM flush what is pending and wait until the server has it durably.
+    /// Settings come from the config file; flags override it.
+    Protect {
+        /// Devices (whole disks or partitions); default: `devices` in the config file.
+        #[arg(value_name = "DEVICE")]
+        devices: Vec<PathBuf>,
+        /// Config file (TOML; every key optional, see the README).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Process server data endpoint HOST:PORT (default: saved by `register`).
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// zstd level (-7..=19).
+        #[arg(long)]
+        zstd_level: Option<i32>,
+        /// Create this file once tracking is active (for scripts and tests).
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
+        /// Write progress and counters (JSON) here every second and at exit.
+        #[arg(long, value_name = "PATH")]
+        stats_file: Option<PathBuf>,
+    },
     /// Capture changes on block devices and report them until interrupted (Ctrl-C).
     ///
     /// Attaches probes to block:block_rq_complete and block:block_bio_queue, keeps a
@@ -64,6 +125,49 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Register {
+            server,
+            token,
+            ca_hash,
+            machine_id,
+            data_server,
+            state_dir,
+        } => register(
+            &server,
+            &token,
+            &ca_hash,
+            machine_id,
+            data_server,
+            &state_dir,
+        ),
+        Command::Protect {
+            devices,
+            config,
+            server,
+            state_dir,
+            zstd_level,
+            ready_file,
+            stats_file,
+        } => {
+            let explicit = config.as_path() != std::path::Path::new(DEFAULT_CONFIG);
+            let mut cfg = AgentConfig::load(&config, explicit)?;
+            if server.is_some() {
+                cfg.server = server;
+            }
+            if let Some(d) = state_dir {
+                cfg.state_dir = d;
+            }
+            if let Some(l) = zstd_level {
+                cfg.zstd_level = l;
+            }
+            cfg.validate()?;
+            protect::run(protect::ProtectOptions {
+                config: cfg,
+                devices,
+                ready_file,
+                stats_file,
+            })
+        }
         Command::Watch {
             devices,
             json,
@@ -90,4 +194,65 @@ fn main() -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn register(
+    server: &str,
+    token: &str,
+    ca_hash: &str,
+    machine_id: Option<String>,
+    data_server: Option<String>,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs as _;
+    let (host, _) = server
+        .rsplit_once(':')
+        .with_context(|| format!("--server {server:?} is not HOST:PORT"))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let addr = server
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {server}"))?
+        .next()
+        .with_context(|| format!("{server} resolves to no address"))?;
+    let machine = machine_id.unwrap_or_else(hostname);
+    let machine = ripcord_transport::MachineId::new(&machine)
+        .with_context(|| format!("invalid machine id {machine:?}"))?;
+    let token = ripcord_transport::Token::parse(token).context("invalid --token")?;
+    std::fs::create_dir_all(state_dir)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let identity = rt
+        .block_on(ripcord_transport::register(
+            addr, &host, &token, ca_hash, &machine, state_dir,
+        ))
+        .context("registration failed")?;
+    let mut state = AgentState::load(state_dir)?;
+    state.server = Some(data_server.unwrap_or_else(|| {
+        if host.contains(':') {
+            format!("[{host}]:9443")
+        } else {
+            format!("{host}:9443")
+        }
+    }));
+    state.server_name = Some(host);
+    state.save(state_dir)?;
+    println!(
+        "registered as {:?}; identity in {}; replication server {}",
+        identity.machine_id().as_str(),
+        state_dir.display(),
+        state.server.as_deref().unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }

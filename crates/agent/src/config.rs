@@ -1,0 +1,134 @@
+//! `/etc/ripcord/agent.toml`: the agent's configuration, with documented defaults,
+//! validated once at load. Command-line flags override it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, ensure};
+use serde::{Deserialize, Serialize};
+
+/// Default configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/ripcord/agent.toml";
+/// Default state directory (identity, disk ids, epochs).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ripcord/agent";
+
+/// Agent configuration. Every field is optional.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Process server data endpoint, HOST:PORT. Default: the one saved by `register`.
+    pub server: Option<String>,
+    /// State directory. Default `/var/lib/ripcord/agent`.
+    pub state_dir: PathBuf,
+    /// Devices to protect (whole disks or partitions), if none are given on the command line.
+    pub devices: Vec<PathBuf>,
+    /// Plaintext bytes per batch, in KiB (64..=8192). Default 4096.
+    pub batch_kib: usize,
+    /// Most bytes read back per round, in MiB (1..=1024): bounds how long a round takes,
+    /// so clean rounds (and crash-consistent cuts) keep coming under load. Default 64.
+    pub round_mib: u64,
+    /// Initial-sync bytes read per round, in MiB (1..=1024). Default 32.
+    pub sync_chunk_mib: u64,
+    /// zstd level (-7..=19; negative is faster). Default 1.
+    pub zstd_level: i32,
+    /// Least time between two crash-consistent cuts, in ms (10..=60000). Default 200.
+    pub cut_interval_ms: u64,
+    /// Unacknowledged bytes the agent holds for the server, in MiB (8..=1024). Default 48.
+    pub window_mib: usize,
+    /// Kernel ring buffer size in bytes (power of two). Default 8 MiB.
+    pub ring_bytes: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            server: None,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            devices: Vec::new(),
+            batch_kib: 4096,
+            round_mib: 64,
+            sync_chunk_mib: 32,
+            zstd_level: 1,
+            cut_interval_ms: 200,
+            window_mib: 48,
+            ring_bytes: agent_common::DEFAULT_RING_BYTES,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Load `path`; a missing file at the default location means defaults.
+    pub fn load(path: &Path, must_exist: bool) -> anyhow::Result<AgentConfig> {
+        let cfg = match std::fs::read_to_string(path) {
+            Ok(text) => {
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+                AgentConfig::default()
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        cfg.validate()
+            .with_context(|| format!("invalid {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            (64..=8192).contains(&self.batch_kib),
+            "batch-kib must be 64..=8192"
+        );
+        ensure!(
+            (1..=1024).contains(&self.round_mib),
+            "round-mib must be 1..=1024"
+        );
+        ensure!(
+            (1..=1024).contains(&self.sync_chunk_mib),
+            "sync-chunk-mib must be 1..=1024"
+        );
+        ensure!(
+            (-7..=19).contains(&self.zstd_level),
+            "zstd-level must be -7..=19"
+        );
+        ensure!(
+            (10..=60_000).contains(&self.cut_interval_ms),
+            "cut-interval-ms must be 10..=60000"
+        );
+        ensure!(
+            (8..=1024).contains(&self.window_mib),
+            "window-mib must be 8..=1024"
+        );
+        ensure!(
+            self.ring_bytes.is_power_of_two() && self.ring_bytes >= 4096,
+            "ring-bytes must be a power of two >= 4096"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip() {
+        let cfg = AgentConfig::default();
+        cfg.validate().unwrap();
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(toml::from_str::<AgentConfig>(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cfg: AgentConfig = toml::from_str("zstd-level = 40").unwrap();
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("zstd-level")
+        );
+        assert!(toml::from_str::<AgentConfig>("bogus = 1").is_err());
+        let missing = AgentConfig::load(Path::new("/nonexistent/agent.toml"), false).unwrap();
+        assert_eq!(missing, AgentConfig::default());
+        assert!(AgentConfig::load(Path::new("/nonexistent/agent.toml"), true).is_err());
+    }
+}

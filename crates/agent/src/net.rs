@@ -1,0 +1,369 @@
+//! The replication pipeline's network side: one QUIC connection (mutual TLS) to the
+//! process server, a control stream (Hello), and one stream per disk driving the sans-IO
+//! [`Sender`]: push sealed batches while the window allows, resend from the server's
+//! durable position after a reconnect, and record acknowledgement lag.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use quinn::{Connection, RecvStream, SendStream};
+use ripcord_proto::{
+    DiskId, ErrorCode, Hello, Message, PROTOCOL_VERSION, ProtectDisk, Sender, SenderConfig,
+    SenderEvent, aead, decode_frame, handshake::check_hello_ack,
+};
+use ripcord_seal::{DataKey, escrow::wrap_data_key};
+use ripcord_transport::{Identity, client_endpoint, connect};
+use tokio::sync::mpsc;
+
+use crate::pipeline::{Outgoing, now_mono_ns};
+
+/// A refusal that reconnecting will not fix (the agent stops).
+#[derive(Debug, thiserror::Error)]
+#[error("the process server refused disk {disk}: {code:?}: {message}")]
+pub struct Refused {
+    pub disk: String,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Acknowledged-durable counters of one disk, shared with the stats writer.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub pushed_seq: AtomicU64,
+    pub acked_seq: AtomicU64,
+    pub acked_cuts: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// Lag samples: write completion to durable on the server, in microseconds.
+    pub lag_us: Mutex<Vec<u64>>,
+}
+
+/// One disk's stream state, kept across reconnects.
+pub struct DiskLink {
+    pub disk: DiskId,
+    pub epoch: u64,
+    pub size_bytes: u64,
+    pub sector_size: u32,
+    key: Arc<DataKey>,
+    wrapped_key: Option<Vec<u8>>,
+    sender: Sender,
+    rx: mpsc::Receiver<Outgoing>,
+    pending: Option<Outgoing>,
+    rx_closed: bool,
+    /// (last_seq, oldest change time) of sent batches, for lag.
+    lag: VecDeque<(u64, u64)>,
+    pub stats: Arc<LinkStats>,
+}
+
+impl DiskLink {
+    pub fn new(
+        disk: DiskId,
+        epoch: u64,
+        size_bytes: u64,
+        sector_size: u32,
+        key: Arc<DataKey>,
+        window_bytes: usize,
+        rx: mpsc::Receiver<Outgoing>,
+    ) -> DiskLink {
+        let config = SenderConfig {
+            max_inflight_bytes: window_bytes * 2 / 3,
+            max_buffered_bytes: window_bytes,
+            ..SenderConfig::default()
+        };
+        DiskLink {
+            disk,
+            epoch,
+            size_bytes,
+            sector_size,
+            key,
+            wrapped_key: None,
+            sender: Sender::new(disk, epoch, config),
+            rx,
+            pending: None,
+            rx_closed: false,
+            lag: VecDeque::new(),
+            stats: Arc::new(LinkStats::default()),
+        }
+    }
+
+    fn push(&mut self, item: Outgoing) -> anyhow::Result<()> {
+        match item {
+            Outgoing::Batch(b, oldest) => {
+                let last = b.last_seq;
+                self.sender
+                    .push(b)
+                    .map_err(|e| anyhow::anyhow!("sender refused a batch: {e}"))?;
+                self.stats.pushed_seq.store(last, Ordering::Relaxed);
+                if let Some(t) = oldest {
+                    self.lag.push_back((last, t));
+                }
+            }
+            Outgoing::Cut { time_ns, mono_ns } => {
+                self.sender
+                    .push_cut(ripcord_proto::CutKind::Crash, time_ns, mono_ns)
+                    .map_err(|e| anyhow::anyhow!("sender refused a cut: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Done: the producer finished and everything is acknowledged.
+    fn finished(&self) -> bool {
+        self.rx_closed && self.pending.is_none() && self.sender.is_idle()
+    }
+}
+
+/// Where and who.
+pub struct NetConfig {
+    pub server: SocketAddr,
+    pub server_name: String,
+    pub identity: Identity,
+}
+
+/// Frame reader over a QUIC receive stream.
+struct FrameReader {
+    recv: RecvStream,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    async fn next(&mut self) -> anyhow::Result<Option<Message>> {
+        loop {
+            if let Some((msg, used)) = decode_frame(&self.buf)? {
+                self.buf.drain(..used);
+                return Ok(Some(msg));
+            }
+            match self.recv.read_chunk(1 << 20, true).await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None if self.buf.is_empty() => return Ok(None),
+                None => bail!("stream ended inside a frame"),
+            }
+        }
+    }
+}
+
+async fn send_msg(send: &mut SendStream, msg: &Message) -> anyhow::Result<()> {
+    send.write_all(&msg.to_frame()?).await?;
+    Ok(())
+}
+
+/// Run until every link is finished (the producer closed its channel and everything was
+/// acknowledged). Reconnects with backoff on connection loss; stops on a [`Refused`].
+pub async fn run(cfg: NetConfig, mut links: Vec<DiskLink>) -> anyhow::Result<()> {
+    let machine = cfg.identity.machine_id().as_str().to_owned();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match session(&cfg, &machine, &mut links).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
+            Err(e) => {
+                tracing::warn!(
+                    "connection to {} lost: {e:#}; reconnecting in {backoff:?}",
+                    cfg.server
+                );
+                for l in &mut links {
+                    l.sender.handle_disconnect();
+                    l.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn session(cfg: &NetConfig, machine: &str, links: &mut [DiskLink]) -> anyhow::Result<()> {
+    let endpoint = client_endpoint(&cfg.identity)?;
+    let conn = connect(&endpoint, cfg.server, &cfg.server_name)
+        .await
+        .with_context(|| format!("connecting to {}", cfg.server))?;
+    let (mut send, recv) = conn.open_bi().await?;
+    let mut reader = FrameReader {
+        recv,
+        buf: Vec::new(),
+    };
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        machine_id: machine.to_owned(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    send_msg(&mut send, &Message::Hello(hello)).await?;
+    let escrow = match reader.next().await? {
+        Some(Message::HelloAck(ack)) => {
+            check_hello_ack(PROTOCOL_VERSION, &ack)?;
+            tracing::info!(server = %ack.server_id, "connected to {}", cfg.server);
+            ack.escrow_key
+        }
+        Some(Message::Error(e)) => bail!("server refused the session: {:?}: {}", e.code, e.message),
+        other => bail!("expected HelloAck, got {other:?}"),
+    };
+    for l in links.iter_mut() {
+        if l.wrapped_key.is_none() {
+            let ctx = aead::key_context(machine, &l.disk);
+            l.wrapped_key = Some(wrap_data_key(&l.key, &escrow, &ctx)?);
+        }
+    }
+    let drivers = links.iter_mut().map(|l| drive(&conn, l));
+    let results = futures_join_all(drivers).await;
+    for r in results {
+        r?;
+    }
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
+/// Join futures without an extra dependency: spawn-free, polls all concurrently.
+async fn futures_join_all<F: std::future::Future<Output = anyhow::Result<()>>>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<anyhow::Result<()>> {
+    let mut set: Vec<std::pin::Pin<Box<F>>> = futs.map(Box::pin).collect();
+    let mut results: Vec<Option<anyhow::Result<()>>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if results[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(r) => {
+                        // One failure fails the session: the others are dropped below.
+                        let failed = r.is_err();
+                        results[i] = Some(r);
+                        if failed {
+                            return std::task::Poll::Ready(());
+                        }
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
+}
+
+async fn drive(conn: &Connection, l: &mut DiskLink) -> anyhow::Result<()> {
+    let disk_hex = hex::encode(l.disk.0);
+    let (mut send, recv) = conn.open_bi().await?;
+    let mut reader = FrameReader {
+        recv,
+        buf: Vec::new(),
+    };
+    let pd = ProtectDisk {
+        disk_id: l.disk,
+        size_bytes: l.size_bytes,
+        sector_size: l.sector_size,
+        epoch: l.epoch,
+        wrapped_key: l.wrapped_key.clone().unwrap_or_default(),
+    };
+    send_msg(&mut send, &Message::ProtectDisk(pd)).await?;
+    match reader.next().await? {
+        Some(Message::DiskAccepted(a)) => {
+            l.sender
+                .handle_connected(Instant::now(), a.resume_from_seq)
+                .map_err(|e| anyhow::anyhow!("resume from {} refused: {e}", a.resume_from_seq))?;
+            tracing::info!(disk = %disk_hex, epoch = l.epoch, resume_from = a.resume_from_seq, "disk stream accepted");
+        }
+        Some(Message::Error(e)) => {
+            return Err(Refused {
+                disk: disk_hex,
+                code: e.code,
+                message: e.message,
+            }
+            .into());
+        }
+        other => bail!("expected DiskAccepted, got {other:?}"),
+    }
+    let mut buf = Vec::with_capacity(8 << 20);
+    loop {
+        // Take what the window allows.
+        while l.sender.can_push() {
+            let item = match l.pending.take() {
+                Some(i) => i,
+                None => match l.rx.try_recv() {
+                    Ok(i) => i,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        l.rx_closed = true;
+                        break;
+                    }
+                },
+            };
+            l.push(item)?;
+        }
+        // Send what the in-flight window allows.
+        buf.clear();
+        while l.sender.poll_transmit(Instant::now(), &mut buf).is_some() {
+            if buf.len() >= 4 << 20 {
+                send.write_all(&buf).await?;
+                buf.clear();
+            }
+        }
+        if !buf.is_empty() {
+            send.write_all(&buf).await?;
+        }
+        if l.finished() {
+            let _ = send.finish();
+            return Ok(());
+        }
+        let timeout = l.sender.poll_timeout();
+        let want_more = l.sender.can_push() && l.pending.is_none() && !l.rx_closed;
+        tokio::select! {
+            item = l.rx.recv(), if want_more => match item {
+                Some(i) => l.push(i)?,
+                None => l.rx_closed = true,
+            },
+            msg = reader.next() => match msg? {
+                Some(Message::Ack(ack)) => {
+                    l.sender.handle_ack(Instant::now(), &ack).map_err(|e| anyhow::anyhow!("bad ack: {e}"))?;
+                    l.stats.acked_seq.store(ack.durable_seq, Ordering::Relaxed);
+                    l.stats.acked_cuts.store(ack.durable_cut_id, Ordering::Relaxed);
+                    let now = now_mono_ns();
+                    let mut samples = l.stats.lag_us.lock().expect("lag lock");
+                    while let Some(&(seq, t)) = l.lag.front() {
+                        if seq > ack.durable_seq {
+                            break;
+                        }
+                        samples.push(now.saturating_sub(t) / 1000);
+                        l.lag.pop_front();
+                    }
+                    if samples.len() > 100_000 {
+                        samples.drain(..50_000);
+                    }
+                }
+                Some(Message::Error(e)) => {
+                    if matches!(e.code, ErrorCode::NotOwner | ErrorCode::StaleEpoch) {
+                        return Err(Refused { disk: disk_hex, code: e.code, message: e.message }.into());
+                    }
+                    bail!("server error {:?}: {}", e.code, e.message);
+                }
+                Some(other) => bail!("unexpected {:?} on a disk stream", other.message_type()),
+                None => bail!("server closed the disk stream"),
+            },
+            () = sleep_until(timeout) => {
+                l.sender.handle_timeout(Instant::now());
+                if let Some(SenderEvent::ReconnectRequired { acked_seq }) = l.sender.poll_event() {
+                    bail!("no acknowledgement progress (acked {acked_seq}); reconnecting");
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

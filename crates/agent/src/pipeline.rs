@@ -1,0 +1,454 @@
+//! The replication pipeline's producer side: readback rounds (see `readback.rs`), zero
+//! detection, batching, compression and sealing.
+
+use std::time::Instant;
+
+use agent_common::op;
+use anyhow::Context as _;
+use ripcord_proto::{
+    Batch, DiskId, Extent, ExtentKind, FLAG_COMPRESSED, FLAG_SEALED, MAX_EXTENTS_PER_BATCH, aead,
+};
+use ripcord_seal::{DataKey, Flags, Sealer};
+
+use crate::{capture::Capture, device::BlockDevice, extents::ExtentSet, readback::DeviceReader};
+
+/// Zero detection granularity, in sectors (64 KiB).
+const ZERO_GRAIN: u64 = 128;
+
+/// What the producer hands to the network side, per disk, in stream order.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A sealed batch, with the completion time (CLOCK_MONOTONIC ns) of the oldest change
+    /// it carries, for lag measurement (`None` for initial-sync data).
+    Batch(Batch, Option<u64>),
+    /// A crash-consistent point after everything sent so far.
+    Cut { time_ns: u64, mono_ns: u64 },
+}
+
+/// Builds sealed batches from device data.
+pub struct BatchBuilder {
+    machine: String,
+    disk: DiskId,
+    epoch: u64,
+    key: DataKey,
+    level: i32,
+    max_plain: usize,
+    next_seq: u64,
+    extents: Vec<Extent>,
+    plain: Vec<u8>,
+    sealer: Sealer,
+}
+
+impl BatchBuilder {
+    pub fn new(
+        machine: &str,
+        disk: DiskId,
+        epoch: u64,
+        key: DataKey,
+        level: i32,
+        max_plain: usize,
+    ) -> Self {
+        BatchBuilder {
+            machine: machine.to_owned(),
+            disk,
+            epoch,
+            key,
+            level,
+            max_plain,
+            next_seq: 1,
+            extents: Vec::new(),
+            plain: Vec::with_capacity(max_plain),
+            sealer: Sealer::new(),
+        }
+    }
+
+    /// Sequence number the next batch gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    fn push_extent(&mut self, sector: u64, sectors: u64, kind: ExtentKind) {
+        if let Some(last) = self.extents.last_mut()
+            && last.kind == kind
+            && last.sector + u64::from(last.sectors) == sector
+            && u64::from(last.sectors) + sectors <= u64::from(u32::MAX)
+        {
+            last.sectors += sectors as u32;
+            return;
+        }
+        self.extents.push(Extent {
+            sector,
+            sectors: sectors as u32,
+            kind,
+        });
+    }
+
+    fn full(&self) -> bool {
+        self.plain.len() >= self.max_plain || self.extents.len() >= MAX_EXTENTS_PER_BATCH - 2
+    }
+
+    /// Add device data read at `sector` (512-byte units); all-zero 64 KiB grains become
+    /// zero extents (nothing sent). Returns batches that filled up.
+    pub fn add(&mut self, sector: u64, data: &[u8]) -> anyhow::Result<Vec<Batch>> {
+        let mut out = Vec::new();
+        let sectors = data.len() as u64 / 512;
+        let mut s = 0;
+        while s < sectors {
+            // Grains align to absolute sector numbers so merges line up.
+            let grain_end = ((sector + s) / ZERO_GRAIN + 1) * ZERO_GRAIN - sector;
+            let e = grain_end.min(sectors);
+            let bytes = &data[(s * 512) as usize..(e * 512) as usize];
+            if is_zero(bytes) {
+                self.push_extent(sector + s, e - s, ExtentKind::Zero);
+            } else {
+                self.push_extent(sector + s, e - s, ExtentKind::Data);
+                self.plain.extend_from_slice(bytes);
+            }
+            s = e;
+            if self.full() {
+                out.extend(self.flush()?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Seal whatever is pending into a batch.
+    pub fn flush(&mut self) -> anyhow::Result<Option<Batch>> {
+        if self.extents.is_empty() {
+            return Ok(None);
+        }
+        let seq = self.next_seq;
+        let extents = std::mem::take(&mut self.extents);
+        let aad = aead::batch_aad(&self.machine, &self.disk, self.epoch, seq, seq, &extents);
+        let nonce = aead::nonce(self.epoch, seq)?;
+        let mut payload = Vec::with_capacity(self.plain.len() / 2 + 64);
+        let flags = self
+            .sealer
+            .seal_into(
+                &self.key,
+                &aad,
+                nonce,
+                &self.plain,
+                self.level,
+                &mut payload,
+            )
+            .context("sealing a batch")?;
+        self.plain.clear();
+        self.next_seq += 1;
+        Ok(Some(Batch {
+            disk_id: self.disk,
+            epoch: self.epoch,
+            first_seq: seq,
+            last_seq: seq,
+            extents,
+            flags: FLAG_SEALED
+                | if flags == Flags::Zstd {
+                    FLAG_COMPRESSED
+                } else {
+                    0
+                },
+            payload,
+        }))
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let words = b.chunks_exact(8);
+    let tail = words.remainder();
+    words
+        .into_iter()
+        .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
+        && tail.iter().all(|&x| x == 0)
+}
+
+/// Counters of one disk's producer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DiskCounters {
+    pub bytes_read: u64,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    pub batches: u64,
+    pub cuts: u64,
+    pub raced_reads: u64,
+    pub rounds: u64,
+    pub clean_rounds: u64,
+}
+
+/// One protected disk on the producer side.
+pub struct DiskProducer {
+    pub dev: BlockDevice,
+    reader: DeviceReader,
+    pub dirty: ExtentSet,
+    /// Initial sync position (sectors); `None` when done.
+    pub sync_cursor: Option<u64>,
+    pub builder: BatchBuilder,
+    /// Oldest completion time among changes drained but not yet sent.
+    oldest_change: Option<u64>,
+    /// Data sent since the last cut.
+    uncut: bool,
+    last_cut: Option<Instant>,
+    pub counters: DiskCounters,
+}
+
+impl DiskProducer {
+    pub fn new(dev: BlockDevice, builder: BatchBuilder) -> anyhow::Result<DiskProducer> {
+        Ok(DiskProducer {
+            reader: DeviceReader::open(&dev)?,
+            dev,
+            dirty: ExtentSet::new(),
+            sync_cursor: Some(0),
+            builder,
+            oldest_change: None,
+            uncut: false,
+            last_cut: None,
+            counters: DiskCounters::default(),
+        })
+    }
+
+    pub fn syncing(&self) -> bool {
+        self.sync_cursor.is_some()
+    }
+
+    /// Sectors copied by the initial sync so far.
+    pub fn synced_sectors(&self) -> u64 {
+        self.sync_cursor.unwrap_or(self.dev.sectors)
+    }
+}
+
+/// Tuning of rounds.
+#[derive(Clone, Copy, Debug)]
+pub struct RoundConfig {
+    pub round_sectors: u64,
+    pub sync_chunk_sectors: u64,
+    pub cut_interval: std::time::Duration,
+}
+
+/// Monotonic and wall clocks in ns.
+pub fn now_mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn now_wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Run one round over all disks; `send(slot, item)` hands work to the network side
+/// (blocking when it is full). Returns whether any data was read.
+pub fn round(
+    capture: &mut Capture,
+    disks: &mut [DiskProducer],
+    cfg: &RoundConfig,
+    send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
+) -> anyhow::Result<bool> {
+    // 1. Generations first (see readback.rs), 2. then everything completed so far.
+    let snap = capture.gen_snapshot();
+    let t_mono = now_mono_ns();
+    let t_wall = now_wall_ns();
+    capture.drain_events(|e| {
+        if e.op & op::CHANGES_DATA != 0
+            && let Some(d) = disks.get_mut(e.slot as usize)
+        {
+            d.dirty.insert(e.sector, u64::from(e.sectors));
+            d.oldest_change = Some(d.oldest_change.map_or(e.time_ns, |o| o.min(e.time_ns)));
+        }
+    })?;
+    let mut worked = false;
+    for (slot, d) in disks.iter_mut().enumerate() {
+        let overflow = capture.drain_overflow(slot);
+        for (s, l) in overflow.regions.iter() {
+            d.dirty.insert(s, l);
+        }
+        if overflow.whole_device {
+            d.dirty.insert(0, d.dev.sectors);
+        }
+        let mut work = d.dirty.take_up_to(cfg.round_sectors);
+        let complete = d.dirty.is_empty();
+        if let Some(cursor) = d.sync_cursor {
+            let end = (cursor + cfg.sync_chunk_sectors).min(d.dev.sectors);
+            work.push((cursor, end - cursor));
+            d.sync_cursor = (end < d.dev.sectors).then_some(end);
+        }
+        let oldest = d.oldest_change.take();
+        d.counters.rounds += 1;
+        let mut clean = true;
+        for (s, l) in work {
+            for (ps, pl) in d.reader.pieces(s, l) {
+                let data = d.reader.read(ps, pl)?;
+                d.counters.bytes_read += data.len() as u64;
+                if capture.raced_since(&snap, slot, ps, pl) {
+                    clean = false;
+                    d.counters.raced_reads += 1;
+                    d.dirty.insert(ps, pl);
+                }
+                for b in d.builder.add(ps, data)? {
+                    d.counters.batches += 1;
+                    count_batch(&mut d.counters, &b);
+                    send(slot, Outgoing::Batch(b, oldest))?;
+                }
+                worked = true;
+                d.uncut = true;
+            }
+        }
+        if let Some(b) = d.builder.flush()? {
+            d.counters.batches += 1;
+            count_batch(&mut d.counters, &b);
+            send(slot, Outgoing::Batch(b, oldest))?;
+        }
+        if clean && complete {
+            d.counters.clean_rounds += 1;
+        }
+        let due = d.last_cut.is_none_or(|t| t.elapsed() >= cfg.cut_interval);
+        if clean && complete && !d.syncing() && d.uncut && due {
+            send(
+                slot,
+                Outgoing::Cut {
+                    time_ns: t_wall,
+                    mono_ns: t_mono,
+                },
+            )?;
+            d.uncut = false;
+            d.last_cut = Some(Instant::now());
+            d.counters.cuts += 1;
+        }
+    }
+    Ok(worked)
+}
+
+fn count_batch(c: &mut DiskCounters, b: &Batch) {
+    for e in &b.extents {
+        let bytes = u64::from(e.sectors) * 512;
+        match e.kind {
+            ExtentKind::Data => c.data_bytes += bytes,
+            _ => c.zero_bytes += bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ripcord_seal::Sealer;
+
+    fn builder(max: usize) -> BatchBuilder {
+        BatchBuilder::new(
+            "m1",
+            DiskId([1; 16]),
+            3,
+            DataKey::from_bytes([9; 32]),
+            1,
+            max,
+        )
+    }
+
+    fn open(b: &Batch) -> Vec<u8> {
+        let aad = aead::batch_aad(
+            "m1",
+            &b.disk_id,
+            b.epoch,
+            b.first_seq,
+            b.last_seq,
+            &b.extents,
+        );
+        let nonce = aead::nonce(b.epoch, b.first_seq).unwrap();
+        let flags = if b.flags & FLAG_COMPRESSED != 0 {
+            Flags::Zstd
+        } else {
+            Flags::Stored
+        };
+        let mut out = Vec::new();
+        Sealer::new()
+            .open_into(
+                &DataKey::from_bytes([9; 32]),
+                &aad,
+                nonce,
+                flags,
+                &b.payload,
+                64 << 20,
+                &mut out,
+            )
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn zero_grains_become_zero_extents_and_data_round_trips() {
+        let mut b = builder(1 << 20);
+        let mut data = vec![0u8; 256 * 512]; // two grains at sector 128: zero, then data
+        data[128 * 512 + 7] = 1;
+        assert!(b.add(128, &data).unwrap().is_empty());
+        let batch = b.flush().unwrap().unwrap();
+        assert_eq!(
+            batch.extents,
+            vec![
+                Extent {
+                    sector: 128,
+                    sectors: 128,
+                    kind: ExtentKind::Zero
+                },
+                Extent {
+                    sector: 256,
+                    sectors: 128,
+                    kind: ExtentKind::Data
+                },
+            ]
+        );
+        assert_eq!(open(&batch), data[128 * 512..]);
+        assert_eq!((batch.first_seq, b.next_seq()), (1, 2));
+        assert!(b.flush().unwrap().is_none());
+    }
+
+    #[test]
+    fn batches_fill_up_and_extents_merge() {
+        let mut b = builder(64 << 10);
+        let data: Vec<u8> = (0..(512 * 512)).map(|i| (i % 251) as u8 + 1).collect();
+        let full = b.add(0, &data).unwrap();
+        assert_eq!(full.len(), 4, "256 KiB of data in 64 KiB batches");
+        for (i, batch) in full.iter().enumerate() {
+            assert_eq!(batch.first_seq, i as u64 + 1);
+            assert_eq!(batch.extents.len(), 1, "adjacent grains merge");
+            assert_eq!(open(batch), data[i * 65536..(i + 1) * 65536]);
+        }
+        // Tampering with the extent list breaks authentication.
+        let mut bad = full[0].clone();
+        bad.extents[0].sector += 1;
+        let aad = aead::batch_aad("m1", &bad.disk_id, bad.epoch, 1, 1, &bad.extents);
+        let flags = if bad.flags & FLAG_COMPRESSED != 0 {
+            Flags::Zstd
+        } else {
+            Flags::Stored
+        };
+        let mut out = Vec::new();
+        assert!(
+            Sealer::new()
+                .open_into(
+                    &DataKey::from_bytes([9; 32]),
+                    &aad,
+                    aead::nonce(3, 1).unwrap(),
+                    flags,
+                    &bad.payload,
+                    1 << 20,
+                    &mut out
+                )
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn zero_check() {
+        assert!(is_zero(&[0; 1000]));
+        let mut v = vec![0; 1001];
+        v[1000] = 1;
+        assert!(!is_zero(&v));
+        v[1000] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
+}

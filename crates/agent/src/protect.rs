@@ -1,0 +1,328 @@
+//! `ripcord-agent protect`: capture, read back, seal and replicate protected devices to
+//! the process server until SIGINT/SIGTERM, then flush everything and wait for it to be
+//! durable on the server.
+//!
+//! Every start is a new epoch per disk with a full initial sync (zero regions skipped): the
+//! agent was not tracking while it was down, so nothing else would be safe.
+
+use std::{
+    net::ToSocketAddrs as _,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use ripcord_proto::DiskId;
+use ripcord_seal::DataKey;
+use ripcord_transport::Identity;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::{
+    capture::{Capture, CaptureConfig},
+    config::AgentConfig,
+    device::BlockDevice,
+    net::{self, DiskLink, LinkStats, NetConfig},
+    pipeline::{BatchBuilder, DiskProducer, Outgoing, RoundConfig, round},
+    preflight,
+    state::AgentState,
+};
+
+/// Options of `protect` (config file values, overridden by flags).
+pub struct ProtectOptions {
+    pub config: AgentConfig,
+    pub devices: Vec<PathBuf>,
+    pub ready_file: Option<PathBuf>,
+    pub stats_file: Option<PathBuf>,
+}
+
+/// Items buffered between the producer and the network side, per disk.
+const CHANNEL_DEPTH: usize = 4;
+
+pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
+    let cfg = &opts.config;
+    let problems = preflight::check();
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
+        bail!("cannot capture on this machine:\n{}", list.join("\n"));
+    }
+    preflight::raise_memlock();
+    let identity = Identity::load(&cfg.state_dir).with_context(|| {
+        format!(
+            "no agent identity in {}: run `ripcord-agent register --server HOST:PORT --token T \
+             --ca-hash H` first",
+            cfg.state_dir.display()
+        )
+    })?;
+    let machine = identity.machine_id().as_str().to_owned();
+    let mut state = AgentState::load(&cfg.state_dir)?;
+    let server = cfg
+        .server
+        .clone()
+        .or_else(|| state.server.clone())
+        .context("no process server: give --server HOST:PORT or register first")?;
+    let server_name = state.server_name.clone().unwrap_or_else(|| {
+        server
+            .rsplit_once(':')
+            .map_or(server.clone(), |(h, _)| h.to_owned())
+    });
+    let server_addr = server
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {server}"))?
+        .next()
+        .with_context(|| format!("{server} resolves to no address"))?;
+    let devices: Vec<PathBuf> = if opts.devices.is_empty() {
+        cfg.devices.clone()
+    } else {
+        opts.devices.clone()
+    };
+    if devices.is_empty() {
+        bail!("no devices to protect: name them on the command line or in the config file");
+    }
+    let devs = devices
+        .iter()
+        .map(|p| BlockDevice::resolve(p))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+
+    // Tracking starts before anything is read: the initial sync then misses nothing.
+    let mut capture = Capture::start(
+        &devs,
+        CaptureConfig {
+            ring_bytes: cfg.ring_bytes,
+            ..CaptureConfig::default()
+        },
+    )?;
+
+    let mut producers = Vec::new();
+    let mut links = Vec::new();
+    let mut senders = Vec::new();
+    let mut link_stats: Vec<Arc<LinkStats>> = Vec::new();
+    for dev in &devs {
+        let (id, epoch) = state.next_epoch(&dev.path, &cfg.state_dir)?;
+        let disk = DiskId(id);
+        // A fresh data key per epoch: nonces (epoch, seq) never repeat under one key.
+        let key = DataKey::generate()?;
+        let builder = BatchBuilder::new(
+            &machine,
+            disk,
+            epoch,
+            DataKey::from_bytes(*key.expose_bytes()),
+            cfg.zstd_level,
+            cfg.batch_kib << 10,
+        );
+        producers.push(DiskProducer::new(dev.clone(), builder)?);
+        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        let link = DiskLink::new(
+            disk,
+            epoch,
+            dev.sectors * 512,
+            dev.logical_block_size,
+            Arc::new(key),
+            cfg.window_mib << 20,
+            rx,
+        );
+        link_stats.push(Arc::clone(&link.stats));
+        links.push(link);
+        senders.push(tx);
+        tracing::info!(
+            device = %dev.path.display(), disk = %hex::encode(id), epoch,
+            size = dev.sectors * 512, "protecting (full initial sync)"
+        );
+    }
+
+    let net_cfg = NetConfig {
+        server: server_addr,
+        server_name,
+        identity,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("ripcord-net")
+        .build()?;
+    let net = rt.spawn(net::run(net_cfg, links));
+
+    if let Some(path) = &opts.ready_file {
+        std::fs::write(path, b"ready\n")?;
+    }
+    let round_cfg = RoundConfig {
+        round_sectors: cfg.round_mib << 11,
+        sync_chunk_sectors: cfg.sync_chunk_mib << 11,
+        cut_interval: Duration::from_millis(cfg.cut_interval_ms),
+    };
+    let total: u64 = devs.iter().map(|d| d.sectors * 512).sum();
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template(
+            "initial sync {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("static template"),
+    );
+    if !console_is_tty() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = Instant::now();
+    let mut last_stats = Instant::now();
+    let mut sync_logged = false;
+    let mut net_failed = None;
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        let mut send = |slot: usize, item: Outgoing| -> anyhow::Result<()> {
+            senders[slot]
+                .blocking_send(item)
+                .map_err(|_| anyhow::anyhow!("the network side stopped"))
+        };
+        let worked = match round(&mut capture, &mut producers, &round_cfg, &mut send) {
+            Ok(w) => w,
+            Err(e) if net.is_finished() => {
+                net_failed = Some(e);
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        let synced: u64 = producers.iter().map(|p| p.synced_sectors() * 512).sum();
+        bar.set_position(synced);
+        if !sync_logged && producers.iter().all(|p| !p.syncing()) {
+            sync_logged = true;
+            bar.finish_and_clear();
+            tracing::info!(
+                secs = started.elapsed().as_secs_f64(),
+                "initial sync read complete"
+            );
+        }
+        if last_stats.elapsed() >= Duration::from_secs(1) {
+            last_stats = Instant::now();
+            if let Some(path) = &opts.stats_file {
+                write_stats(path, &producers, &link_stats)?;
+            }
+        }
+        if net.is_finished() {
+            break;
+        }
+        if stopping {
+            // Quiesce: everything completed before the stop has been read in a round
+            // after it; leave when nothing is dirty. During the initial sync, stop at once:
+            // the next start begins a new epoch anyway.
+            if producers.iter().any(|p| p.syncing()) || producers.iter().all(|p| p.dirty.is_empty())
+            {
+                break;
+            }
+            continue;
+        }
+        if !worked {
+            capture.wait(Duration::from_millis(50))?;
+        }
+    }
+    // A last round places the final cut if the previous one was rate-limited.
+    if net_failed.is_none() && !net.is_finished() {
+        let mut send = |slot: usize, item: Outgoing| -> anyhow::Result<()> {
+            senders[slot]
+                .blocking_send(item)
+                .map_err(|_| anyhow::anyhow!("the network side stopped"))
+        };
+        std::thread::sleep(round_cfg.cut_interval);
+        round(&mut capture, &mut producers, &round_cfg, &mut send)?;
+    }
+    capture.detach()?;
+    drop(senders);
+    tracing::info!("waiting for the process server to acknowledge everything");
+    let result = rt.block_on(async {
+        match tokio::time::timeout(Duration::from_secs(120), net).await {
+            Ok(joined) => joined.map_err(anyhow::Error::from)?,
+            Err(_) => bail!("the process server did not acknowledge everything within 120 s"),
+        }
+    });
+    if let Some(path) = &opts.stats_file {
+        write_stats(path, &producers, &link_stats)?;
+    }
+    if let Some(e) = net_failed {
+        return Err(e.context(result.err().map(|e| format!("{e:#}")).unwrap_or_default()));
+    }
+    result?;
+    tracing::info!("all data durable on the process server; stopped");
+    Ok(())
+}
+
+fn console_is_tty() -> bool {
+    // SAFETY: isatty has no memory preconditions.
+    unsafe { libc::isatty(2) == 1 }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn write_stats(
+    path: &std::path::Path,
+    producers: &[DiskProducer],
+    links: &[Arc<LinkStats>],
+) -> anyhow::Result<()> {
+    let mut all_lag = Vec::new();
+    let disks: Vec<_> = producers
+        .iter()
+        .zip(links)
+        .map(|(p, l)| {
+            all_lag.extend(l.lag_us.lock().expect("lag lock").iter().copied());
+            let c = p.counters;
+            json!({
+                "device": p.dev.path,
+                "size_bytes": p.dev.sectors * 512,
+                "syncing": p.syncing(),
+                "synced_bytes": p.synced_sectors() * 512,
+                "dirty_bytes": p.dirty.sectors() * 512,
+                "next_seq": p.builder.next_seq(),
+                "pushed_seq": l.pushed_seq.load(Ordering::Relaxed),
+                "acked_seq": l.acked_seq.load(Ordering::Relaxed),
+                "acked_cuts": l.acked_cuts.load(Ordering::Relaxed),
+                "reconnects": l.reconnects.load(Ordering::Relaxed),
+                "bytes_read": c.bytes_read,
+                "data_bytes": c.data_bytes,
+                "zero_bytes": c.zero_bytes,
+                "batches": c.batches,
+                "cuts": c.cuts,
+                "rounds": c.rounds,
+                "clean_rounds": c.clean_rounds,
+                "raced_reads": c.raced_reads,
+            })
+        })
+        .collect();
+    all_lag.sort_unstable();
+    let v = json!({
+        "disks": disks,
+        "lag_ms": {
+            "samples": all_lag.len(),
+            "p50": percentile(&all_lag, 0.5) as f64 / 1000.0,
+            "p99": percentile(&all_lag, 0.99) as f64 / 1000.0,
+            "max": all_lag.last().copied().unwrap_or(0) as f64 / 1000.0,
+        },
+        "peak_rss_kib": rss_kib(),
+    });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&v)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

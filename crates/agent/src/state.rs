@@ -1,0 +1,128 @@
+//! Persistent agent state (`<state-dir>/state.json`): the server to use, and for each
+//! protected device its disk id and last epoch. Epochs are persisted *before* they are
+//! used, so one is never reused (nonces are unique per epoch and key).
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+/// One protected device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskState {
+    /// 32 hex digits.
+    pub disk_id: String,
+    /// Last epoch started.
+    pub epoch: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    /// Data endpoint saved by `register`.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// TLS name of the server (host part of the registration address).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// By device path.
+    #[serde(default)]
+    pub disks: BTreeMap<PathBuf, DiskState>,
+}
+
+impl AgentState {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("state.json")
+    }
+
+    pub fn load(state_dir: &Path) -> anyhow::Result<AgentState> {
+        let path = Self::path(state_dir);
+        match std::fs::read(&path) {
+            Ok(b) => {
+                serde_json::from_slice(&b).with_context(|| format!("parsing {}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Write crash-safely (temp file, fsync, rename, directory fsync).
+    pub fn save(&self, state_dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(state_dir)?;
+        let path = Self::path(state_dir);
+        let tmp = path.with_extension("tmp");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(self)?)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(state_dir)?.sync_all()?;
+        Ok(())
+    }
+
+    /// The disk id of `device` (new if unknown) and a fresh epoch for it, persisted.
+    pub fn next_epoch(
+        &mut self,
+        device: &Path,
+        state_dir: &Path,
+    ) -> anyhow::Result<([u8; 16], u64)> {
+        let entry = match self.disks.get_mut(device) {
+            Some(e) => e,
+            None => {
+                let mut id = [0u8; 16];
+                getrandom_fill(&mut id)?;
+                self.disks.entry(device.to_owned()).or_insert(DiskState {
+                    disk_id: hex::encode(id),
+                    epoch: 0,
+                })
+            }
+        };
+        entry.epoch += 1;
+        let epoch = entry.epoch;
+        let id: [u8; 16] = hex::decode(&entry.disk_id)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .with_context(|| {
+                format!(
+                    "bad disk id {:?} in state for {}",
+                    entry.disk_id,
+                    device.display()
+                )
+            })?;
+        self.save(state_dir)?;
+        Ok((id, epoch))
+    }
+}
+
+fn getrandom_fill(buf: &mut [u8]) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_advance_and_persist() {
+        let dir = std::env::temp_dir().join(format!("ripcord-state-test-{}", std::process::id()));
+        let mut s = AgentState::default();
+        let (id1, e1) = s.next_epoch(Path::new("/dev/loop9"), &dir).unwrap();
+        let (id2, e2) = s.next_epoch(Path::new("/dev/loop9"), &dir).unwrap();
+        assert_eq!((id1, e1 + 1), (id2, e2));
+        let loaded = AgentState::load(&dir).unwrap();
+        assert_eq!(loaded, s);
+        let (id3, e3) = AgentState::load(&dir)
+            .unwrap()
+            .next_epoch(Path::new("/dev/loop8"), &dir)
+            .unwrap();
+        assert_ne!(id3, id1);
+        assert_eq!(e3, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
