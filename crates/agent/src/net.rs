@@ -75,6 +75,7 @@ impl DiskLink {
         let config = SenderConfig {
             max_inflight_bytes: window_bytes * 2 / 3,
             max_buffered_bytes: window_bytes,
+            ack_timeout: Duration::from_secs(15),
             ..SenderConfig::default()
         };
         DiskLink {
@@ -158,12 +159,18 @@ async fn send_msg(send: &mut SendStream, msg: &Message) -> anyhow::Result<()> {
 /// acknowledged). Reconnects with backoff on connection loss; stops on a [`Refused`].
 pub async fn run(cfg: NetConfig, mut links: Vec<DiskLink>) -> anyhow::Result<()> {
     let machine = cfg.identity.machine_id().as_str().to_owned();
-    let mut backoff = Duration::from_millis(200);
+    const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+    let mut backoff = FIRST_BACKOFF;
     loop {
+        let started = Instant::now();
         match session(&cfg, &machine, &mut links).await {
             Ok(()) => return Ok(()),
             Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
             Err(e) => {
+                if started.elapsed() > Duration::from_secs(2) {
+                    // The session was up for a while: retry quickly again.
+                    backoff = FIRST_BACKOFF;
+                }
                 tracing::warn!(
                     "connection to {} lost: {e:#}; reconnecting in {backoff:?}",
                     cfg.server

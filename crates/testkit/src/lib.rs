@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod ranges;
+pub mod replication;
 pub mod sys;
 pub mod workload;
 

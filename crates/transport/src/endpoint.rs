@@ -83,14 +83,16 @@ pub struct TransportOptions {
 }
 
 impl Default for TransportOptions {
-    /// 32 MiB per stream, 64 MiB per connection, 5 s keep-alive, 30 s idle timeout.
+    /// 32 MiB per stream, 64 MiB per connection, 1 s keep-alive, 6 s idle timeout: a
+    /// replication link notices a dead process server within seconds (a short outage
+    /// costs a reconnect, never data: the agent resends from the last durable ack).
     fn default() -> Self {
         Self {
             stream_receive_window: 32 << 20,
             receive_window: 64 << 20,
             send_window: 64 << 20,
-            keep_alive_interval: Some(Duration::from_secs(5)),
-            idle_timeout: Duration::from_secs(30),
+            keep_alive_interval: Some(Duration::from_secs(1)),
+            idle_timeout: Duration::from_secs(6),
             max_concurrent_bidi_streams: 64,
             max_concurrent_uni_streams: 64,
         }

@@ -1,6 +1,6 @@
 //! Measures single-stream throughput of the mutual-TLS data path on loopback.
 //!
-//! Run: `cargo run --release --example throughput [-- <MiB>]` (default 1024 MiB).
+//! Run: `cargo run --release --example quic_throughput [-- <MiB>]` (default 1024 MiB).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,4 +1,4 @@
-//! Append throughput: `cargo run --release --example throughput -- DIR ENGINE [TOTAL_MIB] [RECORD_KIB] [SYNC_EVERY]`
+//! Append throughput: `cargo run --release --example journal_throughput -- DIR ENGINE [TOTAL_MIB] [RECORD_KIB] [SYNC_EVERY]`
 //! ENGINE is `sync` or `uring`. DIR is wiped before and after the run.
 //! With `BATCH=1` in the environment each group of SYNC_EVERY records is one
 //! `append_many` (one vectored write) instead of SYNC_EVERY `append` calls.

@@ -1,0 +1,389 @@
+//! A process server and replicating agents as child processes, for tests and the demo.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+/// The deployment passphrase used by tests.
+pub const PASSPHRASE: &str = "ripcord test passphrase";
+
+/// A free UDP port on 127.0.0.1 (bound and released).
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("binding an ephemeral UDP port");
+    s.local_addr().expect("local addr").port()
+}
+
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ripcord-ps` with a deployment in a directory; killed on drop.
+pub struct ProcessServer {
+    pub dir: PathBuf,
+    pub passphrase_file: PathBuf,
+    pub data_port: u16,
+    pub register_port: u16,
+    pub metrics_port: u16,
+    pub token: String,
+    pub ca_hash: String,
+    child: Option<Child>,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl ProcessServer {
+    /// Create a deployment under `root` and start serving.
+    pub fn start(root: &Path) -> anyhow::Result<ProcessServer> {
+        let dir = root.join("ps");
+        let passphrase_file = root.join("passphrase");
+        std::fs::write(&passphrase_file, PASSPHRASE)?;
+        let out = Command::new(crate::binary("ripcord-ps"))
+            .args(["init", "--kdf-memory-mib", "8", "--dir"])
+            .arg(&dir)
+            .arg("--passphrase-file")
+            .arg(&passphrase_file)
+            .output()
+            .context("running ripcord-ps init")?;
+        ensure!(
+            out.status.success(),
+            "ripcord-ps init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| -> anyhow::Result<String> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .with_context(|| format!("no {name} in init output:\n{text}"))
+        };
+        let (token, ca_hash) = (field("token:")?, field("ca-hash:")?);
+        let (data_port, register_port, metrics_port) =
+            (free_udp_port(), free_udp_port(), free_tcp_port());
+        std::fs::write(
+            dir.join("ps.toml"),
+            format!(
+                "listen = \"127.0.0.1:{data_port}\"\nregister-listen = \"127.0.0.1:{register_port}\"\n\
+                 metrics-listen = \"127.0.0.1:{metrics_port}\"\nmin-free-mib = 16\nmin-free-percent = 1.0\n"
+            ),
+        )?;
+        let mut ps = ProcessServer {
+            log: root.join("ps.log"),
+            dir,
+            passphrase_file,
+            data_port,
+            register_port,
+            metrics_port,
+            token,
+            ca_hash,
+            child: None,
+            starts: 0,
+        };
+        ps.spawn()?;
+        Ok(ps)
+    }
+
+    /// (Re)start `ripcord-ps serve`, waiting until it listens.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        ensure!(self.child.is_none(), "already running");
+        self.starts += 1;
+        let log = self.log.with_extension(format!("{}.log", self.starts));
+        let child = Command::new(crate::binary("ripcord-ps"))
+            .arg("serve")
+            .arg("--dir")
+            .arg(&self.dir)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting ripcord-ps serve")?;
+        self.child = Some(child);
+        wait_for("ripcord-ps to listen", Duration::from_secs(30), || {
+            if let Some(s) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "ripcord-ps exited ({s}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            Ok(std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("ripcord-ps serving"))
+        })
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while c.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    bail!("ripcord-ps did not stop within 30 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// All server logs so far.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|i| {
+                std::fs::read_to_string(self.log.with_extension(format!("{i}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `ripcord-ps replay` (the server must be stopped).
+    pub fn replay(&self, disk: &str, output: &Path, last_cut: bool) -> anyhow::Result<String> {
+        let mut cmd = Command::new(crate::binary("ripcord-ps"));
+        cmd.args(["replay", "--disk", disk, "--dir"])
+            .arg(&self.dir)
+            .arg("--output")
+            .arg(output)
+            .arg("--passphrase-file")
+            .arg(&self.passphrase_file)
+            .env("RUST_BACKTRACE", "0");
+        if last_cut {
+            cmd.arg("--last-cut");
+        }
+        let out = cmd.output()?;
+        ensure!(
+            out.status.success(),
+            "ripcord-ps replay failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for ProcessServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral TCP port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A registered agent identity (state directory).
+pub struct AgentIdentity {
+    pub state_dir: PathBuf,
+    pub machine: String,
+}
+
+impl AgentIdentity {
+    /// `ripcord-agent register` against `ps`.
+    pub fn register(
+        ps: &ProcessServer,
+        root: &Path,
+        machine: &str,
+    ) -> anyhow::Result<AgentIdentity> {
+        let state_dir = root.join(format!("agent-{machine}"));
+        let out = Command::new(crate::binary("ripcord-agent"))
+            .args([
+                "register",
+                "--machine-id",
+                machine,
+                "--token",
+                &ps.token,
+                "--ca-hash",
+                &ps.ca_hash,
+            ])
+            .arg("--server")
+            .arg(format!("127.0.0.1:{}", ps.register_port))
+            .arg("--data-server")
+            .arg(format!("127.0.0.1:{}", ps.data_port))
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .env("RUST_BACKTRACE", "0")
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "register failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(AgentIdentity {
+            state_dir,
+            machine: machine.to_owned(),
+        })
+    }
+
+    /// The disk id (hex) the agent uses for `device`.
+    pub fn disk_id(&self, device: &Path) -> anyhow::Result<String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.state_dir.join("state.json"))?)?;
+        v["disks"][device.to_string_lossy().as_ref()]["disk_id"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no disk id for {} in state.json", device.display()))
+    }
+}
+
+/// A running `ripcord-agent protect`; killed on drop.
+pub struct Replicator {
+    child: Option<Child>,
+    pub stats_file: PathBuf,
+    log: PathBuf,
+}
+
+impl Replicator {
+    /// Start protecting `devices`; returns once tracking is active.
+    pub fn start(
+        id: &AgentIdentity,
+        devices: &[&Path],
+        extra: &[&str],
+    ) -> anyhow::Result<Replicator> {
+        let n = std::fs::read_dir(&id.state_dir)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let ready = id.state_dir.join("ready");
+        let _ = std::fs::remove_file(&ready);
+        let stats_file = id.state_dir.join("stats.json");
+        let _ = std::fs::remove_file(&stats_file);
+        let log = id
+            .state_dir
+            .join(format!("agent-{n}-{}.log", crate::nanos()));
+        let child = Command::new(crate::binary("ripcord-agent"))
+            .args(["protect", "--config", "/dev/null"])
+            .arg("--state-dir")
+            .arg(&id.state_dir)
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--stats-file")
+            .arg(&stats_file)
+            .args(extra)
+            .args(devices)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut r = Replicator {
+            child: Some(child),
+            stats_file,
+            log,
+        };
+        wait_for(
+            "the agent to start tracking",
+            Duration::from_secs(30),
+            || {
+                if let Some(s) = r.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    bail!("ripcord-agent exited ({s}):\n{}", r.log());
+                }
+                Ok(ready.exists())
+            },
+        )?;
+        Ok(r)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The latest stats JSON.
+    pub fn stats(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&std::fs::read(&self.stats_file).ok()?).ok()
+    }
+
+    /// Wait until the initial sync of every disk has been read.
+    pub fn wait_synced(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_for("the initial sync", timeout, || {
+            Ok(self.stats().is_some_and(|s| {
+                s["disks"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().all(|d| d["syncing"] == false))
+            }))
+        })
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM: the agent flushes and waits for everything to be durable. Returns whether
+    /// it exited successfully, and its log.
+    pub fn stop(mut self) -> anyhow::Result<(bool, String)> {
+        let mut c = self.child.take().context("already stopped")?;
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let status = loop {
+            if let Some(s) = c.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("ripcord-agent did not stop within 180 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Ok((status.success(), self.log()))
+    }
+
+    /// Wait for the process to exit by itself (e.g. after a refusal).
+    pub fn wait_exit(mut self, timeout: Duration) -> anyhow::Result<(bool, String)> {
+        let mut c = self.child.take().context("already stopped")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = c.try_wait()? {
+                return Ok((s.success(), self.log()));
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!(
+                    "ripcord-agent still running after {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,277 @@
+//! Replication end to end: real agent (BPF capture), real process server, real QUIC on
+//! loopback, real loop devices. The journal alone must rebuild the disk byte for byte.
+//!
+//! Needs root. Skips loudly without it, and fails under `CI=true`.
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use rand::{Rng as _, SeedableRng as _};
+use testkit::{
+    LoopDevice, Mount, Scratch, Workload,
+    replication::{AgentIdentity, ProcessServer, Replicator},
+    require_root,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// Replay the journal and compare with the device; panics with the first differences.
+fn assert_replica_equals(
+    ps: &ProcessServer,
+    disk: &str,
+    device: &Path,
+    dir: &Path,
+    last_cut: bool,
+) {
+    let image = dir.join("replica.img");
+    let out = ps.replay(disk, &image, last_cut).expect("replay");
+    let diff = testkit::sys::diff_sectors(&image, device).expect("compare");
+    assert!(
+        diff.is_empty(),
+        "replica differs from the device in {} sectors, first {:?} ({out})",
+        testkit::ranges::total(&diff),
+        &diff[..diff.len().min(5)]
+    );
+    std::fs::remove_file(&image).unwrap();
+}
+
+#[test]
+fn ext4_and_raw_writes_replicate_byte_for_byte() {
+    if !require_root("ext4_and_raw_writes_replicate_byte_for_byte") {
+        return;
+    }
+    let dir = Scratch::new("repl-ext4");
+    let disk = LoopDevice::create(&dir.path.join("disk.img"), 1024 * MIB).unwrap();
+    // ext4 on the first 768 MiB; raw writes go to the rest.
+    testkit::run(
+        "mkfs.ext4",
+        &["-q", "-F", disk.path.to_str().unwrap(), "786432"],
+    )
+    .unwrap();
+    let mut ps = ProcessServer::start(&dir.path).unwrap();
+    let id = AgentIdentity::register(&ps, &dir.path, "host-a").unwrap();
+    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+
+    // The workload runs while the initial sync is still copying.
+    let mnt = Mount::new(&disk.path, &dir.path.join("mnt"), &["-t", "ext4"]).unwrap();
+    testkit::file_workload(&mnt.dir, 1, 60, 4 << 20).unwrap();
+    let mut raw = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let tail = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk.path)
+        .unwrap();
+    for _ in 0..200 {
+        use std::os::unix::fs::FileExt as _;
+        let off = 768 * MIB + raw.random_range(0..(256 * MIB - 65536) / 4096) * 4096;
+        let len = raw.random_range(1..16) * 4096;
+        let buf: Vec<u8> = (0..len).map(|_| raw.random()).collect();
+        tail.write_all_at(&buf, off).unwrap();
+    }
+    tail.sync_all().unwrap();
+    testkit::file_workload(&mnt.dir.join("second"), 3, 40, 2 << 20).unwrap();
+    mnt.unmount().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
+
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent did not stop cleanly:\n{log}");
+    ps.stop().unwrap();
+    let disk_id = id.disk_id(&disk.path).unwrap();
+    assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, false);
+    // The last consistency cut is the quiesced state too.
+    assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, true);
+}
+
+/// Writes random 4-64 KiB blocks until stopped.
+fn background_writer(dev: &Path, seed: u64, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let dev = dev.to_owned();
+    std::thread::spawn(move || {
+        let mut w = Workload::new(&dev, seed).unwrap();
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            w.direct_writes(4).unwrap();
+            w.discards(1).unwrap();
+            n += 5;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        n
+    })
+}
+
+#[test]
+fn process_server_kill9_loses_nothing_acknowledged() {
+    if !require_root("process_server_kill9_loses_nothing_acknowledged") {
+        return;
+    }
+    let dir = Scratch::new("repl-ps-kill");
+    let disk = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
+    let mut ps = ProcessServer::start(&dir.path).unwrap();
+    let id = AgentIdentity::register(&ps, &dir.path, "host-b").unwrap();
+    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = background_writer(&disk.path, 7, Arc::clone(&stop));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+    let mut acked_before_kill = Vec::new();
+    for i in 0..6 {
+        // Kill while the agent streams: wait for its (re)connection, then a random moment.
+        let streams = i + 1;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while ps.logs().matches("disk stream open").count() < streams {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent did not reconnect:\n{}",
+                ps.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(100..1200)));
+        let acked = agent
+            .stats()
+            .map(|s| s["disks"][0]["acked_seq"].as_u64().unwrap_or(0))
+            .unwrap_or(0);
+        acked_before_kill.push(acked);
+        ps.kill9();
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..800)));
+        ps.spawn().unwrap_or_else(|e| panic!("restart {i}: {e:#}"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert!(writes > 50, "background writer made only {writes} writes");
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent did not stop cleanly:\n{log}");
+    ps.stop().unwrap();
+    // Nothing acknowledged was lost: the restarted server resumed at or after every ack.
+    assert!(
+        ps.logs().matches("disk stream open").count() >= 6,
+        "the server did not reopen its journal after each kill:\n{}",
+        ps.logs()
+    );
+    assert!(
+        log.matches("disk stream accepted").count() >= 6,
+        "agent did not reconnect 6 times:\n{log}"
+    );
+    // A server that lost acknowledged data would resume behind the agent's ack: the
+    // agent refuses that resume point and says so.
+    assert!(
+        !log.contains("refused"),
+        "a restarted server resumed behind an acknowledgement:\n{log}"
+    );
+    let disk_id = id.disk_id(&disk.path).unwrap();
+    assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, false);
+    eprintln!("acked sequence at each kill: {acked_before_kill:?}");
+}
+
+#[test]
+fn agent_kill9_resyncs_to_an_equal_image() {
+    if !require_root("agent_kill9_resyncs_to_an_equal_image") {
+        return;
+    }
+    let dir = Scratch::new("repl-agent-kill");
+    let disk = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
+    let mut ps = ProcessServer::start(&dir.path).unwrap();
+    let id = AgentIdentity::register(&ps, &dir.path, "host-c").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = background_writer(&disk.path, 9, Arc::clone(&stop));
+    let mut agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.kill9();
+    // Writes continue while no agent runs: the restart must resync them.
+    std::thread::sleep(Duration::from_millis(500));
+    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent did not stop cleanly:\n{log}");
+    assert!(
+        log.contains("epoch=2"),
+        "the restarted agent did not start a new epoch:\n{log}"
+    );
+    ps.stop().unwrap();
+    let disk_id = id.disk_id(&disk.path).unwrap();
+    assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, false);
+}
+
+#[test]
+fn foreign_peers_and_foreign_disks_are_refused() {
+    if !require_root("foreign_peers_and_foreign_disks_are_refused") {
+        return;
+    }
+    let dir = Scratch::new("repl-refuse");
+    let disk = LoopDevice::create(&dir.path.join("disk.img"), 64 * MIB).unwrap();
+    let mut ps = ProcessServer::start(&dir.path).unwrap();
+
+    // A peer whose certificate comes from another deployment: the handshake fails and
+    // nothing reaches the journal or the registry.
+    let other_root = dir.path.join("other");
+    std::fs::create_dir_all(&other_root).unwrap();
+    let mut other = ProcessServer::start(&other_root).unwrap();
+    let stranger = AgentIdentity::register(&other, &other_root, "stranger").unwrap();
+    other.stop().unwrap();
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(stranger.state_dir.join("state.json")).unwrap())
+            .unwrap();
+    state["server"] = format!("127.0.0.1:{}", ps.data_port).into();
+    std::fs::write(stranger.state_dir.join("state.json"), state.to_string()).unwrap();
+    let mut intruder = Replicator::start(&stranger, &[&disk.path], &[]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    intruder.kill9();
+    assert!(
+        !ps.dir.join("disks.json").exists(),
+        "a foreign peer got a disk registered"
+    );
+    let cache = ps.dir.join("cache");
+    assert!(
+        !cache.exists() || std::fs::read_dir(&cache).unwrap().next().is_none(),
+        "a foreign peer got a journal created"
+    );
+    assert!(
+        intruder.log().contains("connecting to"),
+        "intruder log:\n{}",
+        intruder.log()
+    );
+
+    // An agent of this deployment writing a disk another machine owns: refused.
+    let owner = AgentIdentity::register(&ps, &dir.path, "owner").unwrap();
+    let a = Replicator::start(&owner, &[&disk.path], &[]).unwrap();
+    a.wait_synced(Duration::from_secs(60)).unwrap();
+    let (ok, log) = a.stop().unwrap();
+    assert!(ok, "{log}");
+    let disk_id = owner.disk_id(&disk.path).unwrap();
+    let journal = ps.dir.join("cache").join(&disk_id);
+    let size_before = dir_size(&journal);
+    let thief = AgentIdentity::register(&ps, &dir.path, "thief").unwrap();
+    let thief_state = serde_json::json!({
+        "server": format!("127.0.0.1:{}", ps.data_port),
+        "server_name": "127.0.0.1",
+        "disks": { disk.path.to_string_lossy(): { "disk_id": disk_id, "epoch": 5 } },
+    });
+    std::fs::write(thief.state_dir.join("state.json"), thief_state.to_string()).unwrap();
+    let t = Replicator::start(&thief, &[&disk.path], &[]).unwrap();
+    let (ok, log) = t.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(!ok, "the thief's agent should fail");
+    assert!(log.contains("NotOwner"), "refusal not named:\n{log}");
+    assert_eq!(
+        dir_size(&journal),
+        size_before,
+        "the foreign disk's journal changed"
+    );
+    ps.stop().unwrap();
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
