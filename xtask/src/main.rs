@@ -35,8 +35,9 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
-    /// End-to-end demo on the embedded defaults: protect a loop device with ext4, run a
-    /// file workload, and verify every changed sector was captured. Needs root.
+    /// End-to-end demo on the embedded defaults: a process server and an agent on loopback
+    /// replicate a loop device with ext4 under a file workload; the image rebuilt from the
+    /// server's journal must equal the source (sha256). Needs root.
     Demo {
         /// Size of the demo disk in MiB.
         #[arg(long, default_value_t = 1024)]
