@@ -31,6 +31,18 @@ pub enum Which {
         #[arg(long, default_value_t = 1024)]
         size_mib: u64,
     },
+    /// Replication churn: fio at full speed (sequential 1 MiB, random 64 KiB,
+    /// half-compressible) on a protected RAM-backed loop device with the agent and a
+    /// process server on this machine, plus a 100 MB/s paced phase for RPO lag. Writes
+    /// target/bench/churn.json.
+    Churn {
+        /// Seconds per fio phase.
+        #[arg(long, default_value_t = 10)]
+        runtime: u64,
+        /// Size of the protected device in MiB.
+        #[arg(long, default_value_t = 2048)]
+        size_mib: u64,
+    },
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -40,6 +52,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             runtime,
             size_mib,
         } => capture(reps, runtime, size_mib),
+        Which::Churn { runtime, size_mib } => churn(runtime, size_mib),
     }
 }
 
@@ -305,5 +318,203 @@ fn capture(reps: usize, runtime: u64, size_mib: u64) -> anyhow::Result<()> {
     let path = out.join("capture.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
     println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// CPU seconds (user + system) of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the full line: 12 and 13 here.
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz.max(1.0)
+}
+
+/// Peak resident set of a process, MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// fio writing half-compressible data; returns MB/s.
+fn fio_churn(dev: &Path, args: &[&str], runtime: u64) -> anyhow::Result<f64> {
+    let out = Command::new("fio")
+        .args([
+            "--name=churn",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--time_based",
+            "--output-format=json",
+            "--buffer_compress_percentage=50",
+            "--buffer_compress_chunk=4k",
+            "--refill_buffers",
+            "--randrepeat=0",
+        ])
+        .arg(format!("--runtime={runtime}"))
+        .arg(format!("--filename={}", dev.display()))
+        .args(args)
+        .output()
+        .context("running fio")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(&text[text.find('{').context("no fio JSON")?..])?;
+    Ok(v["jobs"][0]["write"]["bw_bytes"]
+        .as_f64()
+        .context("no write.bw_bytes")?
+        / 1e6)
+}
+
+fn agent_totals(r: &testkit::replication::Replicator) -> (f64, bool) {
+    let s = r.stats().unwrap_or_default();
+    let d = &s["disks"][0];
+    let data = d["data_bytes"].as_f64().unwrap_or(0.0) + d["zero_bytes"].as_f64().unwrap_or(0.0);
+    let caught_up = d["syncing"] == false
+        && d["dirty_bytes"].as_u64() == Some(0)
+        && d["pushed_seq"] == d["acked_seq"];
+    (data, caught_up)
+}
+
+/// Run `fio` against the protected device and measure what replication does meanwhile.
+fn replicated_phase(
+    agent: &testkit::replication::Replicator,
+    ps_pid: u32,
+    dev: &Path,
+    args: &[&str],
+    runtime: u64,
+) -> anyhow::Result<Value> {
+    let (data0, _) = agent_totals(agent);
+    let (a0, p0) = (cpu_seconds(agent.pid()), cpu_seconds(ps_pid));
+    let t0 = Instant::now();
+    let mbps = fio_churn(dev, args, runtime)?;
+    let fio_secs = t0.elapsed().as_secs_f64();
+    // Let the agent drain what fio left dirty.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    std::thread::sleep(Duration::from_millis(600));
+    loop {
+        let (_, done) = agent_totals(agent);
+        if done {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the agent did not catch up within 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let (data1, _) = agent_totals(agent);
+    let (a1, p1) = (cpu_seconds(agent.pid()), cpu_seconds(ps_pid));
+    Ok(json!({
+        "fio_mbps": mbps,
+        "replicated_mbps": (data1 - data0) / secs / 1e6,
+        "catch_up_s": secs - fio_secs,
+        "agent_cpu_pct": (a1 - a0) / secs * 100.0,
+        "ps_cpu_pct": (p1 - p0) / secs * 100.0,
+    }))
+}
+
+pub fn churn(runtime: u64, size_mib: u64) -> anyhow::Result<()> {
+    use testkit::replication::{AgentIdentity, ProcessServer, Replicator};
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "ripcord-agent",
+        "-p",
+        "ripcord-process-server",
+    ])?;
+    // SAFETY: single-threaded here; the helpers read it when spawning binaries.
+    unsafe { std::env::set_var("RIPCORD_BIN_DIR", workspace_root().join("target/release")) };
+    let scratch = Scratch::new("bench-churn");
+    let shm_dir = PathBuf::from(format!("/dev/shm/ripcord-churn-{}", std::process::id()));
+    std::fs::create_dir_all(&shm_dir)?;
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _guard = RemoveDir(shm_dir.clone());
+    // The protected device is RAM-backed so the pipeline, not the source disk, is measured;
+    // the process server's cache is on the root disk.
+    let dev = LoopDevice::create(&shm_dir.join("disk.img"), size_mib << 20)?;
+    let seq: &[&str] = &["--rw=write", "--bs=1M", "--iodepth=8"];
+    let rand: &[&str] = &["--rw=randwrite", "--bs=64k", "--iodepth=16"];
+    let paced: &[&str] = &["--rw=randwrite", "--bs=64k", "--iodepth=4", "--rate=100m"];
+
+    eprintln!("churn: baseline fio without replication");
+    let seq_without = fio_churn(&dev.path, seq, runtime)?;
+    let rand_without = fio_churn(&dev.path, rand, runtime)?;
+
+    let mut ps = ProcessServer::start(&scratch.path)?;
+    let id = AgentIdentity::register(&ps, &scratch.path, "bench")?;
+    let agent = Replicator::start(&id, &[&dev.path], &[])?;
+    agent.wait_synced(Duration::from_secs(600))?;
+    eprintln!("churn: initial sync done; 100 MB/s paced phase (RPO lag)");
+    let paced_phase = replicated_phase(&agent, ps.pid(), &dev.path, paced, runtime)?;
+    let lag = agent.stats().unwrap_or_default()["lag_ms"].clone();
+    eprintln!("churn: full-speed sequential 1 MiB");
+    let seq_phase = replicated_phase(&agent, ps.pid(), &dev.path, seq, runtime)?;
+    eprintln!("churn: full-speed random 64 KiB");
+    let rand_phase = replicated_phase(&agent, ps.pid(), &dev.path, rand, runtime)?;
+    let ps_rss = peak_rss_mib(ps.pid());
+    let agent_rss = peak_rss_mib(agent.pid());
+    let (ok, log) = agent.stop()?;
+    ensure!(ok, "agent failed:\n{log}");
+    ps.stop()?;
+
+    let v = json!({
+        "runtime_s": runtime,
+        "device_mib": size_mib,
+        "seq_1m": { "fio_mbps_without": seq_without, "with": seq_phase },
+        "rand_64k": { "fio_mbps_without": rand_without, "with": rand_phase },
+        "paced_100mbps": { "with": paced_phase, "rpo_lag_ms": lag },
+        "agent_peak_rss_mib": agent_rss,
+        "ps_peak_rss_mib": ps_rss,
+    });
+    let f = |p: &Value, k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+    println!("\nchurn (half-compressible data, {runtime} s per phase)");
+    println!(
+        "workload        fio MB/s without   with   ratio   replicated MB/s   agent CPU %   ps CPU %"
+    );
+    for (name, without, phase) in [
+        ("seq 1 MiB", seq_without, &seq_phase),
+        ("rand 64 KiB", rand_without, &rand_phase),
+    ] {
+        println!(
+            "{name:<14} {without:>16.1} {:>6.1} {:>7.3} {:>17.1} {:>13.0} {:>10.0}",
+            f(phase, "fio_mbps"),
+            f(phase, "fio_mbps") / without,
+            f(phase, "replicated_mbps"),
+            f(phase, "agent_cpu_pct"),
+            f(phase, "ps_cpu_pct"),
+        );
+    }
+    println!(
+        "paced 100 MB/s: RPO lag (write completion to durable on the server) p50 {} ms, p99 {} ms, max {} ms",
+        lag["p50"], lag["p99"], lag["max"]
+    );
+    println!("peak RSS: agent {agent_rss:.0} MiB, process server {ps_rss:.0} MiB");
+    let out = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("churn.json"), serde_json::to_vec_pretty(&v)?)?;
+    println!("wrote {}", out.join("churn.json").display());
     Ok(())
 }

@@ -73,7 +73,7 @@ enum Command {
         /// Create this file once tracking is active (for scripts and tests).
         #[arg(long, value_name = "PATH")]
         ready_file: Option<PathBuf>,
-        /// Write progress and counters (JSON) here every second and at exit.
+        /// Write progress and counters (JSON) here twice a second and at exit.
         #[arg(long, value_name = "PATH")]
         stats_file: Option<PathBuf>,
     },

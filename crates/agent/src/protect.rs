@@ -199,7 +199,7 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
                 "initial sync read complete"
             );
         }
-        if last_stats.elapsed() >= Duration::from_secs(1) {
+        if last_stats.elapsed() >= Duration::from_millis(500) {
             last_stats = Instant::now();
             if let Some(path) = &opts.stats_file {
                 write_stats(path, &producers, &link_stats)?;
