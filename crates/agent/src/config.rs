@@ -32,7 +32,8 @@ pub struct AgentConfig {
     pub zstd_level: i32,
     /// Least time between two crash-consistent cuts, in ms (10..=60000). Default 200.
     pub cut_interval_ms: u64,
-    /// Unacknowledged bytes the agent holds for the server, in MiB (8..=1024). Default 48.
+    /// Unacknowledged bytes the agent holds for the server (QUIC send window plus batch
+    /// buffer), in MiB (8..=1024). Bounds the agent's memory. Default 32.
     pub window_mib: usize,
     /// Kernel ring buffer size in bytes (power of two). Default 8 MiB.
     pub ring_bytes: u32,
@@ -49,7 +50,7 @@ impl Default for AgentConfig {
             sync_chunk_mib: 32,
             zstd_level: 1,
             cut_interval_ms: 200,
-            window_mib: 48,
+            window_mib: 32,
             ring_bytes: agent_common::DEFAULT_RING_BYTES,
         }
     }

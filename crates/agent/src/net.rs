@@ -20,7 +20,7 @@ use ripcord_proto::{
     SenderEvent, aead, decode_frame, handshake::check_hello_ack,
 };
 use ripcord_seal::{DataKey, escrow::wrap_data_key};
-use ripcord_transport::{Identity, client_endpoint, connect};
+use ripcord_transport::{Identity, TransportOptions, connect, endpoint::client_endpoint_with};
 use tokio::sync::mpsc;
 
 use crate::pipeline::{Outgoing, now_mono_ns};
@@ -126,6 +126,9 @@ pub struct NetConfig {
     pub server: SocketAddr,
     pub server_name: String,
     pub identity: Identity,
+    /// Unacknowledged bytes the agent may hold (bounds memory): half of it is the QUIC
+    /// send window, the rest the sender's batch buffer.
+    pub window_bytes: usize,
 }
 
 /// Frame reader over a QUIC receive stream.
@@ -187,7 +190,16 @@ pub async fn run(cfg: NetConfig, mut links: Vec<DiskLink>) -> anyhow::Result<()>
 }
 
 async fn session(cfg: &NetConfig, machine: &str, links: &mut [DiskLink]) -> anyhow::Result<()> {
-    let endpoint = client_endpoint(&cfg.identity)?;
+    let options = TransportOptions {
+        send_window: (cfg.window_bytes / 2) as u64,
+        ..TransportOptions::default()
+    };
+    let bind = if cfg.server.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let endpoint = client_endpoint_with(bind.parse().expect("literal"), &cfg.identity, &options)?;
     let conn = connect(&endpoint, cfg.server, &cfg.server_name)
         .await
         .with_context(|| format!("connecting to {}", cfg.server))?;

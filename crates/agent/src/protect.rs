@@ -42,7 +42,7 @@ pub struct ProtectOptions {
 }
 
 /// Items buffered between the producer and the network side, per disk.
-const CHANNEL_DEPTH: usize = 4;
+const CHANNEL_DEPTH: usize = 2;
 
 pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
     let cfg = &opts.config;
@@ -128,7 +128,7 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
             dev.sectors * 512,
             dev.logical_block_size,
             Arc::new(key),
-            cfg.window_mib << 20,
+            (cfg.window_mib << 20) / 2,
             rx,
         );
         link_stats.push(Arc::clone(&link.stats));
@@ -144,6 +144,7 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
         server: server_addr,
         server_name,
         identity,
+        window_bytes: cfg.window_mib << 20,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
