@@ -30,8 +30,11 @@ pub const MIN_OVERFLOW_SHIFT: u32 = 11;
 /// (`SlotStats::overflow_all`), which makes the agent resynchronise the whole device.
 pub const MAX_OVERFLOW_BITS_PER_EVENT: u64 = 64;
 
-/// Entries of the `WRITE_GEN` array (a power of two; regions hash into it).
-pub const WRITE_GEN_ENTRIES: u32 = 1 << 18;
+/// log2 of the entries of the `WRITE_GEN` array.
+pub const WRITE_GEN_BITS: u32 = 18;
+/// Entries of the `WRITE_GEN` array (regions hash into it): 2 MiB, covering 32 GiB of
+/// 128 KiB regions before collisions start (which only cause conservative re-reads).
+pub const WRITE_GEN_ENTRIES: u32 = 1 << WRITE_GEN_BITS;
 /// Sectors per write-generation region, as a shift: 2^8 sectors = 128 KiB.
 pub const WRITE_GEN_REGION_SHIFT: u32 = 8;
 /// Most regions one queued write bumps one by one; a wider write bumps the slot's
@@ -177,7 +180,7 @@ pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
 #[inline(always)]
 pub const fn write_gen_index(slot: u32, region: u64) -> u32 {
     let h = (region ^ ((slot as u64) << 48)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (h >> 44) as u32 & (WRITE_GEN_ENTRIES - 1)
+    (h >> (64 - WRITE_GEN_BITS)) as u32
 }
 
 #[cfg(feature = "user")]
@@ -233,7 +236,7 @@ mod tests {
         for region in 0..10_000u64 {
             let i = write_gen_index(3, region);
             assert!(i < WRITE_GEN_ENTRIES);
-            seen[(i >> 14) as usize] = true;
+            seen[(i >> (WRITE_GEN_BITS - 6)) as usize] = true;
         }
         assert!(
             seen.iter().filter(|s| **s).count() > 48,
