@@ -78,10 +78,27 @@ fn ext4_and_raw_writes_replicate_byte_for_byte() {
     mnt.unmount().unwrap();
     agent.wait_synced(Duration::from_secs(120)).unwrap();
 
+    // Prometheus metrics while replicating.
+    let metrics = http_get(ps.metrics_port, "/metrics");
+    let disk_id = id.disk_id(&disk.path).unwrap();
+    let batches = metric(&metrics, "ripcord_ps_batches_total", &disk_id);
+    assert!(
+        batches > 10.0,
+        "batches metric {batches} for {disk_id}:\n{metrics}"
+    );
+    assert!(
+        metric(&metrics, "ripcord_ps_bytes_in_total", &disk_id) > 1e6,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "ripcord_ps_connections", ""),
+        1.0,
+        "{metrics}"
+    );
+
     let (ok, log) = agent.stop().unwrap();
     assert!(ok, "agent did not stop cleanly:\n{log}");
     ps.stop().unwrap();
-    let disk_id = id.disk_id(&disk.path).unwrap();
     assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, false);
     // The last consistency cut is the quiesced state too.
     assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, true);
@@ -264,6 +281,24 @@ fn foreign_peers_and_foreign_disks_are_refused() {
         "the foreign disk's journal changed"
     );
     ps.stop().unwrap();
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Value of a metric line `name{...label...} value` (or `name value` without a label).
+fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .next()
+        .unwrap_or_else(|| panic!("no metric {name} {label} in:\n{text}"))
 }
 
 fn dir_size(dir: &Path) -> u64 {
