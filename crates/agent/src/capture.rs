@@ -32,6 +32,9 @@ static BPF_OBJECT: &[u8] =
 pub struct CaptureConfig {
     /// Ring buffer size in bytes: a power of two and a multiple of the page size.
     pub ring_bytes: u32,
+    /// Attach the queue-time probe that maintains write generations (needed by verified
+    /// readback; `watch` leaves it off, halving the per-I/O probe cost).
+    pub write_generations: bool,
     /// Bytes waiting in the ring before the kernel wakes the agent; below it, the agent's
     /// poll timeout collects them.
     pub wakeup_bytes: u64,
@@ -41,6 +44,7 @@ impl Default for CaptureConfig {
     fn default() -> Self {
         Self {
             ring_bytes: DEFAULT_RING_BYTES,
+            write_generations: true,
             wakeup_bytes: 64 * 1024,
         }
     }
@@ -231,7 +235,12 @@ impl Capture {
         let write_gen = MmapWords::new(array_data(&mut ebpf, "WRITE_GEN")?, WRITE_GEN_ENTRIES)?;
 
         let mut links = Vec::new();
-        for name in PROGRAMS {
+        let programs = if config.write_generations {
+            &PROGRAMS[..]
+        } else {
+            &PROGRAMS[..1]
+        };
+        for &name in programs {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the BPF object"))?
