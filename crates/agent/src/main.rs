@@ -22,9 +22,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Register this machine with a process server (once): check the server against the
-    /// pinned CA hash, present the bootstrap token, and get a client certificate. The
-    /// private key is made here and never leaves the machine.
+    /// Register this machine with a process server (once).
+    ///
+    /// Checks the server against the pinned CA hash, presents the bootstrap token, and
+    /// gets a client certificate. The private key is made here and never leaves the machine.
     ///
     /// Example: ripcord-agent register --server ps.example:9442 --token abcdef.0123456789abcdef
     ///          --ca-hash sha256:...

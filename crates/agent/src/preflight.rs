@@ -99,6 +99,17 @@ pub fn check() -> Vec<Problem> {
     problems
 }
 
+/// Run [`check`] and fail with every problem and its fix; raise RLIMIT_MEMLOCK on success.
+pub fn require() -> anyhow::Result<()> {
+    let problems = check();
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
+        anyhow::bail!("cannot capture on this machine:\n{}", list.join("\n"));
+    }
+    raise_memlock();
+    Ok(())
+}
+
 /// Raise RLIMIT_MEMLOCK for kernels that still charge BPF maps to it (before 5.11).
 pub fn raise_memlock() {
     let lim = libc::rlimit {

@@ -46,12 +46,7 @@ const CHANNEL_DEPTH: usize = 2;
 
 pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
     let cfg = &opts.config;
-    let problems = preflight::check();
-    if !problems.is_empty() {
-        let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
-        bail!("cannot capture on this machine:\n{}", list.join("\n"));
-    }
-    preflight::raise_memlock();
+    preflight::require()?;
     let identity = Identity::load(&cfg.state_dir).with_context(|| {
         format!(
             "no agent identity in {}: run `ripcord-agent register --server HOST:PORT --token T \

@@ -11,7 +11,7 @@ use std::{
 };
 
 use agent_common::{ChangeEvent, op};
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use crate::{
     capture::{Capture, CaptureConfig, Overflow},
@@ -50,12 +50,7 @@ struct SlotState {
 
 /// Run until SIGINT or SIGTERM.
 pub fn run(opts: &WatchOptions) -> anyhow::Result<()> {
-    let problems = preflight::check();
-    if !problems.is_empty() {
-        let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
-        bail!("cannot capture on this machine:\n{}", list.join("\n"));
-    }
-    preflight::raise_memlock();
+    preflight::require()?;
     let devices = opts
         .devices
         .iter()

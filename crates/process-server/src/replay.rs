@@ -134,7 +134,7 @@ pub fn replay(
                 last_epoch_start = Some(r.seq);
                 last_cut = None;
             }
-            Entry::Cut(c) => last_cut = Some((c.id, r.seq)),
+            Entry::Cut(c) => last_cut = Some(c.id),
             Entry::Batch(_) => {}
         }
     }
@@ -143,7 +143,7 @@ pub fn replay(
         Until::LastCut => {
             Some(last_cut.context("the journal's last epoch has no consistency cut yet")?)
         }
-        Until::Cut(id) => Some((id, 0)),
+        Until::Cut(id) => Some(id),
     };
 
     let mut report = ReplayReport::default();
@@ -241,14 +241,14 @@ pub fn replay(
                 report.batches += 1;
             }
             Entry::Cut(c) => {
-                if in_last_epoch && stop_at.is_some_and(|(id, _)| id == c.id) {
+                if in_last_epoch && stop_at == Some(c.id) {
                     report.cut = Some(c.id);
                     break;
                 }
             }
         }
     }
-    if let Some((id, _)) = stop_at {
+    if let Some(id) = stop_at {
         ensure!(
             report.cut == Some(id),
             "cut {id} not found in the last epoch"
