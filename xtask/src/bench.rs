@@ -381,14 +381,15 @@ fn fio_churn(dev: &Path, args: &[&str], runtime: u64) -> anyhow::Result<f64> {
         / 1e6)
 }
 
-fn agent_totals(r: &testkit::replication::Replicator) -> (f64, bool) {
+/// (bytes sent, cuts placed, caught up) of the agent's first disk.
+fn agent_totals(r: &testkit::replication::Replicator) -> (f64, f64, bool) {
     let s = r.stats().unwrap_or_default();
     let d = &s["disks"][0];
     let data = d["data_bytes"].as_f64().unwrap_or(0.0) + d["zero_bytes"].as_f64().unwrap_or(0.0);
     let caught_up = d["syncing"] == false
         && d["dirty_bytes"].as_u64() == Some(0)
         && d["pushed_seq"] == d["acked_seq"];
-    (data, caught_up)
+    (data, d["cuts"].as_f64().unwrap_or(0.0), caught_up)
 }
 
 /// Run `fio` against the protected device and measure what replication does meanwhile.
@@ -399,16 +400,17 @@ fn replicated_phase(
     args: &[&str],
     runtime: u64,
 ) -> anyhow::Result<Value> {
-    let (data0, _) = agent_totals(agent);
+    let (data0, cuts0, _) = agent_totals(agent);
     let (a0, p0) = (cpu_seconds(agent.pid()), cpu_seconds(ps_pid));
     let t0 = Instant::now();
     let mbps = fio_churn(dev, args, runtime)?;
     let fio_secs = t0.elapsed().as_secs_f64();
+    let (_, cuts_during_fio, _) = agent_totals(agent);
     // Let the agent drain what fio left dirty.
     let deadline = Instant::now() + Duration::from_secs(300);
     std::thread::sleep(Duration::from_millis(600));
     loop {
-        let (_, done) = agent_totals(agent);
+        let (_, _, done) = agent_totals(agent);
         if done {
             break;
         }
@@ -419,12 +421,13 @@ fn replicated_phase(
         std::thread::sleep(Duration::from_millis(100));
     }
     let secs = t0.elapsed().as_secs_f64();
-    let (data1, _) = agent_totals(agent);
+    let (data1, _, _) = agent_totals(agent);
     let (a1, p1) = (cpu_seconds(agent.pid()), cpu_seconds(ps_pid));
     Ok(json!({
         "fio_mbps": mbps,
         "replicated_mbps": (data1 - data0) / secs / 1e6,
         "catch_up_s": secs - fio_secs,
+        "cuts_per_s_under_load": (cuts_during_fio - cuts0) / fio_secs,
         "agent_cpu_pct": (a1 - a0) / secs * 100.0,
         "ps_cpu_pct": (p1 - p0) / secs * 100.0,
     }))
@@ -507,6 +510,12 @@ pub fn churn(runtime: u64, size_mib: u64) -> anyhow::Result<()> {
             f(phase, "ps_cpu_pct"),
         );
     }
+    println!(
+        "crash-consistent cuts per second under load: seq {:.1}, rand {:.1}, paced {:.1}",
+        f(&seq_phase, "cuts_per_s_under_load"),
+        f(&rand_phase, "cuts_per_s_under_load"),
+        f(&paced_phase, "cuts_per_s_under_load")
+    );
     println!(
         "paced 100 MB/s: RPO lag (write completion to durable on the server) p50 {} ms, p99 {} ms, max {} ms",
         lag["p50"], lag["p99"], lag["max"]
