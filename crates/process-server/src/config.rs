@@ -21,6 +21,12 @@ pub struct PsConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Identifier reported to agents. Default: the host name.
     pub server_id: String,
+    /// Target store the journals are uploaded to (`file:///path` or `s3://bucket/prefix`;
+    /// S3 credentials from AWS_* variables). Unset: journal only, nothing uploaded.
+    /// `ripcord-ps init` sets `file://<deployment>/target`.
+    pub target: Option<String>,
+    /// Upload at least this often while data is pending, in ms (100..=600000). Default 2000.
+    pub upload_interval_ms: u64,
     /// Directory for the journals (the cache disk). Default `<deployment>/cache`.
     pub cache_dir: Option<PathBuf>,
     /// Journal segment size in MiB (1..=1024). Default 64.
@@ -42,6 +48,8 @@ impl Default for PsConfig {
             register_listen: "0.0.0.0:9442".parse().expect("literal"),
             metrics_listen: Some("127.0.0.1:9444".parse().expect("literal")),
             server_id: hostname(),
+            target: None,
+            upload_interval_ms: 2000,
             cache_dir: None,
             segment_mib: 64,
             min_free_percent: 5.0,

@@ -17,39 +17,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use ripcord_seal::escrow::{EscrowParams, EscrowSecret};
+use ripcord_seal::escrow::{EscrowFile, EscrowParams, EscrowSecret};
 use ripcord_transport::{Ca, ServerIdentity, Token, TokenStore};
-use serde::{Deserialize, Serialize};
 
 use crate::config::PsConfig;
-
-/// `escrow.json`: what agents need to wrap data keys, and what the passphrase needs to
-/// unwrap them. Holds no secret.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct EscrowFile {
-    /// X25519 public key (hex).
-    pub public_key: String,
-    pub params: EscrowParams,
-}
-
-impl EscrowFile {
-    pub fn public_key(&self) -> anyhow::Result<[u8; 32]> {
-        let bytes = hex::decode(&self.public_key).context("escrow public key is not hex")?;
-        bytes
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("escrow public key is not 32 bytes"))
-    }
-
-    /// Derive the escrow secret from the passphrase and check it matches the public key:
-    /// a wrong passphrase is named as such.
-    pub fn unlock(&self, passphrase: &[u8]) -> anyhow::Result<EscrowSecret> {
-        let secret = EscrowSecret::derive(passphrase, &self.params)?;
-        if secret.public_key() != self.public_key()? {
-            bail!("wrong deployment passphrase (it does not match escrow.json)");
-        }
-        Ok(secret)
-    }
-}
 
 /// What `init` prints for the operator.
 pub struct InitOutput {
@@ -98,7 +69,15 @@ pub fn init(
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let config_path = dir.join("ps.toml");
     if !config_path.exists() {
-        let text = toml::to_string(&PsConfig::default())?;
+        let target = dir
+            .canonicalize()
+            .map(|d| format!("file://{}", d.join("target").display()))
+            .context("resolving the deployment directory")?;
+        let cfg = PsConfig {
+            target: Some(target),
+            ..PsConfig::default()
+        };
+        let text = toml::to_string(&cfg)?;
         write_atomic(
             &config_path,
             format!("# ripcord process server\n{text}").as_bytes(),
@@ -106,7 +85,7 @@ pub fn init(
     }
     let secret = EscrowSecret::derive(passphrase, &params)?;
     let escrow = EscrowFile {
-        public_key: hex::encode(secret.public_key()),
+        public_key: secret.public_key(),
         params,
     };
     write_atomic(
@@ -139,7 +118,6 @@ pub fn open(dir: &Path) -> anyhow::Result<Deployment> {
         &std::fs::read(dir.join("escrow.json")).context("reading escrow.json")?,
     )
     .context("parsing escrow.json")?;
-    escrow.public_key()?;
     Ok(Deployment {
         dir: dir.to_owned(),
         config,

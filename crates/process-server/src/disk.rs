@@ -73,6 +73,7 @@ pub struct DiskCounters {
 /// Journal + receiver of one disk.
 pub struct DiskCore {
     pub disk: DiskId,
+    dir: PathBuf,
     journal: Journal,
     receiver: Receiver,
     pub counters: DiskCounters,
@@ -101,13 +102,14 @@ impl DiskCore {
                 "journal recovery truncated a torn tail (never acknowledged)"
             );
         }
-        let state = scan(&journal)?;
+        let state = scan(&journal, load_state(&dir)?)?;
         tracing::info!(
             disk = %hex::encode(disk.0), epoch = state.epoch, durable_seq = state.durable_seq,
             engine = ?journal.engine_kind(), "journal opened"
         );
         Ok(DiskCore {
             disk,
+            dir,
             journal,
             receiver: Receiver::restore(disk, state),
             counters: DiskCounters::default(),
@@ -120,6 +122,14 @@ impl DiskCore {
 
     pub fn journal(&self) -> &Journal {
         &self.journal
+    }
+
+    /// Drop journal records through `seq` (uploaded). The receiver's durable position is
+    /// saved first, so it survives its records leaving the journal.
+    pub fn trim_through(&mut self, seq: u64) -> anyhow::Result<()> {
+        save_state(&self.dir, &self.receiver.durable_state())?;
+        self.journal.trim_through(seq)?;
+        Ok(())
     }
 
     /// Handle `ProtectDisk` (frame `raw`): resume, or durably start a new epoch.
@@ -266,36 +276,84 @@ fn error(code: ErrorCode, disk: DiskId, message: &str) -> ErrorMessage {
     }
 }
 
-/// Rebuild the receiver's durable state from the journal (everything in it is durable:
-/// recovery dropped any torn tail).
-fn scan(journal: &Journal) -> anyhow::Result<DurableState> {
-    let mut state = DurableState {
+const STATE_FILE: &str = "receiver-state.json";
+
+fn save_state(dir: &Path, st: &DurableState) -> anyhow::Result<()> {
+    let v = serde_json::json!({
+        "epoch": st.epoch,
+        "durable_seq": st.durable_seq,
+        "last_cut": st.last_cut.map(|c| [c.id, c.seq]),
+    });
+    crate::deploy::write_atomic(&dir.join(STATE_FILE), v.to_string().as_bytes())
+}
+
+fn load_state(dir: &Path) -> anyhow::Result<Option<DurableState>> {
+    let path = dir.join(STATE_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+    let num = |k: &str| {
+        v[k].as_u64()
+            .with_context(|| format!("{}: no {k}", path.display()))
+    };
+    let last_cut = v["last_cut"].as_array().and_then(|a| {
+        Some(CutPos {
+            id: a.first()?.as_u64()?,
+            seq: a.get(1)?.as_u64()?,
+        })
+    });
+    Ok(Some(DurableState {
+        epoch: num("epoch")?,
+        durable_seq: num("durable_seq")?,
+        last_cut,
+    }))
+}
+
+/// Rebuild the receiver's durable state: the saved state (from before the last trim), then
+/// every record still in the journal (all durable: recovery dropped any torn tail).
+fn scan(journal: &Journal, saved: Option<DurableState>) -> anyhow::Result<DurableState> {
+    let mut state = saved.unwrap_or(DurableState {
         epoch: 0,
         durable_seq: 0,
         last_cut: None,
-    };
+    });
     for record in journal.read_from(journal.first_seq())? {
         let record = record?;
-        match decode_entry(record.kind, &record.payload)
-            .with_context(|| format!("journal record {}", record.seq))?
-        {
-            Entry::EpochStart(p) => {
-                state = DurableState {
-                    epoch: p.epoch,
-                    durable_seq: 0,
-                    last_cut: None,
-                }
-            }
-            Entry::Batch(b) if b.epoch == state.epoch => state.durable_seq = b.last_seq,
-            Entry::Cut(c) if c.epoch == state.epoch => {
-                state.last_cut = Some(CutPos {
+        let entry = decode_entry(record.kind, &record.payload)
+            .with_context(|| format!("journal record {}", record.seq))?;
+        let (epoch, batch, cut) = match &entry {
+            Entry::EpochStart(p) => (p.epoch, None, None),
+            Entry::Batch(b) => (b.epoch, Some(b.last_seq), None),
+            Entry::Cut(c) => (
+                c.epoch,
+                None,
+                Some(CutPos {
                     id: c.id,
                     seq: c.seq,
-                })
-            }
-            Entry::Batch(_) | Entry::Cut(_) => {
-                bail!("journal record {} belongs to another epoch", record.seq)
-            }
+                }),
+            ),
+        };
+        if epoch < state.epoch {
+            continue; // an older epoch's records, not yet trimmed
+        }
+        if epoch > state.epoch {
+            state = DurableState {
+                epoch,
+                durable_seq: 0,
+                last_cut: None,
+            };
+        }
+        if let Some(seq) = batch {
+            state.durable_seq = state.durable_seq.max(seq);
+        }
+        if let Some(c) = cut
+            && state.last_cut.is_none_or(|l| l.id < c.id)
+        {
+            state.last_cut = Some(c);
         }
     }
     Ok(state)

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod registry;
 pub mod replay;
 pub mod server;
+pub mod uploader;
 
 /// Read the deployment passphrase from a file (first line) or `RIPCORD_PASSPHRASE`.
 pub fn read_passphrase(file: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {

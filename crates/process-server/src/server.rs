@@ -34,6 +34,9 @@ const READ_CHUNK: usize = 4 << 20;
 
 struct DiskSlot {
     core: Arc<Mutex<DiskCore>>,
+    /// Uploads this disk's journal to the target store (if one is configured); kept so
+    /// the task lives as long as the slot.
+    _uploader: Option<tokio::task::JoinHandle<()>>,
     /// The stream currently driving this disk; a new stream for the disk replaces it.
     driver: Option<tokio::task::AbortHandle>,
 }
@@ -45,7 +48,51 @@ pub struct State {
     registry: Mutex<Registry>,
     disks: tokio::sync::Mutex<HashMap<DiskId, DiskSlot>>,
     tokens: Mutex<TokenStore>,
+    store: Option<ripcord_store::Store>,
     pub metrics: Metrics,
+}
+
+impl State {
+    /// Open (or return) a disk's journal, starting its uploader once.
+    async fn disk_core(
+        self: &Arc<Self>,
+        disk: DiskId,
+        owner: &str,
+    ) -> anyhow::Result<Arc<Mutex<DiskCore>>> {
+        let mut disks = self.disks.lock().await;
+        if let Some(slot) = disks.get(&disk) {
+            return Ok(Arc::clone(&slot.core));
+        }
+        let cache = self.dep.config.cache_dir(&self.dep.dir);
+        let cfg = journal_config(&self.dep.config);
+        let core = tokio::task::spawn_blocking(move || DiskCore::open(&cache, disk, cfg)).await??;
+        let core = Arc::new(Mutex::new(core));
+        let uploader = self.store.clone().map(|store| {
+            let (core, owner) = (Arc::clone(&core), owner.to_owned());
+            let cfg = crate::uploader::UploadConfig {
+                interval: std::time::Duration::from_millis(self.dep.config.upload_interval_ms),
+                bytes: 32 << 20,
+            };
+            tokio::spawn(async move {
+                loop {
+                    let r = crate::uploader::run(store.clone(), disk, owner.clone(), Arc::clone(&core), cfg).await;
+                    if let Err(e) = r {
+                        tracing::warn!(disk = %hex::encode(disk.0), "upload failed: {e:#}; retrying in 2 s");
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            })
+        });
+        disks.insert(
+            disk,
+            DiskSlot {
+                core: Arc::clone(&core),
+                _uploader: uploader,
+                driver: None,
+            },
+        );
+        Ok(core)
+    }
 }
 
 /// Run until `shutdown` resolves.
@@ -53,7 +100,7 @@ pub async fn serve(
     dep: Deployment,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let escrow_key = dep.escrow.public_key()?;
+    let escrow_key = dep.escrow.public_key;
     let registry = Registry::open(&dep.dir.join("disks.json"))?;
     let tokens = TokenStore::open_or_create(&dep.dir.join("tokens"))?;
     let data = server_endpoint(dep.config.listen, &dep.identity)
@@ -65,14 +112,43 @@ pub async fn serve(
                 dep.config.register_listen
             )
         })?;
+    let store = match &dep.config.target {
+        Some(url) => {
+            let store = ripcord_store::Store::open(url)
+                .await
+                .with_context(|| format!("opening the target store {url}"))?;
+            // The disaster rule: the store alone (plus the passphrase) must suffice.
+            if store.get_escrow().await.is_err() {
+                store
+                    .put_escrow(&serde_json::to_vec_pretty(&dep.escrow)?)
+                    .await?;
+            }
+            Some(store)
+        }
+        None => None,
+    };
+    let existing: Vec<(DiskId, String)> = registry
+        .iter()
+        .filter_map(|(hex, rec)| Some((crate::parse_disk_id(hex).ok()?, rec.owner.clone())))
+        .collect();
     let state = Arc::new(State {
         escrow_key,
         registry: Mutex::new(registry),
         disks: tokio::sync::Mutex::new(HashMap::new()),
         tokens: Mutex::new(tokens),
+        store,
         metrics: Metrics::new(),
         dep,
     });
+    // Journals left from before a restart keep uploading without waiting for their agent.
+    if state.store.is_some() {
+        let cache = state.dep.config.cache_dir(&state.dep.dir);
+        for (disk, owner) in existing {
+            if crate::disk::journal_dir(&cache, &disk).exists() {
+                state.disk_core(disk, &owner).await?;
+            }
+        }
+    }
     if let Some(addr) = state.dep.config.metrics_listen {
         crate::metrics::spawn_http(addr, Arc::clone(&state))?;
     }
@@ -274,26 +350,16 @@ async fn disk_stream(
         Err(e) => return Err(e.into()),
     }
 
-    let core = {
-        let mut disks = state.disks.lock().await;
-        let slot = match disks.get_mut(&disk) {
-            Some(slot) => slot,
-            None => {
-                let cache = state.dep.config.cache_dir(&state.dep.dir);
-                let cfg = journal_config(&state.dep.config);
-                let core = tokio::task::spawn_blocking(move || DiskCore::open(&cache, disk, cfg))
-                    .await??;
-                disks.entry(disk).or_insert(DiskSlot {
-                    core: Arc::new(Mutex::new(core)),
-                    driver: None,
-                })
-            }
-        };
-        if let Some(old) = slot.driver.take() {
-            old.abort();
-        }
-        Arc::clone(&slot.core)
-    };
+    let core = state.disk_core(disk, &machine).await?;
+    if let Some(old) = state
+        .disks
+        .lock()
+        .await
+        .get_mut(&disk)
+        .and_then(|s| s.driver.take())
+    {
+        old.abort();
+    }
 
     let reply = {
         let core = Arc::clone(&core);

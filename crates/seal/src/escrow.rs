@@ -70,6 +70,29 @@ impl EscrowParams {
     }
 }
 
+/// `escrow.json`: what agents need to wrap data keys, and what the passphrase needs to
+/// unwrap them (kept by the process server and copied into the target store, so failover
+/// needs only the store and the passphrase). Holds no secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EscrowFile {
+    /// X25519 public key.
+    pub public_key: [u8; 32],
+    /// Salt and Argon2id costs.
+    pub params: EscrowParams,
+}
+
+impl EscrowFile {
+    /// Derive the escrow secret from the passphrase and check it matches the public key,
+    /// so a wrong passphrase is named as such.
+    pub fn unlock(&self, passphrase: &[u8]) -> Result<EscrowSecret, KeyError> {
+        let secret = EscrowSecret::derive(passphrase, &self.params)?;
+        if secret.public_key() != self.public_key {
+            return Err(KeyError::EscrowMismatch);
+        }
+        Ok(secret)
+    }
+}
+
 /// The deployment's escrow secret (derived from the passphrase; never stored).
 pub struct EscrowSecret(StaticSecret);
 

@@ -49,8 +49,13 @@ pub struct ProcessServer {
 }
 
 impl ProcessServer {
-    /// Create a deployment under `root` and start serving.
+    /// Create a deployment under `root` and start serving (journal only, no target store).
     pub fn start(root: &Path) -> anyhow::Result<ProcessServer> {
+        Self::start_with_target(root, None)
+    }
+
+    /// Like [`ProcessServer::start`], uploading to the target store at `target`.
+    pub fn start_with_target(root: &Path, target: Option<&str>) -> anyhow::Result<ProcessServer> {
         let dir = root.join("ps");
         let passphrase_file = root.join("passphrase");
         std::fs::write(&passphrase_file, PASSPHRASE)?;
@@ -80,7 +85,11 @@ impl ProcessServer {
             dir.join("ps.toml"),
             format!(
                 "listen = \"127.0.0.1:{data_port}\"\nregister-listen = \"127.0.0.1:{register_port}\"\n\
-                 metrics-listen = \"127.0.0.1:{metrics_port}\"\nmin-free-mib = 16\nmin-free-percent = 1.0\n"
+                 metrics-listen = \"127.0.0.1:{metrics_port}\"\nmin-free-mib = 16\nmin-free-percent = 1.0\n\
+                 upload-interval-ms = 500\n{}",
+                target
+                    .map(|t| format!("target = \"{t}\"\n"))
+                    .unwrap_or_default()
             ),
         )?;
         let mut ps = ProcessServer {
@@ -396,4 +405,87 @@ impl Drop for Replicator {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Run `ripcord` (the operator CLI) with the test passphrase; returns (success, stdout,
+/// stderr).
+pub fn ripcord(args: &[&str], passphrase_file: &Path) -> anyhow::Result<(bool, String, String)> {
+    let out = Command::new(crate::binary("ripcord"))
+        .args(args)
+        .env(
+            "RIPCORD_PASSPHRASE",
+            std::fs::read_to_string(passphrase_file)?.trim(),
+        )
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .context("running ripcord")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Recovery points of `disk` in the store at `target`, as JSON values.
+pub fn points(
+    target: &str,
+    disk: &str,
+    passphrase_file: &Path,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let (ok, out, err) = ripcord(
+        &[
+            "points", "list", "--json", "--target", target, "--disk", disk,
+        ],
+        passphrase_file,
+    )?;
+    ensure!(ok, "ripcord points list failed: {err}");
+    out.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
+}
+
+/// Wait until the store holds a point of `disk` covering at least batch `min_seq` of the
+/// newest epoch (e.g. the agent's last pushed batch: then the point is the final state).
+pub fn wait_for_point(
+    target: &str,
+    disk: &str,
+    passphrase_file: &Path,
+    min_seq: u64,
+    timeout: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(points) = points(target, disk, passphrase_file) {
+            let newest_epoch = points.iter().filter_map(|p| p["epoch"].as_u64()).max();
+            if let Some(p) = points
+                .iter()
+                .rfind(|p| {
+                    p["epoch"].as_u64() == newest_epoch && p["seq"].as_u64().unwrap_or(0) >= min_seq
+                })
+            {
+                return Ok(p.clone());
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no recovery point at batch {min_seq} or later within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+impl Replicator {
+    /// The last batch sequence the agent pushed (from its stats file; complete after stop).
+    pub fn pushed_seq(stats_file: &Path) -> u64 {
+        std::fs::read(stats_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["disks"][0]["pushed_seq"].as_u64())
+            .unwrap_or(0)
+    }
+}
+
+/// Unix time in ns.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }

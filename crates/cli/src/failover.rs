@@ -1,0 +1,350 @@
+//! Materialising a recovery point from the target store: resolve the point to batch
+//! locations, fetch each needed batch once (checksummed), authenticate and decrypt it with
+//! the disk's data key (unwrapped with the deployment passphrase), and copy the needed
+//! ranges into a sparse image or a block device.
+
+use std::{
+    fs::{File, OpenOptions},
+    os::unix::fs::{FileExt as _, FileTypeExt as _},
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use indicatif::{ProgressBar, ProgressStyle};
+use ripcord_proto::{DiskId as WireDiskId, Extent, ExtentKind as WireKind, FLAG_COMPRESSED, aead};
+use ripcord_seal::{
+    DataKey, Flags, Sealer,
+    escrow::{EscrowFile, unwrap_data_key},
+};
+use ripcord_store::{CutKind, DiskId, Plan, RecoveryPoint, RunSource, SealedBatch, Store};
+
+/// Which recovery point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PointSpec {
+    Latest,
+    LatestApp,
+    /// The newest point at or before this wall-clock time (unix ns).
+    At(u64),
+    Id(String),
+}
+
+impl std::str::FromStr for PointSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<PointSpec> {
+        Ok(match s {
+            "latest" => PointSpec::Latest,
+            "latest-app" => PointSpec::LatestApp,
+            s if s.contains('T') && s.contains(':') => {
+                let t = humantime::parse_rfc3339_weak(s)
+                    .with_context(|| format!("{s:?} is not an RFC 3339 time"))?;
+                let ns = t.duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
+                PointSpec::At(ns)
+            }
+            id => PointSpec::Id(id.to_owned()),
+        })
+    }
+}
+
+/// Pick the point `spec` names among `points` (sorted by time).
+pub fn select(points: &[RecoveryPoint], spec: &PointSpec) -> anyhow::Result<RecoveryPoint> {
+    let found = match spec {
+        PointSpec::Latest => points.iter().max_by_key(|p| (p.time_ns, p.epoch, p.cut_id)),
+        PointSpec::LatestApp => points
+            .iter()
+            .filter(|p| p.kind == CutKind::App)
+            .max_by_key(|p| (p.time_ns, p.epoch, p.cut_id)),
+        PointSpec::At(t) => points
+            .iter()
+            .filter(|p| p.time_ns <= *t)
+            .max_by_key(|p| (p.time_ns, p.epoch, p.cut_id)),
+        PointSpec::Id(id) => points.iter().find(|p| &p.id == id),
+    };
+    found.cloned().with_context(|| {
+        format!(
+            "no recovery point matches {spec:?} ({} points)",
+            points.len()
+        )
+    })
+}
+
+/// Parse a disk id (32 hex digits).
+pub fn parse_disk(s: &str) -> anyhow::Result<DiskId> {
+    DiskId::from_hex(s.trim()).with_context(|| format!("disk id {s:?} is not 32 hex digits"))
+}
+
+/// The disk's data key for `plan`'s epoch, from the passphrase and the store's escrow file.
+pub async fn data_key(
+    store: &Store,
+    disk: &DiskId,
+    plan: &Plan,
+    passphrase: &[u8],
+) -> anyhow::Result<DataKey> {
+    let escrow: EscrowFile = serde_json::from_slice(
+        &store
+            .get_escrow()
+            .await
+            .context("reading escrow.json from the target store")?,
+    )
+    .context("parsing the store's escrow.json")?;
+    let secret = escrow
+        .unlock(passphrase)
+        .context("unlocking the escrow key")?;
+    let ctx = aead::key_context(&plan.epoch.machine_id, &WireDiskId(disk.0));
+    unwrap_data_key(&plan.epoch.wrapped_key, &secret, &ctx)
+        .with_context(|| format!("unwrapping the data key of epoch {}", plan.epoch.epoch))
+}
+
+fn wire_extents(b: &SealedBatch) -> Vec<Extent> {
+    b.extents
+        .iter()
+        .map(|e| Extent {
+            sector: e.sector,
+            sectors: e.sectors,
+            kind: match e.kind {
+                ripcord_store::ExtentKind::Data => WireKind::Data,
+                ripcord_store::ExtentKind::Zero => WireKind::Zero,
+                ripcord_store::ExtentKind::Discard => WireKind::Discard,
+            },
+        })
+        .collect()
+}
+
+/// Authenticate and decrypt one batch; `object` names it in errors.
+pub fn open_batch(
+    sealer: &mut Sealer,
+    key: &DataKey,
+    machine: &str,
+    disk: &DiskId,
+    b: &SealedBatch,
+    object: &str,
+    out: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    let extents = wire_extents(b);
+    let data: u64 = b
+        .extents
+        .iter()
+        .filter(|e| e.kind == ripcord_store::ExtentKind::Data)
+        .map(|e| u64::from(e.sectors) * 512)
+        .sum();
+    let aad = aead::batch_aad(
+        machine,
+        &WireDiskId(disk.0),
+        b.epoch,
+        b.seq,
+        b.seq,
+        &extents,
+    );
+    let nonce = aead::nonce(b.epoch, b.seq)?;
+    let flags = if b.flags & FLAG_COMPRESSED != 0 {
+        Flags::Zstd
+    } else {
+        Flags::Stored
+    };
+    sealer
+        .open_into(key, &aad, nonce, flags, &b.sealed, data as usize, out)
+        .with_context(|| {
+            format!(
+                "batch {} of epoch {} in {object} failed authentication: damaged or tampered",
+                b.seq, b.epoch
+            )
+        })?;
+    ensure!(
+        out.len() as u64 == data,
+        "batch {} in {object}: {} plaintext bytes for {data}",
+        b.seq,
+        out.len()
+    );
+    Ok(())
+}
+
+/// Where the image goes.
+pub struct Target {
+    file: File,
+    is_block: bool,
+    /// Final path and the temporary one written first (files only).
+    rename: Option<(PathBuf, PathBuf)>,
+}
+
+impl Target {
+    pub fn create(path: &Path, size: u64) -> anyhow::Result<Target> {
+        let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        if is_block {
+            let file = OpenOptions::new().write(true).open(path)?;
+            let dev_size = ripcord_size(&file)?;
+            ensure!(
+                dev_size >= size,
+                "{} holds {dev_size} bytes, the disk needs {size}",
+                path.display()
+            );
+            return Ok(Target {
+                file,
+                is_block,
+                rename: None,
+            });
+        }
+        let tmp = path.with_extension("partial");
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        file.set_len(size)?;
+        Ok(Target {
+            file,
+            is_block,
+            rename: Some((path.to_owned(), tmp)),
+        })
+    }
+
+    /// Write `data` at `offset`, leaving all-zero 64 KiB pieces as holes (files start
+    /// sparse and zeroed).
+    fn write(&self, data: &[u8], offset: u64) -> anyhow::Result<()> {
+        for (i, chunk) in data.chunks(64 << 10).enumerate() {
+            if !self.is_block && chunk.iter().all(|&b| b == 0) {
+                continue;
+            }
+            self.file
+                .write_all_at(chunk, offset + (i as u64) * (64 << 10))?;
+        }
+        Ok(())
+    }
+
+    fn zero(&self, offset: u64, len: u64) -> anyhow::Result<()> {
+        if !self.is_block {
+            return Ok(()); // already a hole in the fresh sparse file
+        }
+        let zeros = vec![0u8; 1 << 20];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        self.file.sync_all()?;
+        if let Some((path, tmp)) = &self.rename {
+            std::fs::rename(tmp, path)
+                .with_context(|| format!("renaming to {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// On failure, remove the partial image: damaged data never becomes an image.
+    fn abandon(self) {
+        if let Some((_, tmp)) = &self.rename {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+fn ripcord_size(f: &File) -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    let mut size: u64 = 0;
+    // SAFETY: the ioctl writes one u64 to a valid pointer.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64, &mut size) };
+    if rc != 0 {
+        bail!("BLKGETSIZE64: {}", std::io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// What a materialisation did.
+#[derive(Debug)]
+pub struct Materialized {
+    pub point: RecoveryPoint,
+    pub data_bytes: u64,
+    pub batches: usize,
+    pub secs: f64,
+}
+
+/// Write the image of `point` to `output`.
+pub async fn materialize(
+    store: &Store,
+    disk: &DiskId,
+    point: &RecoveryPoint,
+    passphrase: &[u8],
+    output: &Path,
+    progress: bool,
+) -> anyhow::Result<Materialized> {
+    let started = Instant::now();
+    let plan = store
+        .resolve(disk, point)
+        .await
+        .with_context(|| format!("resolving point {}", point.id))?;
+    let key = data_key(store, disk, &plan, passphrase).await?;
+    let target = Target::create(output, plan.size_bytes)?;
+    let bar = ProgressBar::new(plan.data_bytes()).with_style(
+        ProgressStyle::with_template(
+            "failover {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("static template"),
+    );
+    if !progress {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let result = copy_plan(store, disk, &plan, &key, &target, &bar).await;
+    bar.finish_and_clear();
+    match result {
+        Ok(batches) => {
+            target.finish()?;
+            Ok(Materialized {
+                point: point.clone(),
+                data_bytes: plan.data_bytes(),
+                batches,
+                secs: started.elapsed().as_secs_f64(),
+            })
+        }
+        Err(e) => {
+            target.abandon();
+            Err(e)
+        }
+    }
+}
+
+async fn copy_plan(
+    store: &Store,
+    disk: &DiskId,
+    plan: &Plan,
+    key: &DataKey,
+    target: &Target,
+    bar: &ProgressBar,
+) -> anyhow::Result<usize> {
+    let machine = plan.epoch.machine_id.clone();
+    for run in &plan.runs {
+        if matches!(run.source, RunSource::Zero | RunSource::Discard) {
+            target.zero(run.sector * 512, run.sectors * 512)?;
+        }
+    }
+    let mut sealer = Sealer::new();
+    let mut plain = Vec::new();
+    let batches = plan.batches();
+    for loc in &batches {
+        let b = store
+            .fetch_batch(loc)
+            .await
+            .with_context(|| format!("fetching batch {} from {}", loc.seq, loc.pack))?;
+        open_batch(&mut sealer, key, &machine, disk, &b, &loc.pack, &mut plain)?;
+        for run in plan.runs_for(loc.seq) {
+            let RunSource::Data { offset, .. } = run.source else {
+                continue;
+            };
+            let len = run.sectors * 512;
+            let end = offset + len;
+            ensure!(
+                end <= plain.len() as u64,
+                "run beyond batch {} plaintext in {}",
+                loc.seq,
+                loc.pack
+            );
+            target.write(&plain[offset as usize..end as usize], run.sector * 512)?;
+            bar.inc(len);
+        }
+    }
+    Ok(batches.len())
+}

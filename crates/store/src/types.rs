@@ -1,0 +1,261 @@
+//! Plain input/output types. They mirror ripcord's wire types so the store
+//! does not depend on the protocol crate; the integrator converts.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Bytes per sector in [`Extent`] addressing (always 512, whatever the
+/// device's logical sector size).
+pub const SECTOR_BYTES: u64 = 512;
+
+/// Identifier of one protected disk (16 opaque bytes, shown as 32 hex digits).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DiskId(pub [u8; 16]);
+
+impl DiskId {
+    /// Lower-case hex form used in object names.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses the 32-hex-digit form produced by [`DiskId::to_hex`].
+    pub fn from_hex(s: &str) -> Option<DiskId> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(DiskId(out))
+    }
+}
+
+impl fmt::Debug for DiskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DiskId({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for DiskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// What an extent of a batch carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExtentKind {
+    /// Data bytes, found in the batch plaintext.
+    Data,
+    /// The range was written with zeros (no bytes in the plaintext).
+    Zero,
+    /// The range was discarded/trimmed (no bytes in the plaintext).
+    Discard,
+}
+
+/// One changed range of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Extent {
+    /// First sector, in 512-byte units.
+    pub sector: u64,
+    /// Length in 512-byte sectors.
+    pub sectors: u32,
+    /// What the range carries.
+    pub kind: ExtentKind,
+}
+
+/// One sealed batch exactly as received from the agent. The store never sees
+/// plaintext: `sealed` is opaque. Once unsealed, the plaintext is the
+/// concatenation of the [`ExtentKind::Data`] extents' bytes in extent order
+/// (Zero and Discard extents carry none); [`RunSource::Data::offset`] indexes
+/// into that plaintext.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedBatch {
+    /// Epoch (full-resync generation) of the batch.
+    pub epoch: u64,
+    /// Sequence number within the epoch (starts at 1, contiguous).
+    pub seq: u64,
+    /// Changed ranges, in order (later extents win where they overlap).
+    pub extents: Vec<Extent>,
+    /// Opaque batch flags, stored verbatim.
+    pub flags: u32,
+    /// Sealed (compressed + encrypted) payload, stored verbatim.
+    pub sealed: Vec<u8>,
+}
+
+/// Kind of a consistency cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CutKind {
+    /// Crash-consistent.
+    Crash,
+    /// Application-consistent.
+    App,
+}
+
+/// A consistency cut reported by the agent: the disk state after applying
+/// every batch of `epoch` with `seq <= self.seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CutInfo {
+    /// Epoch of the cut.
+    pub epoch: u64,
+    /// Agent-assigned cut id (increasing within an epoch).
+    pub cut_id: u64,
+    /// All batches with `seq <= self.seq` are included.
+    pub seq: u64,
+    /// Wall-clock time of the cut, unix nanoseconds.
+    pub time_ns: u64,
+    /// Monotonic time of the cut on the agent, nanoseconds.
+    pub mono_ns: u64,
+    /// Crash- or application-consistent.
+    pub kind: CutKind,
+}
+
+/// Description of one epoch (a full resync) of a disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EpochInfo {
+    /// The epoch number (increasing per disk).
+    pub epoch: u64,
+    /// Machine the disk belongs to.
+    pub machine_id: String,
+    /// Disk size in bytes.
+    pub size_bytes: u64,
+    /// Logical sector size of the source disk.
+    pub sector_size: u32,
+    /// Data key sealed to the deployment escrow key; opaque to the store.
+    pub wrapped_key: Vec<u8>,
+}
+
+/// A committed recovery point (a cut whose batches are all durable).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RecoveryPoint {
+    /// Stable id: `"<epoch>-<cut_id>"`.
+    pub id: String,
+    /// Epoch of the point.
+    pub epoch: u64,
+    /// Cut id.
+    pub cut_id: u64,
+    /// Covers all batches of `epoch` with `seq <= self.seq`.
+    pub seq: u64,
+    /// Wall-clock time, unix nanoseconds.
+    pub time_ns: u64,
+    /// Agent monotonic time, nanoseconds.
+    pub mono_ns: u64,
+    /// Crash- or application-consistent.
+    pub kind: CutKind,
+}
+
+impl RecoveryPoint {
+    pub(crate) fn from_cut(c: &CutInfo) -> RecoveryPoint {
+        RecoveryPoint {
+            id: format!("{}-{}", c.epoch, c.cut_id),
+            epoch: c.epoch,
+            cut_id: c.cut_id,
+            seq: c.seq,
+            time_ns: c.time_ns,
+            mono_ns: c.mono_ns,
+            kind: c.kind,
+        }
+    }
+}
+
+/// Where one sealed batch lives: a byte range of a pack object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BatchLocation {
+    /// Pack object name, relative to the store root.
+    pub pack: String,
+    /// Offset of the batch record inside the pack.
+    pub offset: u64,
+    /// Length of the batch record (header + sealed bytes + checksum).
+    pub length: u64,
+    /// Epoch of the batch.
+    pub epoch: u64,
+    /// Sequence number of the batch.
+    pub seq: u64,
+    /// CRC32C of the record (also stored inside the record).
+    pub checksum: u32,
+}
+
+/// Where the bytes of a [`Run`] come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RunSource {
+    /// The range reads as zeros.
+    Zero,
+    /// The range was discarded (reads as zeros on a fresh target; may be trimmed).
+    Discard,
+    /// The range is in batch `seq` (see [`Plan::locations`]) at byte `offset`
+    /// of its plaintext (the concatenated Data extents).
+    Data {
+        /// Sequence number of the batch (key into [`Plan::locations`]).
+        seq: u64,
+        /// Byte offset inside the batch plaintext.
+        offset: u64,
+    },
+}
+
+/// A sector range of the recovered disk and its source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Run {
+    /// First sector (512-byte units).
+    pub sector: u64,
+    /// Length in sectors.
+    pub sectors: u64,
+    /// Where the bytes come from.
+    pub source: RunSource,
+}
+
+/// A resolved recovery point: which bytes to copy from where.
+///
+/// Ranges not covered by any run were never written in this epoch (a full
+/// resync writes every sector, so they only appear for points taken before the
+/// initial sync finished); treat them as zeros.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// The epoch's description (incl. wrapped data key).
+    pub epoch: EpochInfo,
+    /// Disk size in bytes.
+    pub size_bytes: u64,
+    /// Non-overlapping runs sorted by sector.
+    pub runs: Vec<Run>,
+    /// Location of every batch referenced by a [`RunSource::Data`] run, by seq.
+    pub locations: BTreeMap<u64, BatchLocation>,
+}
+
+impl Plan {
+    /// Distinct batches needed, ordered by pack name then offset, so a pack
+    /// can be read sequentially (or with coalesced range requests).
+    pub fn batches(&self) -> Vec<BatchLocation> {
+        let mut v: Vec<BatchLocation> = self.locations.values().cloned().collect();
+        v.sort_by(|a, b| (&a.pack, a.offset).cmp(&(&b.pack, b.offset)));
+        v
+    }
+
+    /// Runs whose bytes come from batch `seq`, in sector order.
+    pub fn runs_for(&self, seq: u64) -> impl Iterator<Item = &Run> {
+        self.runs
+            .iter()
+            .filter(move |r| matches!(r.source, RunSource::Data { seq: s, .. } if s == seq))
+    }
+
+    /// Total bytes that must be copied out of batches.
+    pub fn data_bytes(&self) -> u64 {
+        self.runs
+            .iter()
+            .filter(|r| matches!(r.source, RunSource::Data { .. }))
+            .map(|r| r.sectors * SECTOR_BYTES)
+            .sum()
+    }
+}
+
+/// What a [`crate::DiskWriter::flush`] made durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// Current epoch (0 if no epoch was begun).
+    pub epoch: u64,
+    /// Every batch of `epoch` with `seq <= durable_seq` is committed (0 = none).
+    /// The journal may be trimmed up to here.
+    pub durable_seq: u64,
+    /// Cut ids of `epoch` committed to the catalog by this call (including
+    /// any committed by an earlier call that then failed).
+    pub cuts_committed: Vec<u64>,
+}

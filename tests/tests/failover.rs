@@ -1,0 +1,303 @@
+//! Failover from the target store: recovery points, test failover, the disaster drill and
+//! damaged data. Real agent, process server, QUIC, loop devices and file systems.
+//!
+//! Needs root. Skips loudly without it, and fails under `CI=true`.
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use testkit::{
+    LoopDevice, Mount, Scratch, Workload,
+    replication::{AgentIdentity, ProcessServer, Replicator, ripcord, wait_for_point},
+    require_root,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn assert_same(a: &Path, b: &Path, what: &str) {
+    let diff = testkit::sys::diff_sectors(a, b).expect("compare");
+    assert!(
+        diff.is_empty(),
+        "{what}: {} sectors differ, first {:?}",
+        testkit::ranges::total(&diff),
+        &diff[..diff.len().min(5)]
+    );
+}
+
+/// Replicate an ext4 disk to a target store outside the process server's directory.
+fn replicated_ext4(dir: &Path, target: &str) -> (LoopDevice, ProcessServer, AgentIdentity, String) {
+    let disk = LoopDevice::create(&dir.join("disk.img"), 256 * MIB).unwrap();
+    testkit::run("mkfs.ext4", &["-q", "-F", disk.path.to_str().unwrap()]).unwrap();
+    let mut ps = ProcessServer::start_with_target(dir, Some(target)).unwrap();
+    let id = AgentIdentity::register(&ps, dir, "host-f").unwrap();
+    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    let mnt = Mount::new(&disk.path, &dir.join("mnt"), &["-t", "ext4"]).unwrap();
+    testkit::file_workload(&mnt.dir, 5, 40, 2 << 20).unwrap();
+    mnt.unmount().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    let stats = agent.stats_file.clone();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent did not stop cleanly:\n{log}");
+    let disk_id = id.disk_id(&disk.path).unwrap();
+    let last = Replicator::pushed_seq(&stats);
+    wait_for_point(
+        target,
+        &disk_id,
+        &ps.passphrase_file,
+        last,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    ps.stop().unwrap();
+    (disk, ps, id, disk_id)
+}
+
+#[test]
+fn disaster_drill_fails_over_from_the_store_and_passphrase_alone() {
+    if !require_root("disaster_drill_fails_over_from_the_store_and_passphrase_alone") {
+        return;
+    }
+    let dir = Scratch::new("fo-drill");
+    let target_dir = dir.path.join("target-store");
+    let target = format!("file://{}", target_dir.display());
+    let (disk, ps, id, disk_id) = replicated_ext4(&dir.path, &target);
+    // Keep the passphrase; lose the whole primary site.
+    let pass = dir.path.join("kept-passphrase");
+    std::fs::copy(&ps.passphrase_file, &pass).unwrap();
+    std::fs::remove_dir_all(&ps.dir).unwrap();
+    std::fs::remove_dir_all(&id.state_dir).unwrap();
+
+    let image = dir.path.join("recovered.img");
+    let (ok, out, err) = ripcord(
+        &[
+            "failover",
+            "--target",
+            &target,
+            "--disk",
+            &disk_id,
+            "--point",
+            "latest",
+            "--output",
+            image.to_str().unwrap(),
+        ],
+        &pass,
+    )
+    .unwrap();
+    assert!(ok, "failover failed: {err}");
+    assert!(out.contains("crash-consistent"), "{out}");
+    assert_same(&image, &disk.path, "recovered image");
+    // The recovered file system is clean.
+    testkit::run("e2fsck", &["-fn", image.to_str().unwrap()]).unwrap();
+
+    // A wrong passphrase is named as such and writes nothing.
+    std::fs::write(&pass, "not the passphrase").unwrap();
+    let bad = dir.path.join("bad.img");
+    let (ok, _, err) = ripcord(
+        &[
+            "failover",
+            "--target",
+            &target,
+            "--disk",
+            &disk_id,
+            "--output",
+            bad.to_str().unwrap(),
+        ],
+        &pass,
+    )
+    .unwrap();
+    assert!(
+        !ok && err.contains("passphrase"),
+        "wrong passphrase not reported: {err}"
+    );
+    assert!(!bad.exists());
+}
+
+#[test]
+fn a_flipped_byte_in_a_pack_fails_verify_and_failover_by_name() {
+    if !require_root("a_flipped_byte_in_a_pack_fails_verify_and_failover_by_name") {
+        return;
+    }
+    let dir = Scratch::new("fo-flip");
+    let target_dir = dir.path.join("target-store");
+    let target = format!("file://{}", target_dir.display());
+    let (_disk, ps, _id, disk_id) = replicated_ext4(&dir.path, &target);
+    let (ok, out, err) = ripcord(
+        &[
+            "verify",
+            "--target",
+            &target,
+            "--passphrase-file",
+            ps.passphrase_file.to_str().unwrap(),
+        ],
+        &ps.passphrase_file,
+    )
+    .unwrap();
+    assert!(ok, "verify of an intact store failed: {out}{err}");
+
+    // Flip one byte in the middle of the biggest pack.
+    let mut packs: Vec<_> = walk(&target_dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+        .collect();
+    packs.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+    let pack = packs.last().expect("no pack in the store").clone();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&pack, &bytes).unwrap();
+    let name = pack.file_name().unwrap().to_string_lossy().into_owned();
+
+    let (ok, out, err) = ripcord(
+        &[
+            "verify",
+            "--target",
+            &target,
+            "--passphrase-file",
+            ps.passphrase_file.to_str().unwrap(),
+        ],
+        &ps.passphrase_file,
+    )
+    .unwrap();
+    assert!(!ok, "verify passed a damaged pack");
+    assert!(
+        out.contains(&name) || err.contains(&name),
+        "verify did not name {name}:\n{out}\n{err}"
+    );
+    let image = dir.path.join("img");
+    let (ok, _, err) = ripcord(
+        &[
+            "failover",
+            "--target",
+            &target,
+            "--disk",
+            &disk_id,
+            "--output",
+            image.to_str().unwrap(),
+        ],
+        &ps.passphrase_file,
+    )
+    .unwrap();
+    assert!(!ok, "failover used a damaged pack");
+    assert!(err.contains(&name), "failover did not name {name}: {err}");
+    assert!(!image.exists(), "a damaged image was left behind");
+}
+
+#[test]
+fn test_failover_while_replication_goes_on_loses_nothing() {
+    if !require_root("test_failover_while_replication_goes_on_loses_nothing") {
+        return;
+    }
+    let dir = Scratch::new("fo-test");
+    let target_dir = dir.path.join("target-store");
+    let target = format!("file://{}", target_dir.display());
+    let disk = LoopDevice::create(&dir.path.join("disk.img"), 128 * MIB).unwrap();
+    let mut ps = ProcessServer::start_with_target(&dir.path, Some(&target)).unwrap();
+    let id = AgentIdentity::register(&ps, &dir.path, "host-t").unwrap();
+    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (dev, stop) = (disk.path.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut w = Workload::new(&dev, 3).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                w.direct_writes(3).unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let disk_id = id.disk_id(&disk.path).unwrap();
+    wait_for_point(
+        &target,
+        &disk_id,
+        &ps.passphrase_file,
+        1,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let scratch = dir.path.join("tf");
+    for _ in 0..2 {
+        let (ok, out, err) = ripcord(
+            &[
+                "test-failover",
+                "--target",
+                &target,
+                "--disk",
+                &disk_id,
+                "--scratch",
+                scratch.to_str().unwrap(),
+            ],
+            &ps.passphrase_file,
+        )
+        .unwrap();
+        assert!(ok, "test failover failed: {err}");
+        assert!(out.contains("test image"), "{out}");
+    }
+    let (ok, out, _) = ripcord(
+        &[
+            "test-failover",
+            "cleanup",
+            "--scratch",
+            scratch.to_str().unwrap(),
+        ],
+        &ps.passphrase_file,
+    )
+    .unwrap();
+    assert!(ok && out.contains("removed"), "{out}");
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let stats = agent.stats_file.clone();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "{log}");
+    assert!(
+        log.matches("disk stream accepted").count() == 1,
+        "replication was disturbed:\n{log}"
+    );
+    let last = Replicator::pushed_seq(&stats);
+    wait_for_point(
+        &target,
+        &disk_id,
+        &ps.passphrase_file,
+        last,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    ps.stop().unwrap();
+    let image = dir.path.join("final.img");
+    let (ok, _, err) = ripcord(
+        &[
+            "failover",
+            "--target",
+            &target,
+            "--disk",
+            &disk_id,
+            "--output",
+            image.to_str().unwrap(),
+        ],
+        &ps.passphrase_file,
+    )
+    .unwrap();
+    assert!(ok, "{err}");
+    assert_same(&image, &disk.path, "final failover after test failovers");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
