@@ -24,22 +24,26 @@ pub const OVERFLOW_BITS_PER_SLOT: u64 = 65_536;
 pub const OVERFLOW_WORDS_PER_SLOT: u32 = (OVERFLOW_BITS_PER_SLOT / 64) as u32;
 /// Entries of the `OVERFLOW` array map.
 pub const OVERFLOW_WORDS: u32 = MAX_SLOTS * OVERFLOW_WORDS_PER_SLOT;
-/// Finest overflow granularity: 2^11 sectors = 1 MiB per bit.
-pub const MIN_OVERFLOW_SHIFT: u32 = 11;
+/// Finest overflow granularity: 2^4 sectors = 8 KiB per bit (devices up to 512 MiB);
+/// larger devices get coarser bits so the bitmap keeps its fixed size (1 MiB per bit at
+/// 64 GiB). Fine bits keep a dropped 4 KiB write from costing a 1 MiB re-read.
+pub const MIN_OVERFLOW_SHIFT: u32 = 4;
 /// Most bits one event may set in the overflow bitmap; a wider event marks the whole slot
 /// (`SlotStats::overflow_all`), which makes the agent resynchronise the whole device.
-pub const MAX_OVERFLOW_BITS_PER_EVENT: u64 = 64;
+pub const MAX_OVERFLOW_BITS_PER_EVENT: u64 = 256;
 
 /// log2 of the entries of the `WRITE_GEN` array.
 pub const WRITE_GEN_BITS: u32 = 18;
-/// Entries of the `WRITE_GEN` array (regions hash into it): 2 MiB, covering 32 GiB of
-/// 128 KiB regions before collisions start (which only cause conservative re-reads).
+/// Entries of the `WRITE_GEN` array (regions hash into it): 2 MiB, covering 4 GiB of
+/// 16 KiB regions before collisions start (which only cause conservative re-reads).
 pub const WRITE_GEN_ENTRIES: u32 = 1 << WRITE_GEN_BITS;
-/// Sectors per write-generation region, as a shift: 2^8 sectors = 128 KiB.
-pub const WRITE_GEN_REGION_SHIFT: u32 = 8;
-/// Most regions one queued write bumps one by one; a wider write bumps the slot's
+/// Sectors per write-generation region, as a shift: 2^5 sectors = 16 KiB. Small regions
+/// keep unrelated writes from marking a readback as raced (a false race costs a re-read
+/// and delays the next crash-consistent cut).
+pub const WRITE_GEN_REGION_SHIFT: u32 = 5;
+/// Most regions one queued write bumps one by one (2 MiB); a wider write bumps the slot's
 /// `SlotStats::wide_gen` instead, which the agent treats as "every region raced".
-pub const MAX_GEN_REGIONS_PER_WRITE: u64 = 64;
+pub const MAX_GEN_REGIONS_PER_WRITE: u64 = 128;
 
 /// Default size of the event ring buffer in bytes (a power of two, page multiple).
 pub const DEFAULT_RING_BYTES: u32 = 8 << 20;

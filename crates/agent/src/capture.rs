@@ -120,6 +120,60 @@ impl Drop for MmapWords {
     }
 }
 
+/// Read-only views of the ring buffer's consumer and producer positions (the first word
+/// of its first and second pages), to tell "empty" from "a record still being written".
+struct RingPositions {
+    consumer: NonNull<u64>,
+    producer: NonNull<u64>,
+    page: usize,
+}
+
+impl RingPositions {
+    fn new(fd: std::os::fd::RawFd) -> anyhow::Result<RingPositions> {
+        let page = page_size();
+        let map = |offset: usize| -> anyhow::Result<NonNull<u64>> {
+            // SAFETY: mapping one page of a BPF ring buffer fd read-only at the offsets the
+            // kernel defines (consumer page at 0, producer page at one page).
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    page,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd,
+                    offset as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error())
+                    .context("mmap of the ring buffer positions");
+            }
+            NonNull::new(p.cast::<u64>()).context("mmap returned null")
+        };
+        Ok(RingPositions {
+            consumer: map(0)?,
+            producer: map(page)?,
+            page,
+        })
+    }
+
+    fn load(p: NonNull<u64>) -> u64 {
+        // SAFETY: the pointer is a live, page-aligned mapping; the kernel updates the word
+        // with release stores.
+        unsafe { AtomicU64::from_ptr(p.as_ptr()) }.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for RingPositions {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped.
+        unsafe {
+            libc::munmap(self.consumer.as_ptr().cast(), self.page);
+            libc::munmap(self.producer.as_ptr().cast(), self.page);
+        }
+    }
+}
+
 /// What the overflow bitmap says must be resynchronised for one slot.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Overflow {
@@ -140,6 +194,7 @@ pub struct Capture {
     ebpf: Ebpf,
     links: Vec<(&'static str, TracePointLinkId)>,
     ring: RingBuf<MapData>,
+    positions: RingPositions,
     stats: Array<MapData, SlotStats>,
     overflow: MmapWords,
     write_gen: MmapWords,
@@ -230,6 +285,7 @@ impl Capture {
         }
 
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
+        let positions = RingPositions::new(ring.as_fd().as_raw_fd())?;
         let stats = Array::try_from(ebpf.take_map("STATS").context("map STATS")?)?;
         let overflow = MmapWords::new(array_data(&mut ebpf, "OVERFLOW")?, OVERFLOW_WORDS)?;
         let write_gen = MmapWords::new(array_data(&mut ebpf, "WRITE_GEN")?, WRITE_GEN_ENTRIES)?;
@@ -256,6 +312,7 @@ impl Capture {
             ebpf,
             links,
             ring,
+            positions,
             stats,
             overflow,
             write_gen,
@@ -287,6 +344,27 @@ impl Capture {
             }
         }
         Ok(())
+    }
+
+    /// Consume every event committed to the ring before this call, waiting for records
+    /// other CPUs are still writing (the ring hands out records in reservation order, so
+    /// one busy record hides the ones after it). Returns false if a record stayed busy
+    /// for 100 ms (then the caller must not treat what it drained as complete).
+    pub fn drain_events_through_now(
+        &mut self,
+        mut f: impl FnMut(ChangeEvent),
+    ) -> Result<bool, event::DecodeError> {
+        let target = RingPositions::load(self.positions.producer);
+        self.drain_events(&mut f)?;
+        let deadline = std::time::Instant::now() + Duration::from_millis(100);
+        while RingPositions::load(self.positions.consumer) < target {
+            if std::time::Instant::now() > deadline {
+                return Ok(false);
+            }
+            std::thread::yield_now();
+            self.drain_events(&mut f)?;
+        }
+        Ok(true)
     }
 
     /// Consume every event waiting in the ring.

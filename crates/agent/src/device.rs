@@ -136,7 +136,7 @@ impl BlockDevice {
         )
     }
 
-    /// log2 of sectors per overflow-bitmap bit: 1 MiB, or coarser so the device fits the
+    /// log2 of sectors per overflow-bitmap bit: 8 KiB, or coarser so the device fits the
     /// slot's fixed-size bitmap.
     pub fn overflow_shift(&self) -> u32 {
         let mut shift = agent_common::MIN_OVERFLOW_SHIFT;
@@ -164,8 +164,10 @@ mod tests {
 
     #[test]
     fn overflow_granularity_fits_the_bitmap() {
-        assert_eq!(dev(2048).overflow_shift(), 11);
-        // 64 GiB exactly fits at 1 MiB per bit.
+        assert_eq!(dev(2048).overflow_shift(), 4);
+        // 512 MiB exactly fits at 8 KiB per bit; 64 GiB at 1 MiB per bit.
+        assert_eq!(dev(1 << 20).overflow_shift(), 4);
+        assert_eq!(dev((1 << 20) + 1).overflow_shift(), 5);
         assert_eq!(dev(64 << 21).overflow_shift(), 11);
         assert_eq!(dev((64 << 21) + 1).overflow_shift(), 12);
         let big = dev(16 << 31); // 16 TiB

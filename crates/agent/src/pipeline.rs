@@ -112,6 +112,27 @@ impl BatchBuilder {
         Ok(out)
     }
 
+    /// Add a range that reads as zeroes without reading it (a completed discard or
+    /// write-zeroes). Returns batches that filled up.
+    pub fn add_zero(
+        &mut self,
+        sector: u64,
+        sectors: u64,
+        kind: ExtentKind,
+    ) -> anyhow::Result<Vec<Batch>> {
+        let mut out = Vec::new();
+        let mut s = 0;
+        while s < sectors {
+            let n = (sectors - s).min(u64::from(u32::MAX) / 2);
+            self.push_extent(sector + s, n, kind);
+            s += n;
+            if self.full() {
+                out.extend(self.flush()?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Seal whatever is pending into a batch.
     pub fn flush(&mut self) -> anyhow::Result<Option<Batch>> {
         if self.extents.is_empty() {
@@ -172,6 +193,8 @@ pub struct DiskCounters {
     pub raced_reads: u64,
     pub rounds: u64,
     pub clean_rounds: u64,
+    /// Change events the kernel could not queue (their regions were resynchronised).
+    pub dropped: u64,
 }
 
 /// One protected disk on the producer side.
@@ -179,6 +202,8 @@ pub struct DiskProducer {
     pub dev: BlockDevice,
     reader: DeviceReader,
     pub dirty: ExtentSet,
+    /// Ranges discarded or zeroed since they were last sent: sent as zero extents, not read.
+    pub zeroed: ExtentSet,
     /// Initial sync position (sectors); `None` when done.
     pub sync_cursor: Option<u64>,
     pub builder: BatchBuilder,
@@ -196,6 +221,7 @@ impl DiskProducer {
             reader: DeviceReader::open(&dev)?,
             dev,
             dirty: ExtentSet::new(),
+            zeroed: ExtentSet::new(),
             sync_cursor: Some(0),
             builder,
             oldest_change: None,
@@ -207,6 +233,25 @@ impl DiskProducer {
 
     pub fn syncing(&self) -> bool {
         self.sync_cursor.is_some()
+    }
+
+    /// Fold one completed change in: data to read back, or a range known to read as zero.
+    /// Events of one device arrive in completion order, so a later op wins.
+    fn note(&mut self, e: &agent_common::ChangeEvent) {
+        if e.op & op::CHANGES_DATA == 0 {
+            return;
+        }
+        let (s, l) = (e.sector, u64::from(e.sectors));
+        let zeroing = op::DISCARD | op::SECURE_ERASE | op::WRITE_ZEROES;
+        if e.op & zeroing != 0 && e.op & (op::WRITE | op::ERROR) == 0 {
+            self.dirty.remove(s, l);
+            self.zeroed.insert(s, l);
+        } else {
+            // Writes, and failed requests (their range may hold anything): read back.
+            self.zeroed.remove(s, l);
+            self.dirty.insert(s, l);
+        }
+        self.oldest_change = Some(self.oldest_change.map_or(e.time_ns, |o| o.min(e.time_ns)));
     }
 
     /// Sectors copied by the initial sync so far.
@@ -252,17 +297,19 @@ pub fn round(
     let snap = capture.gen_snapshot();
     let t_mono = now_mono_ns();
     let t_wall = now_wall_ns();
-    capture.drain_events(|e| {
-        if e.op & op::CHANGES_DATA != 0
-            && let Some(d) = disks.get_mut(e.slot as usize)
-        {
-            d.dirty.insert(e.sector, u64::from(e.sectors));
-            d.oldest_change = Some(d.oldest_change.map_or(e.time_ns, |o| o.min(e.time_ns)));
+    let drained_all = capture.drain_events_through_now(|e| {
+        if let Some(d) = disks.get_mut(e.slot as usize) {
+            d.note(&e);
         }
     })?;
     let mut worked = false;
+    // Changes that complete while this round reads belong to the next round; they are
+    // taken off the ring as the round goes, so a long round does not overflow it.
+    let mut later: Vec<agent_common::ChangeEvent> = Vec::new();
+    let mut pieces_since_drain = 0u32;
     for (slot, d) in disks.iter_mut().enumerate() {
         let overflow = capture.drain_overflow(slot);
+        d.counters.dropped = capture.stats(slot).dropped;
         for (s, l) in overflow.regions.iter() {
             d.dirty.insert(s, l);
         }
@@ -278,6 +325,15 @@ pub fn round(
         }
         let oldest = d.oldest_change.take();
         d.counters.rounds += 1;
+        for (s, l) in d.zeroed.take().iter() {
+            for b in d.builder.add_zero(s, l, ExtentKind::Zero)? {
+                d.counters.batches += 1;
+                count_batch(&mut d.counters, &b);
+                send(slot, Outgoing::Batch(b, oldest))?;
+            }
+            worked = true;
+            d.uncut = true;
+        }
         let mut clean = true;
         for (s, l) in work {
             for (ps, pl) in d.reader.pieces(s, l) {
@@ -295,6 +351,11 @@ pub fn round(
                 }
                 worked = true;
                 d.uncut = true;
+                pieces_since_drain += 1;
+                if pieces_since_drain >= 8 {
+                    pieces_since_drain = 0;
+                    capture.drain_events(|e| later.push(e))?;
+                }
             }
         }
         if let Some(b) = d.builder.flush()? {
@@ -306,7 +367,7 @@ pub fn round(
             d.counters.clean_rounds += 1;
         }
         let due = d.last_cut.is_none_or(|t| t.elapsed() >= cfg.cut_interval);
-        if clean && complete && !d.syncing() && d.uncut && due {
+        if clean && complete && drained_all && !d.syncing() && d.uncut && due {
             send(
                 slot,
                 Outgoing::Cut {
@@ -317,6 +378,11 @@ pub fn round(
             d.uncut = false;
             d.last_cut = Some(Instant::now());
             d.counters.cuts += 1;
+        }
+    }
+    for e in &later {
+        if let Some(d) = disks.get_mut(e.slot as usize) {
+            d.note(e);
         }
     }
     Ok(worked)

@@ -208,8 +208,10 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
             // Quiesce: everything completed before the stop has been read in a round
             // after it; leave when nothing is dirty. During the initial sync, stop at once:
             // the next start begins a new epoch anyway.
-            if producers.iter().any(|p| p.syncing()) || producers.iter().all(|p| p.dirty.is_empty())
-            {
+            let quiet = producers
+                .iter()
+                .all(|p| p.dirty.is_empty() && p.zeroed.is_empty());
+            if quiet || producers.iter().any(|p| p.syncing()) {
                 break;
             }
             continue;
@@ -289,7 +291,7 @@ fn write_stats(
                 "size_bytes": p.dev.sectors * 512,
                 "syncing": p.syncing(),
                 "synced_bytes": p.synced_sectors() * 512,
-                "dirty_bytes": p.dirty.sectors() * 512,
+                "dirty_bytes": (p.dirty.sectors() + p.zeroed.sectors()) * 512,
                 "next_seq": p.builder.next_seq(),
                 "pushed_seq": l.pushed_seq.load(Ordering::Relaxed),
                 "acked_seq": l.acked_seq.load(Ordering::Relaxed),
@@ -303,6 +305,7 @@ fn write_stats(
                 "rounds": c.rounds,
                 "clean_rounds": c.clean_rounds,
                 "raced_reads": c.raced_reads,
+                "dropped": c.dropped,
             })
         })
         .collect();

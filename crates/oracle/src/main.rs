@@ -52,6 +52,9 @@ enum Cmd {
         /// START:LEN in 4 KiB blocks (or bytes with a K/M/G/T suffix); default whole device.
         #[arg(long)]
         region: Option<Region>,
+        /// At most this many ops per second (default: as fast as the queue depth allows).
+        #[arg(long)]
+        iops: Option<u32>,
     },
     /// Check that IMG is the device's state at instant T; exit 0 pass, 1 fail, 2 error.
     Check {
@@ -116,6 +119,7 @@ fn real_main() -> Result<ExitCode> {
             flush_every,
             discard_percent,
             region,
+            iops,
         } => {
             let cfg = WorkloadConfig {
                 device: device.clone(),
@@ -127,6 +131,7 @@ fn real_main() -> Result<ExitCode> {
                 flush_every,
                 discard_percent,
                 region,
+                iops,
             };
             let sum = run(&cfg, sigint_flag())
                 .with_context(|| format!("workload on {}", device.display()))?;

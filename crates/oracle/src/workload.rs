@@ -52,6 +52,9 @@ pub struct WorkloadConfig {
     pub discard_percent: u8,
     /// Blocks to use (default: the whole device).
     pub region: Option<Region>,
+    /// Pace submissions to at most this many ops per second (default: as fast as the
+    /// queue depth allows).
+    pub iops: Option<u32>,
 }
 
 impl WorkloadConfig {
@@ -64,6 +67,7 @@ impl WorkloadConfig {
             seconds: 10.0,
             qd: 16,
             seed: None,
+            iops: None,
             blocks_per_write: 8,
             flush_every: 64,
             discard_percent: 2,
@@ -298,10 +302,23 @@ pub fn run(cfg: &WorkloadConfig, stop: &AtomicBool) -> Result<WorkloadSummary, E
         })
     };
 
+    let paced_from = Instant::now();
     loop {
         let stopping = stop.load(Ordering::Relaxed) || Instant::now() >= deadline;
         if !stopping {
             while let Some(&slot) = free.last() {
+                if let Some(iops) = cfg.iops.filter(|&i| i > 0) {
+                    let allowed = (paced_from.elapsed().as_secs_f64() * f64::from(iops)) as u64;
+                    if seq >= allowed {
+                        if free.len() < slots.len() {
+                            break; // reap completions; submit more later
+                        }
+                        std::thread::sleep(std::time::Duration::from_micros(
+                            1_000_000 / u64::from(iops),
+                        ));
+                        continue;
+                    }
+                }
                 let flush = cfg.flush_every > 0 && writes_since_flush >= cfg.flush_every;
                 let kind = if flush {
                     OpKind::Flush

@@ -294,8 +294,14 @@ impl Replicator {
         let log = id
             .state_dir
             .join(format!("agent-{n}-{}.log", crate::nanos()));
+        let config: &[&str] = if extra.contains(&"--config") {
+            &[]
+        } else {
+            &["--config", "/dev/null"]
+        };
         let child = Command::new(crate::binary("ripcord-agent"))
-            .args(["protect", "--config", "/dev/null"])
+            .arg("protect")
+            .args(config)
             .arg("--state-dir")
             .arg(&id.state_dir)
             .arg("--ready-file")
@@ -455,12 +461,9 @@ pub fn wait_for_point(
     loop {
         if let Ok(points) = points(target, disk, passphrase_file) {
             let newest_epoch = points.iter().filter_map(|p| p["epoch"].as_u64()).max();
-            if let Some(p) = points
-                .iter()
-                .rfind(|p| {
-                    p["epoch"].as_u64() == newest_epoch && p["seq"].as_u64().unwrap_or(0) >= min_seq
-                })
-            {
+            if let Some(p) = points.iter().rfind(|p| {
+                p["epoch"].as_u64() == newest_epoch && p["seq"].as_u64().unwrap_or(0) >= min_seq
+            }) {
                 return Ok(p.clone());
             }
         }
