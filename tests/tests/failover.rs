@@ -301,3 +301,99 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn retention_expires_points_and_frees_their_data() {
+    if !require_root("retention_expires_points_and_frees_their_data") {
+        return;
+    }
+    let dir = Scratch::new("fo-retention");
+    let target_dir = dir.path.join("target-store");
+    let target = format!("file://{}", target_dir.display());
+    let disk = LoopDevice::create(&dir.path.join("disk.img"), 64 * MIB).unwrap();
+    let mut ps = ProcessServer::start_with_config(
+        &dir.path,
+        Some(&target),
+        "retention-secs = 4\ngc-interval-secs = 1",
+    )
+    .unwrap();
+    let id = AgentIdentity::register(&ps, &dir.path, "host-r").unwrap();
+    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let disk_id = id.disk_id(&disk.path).unwrap();
+    // Overwrite the same 8 MiB again and again: old versions become garbage once the points
+    // that need them expire.
+    let mut written = 0u64;
+    let dev = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk.path)
+        .unwrap();
+    for round in 0..24u8 {
+        use std::os::unix::fs::FileExt as _;
+        let buf: Vec<u8> = (0..8 * MIB)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(round))
+            .collect();
+        dev.write_all_at(&buf, 0).unwrap();
+        dev.sync_all().unwrap();
+        written += buf.len() as u64;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let first_points =
+        testkit::replication::points(&target, &disk_id, &ps.passphrase_file).unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    let stats = agent.stats_file.clone();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "{log}");
+    let last = Replicator::pushed_seq(&stats);
+    wait_for_point(
+        &target,
+        &disk_id,
+        &ps.passphrase_file,
+        last,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3)); // one more retention pass
+    ps.stop().unwrap();
+
+    let points = testkit::replication::points(&target, &disk_id, &ps.passphrase_file).unwrap();
+    let oldest_before = first_points.first().expect("points during the workload")["time_ns"]
+        .as_u64()
+        .unwrap();
+    let oldest_now = points.first().expect("the newest point is always kept")["time_ns"]
+        .as_u64()
+        .unwrap();
+    assert!(oldest_now > oldest_before, "no point expired: {points:?}");
+    let pack_bytes: u64 = walk(&target_dir)
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        pack_bytes < written / 3,
+        "expired data not freed: {pack_bytes} bytes of packs for {written} bytes written"
+    );
+    // Every retained point still restores; the newest equals the device.
+    let image = dir.path.join("r.img");
+    for p in &points {
+        let (ok, _, err) = ripcord(
+            &[
+                "failover",
+                "--target",
+                &target,
+                "--disk",
+                &disk_id,
+                "--point",
+                p["id"].as_str().unwrap(),
+                "--output",
+                image.to_str().unwrap(),
+            ],
+            &ps.passphrase_file,
+        )
+        .unwrap();
+        assert!(ok, "retained point {} does not restore: {err}", p["id"]);
+    }
+    assert_same(&image, &disk.path, "newest retained point");
+    let (ok, out, err) = ripcord(&["verify", "--target", &target], &ps.passphrase_file).unwrap();
+    assert!(ok, "verify after GC: {out}{err}");
+}

@@ -27,6 +27,11 @@ pub struct PsConfig {
     pub target: Option<String>,
     /// Upload at least this often while data is pending, in ms (100..=600000). Default 2000.
     pub upload_interval_ms: u64,
+    /// Recovery points older than this many seconds are deleted, with the data only they
+    /// needed (the newest point is always kept). Default 259200 (72 hours).
+    pub retention_secs: u64,
+    /// How often retention runs, in seconds (1..=86400). Default 300.
+    pub gc_interval_secs: u64,
     /// Directory for the journals (the cache disk). Default `<deployment>/cache`.
     pub cache_dir: Option<PathBuf>,
     /// Journal segment size in MiB (1..=1024). Default 64.
@@ -50,6 +55,8 @@ impl Default for PsConfig {
             server_id: hostname(),
             target: None,
             upload_interval_ms: 2000,
+            retention_secs: 72 * 3600,
+            gc_interval_secs: 300,
             cache_dir: None,
             segment_mib: 64,
             min_free_percent: 5.0,

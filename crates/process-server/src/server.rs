@@ -72,6 +72,8 @@ impl State {
             let cfg = crate::uploader::UploadConfig {
                 interval: std::time::Duration::from_millis(self.dep.config.upload_interval_ms),
                 bytes: 32 << 20,
+                retention: std::time::Duration::from_secs(self.dep.config.retention_secs),
+                gc_interval: std::time::Duration::from_secs(self.dep.config.gc_interval_secs),
             };
             tokio::spawn(async move {
                 loop {

@@ -28,6 +28,10 @@ pub struct UploadConfig {
     pub interval: Duration,
     /// ... or once this many bytes are pending.
     pub bytes: u64,
+    /// Keep recovery points this long.
+    pub retention: Duration,
+    /// Run retention this often.
+    pub gc_interval: Duration,
 }
 
 /// What a record was, for deciding how far the journal may be trimmed.
@@ -75,6 +79,7 @@ pub async fn run(
     let mut pending: VecDeque<(u64, Pending)> = VecDeque::new();
     let mut committed_cuts: Vec<(u64, u64)> = Vec::new();
     let mut last_flush = Instant::now();
+    let mut last_gc = Instant::now();
     let mut dirty = false;
     loop {
         // Records durable in the journal, from where we are.
@@ -174,6 +179,15 @@ pub async fn run(
                 core.trim_through(seq)?;
             }
             tracing::debug!(disk = %hex, durable_seq = c.durable_seq, "uploaded");
+        }
+        if last_gc.elapsed() >= cfg.gc_interval {
+            last_gc = Instant::now();
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            let keep_after = now.saturating_sub(cfg.retention).as_nanos() as u64;
+            match store.apply_retention(&sdisk, keep_after).await {
+                Ok(r) => tracing::info!(disk = %hex, report = ?r, "retention applied"),
+                Err(e) => tracing::warn!(disk = %hex, "retention failed (will retry): {e}"),
+            }
         }
         if records.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -56,6 +56,15 @@ impl ProcessServer {
 
     /// Like [`ProcessServer::start`], uploading to the target store at `target`.
     pub fn start_with_target(root: &Path, target: Option<&str>) -> anyhow::Result<ProcessServer> {
+        Self::start_with_config(root, target, "")
+    }
+
+    /// Like [`ProcessServer::start_with_target`], with extra `ps.toml` lines.
+    pub fn start_with_config(
+        root: &Path,
+        target: Option<&str>,
+        extra: &str,
+    ) -> anyhow::Result<ProcessServer> {
         let dir = root.join("ps");
         let passphrase_file = root.join("passphrase");
         std::fs::write(&passphrase_file, PASSPHRASE)?;
@@ -86,7 +95,7 @@ impl ProcessServer {
             format!(
                 "listen = \"127.0.0.1:{data_port}\"\nregister-listen = \"127.0.0.1:{register_port}\"\n\
                  metrics-listen = \"127.0.0.1:{metrics_port}\"\nmin-free-mib = 16\nmin-free-percent = 1.0\n\
-                 upload-interval-ms = 500\n{}",
+                 upload-interval-ms = 500\n{}{extra}\n",
                 target
                     .map(|t| format!("target = \"{t}\"\n"))
                     .unwrap_or_default()
