@@ -1,13 +1,14 @@
 //! `cargo xtask demo`: the main job end to end on the embedded defaults. A process server
-//! and an agent on loopback replicate a loop device with ext4 under a file workload; the
-//! disk image rebuilt from the server's journal alone must equal the source (sha256).
+//! and an agent on loopback replicate a loop device with ext4 under a file workload to a
+//! local-directory target store; then the primary site is deleted and `ripcord failover`
+//! rebuilds the disk from the store and the passphrase alone; it must equal the source.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use testkit::{
     LoopDevice, Mount, Scratch,
-    replication::{AgentIdentity, ProcessServer, Replicator},
+    replication::{AgentIdentity, ProcessServer, Replicator, ripcord, wait_for_point},
 };
 
 use crate::{cargo, workspace_root};
@@ -34,12 +35,14 @@ pub fn run(size_mib: u64) -> anyhow::Result<()> {
         "ripcord-agent",
         "-p",
         "ripcord-process-server",
+        "-p",
+        "ripcord-cli",
     ])?;
     // SAFETY: single-threaded at this point; the helpers read it when spawning binaries.
     unsafe { std::env::set_var("RIPCORD_BIN_DIR", workspace_root().join("target/release")) };
 
     let dir = Scratch::new("demo");
-    println!("\n== ripcord demo: protect, replicate, rebuild, verify ==");
+    println!("\n== ripcord demo: protect, replicate, fail over, verify ==");
     let disk = LoopDevice::create(&dir.path.join("disk.img"), size_mib * MIB)?;
     testkit::run(
         "mkfs.ext4",
@@ -50,10 +53,12 @@ pub fn run(size_mib: u64) -> anyhow::Result<()> {
         disk.path.display()
     );
 
-    let mut ps = ProcessServer::start(&dir.path)?;
+    let target_dir = dir.path.join("target-store");
+    let target = format!("file://{}", target_dir.display());
+    let mut ps = ProcessServer::start_with_target(&dir.path, Some(&target))?;
     println!(
         "2. process server: deployment in {}, QUIC on 127.0.0.1:{} (mutual TLS), metrics on \
-         http://127.0.0.1:{}/metrics",
+         http://127.0.0.1:{}/metrics, uploading to {target}",
         ps.dir.display(),
         ps.data_port,
         ps.metrics_port
@@ -90,19 +95,59 @@ pub fn run(size_mib: u64) -> anyhow::Result<()> {
         d["zero_bytes"].as_f64().unwrap_or(0.0) / MIB as f64,
         d["cuts"]
     );
-    ps.stop()?;
-
     let disk_id = id.disk_id(&disk.path)?;
-    let image = dir.path.join("rebuilt.img");
-    let out = ps.replay(&disk_id, &image, false)?;
-    println!("7. rebuilt from the journal alone: {}", out.trim());
+    let last = stats["disks"][0]["pushed_seq"].as_u64().unwrap_or(0);
+    let point = wait_for_point(
+        &target,
+        &disk_id,
+        &ps.passphrase_file,
+        last,
+        Duration::from_secs(120),
+    )?;
+    ps.stop()?;
+    let points = testkit::replication::points(&target, &disk_id, &ps.passphrase_file)?;
+    println!(
+        "7. target store: {} crash-consistent recovery points; latest {} at {}",
+        points.len(),
+        point["id"].as_str().unwrap_or("?"),
+        point["time"].as_str().unwrap_or("?")
+    );
+
+    // The disaster: the primary site is gone. Only the store and the passphrase remain.
+    let pass = dir.path.join("passphrase.kept");
+    std::fs::copy(&ps.passphrase_file, &pass)?;
+    std::fs::remove_dir_all(&ps.dir)?;
+    std::fs::remove_dir_all(&id.state_dir)?;
+    let image = dir.path.join("failover.img");
+    let (ok, out, err) = ripcord(
+        &[
+            "failover",
+            "--target",
+            &target,
+            "--disk",
+            &disk_id,
+            "--point",
+            "latest",
+            "--output",
+            image.to_str().context("path")?,
+        ],
+        &pass,
+    )?;
+    ensure!(ok, "failover failed: {err}");
+    println!(
+        "8. process server and agent state deleted; `ripcord failover` from the store alone:\n   {}",
+        out.trim()
+    );
     let (a, b) = (sha256(&disk.path)?, sha256(&image)?);
     println!("   source  sha256 {a}\n   replica sha256 {b}");
     ensure!(
         a == b,
-        "VERIFY FAILED: the rebuilt image differs from the source"
+        "VERIFY FAILED: the failed-over image differs from the source"
     );
-    println!("8. VERIFIED: the replica equals the protected disk byte for byte");
+    testkit::run("e2fsck", &["-fn", image.to_str().context("path")?])?;
+    println!(
+        "9. VERIFIED: the failed-over disk equals the protected disk byte for byte, and e2fsck finds it clean"
+    );
     println!("\ndemo passed; cleaning up {}", dir.path.display());
     Ok(())
 }

@@ -36,8 +36,9 @@ enum Task {
         filter: Option<String>,
     },
     /// End-to-end demo on the embedded defaults: a process server and an agent on loopback
-    /// replicate a loop device with ext4 under a file workload; the image rebuilt from the
-    /// server's journal must equal the source (sha256). Needs root.
+    /// replicate a loop device with ext4 under a file workload to a local target store; the
+    /// primary site is deleted and `ripcord failover` must rebuild the disk from the store
+    /// and the passphrase alone (sha256 and e2fsck checked). Needs root.
     Demo {
         /// Size of the demo disk in MiB.
         #[arg(long, default_value_t = 1024)]
