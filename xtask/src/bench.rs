@@ -43,6 +43,18 @@ pub enum Which {
         #[arg(long, default_value_t = 2048)]
         size_mib: u64,
     },
+    /// Failover speed: materialise the latest point of a replicated disk (three quarters
+    /// filled with half-compressible data) from a local target store, vs `cp
+    /// --sparse=always` of the source image; and the store's size after a paced churn vs
+    /// the bytes written. Writes target/bench/failover.json.
+    Failover {
+        /// Image size in MiB.
+        #[arg(long, default_value_t = 4096)]
+        size_mib: u64,
+        /// Seconds of paced (20 MB/s) random overwrites after the fill.
+        #[arg(long, default_value_t = 30)]
+        churn_secs: u64,
+    },
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -53,6 +65,10 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             size_mib,
         } => capture(reps, runtime, size_mib),
         Which::Churn { runtime, size_mib } => churn(runtime, size_mib),
+        Which::Failover {
+            size_mib,
+            churn_secs,
+        } => failover(size_mib, churn_secs),
     }
 }
 
@@ -525,5 +541,147 @@ pub fn churn(runtime: u64, size_mib: u64) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("churn.json"), serde_json::to_vec_pretty(&v)?)?;
     println!("wrote {}", out.join("churn.json").display());
+    Ok(())
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            total += if p.is_dir() {
+                dir_bytes(&p)
+            } else {
+                e.metadata().map_or(0, |m| m.len())
+            };
+        }
+    }
+    total
+}
+
+pub fn failover(size_mib: u64, churn_secs: u64) -> anyhow::Result<()> {
+    use testkit::replication::{AgentIdentity, ProcessServer, Replicator, ripcord, wait_for_point};
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "ripcord-agent",
+        "-p",
+        "ripcord-process-server",
+        "-p",
+        "ripcord-cli",
+    ])?;
+    // SAFETY: single-threaded here; the helpers read it when spawning binaries.
+    unsafe { std::env::set_var("RIPCORD_BIN_DIR", workspace_root().join("target/release")) };
+    let scratch = Scratch::new("bench-failover");
+    let dev = LoopDevice::create(&scratch.path.join("disk.img"), size_mib << 20)?;
+    // Fill the disk: half-compressible data over the first three quarters, zeros after.
+    let fill = fio_churn(
+        &dev.path,
+        &[
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=8",
+            &format!("--size={}M", size_mib * 3 / 4),
+            "--time_based=0",
+        ],
+        600,
+    );
+    fill.context("filling the disk")?;
+    let target_dir = scratch.path.join("target-store");
+    let target = format!("file://{}", target_dir.display());
+    let mut ps = ProcessServer::start_with_target(&scratch.path, Some(&target))?;
+    let id = AgentIdentity::register(&ps, &scratch.path, "bench")?;
+    let agent = Replicator::start(&id, &[&dev.path], &[])?;
+    agent.wait_synced(Duration::from_secs(900))?;
+    // A compressed "day": paced random overwrites.
+    eprintln!("failover bench: {churn_secs} s of paced churn");
+    let churn_mbps = fio_churn(
+        &dev.path,
+        &["--rw=randwrite", "--bs=64k", "--iodepth=4", "--rate=20m"],
+        churn_secs,
+    )?;
+    let stats_file = agent.stats_file.clone();
+    let (ok, log) = agent.stop()?;
+    ensure!(ok, "agent failed:\n{log}");
+    let disk_id = id.disk_id(&dev.path)?;
+    let last = testkit::replication::Replicator::pushed_seq(&stats_file);
+    wait_for_point(
+        &target,
+        &disk_id,
+        &ps.passphrase_file,
+        last,
+        Duration::from_secs(600),
+    )?;
+    ps.stop()?;
+    let written = (size_mib * 3 / 4) as f64 * 1048576.0 + churn_mbps * 1e6 * churn_secs as f64;
+    let store_bytes = dir_bytes(&target_dir) as f64;
+
+    // Failover vs cp --sparse=always of the same image, page cache dropped before each.
+    let drop_caches = || {
+        let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    };
+    let image = scratch.path.join("failover.img");
+    drop_caches();
+    let t0 = Instant::now();
+    let (ok, out, err) = ripcord(
+        &[
+            "failover",
+            "--target",
+            &target,
+            "--disk",
+            &disk_id,
+            "--output",
+            image.to_str().context("path")?,
+        ],
+        &ps.passphrase_file,
+    )?;
+    ensure!(ok, "failover failed: {err}");
+    let t_failover = t0.elapsed().as_secs_f64();
+    let copy = scratch.path.join("copy.img");
+    drop_caches();
+    let t0 = Instant::now();
+    testkit::run(
+        "cp",
+        &[
+            "--sparse=always",
+            dev.backing.to_str().context("path")?,
+            copy.to_str().context("path")?,
+        ],
+    )?;
+    let t_cp = t0.elapsed().as_secs_f64();
+    let same = testkit::sys::diff_sectors(&image, &dev.path)?.is_empty();
+    ensure!(same, "the failed-over image differs from the source");
+
+    let v = json!({
+        "image_mib": size_mib,
+        "failover_s": t_failover,
+        "cp_sparse_s": t_cp,
+        "speed_ratio_vs_cp": t_cp / t_failover,
+        "failover_output": out.trim(),
+        "bytes_written": written,
+        "store_bytes": store_bytes,
+        "store_to_written_ratio": store_bytes / written,
+    });
+    println!("\nfailover of a {size_mib} MiB image (latest point, local target store)");
+    println!("  ripcord failover        {t_failover:>8.2} s");
+    println!("  cp --sparse=always      {t_cp:>8.2} s");
+    println!(
+        "  speed ratio (cp time / failover time): {:.2}",
+        t_cp / t_failover
+    );
+    println!(
+        "store size after the fill + {churn_secs} s churn: {:.0} MiB for {:.0} MiB written (ratio {:.2})",
+        store_bytes / 1048576.0,
+        written / 1048576.0,
+        store_bytes / written
+    );
+    let out_dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(
+        out_dir.join("failover.json"),
+        serde_json::to_vec_pretty(&v)?,
+    )?;
+    println!("wrote {}", out_dir.join("failover.json").display());
     Ok(())
 }
