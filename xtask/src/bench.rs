@@ -650,8 +650,13 @@ pub fn failover(size_mib: u64, churn_secs: u64) -> anyhow::Result<()> {
         ],
     )?;
     let t_cp = t0.elapsed().as_secs_f64();
-    let same = testkit::sys::diff_sectors(&image, &dev.path)?.is_empty();
-    ensure!(same, "the failed-over image differs from the source");
+    let diff = testkit::sys::diff_sectors(&image, &dev.path)?;
+    ensure!(
+        diff.is_empty(),
+        "the failed-over image differs from the source in {} sectors, first {:?}",
+        testkit::ranges::total(&diff),
+        &diff[..diff.len().min(8)]
+    );
 
     let v = json!({
         "image_mib": size_mib,

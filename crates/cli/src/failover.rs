@@ -198,19 +198,6 @@ impl Target {
         })
     }
 
-    /// Write `data` at `offset`, leaving all-zero 64 KiB pieces as holes (files start
-    /// sparse and zeroed).
-    fn write(&self, data: &[u8], offset: u64) -> anyhow::Result<()> {
-        for (i, chunk) in data.chunks(64 << 10).enumerate() {
-            if !self.is_block && chunk.iter().all(|&b| b == 0) {
-                continue;
-            }
-            self.file
-                .write_all_at(chunk, offset + (i as u64) * (64 << 10))?;
-        }
-        Ok(())
-    }
-
     fn zero(&self, offset: u64, len: u64) -> anyhow::Result<()> {
         if !self.is_block {
             return Ok(()); // already a hole in the fresh sparse file
@@ -315,36 +302,90 @@ async fn copy_plan(
     target: &Target,
     bar: &ProgressBar,
 ) -> anyhow::Result<usize> {
-    let machine = plan.epoch.machine_id.clone();
+    use futures::TryStreamExt as _;
     for run in &plan.runs {
         if matches!(run.source, RunSource::Zero | RunSource::Discard) {
             target.zero(run.sector * 512, run.sectors * 512)?;
         }
     }
-    let mut sealer = Sealer::new();
-    let mut plain = Vec::new();
     let batches = plan.batches();
-    for loc in &batches {
-        let b = store
-            .fetch_batch(loc)
-            .await
-            .with_context(|| format!("fetching batch {} from {}", loc.seq, loc.pack))?;
-        open_batch(&mut sealer, key, &machine, disk, &b, &loc.pack, &mut plain)?;
-        for run in plan.runs_for(loc.seq) {
-            let RunSource::Data { offset, .. } = run.source else {
-                continue;
-            };
-            let len = run.sectors * 512;
-            let end = offset + len;
-            ensure!(
-                end <= plain.len() as u64,
-                "run beyond batch {} plaintext in {}",
-                loc.seq,
-                loc.pack
-            );
-            target.write(&plain[offset as usize..end as usize], run.sector * 512)?;
-            bar.inc(len);
-        }
-    }
+    let key = std::sync::Arc::new(DataKey::from_bytes(*key.expose_bytes()));
+    let file = std::sync::Arc::new(target.file.try_clone()?);
+    let is_block = target.is_block;
+    let machine = std::sync::Arc::new(plan.epoch.machine_id.clone());
+    // Runs are disjoint, so batches can be fetched, opened and written in any order: keep
+    // a few in flight so fetching, decryption and writing overlap on all cores.
+    let parallel = std::thread::available_parallelism()
+        .map_or(2, |n| n.get() * 2)
+        .clamp(4, 16);
+    futures::stream::iter(batches.iter().cloned().map(Ok::<_, anyhow::Error>))
+        .map_ok(|loc| {
+            let runs: Vec<(u64, u64, u64)> = plan
+                .runs_for(loc.seq)
+                .filter_map(|r| match r.source {
+                    RunSource::Data { offset, .. } => Some((r.sector, r.sectors, offset)),
+                    _ => None,
+                })
+                .collect();
+            let (key, file, machine, disk) = (key.clone(), file.clone(), machine.clone(), *disk);
+            async move {
+                let b = store
+                    .fetch_batch(&loc)
+                    .await
+                    .with_context(|| format!("fetching batch {} from {}", loc.seq, loc.pack))?;
+                let written = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                    let mut sealer = Sealer::new();
+                    let mut plain = Vec::new();
+                    open_batch(
+                        &mut sealer,
+                        &key,
+                        &machine,
+                        &disk,
+                        &b,
+                        &loc.pack,
+                        &mut plain,
+                    )?;
+                    let mut written = 0;
+                    for (sector, sectors, offset) in runs {
+                        let len = sectors * 512;
+                        let end = offset + len;
+                        ensure!(
+                            end <= plain.len() as u64,
+                            "run beyond batch {} plaintext in {}",
+                            loc.seq,
+                            loc.pack
+                        );
+                        write_sparse(
+                            &file,
+                            is_block,
+                            &plain[offset as usize..end as usize],
+                            sector * 512,
+                        )?;
+                        written += len;
+                    }
+                    Ok(written)
+                })
+                .await??;
+                Ok::<u64, anyhow::Error>(written)
+            }
+        })
+        .try_buffer_unordered(parallel)
+        .try_for_each(|written| {
+            bar.inc(written);
+            futures::future::ready(Ok(()))
+        })
+        .await?;
     Ok(batches.len())
+}
+
+/// Write `data` at `offset`, leaving all-zero 64 KiB pieces as holes in files (a fresh
+/// image file is sparse and zeroed).
+fn write_sparse(file: &File, is_block: bool, data: &[u8], offset: u64) -> anyhow::Result<()> {
+    for (i, chunk) in data.chunks(64 << 10).enumerate() {
+        if !is_block && chunk.iter().all(|&b| b == 0) {
+            continue;
+        }
+        file.write_all_at(chunk, offset + (i as u64) * (64 << 10))?;
+    }
+    Ok(())
 }

@@ -92,6 +92,10 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if std::env::var_os("RIPCORD_KEEP_SCRATCH").is_some() {
+            eprintln!("keeping {} (RIPCORD_KEEP_SCRATCH)", self.path.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }

@@ -65,6 +65,20 @@ impl LoopDevice {
         })
     }
 
+    /// A loop device over an existing image file (the file is kept on drop).
+    pub fn attach(image: &Path) -> anyhow::Result<LoopDevice> {
+        let out = run_output(
+            "losetup",
+            &["-f", "--show", image.to_str().context("path")?],
+        )?;
+        Ok(LoopDevice {
+            path: PathBuf::from(out.trim()),
+            backing: PathBuf::new(),
+            size: std::fs::metadata(image)?.len(),
+            made_nodes: Vec::new(),
+        })
+    }
+
     /// Write a GPT with the given partitions (sizes in MiB, the last may be `None` for
     /// "the rest") and rescan; returns the partition device paths.
     pub fn partition(&mut self, sizes_mib: &[Option<u64>]) -> anyhow::Result<Vec<PathBuf>> {
@@ -127,7 +141,9 @@ impl Drop for LoopDevice {
                 eprintln!("warning: detaching {dev}: {e:#}");
             }
         }
-        let _ = std::fs::remove_file(&self.backing);
+        if !self.backing.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.backing);
+        }
     }
 }
 
