@@ -11,7 +11,7 @@ use std::{process::Command, time::Duration};
 
 use testkit::{
     LoopDevice, Scratch,
-    replication::{AgentIdentity, ProcessServer, Replicator, points, ripcord, wait_for_point},
+    replication::{AgentIdentity, ProcessServer, Replicator, failover, points, wait_for_point},
     require_root,
 };
 
@@ -104,21 +104,7 @@ fn every_recovery_point_passes_the_write_order_checker() {
     let mut checked = 0;
     for p in all.iter().step_by(step) {
         let pid = p["id"].as_str().unwrap();
-        let (ok, _, err) = ripcord(
-            &[
-                "failover",
-                "--target",
-                &target,
-                "--disk",
-                &disk_id,
-                "--point",
-                pid,
-                "--output",
-                image.to_str().unwrap(),
-            ],
-            &ps.passphrase_file,
-        )
-        .unwrap();
+        let (ok, _, err) = failover(&target, &disk_id, pid, &image, &ps.passphrase_file).unwrap();
         assert!(ok, "failover to {pid} failed: {err}");
         let t = p["mono_ns"].as_u64().unwrap().to_string();
         let out = Command::new(testkit::binary("ripcord-oracle"))

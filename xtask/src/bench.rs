@@ -451,16 +451,7 @@ fn replicated_phase(
 
 pub fn churn(runtime: u64, size_mib: u64) -> anyhow::Result<()> {
     use testkit::replication::{AgentIdentity, ProcessServer, Replicator};
-    cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "ripcord-agent",
-        "-p",
-        "ripcord-process-server",
-    ])?;
-    // SAFETY: single-threaded here; the helpers read it when spawning binaries.
-    unsafe { std::env::set_var("RIPCORD_BIN_DIR", workspace_root().join("target/release")) };
+    crate::release_binaries()?;
     let scratch = Scratch::new("bench-churn");
     let shm_dir = PathBuf::from(format!("/dev/shm/ripcord-churn-{}", std::process::id()));
     std::fs::create_dir_all(&shm_dir)?;
@@ -561,18 +552,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 pub fn failover(size_mib: u64, churn_secs: u64) -> anyhow::Result<()> {
     use testkit::replication::{AgentIdentity, ProcessServer, Replicator, ripcord, wait_for_point};
-    cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "ripcord-agent",
-        "-p",
-        "ripcord-process-server",
-        "-p",
-        "ripcord-cli",
-    ])?;
-    // SAFETY: single-threaded here; the helpers read it when spawning binaries.
-    unsafe { std::env::set_var("RIPCORD_BIN_DIR", workspace_root().join("target/release")) };
+    crate::release_binaries()?;
     let scratch = Scratch::new("bench-failover");
     let dev = LoopDevice::create(&scratch.path.join("disk.img"), size_mib << 20)?;
     // Fill the disk: half-compressible data over the first three quarters, zeros after.

@@ -8,10 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 use testkit::{
     LoopDevice, Mount, Scratch,
-    replication::{AgentIdentity, ProcessServer, Replicator, ripcord, wait_for_point},
+    replication::{AgentIdentity, ProcessServer, Replicator, failover, wait_for_point},
 };
-
-use crate::{cargo, workspace_root};
 
 const MIB: u64 = 1 << 20;
 
@@ -28,18 +26,7 @@ pub fn run(size_mib: u64) -> anyhow::Result<()> {
         "the demo needs root (BPF probes, loop devices, mounts)"
     );
     ensure!(size_mib >= 64, "--size-mib must be at least 64");
-    cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "ripcord-agent",
-        "-p",
-        "ripcord-process-server",
-        "-p",
-        "ripcord-cli",
-    ])?;
-    // SAFETY: single-threaded at this point; the helpers read it when spawning binaries.
-    unsafe { std::env::set_var("RIPCORD_BIN_DIR", workspace_root().join("target/release")) };
+    crate::release_binaries()?;
 
     let dir = Scratch::new("demo");
     println!("\n== ripcord demo: protect, replicate, fail over, verify ==");
@@ -119,20 +106,7 @@ pub fn run(size_mib: u64) -> anyhow::Result<()> {
     std::fs::remove_dir_all(&ps.dir)?;
     std::fs::remove_dir_all(&id.state_dir)?;
     let image = dir.path.join("failover.img");
-    let (ok, out, err) = ripcord(
-        &[
-            "failover",
-            "--target",
-            &target,
-            "--disk",
-            &disk_id,
-            "--point",
-            "latest",
-            "--output",
-            image.to_str().context("path")?,
-        ],
-        &pass,
-    )?;
+    let (ok, out, err) = failover(&target, &disk_id, "latest", &image, &pass)?;
     ensure!(ok, "failover failed: {err}");
     println!(
         "8. process server and agent state deleted; `ripcord failover` from the store alone:\n   {}",

@@ -145,6 +145,24 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64, u64)> {
     Ok(totals)
 }
 
+/// Build the release binaries of the agent, the process server and `ripcord`, and point
+/// the testkit helpers at them.
+fn release_binaries() -> anyhow::Result<()> {
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "ripcord-agent",
+        "-p",
+        "ripcord-process-server",
+        "-p",
+        "ripcord-cli",
+    ])?;
+    // SAFETY: called while the xtask is single-threaded; the helpers read it when spawning.
+    unsafe { std::env::set_var("RIPCORD_BIN_DIR", workspace_root().join("target/release")) };
+    Ok(())
+}
+
 /// Run `cargo` with `args` from the workspace root.
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -441,6 +441,23 @@ pub fn ripcord(args: &[&str], passphrase_file: &Path) -> anyhow::Result<(bool, S
     ))
 }
 
+/// `ripcord failover` of `disk` at `point` into `output`; returns (success, stdout, stderr).
+pub fn failover(
+    target: &str,
+    disk: &str,
+    point: &str,
+    output: &Path,
+    passphrase_file: &Path,
+) -> anyhow::Result<(bool, String, String)> {
+    let output = output.to_str().context("non-UTF-8 path")?;
+    ripcord(
+        &[
+            "failover", "--target", target, "--disk", disk, "--point", point, "--output", output,
+        ],
+        passphrase_file,
+    )
+}
+
 /// Recovery points of `disk` in the store at `target`, as JSON values.
 pub fn points(
     target: &str,
