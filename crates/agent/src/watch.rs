@@ -89,7 +89,7 @@ pub fn run(opts: &WatchOptions) -> anyhow::Result<()> {
             capture.wait(poll)?;
         }
         let mut write_err = None;
-        capture.drain_events(|e| {
+        let mut take = |e: agent_common::ChangeEvent| {
             let slot = &mut slots[e.slot as usize];
             slot.events += 1;
             if e.op & op::CHANGES_DATA != 0 {
@@ -100,7 +100,16 @@ pub fn run(opts: &WatchOptions) -> anyhow::Result<()> {
             {
                 write_err = Some(err);
             }
-        })?;
+        };
+        if stopping {
+            // The last drain: also wait out records a program was still writing when the
+            // probes were detached, so nothing committed before the stop is left behind.
+            if !capture.drain_events_through_now(&mut take)? {
+                tracing::warn!("a ring record stayed busy at exit; later events may be missing");
+            }
+        } else {
+            capture.drain_events(&mut take)?;
+        }
         let summary_due = opts.summary.is_some_and(|i| last_summary.elapsed() >= i);
         if stopping || last_overflow_scan.elapsed() >= OVERFLOW_SCAN {
             last_overflow_scan = Instant::now();
