@@ -101,17 +101,7 @@ fn a_flipped_byte_in_a_pack_fails_verify_and_failover_by_name() {
     let target_dir = dir.path.join("target-store");
     let target = format!("file://{}", target_dir.display());
     let (_disk, ps, _id, disk_id) = replicated_ext4(&dir.path, &target);
-    let (ok, out, err) = ripcord(
-        &[
-            "verify",
-            "--target",
-            &target,
-            "--passphrase-file",
-            ps.passphrase_file.to_str().unwrap(),
-        ],
-        &ps.passphrase_file,
-    )
-    .unwrap();
+    let (ok, out, err) = verify_store(&target, &ps.passphrase_file);
     assert!(ok, "verify of an intact store failed: {out}{err}");
 
     // Flip a byte in every 4 KiB of every pack: whatever batches the latest point needs,
@@ -132,17 +122,7 @@ fn a_flipped_byte_in_a_pack_fails_verify_and_failover_by_name() {
     }
     let named = |text: &str| names.iter().any(|n| text.contains(n.as_str()));
 
-    let (ok, out, err) = ripcord(
-        &[
-            "verify",
-            "--target",
-            &target,
-            "--passphrase-file",
-            ps.passphrase_file.to_str().unwrap(),
-        ],
-        &ps.passphrase_file,
-    )
-    .unwrap();
+    let (ok, out, err) = verify_store(&target, &ps.passphrase_file);
     assert!(!ok, "verify passed damaged packs");
     assert!(
         named(&out) || named(&err),
@@ -240,6 +220,16 @@ fn test_failover_while_replication_goes_on_loses_nothing() {
     let (ok, _, err) = failover(&target, &disk_id, "latest", &image, &ps.passphrase_file).unwrap();
     assert!(ok, "{err}");
     assert_same(&image, &disk.path, "final failover after test failovers");
+}
+
+/// `ripcord verify` with the passphrase (so batches are authenticated too).
+fn verify_store(target: &str, passphrase_file: &Path) -> (bool, String, String) {
+    let pass = passphrase_file.to_str().unwrap();
+    ripcord(
+        &["verify", "--target", target, "--passphrase-file", pass],
+        passphrase_file,
+    )
+    .unwrap()
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
