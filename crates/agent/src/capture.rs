@@ -179,14 +179,19 @@ impl Drop for RingPositions {
 pub struct Overflow {
     /// Regions whose events were dropped (device-relative sectors).
     pub regions: ExtentSet,
-    /// A dropped event was too wide for the bitmap: resync the whole device.
+    /// Resync the whole device: a dropped event was too wide for the bitmap, or the
+    /// kernel skipped the completion probe (see [`Capture::missed_completions`]).
     pub whole_device: bool,
+    /// Completion probe runs the kernel skipped since the last drain of this slot.
+    pub missed: u64,
 }
 
 /// Write generations at one instant (see [`Capture::gen_snapshot`]).
 pub struct GenSnapshot {
     words: Vec<u64>,
     wide: Vec<u64>,
+    /// Skipped runs of the queue probe at the snapshot (see [`Capture::raced_since`]).
+    queue_misses: u64,
 }
 
 /// The loaded and attached capture programs.
@@ -200,6 +205,7 @@ pub struct Capture {
     write_gen: MmapWords,
     devices: Vec<BlockDevice>,
     overflow_all_seen: Vec<u64>,
+    missed_seen: Vec<u64>,
 }
 
 const PROGRAMS: [&str; 2] = ["block_rq_complete", "block_bio_queue"];
@@ -318,6 +324,7 @@ impl Capture {
             write_gen,
             devices: devices.to_vec(),
             overflow_all_seen: vec![0; devices.len()],
+            missed_seen: vec![0; devices.len()],
         })
     }
 
@@ -405,11 +412,42 @@ impl Capture {
             }
         }
         let all = self.stats(slot).overflow_all;
-        let whole_device = all != self.overflow_all_seen[slot];
+        let missed_total = self.missed_completions();
+        let missed = missed_total - self.missed_seen[slot];
+        let whole_device = all != self.overflow_all_seen[slot] || missed > 0;
         self.overflow_all_seen[slot] = all;
+        self.missed_seen[slot] = missed_total;
         Overflow {
             regions,
             whole_device,
+            missed,
+        }
+    }
+
+    /// Runs of the completion probe the kernel skipped since it was attached.
+    ///
+    /// The kernel runs at most one program per CPU at a time on some attach paths and
+    /// skips (counting `recursion_misses`) a program whose tracepoint fires while another
+    /// runs, e.g. a completion in a softirq that interrupted a program on that CPU. Such a
+    /// completion is invisible: neither in the ring nor in the overflow bitmap, and its
+    /// device is unknown. The counter moves before the write's submitter sees it complete,
+    /// so checking it after draining covers every write completed before then; the only
+    /// safe response to a miss is to resynchronise every protected device.
+    pub fn missed_completions(&self) -> u64 {
+        self.recursion_misses(PROGRAMS[0])
+    }
+
+    /// Skipped runs of program `name` (0 if it is not loaded or the kernel cannot say).
+    fn recursion_misses(&self, name: &str) -> u64 {
+        let Some(fd) = self.ebpf.program(name).and_then(|p| p.fd().ok()) else {
+            return 0;
+        };
+        match prog_recursion_misses(fd.as_fd()) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("reading the statistics of program {name}: {e}");
+                0
+            }
         }
     }
 
@@ -445,15 +483,22 @@ impl Capture {
         let wide = (0..self.devices.len())
             .map(|slot| self.stats(slot).wide_gen)
             .collect();
-        GenSnapshot { words, wide }
+        GenSnapshot {
+            words,
+            wide,
+            queue_misses: self.recursion_misses(PROGRAMS[1]),
+        }
     }
 
-    /// True if a write touching `[sector, sector + len)` of `slot` was queued since `snap`.
+    /// True if a write touching `[sector, sector + len)` of `slot` was queued since `snap`
+    /// (or may have been: a skipped run of the queue probe counts as a race everywhere).
     pub fn raced_since(&self, snap: &GenSnapshot, slot: usize, sector: u64, len: u64) -> bool {
         if len == 0 {
             return false;
         }
-        if self.stats(slot).wide_gen != snap.wide[slot] {
+        if self.stats(slot).wide_gen != snap.wide[slot]
+            || self.recursion_misses(PROGRAMS[1]) != snap.queue_misses
+        {
             return true;
         }
         let first = sector >> WRITE_GEN_REGION_SHIFT;
@@ -478,6 +523,42 @@ impl Capture {
         }
         Ok(())
     }
+}
+
+/// `recursion_misses` of a loaded program, from `BPF_OBJ_GET_INFO_BY_FD`.
+fn prog_recursion_misses(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    // Offsets in `struct bpf_prog_info` (include/uapi/linux/bpf.h, stable ABI: fields are
+    // only ever appended): `recursion_misses` is the u64 at byte 208 (Linux >= 5.12).
+    const RECURSION_MISSES: usize = 208;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = [0u64; 32];
+    let mut attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: the kernel writes at most `info_len` bytes to `info` and updates `info_len`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoByFd>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if (attr.info_len as usize) < RECURSION_MISSES + 8 {
+        return Ok(0); // too old a kernel to count them
+    }
+    Ok(info[RECURSION_MISSES / 8])
 }
 
 fn array_data(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<MapData> {

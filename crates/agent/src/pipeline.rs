@@ -195,6 +195,9 @@ pub struct DiskCounters {
     pub clean_rounds: u64,
     /// Change events the kernel could not queue (their regions were resynchronised).
     pub dropped: u64,
+    /// Completions the kernel did not run the probe for (each one resynchronised the
+    /// whole device).
+    pub missed: u64,
 }
 
 /// One protected disk on the producer side.
@@ -312,6 +315,15 @@ pub fn round(
         d.counters.dropped = capture.stats(slot).dropped;
         for (s, l) in overflow.regions.iter() {
             d.dirty.insert(s, l);
+        }
+        if overflow.missed > 0 {
+            d.counters.missed += overflow.missed;
+            tracing::warn!(
+                device = %d.dev.path.display(),
+                missed = overflow.missed,
+                "the kernel skipped the completion probe (another BPF program was running \
+                 on that CPU): resynchronising the whole device"
+            );
         }
         if overflow.whole_device {
             d.dirty.insert(0, d.dev.sectors);

@@ -306,6 +306,7 @@ fn write_stats(
                 "clean_rounds": c.clean_rounds,
                 "raced_reads": c.raced_reads,
                 "dropped": c.dropped,
+                "missed": c.missed,
             })
         })
         .collect();

@@ -160,6 +160,7 @@ pub fn run(opts: &WatchOptions) -> anyhow::Result<()> {
                         "events": slot.events,
                         "dropped": stats.dropped,
                         "overflow_all": stats.overflow_all,
+                        "missed": capture.missed_completions(),
                     });
                     writeln!(out, "{line}").context("writing to stdout")?;
                 }
@@ -184,6 +185,7 @@ pub fn run(opts: &WatchOptions) -> anyhow::Result<()> {
                             "events": slot.events,
                             "dropped": stats.dropped,
                             "overflow_all": stats.overflow_all,
+                            "missed": capture.missed_completions(),
                             "dirty_bytes": slot.dirty.sectors() * 512,
                         })
                     })
