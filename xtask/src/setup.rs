@@ -3,10 +3,7 @@
 //! Each step checks first and does nothing when already satisfied, so running it before
 //! every other task costs well under a second on a prepared machine.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
@@ -19,7 +16,6 @@ pub fn run() -> anyhow::Result<()> {
     toolchains()?;
     bpf_linker()?;
     apt_packages()?;
-    tracefs()?;
     Ok(())
 }
 
@@ -180,18 +176,6 @@ fn apt_packages() -> anyhow::Result<()> {
         bail!("apt-get {} failed ({status})", args.join(" "));
     }
     Ok(())
-}
-
-fn tracefs() -> anyhow::Result<()> {
-    let tracing = Path::new("/sys/kernel/tracing");
-    if tracing.join("events").is_dir() {
-        return Ok(());
-    }
-    say("mounting tracefs on /sys/kernel/tracing");
-    cmd(
-        "mount",
-        &["-t", "tracefs", "tracefs", "/sys/kernel/tracing"],
-    )
 }
 
 #[cfg(test)]

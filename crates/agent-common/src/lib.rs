@@ -112,7 +112,7 @@ pub struct ChangeEvent {
     pub slot: u32,
     /// [`op`] flags.
     pub op: u32,
-    /// Error the request completed with (negative errno), 0 on success.
+    /// The `blk_status_t` the request completed with, 0 on success.
     pub error: i32,
 }
 /// Size of [`ChangeEvent`] in the ring buffer.
@@ -137,40 +137,74 @@ pub struct SlotStats {
 }
 const _: () = assert!(size_of::<SlotStats>() == 40);
 
-/// Decode a `rwbs` string (as `blk_fill_rwbs` writes it; its first 8 bytes as a
-/// little-endian word) into [`op`] flags.
+/// Where the BPF programs find what they need in the kernel's block-layer structures, and
+/// the kernel's operation codes: read from the running kernel's BTF at load time (the
+/// programs are raw tracepoints, whose arguments are `struct request *` and
+/// `struct bio *`), and set as one global before loading.
 ///
-/// The layout is: an optional `F` for REQ_PREFLUSH, one operation letter (`W`rite,
-/// `D`iscard (`DE` secure erase), `F`lush, `R`ead, `N` other: write-zeroes on a block
-/// device), then modifier letters (`F` FUA, `A`, `S`, `M`, ...). A bare `F` is a flush.
-#[inline(always)]
-pub fn parse_rwbs(rwbs: u64) -> u32 {
-    // Characters are taken by shifting one little-endian word: the BPF verifier rejects
-    // variable indexes into a stack array.
-    let c = |i: u32| (rwbs >> (8 * i)) as u8;
-    let preflush = c(0) == b'F' && matches!(c(1), b'W' | b'D' | b'F' | b'R' | b'N');
-    let (mut flags, opc, next, after) = if preflush {
-        (op::FLUSH, c(1), c(2), c(3))
-    } else {
-        (0, c(0), c(1), c(2))
-    };
-    let mut modifier = next;
-    match opc {
-        b'W' => flags |= op::WRITE,
-        b'D' if next == b'E' => {
-            flags |= op::SECURE_ERASE;
-            modifier = after;
+/// Offsets are in bytes; `flag_*` are masks of `cmd_flags`/`bi_opf`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockLayout {
+    /// `struct request`: `q`, `__sector`, `cmd_flags`.
+    pub rq_q: u32,
+    pub rq_sector: u32,
+    pub rq_cmd_flags: u32,
+    /// `struct request_queue`: `disk`.
+    pub q_disk: u32,
+    /// `struct gendisk`: `major`, `first_minor`.
+    pub disk_major: u32,
+    pub disk_first_minor: u32,
+    /// `struct bio`: `bi_bdev`, `bi_opf`, `bi_iter.bi_sector`, `bi_iter.bi_size`.
+    pub bio_bdev: u32,
+    pub bio_opf: u32,
+    pub bio_sector: u32,
+    pub bio_size: u32,
+    /// `struct block_device`: `bd_disk`.
+    pub bdev_disk: u32,
+    /// `enum req_op` values.
+    pub op_write: u32,
+    pub op_zone_append: u32,
+    pub op_flush: u32,
+    pub op_discard: u32,
+    pub op_secure_erase: u32,
+    pub op_write_zeroes: u32,
+    /// `REQ_FUA` and `REQ_PREFLUSH` masks.
+    pub flag_fua: u32,
+    pub flag_preflush: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<BlockLayout>() == 80);
+
+/// Bits of `cmd_flags`/`bi_opf` holding the operation (`REQ_OP_BITS`; 8 since Linux 4.10).
+pub const REQ_OP_MASK: u32 = 0xff;
+
+impl BlockLayout {
+    /// [`op`] flags of a request or bio with flags `opf`.
+    #[inline(always)]
+    pub fn op_flags(&self, opf: u32) -> u32 {
+        let code = opf & REQ_OP_MASK;
+        let mut flags = if code == self.op_write || code == self.op_zone_append {
+            op::WRITE
+        } else if code == self.op_discard {
+            op::DISCARD
+        } else if code == self.op_secure_erase {
+            op::SECURE_ERASE
+        } else if code == self.op_write_zeroes {
+            op::WRITE_ZEROES
+        } else if code == self.op_flush {
+            op::FLUSH
+        } else {
+            0
+        };
+        if opf & self.flag_fua != 0 && flags & op::WRITE != 0 {
+            flags |= op::FUA;
         }
-        b'D' => flags |= op::DISCARD,
-        b'F' => flags |= op::FLUSH,
-        b'N' => flags |= op::WRITE_ZEROES,
-        _ => {}
+        if opf & self.flag_preflush != 0 {
+            flags |= op::FLUSH;
+        }
+        flags
     }
-    // FUA is the first modifier letter when present.
-    if modifier == b'F' {
-        flags |= op::FUA;
-    }
-    flags
 }
 
 /// Kernel-internal `dev_t` (`MKDEV`: 12-bit major, 20-bit minor) as block tracepoints
@@ -198,34 +232,52 @@ mod user {
     unsafe impl aya::Pod for super::ChangeEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SlotStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BlockLayout {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn rwbs(s: &str) -> u64 {
-        let mut b = [0u8; 8];
-        b[..s.len()].copy_from_slice(s.as_bytes());
-        u64::from_le_bytes(b)
+    /// Linux 6.x values (include/linux/blk_types.h).
+    fn layout() -> BlockLayout {
+        BlockLayout {
+            op_write: 1,
+            op_flush: 2,
+            op_discard: 3,
+            op_secure_erase: 5,
+            op_zone_append: 7,
+            op_write_zeroes: 9,
+            flag_fua: 1 << 17,
+            flag_preflush: 1 << 18,
+            ..BlockLayout::default()
+        }
     }
 
     #[test]
-    fn rwbs_decoding() {
-        assert_eq!(parse_rwbs(rwbs("W")), op::WRITE);
-        assert_eq!(parse_rwbs(rwbs("WS")), op::WRITE);
-        assert_eq!(parse_rwbs(rwbs("WFS")), op::WRITE | op::FUA);
-        assert_eq!(parse_rwbs(rwbs("FWFS")), op::FLUSH | op::WRITE | op::FUA);
-        assert_eq!(parse_rwbs(rwbs("FWS")), op::FLUSH | op::WRITE);
-        assert_eq!(parse_rwbs(rwbs("F")), op::FLUSH);
-        assert_eq!(parse_rwbs(rwbs("FF")), op::FLUSH);
-        assert_eq!(parse_rwbs(rwbs("FS")), op::FLUSH);
-        assert_eq!(parse_rwbs(rwbs("DS")), op::DISCARD);
-        assert_eq!(parse_rwbs(rwbs("DE")), op::SECURE_ERASE);
-        assert_eq!(parse_rwbs(rwbs("NS")), op::WRITE_ZEROES);
-        assert_eq!(parse_rwbs(rwbs("RA")), 0);
-        assert_eq!(parse_rwbs(rwbs("RS")), 0);
-        assert_eq!(parse_rwbs(rwbs("")), 0);
+    fn op_decoding() {
+        let l = layout();
+        assert_eq!(l.op_flags(1), op::WRITE);
+        assert_eq!(
+            l.op_flags(1 | 1 << 11),
+            op::WRITE,
+            "other modifier bits ignored"
+        );
+        assert_eq!(l.op_flags(1 | 1 << 17), op::WRITE | op::FUA);
+        assert_eq!(
+            l.op_flags(1 | 1 << 17 | 1 << 18),
+            op::WRITE | op::FUA | op::FLUSH
+        );
+        assert_eq!(l.op_flags(7), op::WRITE, "zone append writes data");
+        assert_eq!(l.op_flags(2), op::FLUSH);
+        assert_eq!(l.op_flags(2 | 1 << 18), op::FLUSH);
+        assert_eq!(l.op_flags(3), op::DISCARD);
+        assert_eq!(l.op_flags(5), op::SECURE_ERASE);
+        assert_eq!(l.op_flags(9), op::WRITE_ZEROES);
+        assert_eq!(l.op_flags(0), 0, "read");
+        assert_eq!(l.op_flags(34), 0, "driver-private");
+        assert_eq!(l.op_flags(1 << 17), 0, "a read with FUA changes nothing");
     }
 
     #[test]

@@ -1,15 +1,21 @@
-//! ripcord's block-change capture programs.
+//! ripcord's block-change capture programs, on raw tracepoints.
 //!
-//! * `block_rq_complete`: every completed write, discard, write-zeroes and flush on a
-//!   protected device becomes a [`ChangeEvent`] in the `EVENTS` ring buffer. When the ring
-//!   is full the event's range is set in the slot's overflow bitmap and the drop counter
-//!   is bumped: never a silent drop.
-//! * `block_bio_queue`: every *queued* write bumps the write generation of the regions it
-//!   covers (`WRITE_GEN`), so the agent can tell whether a newer write was queued while it
-//!   read a region back.
+//! * `block_rq_complete(struct request *, blk_status_t, unsigned int nr_bytes)`: every
+//!   completed write, discard, write-zeroes and flush on a protected device becomes a
+//!   [`ChangeEvent`] in the `EVENTS` ring buffer. When the ring is full the event's range
+//!   is set in the slot's overflow bitmap and the drop counter is bumped: never a silent
+//!   drop.
+//! * `block_bio_queue(struct bio *)`: every *queued* write bumps the write generation of
+//!   the regions it covers (`WRITE_GEN`), so the agent can tell whether a newer write was
+//!   queued while it read a region back.
 //!
-//! Tracepoint field offsets come from tracefs at load time (globals below), so this object
-//! does not depend on one kernel's struct layout.
+//! Raw tracepoints, not perf-event tracepoints: the kernel runs a perf-event tracepoint
+//! program only if no BPF program at all is running on that CPU, so a completion in a
+//! softirq that interrupted the queue probe was skipped without a trace. Raw tracepoint
+//! programs are only skipped if the *same* program is interrupted (the agent detects that
+//! from the program's `recursion_misses` and resynchronises). They also skip building the
+//! perf record. Field offsets and operation codes come from the kernel's BTF at load time
+//! (the `LAYOUT` global), so this object does not depend on one kernel's struct layout.
 //!
 //! On the host (`cargo clippy --workspace`, `cargo test --workspace`) this compiles to an
 //! empty program, so workspace-wide commands need no special casing.
@@ -25,39 +31,43 @@
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code))]
 
 use agent_common::{
-    ChangeEvent, DiskRanges, MAX_GEN_REGIONS_PER_WRITE, MAX_OVERFLOW_BITS_PER_EVENT,
+    BlockLayout, ChangeEvent, DiskRanges, MAX_GEN_REGIONS_PER_WRITE, MAX_OVERFLOW_BITS_PER_EVENT,
     MAX_RANGES_PER_DISK, MAX_SLOTS, OVERFLOW_BITS_PER_SLOT, OVERFLOW_WORDS,
     OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT,
-    op, parse_rwbs, write_gen_index,
+    kernel_dev, op, write_gen_index,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::bpf_ktime_get_ns,
-    macros::{map, tracepoint},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{map, raw_tracepoint},
     maps::{Array, HashMap, RingBuf},
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 
-// Field offsets of block:block_rq_complete, set by the agent from tracefs.
+/// Kernel structure offsets and operation codes, set by the agent from BTF.
 #[unsafe(no_mangle)]
-static RQ_DEV_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static RQ_SECTOR_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static RQ_NR_SECTOR_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static RQ_ERROR_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static RQ_RWBS_OFF: u32 = 0;
-// Field offsets of block:block_bio_queue.
-#[unsafe(no_mangle)]
-static BQ_DEV_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static BQ_SECTOR_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static BQ_NR_SECTOR_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static BQ_RWBS_OFF: u32 = 0;
+static LAYOUT: BlockLayout = BlockLayout {
+    rq_q: 0,
+    rq_sector: 0,
+    rq_cmd_flags: 0,
+    q_disk: 0,
+    disk_major: 0,
+    disk_first_minor: 0,
+    bio_bdev: 0,
+    bio_opf: 0,
+    bio_sector: 0,
+    bio_size: 0,
+    bdev_disk: 0,
+    op_write: 0,
+    op_zone_append: 0,
+    op_flush: 0,
+    op_discard: 0,
+    op_secure_erase: 0,
+    op_write_zeroes: 0,
+    flag_fua: 0,
+    flag_preflush: 0,
+    _pad: 0,
+};
 /// Wake the consumer only once this many bytes wait in the ring; below it the agent's
 /// poll timeout collects them. Batches wakeups instead of one per event.
 #[unsafe(no_mangle)]
@@ -81,10 +91,22 @@ fn global<T: Copy>(v: &T) -> T {
     unsafe { core::ptr::read_volatile(v) }
 }
 
+/// Read a `T` at `base + offset` of kernel memory.
 #[inline(always)]
-fn field<T>(ctx: &TracePointContext, off: &u32) -> Result<T, i32> {
-    // SAFETY: bpf_probe_read_kernel checks the address; a bad offset yields Err.
-    unsafe { ctx.read_at::<T>(global(off) as usize) }
+fn kread<T>(base: u64, offset: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one yields Err.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.map_err(|_| -1)
+}
+
+/// Kernel `dev_t` of a `struct gendisk *`.
+#[inline(always)]
+fn disk_dev(layout: &BlockLayout, disk: u64) -> Result<u32, i32> {
+    if disk == 0 {
+        return Err(0);
+    }
+    let major: i32 = kread(disk, layout.disk_major)?;
+    let minor: i32 = kread(disk, layout.disk_first_minor)?;
+    Ok(kernel_dev(major as u32, minor as u32))
 }
 
 /// Atomic `*ptr += 1`, returning the old value. SeqCst: LLVM's BPF backend lowers a
@@ -121,26 +143,33 @@ fn fetch_or(ptr: *mut u64, bits: u64) {
         .fetch_or(bits, core::sync::atomic::Ordering::Relaxed);
 }
 
-#[tracepoint]
-pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "block_rq_complete")]
+pub fn block_rq_complete(ctx: RawTracePointContext) -> i32 {
     let _ = try_rq_complete(&ctx);
     0
 }
 
-fn try_rq_complete(ctx: &TracePointContext) -> Result<(), i32> {
-    let dev: u32 = field(ctx, &RQ_DEV_OFF)?;
+fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
+    // SAFETY: a volatile read of the global the loader patched (see `global`).
+    let layout: BlockLayout = unsafe { core::ptr::read_volatile(&LAYOUT) };
+    let rq: u64 = ctx.arg(0);
+    let status = ctx.arg::<u64>(1) as u8;
+    let nr_bytes = ctx.arg::<u64>(2) as u32;
+    let q: u64 = kread(rq, layout.rq_q)?;
+    let disk: u64 = kread(q, layout.q_disk)?;
+    let dev = disk_dev(&layout, disk)?;
     // SAFETY: the value is only read in this program run.
     let Some(disk) = (unsafe { PROTECTED.get(dev) }) else {
         return Ok(());
     };
-    let rwbs: u64 = field(ctx, &RQ_RWBS_OFF)?;
-    let mut flags = parse_rwbs(rwbs);
+    let cmd_flags: u32 = kread(rq, layout.rq_cmd_flags)?;
+    let mut flags = layout.op_flags(cmd_flags);
     if flags & (op::CHANGES_DATA | op::FLUSH) == 0 {
         return Ok(());
     }
-    let sector: u64 = field(ctx, &RQ_SECTOR_OFF)?;
-    let nr: u32 = field(ctx, &RQ_NR_SECTOR_OFF)?;
-    let error: i32 = field(ctx, &RQ_ERROR_OFF)?;
+    let sector: u64 = kread(rq, layout.rq_sector)?;
+    let nr = nr_bytes >> 9;
+    let error = status as i32;
     if error != 0 {
         flags |= op::ERROR;
     }
@@ -234,24 +263,30 @@ fn mark_overflow(r: &ProtectedRange, sector: u64, sectors: u64, stats: *mut Slot
     }
 }
 
-#[tracepoint]
-pub fn block_bio_queue(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "block_bio_queue")]
+pub fn block_bio_queue(ctx: RawTracePointContext) -> i32 {
     let _ = try_bio_queue(&ctx);
     0
 }
 
-fn try_bio_queue(ctx: &TracePointContext) -> Result<(), i32> {
-    let dev: u32 = field(ctx, &BQ_DEV_OFF)?;
+fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
+    // SAFETY: as in `try_rq_complete`.
+    let layout: BlockLayout = unsafe { core::ptr::read_volatile(&LAYOUT) };
+    let bio: u64 = ctx.arg(0);
+    let bdev: u64 = kread(bio, layout.bio_bdev)?;
+    let disk: u64 = kread(bdev, layout.bdev_disk)?;
+    let dev = disk_dev(&layout, disk)?;
     // SAFETY: the value is only read in this program run.
     let Some(disk) = (unsafe { PROTECTED.get(dev) }) else {
         return Ok(());
     };
-    let rwbs: u64 = field(ctx, &BQ_RWBS_OFF)?;
-    if parse_rwbs(rwbs) & op::CHANGES_DATA == 0 {
+    let opf: u32 = kread(bio, layout.bio_opf)?;
+    if layout.op_flags(opf) & op::CHANGES_DATA == 0 {
         return Ok(());
     }
-    let sector: u64 = field(ctx, &BQ_SECTOR_OFF)?;
-    let nr: u32 = field(ctx, &BQ_NR_SECTOR_OFF)?;
+    // Queued bios are already remapped to absolute disk sectors.
+    let sector: u64 = kread(bio, layout.bio_sector)?;
+    let nr = kread::<u32>(bio, layout.bio_size)? >> 9;
     if nr == 0 {
         return Ok(());
     }

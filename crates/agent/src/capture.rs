@@ -10,18 +10,18 @@ use std::{
 };
 
 use agent_common::{
-    ChangeEvent, DEFAULT_RING_BYTES, DiskRanges, MAX_RANGES_PER_DISK, MAX_SLOTS, OVERFLOW_WORDS,
-    OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT,
-    write_gen_index,
+    BlockLayout, ChangeEvent, DEFAULT_RING_BYTES, DiskRanges, MAX_RANGES_PER_DISK, MAX_SLOTS,
+    OVERFLOW_WORDS, OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES,
+    WRITE_GEN_REGION_SHIFT, write_gen_index,
 };
 use anyhow::{Context as _, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, RingBuf},
-    programs::{TracePoint, trace_point::TracePointLinkId},
+    programs::{RawTracePoint, raw_trace_point::RawTracePointLinkId},
 };
 
-use crate::{device::BlockDevice, event, extents::ExtentSet, tracefs};
+use crate::{btf, device::BlockDevice, event, extents::ExtentSet};
 
 /// The BPF object built by build.rs.
 static BPF_OBJECT: &[u8] =
@@ -197,7 +197,7 @@ pub struct GenSnapshot {
 /// The loaded and attached capture programs.
 pub struct Capture {
     ebpf: Ebpf,
-    links: Vec<(&'static str, TracePointLinkId)>,
+    links: Vec<(&'static str, RawTracePointLinkId)>,
     ring: RingBuf<MapData>,
     positions: RingPositions,
     stats: Array<MapData, SlotStats>,
@@ -233,31 +233,9 @@ impl Capture {
                 );
             }
         }
-        let tracefs = tracefs::mount_point()?;
-        let rq = tracefs::Format::read(&tracefs, "block", "block_rq_complete")?;
-        let bq = tracefs::Format::read(&tracefs, "block", "block_bio_queue")?;
-        let offsets: [(&str, u32); 9] = [
-            ("RQ_DEV_OFF", rq.offset("dev", &[4], "4")?),
-            ("RQ_SECTOR_OFF", rq.offset("sector", &[8], "8")?),
-            ("RQ_NR_SECTOR_OFF", rq.offset("nr_sector", &[4], "4")?),
-            ("RQ_ERROR_OFF", rq.offset("error", &[4], "4")?),
-            (
-                "RQ_RWBS_OFF",
-                rq.offset("rwbs", &[8, 9, 10, 11, 12, 16], "8 to 16")?,
-            ),
-            ("BQ_DEV_OFF", bq.offset("dev", &[4], "4")?),
-            ("BQ_SECTOR_OFF", bq.offset("sector", &[8], "8")?),
-            ("BQ_NR_SECTOR_OFF", bq.offset("nr_sector", &[4], "4")?),
-            (
-                "BQ_RWBS_OFF",
-                bq.offset("rwbs", &[8, 9, 10, 11, 12, 16], "8 to 16")?,
-            ),
-        ];
-
+        let layout = block_layout(&btf::Btf::kernel()?)?;
         let mut loader = EbpfLoader::new();
-        for (name, off) in &offsets {
-            loader.override_global(name, off, true);
-        }
+        loader.override_global("LAYOUT", &layout, true);
         loader.override_global("WAKEUP_BYTES", &config.wakeup_bytes, true);
         loader.map_max_entries("EVENTS", config.ring_bytes);
         let mut ebpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
@@ -303,15 +281,15 @@ impl Capture {
             &PROGRAMS[..1]
         };
         for &name in programs {
-            let prog: &mut TracePoint = ebpf
+            let prog: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the BPF object"))?
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("loading program {name}"))?;
             let link = prog
-                .attach("block", name)
-                .with_context(|| format!("attaching to tracepoint block:{name}"))?;
+                .attach(name)
+                .with_context(|| format!("attaching to raw tracepoint {name}"))?;
             links.push((name, link));
         }
         Ok(Capture {
@@ -513,7 +491,7 @@ impl Capture {
     /// the ring and the overflow bitmap can still be drained.
     pub fn detach(&mut self) -> anyhow::Result<()> {
         for (name, link) in self.links.drain(..) {
-            let prog: &mut TracePoint = self
+            let prog: &mut RawTracePoint = self
                 .ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name}"))?
@@ -559,6 +537,56 @@ fn prog_recursion_misses(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
         return Ok(0); // too old a kernel to count them
     }
     Ok(info[RECURSION_MISSES / 8])
+}
+
+/// The kernel's block-layer offsets and operation codes, from its BTF.
+pub fn block_layout(btf: &btf::Btf) -> anyhow::Result<BlockLayout> {
+    let field = |st: &str, path: &[&str], size: u32| -> anyhow::Result<u32> {
+        let (off, got) = btf.member(st, path)?;
+        ensure!(
+            got == size,
+            "struct {st}.{} is {got} bytes in this kernel, expected {size}",
+            path.join(".")
+        );
+        Ok(off)
+    };
+    let code = |name: &str| -> anyhow::Result<u32> {
+        let v = btf.enum_value(name)?;
+        ensure!(
+            v <= u64::from(agent_common::REQ_OP_MASK),
+            "{name} = {v} does not fit the operation bits"
+        );
+        Ok(v as u32)
+    };
+    let bit = |name: &str| -> anyhow::Result<u32> {
+        let v = btf.enum_value(name)?;
+        ensure!(v < 32, "{name} = {v} is not a bit of a 32-bit blk_opf_t");
+        Ok(1 << v)
+    };
+    let layout = BlockLayout {
+        rq_q: field("request", &["q"], 8)?,
+        rq_sector: field("request", &["__sector"], 8)?,
+        rq_cmd_flags: field("request", &["cmd_flags"], 4)?,
+        q_disk: field("request_queue", &["disk"], 8)?,
+        disk_major: field("gendisk", &["major"], 4)?,
+        disk_first_minor: field("gendisk", &["first_minor"], 4)?,
+        bio_bdev: field("bio", &["bi_bdev"], 8)?,
+        bio_opf: field("bio", &["bi_opf"], 4)?,
+        bio_sector: field("bio", &["bi_iter", "bi_sector"], 8)?,
+        bio_size: field("bio", &["bi_iter", "bi_size"], 4)?,
+        bdev_disk: field("block_device", &["bd_disk"], 8)?,
+        op_write: code("REQ_OP_WRITE")?,
+        op_zone_append: code("REQ_OP_ZONE_APPEND")?,
+        op_flush: code("REQ_OP_FLUSH")?,
+        op_discard: code("REQ_OP_DISCARD")?,
+        op_secure_erase: code("REQ_OP_SECURE_ERASE")?,
+        op_write_zeroes: code("REQ_OP_WRITE_ZEROES")?,
+        flag_fua: bit("__REQ_FUA")?,
+        flag_preflush: bit("__REQ_PREFLUSH")?,
+        _pad: 0,
+    };
+    tracing::debug!(?layout, "block layer layout from BTF");
+    Ok(layout)
 }
 
 fn array_data(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<MapData> {

@@ -3,6 +3,7 @@
 //! The library holds the logic (decoding, extent sets, device resolution, capture) so it
 //! is unit-testable; `main.rs` is the command line.
 
+pub mod btf;
 pub mod capture;
 pub mod config;
 pub mod device;
@@ -14,5 +15,4 @@ pub mod preflight;
 pub mod protect;
 pub mod readback;
 pub mod state;
-pub mod tracefs;
 pub mod watch;

@@ -1,8 +1,6 @@
 //! Start-up checks that say exactly what is missing and how to fix it, before the BPF
 //! loader fails with an errno.
 
-use std::path::Path;
-
 /// One unmet requirement, with the fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -71,30 +69,16 @@ pub fn check() -> Vec<Problem> {
             fix: "upgrade the kernel".into(),
         }),
     }
-    match crate::tracefs::mount_point() {
+    // The probes are raw tracepoints on the block layer; what they read of its structures
+    // is located through the kernel's BTF.
+    match crate::btf::Btf::kernel().and_then(|b| crate::capture::block_layout(&b)) {
+        Ok(_) => {}
         Err(e) => problems.push(Problem {
-            what: e.to_string(),
-            fix: "mount -t tracefs tracefs /sys/kernel/tracing".into(),
+            what: format!("{e:#}"),
+            fix: "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (every major distribution's \
+                  kernel is)"
+                .into(),
         }),
-        Ok(tracefs) => {
-            for tp in ["block_rq_complete", "block_bio_queue"] {
-                if !tracefs.join("events/block").join(tp).is_dir() {
-                    problems.push(Problem {
-                        what: format!(
-                            "tracepoint block:{tp} is missing from {}",
-                            tracefs.display()
-                        ),
-                        fix: "use a kernel built with CONFIG_BLK_DEV_IO_TRACE / block tracepoints"
-                            .into(),
-                    });
-                }
-            }
-        }
-    }
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        // Not needed by today's programs (offsets come from tracefs), but reported so the
-        // operator knows BTF-based features will be unavailable.
-        tracing::warn!("no kernel BTF at /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF)");
     }
     problems
 }
