@@ -81,6 +81,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(agent_common::DEFAULT_RING_BYTE
 static STATS: Array<SlotStats> = Array::with_max_entries(MAX_SLOTS, 0);
 #[map]
 static OVERFLOW: Array<u64> = Array::with_max_entries(OVERFLOW_WORDS, BPF_F_MMAPABLE);
+/// Runs that could not read what they needed from the kernel (index 0: the completion
+/// probe, 1: the queue probe). The agent treats them like skipped runs.
+#[map]
+static PROBE_ERRORS: Array<u64> = Array::with_max_entries(2, 0);
 #[map]
 static WRITE_GEN: Array<u64> = Array::with_max_entries(WRITE_GEN_ENTRIES, BPF_F_MMAPABLE);
 
@@ -102,7 +106,7 @@ fn kread<T>(base: u64, offset: u32) -> Result<T, i32> {
 #[inline(always)]
 fn disk_dev(layout: &BlockLayout, disk: u64) -> Result<u32, i32> {
     if disk == 0 {
-        return Err(0);
+        return Ok(0); // no disk (the tracepoint reports dev 0): never protected
     }
     let major: i32 = kread(disk, layout.disk_major)?;
     let minor: i32 = kread(disk, layout.disk_first_minor)?;
@@ -145,8 +149,17 @@ fn fetch_or(ptr: *mut u64, bits: u64) {
 
 #[raw_tracepoint(tracepoint = "block_rq_complete")]
 pub fn block_rq_complete(ctx: RawTracePointContext) -> i32 {
-    let _ = try_rq_complete(&ctx);
+    if try_rq_complete(&ctx).is_err() {
+        count_error(0);
+    }
     0
+}
+
+#[inline(always)]
+fn count_error(program: u32) {
+    if let Some(p) = PROBE_ERRORS.get_ptr_mut(program) {
+        fetch_inc(p);
+    }
 }
 
 fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
@@ -265,7 +278,9 @@ fn mark_overflow(r: &ProtectedRange, sector: u64, sectors: u64, stats: *mut Slot
 
 #[raw_tracepoint(tracepoint = "block_bio_queue")]
 pub fn block_bio_queue(ctx: RawTracePointContext) -> i32 {
-    let _ = try_bio_queue(&ctx);
+    if try_bio_queue(&ctx).is_err() {
+        count_error(1);
+    }
     0
 }
 

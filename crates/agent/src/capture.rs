@@ -201,6 +201,7 @@ pub struct Capture {
     ring: RingBuf<MapData>,
     positions: RingPositions,
     stats: Array<MapData, SlotStats>,
+    probe_errors: Array<MapData, u64>,
     overflow: MmapWords,
     write_gen: MmapWords,
     devices: Vec<BlockDevice>,
@@ -271,6 +272,10 @@ impl Capture {
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
         let positions = RingPositions::new(ring.as_fd().as_raw_fd())?;
         let stats = Array::try_from(ebpf.take_map("STATS").context("map STATS")?)?;
+        let probe_errors = Array::try_from(
+            ebpf.take_map("PROBE_ERRORS")
+                .context("map PROBE_ERRORS")?,
+        )?;
         let overflow = MmapWords::new(array_data(&mut ebpf, "OVERFLOW")?, OVERFLOW_WORDS)?;
         let write_gen = MmapWords::new(array_data(&mut ebpf, "WRITE_GEN")?, WRITE_GEN_ENTRIES)?;
 
@@ -298,6 +303,7 @@ impl Capture {
             ring,
             positions,
             stats,
+            probe_errors,
             overflow,
             write_gen,
             devices: devices.to_vec(),
@@ -410,9 +416,19 @@ impl Capture {
     /// completion is invisible: neither in the ring nor in the overflow bitmap, and its
     /// device is unknown. The counter moves before the write's submitter sees it complete,
     /// so checking it after draining covers every write completed before then; the only
-    /// safe response to a miss is to resynchronise every protected device.
+    /// safe response to a miss is to resynchronise every protected device. Runs that
+    /// failed to read the kernel's request count the same way.
     pub fn missed_completions(&self) -> u64 {
-        self.recursion_misses(PROGRAMS[0])
+        self.recursion_misses(PROGRAMS[0]) + self.probe_errors(0)
+    }
+
+    /// Skipped or failed runs of the queue probe.
+    fn missed_queues(&self) -> u64 {
+        self.recursion_misses(PROGRAMS[1]) + self.probe_errors(1)
+    }
+
+    fn probe_errors(&self, program: u32) -> u64 {
+        self.probe_errors.get(&program, 0).unwrap_or(0)
     }
 
     /// Skipped runs of program `name` (0 if it is not loaded or the kernel cannot say).
@@ -464,7 +480,7 @@ impl Capture {
         GenSnapshot {
             words,
             wide,
-            queue_misses: self.recursion_misses(PROGRAMS[1]),
+            queue_misses: self.missed_queues(),
         }
     }
 
@@ -475,7 +491,7 @@ impl Capture {
             return false;
         }
         if self.stats(slot).wide_gen != snap.wide[slot]
-            || self.recursion_misses(PROGRAMS[1]) != snap.queue_misses
+            || self.missed_queues() != snap.queue_misses
         {
             return true;
         }
