@@ -271,3 +271,82 @@ fn write_generation_moves_when_a_write_is_queued() {
     );
     capture.detach().unwrap();
 }
+
+/// Every completed write and discard of an oracle workload (queue depth 16 through
+/// io_uring, flushes, discards) shows up as a change event covering it, with a completion
+/// time between the op's submission and its reaping, or is covered by an overflow line.
+///
+/// Known failure (docs/decisions/0005): about one 3-second run in ten under CPU load, the
+/// kernel fires `block_rq_complete` for a few requests completed in a softirq that runs
+/// in an unrelated task's context, and the raw tracepoint program is not run for them
+/// while `recursion_misses` stays 0. Until that is understood this test is opt-in:
+/// `cargo test -p ripcord-tests --test capture -- --ignored every_oracle_op`.
+#[test]
+#[ignore = "reproduces a known, unexplained loss of completion events (docs/decisions/0005)"]
+fn every_oracle_op_completion_is_captured() {
+    if !require_root("every_oracle_op_completion_is_captured") {
+        return;
+    }
+    use ripcord_oracle::log::{Log, OpKind};
+    for run in 0..5u64 {
+        let dir = Scratch::new("capture-oracle");
+        let lo = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
+        let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], &dir.path).unwrap();
+        let log_path = dir.path.join("oracle.log");
+        let status = std::process::Command::new(binary("ripcord-oracle"))
+            .args(["workload", "--seconds", "3", "--qd", "16", "--iops", "3000"])
+            .args(["--flush-every", "32", "--discard-percent", "3", "--seed"])
+            .arg((100 + run).to_string())
+            .arg("--device")
+            .arg(&lo.path)
+            .arg("--log")
+            .arg(&log_path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "oracle workload failed");
+        let captured = watcher.stop().unwrap();
+        let dev = dev_id(&lo.path);
+        if !captured.overflow.iter().all(|o| o.dev != dev) {
+            eprintln!("run {run}: overflow lines (ranges resynchronised): accepted");
+        }
+        let mut events: Vec<_> = captured
+            .changes
+            .iter()
+            .filter(|e| e.dev == dev && e.op != "flush")
+            .map(|e| (e.time_ns, e.sector, e.sectors))
+            .collect();
+        events.sort_unstable();
+        let log = Log::open(&log_path).unwrap();
+        let mut lost = Vec::new();
+        for op in log.ops.iter().filter(|o| o.kind != OpKind::Flush && o.ok()) {
+            let complete = op.complete_ns.expect("ok ops completed");
+            let (s0, s1) = (
+                op.first_block * 8,
+                (op.first_block + u64::from(op.block_count)) * 8,
+            );
+            let lo_i = events.partition_point(|e| e.0 < op.submit_ns);
+            let hi_i = events.partition_point(|e| e.0 <= complete);
+            let mut seen: ExtentSet = events[lo_i..hi_i].iter().map(|&(_, s, n)| (s, n)).collect();
+            for (s, l) in captured
+                .overflow
+                .iter()
+                .filter(|o| o.dev == dev)
+                .map(|o| (o.sector, o.sectors))
+            {
+                seen.insert(s, l);
+            }
+            if (s0..s1).any(|x| !seen.contains(x)) {
+                lost.push(*op);
+            }
+        }
+        assert!(
+            lost.is_empty(),
+            "run {run}: {} of {} completed ops have no change event between their submission \
+             and completion, e.g. {:?}; stats {:?}",
+            lost.len(),
+            log.ops.len(),
+            &lost[..lost.len().min(5)],
+            captured.stats_for(&dev)
+        );
+    }
+}

@@ -272,10 +272,8 @@ impl Capture {
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
         let positions = RingPositions::new(ring.as_fd().as_raw_fd())?;
         let stats = Array::try_from(ebpf.take_map("STATS").context("map STATS")?)?;
-        let probe_errors = Array::try_from(
-            ebpf.take_map("PROBE_ERRORS")
-                .context("map PROBE_ERRORS")?,
-        )?;
+        let probe_errors =
+            Array::try_from(ebpf.take_map("PROBE_ERRORS").context("map PROBE_ERRORS")?)?;
         let overflow = MmapWords::new(array_data(&mut ebpf, "OVERFLOW")?, OVERFLOW_WORDS)?;
         let write_gen = MmapWords::new(array_data(&mut ebpf, "WRITE_GEN")?, WRITE_GEN_ENTRIES)?;
 
@@ -490,8 +488,7 @@ impl Capture {
         if len == 0 {
             return false;
         }
-        if self.stats(slot).wide_gen != snap.wide[slot]
-            || self.missed_queues() != snap.queue_misses
+        if self.stats(slot).wide_gen != snap.wide[slot] || self.missed_queues() != snap.queue_misses
         {
             return true;
         }

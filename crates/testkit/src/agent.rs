@@ -20,6 +20,9 @@ pub struct AgentEvent {
     pub op: String,
     #[serde(default)]
     pub seq: Option<u64>,
+    /// Completion time (CLOCK_MONOTONIC ns); 0 on overflow and stats lines.
+    #[serde(default)]
+    pub time_ns: u64,
     #[serde(default)]
     pub events: u64,
     #[serde(default)]
