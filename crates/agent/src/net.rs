@@ -16,8 +16,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use quinn::{Connection, RecvStream, SendStream};
 use ripcord_proto::{
-    DiskId, ErrorCode, Hello, Message, PROTOCOL_VERSION, ProtectDisk, Sender, SenderConfig,
-    SenderEvent, aead, decode_frame, handshake::check_hello_ack,
+    DiskId, ErrorCode, Hello, Message, PROTOCOL_VERSION, ProtectDisk, PushError, Sender,
+    SenderConfig, SenderEvent, aead, decode_frame, handshake::check_hello_ack,
 };
 use ripcord_seal::{DataKey, escrow::wrap_data_key};
 use ripcord_transport::{Identity, TransportOptions, connect, endpoint::client_endpoint_with};
@@ -94,25 +94,41 @@ impl DiskLink {
         }
     }
 
-    fn push(&mut self, item: Outgoing) -> anyhow::Result<()> {
+    /// Hand `item` to the sender. Returns false (and keeps the item in `pending`) when the
+    /// sender's buffer is full: the caller stops pulling from the producer until acks
+    /// make room, so nothing is dropped.
+    fn push(&mut self, item: Outgoing) -> anyhow::Result<bool> {
         match item {
             Outgoing::Batch(b, oldest) => {
                 let last = b.last_seq;
-                self.sender
-                    .push(b)
-                    .map_err(|e| anyhow::anyhow!("sender refused a batch: {e}"))?;
+                match self.sender.push(b) {
+                    Ok(()) => {}
+                    Err(PushError::BufferFull(b)) => {
+                        self.pending = Some(Outgoing::Batch(*b, oldest));
+                        return Ok(false);
+                    }
+                    Err(e) => bail!("sender refused a batch: {e}"),
+                }
                 self.stats.pushed_seq.store(last, Ordering::Relaxed);
                 if let Some(t) = oldest {
                     self.lag.push_back((last, t));
                 }
             }
             Outgoing::Cut { time_ns, mono_ns } => {
-                self.sender
+                match self
+                    .sender
                     .push_cut(ripcord_proto::CutKind::Crash, time_ns, mono_ns)
-                    .map_err(|e| anyhow::anyhow!("sender refused a cut: {e}"))?;
+                {
+                    Ok(_) => {}
+                    Err(PushError::CutBufferFull) => {
+                        self.pending = Some(item);
+                        return Ok(false);
+                    }
+                    Err(e) => bail!("sender refused a cut: {e}"),
+                }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Done: the producer finished and everything is acknowledged.
@@ -319,7 +335,9 @@ async fn drive(conn: &Connection, l: &mut DiskLink) -> anyhow::Result<()> {
                     }
                 },
             };
-            l.push(item)?;
+            if !l.push(item)? {
+                break;
+            }
         }
         // Send what the in-flight window allows.
         buf.clear();
@@ -340,7 +358,9 @@ async fn drive(conn: &Connection, l: &mut DiskLink) -> anyhow::Result<()> {
         let want_more = l.sender.can_push() && l.pending.is_none() && !l.rx_closed;
         tokio::select! {
             item = l.rx.recv(), if want_more => match item {
-                Some(i) => l.push(i)?,
+                Some(i) => {
+                    l.push(i)?;
+                }
                 None => l.rx_closed = true,
             },
             msg = reader.next() => match msg? {

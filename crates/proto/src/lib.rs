@@ -31,7 +31,7 @@ pub mod wire;
 pub use aead::{NonceError, aad, nonce};
 pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, VersionError};
 pub use receiver::{BatchAction, CutAction, DurableState, ProtectOutcome, Receiver};
-pub use sender::{Sender, SenderConfig, SenderEvent, Transmit};
+pub use sender::{PushError, Sender, SenderConfig, SenderEvent, Transmit};
 pub use wire::{
     Ack, Batch, Cut, CutKind, DecodeError, DiskAccepted, DiskId, ErrorCode, ErrorMessage, Extent,
     ExtentKind, FrameDecoder, Hello, HelloAck, InvalidMessage, Message, Ping, Pong, ProtectDisk,
