@@ -65,8 +65,12 @@ pub mod op {
     /// The request completed with an error. Its range may hold partial data, so the agent
     /// still treats it as changed.
     pub const ERROR: u32 = 1 << 6;
+    /// The completion of a queued write was never observed (see [`InflightBio`]): its
+    /// range must be read back, and no cut at or after `time_ns` (its queue time) that was
+    /// withheld for it may be placed.
+    pub const LOST: u32 = 1 << 7;
     /// Every flag that changes device contents.
-    pub const CHANGES_DATA: u32 = WRITE | DISCARD | WRITE_ZEROES | SECURE_ERASE;
+    pub const CHANGES_DATA: u32 = WRITE | DISCARD | WRITE_ZEROES | SECURE_ERASE | LOST;
 }
 
 /// A protected range of a disk: a partition, or the whole disk.
@@ -119,6 +123,53 @@ pub struct ChangeEvent {
 pub const CHANGE_EVENT_SIZE: usize = 40;
 const _: () = assert!(size_of::<ChangeEvent>() == CHANGE_EVENT_SIZE);
 
+/// A data bio queued on a protected disk whose completion has not been seen yet: the
+/// value of the `INFLIGHT` map, keyed by the bio's address. The request completion probe
+/// removes the entries of the request's bios (and `block_bio_complete` those of bios that
+/// end without a request, e.g. failed early); an entry that stays is a completion the
+/// kernel never showed the probe (the agent re-reads the range), and one whose address
+/// is reused by a new bio is reported as [`op::LOST`] at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InflightBio {
+    /// Unique, increasing id (per agent run).
+    pub id: u64,
+    /// Queue time, CLOCK_MONOTONIC ns.
+    pub queued_ns: u64,
+    /// First sector on the whole disk.
+    pub sector: u64,
+    /// Kernel `dev_t` of the whole disk.
+    pub dev: u32,
+    /// Length in sectors.
+    pub sectors: u32,
+    /// [`op`] flags.
+    pub op: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<InflightBio>() == 40);
+
+/// Entries of the `INFLIGHT` map: far above any device queue depth; a bio that finds it
+/// full is counted (`CONTROL_UNTRACKED`) and makes the agent resynchronise everything.
+pub const MAX_INFLIGHT: u32 = 1 << 16;
+
+/// Most bios of one request whose in-flight entries the completion probe clears; the
+/// entries of any further bios stay and are re-read after a while (safe, rare).
+pub const MAX_BIOS_PER_REQUEST: u32 = 64;
+
+/// Indexes of the `CONTROL` array shared by the programs and the agent.
+pub mod control {
+    /// Next [`super::InflightBio::id`].
+    pub const NEXT_ID: u32 = 1;
+    /// Data bios that could not be tracked (map full, or a failed kernel read).
+    pub const UNTRACKED: u32 = 2;
+    /// Runs of the completion probes that failed to read the kernel's structures.
+    pub const COMPLETE_ERRORS: u32 = 3;
+    /// Runs of the queue probe that failed to read the kernel's structures.
+    pub const QUEUE_ERRORS: u32 = 4;
+    /// Entries of the array.
+    pub const LEN: u32 = 8;
+}
+
 /// Per-slot counters, updated atomically by the BPF programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -162,6 +213,11 @@ pub struct BlockLayout {
     pub bio_size: u32,
     /// `struct block_device`: `bd_disk`.
     pub bdev_disk: u32,
+    /// `struct bio`: `bi_status` (one byte), `bi_next`.
+    pub bio_status: u32,
+    pub bio_next: u32,
+    /// `struct request`: `bio` (the first of its bios).
+    pub rq_bio: u32,
     /// `enum req_op` values.
     pub op_write: u32,
     pub op_zone_append: u32,
@@ -172,9 +228,8 @@ pub struct BlockLayout {
     /// `REQ_FUA` and `REQ_PREFLUSH` masks.
     pub flag_fua: u32,
     pub flag_preflush: u32,
-    pub _pad: u32,
 }
-const _: () = assert!(size_of::<BlockLayout>() == 80);
+const _: () = assert!(size_of::<BlockLayout>() == 88);
 
 /// Bits of `cmd_flags`/`bi_opf` holding the operation (`REQ_OP_BITS`; 8 since Linux 4.10).
 pub const REQ_OP_MASK: u32 = 0xff;
@@ -234,6 +289,8 @@ mod user {
     unsafe impl aya::Pod for super::SlotStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BlockLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InflightBio {}
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ use agent_common::{
     BlockLayout, ChangeEvent, DiskRanges, MAX_GEN_REGIONS_PER_WRITE, MAX_OVERFLOW_BITS_PER_EVENT,
     MAX_RANGES_PER_DISK, MAX_SLOTS, OVERFLOW_BITS_PER_SLOT, OVERFLOW_WORDS,
     OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT,
-    kernel_dev, op, write_gen_index,
+    InflightBio, MAX_BIOS_PER_REQUEST, MAX_INFLIGHT, control, kernel_dev, op, write_gen_index,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -66,7 +66,9 @@ static LAYOUT: BlockLayout = BlockLayout {
     op_write_zeroes: 0,
     flag_fua: 0,
     flag_preflush: 0,
-    _pad: 0,
+    bio_status: 0,
+    bio_next: 0,
+    rq_bio: 0,
 };
 /// Wake the consumer only once this many bytes wait in the ring; below it the agent's
 /// poll timeout collects them. Batches wakeups instead of one per event.
@@ -81,10 +83,12 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(agent_common::DEFAULT_RING_BYTE
 static STATS: Array<SlotStats> = Array::with_max_entries(MAX_SLOTS, 0);
 #[map]
 static OVERFLOW: Array<u64> = Array::with_max_entries(OVERFLOW_WORDS, BPF_F_MMAPABLE);
-/// Runs that could not read what they needed from the kernel (index 0: the completion
-/// probe, 1: the queue probe). The agent treats them like skipped runs.
+/// Counters and settings shared with the agent (`agent_common::control`).
 #[map]
-static PROBE_ERRORS: Array<u64> = Array::with_max_entries(2, 0);
+static CONTROL: Array<u64> = Array::with_max_entries(control::LEN, 0);
+/// Queued data bios whose completion has not been seen, by bio address.
+#[map]
+static INFLIGHT: HashMap<u64, InflightBio> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 #[map]
 static WRITE_GEN: Array<u64> = Array::with_max_entries(WRITE_GEN_ENTRIES, BPF_F_MMAPABLE);
 
@@ -150,15 +154,40 @@ fn fetch_or(ptr: *mut u64, bits: u64) {
 #[raw_tracepoint(tracepoint = "block_rq_complete")]
 pub fn block_rq_complete(ctx: RawTracePointContext) -> i32 {
     if try_rq_complete(&ctx).is_err() {
-        count_error(0);
+        bump(control::COMPLETE_ERRORS);
     }
     0
 }
 
 #[inline(always)]
-fn count_error(program: u32) {
-    if let Some(p) = PROBE_ERRORS.get_ptr_mut(program) {
-        fetch_inc(p);
+fn bump(index: u32) -> u64 {
+    match CONTROL.get_ptr_mut(index) {
+        Some(p) => fetch_inc(p),
+        None => 0,
+    }
+}
+
+/// Emit `flags` for `[sector, sector + nr)` of disk `dev` (absolute sectors) on every
+/// protected range it touches; `nr == 0` (a flush) goes to every range of the disk.
+#[inline(always)]
+fn emit_on_disk(disk: &DiskRanges, sector: u64, nr: u32, flags: u32, error: i32, now: u64) {
+    let end = sector.saturating_add(nr as u64);
+    let count = disk.count as usize;
+    for i in 0..MAX_RANGES_PER_DISK {
+        if i >= count {
+            break;
+        }
+        let r = &disk.ranges[i];
+        if nr == 0 {
+            emit(r, 0, 0, flags, error, now);
+            continue;
+        }
+        let lo = if sector > r.start { sector } else { r.start };
+        let r_end = r.start.saturating_add(r.len);
+        let hi = if end < r_end { end } else { r_end };
+        if lo < hi {
+            emit(r, lo - r.start, (hi - lo) as u32, flags, error, now);
+        }
     }
 }
 
@@ -192,25 +221,56 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let end = sector.saturating_add(nr as u64);
-    let count = disk.count as usize;
-    for i in 0..MAX_RANGES_PER_DISK {
-        if i >= count {
-            break;
-        }
-        let r = &disk.ranges[i];
-        if nr == 0 {
-            // A flush covers every range of the disk.
-            emit(r, 0, 0, flags, error, now);
-            continue;
-        }
-        let lo = if sector > r.start { sector } else { r.start };
-        let r_end = r.start.saturating_add(r.len);
-        let hi = if end < r_end { end } else { r_end };
-        if lo < hi {
-            emit(r, lo - r.start, (hi - lo) as u32, flags, error, now);
+    emit_on_disk(disk, sector, nr, flags, error, now);
+    if flags & op::CHANGES_DATA != 0 {
+        // The request's bios are reported complete: clear their in-flight entries (the
+        // tracepoint fires before the kernel unlinks them).
+        let mut bio: u64 = kread(rq, layout.rq_bio)?;
+        for _ in 0..MAX_BIOS_PER_REQUEST {
+            if bio == 0 {
+                break;
+            }
+            let _ = INFLIGHT.remove(&bio);
+            bio = kread(bio, layout.bio_next)?;
         }
     }
+    Ok(())
+}
+
+#[raw_tracepoint(tracepoint = "block_bio_complete")]
+pub fn block_bio_complete(ctx: RawTracePointContext) -> i32 {
+    if try_bio_complete(&ctx).is_err() {
+        bump(control::COMPLETE_ERRORS);
+    }
+    0
+}
+
+/// `block_bio_complete(struct request_queue *, struct bio *)`: fires for traced bios that
+/// end without a request completion tracing them (bio-based drivers, bios failed before
+/// a request was allocated); the request path clears the bio's trace flag instead. The
+/// bio's iterator may have advanced, so the range comes from the queue-time entry.
+fn try_bio_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
+    // SAFETY: as in `try_rq_complete`.
+    let layout: BlockLayout = unsafe { core::ptr::read_volatile(&LAYOUT) };
+    let bio: u64 = ctx.arg(1);
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(entry) = (unsafe { INFLIGHT.get(&bio) }).copied() else {
+        return Ok(());
+    };
+    // Read before removing: on failure the entry stays and the agent re-reads the range.
+    let status: u8 = kread(bio, layout.bio_status)?;
+    let _ = INFLIGHT.remove(&bio);
+    // SAFETY: the value is only read in this program run.
+    let Some(disk) = (unsafe { PROTECTED.get(entry.dev) }) else {
+        return Ok(());
+    };
+    let mut flags = entry.op;
+    if status != 0 {
+        flags |= op::ERROR;
+    }
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    emit_on_disk(disk, entry.sector, entry.sectors, flags, status as i32, now);
     Ok(())
 }
 
@@ -279,7 +339,7 @@ fn mark_overflow(r: &ProtectedRange, sector: u64, sectors: u64, stats: *mut Slot
 #[raw_tracepoint(tracepoint = "block_bio_queue")]
 pub fn block_bio_queue(ctx: RawTracePointContext) -> i32 {
     if try_bio_queue(&ctx).is_err() {
-        count_error(1);
+        bump(control::QUEUE_ERRORS);
     }
     0
 }
@@ -296,7 +356,8 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let opf: u32 = kread(bio, layout.bio_opf)?;
-    if layout.op_flags(opf) & op::CHANGES_DATA == 0 {
+    let flags = layout.op_flags(opf);
+    if flags & op::CHANGES_DATA == 0 {
         return Ok(());
     }
     // Queued bios are already remapped to absolute disk sectors.
@@ -304,6 +365,29 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
     let nr = kread::<u32>(bio, layout.bio_size)? >> 9;
     if nr == 0 {
         return Ok(());
+    }
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the value is copied out before the entry is replaced.
+    if let Some(old) = (unsafe { INFLIGHT.get(&bio) }).copied() {
+        // This address belonged to a bio whose completion was never seen: report it now,
+        // before the entry is reused (its data must be read back).
+        // SAFETY: the value is only read in this program run.
+        if let Some(old_disk) = unsafe { PROTECTED.get(old.dev) } {
+            emit_on_disk(old_disk, old.sector, old.sectors, op::LOST, 0, old.queued_ns);
+        }
+    }
+    let entry = InflightBio {
+        id: bump(control::NEXT_ID),
+        queued_ns: now,
+        sector,
+        dev,
+        sectors: nr,
+        op: flags & !op::FLUSH,
+        _pad: 0,
+    };
+    if INFLIGHT.insert(&bio, &entry, 0).is_err() {
+        bump(control::UNTRACKED);
     }
     let end = sector.saturating_add(nr as u64);
     let count = disk.count as usize;

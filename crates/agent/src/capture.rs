@@ -10,7 +10,7 @@ use std::{
 };
 
 use agent_common::{
-    BlockLayout, ChangeEvent, DEFAULT_RING_BYTES, DiskRanges, MAX_RANGES_PER_DISK, MAX_SLOTS,
+    BlockLayout, ChangeEvent, InflightBio, control, DEFAULT_RING_BYTES, DiskRanges, MAX_RANGES_PER_DISK, MAX_SLOTS,
     OVERFLOW_WORDS, OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES,
     WRITE_GEN_REGION_SHIFT, write_gen_index,
 };
@@ -32,9 +32,6 @@ static BPF_OBJECT: &[u8] =
 pub struct CaptureConfig {
     /// Ring buffer size in bytes: a power of two and a multiple of the page size.
     pub ring_bytes: u32,
-    /// Attach the queue-time probe that maintains write generations (needed by verified
-    /// readback; `watch` leaves it off, halving the per-I/O probe cost).
-    pub write_generations: bool,
     /// Bytes waiting in the ring before the kernel wakes the agent; below it, the agent's
     /// poll timeout collects them.
     pub wakeup_bytes: u64,
@@ -44,7 +41,6 @@ impl Default for CaptureConfig {
     fn default() -> Self {
         Self {
             ring_bytes: DEFAULT_RING_BYTES,
-            write_generations: true,
             wakeup_bytes: 64 * 1024,
         }
     }
@@ -201,15 +197,29 @@ pub struct Capture {
     ring: RingBuf<MapData>,
     positions: RingPositions,
     stats: Array<MapData, SlotStats>,
-    probe_errors: Array<MapData, u64>,
+    control: Array<MapData, u64>,
+    inflight: HashMap<MapData, u64, InflightBio>,
     overflow: MmapWords,
     write_gen: MmapWords,
     devices: Vec<BlockDevice>,
     overflow_all_seen: Vec<u64>,
     missed_seen: Vec<u64>,
+    /// In-flight ids already reported by [`Capture::stalled`].
+    reported: std::collections::HashSet<u64>,
 }
 
-const PROGRAMS: [&str; 2] = ["block_rq_complete", "block_bio_queue"];
+/// A queued write whose completion was never reported (see [`Capture::stalled`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stalled {
+    pub id: u64,
+    /// (slot, device-relative sector, sectors) of every protected device it touches.
+    pub ranges: Vec<(usize, u64, u64)>,
+}
+
+/// The programs, in attach order (each is a raw tracepoint of the same name).
+const PROGRAMS: [&str; 3] = ["block_rq_complete", "block_bio_complete", "block_bio_queue"];
+const QUEUE_PROBE: &str = "block_bio_queue";
+
 
 impl Capture {
     /// Load the programs, protect `devices` (slot = index), and attach.
@@ -272,18 +282,15 @@ impl Capture {
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
         let positions = RingPositions::new(ring.as_fd().as_raw_fd())?;
         let stats = Array::try_from(ebpf.take_map("STATS").context("map STATS")?)?;
-        let probe_errors =
-            Array::try_from(ebpf.take_map("PROBE_ERRORS").context("map PROBE_ERRORS")?)?;
+        let control: Array<MapData, u64> =
+            Array::try_from(ebpf.take_map("CONTROL").context("map CONTROL")?)?;
+        let inflight = HashMap::try_from(ebpf.take_map("INFLIGHT").context("map INFLIGHT")?)?;
         let overflow = MmapWords::new(array_data(&mut ebpf, "OVERFLOW")?, OVERFLOW_WORDS)?;
         let write_gen = MmapWords::new(array_data(&mut ebpf, "WRITE_GEN")?, WRITE_GEN_ENTRIES)?;
 
         let mut links = Vec::new();
-        let programs = if config.write_generations {
-            &PROGRAMS[..]
-        } else {
-            &PROGRAMS[..1]
-        };
-        for &name in programs {
+        // Completion probes first, so no in-flight entry is made without them.
+        for name in PROGRAMS {
             let prog: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the BPF object"))?
@@ -301,12 +308,14 @@ impl Capture {
             ring,
             positions,
             stats,
-            probe_errors,
+            control,
+            inflight,
             overflow,
             write_gen,
             devices: devices.to_vec(),
             overflow_all_seen: vec![0; devices.len()],
             missed_seen: vec![0; devices.len()],
+            reported: std::collections::HashSet::new(),
         })
     }
 
@@ -406,27 +415,73 @@ impl Capture {
         }
     }
 
-    /// Runs of the completion probe the kernel skipped since it was attached.
-    ///
-    /// The kernel runs at most one program per CPU at a time on some attach paths and
-    /// skips (counting `recursion_misses`) a program whose tracepoint fires while another
-    /// runs, e.g. a completion in a softirq that interrupted a program on that CPU. Such a
-    /// completion is invisible: neither in the ring nor in the overflow bitmap, and its
-    /// device is unknown. The counter moves before the write's submitter sees it complete,
-    /// so checking it after draining covers every write completed before then; the only
-    /// safe response to a miss is to resynchronise every protected device. Runs that
-    /// failed to read the kernel's request count the same way.
+    /// Queued data bios the probes could not track since they were attached: runs of the
+    /// queue probe the kernel skipped (it counts `recursion_misses`, e.g. when the probe
+    /// would nest in itself on one CPU), runs that failed to read the kernel's bio, and
+    /// bios that found the in-flight map full. Their completions would go unreported and
+    /// their device is unknown, so the only safe response is to resynchronise every
+    /// protected device. (Skipped *completion* runs need no such response: the bio's
+    /// in-flight entry stays, and [`Capture::inflight`] shows it.)
     pub fn missed_completions(&self) -> u64 {
-        self.recursion_misses(PROGRAMS[0]) + self.probe_errors(0)
+        self.missed_queues() + self.control_value(control::UNTRACKED)
     }
 
     /// Skipped or failed runs of the queue probe.
     fn missed_queues(&self) -> u64 {
-        self.recursion_misses(PROGRAMS[1]) + self.probe_errors(1)
+        self.recursion_misses(QUEUE_PROBE) + self.control_value(control::QUEUE_ERRORS)
     }
 
-    fn probe_errors(&self, program: u32) -> u64 {
-        self.probe_errors.get(&program, 0).unwrap_or(0)
+    fn control_value(&self, index: u32) -> u64 {
+        self.control.get(&index, 0).unwrap_or(0)
+    }
+
+    /// Ids of the queued writes not reported complete yet (nor reported stalled).
+    pub fn inflight_ids(&self) -> std::collections::HashSet<u64> {
+        self.inflight()
+            .into_iter()
+            .map(|b| b.id)
+            .filter(|id| !self.reported.contains(id))
+            .collect()
+    }
+
+    /// Queued writes without a reported completion for longer than `after`, each returned
+    /// once. Their completion happened unseen (or the device is stuck): the caller must
+    /// read their ranges back. The entries stay in the map, so a completion that does
+    /// come later is still reported.
+    pub fn stalled(&mut self, after: Duration) -> Vec<Stalled> {
+        let now = crate::pipeline::now_mono_ns();
+        let limit = after.as_nanos() as u64;
+        let mut out = Vec::new();
+        for b in self.inflight() {
+            if now.saturating_sub(b.queued_ns) < limit || !self.reported.insert(b.id) {
+                continue;
+            }
+            let end = b.sector.saturating_add(u64::from(b.sectors));
+            let ranges = self
+                .devices
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.disk.kernel() == b.dev)
+                .filter_map(|(slot, d)| {
+                    let lo = b.sector.max(d.start);
+                    let hi = end.min(d.start + d.sectors);
+                    (lo < hi).then_some((slot, lo - d.start, hi - lo))
+                })
+                .collect();
+            out.push(Stalled { id: b.id, ranges });
+        }
+        out
+    }
+
+    /// Data bios queued on protected disks whose completion has not been reported, by
+    /// bio address. Most are in flight; one that stays long was completed without the
+    /// completion probe being run.
+    pub fn inflight(&self) -> Vec<InflightBio> {
+        self.inflight
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, v)| v)
+            .collect()
     }
 
     /// Skipped runs of program `name` (0 if it is not loaded or the kernel cannot say).
@@ -588,6 +643,9 @@ pub fn block_layout(btf: &btf::Btf) -> anyhow::Result<BlockLayout> {
         bio_sector: field("bio", &["bi_iter", "bi_sector"], 8)?,
         bio_size: field("bio", &["bi_iter", "bi_size"], 4)?,
         bdev_disk: field("block_device", &["bd_disk"], 8)?,
+        bio_status: field("bio", &["bi_status"], 1)?,
+        bio_next: field("bio", &["bi_next"], 8)?,
+        rq_bio: field("request", &["bio"], 8)?,
         op_write: code("REQ_OP_WRITE")?,
         op_zone_append: code("REQ_OP_ZONE_APPEND")?,
         op_flush: code("REQ_OP_FLUSH")?,
@@ -596,7 +654,6 @@ pub fn block_layout(btf: &btf::Btf) -> anyhow::Result<BlockLayout> {
         op_write_zeroes: code("REQ_OP_WRITE_ZEROES")?,
         flag_fua: bit("__REQ_FUA")?,
         flag_preflush: bit("__REQ_PREFLUSH")?,
-        _pad: 0,
     };
     tracing::debug!(?layout, "block layer layout from BTF");
     Ok(layout)

@@ -20,7 +20,14 @@ pub enum DecodeError {
 }
 
 const KNOWN_OPS: u32 =
-    op::WRITE | op::DISCARD | op::WRITE_ZEROES | op::FLUSH | op::FUA | op::SECURE_ERASE | op::ERROR;
+    op::WRITE
+    | op::DISCARD
+    | op::WRITE_ZEROES
+    | op::FLUSH
+    | op::FUA
+    | op::SECURE_ERASE
+    | op::ERROR
+    | op::LOST;
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -61,7 +68,9 @@ pub fn decode(bytes: &[u8]) -> Result<ChangeEvent, DecodeError> {
 
 /// The name of an event's operation in `--json` output.
 pub fn op_name(flags: u32) -> &'static str {
-    if flags & op::WRITE != 0 {
+    if flags & op::LOST != 0 {
+        "lost"
+    } else if flags & op::WRITE != 0 {
         "write"
     } else if flags & (op::DISCARD | op::SECURE_ERASE) != 0 {
         "discard"

@@ -189,8 +189,6 @@ fn main() -> anyhow::Result<()> {
                 capture: CaptureConfig {
                     ring_bytes,
                     wakeup_bytes,
-                    // `watch` reports changes; it does not read them back.
-                    write_generations: false,
                 },
                 summary: (interval > 0.0).then(|| Duration::from_secs_f64(interval)),
                 ready_file,

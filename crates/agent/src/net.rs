@@ -114,10 +114,14 @@ impl DiskLink {
                     self.lag.push_back((last, t));
                 }
             }
-            Outgoing::Cut { time_ns, mono_ns } => {
+            Outgoing::Cut {
+                time_ns,
+                mono_ns,
+                seq,
+            } => {
                 match self
                     .sender
-                    .push_cut(ripcord_proto::CutKind::Crash, time_ns, mono_ns)
+                    .push_cut_at(ripcord_proto::CutKind::Crash, time_ns, mono_ns, seq)
                 {
                     Ok(_) => {}
                     Err(PushError::CutBufferFull) => {

@@ -21,8 +21,29 @@ pub enum Outgoing {
     /// A sealed batch, with the completion time (CLOCK_MONOTONIC ns) of the oldest change
     /// it carries, for lag measurement (`None` for initial-sync data).
     Batch(Batch, Option<u64>),
-    /// A crash-consistent point after everything sent so far.
-    Cut { time_ns: u64, mono_ns: u64 },
+    /// A crash-consistent point after batch `seq` (0: before any batch), at instant
+    /// `mono_ns`. Sent once every write in flight at that instant has been seen to
+    /// complete, so it may follow later batches in the stream.
+    Cut {
+        time_ns: u64,
+        mono_ns: u64,
+        seq: u64,
+    },
+}
+
+/// How long a queued write may stay without a reported completion before the agent
+/// treats its completion as unseen: it re-reads the range and drops the cuts that waited
+/// for it.
+pub const LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A cut taken but not sent yet: it waits for the writes that were in flight at its
+/// instant (by in-flight id) to be reported complete.
+#[derive(Debug)]
+struct Withheld {
+    time_ns: u64,
+    mono_ns: u64,
+    seq: u64,
+    waiting: Vec<u64>,
 }
 
 /// Builds sealed batches from device data.
@@ -191,6 +212,11 @@ pub struct DiskCounters {
     pub batches: u64,
     pub cuts: u64,
     pub raced_reads: u64,
+    /// Cuts dropped because a write in flight at their instant was never seen to
+    /// complete.
+    pub cuts_dropped: u64,
+    /// Queued writes whose completion was never reported (their ranges were re-read).
+    pub lost_completions: u64,
     pub rounds: u64,
     pub clean_rounds: u64,
     /// Change events the kernel could not queue (their regions were resynchronised).
@@ -215,6 +241,10 @@ pub struct DiskProducer {
     /// Data sent since the last cut.
     uncut: bool,
     last_cut: Option<Instant>,
+    /// Cuts waiting for in-flight writes, oldest first.
+    withheld: std::collections::VecDeque<Withheld>,
+    /// Earliest queue time of a write reported lost since the last settle.
+    lost_since: Option<u64>,
     pub counters: DiskCounters,
 }
 
@@ -230,6 +260,8 @@ impl DiskProducer {
             oldest_change: None,
             uncut: false,
             last_cut: None,
+            withheld: std::collections::VecDeque::new(),
+            lost_since: None,
             counters: DiskCounters::default(),
         })
     }
@@ -238,11 +270,61 @@ impl DiskProducer {
         self.sync_cursor.is_some()
     }
 
+    /// Cuts taken and not sent yet (waiting for in-flight writes).
+    pub fn withheld_cuts(&self) -> usize {
+        self.withheld.len()
+    }
+
+    /// Send the withheld cuts whose writes have all been reported complete, in order;
+    /// drop those a lost completion makes invalid.
+    fn settle(
+        &mut self,
+        slot: usize,
+        inflight: &std::collections::HashSet<u64>,
+        lost_ids: &std::collections::HashSet<u64>,
+        send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let lost_since = self.lost_since.take();
+        let before = self.withheld.len();
+        // A write queued at q whose completion was never seen may have completed before
+        // any instant after q: every cut waiting at or after q is suspect.
+        self.withheld.retain(|w| {
+            !lost_since.is_some_and(|q| w.mono_ns >= q)
+                && !w.waiting.iter().any(|id| lost_ids.contains(id))
+        });
+        let dropped = (before - self.withheld.len()) as u64;
+        if dropped > 0 {
+            self.counters.cuts_dropped += dropped;
+            self.uncut = true;
+        }
+        while let Some(w) = self.withheld.front() {
+            if w.waiting.iter().any(|id| inflight.contains(id)) {
+                break;
+            }
+            let w = self.withheld.pop_front().expect("front exists");
+            send(
+                slot,
+                Outgoing::Cut {
+                    time_ns: w.time_ns,
+                    mono_ns: w.mono_ns,
+                    seq: w.seq,
+                },
+            )?;
+            self.counters.cuts += 1;
+        }
+        Ok(())
+    }
+
     /// Fold one completed change in: data to read back, or a range known to read as zero.
     /// Events of one device arrive in completion order, so a later op wins.
     fn note(&mut self, e: &agent_common::ChangeEvent) {
         if e.op & op::CHANGES_DATA == 0 {
             return;
+        }
+        if e.op & op::LOST != 0 {
+            // `time_ns` of a lost-completion report is the write's queue time.
+            self.counters.lost_completions += 1;
+            self.lost_since = Some(self.lost_since.map_or(e.time_ns, |q| q.min(e.time_ns)));
         }
         let (s, l) = (e.sector, u64::from(e.sectors));
         let zeroing = op::DISCARD | op::SECURE_ERASE | op::WRITE_ZEROES;
@@ -305,6 +387,10 @@ pub fn round(
             d.note(&e);
         }
     })?;
+    // Writes queued and not yet reported complete at this instant: a cut taken now waits
+    // for them (one whose completion the kernel never shows would otherwise be missing
+    // from the cut without anyone knowing).
+    let inflight_at_t: Vec<u64> = capture.inflight_ids().into_iter().collect();
     let mut worked = false;
     // Changes that complete while this round reads belong to the next round; they are
     // taken off the ring as the round goes, so a long round does not overflow it.
@@ -380,22 +466,43 @@ pub fn round(
         }
         let due = d.last_cut.is_none_or(|t| t.elapsed() >= cfg.cut_interval);
         if clean && complete && drained_all && !d.syncing() && d.uncut && due {
-            send(
-                slot,
-                Outgoing::Cut {
-                    time_ns: t_wall,
-                    mono_ns: t_mono,
-                },
-            )?;
+            d.withheld.push_back(Withheld {
+                time_ns: t_wall,
+                mono_ns: t_mono,
+                seq: d.builder.next_seq() - 1,
+                waiting: inflight_at_t.clone(),
+            });
             d.uncut = false;
             d.last_cut = Some(Instant::now());
-            d.counters.cuts += 1;
         }
     }
     for e in &later {
         if let Some(d) = disks.get_mut(e.slot as usize) {
             d.note(e);
         }
+    }
+    // Writes that stayed in flight too long were completed without the completion probe
+    // running (or are stuck): read them back, and drop the cuts that waited for them.
+    let mut lost_ids = std::collections::HashSet::new();
+    for lost in capture.stalled(LOST_AFTER) {
+        lost_ids.insert(lost.id);
+        for (slot, sector, sectors) in lost.ranges {
+            if let Some(d) = disks.get_mut(slot) {
+                tracing::warn!(
+                    device = %d.dev.path.display(),
+                    sector,
+                    sectors,
+                    "a queued write's completion was never reported: reading the range back"
+                );
+                d.counters.lost_completions += 1;
+                d.zeroed.remove(sector, sectors);
+                d.dirty.insert(sector, sectors);
+            }
+        }
+    }
+    let inflight_now = capture.inflight_ids();
+    for (slot, d) in disks.iter_mut().enumerate() {
+        d.settle(slot, &inflight_now, &lost_ids, send)?;
     }
     Ok(worked)
 }

@@ -208,9 +208,9 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
             // Quiesce: everything completed before the stop has been read in a round
             // after it; leave when nothing is dirty. During the initial sync, stop at once:
             // the next start begins a new epoch anyway.
-            let quiet = producers
-                .iter()
-                .all(|p| p.dirty.is_empty() && p.zeroed.is_empty());
+            let quiet = producers.iter().all(|p| {
+                p.dirty.is_empty() && p.zeroed.is_empty() && p.withheld_cuts() == 0
+            });
             if quiet || producers.iter().any(|p| p.syncing()) {
                 break;
             }
@@ -229,6 +229,13 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
         };
         std::thread::sleep(round_cfg.cut_interval);
         round(&mut capture, &mut producers, &round_cfg, &mut send)?;
+        // Its cut waits for writes in flight at its instant (a lost one is re-read after
+        // LOST_AFTER and cut again).
+        let deadline = Instant::now() + crate::pipeline::LOST_AFTER * 2;
+        while producers.iter().any(|p| p.withheld_cuts() > 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            round(&mut capture, &mut producers, &round_cfg, &mut send)?;
+        }
     }
     capture.detach()?;
     drop(senders);

@@ -120,6 +120,27 @@ pub fn run(opts: &WatchOptions) -> anyhow::Result<()> {
                     write_overflow(&mut out, &devices[i], &overflow)?;
                 }
             }
+            // Writes whose completion was never reported: their ranges must be re-read. At
+            // exit the probes are detached, so every entry left counts.
+            let after = if stopping {
+                Duration::ZERO
+            } else {
+                crate::pipeline::LOST_AFTER
+            };
+            for lost in capture.stalled(after) {
+                for (i, sector, sectors) in lost.ranges {
+                    slots[i].dirty.insert(sector, sectors);
+                    if opts.json {
+                        let line = serde_json::json!({
+                            "dev": devices[i].dev.to_string(),
+                            "sector": sector,
+                            "sectors": sectors,
+                            "op": "lost",
+                        });
+                        writeln!(out, "{line}").context("writing to stdout")?;
+                    }
+                }
+            }
         }
         if let Some(err) = write_err {
             if err.kind() == std::io::ErrorKind::BrokenPipe {

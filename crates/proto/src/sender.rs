@@ -75,6 +75,16 @@ pub enum PushError {
     /// Too many unacknowledged cuts; retry after acknowledgements arrive.
     #[error("too many unacknowledged cuts (max {MAX_PENDING_CUTS}); retry later")]
     CutBufferFull,
+    /// A cut placed after a batch not pushed yet, or before the previous cut.
+    #[error("cut after batch {seq} is outside [{previous}, {pushed}] (previous cut, last pushed)")]
+    CutPosition {
+        /// Requested position.
+        seq: u64,
+        /// Last pushed batch.
+        pushed: u64,
+        /// Position of the previous cut.
+        previous: u64,
+    },
     /// The batch belongs to another disk or epoch (driver bug: route correctly,
     /// or create a new `Sender` for a new epoch).
     #[error(
@@ -224,6 +234,7 @@ pub struct Sender {
     buffered_bytes: usize,
     last_pushed_seq: u64,
     last_cut_id: u64,
+    last_cut_seq: u64,
     acked_seq: u64,
     acked_cut_id: u64,
     connected: bool,
@@ -262,6 +273,7 @@ impl Sender {
             buffered_bytes: 0,
             last_pushed_seq: base,
             last_cut_id: 0,
+            last_cut_seq: 0,
             acked_seq: base,
             acked_cut_id: 0,
             connected: false,
@@ -354,20 +366,40 @@ impl Sender {
         time_ns: u64,
         mono_ns: u64,
     ) -> Result<Cut, PushError> {
+        self.push_cut_at(kind, time_ns, mono_ns, self.last_pushed_seq)
+    }
+
+    /// Queues a consistency point after batch `seq`, which may be behind the last pushed
+    /// batch (a cut decided late) but not behind the previous cut.
+    pub fn push_cut_at(
+        &mut self,
+        kind: CutKind,
+        time_ns: u64,
+        mono_ns: u64,
+        seq: u64,
+    ) -> Result<Cut, PushError> {
         let id = self.last_cut_id + 1;
         if self.cuts.len() >= MAX_PENDING_CUTS {
             return Err(PushError::CutBufferFull);
         }
+        if seq > self.last_pushed_seq || seq < self.last_cut_seq {
+            return Err(PushError::CutPosition {
+                seq,
+                pushed: self.last_pushed_seq,
+                previous: self.last_cut_seq,
+            });
+        }
         let cut = Cut {
             disk_id: self.disk_id,
             epoch: self.epoch,
-            seq: self.last_pushed_seq,
+            seq,
             time_ns,
             mono_ns,
             kind,
             id,
         };
         self.last_cut_id = id;
+        self.last_cut_seq = seq;
         self.cuts.push_back(cut.clone());
         Ok(cut)
     }
@@ -682,6 +714,12 @@ mod tests {
         other.epoch = 2;
         assert!(matches!(s.push(other), Err(PushError::WrongStream { .. })));
         assert_eq!(s.push_cut(CutKind::Crash, 0, 0).unwrap().id, 1);
+        // A late cut may sit behind the last pushed batch, not ahead of it nor behind
+        // the previous cut.
+        assert!(matches!(
+            s.push_cut_at(CutKind::Crash, 0, 0, s.last_pushed_seq + 1),
+            Err(PushError::CutPosition { .. })
+        ));
         assert_eq!(s.push_cut(CutKind::App, 0, 0).unwrap().id, 2);
     }
 

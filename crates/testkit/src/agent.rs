@@ -168,7 +168,9 @@ impl AgentProcess {
                 .with_context(|| format!("agent output line {}: {line:?}", i + 1))?;
             match e.op.as_str() {
                 "write" | "discard" | "write-zeroes" | "flush" => run.changes.push(e),
-                "overflow" => run.overflow.push(e),
+                // Ranges to resynchronise: dropped events, and writes whose completion
+                // was never reported.
+                "overflow" | "lost" => run.overflow.push(e),
                 "stats" => run.stats.push(AgentStats {
                     dev: e.dev,
                     events: e.events,
