@@ -272,26 +272,19 @@ fn write_generation_moves_when_a_write_is_queued() {
     capture.detach().unwrap();
 }
 
-/// Every completed write and discard of an oracle workload (queue depth 16 through
-/// io_uring, flushes, discards) shows up as a change event covering it, with a completion
-/// time between the op's submission and its reaping, or is covered by an overflow line.
-///
-/// Known failure (docs/decisions/0005): about one 3-second run in ten under CPU load, the
-/// kernel fires `block_rq_complete` for a few requests completed in a softirq that runs
-/// in an unrelated task's context, and the raw tracepoint program is not run for them
-/// while `recursion_misses` stays 0. Until that is understood this test is opt-in:
-/// `cargo test -p ripcord-tests --test capture -- --ignored every_oracle_op`.
-#[test]
-#[ignore = "reproduces a known, unexplained loss of completion events (docs/decisions/0005)"]
-fn every_oracle_op_completion_is_captured() {
-    if !require_root("every_oracle_op_completion_is_captured") {
-        return;
-    }
+/// Run an oracle workload (queue depth 16 through io_uring, flushes, discards) under
+/// `ripcord-agent watch` `runs` times and check that every completed write and discard
+/// shows up as a change event covering it, with a completion time between the op's
+/// submission and its reaping, or is covered by a resync line ("overflow", or "lost": a
+/// write whose completion was never reported). Returns the number of "lost" lines.
+fn oracle_ops_are_covered(label: &str, runs: u64, env: &[(&str, &str)]) -> usize {
     use ripcord_oracle::log::{Log, OpKind};
-    for run in 0..5u64 {
-        let dir = Scratch::new("capture-oracle");
+    let mut lost_total = 0;
+    for run in 0..runs {
+        let dir = Scratch::new(label);
         let lo = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
-        let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], &dir.path).unwrap();
+        let watcher =
+            AgentProcess::watch_with_env(&agent(), &[&lo.path], &[], env, &dir.path).unwrap();
         let log_path = dir.path.join("oracle.log");
         let status = std::process::Command::new(binary("ripcord-oracle"))
             .args(["workload", "--seconds", "3", "--qd", "16", "--iops", "3000"])
@@ -306,15 +299,13 @@ fn every_oracle_op_completion_is_captured() {
         assert!(status.success(), "oracle workload failed");
         let captured = watcher.stop().unwrap();
         let dev = dev_id(&lo.path);
-        let lost_lines = captured
-            .overflow
-            .iter()
-            .filter(|o| o.dev == dev && o.op == "lost")
-            .count();
-        let overflow_lines = captured.overflow.iter().filter(|o| o.dev == dev).count();
+        let resync: Vec<_> = captured.overflow.iter().filter(|o| o.dev == dev).collect();
+        let lost_lines = resync.iter().filter(|o| o.op == "lost").count();
+        lost_total += lost_lines;
         eprintln!(
-            "run {run}: {overflow_lines} ranges to resynchronise, {lost_lines} of them writes \
-             whose completion was never reported"
+            "run {run}: {} ranges to resynchronise, {lost_lines} of them writes whose \
+             completion was never reported",
+            resync.len()
         );
         let mut events: Vec<_> = captured
             .changes
@@ -327,33 +318,53 @@ fn every_oracle_op_completion_is_captured() {
         let mut lost = Vec::new();
         for op in log.ops.iter().filter(|o| o.kind != OpKind::Flush && o.ok()) {
             let complete = op.complete_ns.expect("ok ops completed");
-            let (s0, s1) = (
-                op.first_block * 8,
-                (op.first_block + u64::from(op.block_count)) * 8,
-            );
+            let first = op.first_block * 8;
+            let end = first + u64::from(op.block_count) * 8;
             let lo_i = events.partition_point(|e| e.0 < op.submit_ns);
             let hi_i = events.partition_point(|e| e.0 <= complete);
             let mut seen: ExtentSet = events[lo_i..hi_i].iter().map(|&(_, s, n)| (s, n)).collect();
-            for (s, l) in captured
-                .overflow
-                .iter()
-                .filter(|o| o.dev == dev)
-                .map(|o| (o.sector, o.sectors))
-            {
-                seen.insert(s, l);
+            for o in &resync {
+                seen.insert(o.sector, o.sectors);
             }
-            if (s0..s1).any(|x| !seen.contains(x)) {
+            if (first..end).any(|x| !seen.contains(x)) {
                 lost.push(*op);
             }
         }
         assert!(
             lost.is_empty(),
             "run {run}: {} of {} completed ops have no change event between their submission \
-             and completion, e.g. {:?}; stats {:?}",
+             and completion and no resync line, e.g. {:?}; stats {:?}",
             lost.len(),
             log.ops.len(),
             &lost[..lost.len().min(5)],
             captured.stats_for(&dev)
         );
     }
+    lost_total
+}
+
+/// The kernel sometimes does not run the completion probe for a completion (seen on this
+/// machine under load; docs/decisions/0005). Every op is still covered: by its event, or
+/// by a "lost" line once the write's in-flight entry outlives its completion.
+#[test]
+fn every_oracle_op_completion_is_captured() {
+    if !require_root("every_oracle_op_completion_is_captured") {
+        return;
+    }
+    oracle_ops_are_covered("capture-oracle", 2, &[]);
+}
+
+/// With every 40th data completion hidden from the probe (fault injection, as the kernel
+/// sometimes does), each hidden write is reported "lost" for resync: nothing is missed.
+#[test]
+fn hidden_completions_are_reported_for_resync() {
+    if !require_root("hidden_completions_are_reported_for_resync") {
+        return;
+    }
+    let env = [(ripcord_agent::capture::FAULT_SKIP_ENV, "40")];
+    let lost = oracle_ops_are_covered("capture-hidden", 1, &env);
+    assert!(
+        lost > 100,
+        "only {lost} hidden completions were reported (expected ~1 in 40)"
+    );
 }

@@ -166,6 +166,14 @@ pub mod control {
     pub const COMPLETE_ERRORS: u32 = 3;
     /// Runs of the queue probe that failed to read the kernel's structures.
     pub const QUEUE_ERRORS: u32 = 4;
+    /// Fault injection for tests: when nonzero, the request completion probe ignores
+    /// every N-th data completion, as if the kernel had not run it.
+    pub const FAULT_SKIP_EVERY: u32 = 5;
+    /// Data completions counted for [`FAULT_SKIP_EVERY`].
+    pub const FAULT_COUNTER: u32 = 6;
+    /// [`super::op::LOST`] reports that did not fit in the ring (their ranges are in the
+    /// overflow bitmap; the agent drops every withheld cut).
+    pub const LOST_DROPPED: u32 = 7;
     /// Entries of the array.
     pub const LEN: u32 = 8;
 }

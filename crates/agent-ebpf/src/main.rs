@@ -31,10 +31,10 @@
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code))]
 
 use agent_common::{
-    BlockLayout, ChangeEvent, DiskRanges, MAX_GEN_REGIONS_PER_WRITE, MAX_OVERFLOW_BITS_PER_EVENT,
-    MAX_RANGES_PER_DISK, MAX_SLOTS, OVERFLOW_BITS_PER_SLOT, OVERFLOW_WORDS,
-    OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT,
-    InflightBio, MAX_BIOS_PER_REQUEST, MAX_INFLIGHT, control, kernel_dev, op, write_gen_index,
+    BlockLayout, ChangeEvent, DiskRanges, InflightBio, MAX_BIOS_PER_REQUEST,
+    MAX_GEN_REGIONS_PER_WRITE, MAX_INFLIGHT, MAX_OVERFLOW_BITS_PER_EVENT, MAX_RANGES_PER_DISK,
+    MAX_SLOTS, OVERFLOW_BITS_PER_SLOT, OVERFLOW_WORDS, OVERFLOW_WORDS_PER_SLOT, ProtectedRange,
+    SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT, control, kernel_dev, op, write_gen_index,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -219,6 +219,12 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
         // The flush machinery completes the original request with 0 bytes: nothing new.
         return Ok(());
     }
+    if flags & op::CHANGES_DATA != 0 && nr != 0 {
+        let every = CONTROL.get(control::FAULT_SKIP_EVERY).copied().unwrap_or(0);
+        if every != 0 && bump(control::FAULT_COUNTER) % every == every - 1 {
+            return Ok(()); // injected: as if the kernel had not run this program
+        }
+    }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     emit_on_disk(disk, sector, nr, flags, error, now);
@@ -303,6 +309,9 @@ fn emit(r: &ProtectedRange, sector: u64, sectors: u32, flags: u32, error: i32, n
         None => {
             // SAFETY: as above.
             fetch_inc(unsafe { &raw mut (*stats).dropped });
+            if flags & op::LOST != 0 {
+                bump(control::LOST_DROPPED);
+            }
             if flags & op::CHANGES_DATA != 0 {
                 mark_overflow(r, sector, sectors as u64, stats);
             }
@@ -374,7 +383,14 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
         // before the entry is reused (its data must be read back).
         // SAFETY: the value is only read in this program run.
         if let Some(old_disk) = unsafe { PROTECTED.get(old.dev) } {
-            emit_on_disk(old_disk, old.sector, old.sectors, op::LOST, 0, old.queued_ns);
+            emit_on_disk(
+                old_disk,
+                old.sector,
+                old.sectors,
+                op::LOST,
+                0,
+                old.queued_ns,
+            );
         }
     }
     let entry = InflightBio {

@@ -10,9 +10,9 @@ use std::{
 };
 
 use agent_common::{
-    BlockLayout, ChangeEvent, InflightBio, control, DEFAULT_RING_BYTES, DiskRanges, MAX_RANGES_PER_DISK, MAX_SLOTS,
-    OVERFLOW_WORDS, OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES,
-    WRITE_GEN_REGION_SHIFT, write_gen_index,
+    BlockLayout, ChangeEvent, DEFAULT_RING_BYTES, DiskRanges, InflightBio, MAX_RANGES_PER_DISK,
+    MAX_SLOTS, OVERFLOW_WORDS, OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats,
+    WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT, control, write_gen_index,
 };
 use anyhow::{Context as _, bail, ensure};
 use aya::{
@@ -216,10 +216,26 @@ pub struct Stalled {
     pub ranges: Vec<(usize, u64, u64)>,
 }
 
+/// Test-only fault injection: `RIPCORD_FAULT_SKIP_COMPLETIONS=N` makes the completion
+/// probe ignore every N-th data completion, as the kernel sometimes does, so tests can
+/// show that lost completions are detected and repaired.
+pub const FAULT_SKIP_ENV: &str = "RIPCORD_FAULT_SKIP_COMPLETIONS";
+
+fn fault_skip_every() -> anyhow::Result<Option<u64>> {
+    match std::env::var(FAULT_SKIP_ENV) {
+        Err(_) => Ok(None),
+        Ok(v) => {
+            let n: u64 = v
+                .parse()
+                .with_context(|| format!("{FAULT_SKIP_ENV}={v:?} is not a number"))?;
+            Ok((n > 0).then_some(n))
+        }
+    }
+}
+
 /// The programs, in attach order (each is a raw tracepoint of the same name).
 const PROGRAMS: [&str; 3] = ["block_rq_complete", "block_bio_complete", "block_bio_queue"];
 const QUEUE_PROBE: &str = "block_bio_queue";
-
 
 impl Capture {
     /// Load the programs, protect `devices` (slot = index), and attach.
@@ -282,8 +298,18 @@ impl Capture {
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
         let positions = RingPositions::new(ring.as_fd().as_raw_fd())?;
         let stats = Array::try_from(ebpf.take_map("STATS").context("map STATS")?)?;
-        let control: Array<MapData, u64> =
+        let mut control: Array<MapData, u64> =
             Array::try_from(ebpf.take_map("CONTROL").context("map CONTROL")?)?;
+        if let Some(every) = fault_skip_every()? {
+            tracing::warn!(
+                every,
+                "FAULT INJECTION: ignoring every {every}th data completion \
+                 ({FAULT_SKIP_ENV}); for tests only"
+            );
+            control
+                .set(control::FAULT_SKIP_EVERY, every, 0)
+                .context("setting fault injection")?;
+        }
         let inflight = HashMap::try_from(ebpf.take_map("INFLIGHT").context("map INFLIGHT")?)?;
         let overflow = MmapWords::new(array_data(&mut ebpf, "OVERFLOW")?, OVERFLOW_WORDS)?;
         let write_gen = MmapWords::new(array_data(&mut ebpf, "WRITE_GEN")?, WRITE_GEN_ENTRIES)?;
@@ -429,6 +455,11 @@ impl Capture {
     /// Skipped or failed runs of the queue probe.
     fn missed_queues(&self) -> u64 {
         self.recursion_misses(QUEUE_PROBE) + self.control_value(control::QUEUE_ERRORS)
+    }
+
+    /// Lost-completion reports that found the ring full (see `control::LOST_DROPPED`).
+    pub fn lost_reports_dropped(&self) -> u64 {
+        self.control_value(control::LOST_DROPPED)
     }
 
     fn control_value(&self, index: u32) -> u64 {

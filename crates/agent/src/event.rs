@@ -19,8 +19,7 @@ pub enum DecodeError {
     Range { sector: u64, sectors: u32 },
 }
 
-const KNOWN_OPS: u32 =
-    op::WRITE
+const KNOWN_OPS: u32 = op::WRITE
     | op::DISCARD
     | op::WRITE_ZEROES
     | op::FLUSH

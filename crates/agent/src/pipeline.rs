@@ -245,6 +245,8 @@ pub struct DiskProducer {
     withheld: std::collections::VecDeque<Withheld>,
     /// Earliest queue time of a write reported lost since the last settle.
     lost_since: Option<u64>,
+    /// Last seen count of lost-completion reports that found the ring full.
+    lost_reports_dropped: u64,
     pub counters: DiskCounters,
 }
 
@@ -262,6 +264,7 @@ impl DiskProducer {
             last_cut: None,
             withheld: std::collections::VecDeque::new(),
             lost_since: None,
+            lost_reports_dropped: 0,
             counters: DiskCounters::default(),
         })
     }
@@ -289,7 +292,7 @@ impl DiskProducer {
         // A write queued at q whose completion was never seen may have completed before
         // any instant after q: every cut waiting at or after q is suspect.
         self.withheld.retain(|w| {
-            !lost_since.is_some_and(|q| w.mono_ns >= q)
+            lost_since.is_none_or(|q| w.mono_ns < q)
                 && !w.waiting.iter().any(|id| lost_ids.contains(id))
         });
         let dropped = (before - self.withheld.len()) as u64;
@@ -481,6 +484,17 @@ pub fn round(
             d.note(e);
         }
     }
+    // Which writes are still unreported now; then every event committed before that, so
+    // a write reported lost (its entry replaced by a new bio at the same address; the
+    // report is committed before the replacement) is known before a cut waiting for it is
+    // released.
+    let inflight_now = capture.inflight_ids();
+    capture.drain_events_through_now(|e| {
+        if let Some(d) = disks.get_mut(e.slot as usize) {
+            d.note(&e);
+        }
+    })?;
+    let lost_reports_dropped = capture.lost_reports_dropped();
     // Writes that stayed in flight too long were completed without the completion probe
     // running (or are stuck): read them back, and drop the cuts that waited for them.
     let mut lost_ids = std::collections::HashSet::new();
@@ -500,8 +514,13 @@ pub fn round(
             }
         }
     }
-    let inflight_now = capture.inflight_ids();
     for (slot, d) in disks.iter_mut().enumerate() {
+        if lost_reports_dropped != d.lost_reports_dropped {
+            // A lost-completion report did not fit in the ring: its queue time is
+            // unknown, so no withheld cut can be trusted.
+            d.lost_reports_dropped = lost_reports_dropped;
+            d.lost_since = Some(0);
+        }
         d.settle(slot, &inflight_now, &lost_ids, send)?;
     }
     Ok(worked)

@@ -208,9 +208,9 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
             // Quiesce: everything completed before the stop has been read in a round
             // after it; leave when nothing is dirty. During the initial sync, stop at once:
             // the next start begins a new epoch anyway.
-            let quiet = producers.iter().all(|p| {
-                p.dirty.is_empty() && p.zeroed.is_empty() && p.withheld_cuts() == 0
-            });
+            let quiet = producers
+                .iter()
+                .all(|p| p.dirty.is_empty() && p.zeroed.is_empty() && p.withheld_cuts() == 0);
             if quiet || producers.iter().any(|p| p.syncing()) {
                 break;
             }
@@ -314,6 +314,8 @@ fn write_stats(
                 "raced_reads": c.raced_reads,
                 "dropped": c.dropped,
                 "missed": c.missed,
+                "lost_completions": c.lost_completions,
+                "cuts_dropped": c.cuts_dropped,
             })
         })
         .collect();

@@ -90,6 +90,17 @@ impl AgentProcess {
         extra: &[&str],
         dir: &Path,
     ) -> anyhow::Result<AgentProcess> {
+        Self::watch_with_env(bin, devices, extra, &[], dir)
+    }
+
+    /// Like [`AgentProcess::watch`], with extra environment variables (fault injection).
+    pub fn watch_with_env(
+        bin: &Path,
+        devices: &[&Path],
+        extra: &[&str],
+        env: &[(&str, &str)],
+        dir: &Path,
+    ) -> anyhow::Result<AgentProcess> {
         let ready = dir.join(format!("agent-ready-{}", std::process::id()));
         let _ = std::fs::remove_file(&ready);
         let stdout = dir.join("agent.jsonl");
@@ -102,6 +113,7 @@ impl AgentProcess {
             .args(extra)
             .args(devices)
             .env("RUST_BACKTRACE", "0")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout)?)
             .stderr(std::fs::File::create(&stderr)?)

@@ -293,6 +293,17 @@ impl Replicator {
         devices: &[&Path],
         extra: &[&str],
     ) -> anyhow::Result<Replicator> {
+        Self::start_with_env(id, devices, extra, &[])
+    }
+
+    /// Like [`Replicator::start`], with extra environment variables for the agent (fault
+    /// injection).
+    pub fn start_with_env(
+        id: &AgentIdentity,
+        devices: &[&Path],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Replicator> {
         let n = std::fs::read_dir(&id.state_dir)
             .map(|d| d.count())
             .unwrap_or(0);
@@ -320,6 +331,7 @@ impl Replicator {
             .args(extra)
             .args(devices)
             .env("RUST_BACKTRACE", "0")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
