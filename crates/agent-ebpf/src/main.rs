@@ -236,7 +236,7 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
             if bio == 0 {
                 break;
             }
-            let _ = INFLIGHT.remove(&bio);
+            let _ = INFLIGHT.remove(bio);
             bio = kread(bio, layout.bio_next)?;
         }
     }
@@ -260,12 +260,12 @@ fn try_bio_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     let layout: BlockLayout = unsafe { core::ptr::read_volatile(&LAYOUT) };
     let bio: u64 = ctx.arg(1);
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(entry) = (unsafe { INFLIGHT.get(&bio) }).copied() else {
+    let Some(entry) = (unsafe { INFLIGHT.get(bio) }).copied() else {
         return Ok(());
     };
     // Read before removing: on failure the entry stays and the agent re-reads the range.
     let status: u8 = kread(bio, layout.bio_status)?;
-    let _ = INFLIGHT.remove(&bio);
+    let _ = INFLIGHT.remove(bio);
     // SAFETY: the value is only read in this program run.
     let Some(disk) = (unsafe { PROTECTED.get(entry.dev) }) else {
         return Ok(());
@@ -378,7 +378,7 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: the value is copied out before the entry is replaced.
-    if let Some(old) = (unsafe { INFLIGHT.get(&bio) }).copied() {
+    if let Some(old) = (unsafe { INFLIGHT.get(bio) }).copied() {
         // This address belonged to a bio whose completion was never seen: report it now,
         // before the entry is reused (its data must be read back).
         // SAFETY: the value is only read in this program run.
@@ -402,7 +402,7 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
         op: flags & !op::FLUSH,
         _pad: 0,
     };
-    if INFLIGHT.insert(&bio, &entry, 0).is_err() {
+    if INFLIGHT.insert(bio, entry, 0).is_err() {
         bump(control::UNTRACKED);
     }
     let end = sector.saturating_add(nr as u64);
