@@ -1,1 +1,108 @@
 //! ripcord's privileged integration tests live in `tests/`; run them with `cargo xtask test`.
+//!
+//! This library holds the scenario pieces that more than one test file runs, so that e.g.
+//! the disaster drill on a local directory (`failover.rs`) and on S3 (`s3.rs`) are the same
+//! drill.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use testkit::{
+    LoopDevice, Mount,
+    replication::{AgentIdentity, ProcessServer, Replicator, failover, ripcord, wait_for_point},
+};
+
+const MIB: u64 = 1 << 20;
+
+/// Panic unless the files or devices `a` and `b` are equal, naming the differing sectors.
+pub fn assert_same(a: &Path, b: &Path, what: &str) {
+    let diff = testkit::sys::diff_sectors(a, b).expect("compare");
+    assert!(
+        diff.is_empty(),
+        "{what}: {} sectors differ, first {:?}",
+        testkit::ranges::total(&diff),
+        &diff[..diff.len().min(5)]
+    );
+}
+
+/// Replicate an ext4 disk under a file workload to the target store `target` (outside the
+/// process server's directory), stop the agent cleanly, wait until the store holds a point
+/// with everything it pushed, and stop the process server. Returns the source disk, the
+/// stopped server, the agent identity and the disk id.
+pub fn replicated_ext4(
+    dir: &Path,
+    target: &str,
+) -> (LoopDevice, ProcessServer, AgentIdentity, String) {
+    let disk = LoopDevice::create(&dir.join("disk.img"), 256 * MIB).unwrap();
+    testkit::run("mkfs.ext4", &["-q", "-F", disk.path.to_str().unwrap()]).unwrap();
+    let mut ps = ProcessServer::start_with_target(dir, Some(target)).unwrap();
+    let id = AgentIdentity::register(&ps, dir, "host-f").unwrap();
+    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    let mnt = Mount::new(&disk.path, &dir.join("mnt"), &["-t", "ext4"]).unwrap();
+    testkit::file_workload(&mnt.dir, 5, 40, 2 << 20).unwrap();
+    mnt.unmount().unwrap();
+    agent.wait_synced(Duration::from_secs(120)).unwrap();
+    let stats = agent.stats_file.clone();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent did not stop cleanly:\n{log}");
+    let disk_id = id.disk_id(&disk.path).unwrap();
+    let last = Replicator::pushed_seq(&stats);
+    if let Err(e) = wait_for_point(
+        target,
+        &disk_id,
+        &ps.passphrase_file,
+        last,
+        Duration::from_secs(60),
+    ) {
+        panic!("{e:#}\nprocess server log:\n{}", ps.logs());
+    }
+    ps.stop().unwrap();
+    (disk, ps, id, disk_id)
+}
+
+/// The disaster drill: replicate an ext4 disk to `target` ([`replicated_ext4`]), lose the
+/// whole primary site (process server directory and agent state) but keep the passphrase,
+/// and fail over from the store and the passphrase alone: the image must equal the source
+/// disk and check clean. A wrong passphrase must be named as such and write nothing.
+/// Returns the kept passphrase file.
+pub fn disaster_drill(dir: &Path, target: &str) -> PathBuf {
+    let (disk, ps, id, disk_id) = replicated_ext4(dir, target);
+    // Keep the passphrase; lose the whole primary site.
+    let pass = dir.join("kept-passphrase");
+    std::fs::copy(&ps.passphrase_file, &pass).unwrap();
+    std::fs::remove_dir_all(&ps.dir).unwrap();
+    std::fs::remove_dir_all(&id.state_dir).unwrap();
+
+    let image = dir.join("recovered.img");
+    let (ok, out, err) = failover(target, &disk_id, "latest", &image, &pass).unwrap();
+    assert!(ok, "failover failed: {err}");
+    assert!(out.contains("crash-consistent"), "{out}");
+    assert_same(&image, &disk.path, "recovered image");
+    // The recovered file system is clean.
+    testkit::run("e2fsck", &["-fn", image.to_str().unwrap()]).unwrap();
+
+    // A wrong passphrase is named as such and writes nothing.
+    let wrong = dir.join("wrong-passphrase");
+    std::fs::write(&wrong, "not the passphrase").unwrap();
+    let bad = dir.join("bad.img");
+    let (ok, _, err) = failover(target, &disk_id, "latest", &bad, &wrong).unwrap();
+    assert!(
+        !ok && err.contains("passphrase"),
+        "wrong passphrase not reported: {err}"
+    );
+    assert!(!bad.exists());
+    pass
+}
+
+/// `ripcord verify` with the passphrase (so batches are authenticated too); returns
+/// (success, stdout, stderr).
+pub fn verify_store(target: &str, passphrase_file: &Path) -> (bool, String, String) {
+    let pass = passphrase_file.to_str().unwrap();
+    ripcord(
+        &["verify", "--target", target, "--passphrase-file", pass],
+        passphrase_file,
+    )
+    .unwrap()
+}

@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use ripcord_tests::{assert_same, disaster_drill, replicated_ext4, verify_store};
 use testkit::{
     LoopDevice, Mount, Scratch, Workload,
     replication::{AgentIdentity, ProcessServer, Replicator, failover, ripcord, wait_for_point},
@@ -19,44 +20,6 @@ use testkit::{
 };
 
 const MIB: u64 = 1 << 20;
-
-fn assert_same(a: &Path, b: &Path, what: &str) {
-    let diff = testkit::sys::diff_sectors(a, b).expect("compare");
-    assert!(
-        diff.is_empty(),
-        "{what}: {} sectors differ, first {:?}",
-        testkit::ranges::total(&diff),
-        &diff[..diff.len().min(5)]
-    );
-}
-
-/// Replicate an ext4 disk to a target store outside the process server's directory.
-fn replicated_ext4(dir: &Path, target: &str) -> (LoopDevice, ProcessServer, AgentIdentity, String) {
-    let disk = LoopDevice::create(&dir.join("disk.img"), 256 * MIB).unwrap();
-    testkit::run("mkfs.ext4", &["-q", "-F", disk.path.to_str().unwrap()]).unwrap();
-    let mut ps = ProcessServer::start_with_target(dir, Some(target)).unwrap();
-    let id = AgentIdentity::register(&ps, dir, "host-f").unwrap();
-    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
-    let mnt = Mount::new(&disk.path, &dir.join("mnt"), &["-t", "ext4"]).unwrap();
-    testkit::file_workload(&mnt.dir, 5, 40, 2 << 20).unwrap();
-    mnt.unmount().unwrap();
-    agent.wait_synced(Duration::from_secs(120)).unwrap();
-    let stats = agent.stats_file.clone();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "agent did not stop cleanly:\n{log}");
-    let disk_id = id.disk_id(&disk.path).unwrap();
-    let last = Replicator::pushed_seq(&stats);
-    wait_for_point(
-        target,
-        &disk_id,
-        &ps.passphrase_file,
-        last,
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    ps.stop().unwrap();
-    (disk, ps, id, disk_id)
-}
 
 #[test]
 fn disaster_drill_fails_over_from_the_store_and_passphrase_alone() {
@@ -66,30 +29,7 @@ fn disaster_drill_fails_over_from_the_store_and_passphrase_alone() {
     let dir = Scratch::new("fo-drill");
     let target_dir = dir.path.join("target-store");
     let target = format!("file://{}", target_dir.display());
-    let (disk, ps, id, disk_id) = replicated_ext4(&dir.path, &target);
-    // Keep the passphrase; lose the whole primary site.
-    let pass = dir.path.join("kept-passphrase");
-    std::fs::copy(&ps.passphrase_file, &pass).unwrap();
-    std::fs::remove_dir_all(&ps.dir).unwrap();
-    std::fs::remove_dir_all(&id.state_dir).unwrap();
-
-    let image = dir.path.join("recovered.img");
-    let (ok, out, err) = failover(&target, &disk_id, "latest", &image, &pass).unwrap();
-    assert!(ok, "failover failed: {err}");
-    assert!(out.contains("crash-consistent"), "{out}");
-    assert_same(&image, &disk.path, "recovered image");
-    // The recovered file system is clean.
-    testkit::run("e2fsck", &["-fn", image.to_str().unwrap()]).unwrap();
-
-    // A wrong passphrase is named as such and writes nothing.
-    std::fs::write(&pass, "not the passphrase").unwrap();
-    let bad = dir.path.join("bad.img");
-    let (ok, _, err) = failover(&target, &disk_id, "latest", &bad, &pass).unwrap();
-    assert!(
-        !ok && err.contains("passphrase"),
-        "wrong passphrase not reported: {err}"
-    );
-    assert!(!bad.exists());
+    disaster_drill(&dir.path, &target);
 }
 
 #[test]
@@ -220,16 +160,6 @@ fn test_failover_while_replication_goes_on_loses_nothing() {
     let (ok, _, err) = failover(&target, &disk_id, "latest", &image, &ps.passphrase_file).unwrap();
     assert!(ok, "{err}");
     assert_same(&image, &disk.path, "final failover after test failovers");
-}
-
-/// `ripcord verify` with the passphrase (so batches are authenticated too).
-fn verify_store(target: &str, passphrase_file: &Path) -> (bool, String, String) {
-    let pass = passphrase_file.to_str().unwrap();
-    ripcord(
-        &["verify", "--target", target, "--passphrase-file", pass],
-        passphrase_file,
-    )
-    .unwrap()
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

@@ -24,7 +24,7 @@ struct Cli {
 enum Task {
     /// Install what the build and tests need: nightly rust-src, bpf-linker (against the
     /// nightly compiler's LLVM), clippy, rustfmt, apt packages (fio, e2fsprogs, xfsprogs,
-    /// util-linux, fdisk). Idempotent.
+    /// util-linux, fdisk), Garage (`cargo install garage`, for the S3 test). Idempotent.
     Setup,
     /// Run everything CI runs: setup, rustfmt and clippy checks, the build, unit tests, and
     /// the privileged integration tests (real BPF, loop devices, file systems; needs root).

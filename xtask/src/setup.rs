@@ -9,6 +9,10 @@ use anyhow::{Context as _, bail};
 
 use crate::{cmd, cmd_output};
 
+/// The Garage release the S3 test runs against (`cargo install garage`). 2.5.0 builds with
+/// stable Rust 1.95 and its default features (`--locked`).
+const GARAGE_VERSION: &str = "2.5.0";
+
 /// Debian packages the tests, demo and benchmarks use.
 const APT_PACKAGES: &[&str] = &["fio", "e2fsprogs", "xfsprogs", "util-linux", "fdisk"];
 
@@ -16,6 +20,7 @@ pub fn run() -> anyhow::Result<()> {
     toolchains()?;
     bpf_linker()?;
     apt_packages()?;
+    garage()?;
     Ok(())
 }
 
@@ -136,6 +141,34 @@ fn llvm_major(rustc_vv: &str) -> Option<u32> {
         .next()?
         .parse()
         .ok()
+}
+
+/// Garage, the S3-compatible server the S3 failover test stores to, from crates.io (the
+/// only place its sources can come from here). Skipped when a `garage` is on `PATH` or in
+/// `~/.cargo/bin` already, whatever its version.
+fn garage() -> anyhow::Result<()> {
+    if which("garage").is_ok() || cargo_bin().join("garage").is_file() {
+        return Ok(());
+    }
+    say(&format!(
+        "installing garage {GARAGE_VERSION} (S3 server for the S3 test); builds from source, \
+         takes 10-30 minutes"
+    ));
+    let status = Command::new("cargo")
+        .args(["install", "garage", "--locked", "--version", GARAGE_VERSION])
+        .status()
+        .context("running cargo install garage")?;
+    if !status.success() {
+        bail!("cargo install garage --locked --version {GARAGE_VERSION} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Where `cargo install` puts binaries: `$CARGO_HOME/bin`, else `~/.cargo/bin`.
+fn cargo_bin() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map_or_else(|| home().join(".cargo"), PathBuf::from)
+        .join("bin")
 }
 
 fn which(bin: &str) -> anyhow::Result<PathBuf> {

@@ -1,16 +1,19 @@
 //! Helpers shared by ripcord's privileged tests, `cargo xtask demo` and the benchmarks:
-//! loop devices over sparse files, mounts, seeded block workloads, and agent processes.
+//! loop devices over sparse files, mounts, seeded block workloads, agent processes, and a
+//! single-node Garage server as an S3 target.
 //!
 //! Everything that creates system state (loop devices, mounts) undoes it in `Drop`, so a
 //! failing test does not leave the machine dirty for the next run.
 
 pub mod agent;
+pub mod garage;
 pub mod ranges;
 pub mod replication;
 pub mod sys;
 pub mod workload;
 
 pub use agent::{AgentEvent, AgentProcess, AgentRun, AgentStats};
+pub use garage::Garage;
 pub use sys::{LoopDevice, Mount, run, run_output};
 pub use workload::{Workload, WorkloadReport, file_workload};
 
