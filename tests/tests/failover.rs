@@ -324,3 +324,126 @@ fn ext4_and_xfs_crash_points_mount_and_check_clean() {
     }
     ps.stop().unwrap();
 }
+
+/// Application-consistent points: with `app-interval-secs = 2` the agent runs the hooks,
+/// freezes the mounted ext4 around a cut, and thaws. A `frozen` hook copies the device
+/// while it is frozen; every app point restores to exactly that copy, and to a file
+/// system that needs no journal recovery.
+#[test]
+fn app_consistent_points_equal_the_source_while_frozen() {
+    if !require_root("app_consistent_points_equal_the_source_while_frozen") {
+        return;
+    }
+    let dir = Scratch::new("app-points");
+    let target = format!("file://{}", dir.path.join("target-store").display());
+    let disk = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
+    testkit::run("mkfs.ext4", &["-q", "-F", disk.path.to_str().unwrap()]).unwrap();
+    let mut ps = ProcessServer::start_with_target(&dir.path, Some(&target)).unwrap();
+    let id = AgentIdentity::register(&ps, &dir.path, "host-app").unwrap();
+
+    let hooks = dir.path.join("hooks");
+    let copies = dir.path.join("frozen");
+    std::fs::create_dir_all(&hooks).unwrap();
+    std::fs::create_dir_all(&copies).unwrap();
+    let hook = hooks.join("10-copy-while-frozen");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = frozen ] || exit 0\nt=$({oracle} now)\n\
+             dd if={dev} of={copies}/$t.img bs=1M iflag=direct status=none\n",
+            oracle = testkit::binary("ripcord-oracle").display(),
+            dev = disk.path.display(),
+            copies = copies.display(),
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let config = dir.path.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "app-interval-secs = 2\nhooks-dir = {:?}\nfreeze-timeout-ms = 10000\n",
+            hooks.display().to_string()
+        ),
+    )
+    .unwrap();
+    let agent =
+        Replicator::start(&id, &[&disk.path], &["--config", config.to_str().unwrap()]).unwrap();
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let mnt = Mount::new(&disk.path, &dir.path.join("mnt"), &["-t", "ext4"]).unwrap();
+    // Write until three frozen copies exist (the file system changes between them).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seed = 1;
+    while std::fs::read_dir(&copies).unwrap().count() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than 3 app-consistent freezes in 60 s; agent log:\n{}",
+            agent.log()
+        );
+        testkit::file_workload(&mnt.dir, seed, 10, 1 << 20).unwrap();
+        seed += 1;
+    }
+    mnt.unmount().unwrap();
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let stats = agent.stats_file.clone();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent did not stop cleanly:\n{log}");
+    let disk_id = id.disk_id(&disk.path).unwrap();
+    wait_for_point(
+        &target,
+        &disk_id,
+        &ps.passphrase_file,
+        Replicator::pushed_seq(&stats),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    ps.stop().unwrap();
+
+    let all = testkit::replication::points(&target, &disk_id, &ps.passphrase_file).unwrap();
+    let app: Vec<_> = all.iter().filter(|p| p["kind"] == "app").collect();
+    assert!(
+        app.len() >= 2,
+        "only {} app-consistent points: {all:?}",
+        app.len()
+    );
+    let mut frozen: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&copies)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            let t = p.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+            (t, p)
+        })
+        .collect();
+    frozen.sort();
+    let image = dir.path.join("app.img");
+    for p in &app {
+        let t = p["mono_ns"].as_u64().unwrap();
+        // The copy taken in the freeze this point was cut in: the last one before it.
+        let (_, copy) = frozen
+            .iter()
+            .rev()
+            .find(|(c, _)| *c < t)
+            .unwrap_or_else(|| panic!("no frozen copy before app point {p}"));
+        let pid = p["id"].as_str().unwrap();
+        let (ok, _, err) = failover(&target, &disk_id, pid, &image, &ps.passphrase_file).unwrap();
+        assert!(ok, "failover to {pid} failed: {err}");
+        assert_same(
+            &image,
+            copy,
+            &format!("app point {pid} vs the device while frozen"),
+        );
+        testkit::run("e2fsck", &["-fn", image.to_str().unwrap()]).unwrap();
+    }
+    // `latest-app` picks the newest of them.
+    let (ok, out, err) =
+        failover(&target, &disk_id, "latest-app", &image, &ps.passphrase_file).unwrap();
+    assert!(ok, "latest-app failed: {err}");
+    let newest = app.last().unwrap()["id"].as_str().unwrap();
+    assert!(
+        out.contains(newest),
+        "latest-app chose another point: {out}"
+    );
+}

@@ -37,6 +37,15 @@ pub struct AgentConfig {
     pub window_mib: usize,
     /// Kernel ring buffer size in bytes (power of two). Default 8 MiB.
     pub ring_bytes: u32,
+    /// Seconds between application-consistent points (hooks, file systems on the
+    /// protected devices frozen around the cut); 0 turns them off. Default 3600.
+    pub app_interval_secs: u64,
+    /// Directory of hook scripts, run in name order with `pre-freeze`, `frozen` or
+    /// `post-thaw` as their argument. Default `/etc/ripcord/hooks.d`.
+    pub hooks_dir: PathBuf,
+    /// Longest a freeze (and each hook) may last, in ms (100..=60000): the file systems
+    /// are thawed when it passes, whatever happens. Default 10000.
+    pub freeze_timeout_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -52,6 +61,9 @@ impl Default for AgentConfig {
             cut_interval_ms: 200,
             window_mib: 32,
             ring_bytes: agent_common::DEFAULT_RING_BYTES,
+            app_interval_secs: 3600,
+            hooks_dir: PathBuf::from("/etc/ripcord/hooks.d"),
+            freeze_timeout_ms: 10_000,
         }
     }
 }
@@ -101,6 +113,10 @@ impl AgentConfig {
         ensure!(
             self.ring_bytes.is_power_of_two() && self.ring_bytes >= 4096,
             "ring-bytes must be a power of two >= 4096"
+        );
+        ensure!(
+            (100..=60_000).contains(&self.freeze_timeout_ms),
+            "freeze-timeout-ms must be 100..=60000"
         );
         Ok(())
     }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod device;
 pub mod event;
 pub mod extents;
+pub mod freeze;
 pub mod net;
 pub mod pipeline;
 pub mod preflight;

@@ -118,11 +118,14 @@ impl DiskLink {
                 time_ns,
                 mono_ns,
                 seq,
+                app,
             } => {
-                match self
-                    .sender
-                    .push_cut_at(ripcord_proto::CutKind::Crash, time_ns, mono_ns, seq)
-                {
+                let kind = if app {
+                    ripcord_proto::CutKind::App
+                } else {
+                    ripcord_proto::CutKind::Crash
+                };
+                match self.sender.push_cut_at(kind, time_ns, mono_ns, seq) {
                     Ok(_) => {}
                     Err(PushError::CutBufferFull) => {
                         self.pending = Some(item);

@@ -28,6 +28,8 @@ pub enum Outgoing {
         time_ns: u64,
         mono_ns: u64,
         seq: u64,
+        /// Application-consistent (taken with the file systems frozen).
+        app: bool,
     },
 }
 
@@ -43,6 +45,7 @@ struct Withheld {
     time_ns: u64,
     mono_ns: u64,
     seq: u64,
+    app: bool,
     waiting: Vec<u64>,
 }
 
@@ -212,6 +215,10 @@ pub struct DiskCounters {
     pub batches: u64,
     pub cuts: u64,
     pub raced_reads: u64,
+    /// Application-consistent cuts sent.
+    pub app_cuts: u64,
+    /// Application-consistent cuts taken (sent, withheld or dropped).
+    pub app_cuts_taken: u64,
     /// Cuts dropped because a write in flight at their instant was never seen to
     /// complete.
     pub cuts_dropped: u64,
@@ -311,9 +318,13 @@ impl DiskProducer {
                     time_ns: w.time_ns,
                     mono_ns: w.mono_ns,
                     seq: w.seq,
+                    app: w.app,
                 },
             )?;
             self.counters.cuts += 1;
+            if w.app {
+                self.counters.app_cuts += 1;
+            }
         }
         Ok(())
     }
@@ -354,6 +365,9 @@ pub struct RoundConfig {
     pub round_sectors: u64,
     pub sync_chunk_sectors: u64,
     pub cut_interval: std::time::Duration,
+    /// Take an application-consistent cut in this round if it is clean (the caller has
+    /// frozen the file systems), whatever the interval and even if nothing changed.
+    pub app_cut: bool,
 }
 
 /// Monotonic and wall clocks in ns.
@@ -467,14 +481,19 @@ pub fn round(
         if clean && complete {
             d.counters.clean_rounds += 1;
         }
-        let due = d.last_cut.is_none_or(|t| t.elapsed() >= cfg.cut_interval);
-        if clean && complete && drained_all && !d.syncing() && d.uncut && due {
+        let due = cfg.app_cut || d.last_cut.is_none_or(|t| t.elapsed() >= cfg.cut_interval);
+        let wanted = d.uncut || cfg.app_cut;
+        if clean && complete && drained_all && !d.syncing() && wanted && due {
             d.withheld.push_back(Withheld {
                 time_ns: t_wall,
                 mono_ns: t_mono,
                 seq: d.builder.next_seq() - 1,
+                app: cfg.app_cut,
                 waiting: inflight_at_t.clone(),
             });
+            if cfg.app_cut {
+                d.counters.app_cuts_taken += 1;
+            }
             d.uncut = false;
             d.last_cut = Some(Instant::now());
         }

@@ -27,6 +27,7 @@ use crate::{
     capture::{Capture, CaptureConfig},
     config::AgentConfig,
     device::BlockDevice,
+    freeze,
     net::{self, DiskLink, LinkStats, NetConfig},
     pipeline::{BatchBuilder, DiskProducer, Outgoing, RoundConfig, round},
     preflight,
@@ -155,7 +156,11 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
         round_sectors: cfg.round_mib << 11,
         sync_chunk_sectors: cfg.sync_chunk_mib << 11,
         cut_interval: Duration::from_millis(cfg.cut_interval_ms),
+        app_cut: false,
     };
+    let app_interval =
+        (cfg.app_interval_secs > 0).then(|| Duration::from_secs(cfg.app_interval_secs));
+    let mut last_app = Instant::now();
     let total: u64 = devs.iter().map(|d| d.sectors * 512).sum();
     let bar = ProgressBar::new(total).with_style(
         ProgressStyle::with_template(
@@ -216,6 +221,24 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
             }
             continue;
         }
+        if let Some(interval) = app_interval
+            && last_app.elapsed() >= interval
+            && producers.iter().all(|p| !p.syncing())
+        {
+            last_app = Instant::now();
+            match app_point(
+                &mut capture,
+                &mut producers,
+                &round_cfg,
+                &mut send,
+                cfg,
+                &devs,
+            ) {
+                Ok(()) => tracing::info!("application-consistent point taken"),
+                Err(e) => tracing::warn!("no application-consistent point this time: {e:#}"),
+            }
+            continue;
+        }
         if !worked {
             capture.wait(Duration::from_millis(50))?;
         }
@@ -260,6 +283,52 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
 fn console_is_tty() -> bool {
     // SAFETY: isatty has no memory preconditions.
     unsafe { libc::isatty(2) == 1 }
+}
+
+/// Hooks, freeze, one clean round with an application-consistent cut, thaw, hooks
+/// (see `freeze.rs`).
+fn app_point(
+    capture: &mut Capture,
+    producers: &mut [DiskProducer],
+    round_cfg: &RoundConfig,
+    send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
+    cfg: &AgentConfig,
+    devs: &[BlockDevice],
+) -> anyhow::Result<()> {
+    let timeout = Duration::from_millis(cfg.freeze_timeout_ms);
+    let mounts = freeze::mounts_on(devs)?;
+    freeze::run_hooks(&cfg.hooks_dir, "pre-freeze", timeout)?;
+    let result = (|| -> anyhow::Result<()> {
+        let frozen = freeze::Frozen::freeze(&mounts, timeout)?;
+        freeze::run_hooks(&cfg.hooks_dir, "frozen", timeout)?;
+        let before: Vec<u64> = producers
+            .iter()
+            .map(|p| p.counters.app_cuts_taken)
+            .collect();
+        let app_cfg = RoundConfig {
+            app_cut: true,
+            ..*round_cfg
+        };
+        loop {
+            anyhow::ensure!(
+                !frozen.expired(),
+                "no clean round within the freeze timeout ({timeout:?})"
+            );
+            round(capture, producers, &app_cfg, send)?;
+            if producers
+                .iter()
+                .zip(&before)
+                .all(|(p, &b)| p.counters.app_cuts_taken > b)
+            {
+                break;
+            }
+        }
+        drop(frozen);
+        Ok(())
+    })();
+    let thawed = freeze::run_hooks(&cfg.hooks_dir, "post-thaw", timeout);
+    result?;
+    thawed
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -315,6 +384,7 @@ fn write_stats(
                 "dropped": c.dropped,
                 "missed": c.missed,
                 "lost_completions": c.lost_completions,
+                "app_cuts": c.app_cuts,
                 "cuts_dropped": c.cuts_dropped,
             })
         })

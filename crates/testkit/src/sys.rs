@@ -168,9 +168,26 @@ impl Mount {
     }
 
     /// Unmount now (flushing the file system), reporting errors.
+    /// Unmount, retrying for up to 10 s while the mount is busy (an agent taking an
+    /// app-consistent point holds the mount point open while it is frozen).
     pub fn unmount(mut self) -> anyhow::Result<()> {
-        self.mounted = false;
-        run("umount", &[self.dir.to_str().context("path")?])
+        let dir = self.dir.to_str().context("path")?.to_owned();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match run("umount", &[&dir]) {
+                Ok(()) => {
+                    self.mounted = false;
+                    return Ok(());
+                }
+                Err(e)
+                    if std::time::Instant::now() < deadline
+                        && format!("{e:#}").contains("busy") =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
