@@ -326,7 +326,7 @@ fn ext4_and_xfs_crash_points_mount_and_check_clean() {
 }
 
 /// Application-consistent points: with `app-interval-secs = 2` the agent runs the hooks,
-/// freezes the mounted ext4 around a cut, and thaws. A `frozen` hook copies the device
+/// freezes the mounted file system around a cut, and thaws. A `frozen` hook copies the device
 /// while it is frozen; every app point restores to exactly that copy, and to a file
 /// system that needs no journal recovery.
 #[test]
@@ -334,10 +334,28 @@ fn app_consistent_points_equal_the_source_while_frozen() {
     if !require_root("app_consistent_points_equal_the_source_while_frozen") {
         return;
     }
-    let dir = Scratch::new("app-points");
+    app_points_equal_the_frozen_source("ext4");
+}
+
+/// The same on xfs.
+#[test]
+fn xfs_app_consistent_points_equal_the_source_while_frozen() {
+    if !require_root("xfs_app_consistent_points_equal_the_source_while_frozen") {
+        return;
+    }
+    app_points_equal_the_frozen_source("xfs");
+}
+
+fn app_points_equal_the_frozen_source(fs: &str) {
+    let dir = Scratch::new(&format!("app-points-{fs}"));
     let target = format!("file://{}", dir.path.join("target-store").display());
-    let disk = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
-    testkit::run("mkfs.ext4", &["-q", "-F", disk.path.to_str().unwrap()]).unwrap();
+    // xfs needs at least 300 MB.
+    let disk = LoopDevice::create(&dir.path.join("disk.img"), 320 * MIB).unwrap();
+    let dev = disk.path.to_str().unwrap();
+    match fs {
+        "ext4" => testkit::run("mkfs.ext4", &["-q", "-F", dev]).unwrap(),
+        _ => testkit::run("mkfs.xfs", &["-q", "-f", dev]).unwrap(),
+    }
     let mut ps = ProcessServer::start_with_target(&dir.path, Some(&target)).unwrap();
     let id = AgentIdentity::register(&ps, &dir.path, "host-app").unwrap();
 
@@ -373,7 +391,7 @@ fn app_consistent_points_equal_the_source_while_frozen() {
     let agent =
         Replicator::start(&id, &[&disk.path], &["--config", config.to_str().unwrap()]).unwrap();
     agent.wait_synced(Duration::from_secs(60)).unwrap();
-    let mnt = Mount::new(&disk.path, &dir.path.join("mnt"), &["-t", "ext4"]).unwrap();
+    let mnt = Mount::new(&disk.path, &dir.path.join("mnt"), &["-t", fs]).unwrap();
     // Write until three frozen copies exist (the file system changes between them).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut seed = 1;
@@ -435,7 +453,20 @@ fn app_consistent_points_equal_the_source_while_frozen() {
             copy,
             &format!("app point {pid} vs the device while frozen"),
         );
-        testkit::run("e2fsck", &["-fn", image.to_str().unwrap()]).unwrap();
+        // ext4 is clean without journal recovery; a frozen xfs keeps a log record that
+        // xfs_repair wants replayed, so it is mounted once (on the copy) first.
+        let lo = LoopDevice::attach(&image).unwrap();
+        let check = match fs {
+            "ext4" => testkit::run("e2fsck", &["-fn", lo.path.to_str().unwrap()]),
+            _ => {
+                let m = Mount::new(&lo.path, &dir.path.join("check"), &["-t", "xfs"])
+                    .unwrap_or_else(|e| panic!("xfs app point {pid} does not mount: {e:#}"));
+                m.unmount().unwrap();
+                testkit::run("xfs_repair", &["-n", lo.path.to_str().unwrap()])
+            }
+        };
+        check.unwrap_or_else(|e| panic!("{fs} app point {pid} is not clean: {e:#}"));
+        drop(lo);
     }
     // `latest-app` picks the newest of them.
     let (ok, out, err) =
