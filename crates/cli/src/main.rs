@@ -18,7 +18,8 @@ use ripcord_store::{CutKind, Store};
 ///
 /// Everything needs only the target store's URL (file:///path or s3://bucket/prefix with
 /// AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION) and, to read
-/// data, the deployment passphrase (--passphrase-file or RIPCORD_PASSPHRASE).
+/// data, the deployment passphrase (--passphrase-file, RIPCORD_PASSPHRASE, or a prompt on a
+/// terminal).
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -132,11 +133,18 @@ fn read_passphrase(file: Option<&Path>) -> anyhow::Result<Vec<u8>> {
             .next()
             .unwrap_or_default()
             .to_owned(),
-        None => std::env::var("RIPCORD_PASSPHRASE").map_err(|_| {
-            anyhow::anyhow!(
-                "give the deployment passphrase with --passphrase-file or RIPCORD_PASSPHRASE"
-            )
-        })?,
+        None => match std::env::var("RIPCORD_PASSPHRASE") {
+            Ok(p) => p,
+            // SAFETY: isatty has no memory preconditions.
+            Err(_) if unsafe { libc::isatty(0) == 1 } => {
+                rpassword::prompt_password("deployment passphrase: ")
+                    .context("reading the passphrase from the terminal")?
+            }
+            Err(_) => anyhow::bail!(
+                "give the deployment passphrase with --passphrase-file, RIPCORD_PASSPHRASE, \
+                 or at the prompt (run from a terminal)"
+            ),
+        },
     };
     Ok(pass.into_bytes())
 }
