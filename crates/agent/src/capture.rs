@@ -175,10 +175,10 @@ impl Drop for RingPositions {
 pub struct Overflow {
     /// Regions whose events were dropped (device-relative sectors).
     pub regions: ExtentSet,
-    /// Resync the whole device: a dropped event was too wide for the bitmap, or the
-    /// kernel skipped the completion probe (see [`Capture::missed_completions`]).
+    /// Resync the whole device: a dropped event was too wide for the bitmap, or a queued
+    /// write could not be followed (see [`Capture::missed_completions`]).
     pub whole_device: bool,
-    /// Completion probe runs the kernel skipped since the last drain of this slot.
+    /// Writes that could not be followed since the last drain of this slot.
     pub missed: u64,
 }
 

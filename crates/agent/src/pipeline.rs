@@ -228,8 +228,8 @@ pub struct DiskCounters {
     pub clean_rounds: u64,
     /// Change events the kernel could not queue (their regions were resynchronised).
     pub dropped: u64,
-    /// Completions the kernel did not run the probe for (each one resynchronised the
-    /// whole device).
+    /// Queued writes capture could not follow (the queue probe skipped or failed, or the
+    /// in-flight map was full); each resynchronised the whole device.
     pub missed: u64,
 }
 
@@ -424,8 +424,8 @@ pub fn round(
             tracing::warn!(
                 device = %d.dev.path.display(),
                 missed = overflow.missed,
-                "the kernel skipped the completion probe (another BPF program was running \
-                 on that CPU): resynchronising the whole device"
+                "writes capture could not follow (the queue probe was skipped or failed, or \
+                 the in-flight map was full): resynchronising the whole device"
             );
         }
         if overflow.whole_device {
