@@ -468,8 +468,13 @@ impl Capture {
 
     /// Ids of the queued writes not reported complete yet (nor reported stalled).
     pub fn inflight_ids(&self) -> std::collections::HashSet<u64> {
-        self.inflight()
-            .into_iter()
+        self.unreported_ids(&self.inflight())
+    }
+
+    /// The ids of `snapshot` (from [`Capture::inflight`]) not reported stalled.
+    pub fn unreported_ids(&self, snapshot: &[InflightBio]) -> std::collections::HashSet<u64> {
+        snapshot
+            .iter()
             .map(|b| b.id)
             .filter(|id| !self.reported.contains(id))
             .collect()
@@ -480,10 +485,16 @@ impl Capture {
     /// read their ranges back. The entries stay in the map, so a completion that does
     /// come later is still reported.
     pub fn stalled(&mut self, after: Duration) -> Vec<Stalled> {
+        let snapshot = self.inflight();
+        self.stalled_in(&snapshot, after)
+    }
+
+    /// [`Capture::stalled`] over a snapshot the caller already took.
+    pub fn stalled_in(&mut self, snapshot: &[InflightBio], after: Duration) -> Vec<Stalled> {
         let now = crate::pipeline::now_mono_ns();
         let limit = after.as_nanos() as u64;
         let mut out = Vec::new();
-        for b in self.inflight() {
+        for b in snapshot {
             if now.saturating_sub(b.queued_ns) < limit || !self.reported.insert(b.id) {
                 continue;
             }

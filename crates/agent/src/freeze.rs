@@ -14,6 +14,7 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
+        mpsc::RecvTimeoutError,
     },
     time::{Duration, Instant},
 };
@@ -141,6 +142,8 @@ fn is_executable(p: &Path) -> bool {
 pub struct Frozen {
     files: Arc<Vec<(PathBuf, File)>>,
     disarmed: Arc<AtomicBool>,
+    /// Dropping it wakes the watchdog, which then exits.
+    _wake: std::sync::mpsc::Sender<()>,
 }
 
 impl Frozen {
@@ -160,23 +163,24 @@ impl Frozen {
         }
         let files = Arc::new(files);
         let disarmed = Arc::new(AtomicBool::new(false));
+        let (wake, woken) = std::sync::mpsc::channel::<()>();
         {
             let (files, disarmed) = (Arc::clone(&files), Arc::clone(&disarmed));
             std::thread::spawn(move || {
-                let deadline = Instant::now() + timeout;
-                while Instant::now() < deadline {
-                    if disarmed.load(Ordering::Acquire) {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                if !disarmed.swap(true, Ordering::AcqRel) {
+                // Returns early when the guard is dropped (the sender goes away).
+                if woken.recv_timeout(timeout) == Err(RecvTimeoutError::Timeout)
+                    && !disarmed.swap(true, Ordering::AcqRel)
+                {
                     tracing::warn!("freeze timeout ({timeout:?}) passed: thawing");
                     thaw_all(&files);
                 }
             });
         }
-        Ok(Frozen { files, disarmed })
+        Ok(Frozen {
+            files,
+            disarmed,
+            _wake: wake,
+        })
     }
 
     /// Whether the watchdog already thawed (the freeze took too long).

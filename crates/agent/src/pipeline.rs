@@ -507,7 +507,9 @@ pub fn round(
     // a write reported lost (its entry replaced by a new bio at the same address; the
     // report is committed before the replacement) is known before a cut waiting for it is
     // released.
-    let inflight_now = capture.inflight_ids();
+    // One map walk serves both the release check and the stall check below.
+    let inflight = capture.inflight();
+    let inflight_now = capture.unreported_ids(&inflight);
     capture.drain_events_through_now(|e| {
         if let Some(d) = disks.get_mut(e.slot as usize) {
             d.note(&e);
@@ -517,7 +519,7 @@ pub fn round(
     // Writes that stayed in flight too long were completed without the completion probe
     // running (or are stuck): read them back, and drop the cuts that waited for them.
     let mut lost_ids = std::collections::HashSet::new();
-    for lost in capture.stalled(LOST_AFTER) {
+    for lost in capture.stalled_in(&inflight, LOST_AFTER) {
         lost_ids.insert(lost.id);
         for (slot, sector, sectors) in lost.ranges {
             if let Some(d) = disks.get_mut(slot) {
