@@ -66,8 +66,8 @@ pub mod op {
     /// still treats it as changed.
     pub const ERROR: u32 = 1 << 6;
     /// The completion of a queued write was never observed (see [`InflightBio`]): its
-    /// range must be read back, and no cut at or after `time_ns` (its queue time) that was
-    /// withheld for it may be placed.
+    /// entry was replaced by a newer bio at the same address, so it has completed. Its
+    /// range must be read back; `time_ns` is its queue time.
     pub const LOST: u32 = 1 << 7;
     /// Every flag that changes device contents.
     pub const CHANGES_DATA: u32 = WRITE | DISCARD | WRITE_ZEROES | SECURE_ERASE | LOST;
@@ -172,7 +172,7 @@ pub mod control {
     /// Data completions counted for [`FAULT_SKIP_EVERY`].
     pub const FAULT_COUNTER: u32 = 6;
     /// [`super::op::LOST`] reports that did not fit in the ring (their ranges are in the
-    /// overflow bitmap; the agent drops every withheld cut).
+    /// overflow bitmap, which the round drains after its instant).
     pub const LOST_DROPPED: u32 = 7;
     /// Entries of the array.
     pub const LEN: u32 = 8;

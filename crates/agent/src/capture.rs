@@ -466,20 +466,6 @@ impl Capture {
         self.control.get(&index, 0).unwrap_or(0)
     }
 
-    /// Ids of the queued writes not reported complete yet (nor reported stalled).
-    pub fn inflight_ids(&self) -> std::collections::HashSet<u64> {
-        self.unreported_ids(&self.inflight())
-    }
-
-    /// The ids of `snapshot` (from [`Capture::inflight`]) not reported stalled.
-    pub fn unreported_ids(&self, snapshot: &[InflightBio]) -> std::collections::HashSet<u64> {
-        snapshot
-            .iter()
-            .map(|b| b.id)
-            .filter(|id| !self.reported.contains(id))
-            .collect()
-    }
-
     /// Queued writes without a reported completion for longer than `after`, each returned
     /// once. Their completion happened unseen (or the device is stuck): the caller must
     /// read their ranges back. The entries stay in the map, so a completion that does
@@ -498,18 +484,7 @@ impl Capture {
             if now.saturating_sub(b.queued_ns) < limit || !self.reported.insert(b.id) {
                 continue;
             }
-            let end = b.sector.saturating_add(u64::from(b.sectors));
-            let ranges = self
-                .devices
-                .iter()
-                .enumerate()
-                .filter(|(_, d)| d.disk.kernel() == b.dev)
-                .filter_map(|(slot, d)| {
-                    let lo = b.sector.max(d.start);
-                    let hi = end.min(d.start + d.sectors);
-                    (lo < hi).then_some((slot, lo - d.start, hi - lo))
-                })
-                .collect();
+            let ranges = self.protected_ranges(b);
             out.push(Stalled { id: b.id, ranges });
         }
         out
@@ -579,15 +554,13 @@ impl Capture {
         }
     }
 
-    /// True if a write touching `[sector, sector + len)` of `slot` was queued since `snap`
-    /// (or may have been: a skipped run of the queue probe counts as a race everywhere).
-    pub fn raced_since(&self, snap: &GenSnapshot, slot: usize, sector: u64, len: u64) -> bool {
+    /// True if a write touching `[sector, sector + len)` of `slot` was queued since `snap`,
+    /// as far as the per-region generations tell: no system call, only loads from the
+    /// shared mapping. A round must also ask [`Capture::raced_anywhere_since`] once, after
+    /// its last read: wide writes and skipped queue-probe runs race every region.
+    pub fn regions_raced_since(&self, snap: &GenSnapshot, slot: usize, sector: u64, len: u64) -> bool {
         if len == 0 {
             return false;
-        }
-        if self.stats(slot).wide_gen != snap.wide[slot] || self.missed_queues() != snap.queue_misses
-        {
-            return true;
         }
         let first = sector >> WRITE_GEN_REGION_SHIFT;
         let last = (sector + len - 1) >> WRITE_GEN_REGION_SHIFT;
@@ -595,6 +568,41 @@ impl Capture {
             let i = write_gen_index(slot as u32, region) as usize;
             self.write_gen.word(i).load(Ordering::Acquire) != snap.words[i]
         })
+    }
+
+    /// True if, since `snap`, a write too wide for per-region generations was queued on
+    /// any protected device, or the queue probe was skipped or failed (its write is
+    /// unknown): then every read since `snap` counts as raced.
+    pub fn raced_anywhere_since(&self, snap: &GenSnapshot) -> bool {
+        self.missed_queues() != snap.queue_misses
+            || (0..self.devices.len()).any(|slot| self.stats(slot).wide_gen != snap.wide[slot])
+    }
+
+    /// (slot, device-relative sector, sectors) of every protected range the not yet
+    /// reported in-flight writes of `snapshot` touch. A round reads them after its
+    /// instant: one of them may have completed before it without the completion probe
+    /// running, and reading the range after the instant captures it either way.
+    pub fn unreported_ranges(&self, snapshot: &[InflightBio]) -> Vec<(usize, u64, u64)> {
+        snapshot
+            .iter()
+            .filter(|b| !self.reported.contains(&b.id))
+            .flat_map(|b| self.protected_ranges(b))
+            .collect()
+    }
+
+    /// The parts of `bio` on protected devices, as (slot, device-relative sector, sectors).
+    fn protected_ranges(&self, bio: &InflightBio) -> Vec<(usize, u64, u64)> {
+        let end = bio.sector.saturating_add(u64::from(bio.sectors));
+        self.devices
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.disk.kernel() == bio.dev)
+            .filter_map(|(slot, d)| {
+                let lo = bio.sector.max(d.start);
+                let hi = end.min(d.start + d.sectors);
+                (lo < hi).then_some((slot, lo - d.start, hi - lo))
+            })
+            .collect()
     }
 
     /// Detach the programs: no event is produced after this returns. Events already in

@@ -23,8 +23,10 @@ pub struct AgentConfig {
     pub devices: Vec<PathBuf>,
     /// Plaintext bytes per batch, in KiB (64..=8192). Default 4096.
     pub batch_kib: usize,
-    /// Most bytes read back per round, in MiB (1..=1024): bounds how long a round takes,
-    /// so clean rounds (and crash-consistent cuts) keep coming under load. Default 64.
+    /// Most changed bytes read back per round, in MiB (1..=1024): bounds how long a
+    /// round's reads take (the window in which a write can race them) and the round
+    /// buffer's memory, so clean rounds (and crash-consistent cuts) keep coming under
+    /// load. Default 16.
     pub round_mib: u64,
     /// Initial-sync bytes read per round, in MiB (1..=1024). Default 32.
     pub sync_chunk_mib: u64,
@@ -46,6 +48,23 @@ pub struct AgentConfig {
     /// Longest a freeze (and each hook) may last, in ms (100..=60000): the file systems
     /// are thawed when it passes, whatever happens. Default 10000.
     pub freeze_timeout_ms: u64,
+    /// Bound on the time between two recovery points of a disk, in ms (1000..=3600000).
+    /// When a disk has gone half of it without a clean round (a hot block rewritten faster
+    /// than it can be read back), the agent forces a point: it freezes the file systems
+    /// on the device (`FIFREEZE`, no hooks) for one clean round. A device without a
+    /// mounted file system cannot be forced; its gap is reported (metric, status, log)
+    /// once it passes this bound. Default 15000.
+    pub max_point_gap_ms: u64,
+    /// Whether forced points may freeze file systems (see `max-point-gap-ms`). Default
+    /// true.
+    pub forced_points: bool,
+    /// Longest a forced point may hold the file systems frozen, in ms (50..=60000); the
+    /// attempt is abandoned (and retried later) if no clean round comes within it.
+    /// Default 2000.
+    pub forced_freeze_ms: u64,
+    /// Address of the Prometheus endpoint (`GET /metrics`); empty turns it off. Default
+    /// `127.0.0.1:9445`.
+    pub metrics_addr: String,
 }
 
 impl Default for AgentConfig {
@@ -55,7 +74,7 @@ impl Default for AgentConfig {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             devices: Vec::new(),
             batch_kib: 4096,
-            round_mib: 64,
+            round_mib: 16,
             sync_chunk_mib: 32,
             zstd_level: 1,
             cut_interval_ms: 200,
@@ -64,6 +83,10 @@ impl Default for AgentConfig {
             app_interval_secs: 3600,
             hooks_dir: PathBuf::from("/etc/ripcord/hooks.d"),
             freeze_timeout_ms: 10_000,
+            max_point_gap_ms: 15_000,
+            forced_points: true,
+            forced_freeze_ms: 2_000,
+            metrics_addr: "127.0.0.1:9445".to_owned(),
         }
     }
 }
@@ -118,6 +141,21 @@ impl AgentConfig {
             (100..=60_000).contains(&self.freeze_timeout_ms),
             "freeze-timeout-ms must be 100..=60000"
         );
+        ensure!(
+            (1_000..=3_600_000).contains(&self.max_point_gap_ms),
+            "max-point-gap-ms must be 1000..=3600000"
+        );
+        ensure!(
+            (50..=60_000).contains(&self.forced_freeze_ms),
+            "forced-freeze-ms must be 50..=60000"
+        );
+        if !self.metrics_addr.is_empty() {
+            self.metrics_addr
+                .parse::<std::net::SocketAddr>()
+                .with_context(|| {
+                    format!("metrics-addr {:?} is not HOST:PORT", self.metrics_addr)
+                })?;
+        }
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 //! The library holds the logic (decoding, extent sets, device resolution, capture) so it
 //! is unit-testable; `main.rs` is the command line.
 
+pub mod batch;
 pub mod btf;
 pub mod capture;
 pub mod config;
@@ -10,8 +11,10 @@ pub mod device;
 pub mod event;
 pub mod extents;
 pub mod freeze;
+pub mod metrics;
 pub mod net;
 pub mod pipeline;
+pub mod points;
 pub mod preflight;
 pub mod protect;
 pub mod readback;

@@ -1,19 +1,47 @@
-//! The replication pipeline's producer side: readback rounds (see `readback.rs`), zero
-//! detection, batching, compression and sealing.
+//! The replication pipeline's producer side: readback rounds, zero detection, batching
+//! (see `batch.rs`), and crash-consistent cuts.
+//!
+//! # A round at instant T
+//! 1. Snapshot every write generation (bumped when a write is *queued*), then drain every
+//!    change event committed before T into the dirty set (see readback.rs and decision
+//!    0003 for why the snapshot comes first).
+//! 2. Walk the in-flight map, then drain again: a write still in the map may have
+//!    completed before T without the completion probe running (decision 0005), and one
+//!    replaced in the map since was reported `LOST` before the walk ended. Both kinds of
+//!    range are read in this round.
+//! 3. **Read phase**: read every range of the round (the dirty set up to `round_sectors`,
+//!    the in-flight ranges, nothing else) into memory, back to back. A piece whose
+//!    generations moved since T raced a write queued after T: it goes back into the
+//!    dirty set and the round is not clean. Nothing but reads happens in this phase, so
+//!    the window in which a write can race a read is as short as the reads themselves.
+//! 4. **Send phase**: zero extents, the pieces read, and initial-sync data (streamed) are
+//!    batched, sealed and handed to the network side; then, if the round is clean, the
+//!    dirty set was taken whole and every event up to T was drained, a cut.
+//!
+//! # Why a clean round's cut is a crash state at T
+//! Every write completed before T is in the cut: its completion event was drained at T
+//! (its range is read after T), or its completion was never seen and its in-flight entry
+//! still existed during the walk (its range is read after T), or its entry was replaced
+//! by a newer bio and the `LOST` report, committed before the replacement, was drained
+//! after the walk (its range is read after T). A range read after T with no write queued
+//! to it since T holds its content at T, up to writes in flight at T, which a crash state
+//! may or may not hold. Ranges not read in the round were last read in an earlier round
+//! and no write to them completed since (it would have dirtied them before T).
+//! So cuts never wait for in-flight writes, and a lost completion costs a re-read, never
+//! a recovery point.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use agent_common::op;
-use anyhow::Context as _;
-use ripcord_proto::{
-    Batch, DiskId, Extent, ExtentKind, FLAG_COMPRESSED, FLAG_SEALED, MAX_EXTENTS_PER_BATCH, aead,
+use ripcord_proto::{Batch, ExtentKind};
+
+use crate::{
+    batch::BatchBuilder,
+    capture::{Capture, GenSnapshot},
+    device::BlockDevice,
+    extents::ExtentSet,
+    readback::{AlignedBuf, DeviceReader},
 };
-use ripcord_seal::{DataKey, Flags, Sealer};
-
-use crate::{capture::Capture, device::BlockDevice, extents::ExtentSet, readback::DeviceReader};
-
-/// Zero detection granularity, in sectors (64 KiB).
-const ZERO_GRAIN: u64 = 128;
 
 /// What the producer hands to the network side, per disk, in stream order.
 #[derive(Debug)]
@@ -22,188 +50,46 @@ pub enum Outgoing {
     /// it carries, for lag measurement (`None` for initial-sync data).
     Batch(Batch, Option<u64>),
     /// A crash-consistent point after batch `seq` (0: before any batch), at instant
-    /// `mono_ns`. Sent once every write in flight at that instant has been seen to
-    /// complete, so it may follow later batches in the stream.
+    /// `mono_ns`, sent right after the last batch of its round.
     Cut {
         time_ns: u64,
         mono_ns: u64,
         seq: u64,
-        /// Application-consistent (taken with the file systems frozen).
+        /// Application-consistent (taken with the file systems frozen and hooks run).
         app: bool,
     },
 }
 
 /// How long a queued write may stay without a reported completion before the agent
-/// treats its completion as unseen: it re-reads the range and drops the cuts that waited
-/// for it.
-pub const LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+/// treats its completion as unseen: it is reported once, its range is re-read, and later
+/// rounds stop reading it as in flight.
+pub const LOST_AFTER: Duration = Duration::from_secs(3);
 
-/// A cut taken but not sent yet: it waits for the writes that were in flight at its
-/// instant (by in-flight id) to be reported complete.
-#[derive(Debug)]
-struct Withheld {
-    time_ns: u64,
-    mono_ns: u64,
-    seq: u64,
-    app: bool,
-    waiting: Vec<u64>,
+/// Dirty ranges closer than this (sectors) are read as one piece: fewer system calls, and
+/// the gap lies in the same 16 KiB generation region as its neighbours anyway.
+const MERGE_GAP_SECTORS: u64 = 32;
+
+/// Which cut a round may place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutRequest {
+    /// A crash-consistent cut if the round is clean, at most one per cut interval.
+    Interval,
+    /// A crash-consistent cut if the round is clean, whatever the interval and even if
+    /// nothing changed: the caller froze the file systems to get one (a forced point).
+    Forced,
+    /// An application-consistent cut if the round is clean (file systems frozen, hooks
+    /// run), whatever the interval and even if nothing changed.
+    App,
 }
 
-/// Builds sealed batches from device data.
-pub struct BatchBuilder {
-    machine: String,
-    disk: DiskId,
-    epoch: u64,
-    key: DataKey,
-    level: i32,
-    max_plain: usize,
-    next_seq: u64,
-    extents: Vec<Extent>,
-    plain: Vec<u8>,
-    sealer: Sealer,
-}
-
-impl BatchBuilder {
-    pub fn new(
-        machine: &str,
-        disk: DiskId,
-        epoch: u64,
-        key: DataKey,
-        level: i32,
-        max_plain: usize,
-    ) -> Self {
-        BatchBuilder {
-            machine: machine.to_owned(),
-            disk,
-            epoch,
-            key,
-            level,
-            max_plain,
-            next_seq: 1,
-            extents: Vec::new(),
-            plain: Vec::with_capacity(max_plain),
-            sealer: Sealer::new(),
-        }
-    }
-
-    /// Sequence number the next batch gets.
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq
-    }
-
-    fn push_extent(&mut self, sector: u64, sectors: u64, kind: ExtentKind) {
-        if let Some(last) = self.extents.last_mut()
-            && last.kind == kind
-            && last.sector + u64::from(last.sectors) == sector
-            && u64::from(last.sectors) + sectors <= u64::from(u32::MAX)
-        {
-            last.sectors += sectors as u32;
-            return;
-        }
-        self.extents.push(Extent {
-            sector,
-            sectors: sectors as u32,
-            kind,
-        });
-    }
-
-    fn full(&self) -> bool {
-        self.plain.len() >= self.max_plain || self.extents.len() >= MAX_EXTENTS_PER_BATCH - 2
-    }
-
-    /// Add device data read at `sector` (512-byte units); all-zero 64 KiB grains become
-    /// zero extents (nothing sent). Returns batches that filled up.
-    pub fn add(&mut self, sector: u64, data: &[u8]) -> anyhow::Result<Vec<Batch>> {
-        let mut out = Vec::new();
-        let sectors = data.len() as u64 / 512;
-        let mut s = 0;
-        while s < sectors {
-            // Grains align to absolute sector numbers so merges line up.
-            let grain_end = ((sector + s) / ZERO_GRAIN + 1) * ZERO_GRAIN - sector;
-            let e = grain_end.min(sectors);
-            let bytes = &data[(s * 512) as usize..(e * 512) as usize];
-            if is_zero(bytes) {
-                self.push_extent(sector + s, e - s, ExtentKind::Zero);
-            } else {
-                self.push_extent(sector + s, e - s, ExtentKind::Data);
-                self.plain.extend_from_slice(bytes);
-            }
-            s = e;
-            if self.full() {
-                out.extend(self.flush()?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Add a range that reads as zeroes without reading it (a completed discard or
-    /// write-zeroes). Returns batches that filled up.
-    pub fn add_zero(
-        &mut self,
-        sector: u64,
-        sectors: u64,
-        kind: ExtentKind,
-    ) -> anyhow::Result<Vec<Batch>> {
-        let mut out = Vec::new();
-        let mut s = 0;
-        while s < sectors {
-            let n = (sectors - s).min(u64::from(u32::MAX) / 2);
-            self.push_extent(sector + s, n, kind);
-            s += n;
-            if self.full() {
-                out.extend(self.flush()?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Seal whatever is pending into a batch.
-    pub fn flush(&mut self) -> anyhow::Result<Option<Batch>> {
-        if self.extents.is_empty() {
-            return Ok(None);
-        }
-        let seq = self.next_seq;
-        let extents = std::mem::take(&mut self.extents);
-        let aad = aead::batch_aad(&self.machine, &self.disk, self.epoch, seq, seq, &extents);
-        let nonce = aead::nonce(self.epoch, seq)?;
-        let mut payload = Vec::with_capacity(self.plain.len() / 2 + 64);
-        let flags = self
-            .sealer
-            .seal_into(
-                &self.key,
-                &aad,
-                nonce,
-                &self.plain,
-                self.level,
-                &mut payload,
-            )
-            .context("sealing a batch")?;
-        self.plain.clear();
-        self.next_seq += 1;
-        Ok(Some(Batch {
-            disk_id: self.disk,
-            epoch: self.epoch,
-            first_seq: seq,
-            last_seq: seq,
-            extents,
-            flags: FLAG_SEALED
-                | if flags == Flags::Zstd {
-                    FLAG_COMPRESSED
-                } else {
-                    0
-                },
-            payload,
-        }))
-    }
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    let words = b.chunks_exact(8);
-    let tail = words.remainder();
-    words
-        .into_iter()
-        .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
-        && tail.iter().all(|&x| x == 0)
+/// Tuning of rounds.
+#[derive(Clone, Copy, Debug)]
+pub struct RoundConfig {
+    /// Most dirty sectors read per round (in-flight ranges come on top).
+    pub round_sectors: u64,
+    pub sync_chunk_sectors: u64,
+    pub cut_interval: Duration,
+    pub cut: CutRequest,
 }
 
 /// Counters of one disk's producer.
@@ -213,15 +99,14 @@ pub struct DiskCounters {
     pub data_bytes: u64,
     pub zero_bytes: u64,
     pub batches: u64,
+    /// Cuts sent (every kind).
     pub cuts: u64,
     pub raced_reads: u64,
     /// Application-consistent cuts sent.
     pub app_cuts: u64,
-    /// Application-consistent cuts taken (sent, withheld or dropped).
-    pub app_cuts_taken: u64,
-    /// Cuts dropped because a write in flight at their instant was never seen to
-    /// complete.
-    pub cuts_dropped: u64,
+    /// Crash-consistent cuts taken while the agent held the file systems frozen because
+    /// no clean round came within half the point-gap bound.
+    pub forced_cuts: u64,
     /// Queued writes whose completion was never reported (their ranges were re-read).
     pub lost_completions: u64,
     pub rounds: u64,
@@ -248,12 +133,18 @@ pub struct DiskProducer {
     /// Data sent since the last cut.
     uncut: bool,
     last_cut: Option<Instant>,
-    /// Cuts waiting for in-flight writes, oldest first.
-    withheld: std::collections::VecDeque<Withheld>,
-    /// Earliest queue time of a write reported lost since the last settle.
-    lost_since: Option<u64>,
-    /// Last seen count of lost-completion reports that found the ring full.
-    lost_reports_dropped: u64,
+    /// Since when this disk has had no new recovery point: its last cut, or the end of
+    /// its initial sync (`None` while syncing).
+    gap_since: Option<Instant>,
+    /// Longest time between two points (or from the end of the sync to the first).
+    pub largest_gap: Duration,
+    /// The read phase's buffer (allocated on first use).
+    round_buf: Option<AlignedBuf>,
+    /// Pieces read in the current round's read phase: (sector, sectors, buffer offset).
+    pieces: Vec<(u64, u64, usize)>,
+    /// The current round's read phase found a race or left work undone.
+    round_clean: bool,
+    round_complete: bool,
     pub counters: DiskCounters,
 }
 
@@ -269,9 +160,12 @@ impl DiskProducer {
             oldest_change: None,
             uncut: false,
             last_cut: None,
-            withheld: std::collections::VecDeque::new(),
-            lost_since: None,
-            lost_reports_dropped: 0,
+            gap_since: None,
+            largest_gap: Duration::ZERO,
+            round_buf: None,
+            pieces: Vec::new(),
+            round_clean: true,
+            round_complete: true,
             counters: DiskCounters::default(),
         })
     }
@@ -280,53 +174,14 @@ impl DiskProducer {
         self.sync_cursor.is_some()
     }
 
-    /// Cuts taken and not sent yet (waiting for in-flight writes).
-    pub fn withheld_cuts(&self) -> usize {
-        self.withheld.len()
+    /// How long this disk has gone without a new recovery point (`None` while syncing).
+    pub fn point_gap(&self) -> Option<Duration> {
+        self.gap_since.map(|t| t.elapsed())
     }
 
-    /// Send the withheld cuts whose writes have all been reported complete, in order;
-    /// drop those a lost completion makes invalid.
-    fn settle(
-        &mut self,
-        slot: usize,
-        inflight: &std::collections::HashSet<u64>,
-        lost_ids: &std::collections::HashSet<u64>,
-        send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
-        let lost_since = self.lost_since.take();
-        let before = self.withheld.len();
-        // A write queued at q whose completion was never seen may have completed before
-        // any instant after q: every cut waiting at or after q is suspect.
-        self.withheld.retain(|w| {
-            lost_since.is_none_or(|q| w.mono_ns < q)
-                && !w.waiting.iter().any(|id| lost_ids.contains(id))
-        });
-        let dropped = (before - self.withheld.len()) as u64;
-        if dropped > 0 {
-            self.counters.cuts_dropped += dropped;
-            self.uncut = true;
-        }
-        while let Some(w) = self.withheld.front() {
-            if w.waiting.iter().any(|id| inflight.contains(id)) {
-                break;
-            }
-            let w = self.withheld.pop_front().expect("front exists");
-            send(
-                slot,
-                Outgoing::Cut {
-                    time_ns: w.time_ns,
-                    mono_ns: w.mono_ns,
-                    seq: w.seq,
-                    app: w.app,
-                },
-            )?;
-            self.counters.cuts += 1;
-            if w.app {
-                self.counters.app_cuts += 1;
-            }
-        }
-        Ok(())
+    /// Changes are waiting to be read or sent.
+    pub fn has_pending_changes(&self) -> bool {
+        !self.dirty.is_empty() || !self.zeroed.is_empty() || self.uncut
     }
 
     /// Fold one completed change in: data to read back, or a range known to read as zero.
@@ -336,17 +191,16 @@ impl DiskProducer {
             return;
         }
         if e.op & op::LOST != 0 {
-            // `time_ns` of a lost-completion report is the write's queue time.
             self.counters.lost_completions += 1;
-            self.lost_since = Some(self.lost_since.map_or(e.time_ns, |q| q.min(e.time_ns)));
         }
         let (s, l) = (e.sector, u64::from(e.sectors));
         let zeroing = op::DISCARD | op::SECURE_ERASE | op::WRITE_ZEROES;
-        if e.op & zeroing != 0 && e.op & (op::WRITE | op::ERROR) == 0 {
+        if e.op & zeroing != 0 && e.op & (op::WRITE | op::ERROR | op::LOST) == 0 {
             self.dirty.remove(s, l);
             self.zeroed.insert(s, l);
         } else {
-            // Writes, and failed requests (their range may hold anything): read back.
+            // Writes, failed requests (their range may hold anything), and lost
+            // completions (their op may have been a discard): read back.
             self.zeroed.remove(s, l);
             self.dirty.insert(s, l);
         }
@@ -357,17 +211,51 @@ impl DiskProducer {
     pub fn synced_sectors(&self) -> u64 {
         self.sync_cursor.unwrap_or(self.dev.sectors)
     }
-}
 
-/// Tuning of rounds.
-#[derive(Clone, Copy, Debug)]
-pub struct RoundConfig {
-    pub round_sectors: u64,
-    pub sync_chunk_sectors: u64,
-    pub cut_interval: std::time::Duration,
-    /// Take an application-consistent cut in this round if it is clean (the caller has
-    /// frozen the file systems), whatever the interval and even if nothing changed.
-    pub app_cut: bool,
+    /// Read phase of one disk: read `work` (sorted, possibly overlapping) into the round
+    /// buffer, checking each piece against the generations of `snap` right after its
+    /// read. What does not fit in the buffer goes back into the dirty set.
+    fn read_phase(
+        &mut self,
+        capture: &mut Capture,
+        snap: &GenSnapshot,
+        slot: usize,
+        work: &[(u64, u64)],
+        buf_bytes: usize,
+        later: &mut Vec<agent_common::ChangeEvent>,
+    ) -> anyhow::Result<()> {
+        self.pieces.clear();
+        let buf = self
+            .round_buf
+            .get_or_insert_with(|| AlignedBuf::new(buf_bytes))
+            .as_mut_slice();
+        let mut used = 0usize;
+        for &(s, l) in work {
+            for (ps, pl) in self.reader.pieces(s, l) {
+                let bytes = (pl * 512) as usize;
+                if used + bytes > buf.len() {
+                    self.dirty.insert(ps, pl);
+                    self.round_complete = false;
+                    continue;
+                }
+                self.reader.read_into(ps, &mut buf[used..used + bytes])?;
+                self.counters.bytes_read += bytes as u64;
+                if capture.regions_raced_since(snap, slot, ps, pl) {
+                    self.round_clean = false;
+                    self.counters.raced_reads += 1;
+                    self.dirty.insert(ps, pl);
+                }
+                self.pieces.push((ps, pl, used));
+                used += bytes;
+                if self.pieces.len() % 64 == 0 {
+                    // Keep the ring from filling during a long phase; these completed
+                    // after T and belong to the next round.
+                    capture.drain_events(|e| later.push(e))?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Monotonic and wall clocks in ns.
@@ -387,32 +275,78 @@ pub fn now_wall_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// Sort `ranges` and merge those that overlap or lie within [`MERGE_GAP_SECTORS`].
+fn coalesce(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, l) in ranges {
+        if let Some(last) = out.last_mut()
+            && s <= last.0 + last.1 + MERGE_GAP_SECTORS
+        {
+            last.1 = last.1.max(s + l - last.0);
+            continue;
+        }
+        out.push((s, l));
+    }
+    out
+}
+
 /// Run one round over all disks; `send(slot, item)` hands work to the network side
-/// (blocking when it is full). Returns whether any data was read.
+/// (blocking when it is full). Returns whether any data was read or sent.
 pub fn round(
     capture: &mut Capture,
     disks: &mut [DiskProducer],
     cfg: &RoundConfig,
     send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
 ) -> anyhow::Result<bool> {
-    // 1. Generations first (see readback.rs), 2. then everything completed so far.
+    // 1. Generations first, then everything completed so far.
     let snap = capture.gen_snapshot();
     let t_mono = now_mono_ns();
     let t_wall = now_wall_ns();
-    let drained_all = capture.drain_events_through_now(|e| {
+    let mut drained_all = capture.drain_events_through_now(|e| {
         if let Some(d) = disks.get_mut(e.slot as usize) {
             d.note(&e);
         }
     })?;
-    // Writes queued and not yet reported complete at this instant: a cut taken now waits
-    // for them (one whose completion the kernel never shows would otherwise be missing
-    // from the cut without anyone knowing).
-    let inflight_at_t: Vec<u64> = capture.inflight_ids().into_iter().collect();
-    let mut worked = false;
-    // Changes that complete while this round reads belong to the next round; they are
-    // taken off the ring as the round goes, so a long round does not overflow it.
+    // 2. The in-flight walk, then the reports committed before it ended. Other events of
+    // that drain completed after T: they belong to the next round.
+    let inflight = capture.inflight();
     let mut later: Vec<agent_common::ChangeEvent> = Vec::new();
-    let mut pieces_since_drain = 0u32;
+    drained_all &= capture.drain_events_through_now(|e| {
+        if e.op & op::LOST != 0 {
+            if let Some(d) = disks.get_mut(e.slot as usize) {
+                d.note(&e);
+            }
+        } else {
+            later.push(e);
+        }
+    })?;
+    // Writes in flight for too long were completed without the completion probe running
+    // (or are stuck): report them once and read them back.
+    for lost in capture.stalled_in(&inflight, LOST_AFTER) {
+        for (slot, sector, sectors) in lost.ranges {
+            if let Some(d) = disks.get_mut(slot) {
+                tracing::warn!(
+                    device = %d.dev.path.display(),
+                    sector,
+                    sectors,
+                    "a queued write's completion was never reported: reading the range back"
+                );
+                d.counters.lost_completions += 1;
+                d.zeroed.remove(sector, sectors);
+                d.dirty.insert(sector, sectors);
+            }
+        }
+    }
+    let mut inflight_ranges: Vec<Vec<(u64, u64)>> = vec![Vec::new(); disks.len()];
+    for (slot, sector, sectors) in capture.unreported_ranges(&inflight) {
+        if let Some(r) = inflight_ranges.get_mut(slot) {
+            r.push((sector, sectors));
+        }
+    }
+
+    // 3. Read phase, every disk.
+    let buf_bytes = (cfg.round_sectors * 512) as usize + crate::readback::MAX_READ;
     for (slot, d) in disks.iter_mut().enumerate() {
         let overflow = capture.drain_overflow(slot);
         d.counters.dropped = capture.stats(slot).dropped;
@@ -431,71 +365,102 @@ pub fn round(
         if overflow.whole_device {
             d.dirty.insert(0, d.dev.sectors);
         }
+        d.counters.rounds += 1;
+        d.round_clean = true;
         let mut work = d.dirty.take_up_to(cfg.round_sectors);
-        let complete = d.dirty.is_empty();
+        d.round_complete = d.dirty.is_empty();
+        work.append(&mut inflight_ranges[slot]);
+        let work = coalesce(work);
+        d.read_phase(capture, &snap, slot, &work, buf_bytes, &mut later)?;
+    }
+    if capture.raced_anywhere_since(&snap) {
+        // A wide write or an unknown one: every piece read may hold newer data.
+        for d in disks.iter_mut() {
+            d.round_clean = false;
+            for &(s, l, _) in &d.pieces {
+                d.dirty.insert(s, l);
+            }
+        }
+    }
+
+    // 4. Send phase.
+    let mut worked = false;
+    for (slot, d) in disks.iter_mut().enumerate() {
+        let oldest = d.oldest_change.take();
+        let mut out: Vec<Batch> = Vec::new();
+        for (s, l) in d.zeroed.take().iter() {
+            out.extend(d.builder.add_zero(s, l, ExtentKind::Zero)?);
+            worked = true;
+        }
+        if let Some(buf) = &d.round_buf {
+            for &(s, l, off) in &d.pieces {
+                let data = &buf.as_slice()[off..off + (l * 512) as usize];
+                out.extend(d.builder.add(s, data)?);
+                worked = true;
+            }
+        }
+        for b in out.drain(..) {
+            send_batch(d, slot, b, oldest, send)?;
+        }
         if let Some(cursor) = d.sync_cursor {
             let end = (cursor + cfg.sync_chunk_sectors).min(d.dev.sectors);
-            work.push((cursor, end - cursor));
-            d.sync_cursor = (end < d.dev.sectors).then_some(end);
-        }
-        let oldest = d.oldest_change.take();
-        d.counters.rounds += 1;
-        for (s, l) in d.zeroed.take().iter() {
-            for b in d.builder.add_zero(s, l, ExtentKind::Zero)? {
-                d.counters.batches += 1;
-                count_batch(&mut d.counters, &b);
-                send(slot, Outgoing::Batch(b, oldest))?;
-            }
-            worked = true;
-            d.uncut = true;
-        }
-        let mut clean = true;
-        for (s, l) in work {
-            for (ps, pl) in d.reader.pieces(s, l) {
+            for (ps, pl) in d.reader.pieces(cursor, end - cursor) {
                 let data = d.reader.read(ps, pl)?;
                 d.counters.bytes_read += data.len() as u64;
-                if capture.raced_since(&snap, slot, ps, pl) {
-                    clean = false;
+                if capture.regions_raced_since(&snap, slot, ps, pl) {
+                    d.round_clean = false;
                     d.counters.raced_reads += 1;
                     d.dirty.insert(ps, pl);
                 }
-                for b in d.builder.add(ps, data)? {
-                    d.counters.batches += 1;
-                    count_batch(&mut d.counters, &b);
-                    send(slot, Outgoing::Batch(b, oldest))?;
-                }
+                out.extend(d.builder.add(ps, data)?);
                 worked = true;
-                d.uncut = true;
-                pieces_since_drain += 1;
-                if pieces_since_drain >= 8 {
-                    pieces_since_drain = 0;
-                    capture.drain_events(|e| later.push(e))?;
+                for b in out.drain(..) {
+                    send_batch(d, slot, b, None, send)?;
                 }
+                capture.drain_events(|e| later.push(e))?;
+            }
+            if capture.raced_anywhere_since(&snap) {
+                d.round_clean = false;
+                d.dirty.insert(cursor, end - cursor);
+            }
+            d.sync_cursor = (end < d.dev.sectors).then_some(end);
+            if d.sync_cursor.is_none() {
+                d.gap_since = Some(Instant::now());
             }
         }
         if let Some(b) = d.builder.flush()? {
-            d.counters.batches += 1;
-            count_batch(&mut d.counters, &b);
-            send(slot, Outgoing::Batch(b, oldest))?;
+            send_batch(d, slot, b, oldest, send)?;
         }
-        if clean && complete {
+        let clean = d.round_clean && d.round_complete;
+        if clean {
             d.counters.clean_rounds += 1;
         }
-        let due = cfg.app_cut || d.last_cut.is_none_or(|t| t.elapsed() >= cfg.cut_interval);
-        let wanted = d.uncut || cfg.app_cut;
-        if clean && complete && drained_all && !d.syncing() && wanted && due {
-            d.withheld.push_back(Withheld {
-                time_ns: t_wall,
-                mono_ns: t_mono,
-                seq: d.builder.next_seq() - 1,
-                app: cfg.app_cut,
-                waiting: inflight_at_t.clone(),
-            });
-            if cfg.app_cut {
-                d.counters.app_cuts_taken += 1;
+        let due = cfg.cut != CutRequest::Interval
+            || d.last_cut.is_none_or(|t| t.elapsed() >= cfg.cut_interval);
+        let wanted = d.uncut || cfg.cut != CutRequest::Interval;
+        if clean && drained_all && !d.syncing() && wanted && due {
+            let app = cfg.cut == CutRequest::App;
+            send(
+                slot,
+                Outgoing::Cut {
+                    time_ns: t_wall,
+                    mono_ns: t_mono,
+                    seq: d.builder.next_seq() - 1,
+                    app,
+                },
+            )?;
+            d.counters.cuts += 1;
+            match cfg.cut {
+                CutRequest::App => d.counters.app_cuts += 1,
+                CutRequest::Forced => d.counters.forced_cuts += 1,
+                CutRequest::Interval => {}
+            }
+            if let Some(since) = d.gap_since {
+                d.largest_gap = d.largest_gap.max(since.elapsed());
             }
             d.uncut = false;
             d.last_cut = Some(Instant::now());
+            d.gap_since = d.last_cut;
         }
     }
     for e in &later {
@@ -503,177 +468,39 @@ pub fn round(
             d.note(e);
         }
     }
-    // Which writes are still unreported now; then every event committed before that, so
-    // a write reported lost (its entry replaced by a new bio at the same address; the
-    // report is committed before the replacement) is known before a cut waiting for it is
-    // released.
-    // One map walk serves both the release check and the stall check below.
-    let inflight = capture.inflight();
-    let inflight_now = capture.unreported_ids(&inflight);
-    capture.drain_events_through_now(|e| {
-        if let Some(d) = disks.get_mut(e.slot as usize) {
-            d.note(&e);
-        }
-    })?;
-    let lost_reports_dropped = capture.lost_reports_dropped();
-    // Writes that stayed in flight too long were completed without the completion probe
-    // running (or are stuck): read them back, and drop the cuts that waited for them.
-    let mut lost_ids = std::collections::HashSet::new();
-    for lost in capture.stalled_in(&inflight, LOST_AFTER) {
-        lost_ids.insert(lost.id);
-        for (slot, sector, sectors) in lost.ranges {
-            if let Some(d) = disks.get_mut(slot) {
-                tracing::warn!(
-                    device = %d.dev.path.display(),
-                    sector,
-                    sectors,
-                    "a queued write's completion was never reported: reading the range back"
-                );
-                d.counters.lost_completions += 1;
-                d.zeroed.remove(sector, sectors);
-                d.dirty.insert(sector, sectors);
-            }
-        }
-    }
-    for (slot, d) in disks.iter_mut().enumerate() {
-        if lost_reports_dropped != d.lost_reports_dropped {
-            // A lost-completion report did not fit in the ring: its queue time is
-            // unknown, so no withheld cut can be trusted.
-            d.lost_reports_dropped = lost_reports_dropped;
-            d.lost_since = Some(0);
-        }
-        d.settle(slot, &inflight_now, &lost_ids, send)?;
-    }
     Ok(worked)
 }
 
-fn count_batch(c: &mut DiskCounters, b: &Batch) {
+fn send_batch(
+    d: &mut DiskProducer,
+    slot: usize,
+    b: Batch,
+    oldest: Option<u64>,
+    send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    d.counters.batches += 1;
     for e in &b.extents {
         let bytes = u64::from(e.sectors) * 512;
         match e.kind {
-            ExtentKind::Data => c.data_bytes += bytes,
-            _ => c.zero_bytes += bytes,
+            ExtentKind::Data => d.counters.data_bytes += bytes,
+            _ => d.counters.zero_bytes += bytes,
         }
     }
+    d.uncut = true;
+    send(slot, Outgoing::Batch(b, oldest))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ripcord_seal::Sealer;
-
-    fn builder(max: usize) -> BatchBuilder {
-        BatchBuilder::new(
-            "m1",
-            DiskId([1; 16]),
-            3,
-            DataKey::from_bytes([9; 32]),
-            1,
-            max,
-        )
-    }
-
-    fn open(b: &Batch) -> Vec<u8> {
-        let aad = aead::batch_aad(
-            "m1",
-            &b.disk_id,
-            b.epoch,
-            b.first_seq,
-            b.last_seq,
-            &b.extents,
-        );
-        let nonce = aead::nonce(b.epoch, b.first_seq).unwrap();
-        let flags = if b.flags & FLAG_COMPRESSED != 0 {
-            Flags::Zstd
-        } else {
-            Flags::Stored
-        };
-        let mut out = Vec::new();
-        Sealer::new()
-            .open_into(
-                &DataKey::from_bytes([9; 32]),
-                &aad,
-                nonce,
-                flags,
-                &b.payload,
-                64 << 20,
-                &mut out,
-            )
-            .unwrap();
-        out
-    }
 
     #[test]
-    fn zero_grains_become_zero_extents_and_data_round_trips() {
-        let mut b = builder(1 << 20);
-        let mut data = vec![0u8; 256 * 512]; // two grains at sector 128: zero, then data
-        data[128 * 512 + 7] = 1;
-        assert!(b.add(128, &data).unwrap().is_empty());
-        let batch = b.flush().unwrap().unwrap();
+    fn coalesce_merges_overlaps_and_small_gaps_only() {
         assert_eq!(
-            batch.extents,
-            vec![
-                Extent {
-                    sector: 128,
-                    sectors: 128,
-                    kind: ExtentKind::Zero
-                },
-                Extent {
-                    sector: 256,
-                    sectors: 128,
-                    kind: ExtentKind::Data
-                },
-            ]
+            coalesce(vec![(100, 8), (0, 8), (8, 8), (40, 8), (200, 8), (204, 2)]),
+            vec![(0, 48), (100, 8), (200, 8)]
         );
-        assert_eq!(open(&batch), data[128 * 512..]);
-        assert_eq!((batch.first_seq, b.next_seq()), (1, 2));
-        assert!(b.flush().unwrap().is_none());
-    }
-
-    #[test]
-    fn batches_fill_up_and_extents_merge() {
-        let mut b = builder(64 << 10);
-        let data: Vec<u8> = (0..(512 * 512)).map(|i| (i % 251) as u8 + 1).collect();
-        let full = b.add(0, &data).unwrap();
-        assert_eq!(full.len(), 4, "256 KiB of data in 64 KiB batches");
-        for (i, batch) in full.iter().enumerate() {
-            assert_eq!(batch.first_seq, i as u64 + 1);
-            assert_eq!(batch.extents.len(), 1, "adjacent grains merge");
-            assert_eq!(open(batch), data[i * 65536..(i + 1) * 65536]);
-        }
-        // Tampering with the extent list breaks authentication.
-        let mut bad = full[0].clone();
-        bad.extents[0].sector += 1;
-        let aad = aead::batch_aad("m1", &bad.disk_id, bad.epoch, 1, 1, &bad.extents);
-        let flags = if bad.flags & FLAG_COMPRESSED != 0 {
-            Flags::Zstd
-        } else {
-            Flags::Stored
-        };
-        let mut out = Vec::new();
-        assert!(
-            Sealer::new()
-                .open_into(
-                    &DataKey::from_bytes([9; 32]),
-                    &aad,
-                    aead::nonce(3, 1).unwrap(),
-                    flags,
-                    &bad.payload,
-                    1 << 20,
-                    &mut out
-                )
-                .is_err()
-        );
-    }
-
-    #[test]
-    fn zero_check() {
-        assert!(is_zero(&[0; 1000]));
-        let mut v = vec![0; 1001];
-        v[1000] = 1;
-        assert!(!is_zero(&v));
-        v[1000] = 0;
-        v[3] = 1;
-        assert!(!is_zero(&v));
+        assert_eq!(coalesce(vec![(0, 8), (8 + MERGE_GAP_SECTORS + 1, 8)]).len(), 2);
+        assert!(coalesce(Vec::new()).is_empty());
     }
 }

@@ -27,9 +27,11 @@ use crate::{
     capture::{Capture, CaptureConfig},
     config::AgentConfig,
     device::BlockDevice,
-    freeze,
     net::{self, DiskLink, LinkStats, NetConfig},
-    pipeline::{BatchBuilder, DiskProducer, Outgoing, RoundConfig, round},
+    batch::BatchBuilder,
+    metrics::{AgentMetrics, DiskSample},
+    pipeline::{CutRequest, DiskProducer, Outgoing, RoundConfig, round},
+    points::{self, FreezeStats, GapPolicy, GapState},
     preflight,
     state::AgentState,
 };
@@ -156,8 +158,21 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
         round_sectors: cfg.round_mib << 11,
         sync_chunk_sectors: cfg.sync_chunk_mib << 11,
         cut_interval: Duration::from_millis(cfg.cut_interval_ms),
-        app_cut: false,
+        cut: CutRequest::Interval,
     };
+    let policy = GapPolicy::from_config(cfg);
+    let mut gaps = vec![GapState::default(); producers.len()];
+    let mut churn = vec![ChurnWatch::default(); producers.len()];
+    let mut freezes = FreezeStats::default();
+    let metrics = Arc::new(AgentMetrics::new());
+    if !cfg.metrics_addr.is_empty() {
+        let addr = cfg.metrics_addr.parse().context("metrics-addr")?;
+        // Replication matters more than its metrics: a taken port is reported, not fatal.
+        match crate::metrics::spawn_http(addr, Arc::clone(&metrics)) {
+            Ok(()) => tracing::info!(%addr, "metrics on http://{addr}/metrics"),
+            Err(e) => tracing::error!("no metrics endpoint: {e:#}"),
+        }
+    }
     let app_interval =
         (cfg.app_interval_secs > 0).then(|| Duration::from_secs(cfg.app_interval_secs));
     let mut last_app = Instant::now();
@@ -200,10 +215,21 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
                 "initial sync read complete"
             );
         }
+        for (w, p) in churn.iter_mut().zip(&producers) {
+            w.observe(p, &policy);
+        }
         if last_stats.elapsed() >= Duration::from_millis(500) {
             last_stats = Instant::now();
+            let view = StatsView {
+                producers: &producers,
+                links: &link_stats,
+                gaps: &gaps,
+                churn: &churn,
+                freezes: &freezes,
+            };
+            metrics.update(&view.samples(), &freezes);
             if let Some(path) = &opts.stats_file {
-                write_stats(path, &producers, &link_stats)?;
+                write_stats(path, &view)?;
             }
         }
         if net.is_finished() {
@@ -215,7 +241,7 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
             // the next start begins a new epoch anyway.
             let quiet = producers
                 .iter()
-                .all(|p| p.dirty.is_empty() && p.zeroed.is_empty() && p.withheld_cuts() == 0);
+                .all(|p| p.dirty.is_empty() && p.zeroed.is_empty());
             if quiet || producers.iter().any(|p| p.syncing()) {
                 break;
             }
@@ -226,16 +252,29 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
             && producers.iter().all(|p| !p.syncing())
         {
             last_app = Instant::now();
-            match app_point(
+            match points::app_point(&mut capture, &mut producers, &round_cfg, &mut send, cfg) {
+                Ok(()) => tracing::info!("application-consistent point taken"),
+                Err(e) => tracing::warn!("no application-consistent point this time: {e:#}"),
+            }
+            continue;
+        }
+        let (due, mounts) = points::due_for_forced_point(&policy, &producers, &mut gaps)?;
+        if !due.is_empty() {
+            match points::forced_point(
                 &mut capture,
                 &mut producers,
                 &round_cfg,
                 &mut send,
-                cfg,
-                &devs,
+                &policy,
+                &due,
+                &mounts,
+                &mut freezes,
             ) {
-                Ok(()) => tracing::info!("application-consistent point taken"),
-                Err(e) => tracing::warn!("no application-consistent point this time: {e:#}"),
+                Ok(stall) => tracing::info!(
+                    stall_ms = stall.as_secs_f64() * 1e3,
+                    "forced point: file systems frozen for one clean round"
+                ),
+                Err(e) => tracing::warn!("no forced point this time: {e:#}"),
             }
             continue;
         }
@@ -251,13 +290,17 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
                 .map_err(|_| anyhow::anyhow!("the network side stopped"))
         };
         std::thread::sleep(round_cfg.cut_interval);
-        round(&mut capture, &mut producers, &round_cfg, &mut send)?;
-        // Its cut waits for writes in flight at its instant (a lost one is re-read after
-        // LOST_AFTER and cut again).
-        let deadline = Instant::now() + crate::pipeline::LOST_AFTER * 2;
-        while producers.iter().any(|p| p.withheld_cuts() > 0) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        // Until everything read has a cut after it (writes still arriving are bounded by
+        // the deadline).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
             round(&mut capture, &mut producers, &round_cfg, &mut send)?;
+            if !producers.iter().any(DiskProducer::has_pending_changes)
+                || Instant::now() >= deadline
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
     capture.detach()?;
@@ -270,7 +313,14 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
         }
     });
     if let Some(path) = &opts.stats_file {
-        write_stats(path, &producers, &link_stats)?;
+        let view = StatsView {
+            producers: &producers,
+            links: &link_stats,
+            gaps: &gaps,
+            churn: &churn,
+            freezes: &freezes,
+        };
+        write_stats(path, &view)?;
     }
     if let Some(e) = net_failed {
         return Err(e.context(result.err().map(|e| format!("{e:#}")).unwrap_or_default()));
@@ -285,50 +335,59 @@ fn console_is_tty() -> bool {
     unsafe { libc::isatty(2) == 1 }
 }
 
-/// Hooks, freeze, one clean round with an application-consistent cut, thaw, hooks
-/// (see `freeze.rs`).
-fn app_point(
-    capture: &mut Capture,
-    producers: &mut [DiskProducer],
-    round_cfg: &RoundConfig,
-    send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
-    cfg: &AgentConfig,
-    devs: &[BlockDevice],
-) -> anyhow::Result<()> {
-    let timeout = Duration::from_millis(cfg.freeze_timeout_ms);
-    let mounts = freeze::mounts_on(devs)?;
-    freeze::run_hooks(&cfg.hooks_dir, "pre-freeze", timeout)?;
-    let result = (|| -> anyhow::Result<()> {
-        let frozen = freeze::Frozen::freeze(&mounts, timeout)?;
-        freeze::run_hooks(&cfg.hooks_dir, "frozen", timeout)?;
-        let before: Vec<u64> = producers
-            .iter()
-            .map(|p| p.counters.app_cuts_taken)
-            .collect();
-        let app_cfg = RoundConfig {
-            app_cut: true,
-            ..*round_cfg
-        };
-        loop {
-            anyhow::ensure!(
-                !frozen.expired(),
-                "no clean round within the freeze timeout ({timeout:?})"
-            );
-            round(capture, producers, &app_cfg, send)?;
-            if producers
-                .iter()
-                .zip(&before)
-                .all(|(p, &b)| p.counters.app_cuts_taken > b)
-            {
-                break;
-            }
+/// Tells when churn outruns replication: changed data has waited for readback (the
+/// dirty set never emptied) for longer than the point-gap bound.
+#[derive(Debug, Default, Clone)]
+struct ChurnWatch {
+    backlog_since: Option<Instant>,
+    alerted: bool,
+}
+
+impl ChurnWatch {
+    fn observe(&mut self, p: &DiskProducer, policy: &GapPolicy) {
+        if p.dirty.is_empty() || p.syncing() {
+            self.backlog_since = None;
+            self.alerted = false;
+            return;
         }
-        drop(frozen);
-        Ok(())
-    })();
-    let thawed = freeze::run_hooks(&cfg.hooks_dir, "post-thaw", timeout);
-    result?;
-    thawed
+        let since = *self.backlog_since.get_or_insert_with(Instant::now);
+        if !self.alerted && since.elapsed() > policy.max_gap {
+            self.alerted = true;
+            tracing::warn!(
+                device = %p.dev.path.display(),
+                dirty_bytes = p.dirty.sectors() * 512,
+                "churn exceeds what replication sustains: changed data has waited for \
+                 readback longer than max-point-gap"
+            );
+        }
+    }
+}
+
+/// Everything the stats file and the metrics report.
+struct StatsView<'a> {
+    producers: &'a [DiskProducer],
+    links: &'a [Arc<LinkStats>],
+    gaps: &'a [GapState],
+    churn: &'a [ChurnWatch],
+    freezes: &'a FreezeStats,
+}
+
+impl StatsView<'_> {
+    fn samples(&self) -> Vec<DiskSample<'_>> {
+        self.producers
+            .iter()
+            .zip(self.gaps.iter().zip(self.churn))
+            .map(|(p, (g, c))| DiskSample {
+                device: p.dev.path.to_str().unwrap_or("?"),
+                counters: p.counters,
+                dirty_bytes: (p.dirty.sectors() + p.zeroed.sectors()) * 512,
+                point_gap: p.point_gap(),
+                largest_gap: p.largest_gap,
+                gap_alert: g.alerted,
+                churn_alert: c.alerted,
+            })
+            .collect()
+    }
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -350,16 +409,14 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn write_stats(
-    path: &std::path::Path,
-    producers: &[DiskProducer],
-    links: &[Arc<LinkStats>],
-) -> anyhow::Result<()> {
+fn write_stats(path: &std::path::Path, view: &StatsView<'_>) -> anyhow::Result<()> {
     let mut all_lag = Vec::new();
-    let disks: Vec<_> = producers
+    let disks: Vec<_> = view
+        .producers
         .iter()
-        .zip(links)
-        .map(|(p, l)| {
+        .zip(view.links)
+        .zip(view.samples())
+        .map(|((p, l), sample)| {
             all_lag.extend(l.lag_us.lock().expect("lag lock").iter().copied());
             let c = p.counters;
             json!({
@@ -367,7 +424,7 @@ fn write_stats(
                 "size_bytes": p.dev.sectors * 512,
                 "syncing": p.syncing(),
                 "synced_bytes": p.synced_sectors() * 512,
-                "dirty_bytes": (p.dirty.sectors() + p.zeroed.sectors()) * 512,
+                "dirty_bytes": sample.dirty_bytes,
                 "next_seq": p.builder.next_seq(),
                 "pushed_seq": l.pushed_seq.load(Ordering::Relaxed),
                 "acked_seq": l.acked_seq.load(Ordering::Relaxed),
@@ -385,11 +442,17 @@ fn write_stats(
                 "missed": c.missed,
                 "lost_completions": c.lost_completions,
                 "app_cuts": c.app_cuts,
-                "cuts_dropped": c.cuts_dropped,
+                "forced_cuts": c.forced_cuts,
+                "point_gap_ms": sample.point_gap.map(|g| g.as_millis() as u64),
+                "largest_point_gap_ms": p.largest_gap.as_millis() as u64,
+                "point_gap_alert": sample.gap_alert,
+                "churn_alert": sample.churn_alert,
             })
         })
         .collect();
     all_lag.sort_unstable();
+    let mut stalls = view.freezes.stalls_us.clone();
+    stalls.sort_unstable();
     let v = json!({
         "disks": disks,
         "lag_ms": {
@@ -397,6 +460,13 @@ fn write_stats(
             "p50": percentile(&all_lag, 0.5) as f64 / 1000.0,
             "p99": percentile(&all_lag, 0.99) as f64 / 1000.0,
             "max": all_lag.last().copied().unwrap_or(0) as f64 / 1000.0,
+        },
+        "forced_freezes": {
+            "attempts": view.freezes.attempts,
+            "failures": view.freezes.failures,
+            "stall_ms_p50": percentile(&stalls, 0.5) as f64 / 1000.0,
+            "stall_ms_p99": percentile(&stalls, 0.99) as f64 / 1000.0,
+            "stall_ms_max": stalls.last().copied().unwrap_or(0) as f64 / 1000.0,
         },
         "peak_rss_kib": rss_kib(),
     });

@@ -85,6 +85,13 @@ impl DeviceReader {
             .collect()
     }
 
+    /// Read `buf.len()` bytes (whole sectors, `buf` aligned for O_DIRECT) at `sector`.
+    pub fn read_into(&mut self, sector: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+        self.file
+            .read_exact_at(buf, sector * 512)
+            .with_context(|| format!("reading {} bytes at sector {sector}", buf.len()))
+    }
+
     /// Read `len` sectors (at most [`MAX_READ`] bytes) at `sector`.
     pub fn read(&mut self, sector: u64, len: u64) -> anyhow::Result<&[u8]> {
         let bytes = (len * 512) as usize;

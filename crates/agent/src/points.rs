@@ -1,0 +1,207 @@
+//! Points that need the file systems frozen: application-consistent points on the
+//! policy's interval, and forced crash-consistent points when a disk has gone too long
+//! without a clean round.
+//!
+//! A readback round cannot be clean while a hot block is rewritten faster than it can be
+//! read back (see pipeline.rs). On a device with a mounted file system the agent then
+//! forces a point: `FIFREEZE` (which waits for the writes in flight and blocks new ones),
+//! rounds until each overdue disk has a cut, `FITHAW`. The freeze is bounded by
+//! `forced-freeze-ms` (and the watchdog of `freeze.rs`), and every stall is measured. A
+//! device without a file system cannot be paused this way: its gap is only reported.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    capture::Capture,
+    config::AgentConfig,
+    freeze,
+    pipeline::{CutRequest, DiskProducer, Outgoing, RoundConfig, round},
+};
+
+/// When to force a point, from the agent configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct GapPolicy {
+    /// The bound on the time between two points of a disk.
+    pub max_gap: Duration,
+    /// Force a point once a disk's gap reaches this (half the bound).
+    pub force_after: Duration,
+    /// Whether forcing (freezing) is allowed at all.
+    pub forced_points: bool,
+    /// Longest a forced point may hold the file systems frozen.
+    pub freeze_limit: Duration,
+    /// Least time between two forced attempts on a disk (a quarter of the bound).
+    pub retry_after: Duration,
+}
+
+impl GapPolicy {
+    pub fn from_config(cfg: &AgentConfig) -> GapPolicy {
+        let max_gap = Duration::from_millis(cfg.max_point_gap_ms);
+        GapPolicy {
+            max_gap,
+            force_after: max_gap / 2,
+            forced_points: cfg.forced_points,
+            freeze_limit: Duration::from_millis(cfg.forced_freeze_ms),
+            retry_after: max_gap / 4,
+        }
+    }
+}
+
+/// What forced points have cost so far.
+#[derive(Debug, Default)]
+pub struct FreezeStats {
+    /// Forced freezes attempted, and those that ended without a cut on every disk.
+    pub attempts: u64,
+    pub failures: u64,
+    /// How long each forced freeze held the file systems, in microseconds.
+    pub stalls_us: Vec<u64>,
+}
+
+/// Per-disk state of the gap policy.
+#[derive(Debug, Default, Clone)]
+pub struct GapState {
+    last_attempt: Option<Instant>,
+    /// The gap passed the bound and it was reported (cleared by the next point).
+    pub alerted: bool,
+}
+
+/// Disks (by slot) that should get a forced point now, with the mounts to freeze; and
+/// the gap alerts, logged once per episode. Checks mountinfo only when a disk is due.
+pub fn due_for_forced_point(
+    policy: &GapPolicy,
+    producers: &[DiskProducer],
+    gaps: &mut [GapState],
+) -> anyhow::Result<(Vec<usize>, Vec<PathBuf>)> {
+    let mut due = Vec::new();
+    let mut mounts = Vec::new();
+    for (slot, p) in producers.iter().enumerate() {
+        let Some(gap) = p.point_gap() else { continue };
+        let state = &mut gaps[slot];
+        if gap < policy.max_gap {
+            state.alerted = false;
+        } else if !state.alerted {
+            state.alerted = true;
+            tracing::warn!(
+                device = %p.dev.path.display(),
+                gap_secs = gap.as_secs_f64(),
+                bound_secs = policy.max_gap.as_secs_f64(),
+                "no recovery point within max-point-gap: writes race every readback round \
+                 and no forced point could be taken (no mounted file system to freeze, \
+                 forced points off, or the freeze found no clean round)"
+            );
+        }
+        // A disk with nothing new since its last point needs none.
+        if !policy.forced_points || gap < policy.force_after || !p.has_pending_changes() {
+            continue;
+        }
+        if state
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < policy.retry_after)
+        {
+            continue;
+        }
+        state.last_attempt = Some(Instant::now());
+        let on_dev = freeze::mounts_on(std::slice::from_ref(&p.dev))?;
+        if on_dev.is_empty() {
+            continue;
+        }
+        due.push(slot);
+        for m in on_dev {
+            if !mounts.contains(&m) {
+                mounts.push(m);
+            }
+        }
+    }
+    Ok((due, mounts))
+}
+
+/// Freeze `mounts`, run rounds that may place forced cuts until every disk of `due` has
+/// one or `policy.freeze_limit` passes, thaw. Returns how long the file systems were
+/// frozen; an error if some disk got no cut.
+pub fn forced_point(
+    capture: &mut Capture,
+    producers: &mut [DiskProducer],
+    round_cfg: &RoundConfig,
+    send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
+    policy: &GapPolicy,
+    due: &[usize],
+    mounts: &[PathBuf],
+    stats: &mut FreezeStats,
+) -> anyhow::Result<Duration> {
+    stats.attempts += 1;
+    let before: Vec<u64> = producers.iter().map(|p| p.counters.cuts).collect();
+    let forced_cfg = RoundConfig {
+        cut: CutRequest::Forced,
+        ..*round_cfg
+    };
+    let started = Instant::now();
+    let frozen = freeze::Frozen::freeze(mounts, policy.freeze_limit)?;
+    let result = loop {
+        if due.iter().all(|&s| producers[s].counters.cuts > before[s]) {
+            break Ok(());
+        }
+        if frozen.expired() || started.elapsed() >= policy.freeze_limit {
+            break Err(anyhow::anyhow!(
+                "no clean round within forced-freeze-ms ({:?})",
+                policy.freeze_limit
+            ));
+        }
+        if let Err(e) = round(capture, producers, &forced_cfg, send) {
+            break Err(e);
+        }
+    };
+    drop(frozen);
+    let stall = started.elapsed();
+    stats.stalls_us.push(stall.as_micros() as u64);
+    if result.is_err() {
+        stats.failures += 1;
+    }
+    result.map(|()| stall)
+}
+
+/// Hooks, freeze, one clean round with an application-consistent cut on every disk,
+/// thaw, hooks (see `freeze.rs`).
+pub fn app_point(
+    capture: &mut Capture,
+    producers: &mut [DiskProducer],
+    round_cfg: &RoundConfig,
+    send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
+    cfg: &AgentConfig,
+) -> anyhow::Result<()> {
+    let timeout = Duration::from_millis(cfg.freeze_timeout_ms);
+    let devs: Vec<_> = producers.iter().map(|p| p.dev.clone()).collect();
+    let mounts = freeze::mounts_on(&devs)?;
+    freeze::run_hooks(&cfg.hooks_dir, "pre-freeze", timeout)?;
+    let result = (|| -> anyhow::Result<()> {
+        let frozen = freeze::Frozen::freeze(&mounts, timeout)?;
+        freeze::run_hooks(&cfg.hooks_dir, "frozen", timeout)?;
+        let before: Vec<u64> = producers.iter().map(|p| p.counters.app_cuts).collect();
+        let app_cfg = RoundConfig {
+            cut: CutRequest::App,
+            ..*round_cfg
+        };
+        loop {
+            anyhow::ensure!(
+                !frozen.expired(),
+                "no clean round within the freeze timeout ({timeout:?})"
+            );
+            round(capture, producers, &app_cfg, send).context("a round while frozen")?;
+            if producers
+                .iter()
+                .zip(&before)
+                .all(|(p, &b)| p.counters.app_cuts > b)
+            {
+                break;
+            }
+        }
+        drop(frozen);
+        Ok(())
+    })();
+    let thawed = freeze::run_hooks(&cfg.hooks_dir, "post-thaw", timeout);
+    result?;
+    thawed
+}
