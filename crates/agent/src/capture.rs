@@ -558,7 +558,13 @@ impl Capture {
     /// as far as the per-region generations tell: no system call, only loads from the
     /// shared mapping. A round must also ask [`Capture::raced_anywhere_since`] once, after
     /// its last read: wide writes and skipped queue-probe runs race every region.
-    pub fn regions_raced_since(&self, snap: &GenSnapshot, slot: usize, sector: u64, len: u64) -> bool {
+    pub fn regions_raced_since(
+        &self,
+        snap: &GenSnapshot,
+        slot: usize,
+        sector: u64,
+        len: u64,
+    ) -> bool {
         if len == 0 {
             return false;
         }

@@ -8,10 +8,7 @@
 use std::{
     collections::VecDeque,
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::AtomicU64,
-    },
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
@@ -191,7 +188,11 @@ impl AgentMetrics {
             inc(&self.rounds, c.rounds, prev.rounds);
             inc(&self.clean_rounds, c.clean_rounds, prev.clean_rounds);
             inc(&self.raced_reads, c.raced_reads, prev.raced_reads);
-            inc(&self.lost_completions, c.lost_completions, prev.lost_completions);
+            inc(
+                &self.lost_completions,
+                c.lost_completions,
+                prev.lost_completions,
+            );
             inc(&self.dropped_events, c.dropped, prev.dropped);
             let recent = st.recent.entry(d.device.to_owned()).or_default();
             let now = Instant::now();

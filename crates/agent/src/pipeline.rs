@@ -500,7 +500,10 @@ mod tests {
             coalesce(vec![(100, 8), (0, 8), (8, 8), (40, 8), (200, 8), (204, 2)]),
             vec![(0, 48), (100, 8), (200, 8)]
         );
-        assert_eq!(coalesce(vec![(0, 8), (8 + MERGE_GAP_SECTORS + 1, 8)]).len(), 2);
+        assert_eq!(
+            coalesce(vec![(0, 8), (8 + MERGE_GAP_SECTORS + 1, 8)]).len(),
+            2
+        );
         assert!(coalesce(Vec::new()).is_empty());
     }
 }

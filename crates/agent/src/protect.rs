@@ -24,12 +24,12 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::{
+    batch::BatchBuilder,
     capture::{Capture, CaptureConfig},
     config::AgentConfig,
     device::BlockDevice,
-    net::{self, DiskLink, LinkStats, NetConfig},
-    batch::BatchBuilder,
     metrics::{AgentMetrics, DiskSample},
+    net::{self, DiskLink, LinkStats, NetConfig},
     pipeline::{CutRequest, DiskProducer, Outgoing, RoundConfig, round},
     points::{self, FreezeStats, GapPolicy, GapState},
     preflight,

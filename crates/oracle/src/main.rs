@@ -55,6 +55,12 @@ enum Cmd {
         /// At most this many ops per second (default: as fast as the queue depth allows).
         #[arg(long)]
         iops: Option<u32>,
+        /// Size of a hot set at the start of the region, in 4 KiB blocks (0: none).
+        #[arg(long, default_value_t = 0)]
+        hot_blocks: u64,
+        /// Percent of the writes that go to the hot set.
+        #[arg(long, default_value_t = 0)]
+        hot_percent: u8,
     },
     /// Check that IMG is the device's state at instant T; exit 0 pass, 1 fail, 2 error.
     Check {
@@ -120,6 +126,8 @@ fn real_main() -> Result<ExitCode> {
             discard_percent,
             region,
             iops,
+            hot_blocks,
+            hot_percent,
         } => {
             let cfg = WorkloadConfig {
                 device: device.clone(),
@@ -132,6 +140,8 @@ fn real_main() -> Result<ExitCode> {
                 discard_percent,
                 region,
                 iops,
+                hot_blocks,
+                hot_percent,
             };
             let sum = run(&cfg, sigint_flag())
                 .with_context(|| format!("workload on {}", device.display()))?;

@@ -55,6 +55,10 @@ pub struct WorkloadConfig {
     /// Pace submissions to at most this many ops per second (default: as fast as the
     /// queue depth allows).
     pub iops: Option<u32>,
+    /// A hot set: the first `hot_blocks` blocks of the region (0: none) ...
+    pub hot_blocks: u64,
+    /// ... take this percent of the writes (as a database's hot pages do).
+    pub hot_percent: u8,
 }
 
 impl WorkloadConfig {
@@ -72,6 +76,8 @@ impl WorkloadConfig {
             flush_every: 64,
             discard_percent: 2,
             region: None,
+            hot_blocks: 0,
+            hot_percent: 0,
         }
     }
 }
@@ -235,6 +241,9 @@ pub fn run(cfg: &WorkloadConfig, stop: &AtomicBool) -> Result<WorkloadSummary, E
     if cfg.discard_percent > 100 {
         return Err(Error::Usage("--discard-percent must be 0..=100".into()));
     }
+    if cfg.hot_percent > 100 {
+        return Err(Error::Usage("--hot-percent must be 0..=100".into()));
+    }
     let dev = OpenOptions::new()
         .read(true)
         .write(true)
@@ -270,6 +279,7 @@ pub fn run(cfg: &WorkloadConfig, stop: &AtomicBool) -> Result<WorkloadSummary, E
         .map_err(|e| Error::io("writing log header", e))?;
     let qd = cfg.qd as usize;
     let max_blocks = (cfg.blocks_per_write as u64).min(region.len);
+    let hot_len = cfg.hot_blocks.min(region.len);
     // Declared before the ring so that, on an early error return, the ring (and with it
     // every request still in flight) is torn down before the buffers are freed.
     let mut slots: Vec<Slot> = (0..qd)
@@ -327,9 +337,11 @@ pub fn run(cfg: &WorkloadConfig, stop: &AtomicBool) -> Result<WorkloadSummary, E
                 } else {
                     OpKind::Write
                 };
+                let hot = kind == OpKind::Write && hot_len > 0 && rng.percent(cfg.hot_percent);
+                let span = if hot { hot_len } else { region.len };
                 let count = match kind {
                     OpKind::Flush => 0,
-                    OpKind::Write => rng.range(1, max_blocks),
+                    OpKind::Write => rng.range(1, max_blocks.min(span)),
                     OpKind::Discard => rng.range(1, MAX_DISCARD_BLOCKS.min(region.len)),
                 };
                 let mut first = None;
@@ -337,7 +349,7 @@ pub fn run(cfg: &WorkloadConfig, stop: &AtomicBool) -> Result<WorkloadSummary, E
                     first = Some(0);
                 } else {
                     for _ in 0..8 {
-                        let f = region.start + rng.below(region.len - count + 1);
+                        let f = region.start + rng.below(span - count + 1);
                         if !overlaps(&slots, f, count) {
                             first = Some(f);
                             break;
