@@ -33,12 +33,17 @@ pub enum Which {
     },
     /// Replication churn: fio at full speed (sequential 1 MiB, random 64 KiB,
     /// half-compressible) on a protected RAM-backed loop device with the agent and a
-    /// process server on this machine, plus a 100 MB/s paced phase for RPO lag. Writes
-    /// target/bench/churn.json.
+    /// process server on this machine, plus a 100 MB/s paced phase for RPO lag; then
+    /// saturation runs (ext4, 4 KiB and 64 KiB random writes at QD32 paced at 50, 80 and
+    /// 150 % of the measured replication throughput): points per minute, largest gap,
+    /// forced points and their stalls, RPO. Writes target/bench/churn.json.
     Churn {
         /// Seconds per fio phase.
         #[arg(long, default_value_t = 10)]
         runtime: u64,
+        /// Seconds per saturation run (0 skips them).
+        #[arg(long, default_value_t = 60)]
+        saturation_secs: u64,
         /// Size of the protected device in MiB.
         #[arg(long, default_value_t = 2048)]
         size_mib: u64,
@@ -64,7 +69,11 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             runtime,
             size_mib,
         } => capture(reps, runtime, size_mib),
-        Which::Churn { runtime, size_mib } => churn(runtime, size_mib),
+        Which::Churn {
+            runtime,
+            size_mib,
+            saturation_secs,
+        } => churn(runtime, size_mib, saturation_secs),
         Which::Failover {
             size_mib,
             churn_secs,
@@ -368,7 +377,7 @@ fn peak_rss_mib(pid: u32) -> f64 {
 }
 
 /// fio writing half-compressible data; returns MB/s.
-fn fio_churn(dev: &Path, args: &[&str], runtime: u64) -> anyhow::Result<f64> {
+pub(crate) fn fio_churn(dev: &Path, args: &[&str], runtime: u64) -> anyhow::Result<f64> {
     let out = Command::new("fio")
         .args([
             "--name=churn",
@@ -449,7 +458,7 @@ fn replicated_phase(
     }))
 }
 
-pub fn churn(runtime: u64, size_mib: u64) -> anyhow::Result<()> {
+pub fn churn(runtime: u64, size_mib: u64, saturation_secs: u64) -> anyhow::Result<()> {
     use testkit::replication::{AgentIdentity, ProcessServer, Replicator};
     crate::release_binaries()?;
     let scratch = Scratch::new("bench-churn");
@@ -488,9 +497,16 @@ pub fn churn(runtime: u64, size_mib: u64) -> anyhow::Result<()> {
     let agent_rss = peak_rss_mib(agent.pid());
     let (ok, log) = agent.stop()?;
     ensure!(ok, "agent failed:\n{log}");
+    let saturation = if saturation_secs > 0 {
+        let capacity = rand_phase["replicated_mbps"].as_f64().unwrap_or(0.0);
+        crate::saturation::saturation(&scratch.path, &shm_dir, &id, capacity, saturation_secs)?
+    } else {
+        Value::Null
+    };
     ps.stop()?;
 
     let v = json!({
+        "saturation": saturation,
         "runtime_s": runtime,
         "device_mib": size_mib,
         "seq_1m": { "fio_mbps_without": seq_without, "with": seq_phase },

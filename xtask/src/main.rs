@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod saturation;
 mod setup;
 
 use std::process::Command;

@@ -247,7 +247,7 @@ impl DiskProducer {
                 }
                 self.pieces.push((ps, pl, used));
                 used += bytes;
-                if self.pieces.len() % 64 == 0 {
+                if self.pieces.len().is_multiple_of(64) {
                     // Keep the ring from filling during a long phase; these completed
                     // after T and belong to the next round.
                     capture.drain_events(|e| later.push(e))?;

@@ -69,13 +69,22 @@ pub struct GapState {
     pub alerted: bool,
 }
 
+/// Disks due for a forced point, and what to freeze for them.
+#[derive(Debug, Default)]
+pub struct ForcedTarget {
+    /// Slots of the disks that need a point.
+    pub due: Vec<usize>,
+    /// The mounts of the file systems on them.
+    pub mounts: Vec<PathBuf>,
+}
+
 /// Disks (by slot) that should get a forced point now, with the mounts to freeze; and
 /// the gap alerts, logged once per episode. Checks mountinfo only when a disk is due.
 pub fn due_for_forced_point(
     policy: &GapPolicy,
     producers: &[DiskProducer],
     gaps: &mut [GapState],
-) -> anyhow::Result<(Vec<usize>, Vec<PathBuf>)> {
+) -> anyhow::Result<ForcedTarget> {
     let mut due = Vec::new();
     let mut mounts = Vec::new();
     for (slot, p) in producers.iter().enumerate() {
@@ -116,11 +125,11 @@ pub fn due_for_forced_point(
             }
         }
     }
-    Ok((due, mounts))
+    Ok(ForcedTarget { due, mounts })
 }
 
-/// Freeze `mounts`, run rounds that may place forced cuts until every disk of `due` has
-/// one or `policy.freeze_limit` passes, thaw. Returns how long the file systems were
+/// Freeze the target's mounts, run rounds that may place forced cuts until every disk it
+/// names has one or `policy.freeze_limit` passes, thaw. Returns how long the file systems were
 /// frozen; an error if some disk got no cut.
 pub fn forced_point(
     capture: &mut Capture,
@@ -128,10 +137,10 @@ pub fn forced_point(
     round_cfg: &RoundConfig,
     send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
     policy: &GapPolicy,
-    due: &[usize],
-    mounts: &[PathBuf],
+    target: &ForcedTarget,
     stats: &mut FreezeStats,
 ) -> anyhow::Result<Duration> {
+    let (due, mounts) = (&target.due, &target.mounts);
     stats.attempts += 1;
     let before: Vec<u64> = producers.iter().map(|p| p.counters.cuts).collect();
     let forced_cfg = RoundConfig {

@@ -258,16 +258,15 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
             }
             continue;
         }
-        let (due, mounts) = points::due_for_forced_point(&policy, &producers, &mut gaps)?;
-        if !due.is_empty() {
+        let forced = points::due_for_forced_point(&policy, &producers, &mut gaps)?;
+        if !forced.due.is_empty() {
             match points::forced_point(
                 &mut capture,
                 &mut producers,
                 &round_cfg,
                 &mut send,
                 &policy,
-                &due,
-                &mounts,
+                &forced,
                 &mut freezes,
             ) {
                 Ok(stall) => tracing::info!(
