@@ -334,7 +334,11 @@ fn raw_device_points_are_exact_and_a_long_gap_raises_the_alert() {
     let reported = d["largest_point_gap_ms"].as_u64().unwrap() * 1_000_000;
     let mut alerted = false;
     for (at, m, s) in &samples {
-        let age = metric(m, "ripcord_agent_newest_point_age_seconds");
+        let age = metric(m, "ripcord_agent_point_gap_seconds");
+        assert!(
+            metric(m, "ripcord_agent_newest_point_age_seconds") + 0.5 >= age,
+            "changes waited longer than the newest point is old:\n{m}"
+        );
         let alert = metric(m, "ripcord_agent_point_gap_alert") == 1.0;
         let gap_ms = s["disks"][0]["point_gap_ms"].as_u64().unwrap_or(0);
         if age > (MAX_GAP_MS as f64 / 1000.0) + 1.0 {

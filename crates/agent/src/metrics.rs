@@ -39,8 +39,10 @@ pub struct DiskSample<'a> {
     pub device: &'a str,
     pub counters: DiskCounters,
     pub dirty_bytes: u64,
-    /// Time since the newest point (`None` while the initial sync runs).
+    /// How long changes have waited for a point (`None` while the initial sync runs).
     pub point_gap: Option<Duration>,
+    /// Age of the newest point (`None` while the initial sync runs).
+    pub point_age: Option<Duration>,
     pub largest_gap: Duration,
     pub gap_alert: bool,
     pub churn_alert: bool,
@@ -59,6 +61,7 @@ pub struct AgentMetrics {
     dropped_events: Counters,
     points_per_minute: Gauges,
     newest_point_age: Gauges,
+    point_gap: Gauges,
     largest_gap: Gauges,
     gap_alert: Gauges,
     churn_alert: Gauges,
@@ -91,6 +94,7 @@ impl AgentMetrics {
             dropped_events: Counters::default(),
             points_per_minute: Gauges::default(),
             newest_point_age: Gauges::default(),
+            point_gap: Gauges::default(),
             largest_gap: Gauges::default(),
             gap_alert: Gauges::default(),
             churn_alert: Gauges::default(),
@@ -142,13 +146,19 @@ impl AgentMetrics {
             m.newest_point_age.clone(),
         );
         registry.register(
+            "point_gap_seconds",
+            "How long the oldest change no recovery point holds has waited for one \
+             (0 when the newest point holds everything): the data a disaster now loses",
+            m.point_gap.clone(),
+        );
+        registry.register(
             "largest_point_gap_seconds",
-            "Longest time between two recovery points since the agent started",
+            "Longest time changes waited for a recovery point since the agent started",
             m.largest_gap.clone(),
         );
         registry.register(
             "point_gap_alert",
-            "1 while the time since the newest point exceeds max-point-gap",
+            "1 while changes have waited for a point longer than max-point-gap",
             m.gap_alert.clone(),
         );
         registry.register(
@@ -209,6 +219,9 @@ impl AgentMetrics {
                 .get_or_create(&label)
                 .set(recent.len() as f64);
             self.newest_point_age
+                .get_or_create(&label)
+                .set(d.point_age.unwrap_or_default().as_secs_f64());
+            self.point_gap
                 .get_or_create(&label)
                 .set(d.point_gap.unwrap_or_default().as_secs_f64());
             self.largest_gap
@@ -284,6 +297,7 @@ mod tests {
             counters: c,
             dirty_bytes: 4096,
             point_gap: Some(Duration::from_millis(2500)),
+            point_age: Some(Duration::from_millis(3500)),
             largest_gap: Duration::from_secs(4),
             gap_alert: alert,
             churn_alert: false,
@@ -300,7 +314,8 @@ mod tests {
             "ripcord_agent_points_total{device=\"/dev/loop7\"} 5",
             "ripcord_agent_forced_points_total{device=\"/dev/loop7\"} 1",
             "ripcord_agent_points_per_minute{device=\"/dev/loop7\"} 5.0",
-            "ripcord_agent_newest_point_age_seconds{device=\"/dev/loop7\"} 2.5",
+            "ripcord_agent_newest_point_age_seconds{device=\"/dev/loop7\"} 3.5",
+            "ripcord_agent_point_gap_seconds{device=\"/dev/loop7\"} 2.5",
             "ripcord_agent_point_gap_alert{device=\"/dev/loop7\"} 1.0",
             "ripcord_agent_forced_freeze_stall_seconds_count 1",
         ] {

@@ -133,10 +133,12 @@ pub struct DiskProducer {
     /// Data sent since the last cut.
     uncut: bool,
     last_cut: Option<Instant>,
-    /// Since when this disk has had no new recovery point: its last cut, or the end of
-    /// its initial sync (`None` while syncing).
+    /// When the initial sync's reads ended.
+    synced_at: Option<Instant>,
+    /// Since when changes have waited for a point: set when a round ends with changes
+    /// that no point holds yet, cleared when none are left (so an idle disk has no gap).
     gap_since: Option<Instant>,
-    /// Longest time between two points (or from the end of the sync to the first).
+    /// Longest time changes waited for a point.
     pub largest_gap: Duration,
     /// The read phase's buffer (allocated on first use).
     round_buf: Option<AlignedBuf>,
@@ -160,6 +162,7 @@ impl DiskProducer {
             oldest_change: None,
             uncut: false,
             last_cut: None,
+            synced_at: None,
             gap_since: None,
             largest_gap: Duration::ZERO,
             round_buf: None,
@@ -174,9 +177,18 @@ impl DiskProducer {
         self.sync_cursor.is_some()
     }
 
-    /// How long this disk has gone without a new recovery point (`None` while syncing).
+    /// How long the oldest change no recovery point holds has waited for one (zero when
+    /// the newest point holds everything; `None` while syncing): the data a disaster now
+    /// would lose goes back this far.
     pub fn point_gap(&self) -> Option<Duration> {
-        self.gap_since.map(|t| t.elapsed())
+        self.synced_at?;
+        Some(self.gap_since.map_or(Duration::ZERO, |t| t.elapsed()))
+    }
+
+    /// Age of the newest recovery point (from the end of the initial sync until the
+    /// first; `None` while syncing).
+    pub fn point_age(&self) -> Option<Duration> {
+        self.last_cut.or(self.synced_at).map(|t| t.elapsed())
     }
 
     /// Changes are waiting to be read or sent.
@@ -425,7 +437,8 @@ pub fn round(
             }
             d.sync_cursor = (end < d.dev.sectors).then_some(end);
             if d.sync_cursor.is_none() {
-                d.gap_since = Some(Instant::now());
+                d.synced_at = Some(Instant::now());
+                d.gap_since = d.synced_at;
             }
         }
         if let Some(b) = d.builder.flush()? {
@@ -460,12 +473,19 @@ pub fn round(
             }
             d.uncut = false;
             d.last_cut = Some(Instant::now());
-            d.gap_since = d.last_cut;
+            d.gap_since = None;
         }
     }
     for e in &later {
         if let Some(d) = disks.get_mut(e.slot as usize) {
             d.note(e);
+        }
+    }
+    for d in disks.iter_mut().filter(|d| !d.syncing()) {
+        if !d.has_pending_changes() {
+            d.gap_since = None;
+        } else if d.gap_since.is_none() {
+            d.gap_since = Some(Instant::now());
         }
     }
     Ok(worked)

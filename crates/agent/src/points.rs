@@ -98,13 +98,13 @@ pub fn due_for_forced_point(
                 device = %p.dev.path.display(),
                 gap_secs = gap.as_secs_f64(),
                 bound_secs = policy.max_gap.as_secs_f64(),
-                "no recovery point within max-point-gap: writes race every readback round \
-                 and no forced point could be taken (no mounted file system to freeze, \
-                 forced points off, or the freeze found no clean round)"
+                "changes have waited longer than max-point-gap for a recovery point: writes \
+                 race every readback round and no forced point could be taken (no mounted \
+                 file system to freeze, forced points off, or the freeze found no clean \
+                 round)"
             );
         }
-        // A disk with nothing new since its last point needs none.
-        if !policy.forced_points || gap < policy.force_after || !p.has_pending_changes() {
+        if !policy.forced_points || gap < policy.force_after {
             continue;
         }
         if state
