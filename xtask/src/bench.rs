@@ -175,6 +175,38 @@ impl Watcher {
         Ok(Watcher { child, stats })
     }
 
+    /// (prog_id, run_cnt, run_time_ns) of every BPF program the agent holds, from
+    /// `/proc/PID/fdinfo` (counted only while `kernel.bpf_stats_enabled` is 1).
+    fn bpf_stats(&self) -> Vec<(u64, u64, u64)> {
+        let pid = self.child.id();
+        let mut out = Vec::new();
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return out;
+        };
+        for fd in fds.filter_map(Result::ok) {
+            let is_prog = std::fs::read_link(fd.path())
+                .is_ok_and(|l| l.to_string_lossy().contains("bpf-prog"));
+            if !is_prog {
+                continue;
+            }
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let id = field("prog_id:");
+            if !out.iter().any(|(i, _, _)| *i == id) {
+                out.push((id, field("run_cnt:"), field("run_time_ns:")));
+            }
+        }
+        out
+    }
+
     /// Stop and return (events, dropped).
     fn stop(mut self) -> anyhow::Result<(u64, u64)> {
         // SAFETY: kill has no memory preconditions.
@@ -187,6 +219,49 @@ impl Watcher {
             v[0]["dropped"].as_u64().unwrap_or(0),
         ))
     }
+}
+
+/// Run `job` once with the agent attached and `kernel.bpf_stats_enabled` on: returns
+/// (run count, ns per run) of each program that ran, and the programs' total time per
+/// write fio completed.
+fn bpf_cost(
+    agent: &Path,
+    dev: &Path,
+    dir: &Path,
+    job: &Job,
+    runtime: u64,
+) -> anyhow::Result<(Vec<(u64, f64)>, f64)> {
+    const KNOB: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let before = std::fs::read_to_string(KNOB).context("reading kernel.bpf_stats_enabled")?;
+    std::fs::write(KNOB, "1").context("enabling kernel.bpf_stats_enabled")?;
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write(KNOB, self.0.trim());
+        }
+    }
+    let _restore = Restore(before);
+    let w = Watcher::start(agent, dev, dir)?;
+    let start = w.bpf_stats();
+    let r = fio(dev, job, runtime)?;
+    let end = w.bpf_stats();
+    w.stop()?;
+    let writes = r.iops * runtime as f64;
+    let mut per_prog = Vec::new();
+    let mut total_ns = 0u64;
+    for (id, cnt, ns) in end {
+        let (c0, n0) = start
+            .iter()
+            .find(|(i, _, _)| *i == id)
+            .map_or((0, 0), |&(_, c, n)| (c, n));
+        let (runs, time) = (cnt - c0, ns - n0);
+        if runs > 0 {
+            per_prog.push((runs, time as f64 / runs as f64));
+            total_ns += time;
+        }
+    }
+    per_prog.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok((per_prog, total_ns as f64 / writes.max(1.0)))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -303,6 +378,26 @@ fn capture(reps: usize, runtime: u64, size_mib: u64) -> anyhow::Result<()> {
                 "{backend:<5} {metric:<12} {without:>12.1} {with:>12.1} {ratio:>8.3}  ({unit})"
             ));
         }
+        // The programs' own cost: one more run per job with the kernel's BPF statistics
+        // on (they cost two clock reads per program run, so the ratio runs keep them off).
+        let mut costs = serde_json::Map::new();
+        for job in &JOBS {
+            let (per_prog, ns_per_write) = bpf_cost(&agent, &dev.path, &scratch.path, job, runtime)?;
+            rows.push(format!(
+                "{backend:<5} bpf ns/write {:<5} {ns_per_write:>12.0}   (per program run: {})",
+                job.name,
+                per_prog
+                    .iter()
+                    .map(|(runs, ns)| format!("{ns:.0} ns x {runs}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            costs.insert(
+                job.name.to_owned(),
+                json!({ "ns_per_write": ns_per_write, "programs": per_prog }),
+            );
+        }
+        b.insert("bpf_cost".into(), Value::Object(costs));
         report.insert(backend, Value::Object(b));
     }
     let worst = |key: &str, max: bool| {
