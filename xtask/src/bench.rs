@@ -382,7 +382,8 @@ fn capture(reps: usize, runtime: u64, size_mib: u64) -> anyhow::Result<()> {
         // on (they cost two clock reads per program run, so the ratio runs keep them off).
         let mut costs = serde_json::Map::new();
         for job in &JOBS {
-            let (per_prog, ns_per_write) = bpf_cost(&agent, &dev.path, &scratch.path, job, runtime)?;
+            let (per_prog, ns_per_write) =
+                bpf_cost(&agent, &dev.path, &scratch.path, job, runtime)?;
             rows.push(format!(
                 "{backend:<5} bpf ns/write {:<5} {ns_per_write:>12.0}   (per program run: {})",
                 job.name,

@@ -123,18 +123,31 @@ pub struct ChangeEvent {
 pub const CHANGE_EVENT_SIZE: usize = 40;
 const _: () = assert!(size_of::<ChangeEvent>() == CHANGE_EVENT_SIZE);
 
-/// A data bio queued on a protected disk whose completion has not been seen yet: the
-/// value of the `INFLIGHT` map, keyed by the bio's address. The request completion probe
-/// removes the entries of the request's bios (and `block_bio_complete` those of bios that
-/// end without a request, e.g. failed early); an entry that stays is a completion the
-/// kernel never showed the probe (the agent re-reads the range), and one whose address
-/// is reused by a new bio is reported as [`op::LOST`] at once.
+/// A data bio queued on a protected disk whose completion has not been seen yet: one slot
+/// of the `INFLIGHT` table, an mmap-able array of [`INFLIGHT_SLOTS`] entries addressed by
+/// the bio's address ([`inflight_slot`], open addressing over [`INFLIGHT_PROBES`] slots).
+///
+/// Protocol (every transition of `bio` is an atomic compare-and-swap):
+/// - `block_bio_queue` claims a free slot (`0 -> INFLIGHT_CLAIMING`), writes the other
+///   fields, then publishes (`INFLIGHT_CLAIMING -> bio`). If the bio's address is still
+///   in the table, the bio that had it completed unseen: the queue probe frees that slot
+///   (`bio -> 0`) and reports it as [`op::LOST`]. No free slot among the probes: the
+///   write is counted in `control::UNTRACKED` (the agent resynchronises everything).
+/// - The request completion probe frees the slots of the request's bios (`bio -> 0`);
+///   `block_bio_complete` frees those of bios that end without a request.
+/// - The agent reads slots through the mapping (`bio`, the fields, then `bio` and
+///   `queued_ns` again: a slot that changed meanwhile is skipped, which is safe since it
+///   was claimed after the walk began), and frees the slots it reported stalled.
+///
+/// No lock and no allocation: a queued write costs a few loads and two CAS, a completed
+/// one a load and a CAS per bio (the hash map it replaces took a bucket lock and a
+/// free-list operation for each).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InflightBio {
-    /// Unique, increasing id (per agent run).
-    pub id: u64,
-    /// Queue time, CLOCK_MONOTONIC ns.
+    /// The bio's address (`struct bio *`); 0: free; [`INFLIGHT_CLAIMING`]: being filled.
+    pub bio: u64,
+    /// Queue time, CLOCK_MONOTONIC ns. With `bio`, identifies the write.
     pub queued_ns: u64,
     /// First sector on the whole disk.
     pub sector: u64,
@@ -147,10 +160,24 @@ pub struct InflightBio {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<InflightBio>() == 40);
+/// Words (u64) per [`InflightBio`], as the agent reads them through the mapping.
+pub const INFLIGHT_WORDS_PER_SLOT: u32 = 5;
 
-/// Entries of the `INFLIGHT` map: far above any device queue depth; a bio that finds it
-/// full is counted (`CONTROL_UNTRACKED`) and makes the agent resynchronise everything.
-pub const MAX_INFLIGHT: u32 = 1 << 16;
+/// Slots of the `INFLIGHT` table: far above any device queue depth (a power of two).
+pub const INFLIGHT_SLOTS: u32 = 1 << 13;
+/// Consecutive slots a bio may occupy (open addressing).
+pub const INFLIGHT_PROBES: u32 = 4;
+/// `InflightBio::bio` of a slot whose claimer is still writing it.
+pub const INFLIGHT_CLAIMING: u64 = 1;
+
+/// Slot `probe` (0..[`INFLIGHT_PROBES`]) of the bio at address `bio`: Fibonacci hashing
+/// of the address (bios are slab objects; the low bits carry little).
+#[inline(always)]
+pub fn inflight_slot(bio: u64, probe: u32) -> u32 {
+    let h = ((bio >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        >> (64 - INFLIGHT_SLOTS.trailing_zeros())) as u32;
+    h.wrapping_add(probe) & (INFLIGHT_SLOTS - 1)
+}
 
 /// Most bios of one request whose in-flight entries the completion probe clears; the
 /// entries of any further bios stay and are re-read after a while (safe, rare).
@@ -158,9 +185,9 @@ pub const MAX_BIOS_PER_REQUEST: u32 = 64;
 
 /// Indexes of the `CONTROL` array shared by the programs and the agent.
 pub mod control {
-    /// Next [`super::InflightBio::id`].
-    pub const NEXT_ID: u32 = 1;
-    /// Data bios that could not be tracked (map full, or a failed kernel read).
+    /// Unused (was the next in-flight id).
+    pub const UNUSED_1: u32 = 1;
+    /// Data bios that could not be tracked (no free in-flight slot among their probes).
     pub const UNTRACKED: u32 = 2;
     /// Runs of the completion probes that failed to read the kernel's structures.
     pub const COMPLETE_ERRORS: u32 = 3;
@@ -189,12 +216,10 @@ pub struct SlotStats {
     pub dropped: u64,
     /// Dropped events too wide for the bitmap: the whole device must be resynchronised.
     pub overflow_all: u64,
-    /// Writes queued (block_bio_queue) on this slot.
-    pub queued: u64,
     /// Generation bumped by queued writes too wide for per-region generations.
     pub wide_gen: u64,
 }
-const _: () = assert!(size_of::<SlotStats>() == 40);
+const _: () = assert!(size_of::<SlotStats>() == 32);
 
 /// Where the BPF programs find what they need in the kernel's block-layer structures, and
 /// the kernel's operation codes: read from the running kernel's BTF at load time (the
@@ -304,6 +329,25 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inflight_slots_are_in_bounds_consecutive_and_spread() {
+        extern crate std;
+        let mut used = std::collections::HashSet::new();
+        // Bios are slab objects: addresses 256 bytes apart in one page run.
+        for i in 0..1024u64 {
+            let bio = 0xffff_8880_1234_0000 + i * 256;
+            let first = inflight_slot(bio, 0);
+            for p in 0..INFLIGHT_PROBES {
+                let s = inflight_slot(bio, p);
+                assert!(s < INFLIGHT_SLOTS);
+                assert_eq!(s, (first + p) % INFLIGHT_SLOTS);
+            }
+            used.insert(first);
+        }
+        // 1024 addresses over 8192 slots: a poor hash would pile them up.
+        assert!(used.len() > 900, "only {} distinct first slots", used.len());
+    }
 
     /// Linux 6.x values (include/linux/blk_types.h).
     fn layout() -> BlockLayout {

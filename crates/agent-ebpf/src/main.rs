@@ -17,6 +17,18 @@
 //! perf record. Field offsets and operation codes come from the kernel's BTF at load time
 //! (the `LAYOUT` global), so this object does not depend on one kernel's struct layout.
 //!
+//! Maps:
+//!
+//! | map | key → value | written by | cleared by |
+//! | --- | --- | --- | --- |
+//! | `PROTECTED` | whole-disk `dev_t` → protected ranges and their slots | agent, at start | never |
+//! | `EVENTS` | ring of [`ChangeEvent`]s | completion probes | agent (consumer) |
+//! | `STATS` | slot → sequence, drop and wide-write counters | all probes | never (counters) |
+//! | `OVERFLOW` | bitmap of regions whose events were dropped (mmap) | completion probes | agent (swap to 0) |
+//! | `CONTROL` | counters and settings (`agent_common::control`) | probes; agent (settings) | never |
+//! | `INFLIGHT` | lock-free table of queued, uncompleted data bios (mmap) | queue probe | completion probes; queue probe on address reuse |
+//! | `WRITE_GEN` | per-region write generations (mmap) | queue probe | never (compared) |
+//!
 //! On the host (`cargo clippy --workspace`, `cargo test --workspace`) this compiles to an
 //! empty program, so workspace-wide commands need no special casing.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -31,10 +43,11 @@
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code))]
 
 use agent_common::{
-    BlockLayout, ChangeEvent, DiskRanges, InflightBio, MAX_BIOS_PER_REQUEST,
-    MAX_GEN_REGIONS_PER_WRITE, MAX_INFLIGHT, MAX_OVERFLOW_BITS_PER_EVENT, MAX_RANGES_PER_DISK,
-    MAX_SLOTS, OVERFLOW_BITS_PER_SLOT, OVERFLOW_WORDS, OVERFLOW_WORDS_PER_SLOT, ProtectedRange,
-    SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT, control, kernel_dev, op, write_gen_index,
+    BlockLayout, ChangeEvent, DiskRanges, INFLIGHT_CLAIMING, INFLIGHT_PROBES, INFLIGHT_SLOTS,
+    InflightBio, MAX_BIOS_PER_REQUEST, MAX_GEN_REGIONS_PER_WRITE, MAX_OVERFLOW_BITS_PER_EVENT,
+    MAX_RANGES_PER_DISK, MAX_SLOTS, OVERFLOW_BITS_PER_SLOT, OVERFLOW_WORDS,
+    OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT,
+    control, inflight_slot, kernel_dev, op, write_gen_index,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -86,9 +99,10 @@ static OVERFLOW: Array<u64> = Array::with_max_entries(OVERFLOW_WORDS, BPF_F_MMAP
 /// Counters and settings shared with the agent (`agent_common::control`).
 #[map]
 static CONTROL: Array<u64> = Array::with_max_entries(control::LEN, 0);
-/// Queued data bios whose completion has not been seen, by bio address.
+/// Queued data bios whose completion has not been seen: a lock-free table addressed by
+/// the bio's address (protocol in `agent_common::InflightBio`).
 #[map]
-static INFLIGHT: HashMap<u64, InflightBio> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
+static INFLIGHT: Array<InflightBio> = Array::with_max_entries(INFLIGHT_SLOTS, BPF_F_MMAPABLE);
 #[map]
 static WRITE_GEN: Array<u64> = Array::with_max_entries(WRITE_GEN_ENTRIES, BPF_F_MMAPABLE);
 
@@ -111,6 +125,11 @@ fn kread<T>(base: u64, offset: u32) -> Result<T, i32> {
 fn disk_dev(layout: &BlockLayout, disk: u64) -> Result<u32, i32> {
     if disk == 0 {
         return Ok(0); // no disk (the tracepoint reports dev 0): never protected
+    }
+    if layout.disk_first_minor == layout.disk_major + 4 {
+        // Adjacent (as in every kernel so far): one read instead of two.
+        let both: u64 = kread(disk, layout.disk_major)?;
+        return Ok(kernel_dev(both as u32, (both >> 32) as u32));
     }
     let major: i32 = kread(disk, layout.disk_major)?;
     let minor: i32 = kread(disk, layout.disk_first_minor)?;
@@ -136,7 +155,60 @@ fn fetch_or(ptr: *mut u64, bits: u64) {
     unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, bits) };
 }
 
+/// Atomic compare-and-swap of `*ptr` from `old` to `new`; returns the previous value (the
+/// swap happened if it equals `old`).
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+fn cas(ptr: *mut u64, old: u64, new: u64) -> u64 {
+    use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+    // SAFETY: as in `fetch_inc`.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(ptr, old, new)
+    }
+    .0
+}
+
 // Host builds (type-checking only): the same operations through core's atomics.
+#[cfg(not(target_arch = "bpf"))]
+fn cas(ptr: *mut u64, old: u64, new: u64) -> u64 {
+    // SAFETY: as above.
+    match unsafe { core::sync::atomic::AtomicU64::from_ptr(ptr) }.compare_exchange(
+        old,
+        new,
+        core::sync::atomic::Ordering::SeqCst,
+        core::sync::atomic::Ordering::SeqCst,
+    ) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// A volatile load of `*ptr` (a slot another CPU may change).
+#[inline(always)]
+fn load(ptr: *const u64) -> u64 {
+    // SAFETY: `ptr` points into a map value, valid for the program's run.
+    unsafe { core::ptr::read_volatile(ptr) }
+}
+
+/// Free the in-flight slot of `bio`, if it has one; returns the entry it held.
+#[inline(always)]
+fn inflight_take(bio: u64) -> Option<InflightBio> {
+    for p in 0..INFLIGHT_PROBES {
+        let Some(e) = INFLIGHT.get_ptr_mut(inflight_slot(bio, p)) else {
+            continue;
+        };
+        // SAFETY: `e` is a valid map value pointer; the field address is in bounds.
+        let key = unsafe { &raw mut (*e).bio };
+        if load(key) != bio {
+            continue;
+        }
+        // SAFETY: as above; a copy (fields may be rewritten once the slot is freed).
+        let entry = unsafe { core::ptr::read_volatile(e) };
+        if cas(key, bio, 0) == bio {
+            return Some(entry);
+        }
+    }
+    None
+}
 #[cfg(not(target_arch = "bpf"))]
 fn fetch_inc(ptr: *mut u64) -> u64 {
     // SAFETY: as above.
@@ -236,7 +308,7 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
             if bio == 0 {
                 break;
             }
-            let _ = INFLIGHT.remove(bio);
+            let _ = inflight_take(bio);
             bio = kread(bio, layout.bio_next)?;
         }
     }
@@ -259,13 +331,11 @@ fn try_bio_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     // SAFETY: as in `try_rq_complete`.
     let layout: BlockLayout = unsafe { core::ptr::read_volatile(&LAYOUT) };
     let bio: u64 = ctx.arg(1);
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(entry) = (unsafe { INFLIGHT.get(bio) }).copied() else {
+    // Read before taking the entry: on failure it stays and the agent re-reads the range.
+    let status: u8 = kread(bio, layout.bio_status)?;
+    let Some(entry) = inflight_take(bio) else {
         return Ok(());
     };
-    // Read before removing: on failure the entry stays and the agent re-reads the range.
-    let status: u8 = kread(bio, layout.bio_status)?;
-    let _ = INFLIGHT.remove(bio);
     // SAFETY: the value is only read in this program run.
     let Some(disk) = (unsafe { PROTECTED.get(entry.dev) }) else {
         return Ok(());
@@ -345,6 +415,34 @@ fn mark_overflow(r: &ProtectedRange, sector: u64, sectors: u64, stats: *mut Slot
     }
 }
 
+/// Claim a free slot among `entry.bio`'s probes and publish `entry` in it; false if all
+/// are taken.
+#[inline(always)]
+fn inflight_put(entry: InflightBio) -> bool {
+    for p in 0..INFLIGHT_PROBES {
+        let Some(e) = INFLIGHT.get_ptr_mut(inflight_slot(entry.bio, p)) else {
+            continue;
+        };
+        // SAFETY: `e` is a valid map value pointer; the field addresses are in bounds.
+        let key = unsafe { &raw mut (*e).bio };
+        if load(key) != 0 || cas(key, 0, INFLIGHT_CLAIMING) != 0 {
+            continue;
+        }
+        // SAFETY: the slot is ours until published; readers skip a claiming slot.
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*e).queued_ns, entry.queued_ns);
+            core::ptr::write_volatile(&raw mut (*e).sector, entry.sector);
+            core::ptr::write_volatile(&raw mut (*e).dev, entry.dev);
+            core::ptr::write_volatile(&raw mut (*e).sectors, entry.sectors);
+            core::ptr::write_volatile(&raw mut (*e).op, entry.op);
+        }
+        // Publishing with a full barrier: the fields are visible before the key.
+        cas(key, INFLIGHT_CLAIMING, entry.bio);
+        return true;
+    }
+    false
+}
+
 #[raw_tracepoint(tracepoint = "block_bio_queue")]
 pub fn block_bio_queue(ctx: RawTracePointContext) -> i32 {
     if try_bio_queue(&ctx).is_err() {
@@ -377,10 +475,9 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
     }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: the value is copied out before the entry is replaced.
-    if let Some(old) = (unsafe { INFLIGHT.get(bio) }).copied() {
+    if let Some(old) = inflight_take(bio) {
         // This address belonged to a bio whose completion was never seen: report it now,
-        // before the entry is reused (its data must be read back).
+        // before the address is tracked again (its data must be read back).
         // SAFETY: the value is only read in this program run.
         if let Some(old_disk) = unsafe { PROTECTED.get(old.dev) } {
             emit_on_disk(
@@ -393,16 +490,15 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
             );
         }
     }
-    let entry = InflightBio {
-        id: bump(control::NEXT_ID),
+    if !inflight_put(InflightBio {
+        bio,
         queued_ns: now,
         sector,
         dev,
         sectors: nr,
         op: flags & !op::FLUSH,
         _pad: 0,
-    };
-    if INFLIGHT.insert(bio, entry, 0).is_err() {
+    }) {
         bump(control::UNTRACKED);
     }
     let end = sector.saturating_add(nr as u64);
@@ -421,8 +517,6 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
         let Some(stats) = STATS.get_ptr_mut(r.slot) else {
             continue;
         };
-        // SAFETY: `stats` is a valid map value pointer.
-        fetch_inc(unsafe { &raw mut (*stats).queued });
         let first = (lo - r.start) >> WRITE_GEN_REGION_SHIFT;
         let last = (hi - r.start - 1) >> WRITE_GEN_REGION_SHIFT;
         if last - first >= MAX_GEN_REGIONS_PER_WRITE {

@@ -10,9 +10,10 @@ use std::{
 };
 
 use agent_common::{
-    BlockLayout, ChangeEvent, DEFAULT_RING_BYTES, DiskRanges, InflightBio, MAX_RANGES_PER_DISK,
-    MAX_SLOTS, OVERFLOW_WORDS, OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats,
-    WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT, control, write_gen_index,
+    BlockLayout, ChangeEvent, DEFAULT_RING_BYTES, DiskRanges, INFLIGHT_CLAIMING, INFLIGHT_SLOTS,
+    INFLIGHT_WORDS_PER_SLOT, InflightBio, MAX_RANGES_PER_DISK, MAX_SLOTS, OVERFLOW_WORDS,
+    OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT,
+    control, write_gen_index,
 };
 use anyhow::{Context as _, bail, ensure};
 use aya::{
@@ -198,20 +199,22 @@ pub struct Capture {
     positions: RingPositions,
     stats: Array<MapData, SlotStats>,
     control: Array<MapData, u64>,
-    inflight: HashMap<MapData, u64, InflightBio>,
+    /// The in-flight table (see `agent_common::InflightBio`), as words.
+    inflight: MmapWords,
     overflow: MmapWords,
     write_gen: MmapWords,
     devices: Vec<BlockDevice>,
     overflow_all_seen: Vec<u64>,
     missed_seen: Vec<u64>,
-    /// In-flight ids already reported by [`Capture::stalled`].
-    reported: std::collections::HashSet<u64>,
+    /// In-flight writes (bio address, queue time) already reported by [`Capture::stalled`].
+    reported: std::collections::HashSet<(u64, u64)>,
 }
 
 /// A queued write whose completion was never reported (see [`Capture::stalled`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stalled {
-    pub id: u64,
+    /// The bio's address and queue time.
+    pub id: (u64, u64),
     /// (slot, device-relative sector, sectors) of every protected device it touches.
     pub ranges: Vec<(usize, u64, u64)>,
 }
@@ -310,7 +313,10 @@ impl Capture {
                 .set(control::FAULT_SKIP_EVERY, every, 0)
                 .context("setting fault injection")?;
         }
-        let inflight = HashMap::try_from(ebpf.take_map("INFLIGHT").context("map INFLIGHT")?)?;
+        let inflight = MmapWords::new(
+            array_data(&mut ebpf, "INFLIGHT")?,
+            INFLIGHT_SLOTS * INFLIGHT_WORDS_PER_SLOT,
+        )?;
         let overflow = MmapWords::new(array_data(&mut ebpf, "OVERFLOW")?, OVERFLOW_WORDS)?;
         let write_gen = MmapWords::new(array_data(&mut ebpf, "WRITE_GEN")?, WRITE_GEN_ENTRIES)?;
 
@@ -481,24 +487,57 @@ impl Capture {
         let limit = after.as_nanos() as u64;
         let mut out = Vec::new();
         for b in snapshot {
-            if now.saturating_sub(b.queued_ns) < limit || !self.reported.insert(b.id) {
+            let id = (b.bio, b.queued_ns);
+            if now.saturating_sub(b.queued_ns) < limit || !self.reported.insert(id) {
                 continue;
             }
             let ranges = self.protected_ranges(b);
-            out.push(Stalled { id: b.id, ranges });
+            out.push(Stalled { id, ranges });
+        }
+        // Forget reports whose slot is gone (freed by a late completion or reused), so the
+        // set stays small.
+        if self.reported.len() > 4 * INFLIGHT_SLOTS as usize {
+            let live: std::collections::HashSet<(u64, u64)> = self
+                .inflight()
+                .iter()
+                .map(|b| (b.bio, b.queued_ns))
+                .collect();
+            self.reported.retain(|id| live.contains(id));
         }
         out
     }
 
-    /// Data bios queued on protected disks whose completion has not been reported, by
-    /// bio address. Most are in flight; one that stays long was completed without the
-    /// completion probe being run.
+    /// Data bios queued on protected disks whose completion has not been reported. Most
+    /// are in flight; one that stays long was completed without the completion probe
+    /// being run. Every write in the table for the whole walk is in the result; one
+    /// claimed or freed during it may or may not be.
     pub fn inflight(&self) -> Vec<InflightBio> {
-        self.inflight
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(_, v)| v)
-            .collect()
+        let w = |i: usize| self.inflight.word(i).load(Ordering::Acquire);
+        let mut out = Vec::new();
+        for slot in 0..INFLIGHT_SLOTS as usize {
+            let base = slot * INFLIGHT_WORDS_PER_SLOT as usize;
+            let bio = w(base);
+            if bio <= INFLIGHT_CLAIMING {
+                continue;
+            }
+            let (queued_ns, sector, dev_sectors, op) =
+                (w(base + 1), w(base + 2), w(base + 3), w(base + 4));
+            // Rewritten meanwhile (freed and claimed again): that write is newer than
+            // the walk's start, so skipping it is safe.
+            if w(base) != bio || w(base + 1) != queued_ns {
+                continue;
+            }
+            out.push(InflightBio {
+                bio,
+                queued_ns,
+                sector,
+                dev: dev_sectors as u32,
+                sectors: (dev_sectors >> 32) as u32,
+                op: op as u32,
+                _pad: 0,
+            });
+        }
+        out
     }
 
     /// Skipped runs of program `name` (0 if it is not loaded or the kernel cannot say).
@@ -591,7 +630,7 @@ impl Capture {
     pub fn unreported_ranges(&self, snapshot: &[InflightBio]) -> Vec<(usize, u64, u64)> {
         snapshot
             .iter()
-            .filter(|b| !self.reported.contains(&b.id))
+            .filter(|b| !self.reported.contains(&(b.bio, b.queued_ns)))
             .flat_map(|b| self.protected_ranges(b))
             .collect()
     }
