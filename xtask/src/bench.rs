@@ -260,7 +260,7 @@ fn bpf_cost(
             total_ns += time;
         }
     }
-    per_prog.sort_by(|a, b| b.0.cmp(&a.0));
+    per_prog.sort_by_key(|p| std::cmp::Reverse(p.0));
     Ok((per_prog, total_ns as f64 / writes.max(1.0)))
 }
 

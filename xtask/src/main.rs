@@ -1,6 +1,7 @@
 //! `cargo xtask`: setup, tests, demo and benchmarks for ripcord.
 //!
-//! Every task first runs `setup` (idempotent, fast when done), so a fresh machine needs
+//! Every task first runs `setup` for what it needs (idempotent, fast when done; Garage only
+//! for `test` and `setup`, so the demo does not wait for its build), so a fresh machine needs
 //! nothing but this command.
 
 mod bench;
@@ -26,6 +27,7 @@ enum Task {
     /// Install what the build and tests need: nightly rust-src, bpf-linker (against the
     /// nightly compiler's LLVM), clippy, rustfmt, apt packages (fio, e2fsprogs, xfsprogs,
     /// util-linux, fdisk), Garage (`cargo install garage`, for the S3 test). Idempotent.
+    /// `demo` and `bench` install all but Garage; `test` installs everything.
     Setup,
     /// Run everything CI runs: setup, rustfmt and clippy checks, the build, unit tests, and
     /// the privileged integration tests (real BPF, loop devices, file systems; needs root).
@@ -54,7 +56,11 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    setup::run().context("setup")?;
+    let needs = match cli.task {
+        Task::Setup | Task::Test { .. } => setup::Needs::Everything,
+        Task::Demo { .. } | Task::Bench { .. } => setup::Needs::Base,
+    };
+    setup::run(needs).context("setup")?;
     match cli.task {
         Task::Setup => {
             eprintln!("xtask setup: everything is in place");

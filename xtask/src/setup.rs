@@ -16,12 +16,67 @@ const GARAGE_VERSION: &str = "2.5.0";
 /// Debian packages the tests, demo and benchmarks use.
 const APT_PACKAGES: &[&str] = &["fio", "e2fsprogs", "xfsprogs", "util-linux", "fdisk"];
 
-pub fn run() -> anyhow::Result<()> {
+/// What a task needs beyond the BPF toolchain and the Debian packages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Needs {
+    /// Build, demo, benchmarks: the BPF toolchain and the Debian packages.
+    Base,
+    /// The whole test suite: also Garage (only the S3 test uses it; it builds from source
+    /// in 10-30 minutes, so the demo does not wait for it).
+    Everything,
+}
+
+pub fn run(needs: Needs) -> anyhow::Result<()> {
+    announce(needs);
     toolchains()?;
     bpf_linker()?;
     apt_packages()?;
-    garage()?;
+    if needs == Needs::Everything {
+        garage()?;
+    }
     Ok(())
+}
+
+/// Say up front what is missing and about how long installing it takes, before any of
+/// it starts.
+fn announce(needs: Needs) {
+    let works = |bin: &str, arg: &str| {
+        Command::new(bin)
+            .arg(arg)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let mut plan = Vec::new();
+    let nightly = cmd_output("rustup", &["toolchain", "list"])
+        .is_ok_and(|t| t.lines().any(|l| l.starts_with("nightly")));
+    if !nightly {
+        plan.push("the nightly toolchain and rust-src (about 1 minute)");
+    }
+    if !works("bpf-linker", "--version") {
+        plan.push("bpf-linker, built against the nightly compiler's LLVM (3-6 minutes)");
+    }
+    if !APT_PACKAGES.iter().all(|p| dpkg_installed(p)) {
+        plan.push("Debian packages: fio, e2fsprogs, xfsprogs, util-linux, fdisk (under a minute)");
+    }
+    if needs == Needs::Everything
+        && which("garage").is_err()
+        && !cargo_bin().join("garage").is_file()
+    {
+        plan.push("Garage, the S3 server of the S3 test, built from source (10-30 minutes)");
+    }
+    if !plan.is_empty() {
+        say(&format!(
+            "first run on this machine; installing: {}",
+            plan.join("; ")
+        ));
+    }
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
 fn say(msg: &str) {
@@ -183,12 +238,7 @@ fn apt_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
-        .filter(|p| {
-            !Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
+        .filter(|p| !dpkg_installed(p))
         .collect();
     if missing.is_empty() {
         return Ok(());
