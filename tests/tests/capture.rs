@@ -57,12 +57,18 @@ fn raw_device_every_written_sector_exactly() {
     let dev = dev_id(&lo.path);
     let stats = run.stats_for(&dev);
     assert_eq!(stats.dropped, 0, "drops with the default ring");
+    // Without drops, the only resync lines are writes whose completion the kernel never
+    // showed the probe (decision 0005): reported with their exact range for re-read, so
+    // they count as captured, and they must not reach beyond what was written.
     assert!(
-        run.overflow.is_empty(),
-        "overflow without drops: {:?}",
+        run.overflow.iter().all(|e| e.op == "lost"),
+        "overflow regions without drops: {:?}",
         run.overflow
     );
-    assert_same(&union(&run.ranges(&dev, false)), &union(&w.report.changed));
+    assert_same(&union(&run.ranges(&dev, true)), &union(&w.report.changed));
+    if !run.overflow.is_empty() {
+        eprintln!("{} writes reported lost (re-read)", run.overflow.len());
+    }
     // Every op kind showed up.
     for op in ["write", "discard", "write-zeroes", "flush"] {
         assert!(
@@ -110,7 +116,14 @@ fn partition_sectors_are_relative_and_the_sibling_is_ignored() {
         run.changes.iter().all(|e| e.dev == p1_id),
         "events for devices other than {p1_id}"
     );
-    let captured = union(&run.ranges(&p1_id, false));
+    // As in `raw_device_every_written_sector_exactly`: lost completions, reported with
+    // their exact range, count as captured; nothing else may need a resync.
+    assert!(
+        run.overflow.iter().all(|e| e.op == "lost"),
+        "overflow regions without drops: {:?}",
+        run.overflow
+    );
+    let captured = union(&run.ranges(&p1_id, true));
     assert_same(&captured, &union(&w1.report.changed));
     let p1_sectors = w1.size() / 512;
     assert!(

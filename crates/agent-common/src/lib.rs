@@ -261,8 +261,24 @@ pub struct BlockLayout {
     /// `REQ_FUA` and `REQ_PREFLUSH` masks.
     pub flag_fua: u32,
     pub flag_preflush: u32,
+    /// Nonzero when the bio fields the queue probe reads (`bi_bdev`, `bi_opf`,
+    /// `bi_iter.bi_sector`, `bi_iter.bi_size`) all lie, naturally aligned, in the first
+    /// [`LAYOUT_WINDOW_BYTES`] of `struct bio`: the probe then reads them in one go.
+    pub bio_window: u32,
+    /// The same for the request fields the completion probe reads (`q`, `cmd_flags`,
+    /// `__sector`, `bio`).
+    pub rq_window: u32,
 }
-const _: () = assert!(size_of::<BlockLayout>() == 88);
+const _: () = assert!(size_of::<BlockLayout>() == 96);
+
+/// Bytes at the start of a `struct bio` or `struct request` read at once when their
+/// fields fit (see [`BlockLayout::bio_window`]).
+pub const LAYOUT_WINDOW_BYTES: u32 = 64;
+
+/// Whether a field of `size` bytes at `offset` lies naturally aligned in the window.
+pub const fn in_layout_window(offset: u32, size: u32) -> bool {
+    offset + size <= LAYOUT_WINDOW_BYTES && offset % size == 0
+}
 
 /// Bits of `cmd_flags`/`bi_opf` holding the operation (`REQ_OP_BITS`; 8 since Linux 4.10).
 pub const REQ_OP_MASK: u32 = 0xff;

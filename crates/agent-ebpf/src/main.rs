@@ -79,6 +79,8 @@ static LAYOUT: BlockLayout = BlockLayout {
     op_write_zeroes: 0,
     flag_fua: 0,
     flag_preflush: 0,
+    bio_window: 0,
+    rq_window: 0,
     bio_status: 0,
     bio_next: 0,
     rq_bio: 0,
@@ -118,6 +120,25 @@ fn global<T: Copy>(v: &T) -> T {
 fn kread<T>(base: u64, offset: u32) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel checks the address; a bad one yields Err.
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.map_err(|_| -1)
+}
+
+/// The first `LAYOUT_WINDOW_BYTES` of a kernel structure, read at once.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Window([u64; (agent_common::LAYOUT_WINDOW_BYTES / 8) as usize]);
+
+impl Window {
+    /// The u64 at byte `offset` (8-aligned, in the window: the agent checked).
+    #[inline(always)]
+    fn u64_at(&self, offset: u32) -> u64 {
+        self.0[((offset >> 3) & 7) as usize]
+    }
+
+    /// The u32 at byte `offset` (4-aligned, in the window), little-endian.
+    #[inline(always)]
+    fn u32_at(&self, offset: u32) -> u32 {
+        (self.u64_at(offset) >> ((offset & 4) * 8)) as u32
+    }
 }
 
 /// Kernel `dev_t` of a `struct gendisk *`.
@@ -269,19 +290,33 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     let rq: u64 = ctx.arg(0);
     let status = ctx.arg::<u64>(1) as u8;
     let nr_bytes = ctx.arg::<u64>(2) as u32;
-    let q: u64 = kread(rq, layout.rq_q)?;
+    // One read for the request's fields where they fit the window (every kernel so far).
+    let (q, cmd_flags, sector, first_bio) = if layout.rq_window != 0 {
+        let w: Window = kread(rq, 0)?;
+        (
+            w.u64_at(layout.rq_q),
+            w.u32_at(layout.rq_cmd_flags),
+            w.u64_at(layout.rq_sector),
+            w.u64_at(layout.rq_bio),
+        )
+    } else {
+        (
+            kread::<u64>(rq, layout.rq_q)?,
+            kread::<u32>(rq, layout.rq_cmd_flags)?,
+            kread::<u64>(rq, layout.rq_sector)?,
+            kread::<u64>(rq, layout.rq_bio)?,
+        )
+    };
     let disk: u64 = kread(q, layout.q_disk)?;
     let dev = disk_dev(&layout, disk)?;
     // SAFETY: the value is only read in this program run.
     let Some(disk) = (unsafe { PROTECTED.get(dev) }) else {
         return Ok(());
     };
-    let cmd_flags: u32 = kread(rq, layout.rq_cmd_flags)?;
     let mut flags = layout.op_flags(cmd_flags);
     if flags & (op::CHANGES_DATA | op::FLUSH) == 0 {
         return Ok(());
     }
-    let sector: u64 = kread(rq, layout.rq_sector)?;
     let nr = nr_bytes >> 9;
     let error = status as i32;
     if error != 0 {
@@ -303,7 +338,7 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     if flags & op::CHANGES_DATA != 0 {
         // The request's bios are reported complete: clear their in-flight entries (the
         // tracepoint fires before the kernel unlinks them).
-        let mut bio: u64 = kread(rq, layout.rq_bio)?;
+        let mut bio = first_bio;
         for _ in 0..MAX_BIOS_PER_REQUEST {
             if bio == 0 {
                 break;
@@ -455,21 +490,35 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
     // SAFETY: as in `try_rq_complete`.
     let layout: BlockLayout = unsafe { core::ptr::read_volatile(&LAYOUT) };
     let bio: u64 = ctx.arg(0);
-    let bdev: u64 = kread(bio, layout.bio_bdev)?;
+    // One read for the bio's fields where they fit the window (every kernel so far).
+    let (bdev, opf, sector, size) = if layout.bio_window != 0 {
+        let w: Window = kread(bio, 0)?;
+        (
+            w.u64_at(layout.bio_bdev),
+            w.u32_at(layout.bio_opf),
+            w.u64_at(layout.bio_sector),
+            w.u32_at(layout.bio_size),
+        )
+    } else {
+        (
+            kread::<u64>(bio, layout.bio_bdev)?,
+            kread::<u32>(bio, layout.bio_opf)?,
+            kread::<u64>(bio, layout.bio_sector)?,
+            kread::<u32>(bio, layout.bio_size)?,
+        )
+    };
     let disk: u64 = kread(bdev, layout.bdev_disk)?;
     let dev = disk_dev(&layout, disk)?;
     // SAFETY: the value is only read in this program run.
     let Some(disk) = (unsafe { PROTECTED.get(dev) }) else {
         return Ok(());
     };
-    let opf: u32 = kread(bio, layout.bio_opf)?;
     let flags = layout.op_flags(opf);
     if flags & op::CHANGES_DATA == 0 {
         return Ok(());
     }
     // Queued bios are already remapped to absolute disk sectors.
-    let sector: u64 = kread(bio, layout.bio_sector)?;
-    let nr = kread::<u32>(bio, layout.bio_size)? >> 9;
+    let nr = size >> 9;
     if nr == 0 {
         return Ok(());
     }

@@ -749,6 +749,24 @@ pub fn block_layout(btf: &btf::Btf) -> anyhow::Result<BlockLayout> {
         op_write_zeroes: code("REQ_OP_WRITE_ZEROES")?,
         flag_fua: bit("__REQ_FUA")?,
         flag_preflush: bit("__REQ_PREFLUSH")?,
+        bio_window: 0,
+        rq_window: 0,
+    };
+    let w = agent_common::in_layout_window;
+    let layout = BlockLayout {
+        bio_window: u32::from(
+            w(layout.bio_bdev, 8)
+                && w(layout.bio_opf, 4)
+                && w(layout.bio_sector, 8)
+                && w(layout.bio_size, 4),
+        ),
+        rq_window: u32::from(
+            w(layout.rq_q, 8)
+                && w(layout.rq_cmd_flags, 4)
+                && w(layout.rq_sector, 8)
+                && w(layout.rq_bio, 8),
+        ),
+        ..layout
     };
     tracing::debug!(?layout, "block layer layout from BTF");
     Ok(layout)
