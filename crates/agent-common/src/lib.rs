@@ -277,7 +277,7 @@ pub const LAYOUT_WINDOW_BYTES: u32 = 64;
 
 /// Whether a field of `size` bytes at `offset` lies naturally aligned in the window.
 pub const fn in_layout_window(offset: u32, size: u32) -> bool {
-    offset + size <= LAYOUT_WINDOW_BYTES && offset % size == 0
+    offset + size <= LAYOUT_WINDOW_BYTES && offset.is_multiple_of(size)
 }
 
 /// Bits of `cmd_flags`/`bi_opf` holding the operation (`REQ_OP_BITS`; 8 since Linux 4.10).
