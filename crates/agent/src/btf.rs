@@ -1,6 +1,7 @@
 //! Just enough of a BTF reader to find kernel struct member offsets and enum values in
 //! `/sys/kernel/btf/vmlinux`, for the raw tracepoint programs (which read `struct request`
-//! and `struct bio` fields with `bpf_probe_read_kernel` at offsets set at load time).
+//! and `struct bio` fields with `bpf_probe_read_kernel` at offsets set at load time);
+//! [`block_layout`] turns what it finds into the programs' `BlockLayout`.
 //!
 //! Why not a crate: aya parses BTF but keeps type lookup crate-private; `btf-rs` is
 //! LGPL-licensed. What is needed here (walk the type section, resolve names) is small; see
@@ -9,6 +10,7 @@
 
 use std::{collections::HashMap, path::Path};
 
+use agent_common::BlockLayout;
 use anyhow::{Context as _, bail, ensure};
 
 const MAGIC: u16 = 0xeb9f;
@@ -270,6 +272,76 @@ impl Btf {
         }
         bail!("enumerator {name} not in the kernel's BTF")
     }
+}
+
+/// The kernel's block-layer offsets and operation codes, from its BTF.
+pub fn block_layout(btf: &Btf) -> anyhow::Result<BlockLayout> {
+    let field = |st: &str, path: &[&str], size: u32| -> anyhow::Result<u32> {
+        let (off, got) = btf.member(st, path)?;
+        ensure!(
+            got == size,
+            "struct {st}.{} is {got} bytes in this kernel, expected {size}",
+            path.join(".")
+        );
+        Ok(off)
+    };
+    let code = |name: &str| -> anyhow::Result<u32> {
+        let v = btf.enum_value(name)?;
+        ensure!(
+            v <= u64::from(agent_common::REQ_OP_MASK),
+            "{name} = {v} does not fit the operation bits"
+        );
+        Ok(v as u32)
+    };
+    let bit = |name: &str| -> anyhow::Result<u32> {
+        let v = btf.enum_value(name)?;
+        ensure!(v < 32, "{name} = {v} is not a bit of a 32-bit blk_opf_t");
+        Ok(1 << v)
+    };
+    let layout = BlockLayout {
+        rq_q: field("request", &["q"], 8)?,
+        rq_sector: field("request", &["__sector"], 8)?,
+        rq_cmd_flags: field("request", &["cmd_flags"], 4)?,
+        q_disk: field("request_queue", &["disk"], 8)?,
+        disk_major: field("gendisk", &["major"], 4)?,
+        disk_first_minor: field("gendisk", &["first_minor"], 4)?,
+        bio_bdev: field("bio", &["bi_bdev"], 8)?,
+        bio_opf: field("bio", &["bi_opf"], 4)?,
+        bio_sector: field("bio", &["bi_iter", "bi_sector"], 8)?,
+        bio_size: field("bio", &["bi_iter", "bi_size"], 4)?,
+        bdev_disk: field("block_device", &["bd_disk"], 8)?,
+        bio_status: field("bio", &["bi_status"], 1)?,
+        bio_next: field("bio", &["bi_next"], 8)?,
+        rq_bio: field("request", &["bio"], 8)?,
+        op_write: code("REQ_OP_WRITE")?,
+        op_zone_append: code("REQ_OP_ZONE_APPEND")?,
+        op_flush: code("REQ_OP_FLUSH")?,
+        op_discard: code("REQ_OP_DISCARD")?,
+        op_secure_erase: code("REQ_OP_SECURE_ERASE")?,
+        op_write_zeroes: code("REQ_OP_WRITE_ZEROES")?,
+        flag_fua: bit("__REQ_FUA")?,
+        flag_preflush: bit("__REQ_PREFLUSH")?,
+        bio_window: 0,
+        rq_window: 0,
+    };
+    let w = agent_common::in_layout_window;
+    let layout = BlockLayout {
+        bio_window: u32::from(
+            w(layout.bio_bdev, 8)
+                && w(layout.bio_opf, 4)
+                && w(layout.bio_sector, 8)
+                && w(layout.bio_size, 4),
+        ),
+        rq_window: u32::from(
+            w(layout.rq_q, 8)
+                && w(layout.rq_cmd_flags, 4)
+                && w(layout.rq_sector, 8)
+                && w(layout.rq_bio, 8),
+        ),
+        ..layout
+    };
+    tracing::debug!(?layout, "block layer layout from BTF");
+    Ok(layout)
 }
 
 #[cfg(test)]

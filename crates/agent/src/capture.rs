@@ -4,13 +4,12 @@
 use std::{
     collections::BTreeMap,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
-    ptr::NonNull,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::Ordering,
     time::Duration,
 };
 
 use agent_common::{
-    BlockLayout, ChangeEvent, DEFAULT_RING_BYTES, DiskRanges, INFLIGHT_CLAIMING, INFLIGHT_SLOTS,
+    ChangeEvent, DEFAULT_RING_BYTES, DiskRanges, INFLIGHT_CLAIMING, INFLIGHT_SLOTS,
     INFLIGHT_WORDS_PER_SLOT, InflightBio, MAX_RANGES_PER_DISK, MAX_SLOTS, OVERFLOW_WORDS,
     OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT,
     control, write_gen_index,
@@ -22,7 +21,13 @@ use aya::{
     programs::{RawTracePoint, raw_trace_point::RawTracePointLinkId},
 };
 
-use crate::{btf, device::BlockDevice, event, extents::ExtentSet};
+use crate::{
+    btf,
+    device::BlockDevice,
+    event,
+    extents::ExtentSet,
+    mmap::{MmapWords, RingPositions, page_size},
+};
 
 /// The BPF object built by build.rs.
 static BPF_OBJECT: &[u8] =
@@ -56,118 +61,6 @@ impl CaptureConfig {
             self.ring_bytes
         );
         Ok(())
-    }
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(n).unwrap_or(4096)
-}
-
-/// A shared mapping of a BPF_F_MMAPABLE array of u64, read and swapped atomically
-/// alongside the BPF programs' atomic updates.
-struct MmapWords {
-    ptr: NonNull<u64>,
-    len: usize,
-    bytes: usize,
-    _map: MapData,
-}
-
-impl MmapWords {
-    fn new(map: MapData, len: u32) -> anyhow::Result<Self> {
-        let bytes = (len as usize * 8).next_multiple_of(page_size());
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: mapping a BPF array fd created with BPF_F_MMAPABLE; length covers the
-        // array's values, rounded to pages as the kernel requires.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mmap of a BPF array");
-        }
-        let ptr = NonNull::new(ptr.cast::<u64>()).context("mmap returned null")?;
-        Ok(Self {
-            ptr,
-            len: len as usize,
-            bytes,
-            _map: map,
-        })
-    }
-
-    fn word(&self, i: usize) -> &AtomicU64 {
-        assert!(i < self.len, "word {i} out of {}", self.len);
-        // SAFETY: in bounds of the live mapping, 8-aligned (page-aligned base); the kernel
-        // only touches these words atomically.
-        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(i)) }
-    }
-}
-
-impl Drop for MmapWords {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
-    }
-}
-
-/// Read-only views of the ring buffer's consumer and producer positions (the first word
-/// of its first and second pages), to tell "empty" from "a record still being written".
-struct RingPositions {
-    consumer: NonNull<u64>,
-    producer: NonNull<u64>,
-    page: usize,
-}
-
-impl RingPositions {
-    fn new(fd: std::os::fd::RawFd) -> anyhow::Result<RingPositions> {
-        let page = page_size();
-        let map = |offset: usize| -> anyhow::Result<NonNull<u64>> {
-            // SAFETY: mapping one page of a BPF ring buffer fd read-only at the offsets the
-            // kernel defines (consumer page at 0, producer page at one page).
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    page,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED,
-                    fd,
-                    offset as libc::off_t,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(std::io::Error::last_os_error())
-                    .context("mmap of the ring buffer positions");
-            }
-            NonNull::new(p.cast::<u64>()).context("mmap returned null")
-        };
-        Ok(RingPositions {
-            consumer: map(0)?,
-            producer: map(page)?,
-            page,
-        })
-    }
-
-    fn load(p: NonNull<u64>) -> u64 {
-        // SAFETY: the pointer is a live, page-aligned mapping; the kernel updates the word
-        // with release stores.
-        unsafe { AtomicU64::from_ptr(p.as_ptr()) }.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for RingPositions {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what `new` mapped.
-        unsafe {
-            libc::munmap(self.consumer.as_ptr().cast(), self.page);
-            libc::munmap(self.producer.as_ptr().cast(), self.page);
-        }
     }
 }
 
@@ -263,7 +156,7 @@ impl Capture {
                 );
             }
         }
-        let layout = block_layout(&btf::Btf::kernel()?)?;
+        let layout = btf::block_layout(&btf::Btf::kernel()?)?;
         let mut loader = EbpfLoader::new();
         loader.override_global("LAYOUT", &layout, true);
         loader.override_global("WAKEUP_BYTES", &config.wakeup_bytes, true);
@@ -700,76 +593,6 @@ fn prog_recursion_misses(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
         return Ok(0); // too old a kernel to count them
     }
     Ok(info[RECURSION_MISSES / 8])
-}
-
-/// The kernel's block-layer offsets and operation codes, from its BTF.
-pub fn block_layout(btf: &btf::Btf) -> anyhow::Result<BlockLayout> {
-    let field = |st: &str, path: &[&str], size: u32| -> anyhow::Result<u32> {
-        let (off, got) = btf.member(st, path)?;
-        ensure!(
-            got == size,
-            "struct {st}.{} is {got} bytes in this kernel, expected {size}",
-            path.join(".")
-        );
-        Ok(off)
-    };
-    let code = |name: &str| -> anyhow::Result<u32> {
-        let v = btf.enum_value(name)?;
-        ensure!(
-            v <= u64::from(agent_common::REQ_OP_MASK),
-            "{name} = {v} does not fit the operation bits"
-        );
-        Ok(v as u32)
-    };
-    let bit = |name: &str| -> anyhow::Result<u32> {
-        let v = btf.enum_value(name)?;
-        ensure!(v < 32, "{name} = {v} is not a bit of a 32-bit blk_opf_t");
-        Ok(1 << v)
-    };
-    let layout = BlockLayout {
-        rq_q: field("request", &["q"], 8)?,
-        rq_sector: field("request", &["__sector"], 8)?,
-        rq_cmd_flags: field("request", &["cmd_flags"], 4)?,
-        q_disk: field("request_queue", &["disk"], 8)?,
-        disk_major: field("gendisk", &["major"], 4)?,
-        disk_first_minor: field("gendisk", &["first_minor"], 4)?,
-        bio_bdev: field("bio", &["bi_bdev"], 8)?,
-        bio_opf: field("bio", &["bi_opf"], 4)?,
-        bio_sector: field("bio", &["bi_iter", "bi_sector"], 8)?,
-        bio_size: field("bio", &["bi_iter", "bi_size"], 4)?,
-        bdev_disk: field("block_device", &["bd_disk"], 8)?,
-        bio_status: field("bio", &["bi_status"], 1)?,
-        bio_next: field("bio", &["bi_next"], 8)?,
-        rq_bio: field("request", &["bio"], 8)?,
-        op_write: code("REQ_OP_WRITE")?,
-        op_zone_append: code("REQ_OP_ZONE_APPEND")?,
-        op_flush: code("REQ_OP_FLUSH")?,
-        op_discard: code("REQ_OP_DISCARD")?,
-        op_secure_erase: code("REQ_OP_SECURE_ERASE")?,
-        op_write_zeroes: code("REQ_OP_WRITE_ZEROES")?,
-        flag_fua: bit("__REQ_FUA")?,
-        flag_preflush: bit("__REQ_PREFLUSH")?,
-        bio_window: 0,
-        rq_window: 0,
-    };
-    let w = agent_common::in_layout_window;
-    let layout = BlockLayout {
-        bio_window: u32::from(
-            w(layout.bio_bdev, 8)
-                && w(layout.bio_opf, 4)
-                && w(layout.bio_sector, 8)
-                && w(layout.bio_size, 4),
-        ),
-        rq_window: u32::from(
-            w(layout.rq_q, 8)
-                && w(layout.rq_cmd_flags, 4)
-                && w(layout.rq_sector, 8)
-                && w(layout.rq_bio, 8),
-        ),
-        ..layout
-    };
-    tracing::debug!(?layout, "block layer layout from BTF");
-    Ok(layout)
 }
 
 fn array_data(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<MapData> {

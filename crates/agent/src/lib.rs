@@ -12,6 +12,7 @@ pub mod event;
 pub mod extents;
 pub mod freeze;
 pub mod metrics;
+mod mmap;
 pub mod net;
 pub mod pipeline;
 pub mod points;

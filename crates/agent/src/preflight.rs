@@ -71,7 +71,7 @@ pub fn check() -> Vec<Problem> {
     }
     // The probes are raw tracepoints on the block layer; what they read of its structures
     // is located through the kernel's BTF.
-    match crate::btf::Btf::kernel().and_then(|b| crate::capture::block_layout(&b)) {
+    match crate::btf::Btf::kernel().and_then(|b| crate::btf::block_layout(&b)) {
         Ok(_) => {}
         Err(e) => problems.push(Problem {
             what: format!("{e:#}"),
