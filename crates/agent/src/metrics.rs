@@ -163,8 +163,8 @@ impl AgentMetrics {
         );
         registry.register(
             "churn_alert",
-            "1 while changed data has waited for readback longer than max-point-gap \
-             (churn above what replication sustains)",
+            "1 while no round could read all waiting changes for longer than \
+             max-point-gap (churn above what replication sustains)",
             m.churn_alert.clone(),
         );
         registry.register(

@@ -191,6 +191,12 @@ impl DiskProducer {
         self.last_cut.or(self.synced_at).map(|t| t.elapsed())
     }
 
+    /// The last round read every change drained before its instant (the dirty set fit in
+    /// `round-mib`). Rounds that keep leaving work behind mean churn outruns readback.
+    pub fn took_all_changes(&self) -> bool {
+        self.round_complete
+    }
+
     /// Changes are waiting to be read or sent.
     pub fn has_pending_changes(&self) -> bool {
         !self.dirty.is_empty() || !self.zeroed.is_empty() || self.uncut

@@ -334,8 +334,9 @@ fn console_is_tty() -> bool {
     unsafe { libc::isatty(2) == 1 }
 }
 
-/// Tells when churn outruns replication: changed data has waited for readback (the
-/// dirty set never emptied) for longer than the point-gap bound.
+/// Tells when churn outruns replication: for longer than the point-gap bound, no round
+/// could take every change waiting at its instant (the backlog exceeded `round-mib` each
+/// time). Changes that complete while a round reads are normal and do not count.
 #[derive(Debug, Default, Clone)]
 struct ChurnWatch {
     backlog_since: Option<Instant>,
@@ -344,7 +345,7 @@ struct ChurnWatch {
 
 impl ChurnWatch {
     fn observe(&mut self, p: &DiskProducer, policy: &GapPolicy) {
-        if p.dirty.is_empty() || p.syncing() {
+        if p.took_all_changes() || p.syncing() {
             self.backlog_since = None;
             self.alerted = false;
             return;
@@ -355,8 +356,8 @@ impl ChurnWatch {
             tracing::warn!(
                 device = %p.dev.path.display(),
                 dirty_bytes = p.dirty.sectors() * 512,
-                "churn exceeds what replication sustains: changed data has waited for \
-                 readback longer than max-point-gap"
+                "churn exceeds what replication sustains: no round could read all waiting \
+                 changes for longer than max-point-gap"
             );
         }
     }
