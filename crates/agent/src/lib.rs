@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod points;
 pub mod preflight;
 pub mod protect;
+pub mod read_log;
 pub mod readback;
 pub mod state;
 pub mod watch;

@@ -29,6 +29,19 @@
 //! and no write to them completed since (it would have dirtied them before T).
 //! So cuts never wait for in-flight writes, and a lost completion costs a re-read, never
 //! a recovery point.
+//!
+//! # Zero extents and the order of the stream
+//! A discard (or write-zeroes) is sent as a zero extent rather than read, which keeps
+//! `fstrim` cheap, but a zero extent is only right where nothing already sent was read
+//! after the discard completed (see `read_log.rs` for how reads overtake events: overflow
+//! regions, `LOST` reports, in-flight ranges, and events deferred past a round). So:
+//! - a zeroing change is sent as zeroes only where no recent read of its range ended after
+//!   it completed; where a read made entirely after it was sent, nothing more is needed,
+//!   and where a read spanned its completion, the range is read again;
+//! - it never removes a range from the dirty set: that range may carry a write whose event
+//!   came out of order (an overflow region, a `LOST` report) and must still be read;
+//! - a zero extent whose regions saw a write queued after the round's instant makes the
+//!   round not clean (the discard itself may have been queued after T).
 
 use std::time::{Duration, Instant};
 
@@ -40,6 +53,7 @@ use crate::{
     capture::{Capture, GenSnapshot},
     device::BlockDevice,
     extents::ExtentSet,
+    read_log::{AfterZeroing, ReadLog},
     readback::{AlignedBuf, DeviceReader},
 };
 
@@ -111,6 +125,14 @@ pub struct DiskCounters {
     pub lost_completions: u64,
     pub rounds: u64,
     pub clean_rounds: u64,
+    /// Time spent, summed over rounds: draining events and walking the in-flight map
+    /// (step 1-2), reading (step 3), and sealing and handing batches to the network side
+    /// (step 4, which blocks while the network side is full), in microseconds.
+    pub drain_us: u64,
+    pub read_us: u64,
+    pub send_us: u64,
+    /// Part of `send_us` spent waiting for the network side to take a batch.
+    pub blocked_us: u64,
     /// Change events the kernel could not queue (their regions were resynchronised).
     pub dropped: u64,
     /// Queued writes capture could not follow (the queue probe skipped or failed, or the
@@ -144,6 +166,8 @@ pub struct DiskProducer {
     round_buf: Option<AlignedBuf>,
     /// Pieces read in the current round's read phase: (sector, sectors, buffer offset).
     pieces: Vec<(u64, u64, usize)>,
+    /// Ranges read in recent rounds, and when (decides where a discard may be zeroes).
+    read_log: ReadLog,
     /// The current round's read phase found a race or left work undone.
     round_clean: bool,
     round_complete: bool,
@@ -167,6 +191,7 @@ impl DiskProducer {
             largest_gap: Duration::ZERO,
             round_buf: None,
             pieces: Vec::new(),
+            read_log: ReadLog::new(),
             round_clean: true,
             round_complete: true,
             counters: DiskCounters::default(),
@@ -202,7 +227,8 @@ impl DiskProducer {
         !self.dirty.is_empty() || !self.zeroed.is_empty() || self.uncut
     }
 
-    /// Fold one completed change in: data to read back, or a range known to read as zero.
+    /// Fold one completed change in: data to read back, or a range known to read as zero
+    /// (where no recent read of it ended after the change completed; see the module doc).
     /// Events of one device arrive in completion order, so a later op wins.
     fn note(&mut self, e: &agent_common::ChangeEvent) {
         if e.op & op::CHANGES_DATA == 0 {
@@ -214,8 +240,16 @@ impl DiskProducer {
         let (s, l) = (e.sector, u64::from(e.sectors));
         let zeroing = op::DISCARD | op::SECURE_ERASE | op::WRITE_ZEROES;
         if e.op & zeroing != 0 && e.op & (op::WRITE | op::ERROR | op::LOST) == 0 {
-            self.dirty.remove(s, l);
-            self.zeroed.insert(s, l);
+            for (ps, pl, after) in self.read_log.classify(s, l, e.time_ns) {
+                match after {
+                    AfterZeroing::NotRead => self.zeroed.insert(ps, pl),
+                    AfterZeroing::ReadAfter => self.zeroed.remove(ps, pl),
+                    AfterZeroing::ReadDuring => {
+                        self.zeroed.remove(ps, pl);
+                        self.dirty.insert(ps, pl);
+                    }
+                }
+            }
         } else {
             // Writes, failed requests (their range may hold anything), and lost
             // completions (their op may have been a discard): read back.
@@ -256,7 +290,9 @@ impl DiskProducer {
                     self.round_complete = false;
                     continue;
                 }
+                let started = now_mono_ns();
                 self.reader.read_into(ps, &mut buf[used..used + bytes])?;
+                self.read_log.record(ps, pl, started, now_mono_ns());
                 self.counters.bytes_read += bytes as u64;
                 if capture.regions_raced_since(snap, slot, ps, pl) {
                     self.round_clean = false;
@@ -318,9 +354,13 @@ pub fn round(
     send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
 ) -> anyhow::Result<bool> {
     // 1. Generations first, then everything completed so far.
+    let round_start = Instant::now();
     let snap = capture.gen_snapshot();
     let t_mono = now_mono_ns();
     let t_wall = now_wall_ns();
+    for d in disks.iter_mut() {
+        d.read_log.forget_old(t_mono);
+    }
     let mut drained_all = capture.drain_events_through_now(|e| {
         if let Some(d) = disks.get_mut(e.slot as usize) {
             d.note(&e);
@@ -364,6 +404,10 @@ pub fn round(
     }
 
     // 3. Read phase, every disk.
+    let read_start = Instant::now();
+    for d in disks.iter_mut() {
+        d.counters.drain_us += (read_start - round_start).as_micros() as u64;
+    }
     let buf_bytes = (cfg.round_sectors * 512) as usize + crate::readback::MAX_READ;
     for (slot, d) in disks.iter_mut().enumerate() {
         let overflow = capture.drain_overflow(slot);
@@ -402,11 +446,15 @@ pub fn round(
     }
 
     // 4. Send phase.
+    let send_start = Instant::now();
     let mut worked = false;
     for (slot, d) in disks.iter_mut().enumerate() {
         let oldest = d.oldest_change.take();
         let mut out: Vec<Batch> = Vec::new();
         for (s, l) in d.zeroed.take().iter() {
+            if capture.regions_raced_since(&snap, slot, s, l) {
+                d.round_clean = false;
+            }
             out.extend(d.builder.add_zero(s, l, ExtentKind::Zero)?);
             worked = true;
         }
@@ -423,7 +471,9 @@ pub fn round(
         if let Some(cursor) = d.sync_cursor {
             let end = (cursor + cfg.sync_chunk_sectors).min(d.dev.sectors);
             for (ps, pl) in d.reader.pieces(cursor, end - cursor) {
+                let started = now_mono_ns();
                 let data = d.reader.read(ps, pl)?;
+                d.read_log.record(ps, pl, started, now_mono_ns());
                 d.counters.bytes_read += data.len() as u64;
                 if capture.regions_raced_since(&snap, slot, ps, pl) {
                     d.round_clean = false;
@@ -450,6 +500,7 @@ pub fn round(
         if let Some(b) = d.builder.flush()? {
             send_batch(d, slot, b, oldest, send)?;
         }
+        d.counters.read_us += (send_start - read_start).as_micros() as u64;
         let clean = d.round_clean && d.round_complete;
         if clean {
             d.counters.clean_rounds += 1;
@@ -482,6 +533,9 @@ pub fn round(
             d.gap_since = None;
         }
     }
+    for d in disks.iter_mut() {
+        d.counters.send_us += send_start.elapsed().as_micros() as u64;
+    }
     for e in &later {
         if let Some(d) = disks.get_mut(e.slot as usize) {
             d.note(e);
@@ -513,7 +567,10 @@ fn send_batch(
         }
     }
     d.uncut = true;
-    send(slot, Outgoing::Batch(b, oldest))
+    let started = Instant::now();
+    let sent = send(slot, Outgoing::Batch(b, oldest));
+    d.counters.blocked_us += started.elapsed().as_micros() as u64;
+    sent
 }
 
 #[cfg(test)]
