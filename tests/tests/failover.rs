@@ -286,11 +286,37 @@ fn ext4_and_xfs_crash_points_mount_and_check_clean() {
     agent.wait_synced(Duration::from_secs(120)).unwrap();
     let m1 = Mount::new(&ext4.path, &dir.path.join("m-ext4"), &["-t", "ext4"]).unwrap();
     let m2 = Mount::new(&xfs.path, &dir.path.join("m-xfs"), &["-t", "xfs"]).unwrap();
-    let (d1, d2) = (m1.dir.clone(), m2.dir.clone());
-    let t1 = std::thread::spawn(move || testkit::file_workload(&d1, 21, 80, 1 << 20).unwrap());
-    let t2 = std::thread::spawn(move || testkit::file_workload(&d2, 22, 80, 1 << 20).unwrap());
-    t1.join().unwrap();
-    t2.join().unwrap();
+    // Rounds of the file workload (each in a fresh directory, the one before it deleted)
+    // until both disks have at least 10 points: the sample must span the workload
+    // however fast this build runs it.
+    let acked_cuts =
+        |stats: &serde_json::Value, i: usize| stats["disks"][i]["acked_cuts"].as_u64().unwrap_or(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    for round in 0u64.. {
+        let (d1, d2) = (
+            m1.dir.join(format!("r{round}")),
+            m2.dir.join(format!("r{round}")),
+        );
+        let t1 = std::thread::spawn(move || {
+            testkit::file_workload(&d1, 21 + 2 * round, 80, 1 << 20).unwrap()
+        });
+        let t2 = std::thread::spawn(move || {
+            testkit::file_workload(&d2, 22 + 2 * round, 80, 1 << 20).unwrap()
+        });
+        t1.join().unwrap();
+        t2.join().unwrap();
+        if round > 0 {
+            for m in [&m1, &m2] {
+                std::fs::remove_dir_all(m.dir.join(format!("r{}", round - 1))).unwrap();
+            }
+        }
+        let stats = agent.stats().unwrap_or_default();
+        if (acked_cuts(&stats, 0) >= 10 && acked_cuts(&stats, 1) >= 10)
+            || std::time::Instant::now() > deadline
+        {
+            break;
+        }
+    }
     m1.unmount().unwrap();
     m2.unmount().unwrap();
     std::thread::sleep(Duration::from_secs(1));
