@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use rand::{Rng as _, SeedableRng as _};
+use rand::{RngExt as _, SeedableRng as _};
 use testkit::{
     LoopDevice, Mount, Scratch, Workload,
     replication::{AgentIdentity, ProcessServer, Replicator},

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
-use ripcord_proto::{DiskId as WireDiskId, Extent, ExtentKind as WireKind, FLAG_COMPRESSED, aead};
+use ripcord_proto::{FLAG_COMPRESSED, aead};
 use ripcord_seal::{
     DataKey, Flags, Sealer,
     escrow::{EscrowFile, unwrap_data_key},
@@ -90,24 +90,9 @@ pub async fn data_key(
     let secret = escrow
         .unlock(passphrase)
         .context("unlocking the escrow key")?;
-    let ctx = aead::key_context(&plan.epoch.machine_id, &WireDiskId(disk.0));
+    let ctx = aead::key_context(&plan.epoch.machine_id, disk);
     unwrap_data_key(&plan.epoch.wrapped_key, &secret, &ctx)
         .with_context(|| format!("unwrapping the data key of epoch {}", plan.epoch.epoch))
-}
-
-fn wire_extents(b: &SealedBatch) -> Vec<Extent> {
-    b.extents
-        .iter()
-        .map(|e| Extent {
-            sector: e.sector,
-            sectors: e.sectors,
-            kind: match e.kind {
-                ripcord_store::ExtentKind::Data => WireKind::Data,
-                ripcord_store::ExtentKind::Zero => WireKind::Zero,
-                ripcord_store::ExtentKind::Discard => WireKind::Discard,
-            },
-        })
-        .collect()
 }
 
 /// Authenticate and decrypt one batch; `object` names it in errors.
@@ -120,7 +105,7 @@ pub fn open_batch(
     object: &str,
     out: &mut Vec<u8>,
 ) -> anyhow::Result<()> {
-    let extents = wire_extents(b);
+    let extents = &b.extents;
     let data: u64 = b
         .extents
         .iter()
@@ -129,7 +114,7 @@ pub fn open_batch(
         .sum();
     let aad = aead::batch_aad(
         machine,
-        &WireDiskId(disk.0),
+        disk,
         b.epoch,
         b.seq,
         b.seq,
@@ -215,7 +200,7 @@ impl Target {
     fn finish(self) -> anyhow::Result<()> {
         self.file.sync_all()?;
         if let Some((path, tmp)) = &self.rename {
-            std::fs::rename(tmp, path)
+            ripcord_crashsafe::rename_durable(tmp, path)
                 .with_context(|| format!("renaming to {}", path.display()))?;
         }
         Ok(())

@@ -106,16 +106,14 @@ pub const MAX_BODY_LEN: usize =
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_BODY_LEN;
 const _: () = assert!(MAX_BODY_LEN <= u32::MAX as usize);
 
+
+pub use ripcord_types::{CutKind, DiskId, Extent, ExtentKind};
 /// Batch flag: the payload was zstd-compressed before sealing.
 pub const FLAG_COMPRESSED: u32 = 1 << 0;
 /// Batch flag: the payload is AES-256-GCM sealed (see [`crate::aead`]).
 pub const FLAG_SEALED: u32 = 1 << 1;
 /// All flag bits defined by this wire version.
 pub const KNOWN_FLAGS: u32 = FLAG_COMPRESSED | FLAG_SEALED;
-
-/// Stable 16-byte identifier of a protected disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct DiskId(pub [u8; 16]);
 
 /// Message type codes (the u16 at header offset 8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -173,62 +171,6 @@ impl MessageType {
             Self::Ack => DISK_ID_LEN + 8 + 8 + 8,
             Self::Error => 2 + 1 + DISK_ID_LEN + 2 + MAX_ERROR_MESSAGE_LEN,
             Self::Ping | Self::Pong => 8,
-        }
-    }
-}
-
-/// What a run of sectors in a [`Batch`] holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum ExtentKind {
-    /// New contents; bytes are in the (sealed) payload.
-    Data = 0,
-    /// Sectors were zeroed (no payload bytes).
-    Zero = 1,
-    /// Sectors were discarded/trimmed (no payload bytes).
-    Discard = 2,
-}
-
-impl ExtentKind {
-    /// Parses a wire value.
-    pub fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Self::Data),
-            1 => Some(Self::Zero),
-            2 => Some(Self::Discard),
-            _ => None,
-        }
-    }
-}
-
-/// A run of `sectors` sectors starting at `sector`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Extent {
-    /// First sector, in 512-byte units (whatever the disk's logical block size).
-    pub sector: u64,
-    /// Number of 512-byte sectors.
-    pub sectors: u32,
-    /// What happened to these sectors.
-    pub kind: ExtentKind,
-}
-
-/// Kind of consistency point.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum CutKind {
-    /// Crash-consistent: write-order fidelity only.
-    Crash = 0,
-    /// Application-consistent: taken while applications were quiesced.
-    App = 1,
-}
-
-impl CutKind {
-    /// Parses a wire value.
-    pub fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Self::Crash),
-            1 => Some(Self::App),
-            _ => None,
         }
     }
 }

@@ -1,69 +1,9 @@
-//! Plain input/output types. They mirror ripcord's wire types so the store
-//! does not depend on the protocol crate; the integrator converts.
+//! Plain input/output types. The ids and extents are ripcord's shared ones
+//! (`ripcord-types`), the same the wire protocol carries.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
-/// Bytes per sector in [`Extent`] addressing (always 512, whatever the
-/// device's logical sector size).
-pub const SECTOR_BYTES: u64 = 512;
-
-/// Identifier of one protected disk (16 opaque bytes, shown as 32 hex digits).
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DiskId(pub [u8; 16]);
-
-impl DiskId {
-    /// Lower-case hex form used in object names.
-    pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    /// Parses the 32-hex-digit form produced by [`DiskId::to_hex`].
-    pub fn from_hex(s: &str) -> Option<DiskId> {
-        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        let mut out = [0u8; 16];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-        }
-        Some(DiskId(out))
-    }
-}
-
-impl fmt::Debug for DiskId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DiskId({})", self.to_hex())
-    }
-}
-
-impl fmt::Display for DiskId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-/// What an extent of a batch carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ExtentKind {
-    /// Data bytes, found in the batch plaintext.
-    Data,
-    /// The range was written with zeros (no bytes in the plaintext).
-    Zero,
-    /// The range was discarded/trimmed (no bytes in the plaintext).
-    Discard,
-}
-
-/// One changed range of a batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Extent {
-    /// First sector, in 512-byte units.
-    pub sector: u64,
-    /// Length in 512-byte sectors.
-    pub sectors: u32,
-    /// What the range carries.
-    pub kind: ExtentKind,
-}
+pub use ripcord_types::{CutKind, DiskId, Extent, ExtentKind, SECTOR_BYTES};
 
 /// One sealed batch exactly as received from the agent. The store never sees
 /// plaintext: `sealed` is opaque. Once unsealed, the plaintext is the
@@ -82,15 +22,6 @@ pub struct SealedBatch {
     pub flags: u32,
     /// Sealed (compressed + encrypted) payload, stored verbatim.
     pub sealed: Vec<u8>,
-}
-
-/// Kind of a consistency cut.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CutKind {
-    /// Crash-consistent.
-    Crash,
-    /// Application-consistent.
-    App,
 }
 
 /// A consistency cut reported by the agent: the disk state after applying

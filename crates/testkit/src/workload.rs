@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use io_uring::{IoUring, opcode, types};
-use rand::{Rng as _, RngCore as _, SeedableRng as _};
+use rand::{Rng as _, RngExt as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 
 const SECTOR: u64 = 512;

@@ -79,7 +79,7 @@ impl State {
                 loop {
                     let r = crate::uploader::run(store.clone(), disk, owner.clone(), Arc::clone(&core), cfg).await;
                     if let Err(e) = r {
-                        tracing::warn!(disk = %hex::encode(disk.0), "upload failed: {e:#}; retrying in 2 s");
+                        tracing::warn!(disk = %disk, "upload failed: {e:#}; retrying in 2 s");
                     }
                     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                 }
@@ -335,7 +335,7 @@ async fn disk_stream(
         }
     };
     let disk = pd.disk_id;
-    let disk_hex = hex::encode(disk.0);
+    let disk_hex = disk.to_string();
     // Ownership first: a machine may only write its own disks.
     let claim = state
         .registry
@@ -460,7 +460,7 @@ async fn disk_stream(
     match read_result {
         Ok(r) => r?,
         Err(e) if e.is_cancelled() => {
-            tracing::info!(disk = %hex::encode(disk.0), "stream replaced by a newer one")
+            tracing::info!(disk = %disk, "stream replaced by a newer one")
         }
         Err(e) => return Err(e.into()),
     }

@@ -35,9 +35,5 @@ pub fn read_passphrase(file: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>
 
 /// Parse a disk id given as 32 hex digits.
 pub fn parse_disk_id(s: &str) -> anyhow::Result<ripcord_proto::DiskId> {
-    let bytes = hex::decode(s.trim()).map_err(|_| anyhow::anyhow!("disk id {s:?} is not hex"))?;
-    let arr: [u8; 16] = bytes
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("disk id {s:?} is not 16 bytes (32 hex digits)"))?;
-    Ok(ripcord_proto::DiskId(arr))
+    Ok(s.parse()?)
 }

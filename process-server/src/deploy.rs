@@ -37,20 +37,10 @@ pub struct Deployment {
     pub escrow: EscrowFile,
 }
 
-/// Write `bytes` to `path` crash-safely (temp file, fsync, rename, directory fsync).
+/// Durably replace `path` with `bytes` (see `ripcord_crashsafe::write_atomic`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let dir = path.parent().context("path has no parent")?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    ripcord_crashsafe::write_atomic(path, bytes, ripcord_crashsafe::MODE_PUBLIC)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Create a deployment in `dir`: CA, server certificate for `names` (DNS names or IPs the

@@ -13,9 +13,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ripcord_proto::{CutKind as WireCutKind, DiskId, ExtentKind as WireKind};
 use ripcord_store::{
-    Committed, CutInfo, CutKind, DiskId as StoreDiskId, EpochInfo, Extent, ExtentKind, SealedBatch,
+    Committed, CutInfo, DiskId, EpochInfo, SealedBatch,
     Store, WriterConfig,
 };
 
@@ -46,19 +45,7 @@ fn to_store(b: ripcord_proto::Batch) -> SealedBatch {
     SealedBatch {
         epoch: b.epoch,
         seq: b.first_seq,
-        extents: b
-            .extents
-            .iter()
-            .map(|e| Extent {
-                sector: e.sector,
-                sectors: e.sectors,
-                kind: match e.kind {
-                    WireKind::Data => ExtentKind::Data,
-                    WireKind::Zero => ExtentKind::Zero,
-                    WireKind::Discard => ExtentKind::Discard,
-                },
-            })
-            .collect(),
+        extents: b.extents,
         flags: b.flags,
         sealed: b.payload,
     }
@@ -72,9 +59,8 @@ pub async fn run(
     core: Arc<Mutex<DiskCore>>,
     cfg: UploadConfig,
 ) -> anyhow::Result<()> {
-    let sdisk = StoreDiskId(disk.0);
-    let hex = hex::encode(disk.0);
-    let mut writer = store.disk_writer(sdisk, WriterConfig::default()).await?;
+    let hex = disk.to_string();
+    let mut writer = store.disk_writer(disk, WriterConfig::default()).await?;
     let mut next = core.lock().expect("disk lock").journal().first_seq();
     let mut pending: VecDeque<(u64, Pending)> = VecDeque::new();
     let mut committed_cuts: Vec<(u64, u64)> = Vec::new();
@@ -127,11 +113,7 @@ pub async fn run(
                         seq: c.seq,
                         time_ns: c.time_ns,
                         mono_ns: c.mono_ns,
-                        kind: if c.kind == WireCutKind::App {
-                            CutKind::App
-                        } else {
-                            CutKind::Crash
-                        },
+                        kind: c.kind,
                     })?;
                     pending.push_back((
                         r.seq,
@@ -184,7 +166,7 @@ pub async fn run(
             last_gc = Instant::now();
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
             let keep_after = now.saturating_sub(cfg.retention).as_nanos() as u64;
-            match store.apply_retention(&sdisk, keep_after).await {
+            match store.apply_retention(&disk, keep_after).await {
                 Ok(r) => tracing::info!(disk = %hex, report = ?r, "retention applied"),
                 Err(e) => tracing::warn!(disk = %hex, "retention failed (will retry): {e}"),
             }

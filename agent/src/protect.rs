@@ -476,8 +476,7 @@ fn write_stats(path: &std::path::Path, view: &StatsView<'_>) -> anyhow::Result<(
         },
         "peak_rss_kib": rss_kib(),
     });
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&v)?)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    // Rewritten twice a second and read live: whole, not durable.
+    ripcord_crashsafe::replace_atomic(path, &serde_json::to_vec_pretty(&v)?)
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -59,7 +59,7 @@ impl Registry {
     }
 
     pub fn get(&self, disk: &DiskId) -> Option<&DiskRecord> {
-        self.disks.get(&hex::encode(disk.0))
+        self.disks.get(&disk.to_string())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&String, &DiskRecord)> {
@@ -69,7 +69,7 @@ impl Registry {
     /// Record that `machine` protects `pd.disk_id`; refuse if another machine owns it.
     /// Persisted before returning.
     pub fn claim(&mut self, machine: &str, pd: &ProtectDisk) -> Result<(), ClaimError> {
-        let key = hex::encode(pd.disk_id.0);
+        let key = pd.disk_id.to_string();
         if let Some(existing) = self.disks.get(&key)
             && existing.owner != machine
         {

@@ -53,15 +53,12 @@ impl AgentState {
     pub fn save(&self, state_dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(state_dir)?;
         let path = Self::path(state_dir);
-        let tmp = path.with_extension("tmp");
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(self)?)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(state_dir)?.sync_all()?;
-        Ok(())
+        ripcord_crashsafe::write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(self)?,
+            ripcord_crashsafe::MODE_PUBLIC,
+        )
+        .with_context(|| format!("writing {}", path.display()))
     }
 
     /// The disk id of `device` (new if unknown) and a fresh epoch for it, persisted.

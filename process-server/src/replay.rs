@@ -108,13 +108,13 @@ pub fn replay(
     let registry = Registry::open(&deployment.join("disks.json"))?;
     let record = registry
         .get(&disk)
-        .with_context(|| format!("disk {} is not in the registry", hex::encode(disk.0)))?;
+        .with_context(|| format!("disk {} is not in the registry", disk.to_string()))?;
     let machine = record.owner.clone();
     let dir = journal_dir(&dep.config.cache_dir(deployment), &disk);
     ensure!(
         dir.exists(),
         "no journal for disk {} in {}",
-        hex::encode(disk.0),
+        disk.to_string(),
         dir.display()
     );
     let journal = Journal::open(&dir, journal_config(&dep.config)).with_context(|| {

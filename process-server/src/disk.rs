@@ -44,7 +44,7 @@ pub fn decode_entry(kind: RecordType, payload: &[u8]) -> anyhow::Result<Entry> {
 
 /// The journal directory of a disk.
 pub fn journal_dir(cache: &Path, disk: &DiskId) -> PathBuf {
-    cache.join(hex::encode(disk.0))
+    cache.join(disk.to_string())
 }
 
 /// Journal settings from the server configuration.
@@ -98,13 +98,13 @@ impl DiskCore {
         let report = journal.recovery_report();
         if report.truncated_bytes > 0 {
             tracing::warn!(
-                disk = %hex::encode(disk.0), bytes = report.truncated_bytes,
+                disk = %disk, bytes = report.truncated_bytes,
                 "journal recovery truncated a torn tail (never acknowledged)"
             );
         }
         let state = scan(&journal, load_state(&dir)?)?;
         tracing::info!(
-            disk = %hex::encode(disk.0), epoch = state.epoch, durable_seq = state.durable_seq,
+            disk = %disk, epoch = state.epoch, durable_seq = state.durable_seq,
             engine = ?journal.engine_kind(), "journal opened"
         );
         Ok(DiskCore {
@@ -148,7 +148,7 @@ impl DiskCore {
                 self.journal.append(RecordType::EpochStart, raw)?;
                 self.journal.sync()?;
                 tracing::info!(
-                    disk = %hex::encode(self.disk.0), previous_epoch, epoch = pd.epoch,
+                    disk = %self.disk, previous_epoch, epoch = pd.epoch,
                     "new epoch: full resync"
                 );
                 Ok(Ok(accepted))
@@ -169,7 +169,7 @@ impl DiskCore {
                 Ok(_) => return Ok(()),
                 Err(e @ JournalError::LowSpace { .. }) => {
                     if !logged {
-                        tracing::warn!(disk = %hex::encode(self.disk.0), "{e}; holding acknowledgements");
+                        tracing::warn!(disk = %self.disk, "{e}; holding acknowledgements");
                         logged = true;
                         self.counters.backpressure_waits += 1;
                     }
@@ -257,7 +257,7 @@ impl DiskCore {
                 Err(JournalError::NoSpace { .. }) => {
                     // Rolled back by the journal: wait for space, retry. Nothing is lost.
                     if started.elapsed() < Duration::from_millis(250) {
-                        tracing::warn!(disk = %hex::encode(self.disk.0), "cache disk full; holding");
+                        tracing::warn!(disk = %self.disk, "cache disk full; holding");
                     }
                     self.counters.backpressure_waits += 1;
                     std::thread::sleep(Duration::from_millis(200));

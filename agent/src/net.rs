@@ -296,7 +296,7 @@ async fn futures_join_all<F: std::future::Future<Output = anyhow::Result<()>>>(
 }
 
 async fn drive(conn: &Connection, l: &mut DiskLink) -> anyhow::Result<()> {
-    let disk_hex = hex::encode(l.disk.0);
+    let disk_hex = l.disk.to_string();
     let (mut send, recv) = conn.open_bi().await?;
     let mut reader = FrameReader {
         recv,

@@ -1,0 +1,165 @@
+//! Crash-safe file replacement: the one home of ripcord's "temp file, fsync, rename,
+//! fsync the directory" (as neon's `crashsafe.rs`).
+//!
+//! # What [`write_atomic`] guarantees
+//! When it returns `Ok`, `path` holds exactly `contents` and will after a crash or power
+//! loss: the data was fsynced before the rename, and the directory after it (a rename is
+//! only durable once its directory is). At every instant before that, `path` holds its
+//! old contents or does not exist; a reader never sees a partial file. On error, `path`
+//! is unchanged as far as this call goes and the temporary file is removed.
+//!
+//! # What the caller must do
+//! - Keep one writer per path (the temporary name is unique per process and call, so
+//!   concurrent writers cannot corrupt each other, but the last rename wins).
+//! - Create the directory first, and make *it* durable if it is new ([`sync_dir`] of its
+//!   parent).
+//! - Not rely on [`replace_atomic`] for durability: it skips both fsyncs, for files that
+//!   are rewritten often and only read live (status files), where a crash may leave the
+//!   previous version.
+//!
+//! The journal keeps its own segment creation (temporary name, preallocation, sync,
+//! rename, directory sync) because every sync there goes through its I/O engine, which
+//! tests replace to inject faults.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+/// Mode of files holding secrets (keys, tokens).
+pub const MODE_SECRET: u32 = 0o600;
+/// Mode of everything else.
+pub const MODE_PUBLIC: u32 = 0o644;
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Durably replace `path` with `contents`, created with `mode` from the start (so a
+/// secret is never readable by others, not even as a temporary file). See the module doc.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    replace(path, contents, mode, true)
+}
+
+/// Replace `path` with `contents` so that readers see the old or the new file, never a
+/// mix; not durable (no fsync). For status files rewritten many times a second.
+pub fn replace_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
+    replace(path, contents, MODE_PUBLIC, false)
+}
+
+/// Durably rename `from` to `to`: after `Ok`, a crash leaves `to` with `from`'s contents
+/// (which the caller must have fsynced) and `from` gone. Fsyncs the directory of `to`,
+/// and that of `from` when it differs.
+pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
+    fs::rename(from, to)?;
+    let to_dir = parent(to);
+    sync_dir(&to_dir)?;
+    let from_dir = parent(from);
+    if from_dir != to_dir {
+        sync_dir(&from_dir)?;
+    }
+    Ok(())
+}
+
+/// Fsync a directory, making the creations, renames and removals in it durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn parent(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn replace(path: &Path, contents: &[u8], mode: u32, durable: bool) -> io::Result<()> {
+    let dir = parent(path);
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}.{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(contents)?;
+        if durable {
+            f.sync_all()?;
+        }
+        drop(f);
+        fs::rename(&tmp, path)?;
+        if durable {
+            sync_dir(&dir)?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn write_atomic_replaces_the_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write_atomic(&path, b"old", MODE_PUBLIC).unwrap();
+        write_atomic(&path, b"new", MODE_SECRET).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, MODE_SECRET);
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_file_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        write_atomic(&path, b"old", MODE_PUBLIC).unwrap();
+        // Renaming a file over a non-empty directory fails after the temporary is written.
+        let blocker = dir.path().join("d");
+        fs::create_dir(&blocker).unwrap();
+        fs::write(blocker.join("x"), b"x").unwrap();
+        assert!(write_atomic(&blocker, b"new", MODE_PUBLIC).is_err());
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "temporary left behind");
+    }
+
+    #[test]
+    fn rename_durable_moves_across_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("a")).unwrap();
+        fs::create_dir(dir.path().join("b")).unwrap();
+        let from = dir.path().join("a/img.tmp");
+        fs::write(&from, b"image").unwrap();
+        let to = dir.path().join("b/img");
+        rename_durable(&from, &to).unwrap();
+        assert!(!from.exists());
+        assert_eq!(fs::read(&to).unwrap(), b"image");
+        assert!(rename_durable(&from, &to).is_err(), "renaming a missing file must fail");
+    }
+
+    #[test]
+    fn replace_atomic_is_not_durable_but_still_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.json");
+        replace_atomic(&path, b"{}").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"{}");
+    }
+}
