@@ -108,13 +108,13 @@ pub fn replay(
     let registry = Registry::open(&deployment.join("disks.json"))?;
     let record = registry
         .get(&disk)
-        .with_context(|| format!("disk {} is not in the registry", disk.to_string()))?;
+        .with_context(|| format!("disk {} is not in the registry", disk))?;
     let machine = record.owner.clone();
     let dir = journal_dir(&dep.config.cache_dir(deployment), &disk);
     ensure!(
         dir.exists(),
         "no journal for disk {} in {}",
-        disk.to_string(),
+        disk,
         dir.display()
     );
     let journal = Journal::open(&dir, journal_config(&dep.config)).with_context(|| {

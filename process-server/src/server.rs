@@ -77,7 +77,14 @@ impl State {
             };
             tokio::spawn(async move {
                 loop {
-                    let r = crate::uploader::run(store.clone(), disk, owner.clone(), Arc::clone(&core), cfg).await;
+                    let r = crate::uploader::run(
+                        store.clone(),
+                        disk,
+                        owner.clone(),
+                        Arc::clone(&core),
+                        cfg,
+                    )
+                    .await;
                     if let Err(e) = r {
                         tracing::warn!(disk = %disk, "upload failed: {e:#}; retrying in 2 s");
                     }

@@ -13,10 +13,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ripcord_store::{
-    Committed, CutInfo, DiskId, EpochInfo, SealedBatch,
-    Store, WriterConfig,
-};
+use ripcord_store::{Committed, CutInfo, DiskId, EpochInfo, SealedBatch, Store, WriterConfig};
 
 use crate::disk::{DiskCore, Entry, decode_entry};
 

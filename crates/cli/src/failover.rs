@@ -112,14 +112,7 @@ pub fn open_batch(
         .filter(|e| e.kind == ripcord_store::ExtentKind::Data)
         .map(|e| u64::from(e.sectors) * 512)
         .sum();
-    let aad = aead::batch_aad(
-        machine,
-        disk,
-        b.epoch,
-        b.seq,
-        b.seq,
-        &extents,
-    );
+    let aad = aead::batch_aad(machine, disk, b.epoch, b.seq, b.seq, extents);
     let nonce = aead::nonce(b.epoch, b.seq)?;
     let flags = if b.flags & FLAG_COMPRESSED != 0 {
         Flags::Zstd

@@ -123,7 +123,10 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"new");
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, MODE_SECRET);
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
     }
 
@@ -138,7 +141,11 @@ mod tests {
         fs::write(blocker.join("x"), b"x").unwrap();
         assert!(write_atomic(&blocker, b"new", MODE_PUBLIC).is_err());
         assert_eq!(fs::read(&path).unwrap(), b"old");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "temporary left behind");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "temporary left behind"
+        );
     }
 
     #[test]
@@ -152,7 +159,10 @@ mod tests {
         rename_durable(&from, &to).unwrap();
         assert!(!from.exists());
         assert_eq!(fs::read(&to).unwrap(), b"image");
-        assert!(rename_durable(&from, &to).is_err(), "renaming a missing file must fail");
+        assert!(
+            rename_durable(&from, &to).is_err(),
+            "renaming a missing file must fail"
+        );
     }
 
     #[test]

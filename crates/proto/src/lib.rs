@@ -21,6 +21,7 @@
 //! batches have adjacent ranges. Sequence 0 means "nothing". A new epoch (full
 //! resync) restarts sequences at 1.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod aead;
 pub mod handshake;

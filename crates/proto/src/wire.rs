@@ -106,7 +106,6 @@ pub const MAX_BODY_LEN: usize =
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_BODY_LEN;
 const _: () = assert!(MAX_BODY_LEN <= u32::MAX as usize);
 
-
 pub use ripcord_types::{CutKind, DiskId, Extent, ExtentKind};
 /// Batch flag: the payload was zstd-compressed before sealing.
 pub const FLAG_COMPRESSED: u32 = 1 << 0;

@@ -145,7 +145,13 @@ mod tests {
 
     #[test]
     fn malformed_disk_ids_are_refused_with_the_input_named() {
-        for bad in ["", "ab", &"g".repeat(32), &"a".repeat(33), "ééééééééééééééää"] {
+        for bad in [
+            "",
+            "ab",
+            &"g".repeat(32),
+            &"a".repeat(33),
+            "ééééééééééééééää",
+        ] {
             let err = bad.parse::<DiskId>().unwrap_err();
             assert!(err.to_string().contains("not 32 hex digits"), "{err}");
         }
