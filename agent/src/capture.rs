@@ -29,6 +29,11 @@ use crate::{
     mmap::{MmapWords, RingPositions, page_size},
 };
 
+/// How long a queued write may stay without a reported completion before it is treated
+/// as unseen ([`Capture::stalled`]): it is reported once, its range is re-read, and later
+/// rounds stop reading it as in flight.
+pub const LOST_AFTER: Duration = Duration::from_secs(3);
+
 /// The BPF object built by build.rs.
 static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ripcord-agent-ebpf"));
@@ -376,7 +381,7 @@ impl Capture {
 
     /// [`Capture::stalled`] over a snapshot the caller already took.
     pub fn stalled_in(&mut self, snapshot: &[InflightBio], after: Duration) -> Vec<Stalled> {
-        let now = crate::pipeline::now_mono_ns();
+        let now = crate::clock::now_mono_ns();
         let limit = after.as_nanos() as u64;
         let mut out = Vec::new();
         for b in snapshot {

@@ -1,24 +1,24 @@
-//! ripcord's agent: block-change capture with eBPF on protected devices.
+//! ripcord's agent: block-change capture with eBPF on protected devices, and the
+//! replication that reads, seals and ships the changes.
 //!
-//! The library holds the logic (decoding, extent sets, device resolution, capture) so it
-//! is unit-testable; `main.rs` is the command line.
+//! Two layers, and imports only go down:
+//! - **capture** (`capture`, `btf`, `event`, `device`, `extents`, `mmap`, `preflight`,
+//!   `watch`, `clock`): loads the BPF programs, follows every write to the protected
+//!   devices, and hands out change events, in-flight ranges and write generations. It
+//!   knows nothing of replication.
+//! - **replicate** (`replicate::*`): readback rounds, cuts and recovery points, sealing,
+//!   the QUIC sender, the `protect` command, its configuration, state and metrics. It
+//!   uses capture.
+//!
+//! The library holds the logic so it is unit-testable; `main.rs` is the command line.
 
-pub mod batch;
 pub mod btf;
 pub mod capture;
-pub mod config;
+pub mod clock;
 pub mod device;
 pub mod event;
 pub mod extents;
-pub mod freeze;
-pub mod metrics;
 mod mmap;
-pub mod net;
-pub mod pipeline;
-pub mod points;
 pub mod preflight;
-pub mod protect;
-pub mod read_log;
-pub mod readback;
-pub mod state;
+pub mod replicate;
 pub mod watch;

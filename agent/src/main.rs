@@ -5,9 +5,11 @@ use anyhow::{Context as _, ensure};
 use clap::{Parser, Subcommand};
 use ripcord_agent::{
     capture::CaptureConfig,
-    config::{AgentConfig, DEFAULT_CONFIG, DEFAULT_STATE_DIR},
-    protect,
-    state::AgentState,
+    replicate::{
+        config::{AgentConfig, DEFAULT_CONFIG, DEFAULT_STATE_DIR},
+        protect,
+        state::AgentState,
+    },
     watch,
 };
 

@@ -125,7 +125,7 @@ pub fn run(opts: &WatchOptions) -> anyhow::Result<()> {
             let after = if stopping {
                 Duration::ZERO
             } else {
-                crate::pipeline::LOST_AFTER
+                crate::capture::LOST_AFTER
             };
             for lost in capture.stalled(after) {
                 for (i, sector, sectors) in lost.ranges {

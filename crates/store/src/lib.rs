@@ -65,6 +65,7 @@ pub mod format;
 pub mod gc;
 mod resolve;
 mod store;
+#[cfg(feature = "testing")]
 pub mod testing;
 mod types;
 mod verify;

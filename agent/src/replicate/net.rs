@@ -23,7 +23,8 @@ use ripcord_seal::{DataKey, escrow::wrap_data_key};
 use ripcord_transport::{Identity, TransportOptions, connect, endpoint::client_endpoint_with};
 use tokio::sync::mpsc;
 
-use crate::pipeline::{Outgoing, now_mono_ns};
+use super::pipeline::Outgoing;
+use crate::clock::now_mono_ns;
 
 /// A refusal that reconnecting will not fix (the agent stops).
 #[derive(Debug, thiserror::Error)]

@@ -48,13 +48,16 @@ use std::time::{Duration, Instant};
 use agent_common::op;
 use ripcord_proto::{Batch, ExtentKind};
 
-use crate::{
+use super::{
     batch::BatchBuilder,
-    capture::{Capture, GenSnapshot},
-    device::BlockDevice,
-    extents::ExtentSet,
     read_log::{AfterZeroing, ReadLog},
     readback::{AlignedBuf, DeviceReader},
+};
+use crate::{
+    capture::{Capture, GenSnapshot, LOST_AFTER},
+    clock::{now_mono_ns, now_wall_ns},
+    device::BlockDevice,
+    extents::ExtentSet,
 };
 
 /// What the producer hands to the network side, per disk, in stream order.
@@ -73,11 +76,6 @@ pub enum Outgoing {
         app: bool,
     },
 }
-
-/// How long a queued write may stay without a reported completion before the agent
-/// treats its completion as unseen: it is reported once, its range is re-read, and later
-/// rounds stop reading it as in flight.
-pub const LOST_AFTER: Duration = Duration::from_secs(3);
 
 /// Dirty ranges closer than this (sectors) are read as one piece: fewer system calls, and
 /// the gap lies in the same 16 KiB generation region as its neighbours anyway.
@@ -312,23 +310,6 @@ impl DiskProducer {
     }
 }
 
-/// Monotonic and wall clocks in ns.
-pub fn now_mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-pub fn now_wall_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 /// Sort `ranges` and merge those that overlap or lie within [`MERGE_GAP_SECTORS`].
 fn coalesce(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
@@ -408,7 +389,7 @@ pub fn round(
     for d in disks.iter_mut() {
         d.counters.drain_us += (read_start - round_start).as_micros() as u64;
     }
-    let buf_bytes = (cfg.round_sectors * 512) as usize + crate::readback::MAX_READ;
+    let buf_bytes = (cfg.round_sectors * 512) as usize + super::readback::MAX_READ;
     for (slot, d) in disks.iter_mut().enumerate() {
         let overflow = capture.drain_overflow(slot);
         d.counters.dropped = capture.stats(slot).dropped;

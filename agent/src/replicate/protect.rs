@@ -23,17 +23,19 @@ use ripcord_transport::Identity;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::{
+use super::{
     batch::BatchBuilder,
-    capture::{Capture, CaptureConfig},
     config::AgentConfig,
-    device::BlockDevice,
     metrics::{AgentMetrics, DiskSample},
     net::{self, DiskLink, LinkStats, NetConfig},
     pipeline::{CutRequest, DiskProducer, Outgoing, RoundConfig, round},
     points::{self, FreezeStats, GapPolicy, GapState},
-    preflight,
     state::AgentState,
+};
+use crate::{
+    capture::{Capture, CaptureConfig},
+    device::BlockDevice,
+    preflight,
 };
 
 /// Options of `protect` (config file values, overridden by flags).
@@ -168,7 +170,7 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
     if !cfg.metrics_addr.is_empty() {
         let addr = cfg.metrics_addr.parse().context("metrics-addr")?;
         // Replication matters more than its metrics: a taken port is reported, not fatal.
-        match crate::metrics::spawn_http(addr, Arc::clone(&metrics)) {
+        match super::metrics::spawn_http(addr, Arc::clone(&metrics)) {
             Ok(()) => tracing::info!(%addr, "metrics on http://{addr}/metrics"),
             Err(e) => tracing::error!("no metrics endpoint: {e:#}"),
         }

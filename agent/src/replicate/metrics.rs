@@ -24,7 +24,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{pipeline::DiskCounters, points::FreezeStats};
+use super::{pipeline::DiskCounters, points::FreezeStats};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeviceLabel {

@@ -16,12 +16,12 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{
-    capture::Capture,
+use super::{
     config::AgentConfig,
     freeze,
     pipeline::{CutRequest, DiskProducer, Outgoing, RoundConfig, round},
 };
+use crate::capture::Capture;
 
 /// When to force a point, from the agent configuration.
 #[derive(Clone, Copy, Debug)]

@@ -1,0 +1,25 @@
+//! The replication side of the agent: everything between a captured change and a batch
+//! acknowledged by the process server. It depends on the capture layer (`crate::capture`
+//! and friends), never the reverse.
+//!
+//! - `pipeline`: readback rounds and crash-consistent cuts (the argument for why a cut is
+//!   a crash state is its module doc); `read_log`: when a discard may be sent as zeroes;
+//!   `readback`: O_DIRECT reads of the device.
+//! - `batch`: zero detection, compression and sealing into batches.
+//! - `points`: forced and application-consistent points; `freeze`: FIFREEZE/FITHAW with a
+//!   watchdog.
+//! - `net`: the QUIC sender with its window and acknowledgements.
+//! - `protect`: the `protect` command that wires them together; `config`, `state`
+//!   (disk ids and epochs) and `metrics` serve it.
+
+pub mod batch;
+pub mod config;
+pub mod freeze;
+pub mod metrics;
+pub mod net;
+pub mod pipeline;
+pub mod points;
+pub mod protect;
+pub mod read_log;
+pub mod readback;
+pub mod state;
