@@ -72,16 +72,9 @@ impl Output {
 
     fn zero(&mut self, offset: u64, len: u64) -> anyhow::Result<()> {
         if !self.is_block {
-            // SAFETY: fallocate on an owned, open file descriptor.
-            let rc = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset as libc::off_t,
-                    len as libc::off_t,
-                )
-            };
-            if rc == 0 {
+            use nix::fcntl::{FallocateFlags, fallocate};
+            let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            if fallocate(&self.file, punch, offset as i64, len as i64).is_ok() {
                 return Ok(());
             }
         }

@@ -68,11 +68,10 @@ fn every_recovery_point_passes_the_write_order_checker() {
     // Stall the consumer once so events overflow the ring.
     for _ in 0..1 {
         std::thread::sleep(Duration::from_secs(3));
-        // SAFETY: kill has no memory preconditions.
-        unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) };
+        let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
         std::thread::sleep(Duration::from_millis(1200));
-        // SAFETY: as above.
-        unsafe { libc::kill(agent.pid() as i32, libc::SIGCONT) };
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     }
     assert!(workload.wait().unwrap().success(), "oracle workload failed");
     let stats_file = agent.stats_file.clone();

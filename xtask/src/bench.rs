@@ -209,8 +209,8 @@ impl Watcher {
 
     /// Stop and return (events, dropped).
     fn stop(mut self) -> anyhow::Result<(u64, u64)> {
-        // SAFETY: kill has no memory preconditions.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
         let status = self.child.wait()?;
         ensure!(status.success(), "ripcord-agent failed: {status}");
         let v: Value = serde_json::from_slice(&std::fs::read(&self.stats)?)?;

@@ -19,10 +19,8 @@ fn sha256(path: &std::path::Path) -> anyhow::Result<String> {
 }
 
 pub fn run(size_mib: u64) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
     ensure!(
-        euid == 0,
+        nix::unistd::geteuid().is_root(),
         "the demo needs root (BPF probes, loop devices, mounts)"
     );
     ensure!(size_mib >= 64, "--size-mib must be at least 64");

@@ -332,8 +332,7 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
 }
 
 fn console_is_tty() -> bool {
-    // SAFETY: isatty has no memory preconditions.
-    unsafe { libc::isatty(2) == 1 }
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
 /// Tells when churn outruns replication: for longer than the point-gap bound, no round

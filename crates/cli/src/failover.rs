@@ -208,14 +208,11 @@ impl Target {
 }
 
 fn ripcord_size(f: &File) -> anyhow::Result<u64> {
-    use std::os::fd::AsRawFd as _;
-    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-    let mut size: u64 = 0;
-    // SAFETY: the ioctl writes one u64 to a valid pointer.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64, &mut size) };
-    if rc != 0 {
-        bail!("BLKGETSIZE64: {}", std::io::Error::last_os_error());
-    }
+    // The size of a block device is where seeking to its end lands.
+    use std::io::{Seek as _, SeekFrom};
+    let mut handle = f;
+    let size = handle.seek(SeekFrom::End(0)).context("seeking to the device's end")?;
+    handle.seek(SeekFrom::Start(0))?;
     Ok(size)
 }
 

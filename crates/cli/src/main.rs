@@ -135,8 +135,7 @@ fn read_passphrase(file: Option<&Path>) -> anyhow::Result<Vec<u8>> {
             .to_owned(),
         None => match std::env::var("RIPCORD_PASSPHRASE") {
             Ok(p) => p,
-            // SAFETY: isatty has no memory preconditions.
-            Err(_) if unsafe { libc::isatty(0) == 1 } => {
+            Err(_) if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
                 rpassword::prompt_password("deployment passphrase: ")
                     .context("reading the passphrase from the terminal")?
             }
@@ -155,8 +154,7 @@ fn rfc3339(ns: u64) -> String {
 }
 
 fn is_tty() -> bool {
-    // SAFETY: isatty has no memory preconditions.
-    unsafe { libc::isatty(2) == 1 }
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
 fn main() -> anyhow::Result<()> {

@@ -402,21 +402,15 @@ impl Journal {
             .write(true)
             .open(&path)
             .map_err(io_err(IoOp::Lock, &path))?;
-        // SAFETY: `f` is an open descriptor owned by this function.
-        let r = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&f),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
-        if r != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        // An exclusive flock(2), held as long as `f` is open.
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(JournalError::Locked {
                     path: dir.to_path_buf(),
                 });
             }
-            return Err(io_err(IoOp::Lock, &path)(e));
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(IoOp::Lock, &path)(e)),
         }
         Ok(f)
     }
@@ -775,17 +769,9 @@ fn create_segment(
         .map_err(io_err(IoOp::Write, &tmp))
         .map_err(cleanup)?;
     if let Some(size) = preallocate {
-        // SAFETY: `file` is an open descriptor; fallocate takes no pointers.
-        let r = unsafe {
-            libc::fallocate(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::FALLOC_FL_KEEP_SIZE,
-                0,
-                size as libc::off_t,
-            )
-        };
-        if r != 0 {
-            let e = io::Error::last_os_error();
+        let keep_size = nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        if let Err(errno) = nix::fcntl::fallocate(&file, keep_size, 0, size as i64) {
+            let e = io::Error::from(errno);
             if is_no_space(&e) {
                 return Err(cleanup(io_err(IoOp::Create, &tmp)(e)));
             }

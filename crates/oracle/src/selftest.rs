@@ -19,8 +19,7 @@ use crate::workload::{AlignedBuf, WorkloadConfig};
 
 /// Whether we run as root (needed for loop devices).
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// A loop device attached with `losetup`; detached on drop, even on panic.

@@ -178,12 +178,15 @@ impl Drop for AlignedBuf {
 pub fn device_size(f: &File) -> Result<u64, Error> {
     let md = f.metadata().map_err(|e| Error::io("stat device", e))?;
     if md.file_type().is_block_device() {
-        let mut size = 0u64;
-        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
-        let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
-        if rc != 0 {
-            return Err(Error::io("BLKGETSIZE64", std::io::Error::last_os_error()));
-        }
+        // The size of a block device is where seeking to its end lands.
+        use std::io::{Seek as _, SeekFrom};
+        let mut handle = f;
+        let size = handle
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::io("seek to the device's end", e))?;
+        handle
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io("seek to the device's start", e))?;
         Ok(size)
     } else {
         Ok(md.len())
@@ -198,14 +201,11 @@ fn discard(f: &File, is_blk: bool, first: u64, count: u64) -> i32 {
         // points to a live array.
         unsafe { libc::ioctl(f.as_raw_fd(), BLKDISCARD, range.as_ptr()) }
     } else {
-        // SAFETY: plain syscall on an open fd with integer arguments.
-        unsafe {
-            libc::fallocate(
-                f.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
-            )
+        use nix::fcntl::{FallocateFlags, fallocate};
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(f, punch, off as i64, len as i64) {
+            Ok(()) => 0,
+            Err(errno) => -(errno as i32),
         }
     };
     if rc == 0 {

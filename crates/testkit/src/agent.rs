@@ -147,8 +147,10 @@ impl AgentProcess {
 
     /// Send a signal (e.g. SIGSTOP / SIGCONT).
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill has no memory preconditions.
-        unsafe { libc::kill(self.pid(), sig) };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::try_from(sig).ok(),
+        );
     }
 
     /// Stop with SIGINT (the agent drains and reports), and parse its output.
@@ -196,8 +198,10 @@ impl AgentProcess {
     }
 
     fn signal_child(&self, child: &Child, sig: i32) {
-        // SAFETY: kill has no memory preconditions.
-        unsafe { libc::kill(child.id() as i32, sig) };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::try_from(sig).ok(),
+        );
     }
 }
 

@@ -22,8 +22,7 @@ use std::path::PathBuf;
 /// Whether privileged tests may run. Not root: skip loudly, except under `CI=true`, where a
 /// skipped privileged test is a failure.
 pub fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if nix::unistd::geteuid().is_root() {
         return true;
     }
     let msg = format!("{test}: SKIPPED: needs root (BPF, loop devices, mounts)");

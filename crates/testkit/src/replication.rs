@@ -1,5 +1,9 @@
 //! A process server and replicating agents as child processes, for tests and the demo.
 
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -166,8 +170,7 @@ impl ProcessServer {
     /// SIGTERM and wait.
     pub fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut c) = self.child.take() {
-            // SAFETY: kill has no memory preconditions.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(30);
             while c.try_wait()?.is_none() {
                 if Instant::now() > deadline {
@@ -391,8 +394,7 @@ impl Replicator {
     /// it exited successfully, and its log.
     pub fn stop(mut self) -> anyhow::Result<(bool, String)> {
         let mut c = self.child.take().context("already stopped")?;
-        // SAFETY: kill has no memory preconditions.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(180);
         let status = loop {
             if let Some(s) = c.try_wait()? {
