@@ -3,10 +3,7 @@
 
 use std::{
     fs::{File, OpenOptions},
-    os::{
-        fd::AsRawFd as _,
-        unix::fs::{FileExt as _, FileTypeExt as _},
-    },
+    os::unix::fs::{FileExt as _, FileTypeExt as _},
     path::Path,
 };
 

@@ -10,7 +10,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 use ripcord_proto::{FLAG_COMPRESSED, aead};
 use ripcord_seal::{
@@ -211,7 +211,9 @@ fn ripcord_size(f: &File) -> anyhow::Result<u64> {
     // The size of a block device is where seeking to its end lands.
     use std::io::{Seek as _, SeekFrom};
     let mut handle = f;
-    let size = handle.seek(SeekFrom::End(0)).context("seeking to the device's end")?;
+    let size = handle
+        .seek(SeekFrom::End(0))
+        .context("seeking to the device's end")?;
     handle.seek(SeekFrom::Start(0))?;
     Ok(size)
 }

@@ -3,7 +3,7 @@
 //! Every variant tells the caller what to do; see [`JournalError::action`].
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Convenience alias used throughout the crate.
 pub type Result<T, E = JournalError> = std::result::Result<T, E>;
@@ -311,4 +311,24 @@ impl JournalError {
 /// True if an io::Error means "out of space" (ENOSPC or EDQUOT).
 pub(crate) fn is_no_space(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Maps an IO error on `path` during `op` to [`JournalError::NoSpace`] (ENOSPC/EDQUOT,
+/// back-pressure) or [`JournalError::Io`] (anything else).
+pub(crate) fn io_err(op: IoOp, path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
+    move |source| {
+        if is_no_space(&source) {
+            JournalError::NoSpace {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        } else {
+            JournalError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
 }

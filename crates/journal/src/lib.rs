@@ -40,6 +40,7 @@ mod error;
 pub mod format;
 mod journal;
 mod reader;
+mod recovery;
 mod space;
 
 pub use engine::{
@@ -50,8 +51,8 @@ pub use format::{
     MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN, RecordType, SEGMENT_HEADER_LEN, record_size,
 };
 pub use journal::{
-    Appended, DEFAULT_SEGMENT_SIZE, Journal, JournalConfig, LOCK_FILE_NAME, MIN_SEGMENT_SIZE,
-    Metrics, Position, RecoveryMode, RecoveryReport,
+    Appended, DEFAULT_SEGMENT_SIZE, Journal, JournalConfig, MIN_SEGMENT_SIZE, Metrics, Position,
 };
 pub use reader::{JournalReader, Record};
+pub use recovery::{LOCK_FILE_NAME, RecoveryMode, RecoveryReport};
 pub use space::{SpaceStatus, SpaceThresholds, space_status};

@@ -27,7 +27,6 @@ use crate::region::Region;
 use crate::rng::{Rng, random_u64};
 
 const BLKDISCARD: libc::c_ulong = 0x1277;
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 /// Largest discard, in blocks.
 pub const MAX_DISCARD_BLOCKS: u64 = 256;
 

@@ -46,7 +46,7 @@
 //! [`crate::Error::NotFound`] for an index object and should retry.
 
 use crate::error::{Error, Result};
-use crate::format::{self, Checkpoint, CkTarget, DirEntry, Segment};
+use crate::format::{self, Checkpoint, DirEntry, RunTarget, Segment};
 use crate::resolve::ExtentMap;
 use crate::store::{Listed, Store};
 use crate::types::{BatchLocation, CutInfo, DiskId};
@@ -409,14 +409,14 @@ impl Store {
             if ck.locations.iter().any(|l| gone(&l.pack)) {
                 keep.generation += 1;
                 keep.runs.retain(|(_, _, t)| match t {
-                    CkTarget::Data { seq, .. } => needed.contains(seq),
+                    RunTarget::Data { seq, .. } => needed.contains(seq),
                     _ => true,
                 });
                 let refs: HashSet<u64> = keep
                     .runs
                     .iter()
                     .filter_map(|(_, _, t)| match t {
-                        CkTarget::Data { seq, .. } => Some(*seq),
+                        RunTarget::Data { seq, .. } => Some(*seq),
                         _ => None,
                     })
                     .collect();
@@ -464,11 +464,11 @@ impl Store {
         let markers = self.list(&gdir).await?;
         let mut first_seen: HashMap<String, u64> = HashMap::new();
         for m in &markers {
-            if format::parse_doom(&m.name).is_none() {
+            if format::parse_pending_delete(&m.name).is_none() {
                 continue;
             }
             let b = self.get(&m.name).await?;
-            for (p, t) in format::named(format::decode_doom(&b), &m.name)? {
+            for (p, t) in format::named(format::decode_pending_delete(&b), &m.name)? {
                 let v = first_seen.entry(p).or_insert(t);
                 *v = (*v).min(t);
             }
@@ -490,8 +490,8 @@ impl Store {
         rep.packs_awaiting_grace = pending.len();
         if !pending.is_empty() {
             self.put(
-                &format::doom_name(disk, now_ns),
-                format::encode_doom(&pending),
+                &format::pending_delete_name(disk, now_ns),
+                format::encode_pending_delete(&pending),
             )
             .await?;
         }

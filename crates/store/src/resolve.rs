@@ -1,7 +1,7 @@
 //! Reading side: index listing, extent maps, point resolution and batch fetch.
 
 use crate::error::{Corruption, Error, Result};
-use crate::format::{self, Checkpoint, CkTarget, CkptName, IndexEntry, SegName, Segment, named};
+use crate::format::{self, Checkpoint, CkptName, IndexEntry, RunTarget, SegName, Segment, named};
 use crate::store::{FETCH_CONCURRENCY, Store};
 use crate::types::{
     BatchLocation, DiskId, ExtentKind, Plan, RecoveryPoint, Run, RunSource, SECTOR_BYTES,
@@ -14,12 +14,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// values are (end sector exclusive, target). Non-overlapping.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ExtentMap {
-    m: BTreeMap<u64, (u64, CkTarget)>,
+    m: BTreeMap<u64, (u64, RunTarget)>,
 }
 
-fn advance(t: CkTarget, sectors: u64) -> CkTarget {
+fn advance(t: RunTarget, sectors: u64) -> RunTarget {
     match t {
-        CkTarget::Data { seq, offset } => CkTarget::Data {
+        RunTarget::Data { seq, offset } => RunTarget::Data {
             seq,
             offset: offset + sectors * SECTOR_BYTES,
         },
@@ -35,7 +35,7 @@ impl ExtentMap {
     }
 
     /// Sets `[start, end)` to `t`, trimming/splitting what it overlaps.
-    pub fn insert(&mut self, start: u64, end: u64, t: CkTarget) {
+    pub fn insert(&mut self, start: u64, end: u64, t: RunTarget) {
         if start >= end {
             return;
         }
@@ -67,21 +67,21 @@ impl ExtentMap {
             let end = x.sector + u64::from(x.sectors);
             let t = match x.kind {
                 ExtentKind::Data => {
-                    let t = CkTarget::Data {
+                    let t = RunTarget::Data {
                         seq: e.loc.seq,
                         offset: off,
                     };
                     off += u64::from(x.sectors) * SECTOR_BYTES;
                     t
                 }
-                ExtentKind::Zero => CkTarget::Zero,
-                ExtentKind::Discard => CkTarget::Discard,
+                ExtentKind::Zero => RunTarget::Zero,
+                ExtentKind::Discard => RunTarget::Discard,
             };
             self.insert(start, end, t);
         }
     }
 
-    pub fn runs(&self) -> impl Iterator<Item = (u64, u64, CkTarget)> + '_ {
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64, RunTarget)> + '_ {
         self.m.iter().map(|(&s, &(e, t))| (s, e - s, t))
     }
 
@@ -89,7 +89,7 @@ impl ExtentMap {
         self.m
             .values()
             .filter_map(|(_, t)| match t {
-                CkTarget::Data { seq, .. } => Some(*seq),
+                RunTarget::Data { seq, .. } => Some(*seq),
                 _ => None,
             })
             .collect()
@@ -310,9 +310,9 @@ impl Store {
                 sector: s,
                 sectors: l,
                 source: match t {
-                    CkTarget::Zero => RunSource::Zero,
-                    CkTarget::Discard => RunSource::Discard,
-                    CkTarget::Data { seq, offset } => RunSource::Data { seq, offset },
+                    RunTarget::Zero => RunSource::Zero,
+                    RunTarget::Discard => RunSource::Discard,
+                    RunTarget::Data { seq, offset } => RunSource::Data { seq, offset },
                 },
             })
             .collect();
@@ -411,7 +411,7 @@ mod tests {
             let ops: Vec<_> = ops.into_iter().map(|(s, l, t)| (s, (s + l).min(64), t)).collect();
             let mut m = ExtentMap::default();
             for &(s, e, t) in &ops {
-                m.insert(s, e, CkTarget::Data { seq: t, offset: s * SECTOR_BYTES });
+                m.insert(s, e, RunTarget::Data { seq: t, offset: s * SECTOR_BYTES });
             }
             let mut got = vec![None; 64];
             let mut prev_end = 0;
@@ -419,7 +419,7 @@ mod tests {
                 proptest::prop_assert!(s >= prev_end);
                 prev_end = s + l;
                 for x in s..s + l {
-                    if let CkTarget::Data { seq, offset } = t {
+                    if let RunTarget::Data { seq, offset } = t {
                         // offset advances with the sector.
                         proptest::prop_assert_eq!(offset + (x - s) * SECTOR_BYTES, x * SECTOR_BYTES);
                         got[x as usize] = Some(seq);

@@ -213,7 +213,7 @@ impl Store {
             if let Err(err) = self
                 .get(&l.name)
                 .await
-                .and_then(|b| format::named(format::decode_doom(&b), &l.name))
+                .and_then(|b| format::named(format::decode_pending_delete(&b), &l.name))
             {
                 rep.damage(&l.name, err);
             }

@@ -131,7 +131,7 @@ async fn hostile_lengths_are_bounded() {
         let _ = format::decode_record(&g);
         let _ = format::parse_pack_bytes(&g, &DISK);
         let _ = format::decode_segment(&g, &DISK, &name);
-        let _ = format::decode_doom(&g);
+        let _ = format::decode_pending_delete(&g);
     }
 }
 

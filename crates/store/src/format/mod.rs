@@ -1,0 +1,71 @@
+//! Object names and the binary/JSON encodings of every stored object.
+//!
+//! All integers are little-endian. Every metadata object is framed as
+//! `magic (8) | version u32 | body | crc32c u32` where the CRC covers all
+//! preceding bytes. Decoders bound every count/length against the bytes that
+//! remain before allocating, and report [`Corruption`] values that callers
+//! wrap with the object name.
+//!
+//! Invariants shared by every object kind:
+//!
+//! * objects are immutable once written: an encoder's output is the whole
+//!   object, and nothing is ever patched in place;
+//! * every encoding carries [`FORMAT_VERSION`] and decoders refuse any other
+//!   version ([`Corruption::Version`]);
+//! * every object is checksummed with CRC32C (metadata objects as a whole,
+//!   packs per record and per directory, epochs over their `info`);
+//! * where an object's name encodes fields (epoch, seqs, generation), its
+//!   body repeats them and readers check the two agree, so a renamed or
+//!   misplaced object is reported as corrupt rather than silently used: the
+//!   index, checkpoint, catalog and epoch decoders take the parsed name, and
+//!   a pack's epoch is checked against its name by [`crate::Store::verify`];
+//! * every object but the GC marker and the epoch carries the disk id, and
+//!   decoders refuse an object of another disk.
+//!
+//! One file per object kind, each stating its byte layout:
+//!
+//! | module | object |
+//! |---|---|
+//! | `names` | object names: building and parsing them |
+//! | `primitives` | shared little-endian/CRC helpers: framing, extents, names, pack name tables |
+//! | `pack` | `.pack`: header, batch records, footer directory |
+//! | `index` | `.idx`: index segments |
+//! | `checkpoint` | `.ckpt`: extent map of an epoch as of a seq |
+//! | `catalog` | `.cut`: committed recovery points |
+//! | `gc_marker` | `.doomed`: packs pending deletion |
+//! | `epoch` | `.json`: epoch descriptions |
+
+use crate::error::{Corruption, Error, Result};
+
+mod catalog;
+mod checkpoint;
+mod epoch;
+mod gc_marker;
+mod index;
+mod names;
+mod pack;
+mod primitives;
+
+pub use catalog::{decode_cut, encode_cut};
+pub use checkpoint::{Checkpoint, RunTarget, decode_checkpoint, encode_checkpoint};
+pub use epoch::{decode_epoch, encode_epoch};
+pub use gc_marker::{decode_pending_delete, encode_pending_delete};
+pub use index::{IndexEntry, Segment, decode_segment, encode_segment};
+pub use names::{
+    CkptName, SegName, checkpoint_name, cut_name, disk_dir, epoch_name, index_name, pack_name,
+    parse_checkpoint, parse_cut, parse_epoch, parse_index, parse_pack, parse_pending_delete,
+    pending_delete_name,
+};
+pub use pack::{
+    DirEntry, MAX_EXTENTS, MAX_SEALED, PACK_HEADER_LEN, ParsedPack, REC_FIXED_LEN, Record,
+    decode_record, encode_record, pack_footer, pack_header, parse_pack_bytes,
+};
+pub use primitives::MAX_NAME;
+
+/// Format version written by this build (all object kinds).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Wraps a [`Corruption`] with the object name.
+pub(crate) fn named<T>(r: Result<T, Corruption>, object: &str) -> Result<T> {
+    r.map_err(|p| Error::corrupt(object, p))
+}

@@ -1,0 +1,274 @@
+//! Agent side of registration: connect with the deployment CA pinned by its hash, send
+//! the request, check what comes back, store the identity.
+//!
+//! Nothing — in particular not the token — is sent before the server has proved it
+//! chains to the pinned CA, and the returned certificate is checked (pinned CA, our key,
+//! our machine id, verifies as the data-path server will verify it) before anything is
+//! stored.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{Connection, Endpoint, VarInt};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use super::codec::{
+    FrameError, RejectReason, Response, decode_response, encode_request, read_frame, write_frame,
+};
+use super::{REGISTER_ALPN, REGISTER_TIMEOUT, registration_transport};
+use crate::endpoint::{EndpointError, any_addr_for, bind_client, provider, roots_with};
+use crate::pki::{
+    Identity, MachineId, PkiError, Token, cert_spki, generate_key, machine_id_from_cert, make_csr,
+    parse_ca_hash, sha256,
+};
+
+/// Agent-side registration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The pinned CA hash is not `sha256:<64 hex>`; copy it from the server again.
+    #[error("invalid CA hash: expected sha256:<64 hex digits>")]
+    InvalidCaHash,
+    /// The server's chain contains no CA with the pinned hash: wrong server, wrong hash,
+    /// or an attacker. Nothing (in particular not the token) was sent.
+    #[error("server is not signed by the pinned CA (hash mismatch); token not sent")]
+    CaHashMismatch,
+    /// The server chains to the pinned CA but its certificate failed verification
+    /// (bad signature, expired, name mismatch). Nothing was sent.
+    #[error("server certificate failed verification against the pinned CA: {0}")]
+    ServerCertificateInvalid(rustls::Error),
+    /// Local endpoint or TLS setup failed.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The connection could not be started (e.g. invalid server name).
+    #[error("cannot start connection: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// Handshake or connection failure (unreachable server, closed connection...).
+    #[error("connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Sending the request or reading the response failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The server refused the registration; see the reason (token problems need a new token).
+    #[error("server refused registration: {0}")]
+    Rejected(RejectReason),
+    /// The server returned a certificate that does not match the request (wrong key,
+    /// machine id or CA); the server is misbehaving.
+    #[error("server returned an unusable certificate: {what}")]
+    BadIssuedCertificate {
+        /// What did not match.
+        what: &'static str,
+    },
+    /// Key generation, CSR creation or storing the identity failed.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// The exchange did not complete within [`REGISTER_TIMEOUT`].
+    #[error("registration timed out")]
+    Timeout,
+}
+const PIN_OK: u8 = 0;
+const PIN_NOT_FOUND: u8 = 1;
+const PIN_CHAIN_INVALID: u8 = 2;
+
+/// Verifies the server against the CA whose certificate hash is pinned.
+///
+/// The server must include the CA certificate in its chain; the certificate whose SHA-256
+/// equals the pin becomes the sole trust anchor and the full chain (signatures, validity,
+/// EKU, server name) is verified by rustls' webpki verifier.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    pin: [u8; 32],
+    outcome: Arc<AtomicU8>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(ca) = intermediates.iter().find(|c| sha256(c) == self.pin) else {
+            self.outcome.store(PIN_NOT_FOUND, Ordering::SeqCst);
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ));
+        };
+        let chain_invalid = |e| {
+            self.outcome.store(PIN_CHAIN_INVALID, Ordering::SeqCst);
+            e
+        };
+        let roots = roots_with(&ca.clone().into_owned()).map_err(chain_invalid)?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| chain_invalid(rustls::Error::General(e.to_string())))?;
+        let verified = verifier
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .map_err(chain_invalid)?;
+        self.outcome.store(PIN_OK, Ordering::SeqCst);
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // QUIC is TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Opens a registration connection to `server_addr`, verifying the server for
+/// `server_name` against the CA pinned by `ca_hash`. Nothing is sent yet.
+///
+/// Returns the client endpoint (keep it alive while using the connection) and the
+/// connection. [`register`] is built on this; it is public for tooling and tests.
+pub async fn connect_registration(
+    server_addr: SocketAddr,
+    server_name: &str,
+    ca_hash: &str,
+) -> Result<(Endpoint, Connection), RegisterError> {
+    let pin = parse_ca_hash(ca_hash).map_err(|_| RegisterError::InvalidCaHash)?;
+    let outcome = Arc::new(AtomicU8::new(PIN_OK));
+    let verifier = PinnedCaVerifier {
+        pin,
+        outcome: outcome.clone(),
+        provider: provider(),
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(EndpointError::from)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![REGISTER_ALPN.to_vec()];
+    let mut cfg = quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls).map_err(EndpointError::from)?,
+    ));
+    cfg.transport_config(Arc::new(registration_transport()?));
+    let endpoint = bind_client(any_addr_for(server_addr))?;
+    let connecting = endpoint.connect_with(cfg, server_addr, server_name)?;
+    match connecting.await {
+        Ok(conn) => Ok((endpoint, conn)),
+        Err(e) => Err(match outcome.load(Ordering::SeqCst) {
+            PIN_NOT_FOUND => RegisterError::CaHashMismatch,
+            PIN_CHAIN_INVALID => RegisterError::ServerCertificateInvalid(match e {
+                quinn::ConnectionError::TransportError(t) => rustls::Error::General(t.reason),
+                other => rustls::Error::General(other.to_string()),
+            }),
+            _ => RegisterError::Connection(e),
+        }),
+    }
+}
+
+/// Registers this machine with the process server (kubeadm-join style).
+///
+/// 1. Connects to `server_addr` and accepts the server only if its certificate (valid for
+///    `server_name`) chains to the CA whose hash is `ca_hash`; otherwise fails with
+///    [`RegisterError::CaHashMismatch`] before anything — in particular the token — is sent.
+/// 2. Generates an ECDSA P-256 key locally and sends `{token, machine_id, CSR}`.
+/// 3. Checks the returned certificate (chains to the pinned CA, carries our key and
+///    machine id) and stores `agent.key` (0600), `ca.crt`, `agent.crt` in `state_dir`
+///    crash-safely.
+pub async fn register(
+    server_addr: SocketAddr,
+    server_name: &str,
+    token: &Token,
+    ca_hash: &str,
+    machine_id: &MachineId,
+    state_dir: &Path,
+) -> Result<Identity, RegisterError> {
+    let pin = parse_ca_hash(ca_hash).map_err(|_| RegisterError::InvalidCaHash)?;
+    let fut = async {
+        let (endpoint, conn) = connect_registration(server_addr, server_name, ca_hash).await?;
+        let key = generate_key()?;
+        let csr = make_csr(machine_id, &key)?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_frame(&mut send, &encode_request(token, machine_id, &csr)).await?;
+        send.finish().map_err(FrameError::from)?;
+        let body = read_frame(&mut recv).await?;
+        conn.close(VarInt::from_u32(0), b"done");
+        endpoint.close(VarInt::from_u32(0), b"done");
+        let (cert, ca) = match decode_response(&body)? {
+            Response::Reject(reason) => return Err(RegisterError::Rejected(reason)),
+            Response::Ok { cert, ca } => (cert, ca),
+        };
+        check_issued(&cert, &ca, &pin, machine_id, &key)?;
+        let identity = Identity::new(
+            cert,
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            ca,
+        )?;
+        identity.save(state_dir)?;
+        Ok(identity)
+    };
+    tokio::time::timeout(REGISTER_TIMEOUT, fut)
+        .await
+        .map_err(|_| RegisterError::Timeout)?
+}
+
+fn check_issued(
+    cert: &CertificateDer<'static>,
+    ca: &CertificateDer<'static>,
+    pin: &[u8; 32],
+    machine_id: &MachineId,
+    key: &rcgen::KeyPair,
+) -> Result<(), RegisterError> {
+    use rcgen::PublicKeyData;
+    let bad = |what| RegisterError::BadIssuedCertificate { what };
+    if &sha256(ca) != pin {
+        return Err(bad("CA certificate does not match the pinned hash"));
+    }
+    if cert_spki(cert).map_err(|_| bad("certificate does not parse"))?
+        != key.subject_public_key_info()
+    {
+        return Err(bad("certificate is not for our key"));
+    }
+    if &machine_id_from_cert(cert).map_err(|_| bad("certificate has no machine id"))? != machine_id
+    {
+        return Err(bad("certificate is for another machine id"));
+    }
+    // Verify exactly as the data-path server will.
+    let roots = roots_with(ca).map_err(|_| bad("CA certificate unusable as trust anchor"))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|_| bad("CA certificate unusable as trust anchor"))?;
+    verifier
+        .verify_client_cert(cert, &[], UnixTime::now())
+        .map_err(|_| bad("certificate does not verify against the CA"))?;
+    Ok(())
+}

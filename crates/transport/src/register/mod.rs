@@ -1,0 +1,53 @@
+//! Agent registration (kubeadm-join style) over QUIC, ALPN `ripcord-register/1`.
+//!
+//! The agent pins the deployment CA by its hash ([`crate::pki::ca_hash`]); the server
+//! authenticates the agent with a bootstrap [`Token`](crate::pki::Token). The agent's
+//! private key is generated locally and never leaves it: only a CSR is sent.
+//!
+//! One bidirectional stream opened by the agent carries one request and one reply; the
+//! message encoding and its size bounds are in `codec.rs` (see [`MAX_MESSAGE_SIZE`],
+//! [`RejectReason`], [`FrameError`]). The agent side ([`register`],
+//! [`connect_registration`], [`RegisterError`]) is in `client.rs`; the process-server
+//! side ([`registration_endpoint`], [`serve_registration`], [`ServeError`],
+//! [`Registration`]) in `server.rs`.
+//!
+//! # Wire format
+//! One bidirectional stream opened by the agent; each direction carries exactly one frame:
+//! `u32 BE body length (≤ MAX_MESSAGE_SIZE)` followed by the body. Bodies are a type byte
+//! followed by fields, each `u32 BE length` + bytes:
+//! - request `0x01`: token (`id.secret`), machine id, CSR (DER);
+//! - success `0x02`: client certificate (DER), CA certificate (DER);
+//! - refusal `0x03`: one byte [`RejectReason`] code (no fields).
+
+use std::time::Duration;
+
+use crate::endpoint::{EndpointError, TransportOptions};
+
+mod client;
+mod codec;
+mod server;
+
+pub use client::{RegisterError, connect_registration, register};
+pub use codec::{FrameError, MAX_MESSAGE_SIZE, RejectReason};
+pub use server::{Registration, ServeError, registration_endpoint, serve_registration};
+
+/// ALPN protocol id of the registration endpoint.
+pub const REGISTER_ALPN: &[u8] = b"ripcord-register/1";
+/// Overall time limit for one registration exchange (handshake included).
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// QUIC transport settings of a registration connection, on both sides: flow-control
+/// windows of a few [`MAX_MESSAGE_SIZE`], the one bidirectional stream and no
+/// unidirectional ones, no keep-alive, a 10 s idle timeout.
+fn registration_transport() -> Result<quinn::TransportConfig, EndpointError> {
+    TransportOptions {
+        stream_receive_window: 2 * MAX_MESSAGE_SIZE as u64,
+        receive_window: 4 * MAX_MESSAGE_SIZE as u64,
+        send_window: 4 * MAX_MESSAGE_SIZE as u64,
+        keep_alive_interval: None,
+        idle_timeout: Duration::from_secs(10),
+        max_concurrent_bidi_streams: 1,
+        max_concurrent_uni_streams: 0,
+    }
+    .to_transport_config()
+}
