@@ -136,6 +136,43 @@ async fn hostile_lengths_are_bounded() {
 }
 
 #[tokio::test]
+async fn index_entries_without_extents_decode() {
+    use ripcord_store::format::{self, IndexEntry, SegName};
+    // An entry with no extents is 40 bytes; the decoder's bound once assumed 44, so a
+    // segment of such entries (the writer accepts empty batches) could not be read back.
+    let entries: Vec<IndexEntry> = (1..=3)
+        .map(|seq| IndexEntry {
+            loc: BatchLocation {
+                pack: "packs/p".into(),
+                offset: 64 * seq,
+                length: 64,
+                epoch: 1,
+                seq,
+                checksum: 7,
+            },
+            flags: 0,
+            extents: vec![],
+        })
+        .collect();
+    let seg = format::Segment {
+        epoch: 1,
+        first: 1,
+        last: 3,
+        generation: 0,
+        entries,
+    };
+    let b = format::encode_segment(&DISK, &seg);
+    let name = SegName {
+        name: "x".into(),
+        epoch: 1,
+        first: 1,
+        last: 3,
+        generation: 0,
+    };
+    assert_eq!(format::decode_segment(&b, &DISK, &name).unwrap(), seg);
+}
+
+#[tokio::test]
 async fn pack_named_in_index_mismatch() {
     // An index entry pointing at the wrong record of an intact pack.
     let (store, _os, h) = setup().await;

@@ -111,7 +111,9 @@ pub fn decode_segment(buf: &[u8], disk: &DiskId, name: &SegName) -> Result<Segme
         });
     }
     let names = decode_names(&mut d)?;
-    let n = d.count("entry count", 44, 1 << 26)?;
+    // An entry is at least 40 bytes: seq, pack, offset, length, checksum, flags, extent
+    // count (8 + 4 + 8 + 8 + 4 + 4 + 4), with no extents.
+    let n = d.count("entry count", 40, 1 << 26)?;
     let mut entries = Vec::with_capacity(n);
     let mut prev = first.wrapping_sub(1);
     for _ in 0..n {
