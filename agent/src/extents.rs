@@ -80,22 +80,6 @@ impl ExtentSet {
             .is_some_and(|(_, &e)| e > sector)
     }
 
-    /// The parts of `[start, start + len)` the set covers, as `(start, len)`, in order.
-    pub fn overlapping(&self, start: u64, len: u64) -> Vec<(u64, u64)> {
-        let end = start.saturating_add(len);
-        if len == 0 {
-            return Vec::new();
-        }
-        let first = match self.map.range(..start).next_back() {
-            Some((&s, &e)) if e > start => s,
-            _ => start,
-        };
-        self.map
-            .range(first..end)
-            .map(|(&s, &e)| (s.max(start), e.min(end) - s.max(start)))
-            .collect()
-    }
-
     /// Extents as `(start, len)`, in order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.map.iter().map(|(&s, &e)| (s, e - s))
@@ -212,13 +196,6 @@ mod tests {
                 for x in 0..250 {
                     prop_assert_eq!(set.contains(x), model.contains(&x));
                 }
-                let window: BTreeSet<u64> = set
-                    .overlapping(50, 60)
-                    .into_iter()
-                    .flat_map(|(s, l)| s..s + l)
-                    .collect();
-                let expected: BTreeSet<u64> = model.range(50..110).copied().collect();
-                prop_assert_eq!(window, expected);
                 // Canonical: extents are non-empty, ordered, and neither overlap nor touch.
                 let v: Vec<_> = set.iter().collect();
                 for w in v.windows(2) {

@@ -149,12 +149,9 @@ impl ReadLog {
     }
 
     /// Number of reads held.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.reads.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.reads.is_empty()
     }
 }
 
