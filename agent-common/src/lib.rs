@@ -179,9 +179,10 @@ pub fn inflight_slot(bio: u64, probe: u32) -> u32 {
     h.wrapping_add(probe) & (INFLIGHT_SLOTS - 1)
 }
 
-/// Most bios of one request whose in-flight entries the completion probe clears; the
-/// entries of any further bios stay and are re-read after a while (safe, rare).
-pub const MAX_BIOS_PER_REQUEST: u32 = 64;
+/// Most bios of one request the completion probe walks. The entries of any further bios
+/// stay and are re-read after a while (safe, rare); a discard with more bios than this
+/// counts as scattered ([`control::SCATTERED_DISCARDS`]).
+pub const MAX_BIOS_PER_REQUEST: u32 = 256;
 
 /// Indexes of the `CONTROL` array shared by the programs and the agent.
 pub mod control {
@@ -201,8 +202,12 @@ pub mod control {
     /// [`super::op::LOST`] reports that did not fit in the ring (their ranges are in the
     /// overflow bitmap, which the round drains after its instant).
     pub const LOST_DROPPED: u32 = 7;
+    /// Discard completions whose bios are not one contiguous run (merged from unrelated
+    /// ranges where the device allows several discard segments per request): not
+    /// reported as zeroes; their bios' entries stay and are re-read as stalled writes.
+    pub const SCATTERED_DISCARDS: u32 = 8;
     /// Entries of the array.
-    pub const LEN: u32 = 8;
+    pub const LEN: u32 = 9;
 }
 
 /// Per-slot counters, updated atomically by the BPF programs.
@@ -261,9 +266,10 @@ pub struct BlockLayout {
     /// `REQ_FUA` and `REQ_PREFLUSH` masks.
     pub flag_fua: u32,
     pub flag_preflush: u32,
-    /// Nonzero when the bio fields the queue probe reads (`bi_bdev`, `bi_opf`,
-    /// `bi_iter.bi_sector`, `bi_iter.bi_size`) all lie, naturally aligned, in the first
-    /// [`LAYOUT_WINDOW_BYTES`] of `struct bio`: the probe then reads them in one go.
+    /// Nonzero when the bio fields the probes read (`bi_bdev`, `bi_opf`,
+    /// `bi_iter.bi_sector`, `bi_iter.bi_size`, `bi_next`) all lie, naturally aligned, in
+    /// the first [`LAYOUT_WINDOW_BYTES`] of `struct bio`: the probes then read them in one
+    /// go.
     pub bio_window: u32,
     /// The same for the request fields the completion probe reads (`q`, `cmd_flags`,
     /// `__sector`, `bio`).

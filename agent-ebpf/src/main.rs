@@ -4,7 +4,9 @@
 //!   completed write, discard, write-zeroes and flush on a protected device becomes a
 //!   [`ChangeEvent`] in the `EVENTS` ring buffer. When the ring is full the event's range
 //!   is set in the slot's overflow bitmap and the drop counter is bumped: never a silent
-//!   drop.
+//!   drop. Only the bios a completion ends have their in-flight entries freed (a request
+//!   may complete in pieces), and a discard whose bios are not one contiguous run is left
+//!   to the in-flight entries (re-read, never zeroed: see `bios_contiguous`).
 //! * `block_bio_queue(struct bio *)`: every *queued* write bumps the write generation of
 //!   the regions it covers (`WRITE_GEN`), so the agent can tell whether a newer write was
 //!   queued while it read a region back.
@@ -307,24 +309,25 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
             kread::<u64>(rq, layout.rq_bio)?,
         )
     };
+    // Reads (most completions on most disks) leave before any device lookup.
+    let mut flags = layout.op_flags(cmd_flags);
+    if flags & (op::CHANGES_DATA | op::FLUSH) == 0 {
+        return Ok(());
+    }
+    let nr = nr_bytes >> 9;
+    if nr == 0 && flags & op::FLUSH == 0 {
+        // The flush machinery completes the original request with 0 bytes: nothing new.
+        return Ok(());
+    }
     let disk: u64 = kread(q, layout.q_disk)?;
     let dev = disk_dev(&layout, disk)?;
     // SAFETY: the value is only read in this program run.
     let Some(disk) = (unsafe { PROTECTED.get(dev) }) else {
         return Ok(());
     };
-    let mut flags = layout.op_flags(cmd_flags);
-    if flags & (op::CHANGES_DATA | op::FLUSH) == 0 {
-        return Ok(());
-    }
-    let nr = nr_bytes >> 9;
     let error = status as i32;
     if error != 0 {
         flags |= op::ERROR;
-    }
-    if nr == 0 && flags & op::FLUSH == 0 {
-        // The flush machinery completes the original request with 0 bytes: nothing new.
-        return Ok(());
     }
     if flags & op::CHANGES_DATA != 0 && nr != 0 {
         let every = CONTROL.get(control::FAULT_SKIP_EVERY).copied().unwrap_or(0);
@@ -334,20 +337,96 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    if flags & op::CHANGES_DATA == 0 || nr == 0 {
+        emit_on_disk(disk, sector, 0, flags, error, now);
+        return Ok(());
+    }
+    // Only discards merge bios of unrelated ranges into one request
+    // (`bio_attempt_discard_merge`, where `max_discard_segments > 1`, as on NVMe): the
+    // request's start and length would zero live data between them. Such a completion is
+    // not reported; its bios' in-flight entries stay, so the agent re-reads their ranges
+    // (reported stalled), never zeroes them.
+    if flags & op::DISCARD != 0 && !bios_contiguous(&layout, first_bio, sector, nr_bytes)? {
+        bump(control::SCATTERED_DISCARDS);
+        return Ok(());
+    }
+    // Every other request's bios are contiguous, and the tracepoint gives the start of the
+    // completed piece.
     emit_on_disk(disk, sector, nr, flags, error, now);
-    if flags & op::CHANGES_DATA != 0 {
-        // The request's bios are reported complete: clear their in-flight entries (the
-        // tracepoint fires before the kernel unlinks them).
-        let mut bio = first_bio;
-        for _ in 0..MAX_BIOS_PER_REQUEST {
-            if bio == 0 {
-                break;
-            }
-            let _ = inflight_take(bio);
-            bio = kread(bio, layout.bio_next)?;
+    take_completed_bios(&layout, first_bio, nr_bytes)
+}
+
+/// Free the in-flight entries of the bios a completion of `nr_bytes` ends (the
+/// tracepoint fires before the kernel unlinks them). A completion that ends inside a bio
+/// (a request completed in pieces) keeps that bio's entry: it is still in flight.
+#[inline(always)]
+fn take_completed_bios(layout: &BlockLayout, first_bio: u64, nr_bytes: u32) -> Result<(), i32> {
+    let mut remaining = nr_bytes as u64;
+    let mut bio = first_bio;
+    for _ in 0..MAX_BIOS_PER_REQUEST {
+        if bio == 0 || remaining == 0 {
+            break;
         }
+        let (next, _, bio_bytes) = read_bio(layout, bio)?;
+        if bio_bytes > remaining {
+            break;
+        }
+        remaining -= bio_bytes;
+        let _ = inflight_take(bio);
+        bio = next;
     }
     Ok(())
+}
+
+/// `bi_next`, `bi_iter.bi_sector` and `bi_iter.bi_size` of a bio.
+#[inline(always)]
+fn read_bio(layout: &BlockLayout, bio: u64) -> Result<(u64, u64, u64), i32> {
+    Ok(if layout.bio_window != 0 {
+        let w: Window = kread(bio, 0)?;
+        (
+            w.u64_at(layout.bio_next),
+            w.u64_at(layout.bio_sector),
+            w.u32_at(layout.bio_size) as u64,
+        )
+    } else {
+        (
+            kread::<u64>(bio, layout.bio_next)?,
+            kread::<u64>(bio, layout.bio_sector)?,
+            kread::<u32>(bio, layout.bio_size)? as u64,
+        )
+    })
+}
+
+/// Whether the bios a completion of `nr_bytes` at `sector` ends are one contiguous run
+/// from `sector` (false when the walk cannot tell: more bios than it covers).
+#[inline(always)]
+fn bios_contiguous(
+    layout: &BlockLayout,
+    first_bio: u64,
+    sector: u64,
+    nr_bytes: u32,
+) -> Result<bool, i32> {
+    let mut remaining = nr_bytes as u64;
+    let mut expected = sector;
+    let mut bio = first_bio;
+    for _ in 0..MAX_BIOS_PER_REQUEST {
+        if bio == 0 || remaining == 0 {
+            break;
+        }
+        let (next, bio_sector, bio_bytes) = read_bio(layout, bio)?;
+        if bio_sector != expected {
+            return Ok(false);
+        }
+        let done = if bio_bytes > remaining {
+            remaining
+        } else {
+            bio_bytes
+        };
+        remaining -= done;
+        expected += done >> 9;
+        bio = next;
+    }
+    Ok(remaining == 0)
 }
 
 #[raw_tracepoint(tracepoint = "block_bio_complete")]
@@ -507,12 +586,7 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
             kread::<u32>(bio, layout.bio_size)?,
         )
     };
-    let disk: u64 = kread(bdev, layout.bdev_disk)?;
-    let dev = disk_dev(&layout, disk)?;
-    // SAFETY: the value is only read in this program run.
-    let Some(disk) = (unsafe { PROTECTED.get(dev) }) else {
-        return Ok(());
-    };
+    // Reads and empty bios leave before any device lookup.
     let flags = layout.op_flags(opf);
     if flags & op::CHANGES_DATA == 0 {
         return Ok(());
@@ -522,6 +596,12 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
     if nr == 0 {
         return Ok(());
     }
+    let disk: u64 = kread(bdev, layout.bdev_disk)?;
+    let dev = disk_dev(&layout, disk)?;
+    // SAFETY: the value is only read in this program run.
+    let Some(disk) = (unsafe { PROTECTED.get(dev) }) else {
+        return Ok(());
+    };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(old) = inflight_take(bio) {

@@ -330,7 +330,8 @@ pub fn block_layout(btf: &Btf) -> anyhow::Result<BlockLayout> {
             w(layout.bio_bdev, 8)
                 && w(layout.bio_opf, 4)
                 && w(layout.bio_sector, 8)
-                && w(layout.bio_size, 4),
+                && w(layout.bio_size, 4)
+                && w(layout.bio_next, 8),
         ),
         rq_window: u32::from(
             w(layout.rq_q, 8)

@@ -356,6 +356,12 @@ impl Capture {
         self.missed_queues() + self.control_value(control::UNTRACKED)
     }
 
+    /// Discard completions not reported because their bios were scattered (see
+    /// `control::SCATTERED_DISCARDS`); their ranges are re-read as stalled writes.
+    pub fn scattered_discards(&self) -> u64 {
+        self.control_value(control::SCATTERED_DISCARDS)
+    }
+
     /// Skipped or failed runs of the queue probe.
     fn missed_queues(&self) -> u64 {
         self.recursion_misses(QUEUE_PROBE) + self.control_value(control::QUEUE_ERRORS)

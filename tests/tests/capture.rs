@@ -387,3 +387,68 @@ fn hidden_completions_are_reported_for_resync() {
         "only {lost} hidden completions were reported (expected ~1 in 40)"
     );
 }
+
+/// Write merges (field 7 of `/sys/block/NAME/stat`) of a loop device so far.
+fn write_merges(dev: &std::path::Path) -> u64 {
+    let name = dev.file_name().unwrap().to_string_lossy();
+    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+    stat.split_whitespace().nth(5).unwrap().parse().unwrap()
+}
+
+/// A request merged from more bios than the completion probe walks must still free every
+/// bio's in-flight entry: a leaked entry is reported "lost" after 3 s (its range re-read,
+/// and the crash-consistent cuts waiting on it dropped). Loop devices allow 128 segments
+/// per request, so 128 contiguous 4 KiB O_DIRECT writes submitted at once merge into
+/// requests of up to 128 bios (the probe walked 64 before).
+#[test]
+fn requests_merged_from_many_bios_free_every_entry() {
+    if !require_root("requests_merged_from_many_bios_free_every_entry") {
+        return;
+    }
+    let dir = Scratch::new("capture-merge");
+    let lo = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
+    let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], &dir.path).unwrap();
+    let merges_before = write_merges(&lo.path);
+    let fio = std::process::Command::new("fio")
+        .args([
+            "--name=merge",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=write",
+            "--bs=4k",
+            "--iodepth=128",
+            "--iodepth_batch_submit=128",
+            "--iodepth_batch_complete_min=128",
+            "--size=64M",
+        ])
+        .arg(format!("--filename={}", lo.path.display()))
+        .output()
+        .expect("running fio (`cargo xtask setup` installs it)");
+    assert!(
+        fio.status.success(),
+        "fio: {}",
+        String::from_utf8_lossy(&fio.stderr)
+    );
+    let merges = write_merges(&lo.path) - merges_before;
+    // Let any leaked entry age past the lost-completion limit, so the agent reports it.
+    std::thread::sleep(ripcord_agent::capture::LOST_AFTER + Duration::from_secs(2));
+    let run = watcher.stop().unwrap();
+
+    let dev = dev_id(&lo.path);
+    assert_eq!(run.stats_for(&dev).dropped, 0, "drops with the default ring");
+    let bios = 64 * MIB / 4096;
+    let requests = bios - merges.min(bios - 1);
+    assert!(
+        bios / requests > 64,
+        "{bios} bios made {requests} requests: the workload did not build large ones"
+    );
+    let lost: Vec<_> = run.overflow.iter().filter(|e| e.op == "lost").collect();
+    assert!(
+        lost.is_empty(),
+        "{} writes of merged requests reported lost (in-flight entries not freed), first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(3)]
+    );
+    let written: ExtentSet = [(0, 64 * MIB / 512)].into_iter().collect();
+    assert_same(&union(&run.ranges(&dev, true)), &written);
+}
