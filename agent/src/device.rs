@@ -128,6 +128,12 @@ impl BlockDevice {
         })
     }
 
+    /// The device's size now, in 512-byte sectors (it changes when a disk or partition is
+    /// resized: `losetup -c`, `growpart`, a cloud disk resize).
+    pub fn current_sectors(&self) -> Result<u64, DeviceError> {
+        read_u64(&PathBuf::from(format!("/sys/dev/block/{}/size", self.dev)))
+    }
+
     /// A short name for logs: the path's file name.
     pub fn name(&self) -> String {
         self.path.file_name().map_or_else(

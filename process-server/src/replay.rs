@@ -67,6 +67,14 @@ impl Output {
         })
     }
 
+    /// Make a file output `size` bytes long (a block device keeps its size).
+    fn resize(&mut self, size: u64) -> anyhow::Result<()> {
+        if !self.is_block {
+            self.file.set_len(size)?;
+        }
+        Ok(())
+    }
+
     fn zero(&mut self, offset: u64, len: u64) -> anyhow::Result<()> {
         if !self.is_block {
             use nix::fcntl::{FallocateFlags, fallocate};
@@ -156,8 +164,10 @@ pub fn replay(
                 );
                 report.epoch = pd.epoch;
                 report.size_bytes = pd.size_bytes;
-                if out.is_none() {
-                    out = Some(Output::open(output, pd.size_bytes)?);
+                match &mut out {
+                    None => out = Some(Output::open(output, pd.size_bytes)?),
+                    // A resized device starts a new epoch at its new size.
+                    Some(o) => o.resize(pd.size_bytes)?,
                 }
             }
             Entry::Batch(b) => {

@@ -316,3 +316,69 @@ fn dir_size(dir: &Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Write `len` random bytes at `offset` of `dev` and sync them.
+fn write_random_at(dev: &Path, offset: u64, len: usize, seed: u64) {
+    use std::os::unix::fs::FileExt as _;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let buf: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+    let f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+    f.write_all_at(&buf, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// A protected device grown while the agent runs (`truncate` and `losetup -c`, as a cloud
+/// disk resize or `growpart` does): a write in the new range must reach the replica, and
+/// the replica takes the new size. Before, the agent kept the old size and silently
+/// dropped every write past it.
+#[test]
+fn a_grown_device_is_protected_to_its_new_end() {
+    if !require_root("a_grown_device_is_protected_to_its_new_end") {
+        return;
+    }
+    let dir = Scratch::new("repl-grow");
+    let backing = dir.path.join("disk.img");
+    let disk = LoopDevice::create(&backing, 64 * MIB).unwrap();
+    let mut ps = ProcessServer::start(&dir.path).unwrap();
+    let id = AgentIdentity::register(&ps, &dir.path, "host-g").unwrap();
+    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+
+    write_random_at(&disk.path, 10 * MIB, 64 << 10, 1);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&backing)
+        .unwrap()
+        .set_len(128 * MIB)
+        .unwrap();
+    testkit::run("losetup", &["-c", disk.path.to_str().unwrap()]).unwrap();
+    write_random_at(&disk.path, 100 * MIB, 64 << 10, 2);
+
+    // The agent notices within a second and protects the new size in a new epoch.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let grown = agent.stats().is_some_and(|s| {
+            s["disks"].as_array().is_some_and(|d| {
+                d.iter()
+                    .all(|d| d["size_bytes"] == 128 * MIB && d["syncing"] == false)
+            })
+        });
+        if grown {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not protect the grown device within 60 s:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent.log().contains("changed size"), "{}", agent.log());
+    write_random_at(&disk.path, 120 * MIB, 64 << 10, 3);
+
+    let disk_id = id.disk_id(&disk.path).unwrap();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent did not stop cleanly:\n{log}");
+    ps.stop().unwrap();
+    assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, false);
+}

@@ -3,7 +3,11 @@
 //! durable on the server.
 //!
 //! Every start is a new epoch per disk with a full initial sync (zero regions skipped): the
-//! agent was not tracking while it was down, so nothing else would be safe.
+//! agent was not tracking while it was down, so nothing else would be safe. A protected
+//! device that changes size (checked every second, and when a round's read fails) ends
+//! the epoch at once and starts a new one at the new size: writes to a grown range were
+//! not captured before, and the new epoch's sync reads every sector after its capture is
+//! attached, so none is missed.
 
 use std::{
     net::ToSocketAddrs as _,
@@ -50,8 +54,61 @@ pub struct ProtectOptions {
 const CHANNEL_DEPTH: usize = 2;
 
 pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
-    let cfg = &opts.config;
     preflight::require()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    let cfg = &opts.config;
+    let metrics = Arc::new(AgentMetrics::new());
+    if !cfg.metrics_addr.is_empty() {
+        let addr = cfg.metrics_addr.parse().context("metrics-addr")?;
+        // Replication matters more than its metrics: a taken port is reported, not fatal.
+        match super::metrics::spawn_http(addr, Arc::clone(&metrics)) {
+            Ok(()) => tracing::info!(%addr, "metrics on http://{addr}/metrics"),
+            Err(e) => tracing::error!("no metrics endpoint: {e:#}"),
+        }
+    }
+    loop {
+        match run_epoch(&opts, &stop, &metrics)? {
+            Ended::Stopped => return Ok(()),
+            Ended::Resized(why) => tracing::warn!(
+                "{why}: protecting the new size in a new epoch (full sync of the disk; \
+                 recovery points taken before keep the old size)"
+            ),
+        }
+    }
+}
+
+/// How one epoch of protection ended.
+enum Ended {
+    /// SIGINT/SIGTERM: everything is durable on the server.
+    Stopped,
+    /// A protected device changed size (what happened, for the log). The old epoch's
+    /// points stand; a new epoch protects the new size.
+    Resized(String),
+}
+
+/// The first protected device whose size differs from when protection started.
+fn resized(devs: &[BlockDevice]) -> Option<String> {
+    devs.iter().find_map(|d| match d.current_sectors() {
+        Ok(now) if now != d.sectors => Some(format!(
+            "{} changed size from {} to {} bytes",
+            d.path.display(),
+            d.sectors * 512,
+            now * 512
+        )),
+        _ => None,
+    })
+}
+
+/// Protect the configured devices in a new epoch, until a signal or a resize.
+fn run_epoch(
+    opts: &ProtectOptions,
+    stop: &Arc<AtomicBool>,
+    metrics: &Arc<AgentMetrics>,
+) -> anyhow::Result<Ended> {
+    let cfg = &opts.config;
     let identity = Identity::load(&cfg.state_dir).with_context(|| {
         format!(
             "no agent identity in {}: run `ripcord-agent register --server HOST:PORT --token T \
@@ -88,11 +145,6 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
         .iter()
         .map(|p| BlockDevice::resolve(p))
         .collect::<Result<Vec<_>, _>>()?;
-
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))?;
-    }
 
     // Tracking starts before anything is read: the initial sync then misses nothing.
     let mut capture = Capture::start(
@@ -166,15 +218,6 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
     let mut gaps = vec![GapState::default(); producers.len()];
     let mut churn = vec![ChurnWatch::default(); producers.len()];
     let mut freezes = FreezeStats::default();
-    let metrics = Arc::new(AgentMetrics::new());
-    if !cfg.metrics_addr.is_empty() {
-        let addr = cfg.metrics_addr.parse().context("metrics-addr")?;
-        // Replication matters more than its metrics: a taken port is reported, not fatal.
-        match super::metrics::spawn_http(addr, Arc::clone(&metrics)) {
-            Ok(()) => tracing::info!(%addr, "metrics on http://{addr}/metrics"),
-            Err(e) => tracing::error!("no metrics endpoint: {e:#}"),
-        }
-    }
     let app_interval =
         (cfg.app_interval_secs > 0).then(|| Duration::from_secs(cfg.app_interval_secs));
     let mut last_app = Instant::now();
@@ -192,7 +235,18 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
     let mut last_stats = Instant::now();
     let mut sync_logged = false;
     let mut net_failed = None;
+    let mut resize = None;
+    let mut last_size_check = Instant::now();
     loop {
+        if last_size_check.elapsed() >= SIZE_CHECK_INTERVAL {
+            last_size_check = Instant::now();
+            resize = resized(&devs);
+            if resize.is_some() {
+                // Stop at once: the new epoch's full sync reads everything again, and a
+                // shrunk device cannot be read to its old end.
+                break;
+            }
+        }
         let stopping = stop.load(Ordering::Relaxed);
         let mut send = |slot: usize, item: Outgoing| -> anyhow::Result<()> {
             senders[slot]
@@ -205,7 +259,15 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
                 net_failed = Some(e);
                 break;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                // A read past a shrunk device's new end fails the round: a resize, not
+                // an error.
+                resize = resized(&devs);
+                if resize.is_some() {
+                    break;
+                }
+                return Err(e);
+            }
         };
         let synced: u64 = producers.iter().map(|p| p.synced_sectors() * 512).sum();
         bar.set_position(synced);
@@ -284,7 +346,7 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
         }
     }
     // A last round places the final cut if the previous one was rate-limited.
-    if net_failed.is_none() && !net.is_finished() {
+    if net_failed.is_none() && !net.is_finished() && resize.is_none() {
         let mut send = |slot: usize, item: Outgoing| -> anyhow::Result<()> {
             senders[slot]
                 .blocking_send(item)
@@ -327,9 +389,15 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
         return Err(e.context(result.err().map(|e| format!("{e:#}")).unwrap_or_default()));
     }
     result?;
+    if let Some(why) = resize {
+        return Ok(Ended::Resized(why));
+    }
     tracing::info!("all data durable on the process server; stopped");
-    Ok(())
+    Ok(Ended::Stopped)
 }
+
+/// How often the protected devices' sizes are checked.
+const SIZE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 fn console_is_tty() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stderr())
