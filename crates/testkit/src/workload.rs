@@ -95,7 +95,7 @@ impl Workload {
             .open(dev)
             .with_context(|| format!("opening {} with O_DIRECT", dev.display()))?;
         let buffered = OpenOptions::new().read(true).write(true).open(dev)?;
-        let size = block_size_bytes(&direct)?;
+        let size = ripcord_oracle::device_bytes(&direct)?;
         Ok(Workload {
             rng: ChaCha8Rng::seed_from_u64(seed),
             direct,
@@ -251,20 +251,6 @@ impl Workload {
         }
         Ok(())
     }
-}
-
-/// Size of an open block device (BLKGETSIZE64) or regular file.
-pub fn block_size_bytes(f: &File) -> anyhow::Result<u64> {
-    let meta = f.metadata()?;
-    if meta.is_file() {
-        return Ok(meta.len());
-    }
-    // The size of a block device is where seeking to its end lands.
-    use std::io::{Seek as _, SeekFrom};
-    let mut handle = f;
-    let size = handle.seek(SeekFrom::End(0))?;
-    handle.seek(SeekFrom::Start(0))?;
-    Ok(size)
 }
 
 /// A file workload under `root`: `files` files of random size up to `max_size` bytes, each
