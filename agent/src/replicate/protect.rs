@@ -135,7 +135,7 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
         links.push(link);
         senders.push(tx);
         tracing::info!(
-            device = %dev.path.display(), disk = %hex::encode(id), epoch,
+            device = %dev.path.display(), disk = %disk, epoch,
             size = dev.sectors * 512, "protecting (full initial sync)"
         );
     }
