@@ -32,8 +32,3 @@ pub fn read_passphrase(file: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>
     );
     Ok(pass.into_bytes())
 }
-
-/// Parse a disk id given as 32 hex digits.
-pub fn parse_disk_id(s: &str) -> anyhow::Result<ripcord_proto::DiskId> {
-    Ok(s.parse()?)
-}

@@ -3,7 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use ripcord_process_server::{deploy, parse_disk_id, read_passphrase, replay, server};
+use ripcord_process_server::{deploy, read_passphrase, replay, server};
 use ripcord_seal::{KdfParams, escrow::EscrowParams};
 
 /// ripcord's process server: receives replication streams from agents (QUIC, mutual TLS),
@@ -157,8 +157,14 @@ fn main() -> anyhow::Result<()> {
                 (false, Some(id)) => replay::Until::Cut(id),
                 (false, None) => replay::Until::End,
             };
-            let r = replay::replay(&dir, parse_disk_id(&disk)?, &output, &pass, until)
-                .context("replay failed")?;
+            let r = replay::replay(
+                &dir,
+                disk.parse::<ripcord_proto::DiskId>()?,
+                &output,
+                &pass,
+                until,
+            )
+            .context("replay failed")?;
             println!(
                 "replayed epoch {} ({} batches, {} MiB data, {} MiB zero) into {}{}",
                 r.epoch,

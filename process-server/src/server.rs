@@ -138,7 +138,7 @@ pub async fn serve(
     };
     let existing: Vec<(DiskId, String)> = registry
         .iter()
-        .filter_map(|(hex, rec)| Some((crate::parse_disk_id(hex).ok()?, rec.owner.clone())))
+        .filter_map(|(hex, rec)| Some((hex.parse::<DiskId>().ok()?, rec.owner.clone())))
         .collect();
     let state = Arc::new(State {
         escrow_key,

@@ -23,9 +23,22 @@ use anyhow::{Context as _, bail};
 
 use crate::device::{BlockDevice, DevId};
 
-/// `_IOWR('X', 119, int)` and `_IOWR('X', 120, int)` (include/uapi/linux/fs.h).
-const FIFREEZE: libc::c_ulong = 0xC004_5877;
-const FITHAW: libc::c_ulong = 0xC004_5878;
+// `FIFREEZE` = `_IOWR('X', 119, int)` and `FITHAW` = `_IOWR('X', 120, int)`
+// (include/uapi/linux/fs.h). The kernel ignores their argument, so they are called with the
+// integer 0, as fsfreeze(8) does: `ioctl_write_int_bad!` passes an int by value under the
+// request code built from the definition.
+nix::ioctl_write_int_bad!(
+    fifreeze,
+    nix::request_code_readwrite!(b'X', 119, size_of::<libc::c_int>())
+);
+nix::ioctl_write_int_bad!(
+    fithaw,
+    nix::request_code_readwrite!(b'X', 120, size_of::<libc::c_int>())
+);
+const _: () =
+    assert!(nix::request_code_readwrite!(b'X', 119, size_of::<libc::c_int>()) == 0xC004_5877);
+const _: () =
+    assert!(nix::request_code_readwrite!(b'X', 120, size_of::<libc::c_int>()) == 0xC004_5878);
 
 /// Mount points of the file systems on `devices` (a mount on a partition of a protected
 /// whole disk counts), from /proc/self/mountinfo.
@@ -153,11 +166,11 @@ impl Frozen {
         let mut files = Vec::new();
         for m in mounts {
             let f = File::open(m).with_context(|| format!("opening {}", m.display()))?;
-            // SAFETY: FIFREEZE takes no argument memory; the fd is a valid open file.
-            if unsafe { libc::ioctl(f.as_raw_fd(), FIFREEZE, 0) } != 0 {
-                let err = std::io::Error::last_os_error();
+            // SAFETY: FIFREEZE reads no argument memory; the fd is a valid open file.
+            if let Err(errno) = unsafe { fifreeze(f.as_raw_fd(), 0) } {
                 thaw_all(&files);
-                return Err(err).with_context(|| format!("FIFREEZE {}", m.display()));
+                return Err(std::io::Error::from(errno))
+                    .with_context(|| format!("FIFREEZE {}", m.display()));
             }
             files.push((m.clone(), f));
         }
@@ -200,11 +213,11 @@ impl Drop for Frozen {
 fn thaw_all(files: &[(PathBuf, File)]) {
     for (m, f) in files {
         // SAFETY: as in `freeze`.
-        if unsafe { libc::ioctl(f.as_raw_fd(), FITHAW, 0) } != 0 {
+        if let Err(errno) = unsafe { fithaw(f.as_raw_fd(), 0) } {
             tracing::error!(
                 "FITHAW {}: {} (thaw it with `fsfreeze -u`)",
                 m.display(),
-                std::io::Error::last_os_error()
+                std::io::Error::from(errno)
             );
         }
     }

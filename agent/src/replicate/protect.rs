@@ -187,7 +187,7 @@ fn run_epoch(
         links.push(link);
         senders.push(tx);
         tracing::info!(
-            device = %dev.path.display(), disk = %hex::encode(id), epoch,
+            device = %dev.path.display(), disk = %disk, epoch,
             size = dev.sectors * 512, "protecting (full initial sync)"
         );
     }

@@ -72,7 +72,7 @@ impl AgentState {
                 let mut id = [0u8; 16];
                 getrandom_fill(&mut id)?;
                 self.disks.entry(device.to_owned()).or_insert(DiskState {
-                    disk_id: hex::encode(id),
+                    disk_id: ripcord_proto::DiskId(id).to_string(),
                     epoch: 0,
                 })
             }

@@ -149,7 +149,8 @@ impl Target {
         let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
         if is_block {
             let file = OpenOptions::new().write(true).open(path)?;
-            let dev_size = ripcord_size(&file)?;
+            let dev_size =
+                ripcord_oracle::device_bytes(&file).context("finding the device's size")?;
             ensure!(
                 dev_size >= size,
                 "{} holds {dev_size} bytes, the disk needs {size}",
@@ -205,17 +206,6 @@ impl Target {
             let _ = std::fs::remove_file(tmp);
         }
     }
-}
-
-fn ripcord_size(f: &File) -> anyhow::Result<u64> {
-    // The size of a block device is where seeking to its end lands.
-    use std::io::{Seek as _, SeekFrom};
-    let mut handle = f;
-    let size = handle
-        .seek(SeekFrom::End(0))
-        .context("seeking to the device's end")?;
-    handle.seek(SeekFrom::Start(0))?;
-    Ok(size)
 }
 
 /// What a materialisation did.

@@ -202,7 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         println!(
                             "{}",
                             serde_json::json!({
-                                "disk": d.to_hex(), "id": p.id, "epoch": p.epoch, "cut": p.cut_id, "seq": p.seq,
+                                "disk": d.to_string(), "id": p.id, "epoch": p.epoch, "cut": p.cut_id, "seq": p.seq,
                                 "time": rfc3339(p.time_ns), "time_ns": p.time_ns, "mono_ns": p.mono_ns,
                                 "kind": kind,
                             })
@@ -210,7 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     } else {
                         println!(
                             "{:<34} {:<14} {:<26} {:<5}",
-                            d.to_hex(),
+                            d.to_string(),
                             p.id,
                             rfc3339(p.time_ns),
                             kind
@@ -332,7 +332,7 @@ async fn failover_to(
     }
     println!(
         "failed over disk {} to point {} ({}, {}) into {}: {} MiB of data from {} batches in {:.1} s",
-        disk.to_hex(),
+        disk,
         m.point.id,
         rfc3339(m.point.time_ns),
         if m.point.kind == CutKind::App {

@@ -31,6 +31,24 @@ pub use error::{Error, LogError};
 pub use log::{Log, LogHeader, LogWriter, Op, OpKind};
 pub use region::Region;
 
+/// Size in bytes of an open block device or regular file: a block device's is where
+/// seeking to its end lands (no `BLKGETSIZE64` ioctl), after which the offset is back at 0;
+/// anything else reports its length from `stat`.
+///
+/// The one home of this primitive: the CLI's failover and `testkit` use it too.
+pub fn device_bytes(f: &std::fs::File) -> std::io::Result<u64> {
+    use std::io::{Seek as _, SeekFrom};
+    use std::os::unix::fs::FileTypeExt as _;
+    let md = f.metadata()?;
+    if !md.file_type().is_block_device() {
+        return Ok(md.len());
+    }
+    let mut handle = f;
+    let size = handle.seek(SeekFrom::End(0))?;
+    handle.seek(SeekFrom::Start(0))?;
+    Ok(size)
+}
+
 /// Reads CLOCK_MONOTONIC in nanoseconds: the time base of logs and of `T`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

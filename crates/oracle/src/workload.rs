@@ -22,9 +22,9 @@ use io_uring::{IoUring, opcode, types};
 use crate::block::{BLOCK_SIZE, Stamp, fill_block};
 use crate::error::Error;
 use crate::log::{LogHeader, LogWriter, OpKind};
-use crate::monotonic_ns;
 use crate::region::Region;
 use crate::rng::{Rng, random_u64};
+use crate::{device_bytes, monotonic_ns};
 
 const BLKDISCARD: libc::c_ulong = 0x1277;
 /// Largest discard, in blocks.
@@ -173,25 +173,6 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// Size in bytes of a block device or regular file.
-pub fn device_size(f: &File) -> Result<u64, Error> {
-    let md = f.metadata().map_err(|e| Error::io("stat device", e))?;
-    if md.file_type().is_block_device() {
-        // The size of a block device is where seeking to its end lands.
-        use std::io::{Seek as _, SeekFrom};
-        let mut handle = f;
-        let size = handle
-            .seek(SeekFrom::End(0))
-            .map_err(|e| Error::io("seek to the device's end", e))?;
-        handle
-            .seek(SeekFrom::Start(0))
-            .map_err(|e| Error::io("seek to the device's start", e))?;
-        Ok(size)
-    } else {
-        Ok(md.len())
-    }
-}
-
 fn discard(f: &File, is_blk: bool, first: u64, count: u64) -> i32 {
     let (off, len) = (first * BLOCK_SIZE as u64, count * BLOCK_SIZE as u64);
     let rc = if is_blk {
@@ -254,7 +235,8 @@ pub fn run(cfg: &WorkloadConfig, stop: &AtomicBool) -> Result<WorkloadSummary, E
         .map_err(|e| Error::io("stat device", e))?
         .file_type()
         .is_block_device();
-    let dev_blocks = device_size(&dev)? / BLOCK_SIZE as u64;
+    let dev_blocks = device_bytes(&dev).map_err(|e| Error::io("finding the device's size", e))?
+        / BLOCK_SIZE as u64;
     let region = cfg.region.unwrap_or(Region {
         start: 0,
         len: dev_blocks,

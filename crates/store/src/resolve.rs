@@ -260,7 +260,7 @@ impl Store {
         }
         if next <= seq {
             return Err(Error::NotDurable {
-                disk: disk.to_hex(),
+                disk: disk.to_string(),
                 epoch,
                 seq,
                 durable: next - 1,
@@ -289,7 +289,7 @@ impl Store {
         locs.retain(|s, _| refs.contains(s));
         if let Some(missing) = refs.iter().find(|s| !locs.contains_key(s)) {
             return Err(Error::MissingBatch {
-                disk: disk.to_hex(),
+                disk: disk.to_string(),
                 epoch,
                 seq: *missing,
                 object: base.map_or_else(|| index_dir(disk), |c| c.name),

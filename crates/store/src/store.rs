@@ -269,7 +269,7 @@ impl Store {
         match self.get(&name).await {
             Ok(b) => named(format::decode_epoch(&b, epoch), &name),
             Err(Error::NotFound { object }) => Err(Error::UnknownEpoch {
-                disk: disk.to_hex(),
+                disk: disk.to_string(),
                 epoch,
                 object,
             }),

@@ -150,7 +150,7 @@ impl Store {
                 rep.damage(
                     &format::epoch_name(disk, e),
                     Error::UnknownEpoch {
-                        disk: disk.to_hex(),
+                        disk: disk.to_string(),
                         epoch: e,
                         object: format::epoch_name(disk, e),
                     },

@@ -150,7 +150,7 @@ impl DiskWriter {
     }
 
     fn disk_hex(&self) -> String {
-        self.disk.to_hex()
+        self.disk.to_string()
     }
 
     /// Starts (or confirms) an epoch. A new, higher epoch first flushes the

@@ -19,8 +19,16 @@ use rand_chacha::ChaCha8Rng;
 
 const SECTOR: u64 = 512;
 const PAGE: u64 = 4096;
-const BLKDISCARD: libc::c_ulong = 0x1277; // _IO(0x12, 119)
-const BLKZEROOUT: libc::c_ulong = 0x127f; // _IO(0x12, 127)
+// BLKDISCARD = _IO(0x12, 119) and BLKZEROOUT = _IO(0x12, 127) (include/uapi/linux/fs.h)
+// read a `u64[2]` (offset, length) through their argument although their request codes
+// declare none: "bad" ioctls in nix's terms.
+nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
+nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+const _: () = assert!(nix::request_code_none!(0x12, 119) == 0x1277);
+const _: () = assert!(nix::request_code_none!(0x12, 127) == 0x127f);
+
+/// The signature `ioctl_write_ptr_bad!` gives BLKDISCARD and BLKZEROOUT.
+type RangeIoctl = unsafe fn(libc::c_int, *const [u64; 2]) -> nix::Result<libc::c_int>;
 
 /// A heap buffer aligned for O_DIRECT.
 pub struct AlignedBuf {
@@ -87,7 +95,7 @@ impl Workload {
             .open(dev)
             .with_context(|| format!("opening {} with O_DIRECT", dev.display()))?;
         let buffered = OpenOptions::new().read(true).write(true).open(dev)?;
-        let size = block_size_bytes(&direct)?;
+        let size = ripcord_oracle::device_bytes(&direct)?;
         Ok(Workload {
             rng: ChaCha8Rng::seed_from_u64(seed),
             direct,
@@ -158,18 +166,14 @@ impl Workload {
         self.buffered.sync_all().context("fsync of buffered writes")
     }
 
-    fn range_ioctl(&mut self, request: libc::c_ulong, name: &str, n: usize) -> anyhow::Result<u64> {
+    fn range_ioctl(&mut self, ioctl: RangeIoctl, name: &str, n: usize) -> anyhow::Result<u64> {
         let mut done = 0;
         for _ in 0..n {
             let (off, len) = self.extent(PAGE, PAGE, 1 << 20);
             let range: [u64; 2] = [off, len];
             // SAFETY: the ioctl reads two u64 from a valid pointer.
-            let rc = unsafe { libc::ioctl(self.direct.as_raw_fd(), request, range.as_ptr()) };
-            if rc != 0 {
-                bail!(
-                    "{name} of {len} at {off}: {}",
-                    std::io::Error::last_os_error()
-                );
+            if let Err(errno) = unsafe { ioctl(self.direct.as_raw_fd(), &range) } {
+                bail!("{name} of {len} at {off}: {}", std::io::Error::from(errno));
             }
             self.record(off, len);
             done += 1;
@@ -179,13 +183,13 @@ impl Workload {
 
     /// BLKDISCARD of page-aligned ranges up to 1 MiB.
     pub fn discards(&mut self, n: usize) -> anyhow::Result<()> {
-        self.report.discards += self.range_ioctl(BLKDISCARD, "BLKDISCARD", n)?;
+        self.report.discards += self.range_ioctl(blkdiscard, "BLKDISCARD", n)?;
         Ok(())
     }
 
     /// BLKZEROOUT of page-aligned ranges up to 1 MiB.
     pub fn zeroouts(&mut self, n: usize) -> anyhow::Result<()> {
-        self.report.zeroouts += self.range_ioctl(BLKZEROOUT, "BLKZEROOUT", n)?;
+        self.report.zeroouts += self.range_ioctl(blkzeroout, "BLKZEROOUT", n)?;
         Ok(())
     }
 
@@ -247,20 +251,6 @@ impl Workload {
         }
         Ok(())
     }
-}
-
-/// Size of an open block device (BLKGETSIZE64) or regular file.
-pub fn block_size_bytes(f: &File) -> anyhow::Result<u64> {
-    let meta = f.metadata()?;
-    if meta.is_file() {
-        return Ok(meta.len());
-    }
-    // The size of a block device is where seeking to its end lands.
-    use std::io::{Seek as _, SeekFrom};
-    let mut handle = f;
-    let size = handle.seek(SeekFrom::End(0))?;
-    handle.seek(SeekFrom::Start(0))?;
-    Ok(size)
 }
 
 /// A file workload under `root`: `files` files of random size up to `max_size` bytes, each

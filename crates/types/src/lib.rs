@@ -19,11 +19,6 @@ pub const SECTOR_BYTES: u64 = 512;
 pub struct DiskId(pub [u8; 16]);
 
 impl DiskId {
-    /// The 32 lower-case hex digits (the same as `Display`).
-    pub fn to_hex(&self) -> String {
-        self.to_string()
-    }
-
     /// Parses 32 hex digits (either case); `None` otherwise.
     pub fn from_hex(s: &str) -> Option<DiskId> {
         if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -137,7 +132,7 @@ mod tests {
         let id = DiskId([0xab; 16]);
         let text = id.to_string();
         assert_eq!(text, "ab".repeat(16));
-        assert_eq!(id.to_hex(), text);
+        assert_eq!(id.to_string(), text);
         assert_eq!(text.parse::<DiskId>(), Ok(id));
         assert_eq!(text.to_uppercase().parse::<DiskId>(), Ok(id));
         assert_eq!(format!("{id:?}"), format!("DiskId({text})"));

@@ -33,7 +33,7 @@ use crate::types::DiskId;
 
 /// `disks/<disk>`
 pub fn disk_dir(disk: &DiskId) -> String {
-    format!("disks/{}", disk.to_hex())
+    format!("disks/{disk}")
 }
 /// Name of the epoch description object.
 pub fn epoch_name(disk: &DiskId, epoch: u64) -> String {

@@ -252,5 +252,5 @@ pub async fn names(os: &Arc<dyn ObjectStore>, dir: &str) -> Vec<(String, u64)> {
 }
 
 pub fn disk_dir() -> String {
-    format!("disks/{}", DISK.to_hex())
+    format!("disks/{DISK}")
 }

@@ -6,27 +6,29 @@
 //! - `tokens` — bootstrap token store (hashes only, mode 0600).
 //!
 //! Layout of an agent state directory: `agent.key` (0600), `agent.crt`, `ca.crt`.
+//!
+//! The CA lives in `ca.rs`, the stored identities (and reading a certificate's machine
+//! id) in `identity.rs`, bootstrap tokens in `token.rs`; this file holds the file names,
+//! the error type and the PEM and key helpers they share.
 
+mod ca;
+mod identity;
 mod machine_id;
 mod token;
 
 use std::io;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-};
-use ring::rand::{SecureRandom, SystemRandom};
+use rcgen::{CertificateParams, DnType, KeyPair};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::FromDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::fsutil;
 
+pub use ca::Ca;
+pub(crate) use identity::cert_spki;
+pub use identity::{Identity, ServerIdentity, machine_id_from_cert};
 pub use machine_id::{MACHINE_ID_MAX_LEN, MachineId, MachineIdError};
 pub use token::{TOKEN_ID_LEN, TOKEN_SECRET_LEN, TOKEN_STORE_FILE, Token, TokenError, TokenStore};
 
@@ -147,21 +149,6 @@ pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
-fn random_serial() -> Result<SerialNumber, PkiError> {
-    let mut b = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| PkiError::Rng)?;
-    b[0] = (b[0] & 0x7f) | 0x40; // positive, no leading zero byte
-    Ok(SerialNumber::from_slice(&b))
-}
-
-fn set_validity(params: &mut CertificateParams, validity: Duration) {
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - CLOCK_SKEW;
-    params.not_after = now + validity;
-}
-
 fn cert_pem(der: &[u8]) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
 }
@@ -216,359 +203,6 @@ pub(crate) fn make_csr(machine_id: &MachineId, key: &KeyPair) -> Result<Vec<u8>,
         .distinguished_name
         .push(DnType::CommonName, machine_id.as_str());
     Ok(params.serialize_request(key)?.der().to_vec())
-}
-
-/// The deployment certificate authority.
-pub struct Ca {
-    cert_der: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl std::fmt::Debug for Ca {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca")
-            .field("hash", &self.hash())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Ca {
-    /// Creates a new CA (ECDSA P-256, self-signed, valid for [`CA_VALIDITY`]) named `name`
-    /// and stores it in `dir` as `ca.crt` + `ca.key` (0600), crash-safely.
-    ///
-    /// Refuses to overwrite an existing CA ([`PkiError::AlreadyExists`]).
-    pub fn create(dir: &Path, name: &str) -> Result<Ca, PkiError> {
-        if name.is_empty() || name.len() > 64 {
-            return Err(PkiError::InvalidCaName);
-        }
-        fsutil::ensure_dir(dir).map_err(io_err(dir))?;
-        let key_path = dir.join(CA_KEY_FILE);
-        let cert_path = dir.join(CA_CERT_FILE);
-        for p in [&key_path, &cert_path] {
-            if p.exists() {
-                return Err(PkiError::AlreadyExists { path: p.clone() });
-            }
-        }
-        let key = generate_key()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "ripcord");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.serial_number = Some(random_serial()?);
-        set_validity(&mut params, CA_VALIDITY);
-        let cert = params.self_signed(&key)?;
-        // Key first: a crash in between leaves a key without cert, which `create`
-        // refuses to overwrite and `load` reports as a missing certificate.
-        write_secret(&key_path, key.serialize_pem().as_bytes())?;
-        write_public(&cert_path, cert.pem().as_bytes())?;
-        Ok(Ca {
-            cert_der: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-        })
-    }
-
-    /// Loads the CA stored in `dir` by [`Ca::create`].
-    pub fn load(dir: &Path) -> Result<Ca, PkiError> {
-        let key_path = dir.join(CA_KEY_FILE);
-        let cert_path = dir.join(CA_CERT_FILE);
-        let key_pem = fsutil::read_text(&key_path).map_err(io_err(&key_path))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|_| PkiError::InvalidPem {
-            path: key_path.clone(),
-            expected: "private key",
-        })?;
-        let cert_der = read_first_cert(&cert_path)?;
-        let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
-        Ok(Ca { cert_der, issuer })
-    }
-
-    /// The CA certificate (DER).
-    pub fn cert_der(&self) -> &CertificateDer<'static> {
-        &self.cert_der
-    }
-
-    /// The CA certificate as PEM.
-    pub fn cert_pem(&self) -> String {
-        cert_pem(&self.cert_der)
-    }
-
-    /// [`ca_hash`] of this CA's certificate.
-    pub fn hash(&self) -> String {
-        ca_hash(&self.cert_der)
-    }
-
-    /// Issues a server certificate (new ECDSA P-256 key) for `names`; each name is an IP
-    /// address or a DNS name and becomes a SAN. The first name is also the CN.
-    pub fn issue_server(&self, names: &[&str]) -> Result<ServerIdentity, PkiError> {
-        let first = names.first().ok_or(PkiError::NoServerNames)?;
-        let mut params = CertificateParams::default();
-        for name in names {
-            let san = match name.parse::<IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => {
-                    if !is_dns_name(name) {
-                        return Err(PkiError::InvalidServerName {
-                            name: (*name).to_owned(),
-                        });
-                    }
-                    SanType::DnsName((*name).try_into().map_err(|_| {
-                        PkiError::InvalidServerName {
-                            name: (*name).to_owned(),
-                        }
-                    })?)
-                }
-            };
-            params.subject_alt_names.push(san);
-        }
-        params.distinguished_name.push(DnType::CommonName, *first);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial()?);
-        set_validity(&mut params, LEAF_VALIDITY);
-        let key = generate_key()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(ServerIdentity {
-            cert_chain: vec![cert.der().clone(), self.cert_der.clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        })
-    }
-
-    /// Issues a client certificate for `machine_id` from a DER CSR.
-    ///
-    /// The CSR's self-signature is verified; only its public key is used. Subject, SANs
-    /// and extensions are set by the CA: CN = machine id, URI SAN
-    /// `ripcord://machine/<id>`, EKU clientAuth.
-    pub fn issue_client(
-        &self,
-        machine_id: &MachineId,
-        csr_der: &[u8],
-    ) -> Result<CertificateDer<'static>, PkiError> {
-        let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
-            .map_err(PkiError::InvalidCsr)?;
-        let alg = csr.public_key.algorithm();
-        if alg != &rcgen::PKCS_ECDSA_P256_SHA256
-            && alg != &rcgen::PKCS_ECDSA_P384_SHA384
-            && alg != &rcgen::PKCS_ED25519
-        {
-            return Err(PkiError::UnsupportedKeyAlgorithm);
-        }
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, machine_id.as_str());
-        params.subject_alt_names = vec![SanType::URI(
-            machine_id
-                .uri()
-                .try_into()
-                .map_err(|_| PkiError::InconsistentMachineIdentity)?,
-        )];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial()?);
-        set_validity(&mut params, LEAF_VALIDITY);
-        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
-        Ok(cert.der().clone())
-    }
-}
-
-fn is_dns_name(name: &str) -> bool {
-    rustls::pki_types::DnsName::try_from(name).is_ok()
-}
-
-/// The process server's TLS identity: certificate chain (leaf, then CA) and private key.
-#[derive(Debug)]
-pub struct ServerIdentity {
-    cert_chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-}
-
-impl Clone for ServerIdentity {
-    fn clone(&self) -> Self {
-        Self {
-            cert_chain: self.cert_chain.clone(),
-            key: self.key.clone_key(),
-        }
-    }
-}
-
-impl ServerIdentity {
-    /// Leaf certificate followed by the CA certificate.
-    pub fn cert_chain(&self) -> &[CertificateDer<'static>] {
-        &self.cert_chain
-    }
-
-    /// The deployment CA certificate (last element of the chain).
-    pub fn ca_cert(&self) -> &CertificateDer<'static> {
-        // Invariant: constructors always produce [leaf, ca].
-        &self.cert_chain[self.cert_chain.len() - 1]
-    }
-
-    /// The server's private key.
-    pub fn key(&self) -> &PrivateKeyDer<'static> {
-        &self.key
-    }
-
-    /// Stores `server.crt` (chain) and `server.key` (0600) in `dir`, crash-safely.
-    pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
-        fsutil::ensure_dir(dir).map_err(io_err(dir))?;
-        let key_pem = pem::encode(&pem::Pem::new(
-            "PRIVATE KEY",
-            self.key.secret_der().to_vec(),
-        ));
-        write_secret(&dir.join(SERVER_KEY_FILE), key_pem.as_bytes())?;
-        let chain: String = self.cert_chain.iter().map(|c| cert_pem(c)).collect();
-        write_public(&dir.join(SERVER_CERT_FILE), chain.as_bytes())
-    }
-
-    /// Loads an identity saved by [`ServerIdentity::save`].
-    pub fn load(dir: &Path) -> Result<ServerIdentity, PkiError> {
-        let cert_path = dir.join(SERVER_CERT_FILE);
-        let cert_chain = read_certs(&cert_path)?;
-        if cert_chain.len() < 2 {
-            return Err(PkiError::InvalidPem {
-                path: cert_path,
-                expected: "certificate chain (server, CA)",
-            });
-        }
-        Ok(ServerIdentity {
-            cert_chain,
-            key: read_key(&dir.join(SERVER_KEY_FILE))?,
-        })
-    }
-}
-
-/// An agent's TLS identity, obtained by [`crate::register::register`].
-#[derive(Debug)]
-pub struct Identity {
-    machine_id: MachineId,
-    cert: CertificateDer<'static>,
-    key: PrivateKeyDer<'static>,
-    ca_cert: CertificateDer<'static>,
-}
-
-impl Clone for Identity {
-    fn clone(&self) -> Self {
-        Self {
-            machine_id: self.machine_id.clone(),
-            cert: self.cert.clone(),
-            key: self.key.clone_key(),
-            ca_cert: self.ca_cert.clone(),
-        }
-    }
-}
-
-impl Identity {
-    /// Assembles an identity, checking that `cert` carries a valid machine identity.
-    pub fn new(
-        cert: CertificateDer<'static>,
-        key: PrivateKeyDer<'static>,
-        ca_cert: CertificateDer<'static>,
-    ) -> Result<Identity, PkiError> {
-        let machine_id = machine_id_from_cert(&cert)?;
-        Ok(Identity {
-            machine_id,
-            cert,
-            key,
-            ca_cert,
-        })
-    }
-
-    /// The machine id carried by the certificate.
-    pub fn machine_id(&self) -> &MachineId {
-        &self.machine_id
-    }
-
-    /// The client certificate (DER).
-    pub fn cert(&self) -> &CertificateDer<'static> {
-        &self.cert
-    }
-
-    /// The client private key.
-    pub fn key(&self) -> &PrivateKeyDer<'static> {
-        &self.key
-    }
-
-    /// The deployment CA certificate.
-    pub fn ca_cert(&self) -> &CertificateDer<'static> {
-        &self.ca_cert
-    }
-
-    /// Stores the identity in `state_dir` crash-safely: `agent.key` (0600), `ca.crt`, and
-    /// `agent.crt` last (its presence marks a complete identity).
-    pub fn save(&self, state_dir: &Path) -> Result<(), PkiError> {
-        fsutil::ensure_dir(state_dir).map_err(io_err(state_dir))?;
-        let key_pem = pem::encode(&pem::Pem::new(
-            "PRIVATE KEY",
-            self.key.secret_der().to_vec(),
-        ));
-        write_secret(&state_dir.join(AGENT_KEY_FILE), key_pem.as_bytes())?;
-        write_public(
-            &state_dir.join(CA_CERT_FILE),
-            cert_pem(&self.ca_cert).as_bytes(),
-        )?;
-        write_public(
-            &state_dir.join(AGENT_CERT_FILE),
-            cert_pem(&self.cert).as_bytes(),
-        )
-    }
-
-    /// Loads an identity saved by [`Identity::save`].
-    pub fn load(state_dir: &Path) -> Result<Identity, PkiError> {
-        let cert = read_first_cert(&state_dir.join(AGENT_CERT_FILE))?;
-        let ca_cert = read_first_cert(&state_dir.join(CA_CERT_FILE))?;
-        let key = read_key(&state_dir.join(AGENT_KEY_FILE))?;
-        Identity::new(cert, key, ca_cert)
-    }
-}
-
-/// Extracts the machine id from a client certificate's `ripcord://machine/<id>` URI SAN.
-///
-/// Exactly one such URI must be present, and if the subject has a CN it must equal the id.
-/// This does not verify the certificate; call it only on certificates that rustls verified.
-pub fn machine_id_from_cert(cert_der: &[u8]) -> Result<MachineId, PkiError> {
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
-        .map_err(|_| PkiError::CertificateParse)?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|_| PkiError::CertificateParse)?
-        .ok_or(PkiError::NoMachineIdentity)?;
-    let mut found: Option<&str> = None;
-    for name in &san.value.general_names {
-        if let GeneralName::URI(uri) = name
-            && let Some(id) = uri.strip_prefix(MACHINE_URI_PREFIX)
-        {
-            if found.is_some() {
-                return Err(PkiError::InconsistentMachineIdentity);
-            }
-            found = Some(id);
-        }
-    }
-    let id = MachineId::new(found.ok_or(PkiError::NoMachineIdentity)?)?;
-    for cn in cert.subject().iter_common_name() {
-        if cn
-            .as_str()
-            .map_err(|_| PkiError::InconsistentMachineIdentity)?
-            != id.as_str()
-        {
-            return Err(PkiError::InconsistentMachineIdentity);
-        }
-    }
-    Ok(id)
-}
-
-/// Public key (SubjectPublicKeyInfo DER) of a certificate.
-pub(crate) fn cert_spki(cert_der: &[u8]) -> Result<Vec<u8>, PkiError> {
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
-        .map_err(|_| PkiError::CertificateParse)?;
-    Ok(cert.public_key().raw.to_vec())
 }
 
 #[cfg(test)]

@@ -1,0 +1,220 @@
+//! TLS identities as stored on disk: the process server's ([`ServerIdentity`]) and an
+//! agent's ([`Identity`]), and reading the machine id out of a client certificate.
+//!
+//! Invariants: a [`ServerIdentity`]'s chain is `[leaf, CA]` (at least two certificates
+//! when loaded); an [`Identity`] always carries the machine id of its certificate; keys
+//! are written mode 0600 and before the certificates, and an agent's `agent.crt` is
+//! written last, so its presence marks a complete identity.
+
+use std::path::Path;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+use super::{
+    AGENT_CERT_FILE, AGENT_KEY_FILE, CA_CERT_FILE, MACHINE_URI_PREFIX, MachineId, PkiError,
+    SERVER_CERT_FILE, SERVER_KEY_FILE, cert_pem, io_err, read_certs, read_first_cert, read_key,
+    write_public, write_secret,
+};
+use crate::fsutil;
+
+/// The process server's TLS identity: certificate chain (leaf, then CA) and private key.
+#[derive(Debug)]
+pub struct ServerIdentity {
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for ServerIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl ServerIdentity {
+    /// A freshly issued identity: `leaf` signed by `ca_cert`, with `leaf`'s key.
+    pub(super) fn issued(
+        leaf: CertificateDer<'static>,
+        ca_cert: CertificateDer<'static>,
+        key: PrivateKeyDer<'static>,
+    ) -> Self {
+        Self {
+            cert_chain: vec![leaf, ca_cert],
+            key,
+        }
+    }
+
+    /// Leaf certificate followed by the CA certificate.
+    pub fn cert_chain(&self) -> &[CertificateDer<'static>] {
+        &self.cert_chain
+    }
+
+    /// The deployment CA certificate (last element of the chain).
+    pub fn ca_cert(&self) -> &CertificateDer<'static> {
+        // Invariant: constructors always produce [leaf, ca].
+        &self.cert_chain[self.cert_chain.len() - 1]
+    }
+
+    /// The server's private key.
+    pub fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
+    /// Stores `server.crt` (chain) and `server.key` (0600) in `dir`, crash-safely.
+    pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
+        fsutil::ensure_dir(dir).map_err(io_err(dir))?;
+        let key_pem = pem::encode(&pem::Pem::new(
+            "PRIVATE KEY",
+            self.key.secret_der().to_vec(),
+        ));
+        write_secret(&dir.join(SERVER_KEY_FILE), key_pem.as_bytes())?;
+        let chain: String = self.cert_chain.iter().map(|c| cert_pem(c)).collect();
+        write_public(&dir.join(SERVER_CERT_FILE), chain.as_bytes())
+    }
+
+    /// Loads an identity saved by [`ServerIdentity::save`].
+    pub fn load(dir: &Path) -> Result<ServerIdentity, PkiError> {
+        let cert_path = dir.join(SERVER_CERT_FILE);
+        let cert_chain = read_certs(&cert_path)?;
+        if cert_chain.len() < 2 {
+            return Err(PkiError::InvalidPem {
+                path: cert_path,
+                expected: "certificate chain (server, CA)",
+            });
+        }
+        Ok(ServerIdentity {
+            cert_chain,
+            key: read_key(&dir.join(SERVER_KEY_FILE))?,
+        })
+    }
+}
+
+/// An agent's TLS identity, obtained by [`crate::register::register`].
+#[derive(Debug)]
+pub struct Identity {
+    machine_id: MachineId,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    ca_cert: CertificateDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            machine_id: self.machine_id.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+            ca_cert: self.ca_cert.clone(),
+        }
+    }
+}
+
+impl Identity {
+    /// Assembles an identity, checking that `cert` carries a valid machine identity.
+    pub fn new(
+        cert: CertificateDer<'static>,
+        key: PrivateKeyDer<'static>,
+        ca_cert: CertificateDer<'static>,
+    ) -> Result<Identity, PkiError> {
+        let machine_id = machine_id_from_cert(&cert)?;
+        Ok(Identity {
+            machine_id,
+            cert,
+            key,
+            ca_cert,
+        })
+    }
+
+    /// The machine id carried by the certificate.
+    pub fn machine_id(&self) -> &MachineId {
+        &self.machine_id
+    }
+
+    /// The client certificate (DER).
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// The client private key.
+    pub fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
+    /// The deployment CA certificate.
+    pub fn ca_cert(&self) -> &CertificateDer<'static> {
+        &self.ca_cert
+    }
+
+    /// Stores the identity in `state_dir` crash-safely: `agent.key` (0600), `ca.crt`, and
+    /// `agent.crt` last (its presence marks a complete identity).
+    pub fn save(&self, state_dir: &Path) -> Result<(), PkiError> {
+        fsutil::ensure_dir(state_dir).map_err(io_err(state_dir))?;
+        let key_pem = pem::encode(&pem::Pem::new(
+            "PRIVATE KEY",
+            self.key.secret_der().to_vec(),
+        ));
+        write_secret(&state_dir.join(AGENT_KEY_FILE), key_pem.as_bytes())?;
+        write_public(
+            &state_dir.join(CA_CERT_FILE),
+            cert_pem(&self.ca_cert).as_bytes(),
+        )?;
+        write_public(
+            &state_dir.join(AGENT_CERT_FILE),
+            cert_pem(&self.cert).as_bytes(),
+        )
+    }
+
+    /// Loads an identity saved by [`Identity::save`].
+    pub fn load(state_dir: &Path) -> Result<Identity, PkiError> {
+        let cert = read_first_cert(&state_dir.join(AGENT_CERT_FILE))?;
+        let ca_cert = read_first_cert(&state_dir.join(CA_CERT_FILE))?;
+        let key = read_key(&state_dir.join(AGENT_KEY_FILE))?;
+        Identity::new(cert, key, ca_cert)
+    }
+}
+
+/// Extracts the machine id from a client certificate's `ripcord://machine/<id>` URI SAN.
+///
+/// Exactly one such URI must be present, and if the subject has a CN it must equal the id.
+/// This does not verify the certificate; call it only on certificates that rustls verified.
+pub fn machine_id_from_cert(cert_der: &[u8]) -> Result<MachineId, PkiError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
+        .map_err(|_| PkiError::CertificateParse)?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|_| PkiError::CertificateParse)?
+        .ok_or(PkiError::NoMachineIdentity)?;
+    let mut found: Option<&str> = None;
+    for name in &san.value.general_names {
+        if let GeneralName::URI(uri) = name
+            && let Some(id) = uri.strip_prefix(MACHINE_URI_PREFIX)
+        {
+            if found.is_some() {
+                return Err(PkiError::InconsistentMachineIdentity);
+            }
+            found = Some(id);
+        }
+    }
+    let id = MachineId::new(found.ok_or(PkiError::NoMachineIdentity)?)?;
+    for cn in cert.subject().iter_common_name() {
+        if cn
+            .as_str()
+            .map_err(|_| PkiError::InconsistentMachineIdentity)?
+            != id.as_str()
+        {
+            return Err(PkiError::InconsistentMachineIdentity);
+        }
+    }
+    Ok(id)
+}
+
+/// Public key (SubjectPublicKeyInfo DER) of a certificate.
+pub(crate) fn cert_spki(cert_der: &[u8]) -> Result<Vec<u8>, PkiError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
+        .map_err(|_| PkiError::CertificateParse)?;
+    Ok(cert.public_key().raw.to_vec())
+}

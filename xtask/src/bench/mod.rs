@@ -1,0 +1,83 @@
+//! `cargo xtask bench`: measured as ratios within one run (these machines are noisy).
+//!
+//! One file per bench: `capture.rs` (fio with and without the capture agent attached),
+//! `churn.rs` (replication under load, then the saturation runs of
+//! [`crate::saturation`]), `failover.rs` (failover speed and store size); `common.rs`
+//! holds what they share (fio with half-compressible data, medians, a process's CPU time
+//! and peak RSS). Every bench writes its JSON under `target/bench/`.
+
+use clap::Subcommand;
+
+mod capture;
+mod churn;
+mod common;
+mod failover;
+
+pub(crate) use common::fio_churn;
+
+#[derive(Subcommand)]
+pub enum Which {
+    /// Capture overhead: fio on a loop device (over a file in /dev/shm, and over a file on
+    /// the root disk with direct I/O) with and without `ripcord-agent watch` attached,
+    /// alternating runs. 4k random write at QD32 and QD1, 1 MiB sequential write.
+    /// Writes target/bench/capture.json.
+    Capture {
+        /// Repetitions of each with/without pair (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Seconds per fio run.
+        #[arg(long, default_value_t = 5)]
+        runtime: u64,
+        /// Size of each test device in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+    },
+    /// Replication churn: fio at full speed (sequential 1 MiB, random 64 KiB,
+    /// half-compressible) on a protected RAM-backed loop device with the agent and a
+    /// process server on this machine, plus a 100 MB/s paced phase for RPO lag; then
+    /// saturation runs (ext4, 4 KiB and 64 KiB random writes at QD32 paced at 50, 80 and
+    /// 150 % of the measured replication throughput): points per minute, largest gap,
+    /// forced points and their stalls, RPO. Writes target/bench/churn.json.
+    Churn {
+        /// Seconds per fio phase.
+        #[arg(long, default_value_t = 10)]
+        runtime: u64,
+        /// Seconds per saturation run (0 skips them).
+        #[arg(long, default_value_t = 60)]
+        saturation_secs: u64,
+        /// Size of the protected device in MiB.
+        #[arg(long, default_value_t = 2048)]
+        size_mib: u64,
+    },
+    /// Failover speed: materialise the latest point of a replicated disk (three quarters
+    /// filled with half-compressible data) from a local target store, vs `cp
+    /// --sparse=always` of the source image; and the store's size after a paced churn vs
+    /// the bytes written. Writes target/bench/failover.json.
+    Failover {
+        /// Image size in MiB.
+        #[arg(long, default_value_t = 4096)]
+        size_mib: u64,
+        /// Seconds of paced (20 MB/s) random overwrites after the fill.
+        #[arg(long, default_value_t = 30)]
+        churn_secs: u64,
+    },
+}
+
+pub fn run(which: Which) -> anyhow::Result<()> {
+    match which {
+        Which::Capture {
+            reps,
+            runtime,
+            size_mib,
+        } => capture::capture(reps, runtime, size_mib),
+        Which::Churn {
+            runtime,
+            size_mib,
+            saturation_secs,
+        } => churn::churn(runtime, size_mib, saturation_secs),
+        Which::Failover {
+            size_mib,
+            churn_secs,
+        } => failover::failover(size_mib, churn_secs),
+    }
+}
