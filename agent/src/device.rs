@@ -134,6 +134,18 @@ impl BlockDevice {
         read_u64(&PathBuf::from(format!("/sys/dev/block/{}/size", self.dev)))
     }
 
+    /// Whether the disk's driver is known to read discarded ranges as zeroes: loop (a
+    /// discard punches a hole in the backing file) and zram (it frees the page). Other
+    /// drivers may return old data after a discard.
+    pub fn driver_zeroes_discards(&self) -> bool {
+        let disk = PathBuf::from(format!("/sys/dev/block/{}", self.disk));
+        std::fs::canonicalize(disk).is_ok_and(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("loop") || n.starts_with("zram"))
+        })
+    }
+
     /// A short name for logs: the path's file name.
     pub fn name(&self) -> String {
         self.path.file_name().map_or_else(

@@ -435,7 +435,11 @@ fn requests_merged_from_many_bios_free_every_entry() {
     let run = watcher.stop().unwrap();
 
     let dev = dev_id(&lo.path);
-    assert_eq!(run.stats_for(&dev).dropped, 0, "drops with the default ring");
+    assert_eq!(
+        run.stats_for(&dev).dropped,
+        0,
+        "drops with the default ring"
+    );
     let bios = 64 * MIB / 4096;
     let requests = bios - merges.min(bios - 1);
     assert!(

@@ -382,3 +382,50 @@ fn a_grown_device_is_protected_to_its_new_end() {
     ps.stop().unwrap();
     assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, false);
 }
+
+/// `discards-read-zero = "no"` (a device that may return old data after a discard, as
+/// dm-crypt or a thin LUN can): a discarded range is read back, never assumed zero, and
+/// the replica still equals the device.
+#[test]
+fn discards_are_read_back_where_the_device_may_not_zero_them() {
+    if !require_root("discards_are_read_back_where_the_device_may_not_zero_them") {
+        return;
+    }
+    let dir = Scratch::new("repl-discard-read");
+    let disk = LoopDevice::create(&dir.path.join("disk.img"), 64 * MIB).unwrap();
+    let mut ps = ProcessServer::start(&dir.path).unwrap();
+    let id = AgentIdentity::register(&ps, &dir.path, "host-d").unwrap();
+    let config = dir.path.join("agent.toml");
+    std::fs::write(&config, "discards-read-zero = \"no\"\n").unwrap();
+    // Data first, so the discards change something.
+    for i in 0..8 {
+        write_random_at(&disk.path, i * 4 * MIB, (2 * MIB) as usize, i);
+    }
+    let agent =
+        Replicator::start(&id, &[&disk.path], &["--config", config.to_str().unwrap()]).unwrap();
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let stats = agent.stats().unwrap();
+    assert_eq!(stats["disks"][0]["discards"], "read back", "{stats}");
+    let read_before = stats["disks"][0]["bytes_read"].as_u64().unwrap();
+
+    for i in 0..8u64 {
+        let (off, len) = ((i * 4 * MIB).to_string(), MIB.to_string());
+        testkit::run(
+            "blkdiscard",
+            &["-o", &off, "-l", &len, disk.path.to_str().unwrap()],
+        )
+        .unwrap();
+    }
+    let disk_id = id.disk_id(&disk.path).unwrap();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent did not stop cleanly:\n{log}");
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(id.state_dir.join("stats.json")).unwrap()).unwrap();
+    let read = stats["disks"][0]["bytes_read"].as_u64().unwrap() - read_before;
+    assert!(
+        read >= 8 * MIB,
+        "only {read} bytes read back after discarding 8 MiB: discards taken as zeroes"
+    );
+    ps.stop().unwrap();
+    assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, false);
+}

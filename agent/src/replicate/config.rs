@@ -65,6 +65,35 @@ pub struct AgentConfig {
     /// Address of the Prometheus endpoint (`GET /metrics`); empty turns it off. Default
     /// `127.0.0.1:9445`.
     pub metrics_addr: String,
+    /// Whether a discarded range reads as zeroes afterwards, so the agent may send it as
+    /// zeroes without reading it (`yes`), or must read it back (`no`). Linux does not say
+    /// (dm-crypt with `allow_discards`, discards below the granularity, and devices
+    /// without deterministic read-after-trim return old or random data); `auto` trusts
+    /// only drivers known to zero (loop devices on files punch holes; zram frees the
+    /// page) and reads back on every other device. Write-zeroes is always zeroes; a
+    /// secure erase is always read back. Default `auto`.
+    pub discards_read_zero: DiscardsReadZero,
+}
+
+/// See [`AgentConfig::discards_read_zero`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiscardsReadZero {
+    #[default]
+    Auto,
+    Yes,
+    No,
+}
+
+impl DiscardsReadZero {
+    /// Whether discards on `dev` may be sent as zeroes.
+    pub fn for_device(self, dev: &crate::device::BlockDevice) -> bool {
+        match self {
+            DiscardsReadZero::Yes => true,
+            DiscardsReadZero::No => false,
+            DiscardsReadZero::Auto => dev.driver_zeroes_discards(),
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -87,6 +116,7 @@ impl Default for AgentConfig {
             forced_points: true,
             forced_freeze_ms: 2_000,
             metrics_addr: "127.0.0.1:9445".to_owned(),
+            discards_read_zero: DiscardsReadZero::Auto,
         }
     }
 }

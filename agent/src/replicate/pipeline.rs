@@ -170,6 +170,9 @@ pub struct DiskProducer {
     round_clean: bool,
     round_complete: bool,
     pub counters: DiskCounters,
+    /// Whether a discard on this device reads as zeroes (sent as zeroes without a read);
+    /// otherwise its range is read back. See `AgentConfig::discards_read_zero`.
+    pub discards_read_zero: bool,
 }
 
 impl DiskProducer {
@@ -193,6 +196,7 @@ impl DiskProducer {
             round_clean: true,
             round_complete: true,
             counters: DiskCounters::default(),
+            discards_read_zero: false,
         })
     }
 
@@ -236,8 +240,13 @@ impl DiskProducer {
             self.counters.lost_completions += 1;
         }
         let (s, l) = (e.sector, u64::from(e.sectors));
-        let zeroing = op::DISCARD | op::SECURE_ERASE | op::WRITE_ZEROES;
-        if e.op & zeroing != 0 && e.op & (op::WRITE | op::ERROR | op::LOST) == 0 {
+        // Write-zeroes always reads as zeroes; a discard only where the device says so; a
+        // secure erase leaves what the device likes.
+        let mut read_back = op::WRITE | op::ERROR | op::LOST | op::SECURE_ERASE;
+        if !self.discards_read_zero {
+            read_back |= op::DISCARD;
+        }
+        if e.op & (op::WRITE_ZEROES | op::DISCARD) != 0 && e.op & read_back == 0 {
             for (ps, pl, after) in self.read_log.classify(s, l, e.time_ns) {
                 match after {
                     AfterZeroing::NotRead => self.zeroed.insert(ps, pl),
@@ -249,8 +258,9 @@ impl DiskProducer {
                 }
             }
         } else {
-            // Writes, failed requests (their range may hold anything), and lost
-            // completions (their op may have been a discard): read back.
+            // Writes, failed requests (their range may hold anything), lost completions
+            // (their op may have been a discard), and discards that need not read as
+            // zeroes: read back.
             self.zeroed.remove(s, l);
             self.dirty.insert(s, l);
         }

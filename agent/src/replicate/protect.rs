@@ -172,7 +172,14 @@ fn run_epoch(
             cfg.zstd_level,
             cfg.batch_kib << 10,
         );
-        producers.push(DiskProducer::new(dev.clone(), builder)?);
+        let mut producer = DiskProducer::new(dev.clone(), builder)?;
+        producer.discards_read_zero = cfg.discards_read_zero.for_device(dev);
+        tracing::info!(
+            device = %dev.path.display(),
+            "discards are {}",
+            discard_mode(producer.discards_read_zero)
+        );
+        producers.push(producer);
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let link = DiskLink::new(
             disk,
@@ -396,6 +403,15 @@ fn run_epoch(
     Ok(Ended::Stopped)
 }
 
+/// How discards on a disk are replicated, for status and logs.
+fn discard_mode(read_zero: bool) -> &'static str {
+    if read_zero {
+        "sent as zeroes"
+    } else {
+        "read back"
+    }
+}
+
 /// How often the protected devices' sizes are checked.
 const SIZE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -492,6 +508,7 @@ fn write_stats(path: &std::path::Path, view: &StatsView<'_>) -> anyhow::Result<(
             json!({
                 "device": p.dev.path,
                 "size_bytes": p.dev.sectors * 512,
+                "discards": discard_mode(p.discards_read_zero),
                 "syncing": p.syncing(),
                 "synced_bytes": p.synced_sectors() * 512,
                 "dirty_bytes": sample.dirty_bytes,
