@@ -10,8 +10,8 @@ use std::{
 };
 
 use testkit::{
-    LoopDevice, Mount,
-    replication::{AgentIdentity, ProcessServer, Replicator, failover, ripcord, wait_for_point},
+    LoopDevice, Mount, Site,
+    replication::{Replicator, failover, ripcord, wait_for_point},
 };
 
 const MIB: u64 = 1 << 20;
@@ -27,53 +27,51 @@ pub fn assert_same(a: &Path, b: &Path, what: &str) {
     );
 }
 
-/// Replicate an ext4 disk under a file workload to the target store `target` (outside the
+/// Replicate an ext4 disk under a file workload to the site's target store (outside the
 /// process server's directory), stop the agent cleanly, wait until the store holds a point
-/// with everything it pushed, and stop the process server. Returns the source disk, the
-/// stopped server, the agent identity and the disk id.
-pub fn replicated_ext4(
-    dir: &Path,
-    target: &str,
-) -> (LoopDevice, ProcessServer, AgentIdentity, String) {
-    let disk = LoopDevice::create(&dir.join("disk.img"), 256 * MIB).unwrap();
+/// with everything it pushed, and stop the process server. Returns the source disk and the
+/// disk id.
+pub fn replicated_ext4(site: &mut Site) -> (LoopDevice, String) {
+    let target = site.target().to_owned();
+    let disk = site.loop_device("disk.img", 256 * MIB);
     testkit::run("mkfs.ext4", &["-q", "-F", disk.path.to_str().unwrap()]).unwrap();
-    let mut ps = ProcessServer::start_with_target(dir, Some(target)).unwrap();
-    let id = AgentIdentity::register(&ps, dir, "host-f").unwrap();
-    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
-    let mnt = Mount::new(&disk.path, &dir.join("mnt"), &["-t", "ext4"]).unwrap();
+    let agent = site.replicator(&[&disk.path]);
+    let mnt = Mount::new(&disk.path, &site.path().join("mnt"), &["-t", "ext4"]).unwrap();
     testkit::file_workload(&mnt.dir, 5, 40, 2 << 20).unwrap();
     mnt.unmount().unwrap();
     agent.wait_synced(Duration::from_secs(120)).unwrap();
     let stats = agent.stats_file.clone();
     let (ok, log) = agent.stop().unwrap();
     assert!(ok, "agent did not stop cleanly:\n{log}");
-    let disk_id = id.disk_id(&disk.path).unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
     let last = Replicator::pushed_seq(&stats);
     if let Err(e) = wait_for_point(
-        target,
+        &target,
         &disk_id,
-        &ps.passphrase_file,
+        &site.ps.passphrase_file,
         last,
         Duration::from_secs(60),
     ) {
-        panic!("{e:#}\nprocess server log:\n{}", ps.logs());
+        panic!("{e:#}\nprocess server log:\n{}", site.ps.logs());
     }
-    ps.stop().unwrap();
-    (disk, ps, id, disk_id)
+    site.ps.stop().unwrap();
+    (disk, disk_id)
 }
 
-/// The disaster drill: replicate an ext4 disk to `target` ([`replicated_ext4`]), lose the
-/// whole primary site (process server directory and agent state) but keep the passphrase,
-/// and fail over from the store and the passphrase alone: the image must equal the source
-/// disk and check clean. A wrong passphrase must be named as such and write nothing.
-/// Returns the kept passphrase file.
-pub fn disaster_drill(dir: &Path, target: &str) -> PathBuf {
-    let (disk, ps, id, disk_id) = replicated_ext4(dir, target);
+/// The disaster drill: replicate an ext4 disk to the site's target store
+/// ([`replicated_ext4`]), lose the whole primary site (process server directory and agent
+/// state) but keep the passphrase, and fail over from the store and the passphrase alone:
+/// the image must equal the source disk and check clean. A wrong passphrase must be named as
+/// such and write nothing. Returns the kept passphrase file.
+pub fn disaster_drill(site: &mut Site) -> PathBuf {
+    let (disk, disk_id) = replicated_ext4(site);
+    let target = site.target();
+    let dir = site.path();
     // Keep the passphrase; lose the whole primary site.
     let pass = dir.join("kept-passphrase");
-    std::fs::copy(&ps.passphrase_file, &pass).unwrap();
-    std::fs::remove_dir_all(&ps.dir).unwrap();
-    std::fs::remove_dir_all(&id.state_dir).unwrap();
+    std::fs::copy(&site.ps.passphrase_file, &pass).unwrap();
+    std::fs::remove_dir_all(&site.ps.dir).unwrap();
+    std::fs::remove_dir_all(&site.id.state_dir).unwrap();
 
     let image = dir.join("recovered.img");
     let (ok, out, err) = failover(target, &disk_id, "latest", &image, &pass).unwrap();

@@ -9,7 +9,7 @@ use ripcord_agent::{
     device::BlockDevice,
     extents::ExtentSet,
 };
-use testkit::{AgentProcess, LoopDevice, Mount, Scratch, Workload, binary, dev_id, require_root};
+use testkit::{AgentProcess, Lab, LoopDevice, Mount, Workload, binary, dev_id};
 
 const MIB: u64 = 1 << 20;
 
@@ -44,12 +44,11 @@ fn agent() -> std::path::PathBuf {
 
 #[test]
 fn raw_device_every_written_sector_exactly() {
-    if !require_root("raw_device_every_written_sector_exactly") {
+    let Some(lab) = Lab::new("raw_device_every_written_sector_exactly") else {
         return;
-    }
-    let dir = Scratch::new("capture-raw");
-    let lo = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
-    let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], &dir.path).unwrap();
+    };
+    let lo = lab.loop_device("disk.img", 256 * MIB);
+    let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], lab.path()).unwrap();
     let mut w = Workload::new(&lo.path, 0x5eed_0001).unwrap();
     w.mixed(3).unwrap();
     let run = watcher.stop().unwrap();
@@ -89,11 +88,10 @@ fn raw_device_every_written_sector_exactly() {
 
 #[test]
 fn partition_sectors_are_relative_and_the_sibling_is_ignored() {
-    if !require_root("partition_sectors_are_relative_and_the_sibling_is_ignored") {
+    let Some(lab) = Lab::new("partition_sectors_are_relative_and_the_sibling_is_ignored") else {
         return;
-    }
-    let dir = Scratch::new("capture-part");
-    let mut lo = LoopDevice::create(&dir.path.join("disk.img"), 160 * MIB).unwrap();
+    };
+    let mut lo = lab.loop_device("disk.img", 160 * MIB);
     let parts = lo.partition(&[Some(64), None]).unwrap();
     let (p1, p2) = (&parts[0], &parts[1]);
     let dev = BlockDevice::resolve(p1).unwrap();
@@ -102,7 +100,7 @@ fn partition_sectors_are_relative_and_the_sibling_is_ignored() {
         "{dev:?} is not a partition"
     );
 
-    let watcher = AgentProcess::watch(&agent(), &[p1], &[], &dir.path).unwrap();
+    let watcher = AgentProcess::watch(&agent(), &[p1], &[], lab.path()).unwrap();
     let mut w1 = Workload::new(p1, 11).unwrap();
     let mut w2 = Workload::new(p2, 12).unwrap();
     for _ in 0..2 {
@@ -134,13 +132,12 @@ fn partition_sectors_are_relative_and_the_sibling_is_ignored() {
 
 #[test]
 fn unprotected_devices_produce_no_events() {
-    if !require_root("unprotected_devices_produce_no_events") {
+    let Some(lab) = Lab::new("unprotected_devices_produce_no_events") else {
         return;
-    }
-    let dir = Scratch::new("capture-unprot");
-    let protected = LoopDevice::create(&dir.path.join("a.img"), 64 * MIB).unwrap();
-    let other = LoopDevice::create(&dir.path.join("b.img"), 64 * MIB).unwrap();
-    let watcher = AgentProcess::watch(&agent(), &[&protected.path], &[], &dir.path).unwrap();
+    };
+    let protected = lab.loop_device("a.img", 64 * MIB);
+    let other = lab.loop_device("b.img", 64 * MIB);
+    let watcher = AgentProcess::watch(&agent(), &[&protected.path], &[], lab.path()).unwrap();
     let mut w = Workload::new(&other.path, 3).unwrap();
     w.mixed(2).unwrap();
     let run = watcher.stop().unwrap();
@@ -154,14 +151,13 @@ fn unprotected_devices_produce_no_events() {
 
 #[test]
 fn overflow_is_counted_and_covers_every_dropped_write() {
-    if !require_root("overflow_is_counted_and_covers_every_dropped_write") {
+    let Some(lab) = Lab::new("overflow_is_counted_and_covers_every_dropped_write") else {
         return;
-    }
-    let dir = Scratch::new("capture-overflow");
-    let lo = LoopDevice::create(&dir.path.join("disk.img"), 512 * MIB).unwrap();
+    };
+    let lo = lab.loop_device("disk.img", 512 * MIB);
     // One page of ring holds about 85 events; a stalled agent cannot drain it.
     let watcher =
-        AgentProcess::watch(&agent(), &[&lo.path], &["--ring-bytes", "4096"], &dir.path).unwrap();
+        AgentProcess::watch(&agent(), &[&lo.path], &["--ring-bytes", "4096"], lab.path()).unwrap();
     watcher.signal(libc::SIGSTOP);
     let mut w = Workload::new(&lo.path, 99).unwrap();
     let burst = w.burst(3000);
@@ -202,13 +198,12 @@ fn overflow_is_counted_and_covers_every_dropped_write() {
 
 #[test]
 fn ext4_every_changed_sector_is_captured() {
-    if !require_root("ext4_every_changed_sector_is_captured") {
+    let Some(lab) = Lab::new("ext4_every_changed_sector_is_captured") else {
         return;
-    }
-    let dir = Scratch::new("capture-ext4");
-    let lo = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
+    };
+    let lo = lab.loop_device("disk.img", 256 * MIB);
     testkit::run("mkfs.ext4", &["-q", "-F", lo.path.to_str().unwrap()]).unwrap();
-    let before = dir.path.join("before.img");
+    let before = lab.path().join("before.img");
     testkit::run(
         "cp",
         &[
@@ -219,8 +214,8 @@ fn ext4_every_changed_sector_is_captured() {
     )
     .unwrap();
 
-    let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], &dir.path).unwrap();
-    let mnt = Mount::new(&lo.path, &dir.path.join("mnt"), &["-t", "ext4"]).unwrap();
+    let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], lab.path()).unwrap();
+    let mnt = Mount::new(&lo.path, &lab.path().join("mnt"), &["-t", "ext4"]).unwrap();
     testkit::file_workload(&mnt.dir, 7, 120, 2 << 20).unwrap();
     mnt.unmount().unwrap();
     let run = watcher.stop().unwrap();
@@ -249,11 +244,10 @@ fn ext4_every_changed_sector_is_captured() {
 
 #[test]
 fn write_generation_moves_when_a_write_is_queued() {
-    if !require_root("write_generation_moves_when_a_write_is_queued") {
+    let Some(lab) = Lab::new("write_generation_moves_when_a_write_is_queued") else {
         return;
-    }
-    let dir = Scratch::new("capture-gen");
-    let lo = LoopDevice::create(&dir.path.join("disk.img"), 64 * MIB).unwrap();
+    };
+    let lo = lab.loop_device("disk.img", 64 * MIB);
     let dev = BlockDevice::resolve(&lo.path).unwrap();
     let mut capture = Capture::start(std::slice::from_ref(&dev), CaptureConfig::default()).unwrap();
     let region = (8 * MIB / 512, 16); // 8 KiB at 8 MiB
@@ -295,16 +289,16 @@ fn write_generation_moves_when_a_write_is_queued() {
 /// `ripcord-agent watch` `runs` times and check that every completed write and discard
 /// shows up as a change event covering it, with a completion time between the op's
 /// submission and its reaping, or is covered by a resync line ("overflow", or "lost": a
-/// write whose completion was never reported). Returns the number of "lost" lines.
-fn oracle_ops_are_covered(label: &str, runs: u64, env: &[(&str, &str)]) -> usize {
+/// write whose completion was never reported). Returns the number of "lost" lines. Each run
+/// has its own directory in `lab`.
+fn oracle_ops_are_covered(lab: &Lab, runs: u64, env: &[(&str, &str)]) -> usize {
     use ripcord_oracle::log::{Log, OpKind};
     let mut lost_total = 0;
     for run in 0..runs {
-        let dir = Scratch::new(label);
-        let lo = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
-        let watcher =
-            AgentProcess::watch_with_env(&agent(), &[&lo.path], &[], env, &dir.path).unwrap();
-        let log_path = dir.path.join("oracle.log");
+        let dir = lab.subdir(&format!("run-{run}"));
+        let lo = LoopDevice::create(&dir.join("disk.img"), 256 * MIB).unwrap();
+        let watcher = AgentProcess::watch_with_env(&agent(), &[&lo.path], &[], env, &dir).unwrap();
+        let log_path = dir.join("oracle.log");
         let status = std::process::Command::new(binary("ripcord-oracle"))
             .args(["workload", "--seconds", "3", "--qd", "16", "--iops", "3000"])
             .args(["--flush-every", "32", "--discard-percent", "3", "--seed"])
@@ -367,21 +361,21 @@ fn oracle_ops_are_covered(label: &str, runs: u64, env: &[(&str, &str)]) -> usize
 /// by a "lost" line once the write's in-flight entry outlives its completion.
 #[test]
 fn every_oracle_op_completion_is_captured() {
-    if !require_root("every_oracle_op_completion_is_captured") {
+    let Some(lab) = Lab::new("every_oracle_op_completion_is_captured") else {
         return;
-    }
-    oracle_ops_are_covered("capture-oracle", 2, &[]);
+    };
+    oracle_ops_are_covered(&lab, 2, &[]);
 }
 
 /// With every 40th data completion hidden from the probe (fault injection, as the kernel
 /// sometimes does), each hidden write is reported "lost" for resync: nothing is missed.
 #[test]
 fn hidden_completions_are_reported_for_resync() {
-    if !require_root("hidden_completions_are_reported_for_resync") {
+    let Some(lab) = Lab::new("hidden_completions_are_reported_for_resync") else {
         return;
-    }
+    };
     let env = [(ripcord_agent::capture::FAULT_SKIP_ENV, "40")];
-    let lost = oracle_ops_are_covered("capture-hidden", 1, &env);
+    let lost = oracle_ops_are_covered(&lab, 1, &env);
     assert!(
         lost > 100,
         "only {lost} hidden completions were reported (expected ~1 in 40)"

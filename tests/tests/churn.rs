@@ -20,9 +20,8 @@ use std::{
 };
 
 use testkit::{
-    LoopDevice, Mount, Scratch,
-    replication::{AgentIdentity, ProcessServer, Replicator, failover, points, wait_for_point},
-    require_root,
+    LoopDevice, Mount, Site,
+    replication::{ProcessServer, Replicator, failover, points, wait_for_point},
 };
 
 const MIB: u64 = 1 << 20;
@@ -165,15 +164,18 @@ fn stop_and_settle(
 
 #[test]
 fn ext4_under_hot_churn_gets_a_point_every_max_gap_and_every_point_is_exact() {
-    if !require_root("ext4_under_hot_churn_gets_a_point_every_max_gap_and_every_point_is_exact") {
-        return;
-    }
     const MAX_GAP_MS: u64 = 5000;
-    let dir = Scratch::new("churn-ext4");
-    let target = format!("file://{}", dir.path.join("target-store").display());
-    let disk = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
+    let Some(mut site) =
+        Site::builder("ext4_under_hot_churn_gets_a_point_every_max_gap_and_every_point_is_exact")
+            .file_target()
+            .start()
+    else {
+        return;
+    };
+    let target = site.target().to_owned();
+    let disk = site.loop_device("disk.img", 256 * MIB);
     testkit::run("mkfs.ext4", &["-q", "-F", disk.path.to_str().unwrap()]).unwrap();
-    let mnt = Mount::new(&disk.path, &dir.path.join("mnt"), &["-t", "ext4"]).unwrap();
+    let mnt = Mount::new(&disk.path, &site.path().join("mnt"), &["-t", "ext4"]).unwrap();
     // Preallocated by writing it whole: the writers then overwrite allocated blocks
     // (no extent conversion, so a completed O_DIRECT write is on the device).
     let data = mnt.dir.join("table.db");
@@ -191,15 +193,12 @@ fn ext4_under_hot_churn_gets_a_point_every_max_gap_and_every_point_is_exact() {
     .unwrap();
     testkit::run("sync", &[]).unwrap();
 
-    let mut ps = ProcessServer::start_with_target(&dir.path, Some(&target)).unwrap();
-    let id = AgentIdentity::register(&ps, &dir.path, "db-host").unwrap();
     let port = free_tcp_port();
-    let config = agent_config(&dir.path, MAX_GAP_MS, port);
-    let agent =
-        Replicator::start(&id, &[&disk.path], &["--config", config.to_str().unwrap()]).unwrap();
+    let config = agent_config(site.path(), MAX_GAP_MS, port);
+    let agent = site.replicator_with(&[&disk.path], &["--config", config.to_str().unwrap()], &[]);
     agent.wait_synced(Duration::from_secs(120)).unwrap();
 
-    let log = dir.path.join("oracle.log");
+    let log = site.path().join("oracle.log");
     let start = ripcord_oracle::monotonic_ns();
     let mut writers = churn(
         &data,
@@ -213,9 +212,10 @@ fn ext4_under_hot_churn_gets_a_point_every_max_gap_and_every_point_is_exact() {
     let mid = scrape(port);
     assert!(writers.wait().unwrap().success(), "workload failed");
     let end = ripcord_oracle::monotonic_ns();
-    let disk_id = id.disk_id(&disk.path).unwrap();
-    let stats = stop_and_settle(agent, &mut ps, &target, &disk_id);
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let stats = stop_and_settle(agent, &mut site.ps, &target, &disk_id);
     mnt.unmount().unwrap();
+    let (ps, dir) = (&site.ps, site.path());
     let d = &stats["disks"][0];
     eprintln!(
         "agent stats: {d}\nforced freezes: {}",
@@ -236,14 +236,14 @@ fn ext4_under_hot_churn_gets_a_point_every_max_gap_and_every_point_is_exact() {
     );
     // Every point of the run: failed over, mounted on a copy (journal replay), and the
     // file checked against the writers' log at the point's instant.
-    let image = dir.path.join("point.img");
-    let copy = dir.path.join("point-table.db");
+    let image = dir.join("point.img");
+    let copy = dir.join("point-table.db");
     let mut checked = 0;
     for (t, pid) in instants.iter().filter(|(t, _)| *t >= start) {
         let (ok, _, err) = failover(&target, &disk_id, pid, &image, &ps.passphrase_file).unwrap();
         assert!(ok, "failover to {pid} failed: {err}");
         let lo = LoopDevice::attach(&image).unwrap();
-        let m = Mount::new(&lo.path, &dir.path.join("point-mnt"), &["-t", "ext4"])
+        let m = Mount::new(&lo.path, &dir.join("point-mnt"), &["-t", "ext4"])
             .unwrap_or_else(|e| panic!("point {pid} does not mount: {e:#}"));
         std::fs::copy(m.dir.join("table.db"), &copy).unwrap();
         m.unmount().unwrap();
@@ -265,24 +265,24 @@ fn ext4_under_hot_churn_gets_a_point_every_max_gap_and_every_point_is_exact() {
 
 #[test]
 fn raw_device_points_are_exact_and_a_long_gap_raises_the_alert() {
-    if !require_root("raw_device_points_are_exact_and_a_long_gap_raises_the_alert") {
-        return;
-    }
     const MAX_GAP_MS: u64 = 3000;
-    let dir = Scratch::new("churn-raw");
-    let target = format!("file://{}", dir.path.join("target-store").display());
-    let disk = LoopDevice::create(&dir.path.join("disk.img"), 128 * MIB).unwrap();
-    let mut ps = ProcessServer::start_with_target(&dir.path, Some(&target)).unwrap();
-    let id = AgentIdentity::register(&ps, &dir.path, "raw-host").unwrap();
+    let Some(mut site) =
+        Site::builder("raw_device_points_are_exact_and_a_long_gap_raises_the_alert")
+            .file_target()
+            .start()
+    else {
+        return;
+    };
+    let target = site.target().to_owned();
+    let disk = site.loop_device("disk.img", 128 * MIB);
     let port = free_tcp_port();
-    let config = agent_config(&dir.path, MAX_GAP_MS, port);
-    let agent =
-        Replicator::start(&id, &[&disk.path], &["--config", config.to_str().unwrap()]).unwrap();
+    let config = agent_config(site.path(), MAX_GAP_MS, port);
+    let agent = site.replicator_with(&[&disk.path], &["--config", config.to_str().unwrap()], &[]);
     agent.wait_synced(Duration::from_secs(120)).unwrap();
 
     // The same writers, then a storm on 8 hot blocks as fast as they go, for four times
     // the bound: a readback round can only be clean in the instants no write is queued.
-    let log = dir.path.join("oracle.log");
+    let log = site.path().join("oracle.log");
     let start = ripcord_oracle::monotonic_ns();
     let mut writers = churn(
         &disk.path,
@@ -300,7 +300,7 @@ fn raw_device_points_are_exact_and_a_long_gap_raises_the_alert() {
         ],
     );
     assert!(writers.wait().unwrap().success(), "workload failed");
-    let storm_log = dir.path.join("storm.log");
+    let storm_log = site.path().join("storm.log");
     let storm_start = ripcord_oracle::monotonic_ns();
     let mut storm = churn(
         &disk.path,
@@ -320,8 +320,9 @@ fn raw_device_points_are_exact_and_a_long_gap_raises_the_alert() {
     }
     assert!(storm.wait().unwrap().success(), "storm failed");
     let end = ripcord_oracle::monotonic_ns();
-    let disk_id = id.disk_id(&disk.path).unwrap();
-    let stats = stop_and_settle(agent, &mut ps, &target, &disk_id);
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let stats = stop_and_settle(agent, &mut site.ps, &target, &disk_id);
+    let (ps, dir) = (&site.ps, site.path());
     let d = &stats["disks"][0];
     eprintln!("agent stats: {d}");
 
@@ -370,7 +371,7 @@ fn raw_device_points_are_exact_and_a_long_gap_raises_the_alert() {
     );
 
     // Every point is exact: the device image at its instant, for both workloads.
-    let image = dir.path.join("point.img");
+    let image = dir.join("point.img");
     let mut checked = 0;
     for (t, pid) in instants.iter().filter(|(t, _)| *t >= start) {
         let (ok, _, err) = failover(&target, &disk_id, pid, &image, &ps.passphrase_file).unwrap();

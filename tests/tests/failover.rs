@@ -14,33 +14,38 @@ use std::{
 
 use ripcord_tests::{assert_same, disaster_drill, replicated_ext4, verify_store};
 use testkit::{
-    LoopDevice, Mount, Scratch, Workload,
-    replication::{AgentIdentity, ProcessServer, Replicator, failover, ripcord, wait_for_point},
-    require_root,
+    LoopDevice, Mount, Site, Workload,
+    fixture::FILE_TARGET_DIR,
+    replication::{Replicator, failover, ripcord, wait_for_point},
 };
 
 const MIB: u64 = 1 << 20;
 
 #[test]
 fn disaster_drill_fails_over_from_the_store_and_passphrase_alone() {
-    if !require_root("disaster_drill_fails_over_from_the_store_and_passphrase_alone") {
+    let Some(mut site) =
+        Site::builder("disaster_drill_fails_over_from_the_store_and_passphrase_alone")
+            .file_target()
+            .start()
+    else {
         return;
-    }
-    let dir = Scratch::new("fo-drill");
-    let target_dir = dir.path.join("target-store");
-    let target = format!("file://{}", target_dir.display());
-    disaster_drill(&dir.path, &target);
+    };
+    disaster_drill(&mut site);
 }
 
 #[test]
 fn a_flipped_byte_in_a_pack_fails_verify_and_failover_by_name() {
-    if !require_root("a_flipped_byte_in_a_pack_fails_verify_and_failover_by_name") {
+    let Some(mut site) =
+        Site::builder("a_flipped_byte_in_a_pack_fails_verify_and_failover_by_name")
+            .file_target()
+            .start()
+    else {
         return;
-    }
-    let dir = Scratch::new("fo-flip");
-    let target_dir = dir.path.join("target-store");
-    let target = format!("file://{}", target_dir.display());
-    let (_disk, ps, _id, disk_id) = replicated_ext4(&dir.path, &target);
+    };
+    let target_dir = site.path().join(FILE_TARGET_DIR);
+    let target = site.target().to_owned();
+    let (_disk, disk_id) = replicated_ext4(&mut site);
+    let ps = &site.ps;
     let (ok, out, err) = verify_store(&target, &ps.passphrase_file);
     assert!(ok, "verify of an intact store failed: {out}{err}");
 
@@ -68,7 +73,7 @@ fn a_flipped_byte_in_a_pack_fails_verify_and_failover_by_name() {
         named(&out) || named(&err),
         "verify did not name a damaged pack:\n{out}\n{err}"
     );
-    let image = dir.path.join("img");
+    let image = site.path().join("img");
     let (ok, _, err) = failover(&target, &disk_id, "latest", &image, &ps.passphrase_file).unwrap();
     assert!(!ok, "failover used a damaged pack");
     assert!(named(&err), "failover did not name the damaged pack: {err}");
@@ -77,16 +82,15 @@ fn a_flipped_byte_in_a_pack_fails_verify_and_failover_by_name() {
 
 #[test]
 fn test_failover_while_replication_goes_on_loses_nothing() {
-    if !require_root("test_failover_while_replication_goes_on_loses_nothing") {
+    let Some(mut site) = Site::builder("test_failover_while_replication_goes_on_loses_nothing")
+        .file_target()
+        .start()
+    else {
         return;
-    }
-    let dir = Scratch::new("fo-test");
-    let target_dir = dir.path.join("target-store");
-    let target = format!("file://{}", target_dir.display());
-    let disk = LoopDevice::create(&dir.path.join("disk.img"), 128 * MIB).unwrap();
-    let mut ps = ProcessServer::start_with_target(&dir.path, Some(&target)).unwrap();
-    let id = AgentIdentity::register(&ps, &dir.path, "host-t").unwrap();
-    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    };
+    let target = site.target().to_owned();
+    let disk = site.loop_device("disk.img", 128 * MIB);
+    let agent = site.replicator(&[&disk.path]);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (dev, stop) = (disk.path.clone(), Arc::clone(&stop));
@@ -99,16 +103,16 @@ fn test_failover_while_replication_goes_on_loses_nothing() {
         })
     };
     agent.wait_synced(Duration::from_secs(60)).unwrap();
-    let disk_id = id.disk_id(&disk.path).unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
     wait_for_point(
         &target,
         &disk_id,
-        &ps.passphrase_file,
+        &site.ps.passphrase_file,
         1,
         Duration::from_secs(60),
     )
     .unwrap();
-    let scratch = dir.path.join("tf");
+    let scratch = site.path().join("tf");
     for _ in 0..2 {
         let (ok, out, err) = ripcord(
             &[
@@ -120,7 +124,7 @@ fn test_failover_while_replication_goes_on_loses_nothing() {
                 "--scratch",
                 scratch.to_str().unwrap(),
             ],
-            &ps.passphrase_file,
+            &site.ps.passphrase_file,
         )
         .unwrap();
         assert!(ok, "test failover failed: {err}");
@@ -133,7 +137,7 @@ fn test_failover_while_replication_goes_on_loses_nothing() {
             "--scratch",
             scratch.to_str().unwrap(),
         ],
-        &ps.passphrase_file,
+        &site.ps.passphrase_file,
     )
     .unwrap();
     assert!(ok && out.contains("removed"), "{out}");
@@ -150,14 +154,21 @@ fn test_failover_while_replication_goes_on_loses_nothing() {
     wait_for_point(
         &target,
         &disk_id,
-        &ps.passphrase_file,
+        &site.ps.passphrase_file,
         last,
         Duration::from_secs(60),
     )
     .unwrap();
-    ps.stop().unwrap();
-    let image = dir.path.join("final.img");
-    let (ok, _, err) = failover(&target, &disk_id, "latest", &image, &ps.passphrase_file).unwrap();
+    site.ps.stop().unwrap();
+    let image = site.path().join("final.img");
+    let (ok, _, err) = failover(
+        &target,
+        &disk_id,
+        "latest",
+        &image,
+        &site.ps.passphrase_file,
+    )
+    .unwrap();
     assert!(ok, "{err}");
     assert_same(&image, &disk.path, "final failover after test failovers");
 }
@@ -179,23 +190,19 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn retention_expires_points_and_frees_their_data() {
-    if !require_root("retention_expires_points_and_frees_their_data") {
+    let Some(mut site) = Site::builder("retention_expires_points_and_frees_their_data")
+        .file_target()
+        .ps_config("retention-secs = 4\ngc-interval-secs = 1")
+        .start()
+    else {
         return;
-    }
-    let dir = Scratch::new("fo-retention");
-    let target_dir = dir.path.join("target-store");
-    let target = format!("file://{}", target_dir.display());
-    let disk = LoopDevice::create(&dir.path.join("disk.img"), 64 * MIB).unwrap();
-    let mut ps = ProcessServer::start_with_config(
-        &dir.path,
-        Some(&target),
-        "retention-secs = 4\ngc-interval-secs = 1",
-    )
-    .unwrap();
-    let id = AgentIdentity::register(&ps, &dir.path, "host-r").unwrap();
-    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    };
+    let target_dir = site.path().join(FILE_TARGET_DIR);
+    let target = site.target().to_owned();
+    let disk = site.loop_device("disk.img", 64 * MIB);
+    let agent = site.replicator(&[&disk.path]);
     agent.wait_synced(Duration::from_secs(60)).unwrap();
-    let disk_id = id.disk_id(&disk.path).unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
     // Overwrite the same 8 MiB again and again: old versions become garbage once the points
     // that need them expire.
     let mut written = 0u64;
@@ -214,7 +221,7 @@ fn retention_expires_points_and_frees_their_data() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let first_points =
-        testkit::replication::points(&target, &disk_id, &ps.passphrase_file).unwrap();
+        testkit::replication::points(&target, &disk_id, &site.ps.passphrase_file).unwrap();
     std::thread::sleep(Duration::from_secs(6));
     let stats = agent.stats_file.clone();
     let (ok, log) = agent.stop().unwrap();
@@ -223,13 +230,14 @@ fn retention_expires_points_and_frees_their_data() {
     wait_for_point(
         &target,
         &disk_id,
-        &ps.passphrase_file,
+        &site.ps.passphrase_file,
         last,
         Duration::from_secs(60),
     )
     .unwrap();
     std::thread::sleep(Duration::from_secs(3)); // one more retention pass
-    ps.stop().unwrap();
+    site.ps.stop().unwrap();
+    let ps = &site.ps;
 
     let points = testkit::replication::points(&target, &disk_id, &ps.passphrase_file).unwrap();
     let oldest_before = first_points.first().expect("points during the workload")["time_ns"]
@@ -249,7 +257,7 @@ fn retention_expires_points_and_frees_their_data() {
         "expired data not freed: {pack_bytes} bytes of packs for {written} bytes written"
     );
     // Every retained point still restores; the newest equals the device.
-    let image = dir.path.join("r.img");
+    let image = site.path().join("r.img");
     for p in &points {
         let (ok, _, err) = failover(
             &target,
@@ -270,22 +278,21 @@ fn retention_expires_points_and_frees_their_data() {
 /// mounts (journal/log replay on the copy) and then checks clean.
 #[test]
 fn ext4_and_xfs_crash_points_mount_and_check_clean() {
-    if !require_root("ext4_and_xfs_crash_points_mount_and_check_clean") {
+    let Some(mut site) = Site::builder("ext4_and_xfs_crash_points_mount_and_check_clean")
+        .file_target()
+        .start()
+    else {
         return;
-    }
-    let dir = Scratch::new("fo-fsck");
-    let target_dir = dir.path.join("target-store");
-    let target = format!("file://{}", target_dir.display());
-    let ext4 = LoopDevice::create(&dir.path.join("ext4.img"), 320 * MIB).unwrap();
-    let xfs = LoopDevice::create(&dir.path.join("xfs.img"), 320 * MIB).unwrap();
+    };
+    let target = site.target().to_owned();
+    let ext4 = site.loop_device("ext4.img", 320 * MIB);
+    let xfs = site.loop_device("xfs.img", 320 * MIB);
     testkit::run("mkfs.ext4", &["-q", "-F", ext4.path.to_str().unwrap()]).unwrap();
     testkit::run("mkfs.xfs", &["-q", "-f", xfs.path.to_str().unwrap()]).unwrap();
-    let mut ps = ProcessServer::start_with_target(&dir.path, Some(&target)).unwrap();
-    let id = AgentIdentity::register(&ps, &dir.path, "host-fs").unwrap();
-    let agent = Replicator::start(&id, &[&ext4.path, &xfs.path], &[]).unwrap();
+    let agent = site.replicator(&[&ext4.path, &xfs.path]);
     agent.wait_synced(Duration::from_secs(120)).unwrap();
-    let m1 = Mount::new(&ext4.path, &dir.path.join("m-ext4"), &["-t", "ext4"]).unwrap();
-    let m2 = Mount::new(&xfs.path, &dir.path.join("m-xfs"), &["-t", "xfs"]).unwrap();
+    let m1 = Mount::new(&ext4.path, &site.path().join("m-ext4"), &["-t", "ext4"]).unwrap();
+    let m2 = Mount::new(&xfs.path, &site.path().join("m-xfs"), &["-t", "xfs"]).unwrap();
     // Rounds of the file workload (each in a fresh directory, the one before it deleted)
     // until both disks have at least 10 points: the sample must span the workload
     // however fast this build runs it.
@@ -322,6 +329,7 @@ fn ext4_and_xfs_crash_points_mount_and_check_clean() {
     std::thread::sleep(Duration::from_secs(1));
     let (ok, log) = agent.stop().unwrap();
     assert!(ok, "{log}");
+    let (ps, id, dir) = (&site.ps, &site.id, site.path());
     for (dev, fs) in [(&ext4, "ext4"), (&xfs, "xfs")] {
         let disk_id = id.disk_id(&dev.path).unwrap();
         let points = testkit::replication::points(&target, &disk_id, &ps.passphrase_file).unwrap();
@@ -329,13 +337,13 @@ fn ext4_and_xfs_crash_points_mount_and_check_clean() {
         let step = (points.len() / 8).max(1);
         for p in points.iter().step_by(step) {
             let pid = p["id"].as_str().unwrap();
-            let image = dir.path.join(format!("{fs}-{pid}.img"));
+            let image = dir.join(format!("{fs}-{pid}.img"));
             let (ok, _, err) =
                 failover(&target, &disk_id, pid, &image, &ps.passphrase_file).unwrap();
             assert!(ok, "{fs} point {pid}: {err}");
             let lo = LoopDevice::attach(&image).unwrap();
             // Mounting replays the journal on the copy, as a recovered machine would.
-            let mnt = Mount::new(&lo.path, &dir.path.join("check"), &["-t", fs])
+            let mnt = Mount::new(&lo.path, &dir.join("check"), &["-t", fs])
                 .unwrap_or_else(|e| panic!("{fs} point {pid} does not mount: {e:#}"));
             mnt.unmount().unwrap();
             let check = if fs == "ext4" {
@@ -348,7 +356,7 @@ fn ext4_and_xfs_crash_points_mount_and_check_clean() {
             std::fs::remove_file(&image).unwrap();
         }
     }
-    ps.stop().unwrap();
+    site.ps.stop().unwrap();
 }
 
 /// Application-consistent points: with `app-interval-secs = 2` the agent runs the hooks,
@@ -357,36 +365,37 @@ fn ext4_and_xfs_crash_points_mount_and_check_clean() {
 /// system that needs no journal recovery.
 #[test]
 fn app_consistent_points_equal_the_source_while_frozen() {
-    if !require_root("app_consistent_points_equal_the_source_while_frozen") {
-        return;
-    }
-    app_points_equal_the_frozen_source("ext4");
+    app_points_equal_the_frozen_source(
+        "app_consistent_points_equal_the_source_while_frozen",
+        "ext4",
+    );
 }
 
 /// The same on xfs.
 #[test]
 fn xfs_app_consistent_points_equal_the_source_while_frozen() {
-    if !require_root("xfs_app_consistent_points_equal_the_source_while_frozen") {
-        return;
-    }
-    app_points_equal_the_frozen_source("xfs");
+    app_points_equal_the_frozen_source(
+        "xfs_app_consistent_points_equal_the_source_while_frozen",
+        "xfs",
+    );
 }
 
-fn app_points_equal_the_frozen_source(fs: &str) {
-    let dir = Scratch::new(&format!("app-points-{fs}"));
-    let target = format!("file://{}", dir.path.join("target-store").display());
+/// Skips (returns) without root; see [`Site::new`].
+fn app_points_equal_the_frozen_source(test: &str, fs: &str) {
+    let Some(mut site) = Site::builder(test).file_target().start() else {
+        return;
+    };
+    let target = site.target().to_owned();
     // xfs needs at least 300 MB.
-    let disk = LoopDevice::create(&dir.path.join("disk.img"), 320 * MIB).unwrap();
+    let disk = site.loop_device("disk.img", 320 * MIB);
     let dev = disk.path.to_str().unwrap();
     match fs {
         "ext4" => testkit::run("mkfs.ext4", &["-q", "-F", dev]).unwrap(),
         _ => testkit::run("mkfs.xfs", &["-q", "-f", dev]).unwrap(),
     }
-    let mut ps = ProcessServer::start_with_target(&dir.path, Some(&target)).unwrap();
-    let id = AgentIdentity::register(&ps, &dir.path, "host-app").unwrap();
 
-    let hooks = dir.path.join("hooks");
-    let copies = dir.path.join("frozen");
+    let hooks = site.path().join("hooks");
+    let copies = site.path().join("frozen");
     std::fs::create_dir_all(&hooks).unwrap();
     std::fs::create_dir_all(&copies).unwrap();
     let hook = hooks.join("10-copy-while-frozen");
@@ -405,7 +414,7 @@ fn app_points_equal_the_frozen_source(fs: &str) {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let config = dir.path.join("agent.toml");
+    let config = site.path().join("agent.toml");
     std::fs::write(
         &config,
         format!(
@@ -414,10 +423,9 @@ fn app_points_equal_the_frozen_source(fs: &str) {
         ),
     )
     .unwrap();
-    let agent =
-        Replicator::start(&id, &[&disk.path], &["--config", config.to_str().unwrap()]).unwrap();
+    let agent = site.replicator_with(&[&disk.path], &["--config", config.to_str().unwrap()], &[]);
     agent.wait_synced(Duration::from_secs(60)).unwrap();
-    let mnt = Mount::new(&disk.path, &dir.path.join("mnt"), &["-t", fs]).unwrap();
+    let mnt = Mount::new(&disk.path, &site.path().join("mnt"), &["-t", fs]).unwrap();
     // Write until three frozen copies exist (the file system changes between them).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut seed = 1;
@@ -435,16 +443,17 @@ fn app_points_equal_the_frozen_source(fs: &str) {
     let stats = agent.stats_file.clone();
     let (ok, log) = agent.stop().unwrap();
     assert!(ok, "agent did not stop cleanly:\n{log}");
-    let disk_id = id.disk_id(&disk.path).unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
     wait_for_point(
         &target,
         &disk_id,
-        &ps.passphrase_file,
+        &site.ps.passphrase_file,
         Replicator::pushed_seq(&stats),
         Duration::from_secs(60),
     )
     .unwrap();
-    ps.stop().unwrap();
+    site.ps.stop().unwrap();
+    let (ps, dir) = (&site.ps, site.path());
 
     let all = testkit::replication::points(&target, &disk_id, &ps.passphrase_file).unwrap();
     let app: Vec<_> = all.iter().filter(|p| p["kind"] == "app").collect();
@@ -462,7 +471,7 @@ fn app_points_equal_the_frozen_source(fs: &str) {
         })
         .collect();
     frozen.sort();
-    let image = dir.path.join("app.img");
+    let image = dir.join("app.img");
     for p in &app {
         let t = p["mono_ns"].as_u64().unwrap();
         // The copy taken in the freeze this point was cut in: the last one before it.
@@ -485,7 +494,7 @@ fn app_points_equal_the_frozen_source(fs: &str) {
         let check = match fs {
             "ext4" => testkit::run("e2fsck", &["-fn", lo.path.to_str().unwrap()]),
             _ => {
-                let m = Mount::new(&lo.path, &dir.path.join("check"), &["-t", "xfs"])
+                let m = Mount::new(&lo.path, &dir.join("check"), &["-t", "xfs"])
                     .unwrap_or_else(|e| panic!("xfs app point {pid} does not mount: {e:#}"));
                 m.unmount().unwrap();
                 testkit::run("xfs_repair", &["-n", lo.path.to_str().unwrap()])

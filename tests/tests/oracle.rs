@@ -10,39 +10,36 @@
 use std::{process::Command, time::Duration};
 
 use testkit::{
-    LoopDevice, Scratch,
-    replication::{AgentIdentity, ProcessServer, Replicator, failover, points, wait_for_point},
-    require_root,
+    Site,
+    replication::{failover, points, wait_for_point},
 };
 
 const MIB: u64 = 1 << 20;
 
 #[test]
 fn every_recovery_point_passes_the_write_order_checker() {
-    if !require_root("every_recovery_point_passes_the_write_order_checker") {
+    let Some(mut site) = Site::builder("every_recovery_point_passes_the_write_order_checker")
+        .file_target()
+        .start()
+    else {
         return;
-    }
-    let dir = Scratch::new("oracle");
-    let target = format!("file://{}", dir.path.join("target-store").display());
-    let disk = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
-    let mut ps = ProcessServer::start_with_target(&dir.path, Some(&target)).unwrap();
-    let id = AgentIdentity::register(&ps, &dir.path, "oracle-host").unwrap();
+    };
+    let target = site.target().to_owned();
+    let disk = site.loop_device("disk.img", 256 * MIB);
     // A small ring (about 1,300 events): stalling the agent below overflows it.
-    let config = dir.path.join("agent.toml");
+    let config = site.path().join("agent.toml");
     std::fs::write(&config, "ring-bytes = 65536\ncut-interval-ms = 100\n").unwrap();
     // And every 500th data completion hidden from the probe, as the kernel sometimes
     // does (docs/decisions/0005): the agent must notice, re-read, and drop the cuts
     // that waited for the hidden write.
-    let agent = Replicator::start_with_env(
-        &id,
+    let agent = site.replicator_with(
         &[&disk.path],
         &["--config", config.to_str().unwrap()],
         &[(ripcord_agent::capture::FAULT_SKIP_ENV, "500")],
-    )
-    .unwrap();
+    );
     agent.wait_synced(Duration::from_secs(60)).unwrap();
 
-    let log = dir.path.join("oracle.log");
+    let log = site.path().join("oracle.log");
     let mut workload = Command::new(testkit::binary("ripcord-oracle"))
         .args([
             "workload",
@@ -80,16 +77,17 @@ fn every_recovery_point_passes_the_write_order_checker() {
     let stats: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&stats_file).unwrap()).unwrap();
     let d = &stats["disks"][0];
-    let disk_id = id.disk_id(&disk.path).unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
     wait_for_point(
         &target,
         &disk_id,
-        &ps.passphrase_file,
+        &site.ps.passphrase_file,
         d["pushed_seq"].as_u64().unwrap(),
         Duration::from_secs(60),
     )
     .unwrap();
-    ps.stop().unwrap();
+    site.ps.stop().unwrap();
+    let ps = &site.ps;
 
     let all = points(&target, &disk_id, &ps.passphrase_file).unwrap();
     assert!(
@@ -111,7 +109,7 @@ fn every_recovery_point_passes_the_write_order_checker() {
     );
     // Every point: a lost write shows only in the points between it and its next
     // overwrite, so a sample can miss it.
-    let image = dir.path.join("point.img");
+    let image = site.path().join("point.img");
     let mut checked = 0;
     for p in &all {
         let pid = p["id"].as_str().unwrap();

@@ -14,9 +14,8 @@ use std::{
 
 use rand::{RngExt as _, SeedableRng as _};
 use testkit::{
-    LoopDevice, Mount, Scratch, Workload,
+    Mount, Site, Workload,
     replication::{AgentIdentity, ProcessServer, Replicator},
-    require_root,
 };
 
 const MIB: u64 = 1 << 20;
@@ -43,23 +42,20 @@ fn assert_replica_equals(
 
 #[test]
 fn ext4_and_raw_writes_replicate_byte_for_byte() {
-    if !require_root("ext4_and_raw_writes_replicate_byte_for_byte") {
+    let Some(mut site) = Site::new("ext4_and_raw_writes_replicate_byte_for_byte") else {
         return;
-    }
-    let dir = Scratch::new("repl-ext4");
-    let disk = LoopDevice::create(&dir.path.join("disk.img"), 1024 * MIB).unwrap();
+    };
+    let disk = site.loop_device("disk.img", 1024 * MIB);
     // ext4 on the first 768 MiB; raw writes go to the rest.
     testkit::run(
         "mkfs.ext4",
         &["-q", "-F", disk.path.to_str().unwrap(), "786432"],
     )
     .unwrap();
-    let mut ps = ProcessServer::start(&dir.path).unwrap();
-    let id = AgentIdentity::register(&ps, &dir.path, "host-a").unwrap();
-    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    let agent = site.replicator(&[&disk.path]);
 
     // The workload runs while the initial sync is still copying.
-    let mnt = Mount::new(&disk.path, &dir.path.join("mnt"), &["-t", "ext4"]).unwrap();
+    let mnt = Mount::new(&disk.path, &site.path().join("mnt"), &["-t", "ext4"]).unwrap();
     testkit::file_workload(&mnt.dir, 1, 60, 4 << 20).unwrap();
     let mut raw = rand_chacha::ChaCha8Rng::seed_from_u64(2);
     let tail = std::fs::OpenOptions::new()
@@ -79,8 +75,8 @@ fn ext4_and_raw_writes_replicate_byte_for_byte() {
     agent.wait_synced(Duration::from_secs(120)).unwrap();
 
     // Prometheus metrics while replicating.
-    let metrics = http_get(ps.metrics_port, "/metrics");
-    let disk_id = id.disk_id(&disk.path).unwrap();
+    let metrics = http_get(site.ps.metrics_port, "/metrics");
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
     let batches = metric(&metrics, "ripcord_ps_batches_total", &disk_id);
     assert!(
         batches > 10.0,
@@ -98,10 +94,10 @@ fn ext4_and_raw_writes_replicate_byte_for_byte() {
 
     let (ok, log) = agent.stop().unwrap();
     assert!(ok, "agent did not stop cleanly:\n{log}");
-    ps.stop().unwrap();
-    assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, false);
+    site.ps.stop().unwrap();
+    assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), false);
     // The last consistency cut is the quiesced state too.
-    assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, true);
+    assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), true);
 }
 
 /// Writes random 4-64 KiB blocks until stopped.
@@ -122,14 +118,11 @@ fn background_writer(dev: &Path, seed: u64, stop: Arc<AtomicBool>) -> std::threa
 
 #[test]
 fn process_server_kill9_loses_nothing_acknowledged() {
-    if !require_root("process_server_kill9_loses_nothing_acknowledged") {
+    let Some(mut site) = Site::new("process_server_kill9_loses_nothing_acknowledged") else {
         return;
-    }
-    let dir = Scratch::new("repl-ps-kill");
-    let disk = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
-    let mut ps = ProcessServer::start(&dir.path).unwrap();
-    let id = AgentIdentity::register(&ps, &dir.path, "host-b").unwrap();
-    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    };
+    let disk = site.loop_device("disk.img", 256 * MIB);
+    let agent = site.replicator(&[&disk.path]);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = background_writer(&disk.path, 7, Arc::clone(&stop));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
@@ -138,11 +131,11 @@ fn process_server_kill9_loses_nothing_acknowledged() {
         // Kill while the agent streams: wait for its (re)connection, then a random moment.
         let streams = i + 1;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while ps.logs().matches("disk stream open").count() < streams {
+        while site.ps.logs().matches("disk stream open").count() < streams {
             assert!(
                 std::time::Instant::now() < deadline,
                 "agent did not reconnect:\n{}",
-                ps.logs()
+                site.ps.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -152,9 +145,11 @@ fn process_server_kill9_loses_nothing_acknowledged() {
             .map(|s| s["disks"][0]["acked_seq"].as_u64().unwrap_or(0))
             .unwrap_or(0);
         acked_before_kill.push(acked);
-        ps.kill9();
+        site.ps.kill9();
         std::thread::sleep(Duration::from_millis(rng.random_range(50..800)));
-        ps.spawn().unwrap_or_else(|e| panic!("restart {i}: {e:#}"));
+        site.ps
+            .spawn()
+            .unwrap_or_else(|e| panic!("restart {i}: {e:#}"));
     }
     stop.store(true, Ordering::Relaxed);
     let writes = writer.join().unwrap();
@@ -162,12 +157,12 @@ fn process_server_kill9_loses_nothing_acknowledged() {
     agent.wait_synced(Duration::from_secs(120)).unwrap();
     let (ok, log) = agent.stop().unwrap();
     assert!(ok, "agent did not stop cleanly:\n{log}");
-    ps.stop().unwrap();
+    site.ps.stop().unwrap();
     // Nothing acknowledged was lost: the restarted server resumed at or after every ack.
     assert!(
-        ps.logs().matches("disk stream open").count() >= 6,
+        site.ps.logs().matches("disk stream open").count() >= 6,
         "the server did not reopen its journal after each kill:\n{}",
-        ps.logs()
+        site.ps.logs()
     );
     assert!(
         log.matches("disk stream accepted").count() >= 6,
@@ -179,28 +174,25 @@ fn process_server_kill9_loses_nothing_acknowledged() {
         !log.contains("refused"),
         "a restarted server resumed behind an acknowledgement:\n{log}"
     );
-    let disk_id = id.disk_id(&disk.path).unwrap();
-    assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, false);
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), false);
     eprintln!("acked sequence at each kill: {acked_before_kill:?}");
 }
 
 #[test]
 fn agent_kill9_resyncs_to_an_equal_image() {
-    if !require_root("agent_kill9_resyncs_to_an_equal_image") {
+    let Some(mut site) = Site::new("agent_kill9_resyncs_to_an_equal_image") else {
         return;
-    }
-    let dir = Scratch::new("repl-agent-kill");
-    let disk = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
-    let mut ps = ProcessServer::start(&dir.path).unwrap();
-    let id = AgentIdentity::register(&ps, &dir.path, "host-c").unwrap();
+    };
+    let disk = site.loop_device("disk.img", 256 * MIB);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = background_writer(&disk.path, 9, Arc::clone(&stop));
-    let mut agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    let mut agent = site.replicator(&[&disk.path]);
     std::thread::sleep(Duration::from_millis(1500));
     agent.kill9();
     // Writes continue while no agent runs: the restart must resync them.
     std::thread::sleep(Duration::from_millis(500));
-    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    let agent = site.replicator(&[&disk.path]);
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
@@ -211,23 +203,25 @@ fn agent_kill9_resyncs_to_an_equal_image() {
         log.contains("epoch=2"),
         "the restarted agent did not start a new epoch:\n{log}"
     );
-    ps.stop().unwrap();
-    let disk_id = id.disk_id(&disk.path).unwrap();
-    assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, false);
+    site.ps.stop().unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), false);
 }
 
 #[test]
 fn foreign_peers_and_foreign_disks_are_refused() {
-    if !require_root("foreign_peers_and_foreign_disks_are_refused") {
+    // The site's agent is the disk's owner; it runs only in the second part.
+    let Some(mut site) = Site::builder("foreign_peers_and_foreign_disks_are_refused")
+        .machine("owner")
+        .start()
+    else {
         return;
-    }
-    let dir = Scratch::new("repl-refuse");
-    let disk = LoopDevice::create(&dir.path.join("disk.img"), 64 * MIB).unwrap();
-    let mut ps = ProcessServer::start(&dir.path).unwrap();
+    };
+    let disk = site.loop_device("disk.img", 64 * MIB);
 
     // A peer whose certificate comes from another deployment: the handshake fails and
     // nothing reaches the journal or the registry.
-    let other_root = dir.path.join("other");
+    let other_root = site.path().join("other");
     std::fs::create_dir_all(&other_root).unwrap();
     let mut other = ProcessServer::start(&other_root).unwrap();
     let stranger = AgentIdentity::register(&other, &other_root, "stranger").unwrap();
@@ -235,16 +229,16 @@ fn foreign_peers_and_foreign_disks_are_refused() {
     let mut state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(stranger.state_dir.join("state.json")).unwrap())
             .unwrap();
-    state["server"] = format!("127.0.0.1:{}", ps.data_port).into();
+    state["server"] = format!("127.0.0.1:{}", site.ps.data_port).into();
     std::fs::write(stranger.state_dir.join("state.json"), state.to_string()).unwrap();
     let mut intruder = Replicator::start(&stranger, &[&disk.path], &[]).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     intruder.kill9();
     assert!(
-        !ps.dir.join("disks.json").exists(),
+        !site.ps.dir.join("disks.json").exists(),
         "a foreign peer got a disk registered"
     );
-    let cache = ps.dir.join("cache");
+    let cache = site.ps.dir.join("cache");
     assert!(
         !cache.exists() || std::fs::read_dir(&cache).unwrap().next().is_none(),
         "a foreign peer got a journal created"
@@ -256,17 +250,16 @@ fn foreign_peers_and_foreign_disks_are_refused() {
     );
 
     // An agent of this deployment writing a disk another machine owns: refused.
-    let owner = AgentIdentity::register(&ps, &dir.path, "owner").unwrap();
-    let a = Replicator::start(&owner, &[&disk.path], &[]).unwrap();
+    let a = site.replicator(&[&disk.path]);
     a.wait_synced(Duration::from_secs(60)).unwrap();
     let (ok, log) = a.stop().unwrap();
     assert!(ok, "{log}");
-    let disk_id = owner.disk_id(&disk.path).unwrap();
-    let journal = ps.dir.join("cache").join(&disk_id);
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let journal = site.ps.dir.join("cache").join(&disk_id);
     let size_before = dir_size(&journal);
-    let thief = AgentIdentity::register(&ps, &dir.path, "thief").unwrap();
+    let thief = site.register("thief");
     let thief_state = serde_json::json!({
-        "server": format!("127.0.0.1:{}", ps.data_port),
+        "server": format!("127.0.0.1:{}", site.ps.data_port),
         "server_name": "127.0.0.1",
         "disks": { disk.path.to_string_lossy(): { "disk_id": disk_id, "epoch": 5 } },
     });
@@ -286,7 +279,7 @@ fn foreign_peers_and_foreign_disks_are_refused() {
         size_before,
         "the foreign disk's journal changed"
     );
-    ps.stop().unwrap();
+    site.ps.stop().unwrap();
 }
 
 fn http_get(port: u16, path: &str) -> String {

@@ -10,27 +10,28 @@
 //! no other thread runs.
 
 use ripcord_tests::{disaster_drill, verify_store};
-use testkit::{Garage, Scratch, garage::require_garage, require_root};
+use testkit::{Garage, Lab, Site, garage::require_garage};
 
 #[test]
 fn disaster_drill_fails_over_from_an_s3_store_and_passphrase_alone() {
     const NAME: &str = "disaster_drill_fails_over_from_an_s3_store_and_passphrase_alone";
-    if !require_root(NAME) || !require_garage(NAME) {
+    let Some(lab) = Lab::new(NAME) else { return };
+    if !require_garage(NAME) {
         return;
     }
-    let dir = Scratch::new("s3-drill");
-    let garage = Garage::start(&dir.path.join("garage")).unwrap_or_else(|e| panic!("{e:#}"));
+    let garage = Garage::start(&lab.path().join("garage")).unwrap_or_else(|e| panic!("{e:#}"));
     // SAFETY: this is the binary's only test and it has not started any thread; the test
     // harness's main thread only waits for the result and does not touch the environment.
     unsafe { garage.export_env() };
-    let target = garage.url();
+    let mut site = Site::builder(NAME).s3(garage).start_on(lab);
+    let target = site.target().to_owned();
 
-    let pass = disaster_drill(&dir.path, &target);
+    let pass = disaster_drill(&mut site);
 
     let (ok, out, err) = verify_store(&target, &pass);
     assert!(
         ok,
         "verify of the S3 store failed:\n{out}{err}\nGarage log:\n{}",
-        garage.log()
+        site.garage().log()
     );
 }

@@ -3,9 +3,12 @@
 //! single-node Garage server as an S3 target.
 //!
 //! Everything that creates system state (loop devices, mounts) undoes it in `Drop`, so a
-//! failing test does not leave the machine dirty for the next run.
+//! failing test does not leave the machine dirty for the next run. The integration tests
+//! start from [`fixture`]: the root check, a scratch directory, a process server and a
+//! registered agent, dropped in a safe order.
 
 pub mod agent;
+pub mod fixture;
 pub mod garage;
 pub mod ranges;
 pub mod replication;
@@ -13,6 +16,7 @@ pub mod sys;
 pub mod workload;
 
 pub use agent::{AgentEvent, AgentProcess, AgentRun, AgentStats};
+pub use fixture::{Lab, Site};
 pub use garage::Garage;
 pub use sys::{LoopDevice, Mount, run, run_output};
 pub use workload::{Workload, WorkloadReport, file_workload};
