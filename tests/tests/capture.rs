@@ -396,12 +396,11 @@ fn write_merges(dev: &std::path::Path) -> u64 {
 /// requests of up to 128 bios (the probe walked 64 before).
 #[test]
 fn requests_merged_from_many_bios_free_every_entry() {
-    if !require_root("requests_merged_from_many_bios_free_every_entry") {
+    let Some(lab) = Lab::new("requests_merged_from_many_bios_free_every_entry") else {
         return;
-    }
-    let dir = Scratch::new("capture-merge");
-    let lo = LoopDevice::create(&dir.path.join("disk.img"), 256 * MIB).unwrap();
-    let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], &dir.path).unwrap();
+    };
+    let lo = lab.loop_device("disk.img", 256 * MIB);
+    let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], lab.path()).unwrap();
     let merges_before = write_merges(&lo.path);
     let fio = std::process::Command::new("fio")
         .args([

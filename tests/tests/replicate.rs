@@ -326,15 +326,12 @@ fn write_random_at(dev: &Path, offset: u64, len: usize, seed: u64) {
 /// dropped every write past it.
 #[test]
 fn a_grown_device_is_protected_to_its_new_end() {
-    if !require_root("a_grown_device_is_protected_to_its_new_end") {
+    let Some(mut site) = Site::new("a_grown_device_is_protected_to_its_new_end") else {
         return;
-    }
-    let dir = Scratch::new("repl-grow");
-    let backing = dir.path.join("disk.img");
-    let disk = LoopDevice::create(&backing, 64 * MIB).unwrap();
-    let mut ps = ProcessServer::start(&dir.path).unwrap();
-    let id = AgentIdentity::register(&ps, &dir.path, "host-g").unwrap();
-    let agent = Replicator::start(&id, &[&disk.path], &[]).unwrap();
+    };
+    let disk = site.loop_device("disk.img", 64 * MIB);
+    let backing = site.path().join("disk.img");
+    let agent = site.replicator(&[&disk.path]);
     agent.wait_synced(Duration::from_secs(60)).unwrap();
 
     write_random_at(&disk.path, 10 * MIB, 64 << 10, 1);
@@ -369,11 +366,11 @@ fn a_grown_device_is_protected_to_its_new_end() {
     assert!(agent.log().contains("changed size"), "{}", agent.log());
     write_random_at(&disk.path, 120 * MIB, 64 << 10, 3);
 
-    let disk_id = id.disk_id(&disk.path).unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
     let (ok, log) = agent.stop().unwrap();
     assert!(ok, "agent did not stop cleanly:\n{log}");
-    ps.stop().unwrap();
-    assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, false);
+    site.ps.stop().unwrap();
+    assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), false);
 }
 
 /// `discards-read-zero = "no"` (a device that may return old data after a discard, as
@@ -381,21 +378,18 @@ fn a_grown_device_is_protected_to_its_new_end() {
 /// the replica still equals the device.
 #[test]
 fn discards_are_read_back_where_the_device_may_not_zero_them() {
-    if !require_root("discards_are_read_back_where_the_device_may_not_zero_them") {
+    let Some(mut site) = Site::new("discards_are_read_back_where_the_device_may_not_zero_them")
+    else {
         return;
-    }
-    let dir = Scratch::new("repl-discard-read");
-    let disk = LoopDevice::create(&dir.path.join("disk.img"), 64 * MIB).unwrap();
-    let mut ps = ProcessServer::start(&dir.path).unwrap();
-    let id = AgentIdentity::register(&ps, &dir.path, "host-d").unwrap();
-    let config = dir.path.join("agent.toml");
+    };
+    let disk = site.loop_device("disk.img", 64 * MIB);
+    let config = site.path().join("agent.toml");
     std::fs::write(&config, "discards-read-zero = \"no\"\n").unwrap();
     // Data first, so the discards change something.
     for i in 0..8 {
         write_random_at(&disk.path, i * 4 * MIB, (2 * MIB) as usize, i);
     }
-    let agent =
-        Replicator::start(&id, &[&disk.path], &["--config", config.to_str().unwrap()]).unwrap();
+    let agent = site.replicator_with(&[&disk.path], &["--config", config.to_str().unwrap()], &[]);
     agent.wait_synced(Duration::from_secs(60)).unwrap();
     let stats = agent.stats().unwrap();
     assert_eq!(stats["disks"][0]["discards"], "read back", "{stats}");
@@ -409,16 +403,17 @@ fn discards_are_read_back_where_the_device_may_not_zero_them() {
         )
         .unwrap();
     }
-    let disk_id = id.disk_id(&disk.path).unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let stats_file = agent.stats_file.clone();
     let (ok, log) = agent.stop().unwrap();
     assert!(ok, "agent did not stop cleanly:\n{log}");
     let stats: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(id.state_dir.join("stats.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(stats_file).unwrap()).unwrap();
     let read = stats["disks"][0]["bytes_read"].as_u64().unwrap() - read_before;
     assert!(
         read >= 8 * MIB,
         "only {read} bytes read back after discarding 8 MiB: discards taken as zeroes"
     );
-    ps.stop().unwrap();
-    assert_replica_equals(&ps, &disk_id, &disk.path, &dir.path, false);
+    site.ps.stop().unwrap();
+    assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), false);
 }
