@@ -30,6 +30,12 @@
 //! | `CONTROL` | counters and settings (`agent_common::control`) | probes; agent (settings) | never |
 //! | `INFLIGHT` | lock-free table of queued, uncompleted data bios (mmap) | queue probe | completion probes; queue probe on address reuse |
 //! | `WRITE_GEN` | per-region write generations (mmap) | queue probe | never (compared) |
+//! | `AYA_LOGS` | ring of aya-log records | any probe, on a diagnostic | agent (logger) |
+//!
+//! Diagnostics go through aya-log (`AYA_LOGS`, into the agent's `tracing` output): a probe
+//! that cannot read the kernel's structures, a full in-flight table (warn), a scattered
+//! discard (debug). The agent cuts levels at load time (`RIPCORD_BPF_LOG`, default warn),
+//! so the verifier prunes disabled statements and the hot path pays nothing for them.
 //!
 //! On the host (`cargo clippy --workspace`, `cargo test --workspace`) this compiles to an
 //! empty program, so workspace-wide commands need no special casing.
@@ -58,6 +64,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, RingBuf},
     programs::RawTracePointContext,
 };
+use aya_log_ebpf::{debug, warn};
 
 /// Kernel structure offsets and operation codes, set by the agent from BTF.
 #[unsafe(no_mangle)]
@@ -250,6 +257,11 @@ fn fetch_or(ptr: *mut u64, bits: u64) {
 pub fn block_rq_complete(ctx: RawTracePointContext) -> i32 {
     if try_rq_complete(&ctx).is_err() {
         bump(control::COMPLETE_ERRORS);
+        warn!(
+            &ctx,
+            "block_rq_complete: cannot read the kernel's request; its writes stay in flight \
+             and are re-read"
+        );
     }
     0
 }
@@ -332,7 +344,12 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     if flags & op::CHANGES_DATA != 0 && nr != 0 {
         let every = CONTROL.get(control::FAULT_SKIP_EVERY).copied().unwrap_or(0);
         if every != 0 && bump(control::FAULT_COUNTER) % every == every - 1 {
-            return Ok(()); // injected: as if the kernel had not run this program
+            // Injected: as if the kernel had not run this program.
+            debug!(
+                ctx,
+                "fault injection: completion of {} sectors at {} ignored", nr, sector
+            );
+            return Ok(());
         }
     }
     // SAFETY: no preconditions.
@@ -348,6 +365,10 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     // (reported stalled), never zeroes them.
     if flags & op::DISCARD != 0 && !bios_contiguous(&layout, first_bio, sector, nr_bytes)? {
         bump(control::SCATTERED_DISCARDS);
+        debug!(
+            ctx,
+            "a discard of {} sectors at {} holds bios of other ranges: left to re-read", nr, sector
+        );
         return Ok(());
     }
     // Every other request's bios are contiguous, and the tracepoint gives the start of the
@@ -433,6 +454,11 @@ fn bios_contiguous(
 pub fn block_bio_complete(ctx: RawTracePointContext) -> i32 {
     if try_bio_complete(&ctx).is_err() {
         bump(control::COMPLETE_ERRORS);
+        warn!(
+            &ctx,
+            "block_bio_complete: cannot read the kernel's bio; its write stays in flight \
+             and is re-read"
+        );
     }
     0
 }
@@ -561,6 +587,11 @@ fn inflight_put(entry: InflightBio) -> bool {
 pub fn block_bio_queue(ctx: RawTracePointContext) -> i32 {
     if try_bio_queue(&ctx).is_err() {
         bump(control::QUEUE_ERRORS);
+        warn!(
+            &ctx,
+            "block_bio_queue: cannot read the kernel's bio; every protected device is \
+             resynchronised"
+        );
     }
     0
 }
@@ -629,6 +660,14 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
         _pad: 0,
     }) {
         bump(control::UNTRACKED);
+        warn!(
+            ctx,
+            "in-flight table full: a write at sector {} of disk {}:{} is not tracked; every \
+             protected device is resynchronised",
+            sector,
+            dev >> 20,
+            dev & 0xf_ffff
+        );
     }
     let end = sector.saturating_add(nr as u64);
     let count = disk.count as usize;

@@ -92,6 +92,8 @@ pub struct GenSnapshot {
 /// The loaded and attached capture programs.
 pub struct Capture {
     ebpf: Ebpf,
+    /// The programs' aya-log records, forwarded to `tracing` whenever events are drained.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     links: Vec<(&'static str, RawTracePointLinkId)>,
     ring: RingBuf<MapData>,
     positions: RingPositions,
@@ -134,6 +136,24 @@ fn fault_skip_every() -> anyhow::Result<Option<u64>> {
     }
 }
 
+/// Environment variable choosing which of the BPF programs' diagnostics are compiled in at
+/// load time: `off`, `error`, `warn` (default), `info`, `debug` or `trace`.
+pub const BPF_LOG_ENV: &str = "RIPCORD_BPF_LOG";
+
+/// The aya-log level for [`BPF_LOG_ENV`] (statements above it are pruned by the verifier).
+fn bpf_log_level() -> anyhow::Result<u8> {
+    let v = std::env::var(BPF_LOG_ENV).unwrap_or_else(|_| "warn".to_owned());
+    Ok(match v.to_ascii_lowercase().as_str() {
+        "off" => 0,
+        "error" => aya_log::Level::Error as u8,
+        "warn" => aya_log::Level::Warn as u8,
+        "info" => aya_log::Level::Info as u8,
+        "debug" => aya_log::Level::Debug as u8,
+        "trace" => aya_log::Level::Trace as u8,
+        _ => anyhow::bail!("{BPF_LOG_ENV}={v:?}: expected off, error, warn, info, debug or trace"),
+    })
+}
+
 /// The programs, in attach order (each is a raw tracepoint of the same name).
 const PROGRAMS: [&str; 3] = ["block_rq_complete", "block_bio_complete", "block_bio_queue"];
 const QUEUE_PROBE: &str = "block_bio_queue";
@@ -162,7 +182,9 @@ impl Capture {
             }
         }
         let layout = btf::block_layout(&btf::Btf::kernel()?)?;
+        let log_level = bpf_log_level()?;
         let mut loader = EbpfLoader::new();
+        loader.override_global(aya_log::LEVEL, &log_level, false);
         loader.override_global("LAYOUT", &layout, true);
         loader.override_global("WAKEUP_BYTES", &config.wakeup_bytes, true);
         loader.map_max_entries("EVENTS", config.ring_bytes);
@@ -196,6 +218,13 @@ impl Capture {
             }
         }
 
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("no diagnostics from the BPF programs: {e}");
+                None
+            }
+        };
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
         let positions = RingPositions::new(ring.as_fd().as_raw_fd())?;
         let stats = Array::try_from(ebpf.take_map("STATS").context("map STATS")?)?;
@@ -234,6 +263,7 @@ impl Capture {
         }
         Ok(Capture {
             ebpf,
+            logger,
             links,
             ring,
             positions,
@@ -300,6 +330,9 @@ impl Capture {
         &mut self,
         mut f: impl FnMut(ChangeEvent),
     ) -> Result<usize, event::DecodeError> {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
         let mut n = 0;
         while let Some(item) = self.ring.next() {
             let event = event::decode(&item)?;

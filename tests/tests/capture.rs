@@ -449,3 +449,33 @@ fn requests_merged_from_many_bios_free_every_entry() {
     let written: ExtentSet = [(0, 64 * MIB / 512)].into_iter().collect();
     assert_same(&union(&run.ranges(&dev, true)), &written);
 }
+
+/// The BPF programs' diagnostics reach the agent's log through aya-log, at the level
+/// chosen at load time: with `RIPCORD_BPF_LOG=debug`, every completion the fault injection
+/// hides is logged by the probe itself; at the default level (warn) none is.
+#[test]
+fn bpf_diagnostics_reach_the_agent_log_at_the_chosen_level() {
+    let Some(lab) = Lab::new("bpf_diagnostics_reach_the_agent_log_at_the_chosen_level") else {
+        return;
+    };
+    let lo = lab.loop_device("disk.img", 64 * MIB);
+    let message = "fault injection: completion of";
+    for (level, expect) in [("debug", true), ("warn", false)] {
+        let env = [
+            (ripcord_agent::capture::FAULT_SKIP_ENV, "4"),
+            (ripcord_agent::capture::BPF_LOG_ENV, level),
+            ("RIPCORD_LOG", "debug"),
+        ];
+        let watcher =
+            AgentProcess::watch_with_env(&agent(), &[&lo.path], &[], &env, lab.path()).unwrap();
+        let mut w = Workload::new(&lo.path, 7).unwrap();
+        w.direct_writes(64).unwrap();
+        let run = watcher.stop().unwrap();
+        assert_eq!(
+            run.stderr.contains(message),
+            expect,
+            "RIPCORD_BPF_LOG={level}: agent log:\n{}",
+            run.stderr
+        );
+    }
+}
