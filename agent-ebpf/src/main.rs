@@ -50,21 +50,31 @@
 )]
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code))]
 
+mod atomic;
+mod emit;
+mod inflight;
+mod kernel;
+
 use agent_common::{
-    BlockLayout, ChangeEvent, DiskRanges, INFLIGHT_CLAIMING, INFLIGHT_PROBES, INFLIGHT_SLOTS,
-    InflightBio, MAX_BIOS_PER_REQUEST, MAX_GEN_REGIONS_PER_WRITE, MAX_OVERFLOW_BITS_PER_EVENT,
-    MAX_RANGES_PER_DISK, MAX_SLOTS, OVERFLOW_BITS_PER_SLOT, OVERFLOW_WORDS,
-    OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT,
-    control, inflight_slot, kernel_dev, op, write_gen_index,
+    BlockLayout, DiskRanges, INFLIGHT_SLOTS, InflightBio, MAX_BIOS_PER_REQUEST,
+    MAX_GEN_REGIONS_PER_WRITE, MAX_RANGES_PER_DISK, MAX_SLOTS, OVERFLOW_WORDS, SlotStats,
+    WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT, control, op, write_gen_index,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    bindings::BPF_F_MMAPABLE,
+    helpers::bpf_ktime_get_ns,
     macros::{map, raw_tracepoint},
     maps::{Array, HashMap, RingBuf},
     programs::RawTracePointContext,
 };
 use aya_log_ebpf::{debug, warn};
+
+use crate::{
+    atomic::fetch_inc,
+    emit::{bump, emit_on_disk},
+    inflight::{inflight_put, inflight_take},
+    kernel::{Window, disk_dev, kread, read_bio},
+};
 
 /// Kernel structure offsets and operation codes, set by the agent from BTF.
 #[unsafe(no_mangle)]
@@ -117,141 +127,7 @@ static INFLIGHT: Array<InflightBio> = Array::with_max_entries(INFLIGHT_SLOTS, BP
 #[map]
 static WRITE_GEN: Array<u64> = Array::with_max_entries(WRITE_GEN_ENTRIES, BPF_F_MMAPABLE);
 
-#[inline(always)]
-fn global<T: Copy>(v: &T) -> T {
-    // SAFETY: a volatile read of a static keeps the compiler from folding the placeholder
-    // value; the loader patches the real value into .rodata.
-    unsafe { core::ptr::read_volatile(v) }
-}
-
-/// Read a `T` at `base + offset` of kernel memory.
-#[inline(always)]
-fn kread<T>(base: u64, offset: u32) -> Result<T, i32> {
-    // SAFETY: bpf_probe_read_kernel checks the address; a bad one yields Err.
-    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.map_err(|_| -1)
-}
-
-/// The first `LAYOUT_WINDOW_BYTES` of a kernel structure, read at once.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Window([u64; (agent_common::LAYOUT_WINDOW_BYTES / 8) as usize]);
-
-impl Window {
-    /// The u64 at byte `offset` (8-aligned, in the window: the agent checked).
-    #[inline(always)]
-    fn u64_at(&self, offset: u32) -> u64 {
-        self.0[((offset >> 3) & 7) as usize]
-    }
-
-    /// The u32 at byte `offset` (4-aligned, in the window), little-endian.
-    #[inline(always)]
-    fn u32_at(&self, offset: u32) -> u32 {
-        (self.u64_at(offset) >> ((offset & 4) * 8)) as u32
-    }
-}
-
-/// Kernel `dev_t` of a `struct gendisk *`.
-#[inline(always)]
-fn disk_dev(layout: &BlockLayout, disk: u64) -> Result<u32, i32> {
-    if disk == 0 {
-        return Ok(0); // no disk (the tracepoint reports dev 0): never protected
-    }
-    if layout.disk_first_minor == layout.disk_major + 4 {
-        // Adjacent (as in every kernel so far): one read instead of two.
-        let both: u64 = kread(disk, layout.disk_major)?;
-        return Ok(kernel_dev(both as u32, (both >> 32) as u32));
-    }
-    let major: i32 = kread(disk, layout.disk_major)?;
-    let minor: i32 = kread(disk, layout.disk_first_minor)?;
-    Ok(kernel_dev(major as u32, minor as u32))
-}
-
-/// Atomic `*ptr += 1`, returning the old value. SeqCst: LLVM's BPF backend lowers a
-/// relaxed fetch-and-add whose result is used to the plain (non-fetching) instruction.
-#[cfg(target_arch = "bpf")]
-#[inline(always)]
-fn fetch_inc(ptr: *mut u64) -> u64 {
-    use core::intrinsics::{AtomicOrdering, atomic_xadd};
-    // SAFETY: `ptr` points into a map value, valid for the program's run and 8-aligned.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(ptr, 1) }
-}
-
-/// Atomic `*ptr |= bits`.
-#[cfg(target_arch = "bpf")]
-#[inline(always)]
-fn fetch_or(ptr: *mut u64, bits: u64) {
-    use core::intrinsics::{AtomicOrdering, atomic_or};
-    // SAFETY: as in `fetch_inc`.
-    unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, bits) };
-}
-
-/// Atomic compare-and-swap of `*ptr` from `old` to `new`; returns the previous value (the
-/// swap happened if it equals `old`).
-#[cfg(target_arch = "bpf")]
-#[inline(always)]
-fn cas(ptr: *mut u64, old: u64, new: u64) -> u64 {
-    use core::intrinsics::{AtomicOrdering, atomic_cxchg};
-    // SAFETY: as in `fetch_inc`.
-    unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(ptr, old, new)
-    }
-    .0
-}
-
 // Host builds (type-checking only): the same operations through core's atomics.
-#[cfg(not(target_arch = "bpf"))]
-fn cas(ptr: *mut u64, old: u64, new: u64) -> u64 {
-    // SAFETY: as above.
-    match unsafe { core::sync::atomic::AtomicU64::from_ptr(ptr) }.compare_exchange(
-        old,
-        new,
-        core::sync::atomic::Ordering::SeqCst,
-        core::sync::atomic::Ordering::SeqCst,
-    ) {
-        Ok(v) | Err(v) => v,
-    }
-}
-
-/// A volatile load of `*ptr` (a slot another CPU may change).
-#[inline(always)]
-fn load(ptr: *const u64) -> u64 {
-    // SAFETY: `ptr` points into a map value, valid for the program's run.
-    unsafe { core::ptr::read_volatile(ptr) }
-}
-
-/// Free the in-flight slot of `bio`, if it has one; returns the entry it held.
-#[inline(always)]
-fn inflight_take(bio: u64) -> Option<InflightBio> {
-    for p in 0..INFLIGHT_PROBES {
-        let Some(e) = INFLIGHT.get_ptr_mut(inflight_slot(bio, p)) else {
-            continue;
-        };
-        // SAFETY: `e` is a valid map value pointer; the field address is in bounds.
-        let key = unsafe { &raw mut (*e).bio };
-        if load(key) != bio {
-            continue;
-        }
-        // SAFETY: as above; a copy (fields may be rewritten once the slot is freed).
-        let entry = unsafe { core::ptr::read_volatile(e) };
-        if cas(key, bio, 0) == bio {
-            return Some(entry);
-        }
-    }
-    None
-}
-#[cfg(not(target_arch = "bpf"))]
-fn fetch_inc(ptr: *mut u64) -> u64 {
-    // SAFETY: as above.
-    unsafe { core::sync::atomic::AtomicU64::from_ptr(ptr) }
-        .fetch_add(1, core::sync::atomic::Ordering::SeqCst)
-}
-
-#[cfg(not(target_arch = "bpf"))]
-fn fetch_or(ptr: *mut u64, bits: u64) {
-    // SAFETY: as above.
-    unsafe { core::sync::atomic::AtomicU64::from_ptr(ptr) }
-        .fetch_or(bits, core::sync::atomic::Ordering::Relaxed);
-}
 
 #[raw_tracepoint(tracepoint = "block_rq_complete")]
 pub fn block_rq_complete(ctx: RawTracePointContext) -> i32 {
@@ -264,38 +140,6 @@ pub fn block_rq_complete(ctx: RawTracePointContext) -> i32 {
         );
     }
     0
-}
-
-#[inline(always)]
-fn bump(index: u32) -> u64 {
-    match CONTROL.get_ptr_mut(index) {
-        Some(p) => fetch_inc(p),
-        None => 0,
-    }
-}
-
-/// Emit `flags` for `[sector, sector + nr)` of disk `dev` (absolute sectors) on every
-/// protected range it touches; `nr == 0` (a flush) goes to every range of the disk.
-#[inline(always)]
-fn emit_on_disk(disk: &DiskRanges, sector: u64, nr: u32, flags: u32, error: i32, now: u64) {
-    let end = sector.saturating_add(nr as u64);
-    let count = disk.count as usize;
-    for i in 0..MAX_RANGES_PER_DISK {
-        if i >= count {
-            break;
-        }
-        let r = &disk.ranges[i];
-        if nr == 0 {
-            emit(r, 0, 0, flags, error, now);
-            continue;
-        }
-        let lo = if sector > r.start { sector } else { r.start };
-        let r_end = r.start.saturating_add(r.len);
-        let hi = if end < r_end { end } else { r_end };
-        if lo < hi {
-            emit(r, lo - r.start, (hi - lo) as u32, flags, error, now);
-        }
-    }
 }
 
 fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
@@ -399,25 +243,6 @@ fn take_completed_bios(layout: &BlockLayout, first_bio: u64, nr_bytes: u32) -> R
     Ok(())
 }
 
-/// `bi_next`, `bi_iter.bi_sector` and `bi_iter.bi_size` of a bio.
-#[inline(always)]
-fn read_bio(layout: &BlockLayout, bio: u64) -> Result<(u64, u64, u64), i32> {
-    Ok(if layout.bio_window != 0 {
-        let w: Window = kread(bio, 0)?;
-        (
-            w.u64_at(layout.bio_next),
-            w.u64_at(layout.bio_sector),
-            w.u32_at(layout.bio_size) as u64,
-        )
-    } else {
-        (
-            kread::<u64>(bio, layout.bio_next)?,
-            kread::<u64>(bio, layout.bio_sector)?,
-            kread::<u32>(bio, layout.bio_size)? as u64,
-        )
-    })
-}
-
 /// Whether the bios a completion of `nr_bytes` at `sector` ends are one contiguous run
 /// from `sector` (false when the walk cannot tell: more bios than it covers).
 #[inline(always)]
@@ -488,99 +313,6 @@ fn try_bio_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     emit_on_disk(disk, entry.sector, entry.sectors, flags, status as i32, now);
     Ok(())
-}
-
-#[inline(always)]
-fn emit(r: &ProtectedRange, sector: u64, sectors: u32, flags: u32, error: i32, now: u64) {
-    let Some(stats) = STATS.get_ptr_mut(r.slot) else {
-        return;
-    };
-    // SAFETY: `stats` is a valid map value pointer; the field address is in bounds.
-    let seq = fetch_inc(unsafe { &raw mut (*stats).seq });
-    let event = ChangeEvent {
-        time_ns: now,
-        seq,
-        sector,
-        sectors,
-        slot: r.slot,
-        op: flags,
-        error,
-    };
-    match EVENTS.reserve::<ChangeEvent>(0) {
-        Some(mut entry) => {
-            entry.write(event);
-            let wake = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= global(&WAKEUP_BYTES) {
-                BPF_RB_FORCE_WAKEUP
-            } else {
-                BPF_RB_NO_WAKEUP
-            };
-            entry.submit(wake as u64);
-        }
-        None => {
-            // SAFETY: as above.
-            fetch_inc(unsafe { &raw mut (*stats).dropped });
-            if flags & op::LOST != 0 {
-                bump(control::LOST_DROPPED);
-            }
-            if flags & op::CHANGES_DATA != 0 {
-                mark_overflow(r, sector, sectors as u64, stats);
-            }
-        }
-    }
-}
-
-#[inline(always)]
-fn mark_overflow(r: &ProtectedRange, sector: u64, sectors: u64, stats: *mut SlotStats) {
-    if sectors == 0 {
-        return;
-    }
-    let shift = r.overflow_shift & 63;
-    let first = sector >> shift;
-    let last = (sector + sectors - 1) >> shift;
-    if last - first >= MAX_OVERFLOW_BITS_PER_EVENT || last >= OVERFLOW_BITS_PER_SLOT {
-        // SAFETY: as in `emit`.
-        fetch_inc(unsafe { &raw mut (*stats).overflow_all });
-        return;
-    }
-    let base = r.slot as u64 * OVERFLOW_WORDS_PER_SLOT as u64;
-    for i in 0..MAX_OVERFLOW_BITS_PER_EVENT {
-        let bit = first + i;
-        if bit > last {
-            break;
-        }
-        let word = (base + (bit >> 6)) as u32;
-        if let Some(p) = OVERFLOW.get_ptr_mut(word) {
-            fetch_or(p, 1 << (bit & 63));
-        }
-    }
-}
-
-/// Claim a free slot among `entry.bio`'s probes and publish `entry` in it; false if all
-/// are taken.
-#[inline(always)]
-fn inflight_put(entry: InflightBio) -> bool {
-    for p in 0..INFLIGHT_PROBES {
-        let Some(e) = INFLIGHT.get_ptr_mut(inflight_slot(entry.bio, p)) else {
-            continue;
-        };
-        // SAFETY: `e` is a valid map value pointer; the field addresses are in bounds.
-        let key = unsafe { &raw mut (*e).bio };
-        if load(key) != 0 || cas(key, 0, INFLIGHT_CLAIMING) != 0 {
-            continue;
-        }
-        // SAFETY: the slot is ours until published; readers skip a claiming slot.
-        unsafe {
-            core::ptr::write_volatile(&raw mut (*e).queued_ns, entry.queued_ns);
-            core::ptr::write_volatile(&raw mut (*e).sector, entry.sector);
-            core::ptr::write_volatile(&raw mut (*e).dev, entry.dev);
-            core::ptr::write_volatile(&raw mut (*e).sectors, entry.sectors);
-            core::ptr::write_volatile(&raw mut (*e).op, entry.op);
-        }
-        // Publishing with a full barrier: the fields are visible before the key.
-        cas(key, INFLIGHT_CLAIMING, entry.bio);
-        return true;
-    }
-    false
 }
 
 #[raw_tracepoint(tracepoint = "block_bio_queue")]

@@ -9,10 +9,9 @@ use std::{
 };
 
 use agent_common::{
-    ChangeEvent, DEFAULT_RING_BYTES, DiskRanges, INFLIGHT_CLAIMING, INFLIGHT_SLOTS,
-    INFLIGHT_WORDS_PER_SLOT, InflightBio, MAX_RANGES_PER_DISK, MAX_SLOTS, OVERFLOW_WORDS,
-    OVERFLOW_WORDS_PER_SLOT, ProtectedRange, SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT,
-    control, write_gen_index,
+    ChangeEvent, DEFAULT_RING_BYTES, DiskRanges, INFLIGHT_SLOTS, INFLIGHT_WORDS_PER_SLOT,
+    MAX_RANGES_PER_DISK, MAX_SLOTS, OVERFLOW_WORDS, OVERFLOW_WORDS_PER_SLOT, ProtectedRange,
+    SlotStats, WRITE_GEN_ENTRIES, WRITE_GEN_REGION_SHIFT, control, write_gen_index,
 };
 use anyhow::{Context as _, bail, ensure};
 use aya::{
@@ -28,6 +27,10 @@ use crate::{
     extents::ExtentSet,
     mmap::{MmapWords, RingPositions, page_size},
 };
+
+mod inflight;
+
+pub use inflight::Stalled;
 
 /// How long a queued write may stay without a reported completion before it is treated
 /// as unseen ([`Capture::stalled`]): it is reported once, its range is re-read, and later
@@ -108,15 +111,6 @@ pub struct Capture {
     missed_seen: Vec<u64>,
     /// In-flight writes (bio address, queue time) already reported by [`Capture::stalled`].
     reported: std::collections::HashSet<(u64, u64)>,
-}
-
-/// A queued write whose completion was never reported (see [`Capture::stalled`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stalled {
-    /// The bio's address and queue time.
-    pub id: (u64, u64),
-    /// (slot, device-relative sector, sectors) of every protected device it touches.
-    pub ranges: Vec<(usize, u64, u64)>,
 }
 
 /// Test-only fault injection: `RIPCORD_FAULT_SKIP_COMPLETIONS=N` makes the completion
@@ -409,74 +403,6 @@ impl Capture {
         self.control.get(&index, 0).unwrap_or(0)
     }
 
-    /// Queued writes without a reported completion for longer than `after`, each returned
-    /// once. Their completion happened unseen (or the device is stuck): the caller must
-    /// read their ranges back. The entries stay in the map, so a completion that does
-    /// come later is still reported.
-    pub fn stalled(&mut self, after: Duration) -> Vec<Stalled> {
-        let snapshot = self.inflight();
-        self.stalled_in(&snapshot, after)
-    }
-
-    /// [`Capture::stalled`] over a snapshot the caller already took.
-    pub fn stalled_in(&mut self, snapshot: &[InflightBio], after: Duration) -> Vec<Stalled> {
-        let now = crate::clock::now_mono_ns();
-        let limit = after.as_nanos() as u64;
-        let mut out = Vec::new();
-        for b in snapshot {
-            let id = (b.bio, b.queued_ns);
-            if now.saturating_sub(b.queued_ns) < limit || !self.reported.insert(id) {
-                continue;
-            }
-            let ranges = self.protected_ranges(b);
-            out.push(Stalled { id, ranges });
-        }
-        // Forget reports whose slot is gone (freed by a late completion or reused), so the
-        // set stays small.
-        if self.reported.len() > 4 * INFLIGHT_SLOTS as usize {
-            let live: std::collections::HashSet<(u64, u64)> = self
-                .inflight()
-                .iter()
-                .map(|b| (b.bio, b.queued_ns))
-                .collect();
-            self.reported.retain(|id| live.contains(id));
-        }
-        out
-    }
-
-    /// Data bios queued on protected disks whose completion has not been reported. Most
-    /// are in flight; one that stays long was completed without the completion probe
-    /// being run. Every write in the table for the whole walk is in the result; one
-    /// claimed or freed during it may or may not be.
-    pub fn inflight(&self) -> Vec<InflightBio> {
-        let w = |i: usize| self.inflight.word(i).load(Ordering::Acquire);
-        let mut out = Vec::new();
-        for slot in 0..INFLIGHT_SLOTS as usize {
-            let base = slot * INFLIGHT_WORDS_PER_SLOT as usize;
-            let bio = w(base);
-            if bio <= INFLIGHT_CLAIMING {
-                continue;
-            }
-            let (queued_ns, sector, dev_sectors, op) =
-                (w(base + 1), w(base + 2), w(base + 3), w(base + 4));
-            // Rewritten meanwhile (freed and claimed again): that write is newer than
-            // the walk's start, so skipping it is safe.
-            if w(base) != bio || w(base + 1) != queued_ns {
-                continue;
-            }
-            out.push(InflightBio {
-                bio,
-                queued_ns,
-                sector,
-                dev: dev_sectors as u32,
-                sectors: (dev_sectors >> 32) as u32,
-                op: op as u32,
-                _pad: 0,
-            });
-        }
-        out
-    }
-
     /// Skipped runs of program `name` (0 if it is not loaded or the kernel cannot say).
     fn recursion_misses(&self, name: &str) -> u64 {
         let Some(fd) = self.ebpf.program(name).and_then(|p| p.fd().ok()) else {
@@ -558,33 +484,6 @@ impl Capture {
     pub fn raced_anywhere_since(&self, snap: &GenSnapshot) -> bool {
         self.missed_queues() != snap.queue_misses
             || (0..self.devices.len()).any(|slot| self.stats(slot).wide_gen != snap.wide[slot])
-    }
-
-    /// (slot, device-relative sector, sectors) of every protected range the not yet
-    /// reported in-flight writes of `snapshot` touch. A round reads them after its
-    /// instant: one of them may have completed before it without the completion probe
-    /// running, and reading the range after the instant captures it either way.
-    pub fn unreported_ranges(&self, snapshot: &[InflightBio]) -> Vec<(usize, u64, u64)> {
-        snapshot
-            .iter()
-            .filter(|b| !self.reported.contains(&(b.bio, b.queued_ns)))
-            .flat_map(|b| self.protected_ranges(b))
-            .collect()
-    }
-
-    /// The parts of `bio` on protected devices, as (slot, device-relative sector, sectors).
-    fn protected_ranges(&self, bio: &InflightBio) -> Vec<(usize, u64, u64)> {
-        let end = bio.sector.saturating_add(u64::from(bio.sectors));
-        self.devices
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| d.disk.kernel() == bio.dev)
-            .filter_map(|(slot, d)| {
-                let lo = bio.sector.max(d.start);
-                let hi = end.min(d.start + d.sectors);
-                (lo < hi).then_some((slot, lo - d.start, hi - lo))
-            })
-            .collect()
     }
 
     /// Detach the programs: no event is produced after this returns. Events already in
