@@ -289,9 +289,15 @@ pub fn block_bio_complete(ctx: RawTracePointContext) -> i32 {
 }
 
 /// `block_bio_complete(struct request_queue *, struct bio *)`: fires for traced bios that
-/// end without a request completion tracing them (bio-based drivers, bios failed before
-/// a request was allocated); the request path clears the bio's trace flag instead. The
-/// bio's iterator may have advanced, so the range comes from the queue-time entry.
+/// end without a request completion tracing them (bio-based drivers such as zram, md and
+/// device-mapper, and bios failed before a request was allocated); the request path
+/// clears the bio's trace flag instead. The bio's iterator may have advanced, so the range
+/// comes from the queue-time entry.
+///
+/// A data bio on a protected disk without an entry was queued before the queue probe was
+/// attached (or found the table full, which the queue probe counts): its range is
+/// unknown, so every protected range of its disk is marked for resynchronisation
+/// (`overflow_all`), as for an event too wide for the bitmap.
 fn try_bio_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     // SAFETY: as in `try_rq_complete`.
     let layout: BlockLayout = unsafe { core::ptr::read_volatile(&LAYOUT) };
@@ -299,7 +305,7 @@ fn try_bio_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     // Read before taking the entry: on failure it stays and the agent re-reads the range.
     let status: u8 = kread(bio, layout.bio_status)?;
     let Some(entry) = inflight_take(bio) else {
-        return Ok(());
+        return untracked_bio_complete(ctx, &layout, bio);
     };
     // SAFETY: the value is only read in this program run.
     let Some(disk) = (unsafe { PROTECTED.get(entry.dev) }) else {
@@ -312,6 +318,51 @@ fn try_bio_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     emit_on_disk(disk, entry.sector, entry.sectors, flags, status as i32, now);
+    Ok(())
+}
+
+/// A completed bio without an in-flight entry (see `try_bio_complete`).
+#[inline(always)]
+fn untracked_bio_complete(
+    ctx: &RawTracePointContext,
+    layout: &BlockLayout,
+    bio: u64,
+) -> Result<(), i32> {
+    let (bdev, opf) = if layout.bio_window != 0 {
+        let w: Window = kread(bio, 0)?;
+        (w.u64_at(layout.bio_bdev), w.u32_at(layout.bio_opf))
+    } else {
+        (
+            kread::<u64>(bio, layout.bio_bdev)?,
+            kread::<u32>(bio, layout.bio_opf)?,
+        )
+    };
+    if layout.op_flags(opf) & op::CHANGES_DATA == 0 {
+        return Ok(());
+    }
+    let disk: u64 = kread(bdev, layout.bdev_disk)?;
+    let dev = disk_dev(layout, disk)?;
+    // SAFETY: the value is only read in this program run.
+    let Some(disk) = (unsafe { PROTECTED.get(dev) }) else {
+        return Ok(());
+    };
+    let count = disk.count as usize;
+    for i in 0..MAX_RANGES_PER_DISK {
+        if i >= count {
+            break;
+        }
+        if let Some(stats) = STATS.get_ptr_mut(disk.ranges[i].slot) {
+            // SAFETY: `stats` is a valid map value pointer; the field address is in bounds.
+            fetch_inc(unsafe { &raw mut (*stats).overflow_all });
+        }
+    }
+    warn!(
+        ctx,
+        "an untracked write on disk {}:{} completed (queued before the probes attached): \
+         resynchronising its protected devices",
+        dev >> 20,
+        dev & 0xf_ffff
+    );
     Ok(())
 }
 

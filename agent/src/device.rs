@@ -66,6 +66,11 @@ pub enum DeviceError {
     Sysfs { path: PathBuf, contents: String },
     #[error("{0} has size 0 (a loop device without a backing file?)")]
     Empty(PathBuf),
+    #[error(
+        "{path} is a zoned device ({model}): its zone-append writes land where the device \
+         chooses, which the probes cannot see; zoned devices are not supported"
+    )]
+    Zoned { path: PathBuf, model: String },
 }
 
 fn read_sysfs(path: &Path) -> Result<String, DeviceError> {
@@ -118,6 +123,15 @@ impl BlockDevice {
             (dev, 0, sys)
         };
         let logical_block_size = read_u64(&disk_sys.join("queue/logical_block_size"))? as u32;
+        // `none` on every conventional device; absent on kernels without zoned support.
+        let zoned = std::fs::read_to_string(disk_sys.join("queue/zoned")).unwrap_or_default();
+        let zoned = zoned.trim();
+        if !zoned.is_empty() && zoned != "none" {
+            return Err(DeviceError::Zoned {
+                path: path.to_owned(),
+                model: zoned.to_owned(),
+            });
+        }
         Ok(BlockDevice {
             path: path.to_owned(),
             dev,

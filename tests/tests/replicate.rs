@@ -417,3 +417,44 @@ fn discards_are_read_back_where_the_device_may_not_zero_them() {
     site.ps.stop().unwrap();
     assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), false);
 }
+
+/// A bio-based device (zram: its bios complete without a request, through
+/// `block_bio_complete`, whose probe knows a bio's range only from its queue-time entry),
+/// protected while writes run: a write in flight when the probes attach has no entry, and
+/// its completion must still be accounted for (the disk is resynchronised). The replica
+/// equals the device.
+#[test]
+fn a_bio_based_device_replicates_with_writes_running_at_attach() {
+    let Some(mut site) = Site::new("a_bio_based_device_replicates_with_writes_running_at_attach")
+    else {
+        return;
+    };
+    let zram = testkit::Zram::create(64 * MIB).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (dev, stop) = (zram.path.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut w = Workload::new(&dev, 11).unwrap();
+            let mut n = 0u64;
+            // 4 KiB-aligned (zram's logical block size), 16 at a time.
+            while !stop.load(Ordering::Relaxed) {
+                w.uring_writes(1, 16).unwrap();
+                n += 16;
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let agent = site.replicator(&[&zram.path]);
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert!(writes > 100, "only {writes} writes ran");
+
+    let disk_id = site.id.disk_id(&zram.path).unwrap();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent did not stop cleanly:\n{log}");
+    site.ps.stop().unwrap();
+    assert_replica_equals(&site.ps, &disk_id, &zram.path, site.path(), false);
+}

@@ -87,14 +87,16 @@ impl Capture {
         out
     }
 
-    /// (slot, device-relative sector, sectors) of every protected range the not yet
-    /// reported in-flight writes of `snapshot` touch. A round reads them after its
-    /// instant: one of them may have completed before it without the completion probe
-    /// running, and reading the range after the instant captures it either way.
-    pub fn unreported_ranges(&self, snapshot: &[InflightBio]) -> Vec<(usize, u64, u64)> {
+    /// (slot, device-relative sector, sectors) of every protected range the in-flight
+    /// writes of `snapshot` touch. A round reads them after its instant: one of them may
+    /// have completed before it without the completion probe running, and reading the
+    /// range after the instant captures it either way. Writes already reported stalled
+    /// stay in: one may still complete unseen later (a slow device, not a lost
+    /// completion), and every cut until its entry goes must read its range after the
+    /// cut's instant, or the cut would claim a state without it.
+    pub fn inflight_ranges(&self, snapshot: &[InflightBio]) -> Vec<(usize, u64, u64)> {
         snapshot
             .iter()
-            .filter(|b| !self.reported.contains(&(b.bio, b.queued_ns)))
             .flat_map(|b| self.protected_ranges(b))
             .collect()
     }

@@ -33,8 +33,9 @@ mod inflight;
 pub use inflight::Stalled;
 
 /// How long a queued write may stay without a reported completion before it is treated
-/// as unseen ([`Capture::stalled`]): it is reported once, its range is re-read, and later
-/// rounds stop reading it as in flight.
+/// as unseen ([`Capture::stalled`]): it is reported once and its range is re-read; later
+/// rounds keep reading it as in flight until its entry goes (see
+/// [`Capture::inflight_ranges`]).
 pub const LOST_AFTER: Duration = Duration::from_secs(3);
 
 /// The BPF object built by build.rs.

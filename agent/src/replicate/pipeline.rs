@@ -388,7 +388,7 @@ pub fn round(
         }
     }
     let mut inflight_ranges: Vec<Vec<(u64, u64)>> = vec![Vec::new(); disks.len()];
-    for (slot, sector, sectors) in capture.unreported_ranges(&inflight) {
+    for (slot, sector, sectors) in capture.inflight_ranges(&inflight) {
         if let Some(r) = inflight_ranges.get_mut(slot) {
             r.push((sector, sectors));
         }

@@ -18,7 +18,7 @@ pub mod workload;
 pub use agent::{AgentEvent, AgentProcess, AgentRun, AgentStats};
 pub use fixture::{Lab, Site};
 pub use garage::Garage;
-pub use sys::{LoopDevice, Mount, run, run_output};
+pub use sys::{LoopDevice, Mount, Zram, run, run_output};
 pub use workload::{Workload, WorkloadReport, file_workload};
 
 use std::path::PathBuf;

@@ -147,6 +147,50 @@ impl Drop for LoopDevice {
     }
 }
 
+/// A zram device (a bio-based block device: its bios complete without a request),
+/// hot-added for one test and removed on drop.
+pub struct Zram {
+    pub path: PathBuf,
+    id: u32,
+}
+
+impl Zram {
+    /// A new zram device of `size` bytes (`/sys/class/zram-control/hot_add`).
+    pub fn create(size: u64) -> anyhow::Result<Zram> {
+        let id: u32 = std::fs::read_to_string("/sys/class/zram-control/hot_add")
+            .context("adding a zram device (is the zram module loaded?)")?
+            .trim()
+            .parse()
+            .context("parsing zram-control/hot_add")?;
+        let zram = Zram {
+            path: PathBuf::from(format!("/dev/zram{id}")),
+            id,
+        };
+        std::fs::write(format!("/sys/block/zram{id}/disksize"), size.to_string())
+            .with_context(|| format!("sizing zram{id}"))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !zram.path.exists() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{} did not appear",
+                zram.path.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(zram)
+    }
+}
+
+impl Drop for Zram {
+    fn drop(&mut self) {
+        let id = self.id;
+        let _ = std::fs::write(format!("/sys/block/zram{id}/reset"), "1");
+        if let Err(e) = std::fs::write("/sys/class/zram-control/hot_remove", id.to_string()) {
+            eprintln!("warning: removing zram{id}: {e}");
+        }
+    }
+}
+
 /// A mounted file system; unmounted on drop.
 pub struct Mount {
     pub dir: PathBuf,
