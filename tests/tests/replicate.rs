@@ -458,3 +458,38 @@ fn a_bio_based_device_replicates_with_writes_running_at_attach() {
     site.ps.stop().unwrap();
     assert_replica_equals(&site.ps, &disk_id, &zram.path, site.path(), false);
 }
+
+/// A read that fails (every attempt) does not end the agent: the range stays dirty, no
+/// point claims it, and it is read again in a later round. With every 7th read failing
+/// (fault injection), the replica still equals the device and the failures are counted.
+#[test]
+fn failed_reads_are_retried_in_later_rounds_and_replication_goes_on() {
+    let Some(mut site) =
+        Site::new("failed_reads_are_retried_in_later_rounds_and_replication_goes_on")
+    else {
+        return;
+    };
+    let disk = site.loop_device("disk.img", 64 * MIB);
+    let env = [(ripcord_agent::replicate::readback::FAULT_READ_ENV, "7")];
+    let agent = site.replicator_with(&[&disk.path], &[], &env);
+    let mut w = Workload::new(&disk.path, 21).unwrap();
+    w.direct_writes(100).unwrap();
+    w.uring_writes(4, 16).unwrap();
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let stats_file = agent.stats_file.clone();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent did not stop cleanly:\n{log}");
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(stats_file).unwrap()).unwrap();
+    let errors = stats["disks"][0]["read_errors"].as_u64().unwrap();
+    assert!(
+        errors > 0,
+        "no read failed: the fault injection did not run"
+    );
+    assert!(log.contains("read failed after"), "{log}");
+    site.ps.stop().unwrap();
+    assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), false);
+    assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), true);
+}

@@ -518,6 +518,7 @@ fn write_stats(path: &std::path::Path, view: &StatsView<'_>) -> anyhow::Result<(
                 "acked_cuts": l.acked_cuts.load(Ordering::Relaxed),
                 "reconnects": l.reconnects.load(Ordering::Relaxed),
                 "bytes_read": c.bytes_read,
+                "read_errors": c.read_errors,
                 "data_bytes": c.data_bytes,
                 "zero_bytes": c.zero_bytes,
                 "batches": c.batches,

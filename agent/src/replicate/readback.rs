@@ -45,6 +45,14 @@ impl AlignedBuf {
     }
 }
 
+/// Attempts per read before it counts as failed (a transient error, e.g. a path failover
+/// under multipath, usually clears on the next try).
+pub const READ_ATTEMPTS: u32 = 3;
+
+/// Environment variable for tests: when set to N > 0, every N-th read fails (all its
+/// attempts) with an injected I/O error.
+pub const FAULT_READ_ENV: &str = "RIPCORD_FAULT_READ_ERRORS";
+
 /// O_DIRECT reader of one protected device (partition-relative sectors).
 pub struct DeviceReader {
     file: File,
@@ -52,6 +60,9 @@ pub struct DeviceReader {
     /// Logical block size in 512-byte sectors.
     lbs_sectors: u64,
     sectors: u64,
+    /// Injected read failures (see [`FAULT_READ_ENV`]): every N-th read, and reads so far.
+    fault_every: u64,
+    reads: u64,
 }
 
 impl DeviceReader {
@@ -61,12 +72,33 @@ impl DeviceReader {
             .custom_flags(libc::O_DIRECT)
             .open(&dev.path)
             .with_context(|| format!("opening {} with O_DIRECT", dev.path.display()))?;
+        let fault_every = match std::env::var(FAULT_READ_ENV) {
+            Err(_) => 0,
+            Ok(v) => v
+                .parse()
+                .with_context(|| format!("{FAULT_READ_ENV}={v:?} is not a number"))?,
+        };
+        if fault_every > 0 {
+            tracing::warn!(
+                "FAULT INJECTION: every {fault_every}th read of {} fails ({FAULT_READ_ENV}); \
+                 for tests only",
+                dev.path.display()
+            );
+        }
         Ok(DeviceReader {
             file,
             buf: AlignedBuf::new(MAX_READ),
             lbs_sectors: u64::from(dev.logical_block_size / 512).max(1),
             sectors: dev.sectors,
+            fault_every,
+            reads: 0,
         })
+    }
+
+    /// Whether this read is one the fault injection fails (see [`FAULT_READ_ENV`]).
+    fn injected_failure(&mut self) -> bool {
+        self.reads += 1;
+        self.fault_every > 0 && self.reads.is_multiple_of(self.fault_every)
     }
 
     /// Split `[sector, sector + len)` into reads of at most [`MAX_READ`], widened to the
@@ -87,8 +119,13 @@ impl DeviceReader {
 
     /// Read `buf.len()` bytes (whole sectors, `buf` aligned for O_DIRECT) at `sector`.
     pub fn read_into(&mut self, sector: u64, buf: &mut [u8]) -> anyhow::Result<()> {
-        self.file
-            .read_exact_at(buf, sector * 512)
+        if self.injected_failure() {
+            anyhow::bail!(
+                "reading {} bytes at sector {sector}: injected I/O error",
+                buf.len()
+            );
+        }
+        read_retrying(&self.file, buf, sector * 512)
             .with_context(|| format!("reading {} bytes at sector {sector}", buf.len()))
     }
 
@@ -99,11 +136,28 @@ impl DeviceReader {
             bytes <= MAX_READ,
             "read of {bytes} bytes exceeds {MAX_READ}"
         );
+        if self.injected_failure() {
+            anyhow::bail!("reading {len} sectors at sector {sector}: injected I/O error");
+        }
         let buf = &mut self.buf.as_mut_slice()[..bytes];
-        self.file
-            .read_exact_at(buf, sector * 512)
+        read_retrying(&self.file, buf, sector * 512)
             .with_context(|| format!("reading {len} sectors at sector {sector}"))?;
         Ok(&self.buf.as_slice()[..bytes])
+    }
+}
+
+/// `read_exact_at`, tried up to [`READ_ATTEMPTS`] times.
+fn read_retrying(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut attempt = 1;
+    loop {
+        match file.read_exact_at(buf, offset) {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < READ_ATTEMPTS => {
+                tracing::debug!(offset, attempt, "read failed, retrying: {e}");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -124,7 +178,17 @@ mod tests {
             buf: AlignedBuf::new(512),
             lbs_sectors: lbs,
             sectors,
+            fault_every: 0,
+            reads: 0,
         }
+    }
+
+    #[test]
+    fn injected_failures_hit_every_nth_read_only() {
+        let mut r = reader(1, 8);
+        r.fault_every = 3;
+        let failed: Vec<bool> = (0..6).map(|_| r.injected_failure()).collect();
+        assert_eq!(failed, [false, false, true, false, false, true]);
     }
 
     #[test]

@@ -43,6 +43,8 @@
 //! - a zero extent whose regions saw a write queued after the round's instant makes the
 //!   round not clean (the discard itself may have been queued after T).
 
+mod round;
+
 use std::time::{Duration, Instant};
 
 use agent_common::op;
@@ -121,6 +123,8 @@ pub struct DiskCounters {
     pub forced_cuts: u64,
     /// Queued writes whose completion was never reported (their ranges were re-read).
     pub lost_completions: u64,
+    /// Reads that failed every attempt (their ranges stayed dirty).
+    pub read_errors: u64,
     pub rounds: u64,
     pub clean_rounds: u64,
     /// Time spent, summed over rounds: draining events and walking the in-flight map
@@ -272,6 +276,24 @@ impl DiskProducer {
         self.sync_cursor.unwrap_or(self.dev.sectors)
     }
 
+    /// A read that failed every attempt: the range stays dirty (read again next round),
+    /// the round is neither clean nor complete (no cut may claim the range), and the
+    /// error is reported; replication of everything else goes on.
+    fn read_failed(&mut self, sector: u64, sectors: u64, e: &anyhow::Error) {
+        self.counters.read_errors += 1;
+        self.round_clean = false;
+        self.round_complete = false;
+        self.dirty.insert(sector, sectors);
+        tracing::error!(
+            device = %self.dev.path.display(),
+            sector,
+            sectors,
+            "read failed after {} attempts; the range stays dirty and no point is taken \
+             until it reads: {e:#}",
+            super::readback::READ_ATTEMPTS
+        );
+    }
+
     /// Read phase of one disk: read `work` (sorted, possibly overlapping) into the round
     /// buffer, checking each piece against the generations of `snap` right after its
     /// read. What does not fit in the buffer goes back into the dirty set.
@@ -290,6 +312,7 @@ impl DiskProducer {
             .get_or_insert_with(|| AlignedBuf::new(buf_bytes))
             .as_mut_slice();
         let mut used = 0usize;
+        let mut failed = Vec::new();
         for &(s, l) in work {
             for (ps, pl) in self.reader.pieces(s, l) {
                 let bytes = (pl * 512) as usize;
@@ -299,7 +322,10 @@ impl DiskProducer {
                     continue;
                 }
                 let started = now_mono_ns();
-                self.reader.read_into(ps, &mut buf[used..used + bytes])?;
+                if let Err(e) = self.reader.read_into(ps, &mut buf[used..used + bytes]) {
+                    failed.push((ps, pl, e));
+                    continue;
+                }
                 self.read_log.record(ps, pl, started, now_mono_ns());
                 self.counters.bytes_read += bytes as u64;
                 if capture.regions_raced_since(snap, slot, ps, pl) {
@@ -316,268 +342,11 @@ impl DiskProducer {
                 }
             }
         }
+        for (ps, pl, e) in failed {
+            self.read_failed(ps, pl, &e);
+        }
         Ok(())
     }
 }
 
-/// Sort `ranges` and merge those that overlap or lie within [`MERGE_GAP_SECTORS`].
-fn coalesce(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (s, l) in ranges {
-        if let Some(last) = out.last_mut()
-            && s <= last.0 + last.1 + MERGE_GAP_SECTORS
-        {
-            last.1 = last.1.max(s + l - last.0);
-            continue;
-        }
-        out.push((s, l));
-    }
-    out
-}
-
-/// Run one round over all disks; `send(slot, item)` hands work to the network side
-/// (blocking when it is full). Returns whether any data was read or sent.
-pub fn round(
-    capture: &mut Capture,
-    disks: &mut [DiskProducer],
-    cfg: &RoundConfig,
-    send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
-) -> anyhow::Result<bool> {
-    // 1. Generations first, then everything completed so far.
-    let round_start = Instant::now();
-    let snap = capture.gen_snapshot();
-    let t_mono = now_mono_ns();
-    let t_wall = now_wall_ns();
-    for d in disks.iter_mut() {
-        d.read_log.forget_old(t_mono);
-    }
-    let mut drained_all = capture.drain_events_through_now(|e| {
-        if let Some(d) = disks.get_mut(e.slot as usize) {
-            d.note(&e);
-        }
-    })?;
-    // 2. The in-flight walk, then the reports committed before it ended. Other events of
-    // that drain completed after T: they belong to the next round.
-    let inflight = capture.inflight();
-    let mut later: Vec<agent_common::ChangeEvent> = Vec::new();
-    drained_all &= capture.drain_events_through_now(|e| {
-        if e.op & op::LOST != 0 {
-            if let Some(d) = disks.get_mut(e.slot as usize) {
-                d.note(&e);
-            }
-        } else {
-            later.push(e);
-        }
-    })?;
-    // Writes in flight for too long were completed without the completion probe running
-    // (or are stuck): report them once and read them back.
-    for lost in capture.stalled_in(&inflight, LOST_AFTER) {
-        for (slot, sector, sectors) in lost.ranges {
-            if let Some(d) = disks.get_mut(slot) {
-                tracing::warn!(
-                    device = %d.dev.path.display(),
-                    sector,
-                    sectors,
-                    "a queued write's completion was never reported: reading the range back"
-                );
-                d.counters.lost_completions += 1;
-                d.zeroed.remove(sector, sectors);
-                d.dirty.insert(sector, sectors);
-            }
-        }
-    }
-    let mut inflight_ranges: Vec<Vec<(u64, u64)>> = vec![Vec::new(); disks.len()];
-    for (slot, sector, sectors) in capture.inflight_ranges(&inflight) {
-        if let Some(r) = inflight_ranges.get_mut(slot) {
-            r.push((sector, sectors));
-        }
-    }
-
-    // 3. Read phase, every disk.
-    let read_start = Instant::now();
-    for d in disks.iter_mut() {
-        d.counters.drain_us += (read_start - round_start).as_micros() as u64;
-    }
-    let buf_bytes = (cfg.round_sectors * 512) as usize + super::readback::MAX_READ;
-    for (slot, d) in disks.iter_mut().enumerate() {
-        let overflow = capture.drain_overflow(slot);
-        d.counters.dropped = capture.stats(slot).dropped;
-        for (s, l) in overflow.regions.iter() {
-            d.dirty.insert(s, l);
-        }
-        if overflow.missed > 0 {
-            d.counters.missed += overflow.missed;
-            tracing::warn!(
-                device = %d.dev.path.display(),
-                missed = overflow.missed,
-                "writes capture could not follow (the queue probe was skipped or failed, or \
-                 the in-flight map was full): resynchronising the whole device"
-            );
-        }
-        if overflow.whole_device {
-            d.dirty.insert(0, d.dev.sectors);
-        }
-        d.counters.rounds += 1;
-        d.round_clean = true;
-        let mut work = d.dirty.take_up_to(cfg.round_sectors);
-        d.round_complete = d.dirty.is_empty();
-        work.append(&mut inflight_ranges[slot]);
-        let work = coalesce(work);
-        d.read_phase(capture, &snap, slot, &work, buf_bytes, &mut later)?;
-    }
-    if capture.raced_anywhere_since(&snap) {
-        // A wide write or an unknown one: every piece read may hold newer data.
-        for d in disks.iter_mut() {
-            d.round_clean = false;
-            for &(s, l, _) in &d.pieces {
-                d.dirty.insert(s, l);
-            }
-        }
-    }
-
-    // 4. Send phase.
-    let send_start = Instant::now();
-    let mut worked = false;
-    for (slot, d) in disks.iter_mut().enumerate() {
-        let oldest = d.oldest_change.take();
-        let mut out: Vec<Batch> = Vec::new();
-        for (s, l) in d.zeroed.take().iter() {
-            if capture.regions_raced_since(&snap, slot, s, l) {
-                d.round_clean = false;
-            }
-            out.extend(d.builder.add_zero(s, l, ExtentKind::Zero)?);
-            worked = true;
-        }
-        if let Some(buf) = &d.round_buf {
-            for &(s, l, off) in &d.pieces {
-                let data = &buf.as_slice()[off..off + (l * 512) as usize];
-                out.extend(d.builder.add(s, data)?);
-                worked = true;
-            }
-        }
-        for b in out.drain(..) {
-            send_batch(d, slot, b, oldest, send)?;
-        }
-        if let Some(cursor) = d.sync_cursor {
-            let end = (cursor + cfg.sync_chunk_sectors).min(d.dev.sectors);
-            for (ps, pl) in d.reader.pieces(cursor, end - cursor) {
-                let started = now_mono_ns();
-                let data = d.reader.read(ps, pl)?;
-                d.read_log.record(ps, pl, started, now_mono_ns());
-                d.counters.bytes_read += data.len() as u64;
-                if capture.regions_raced_since(&snap, slot, ps, pl) {
-                    d.round_clean = false;
-                    d.counters.raced_reads += 1;
-                    d.dirty.insert(ps, pl);
-                }
-                out.extend(d.builder.add(ps, data)?);
-                worked = true;
-                for b in out.drain(..) {
-                    send_batch(d, slot, b, None, send)?;
-                }
-                capture.drain_events(|e| later.push(e))?;
-            }
-            if capture.raced_anywhere_since(&snap) {
-                d.round_clean = false;
-                d.dirty.insert(cursor, end - cursor);
-            }
-            d.sync_cursor = (end < d.dev.sectors).then_some(end);
-            if d.sync_cursor.is_none() {
-                d.synced_at = Some(Instant::now());
-                d.gap_since = d.synced_at;
-            }
-        }
-        if let Some(b) = d.builder.flush()? {
-            send_batch(d, slot, b, oldest, send)?;
-        }
-        d.counters.read_us += (send_start - read_start).as_micros() as u64;
-        let clean = d.round_clean && d.round_complete;
-        if clean {
-            d.counters.clean_rounds += 1;
-        }
-        let due = cfg.cut != CutRequest::Interval
-            || d.last_cut.is_none_or(|t| t.elapsed() >= cfg.cut_interval);
-        let wanted = d.uncut || cfg.cut != CutRequest::Interval;
-        if clean && drained_all && !d.syncing() && wanted && due {
-            let app = cfg.cut == CutRequest::App;
-            send(
-                slot,
-                Outgoing::Cut {
-                    time_ns: t_wall,
-                    mono_ns: t_mono,
-                    seq: d.builder.next_seq() - 1,
-                    app,
-                },
-            )?;
-            d.counters.cuts += 1;
-            match cfg.cut {
-                CutRequest::App => d.counters.app_cuts += 1,
-                CutRequest::Forced => d.counters.forced_cuts += 1,
-                CutRequest::Interval => {}
-            }
-            if let Some(since) = d.gap_since {
-                d.largest_gap = d.largest_gap.max(since.elapsed());
-            }
-            d.uncut = false;
-            d.last_cut = Some(Instant::now());
-            d.gap_since = None;
-        }
-    }
-    for d in disks.iter_mut() {
-        d.counters.send_us += send_start.elapsed().as_micros() as u64;
-    }
-    for e in &later {
-        if let Some(d) = disks.get_mut(e.slot as usize) {
-            d.note(e);
-        }
-    }
-    for d in disks.iter_mut().filter(|d| !d.syncing()) {
-        if !d.has_pending_changes() {
-            d.gap_since = None;
-        } else if d.gap_since.is_none() {
-            d.gap_since = Some(Instant::now());
-        }
-    }
-    Ok(worked)
-}
-
-fn send_batch(
-    d: &mut DiskProducer,
-    slot: usize,
-    b: Batch,
-    oldest: Option<u64>,
-    send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    d.counters.batches += 1;
-    for e in &b.extents {
-        let bytes = u64::from(e.sectors) * 512;
-        match e.kind {
-            ExtentKind::Data => d.counters.data_bytes += bytes,
-            _ => d.counters.zero_bytes += bytes,
-        }
-    }
-    d.uncut = true;
-    let started = Instant::now();
-    let sent = send(slot, Outgoing::Batch(b, oldest));
-    d.counters.blocked_us += started.elapsed().as_micros() as u64;
-    sent
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn coalesce_merges_overlaps_and_small_gaps_only() {
-        assert_eq!(
-            coalesce(vec![(100, 8), (0, 8), (8, 8), (40, 8), (200, 8), (204, 2)]),
-            vec![(0, 48), (100, 8), (200, 8)]
-        );
-        assert_eq!(
-            coalesce(vec![(0, 8), (8 + MERGE_GAP_SECTORS + 1, 8)]).len(),
-            2
-        );
-        assert!(coalesce(Vec::new()).is_empty());
-    }
-}
+pub use round::round;
