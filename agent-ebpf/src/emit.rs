@@ -44,13 +44,19 @@ pub(crate) fn emit_on_disk(
             emit(r, 0, 0, flags, error, now);
             continue;
         }
-        let lo = if sector > r.start { sector } else { r.start };
-        let r_end = r.start.saturating_add(r.len);
-        let hi = if end < r_end { end } else { r_end };
-        if lo < hi {
+        if let Some((lo, hi)) = clip(r, sector, end) {
             emit(r, lo - r.start, (hi - lo) as u32, flags, error, now);
         }
     }
+}
+
+/// The part of `[start, end)` (absolute sectors) inside protected range `r`, if any.
+#[inline(always)]
+pub(crate) fn clip(r: &ProtectedRange, start: u64, end: u64) -> Option<(u64, u64)> {
+    let lo = if start > r.start { start } else { r.start };
+    let r_end = r.start.saturating_add(r.len);
+    let hi = if end < r_end { end } else { r_end };
+    if lo < hi { Some((lo, hi)) } else { None }
 }
 
 #[inline(always)]

@@ -71,7 +71,7 @@ use aya_log_ebpf::{debug, warn};
 
 use crate::{
     atomic::fetch_inc,
-    emit::{bump, emit_on_disk},
+    emit::{bump, clip, emit_on_disk},
     inflight::{inflight_put, inflight_take},
     kernel::{Window, disk_dev, kread, read_bio},
 };
@@ -459,12 +459,9 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
             break;
         }
         let r = &disk.ranges[i];
-        let lo = if sector > r.start { sector } else { r.start };
-        let r_end = r.start.saturating_add(r.len);
-        let hi = if end < r_end { end } else { r_end };
-        if lo >= hi {
+        let Some((lo, hi)) = clip(r, sector, end) else {
             continue;
-        }
+        };
         let Some(stats) = STATS.get_ptr_mut(r.slot) else {
             continue;
         };

@@ -310,6 +310,24 @@ fn dir_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Stop the agent cleanly (it flushes everything and waits for the server's
+/// acknowledgements), stop the process server, and check that the journal alone rebuilds
+/// `device` byte for byte. Returns the agent's last stats and its log.
+fn stop_and_check_replica(
+    site: &mut Site,
+    agent: Replicator,
+    device: &Path,
+) -> (serde_json::Value, String) {
+    let disk_id = site.id.disk_id(device).unwrap();
+    let stats_file = agent.stats_file.clone();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent did not stop cleanly:\n{log}");
+    site.ps.stop().unwrap();
+    assert_replica_equals(&site.ps, &disk_id, device, site.path(), false);
+    let stats = serde_json::from_slice(&std::fs::read(stats_file).unwrap()).unwrap();
+    (stats, log)
+}
+
 /// Write `len` random bytes at `offset` of `dev` and sync them.
 fn write_random_at(dev: &Path, offset: u64, len: usize, seed: u64) {
     use std::os::unix::fs::FileExt as _;
@@ -365,12 +383,7 @@ fn a_grown_device_is_protected_to_its_new_end() {
     }
     assert!(agent.log().contains("changed size"), "{}", agent.log());
     write_random_at(&disk.path, 120 * MIB, 64 << 10, 3);
-
-    let disk_id = site.id.disk_id(&disk.path).unwrap();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "agent did not stop cleanly:\n{log}");
-    site.ps.stop().unwrap();
-    assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), false);
+    stop_and_check_replica(&mut site, agent, &disk.path);
 }
 
 /// `discards-read-zero = "no"` (a device that may return old data after a discard, as
@@ -403,19 +416,12 @@ fn discards_are_read_back_where_the_device_may_not_zero_them() {
         )
         .unwrap();
     }
-    let disk_id = site.id.disk_id(&disk.path).unwrap();
-    let stats_file = agent.stats_file.clone();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "agent did not stop cleanly:\n{log}");
-    let stats: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(stats_file).unwrap()).unwrap();
+    let (stats, _) = stop_and_check_replica(&mut site, agent, &disk.path);
     let read = stats["disks"][0]["bytes_read"].as_u64().unwrap() - read_before;
     assert!(
         read >= 8 * MIB,
         "only {read} bytes read back after discarding 8 MiB: discards taken as zeroes"
     );
-    site.ps.stop().unwrap();
-    assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), false);
 }
 
 /// A bio-based device (zram: its bios complete without a request, through
@@ -451,12 +457,7 @@ fn a_bio_based_device_replicates_with_writes_running_at_attach() {
     stop.store(true, Ordering::Relaxed);
     let writes = writer.join().unwrap();
     assert!(writes > 100, "only {writes} writes ran");
-
-    let disk_id = site.id.disk_id(&zram.path).unwrap();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "agent did not stop cleanly:\n{log}");
-    site.ps.stop().unwrap();
-    assert_replica_equals(&site.ps, &disk_id, &zram.path, site.path(), false);
+    stop_and_check_replica(&mut site, agent, &zram.path);
 }
 
 /// A read that fails (every attempt) does not end the agent: the range stays dirty, no
@@ -478,18 +479,13 @@ fn failed_reads_are_retried_in_later_rounds_and_replication_goes_on() {
     agent.wait_synced(Duration::from_secs(60)).unwrap();
 
     let disk_id = site.id.disk_id(&disk.path).unwrap();
-    let stats_file = agent.stats_file.clone();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "agent did not stop cleanly:\n{log}");
-    let stats: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(stats_file).unwrap()).unwrap();
+    let (stats, log) = stop_and_check_replica(&mut site, agent, &disk.path);
     let errors = stats["disks"][0]["read_errors"].as_u64().unwrap();
     assert!(
         errors > 0,
         "no read failed: the fault injection did not run"
     );
     assert!(log.contains("read failed after"), "{log}");
-    site.ps.stop().unwrap();
-    assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), false);
+    // The last cut is the quiesced state too.
     assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), true);
 }

@@ -57,8 +57,17 @@ impl LoopDevice {
         args.extend_from_slice(extra);
         args.push(backing_s);
         let out = run_output("losetup", &args)?;
+        let path = PathBuf::from(out.trim());
+        // Queue limits outlive an attachment: undo what an earlier test (or a crashed
+        // run) may have set on this device number.
+        if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+            let queue = PathBuf::from(format!("/sys/block/{name}/queue"));
+            if let Ok(hw) = std::fs::read_to_string(queue.join("max_hw_sectors_kb")) {
+                let _ = std::fs::write(queue.join("max_sectors_kb"), hw.trim());
+            }
+        }
         Ok(LoopDevice {
-            path: PathBuf::from(out.trim()),
+            path,
             backing: backing.to_owned(),
             size,
             made_nodes: Vec::new(),
