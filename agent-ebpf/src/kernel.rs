@@ -55,21 +55,46 @@ pub(crate) fn disk_dev(layout: &BlockLayout, disk: u64) -> Result<u32, i32> {
     Ok(kernel_dev(major as u32, minor as u32))
 }
 
-/// `bi_next`, `bi_iter.bi_sector` and `bi_iter.bi_size` of a bio.
+/// The fields of a `struct bio` the probes use.
+#[derive(Clone, Copy)]
+pub(crate) struct Bio {
+    /// `bi_next`: the next bio of its request.
+    pub next: u64,
+    /// `bi_bdev`: its block device.
+    pub bdev: u64,
+    /// `bi_opf`: operation and flags.
+    pub opf: u32,
+    /// `bi_iter.bi_sector`: first sector not yet done (absolute once queued).
+    pub sector: u64,
+    /// `bi_iter.bi_size`: bytes not yet done.
+    pub size: u32,
+}
+
+/// Read the fields of `bio`: one read where they fit the window (every kernel so far).
 #[inline(always)]
-pub(crate) fn read_bio(layout: &BlockLayout, bio: u64) -> Result<(u64, u64, u64), i32> {
+pub(crate) fn read_bio(layout: &BlockLayout, bio: u64) -> Result<Bio, i32> {
     Ok(if layout.bio_window != 0 {
         let w: Window = kread(bio, 0)?;
-        (
-            w.u64_at(layout.bio_next),
-            w.u64_at(layout.bio_sector),
-            w.u32_at(layout.bio_size) as u64,
-        )
+        Bio {
+            next: w.u64_at(layout.bio_next),
+            bdev: w.u64_at(layout.bio_bdev),
+            opf: w.u32_at(layout.bio_opf),
+            sector: w.u64_at(layout.bio_sector),
+            size: w.u32_at(layout.bio_size),
+        }
     } else {
-        (
-            kread::<u64>(bio, layout.bio_next)?,
-            kread::<u64>(bio, layout.bio_sector)?,
-            kread::<u32>(bio, layout.bio_size)? as u64,
-        )
+        Bio {
+            next: kread(bio, layout.bio_next)?,
+            bdev: kread(bio, layout.bio_bdev)?,
+            opf: kread(bio, layout.bio_opf)?,
+            sector: kread(bio, layout.bio_sector)?,
+            size: kread(bio, layout.bio_size)?,
+        }
     })
+}
+
+/// Kernel `dev_t` of the whole disk of a `struct block_device *`.
+#[inline(always)]
+pub(crate) fn bdev_disk_dev(layout: &BlockLayout, bdev: u64) -> Result<u32, i32> {
+    disk_dev(layout, kread(bdev, layout.bdev_disk)?)
 }

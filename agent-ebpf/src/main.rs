@@ -73,7 +73,7 @@ use crate::{
     atomic::fetch_inc,
     emit::{bump, clip, emit_on_disk},
     inflight::{inflight_put, inflight_take},
-    kernel::{Window, disk_dev, kread, read_bio},
+    kernel::{Bio, Window, bdev_disk_dev, disk_dev, kread, read_bio},
 };
 
 /// Kernel structure offsets and operation codes, set by the agent from BTF.
@@ -232,13 +232,14 @@ fn take_completed_bios(layout: &BlockLayout, first_bio: u64, nr_bytes: u32) -> R
         if bio == 0 || remaining == 0 {
             break;
         }
-        let (next, _, bio_bytes) = read_bio(layout, bio)?;
+        let b = read_bio(layout, bio)?;
+        let bio_bytes = u64::from(b.size);
         if bio_bytes > remaining {
             break;
         }
         remaining -= bio_bytes;
         let _ = inflight_take(bio);
-        bio = next;
+        bio = b.next;
     }
     Ok(())
 }
@@ -259,10 +260,11 @@ fn bios_contiguous(
         if bio == 0 || remaining == 0 {
             break;
         }
-        let (next, bio_sector, bio_bytes) = read_bio(layout, bio)?;
-        if bio_sector != expected {
+        let b = read_bio(layout, bio)?;
+        if b.sector != expected {
             return Ok(false);
         }
+        let bio_bytes = u64::from(b.size);
         let done = if bio_bytes > remaining {
             remaining
         } else {
@@ -270,7 +272,7 @@ fn bios_contiguous(
         };
         remaining -= done;
         expected += done >> 9;
-        bio = next;
+        bio = b.next;
     }
     Ok(remaining == 0)
 }
@@ -328,20 +330,11 @@ fn untracked_bio_complete(
     layout: &BlockLayout,
     bio: u64,
 ) -> Result<(), i32> {
-    let (bdev, opf) = if layout.bio_window != 0 {
-        let w: Window = kread(bio, 0)?;
-        (w.u64_at(layout.bio_bdev), w.u32_at(layout.bio_opf))
-    } else {
-        (
-            kread::<u64>(bio, layout.bio_bdev)?,
-            kread::<u32>(bio, layout.bio_opf)?,
-        )
-    };
-    if layout.op_flags(opf) & op::CHANGES_DATA == 0 {
+    let b = read_bio(layout, bio)?;
+    if layout.op_flags(b.opf) & op::CHANGES_DATA == 0 {
         return Ok(());
     }
-    let disk: u64 = kread(bdev, layout.bdev_disk)?;
-    let dev = disk_dev(layout, disk)?;
+    let dev = bdev_disk_dev(layout, b.bdev)?;
     // SAFETY: the value is only read in this program run.
     let Some(disk) = (unsafe { PROTECTED.get(dev) }) else {
         return Ok(());
@@ -383,23 +376,13 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
     // SAFETY: as in `try_rq_complete`.
     let layout: BlockLayout = unsafe { core::ptr::read_volatile(&LAYOUT) };
     let bio: u64 = ctx.arg(0);
-    // One read for the bio's fields where they fit the window (every kernel so far).
-    let (bdev, opf, sector, size) = if layout.bio_window != 0 {
-        let w: Window = kread(bio, 0)?;
-        (
-            w.u64_at(layout.bio_bdev),
-            w.u32_at(layout.bio_opf),
-            w.u64_at(layout.bio_sector),
-            w.u32_at(layout.bio_size),
-        )
-    } else {
-        (
-            kread::<u64>(bio, layout.bio_bdev)?,
-            kread::<u32>(bio, layout.bio_opf)?,
-            kread::<u64>(bio, layout.bio_sector)?,
-            kread::<u32>(bio, layout.bio_size)?,
-        )
-    };
+    let Bio {
+        bdev,
+        opf,
+        sector,
+        size,
+        ..
+    } = read_bio(&layout, bio)?;
     // Reads and empty bios leave before any device lookup.
     let flags = layout.op_flags(opf);
     if flags & op::CHANGES_DATA == 0 {
@@ -410,8 +393,7 @@ fn try_bio_queue(ctx: &RawTracePointContext) -> Result<(), i32> {
     if nr == 0 {
         return Ok(());
     }
-    let disk: u64 = kread(bdev, layout.bdev_disk)?;
-    let dev = disk_dev(&layout, disk)?;
+    let dev = bdev_disk_dev(&layout, bdev)?;
     // SAFETY: the value is only read in this program run.
     let Some(disk) = (unsafe { PROTECTED.get(dev) }) else {
         return Ok(());

@@ -382,6 +382,18 @@ fn hidden_completions_are_reported_for_resync() {
     );
 }
 
+/// Panic if the agent reported any of `what` lost: an in-flight entry that was never
+/// freed (re-read after `LOST_AFTER`).
+fn assert_none_lost(run: &testkit::AgentRun, what: &str) {
+    let lost: Vec<_> = run.overflow.iter().filter(|e| e.op == "lost").collect();
+    assert!(
+        lost.is_empty(),
+        "{} {what} reported lost (in-flight entries not freed), first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(3)]
+    );
+}
+
 /// Write merges (field 7 of `/sys/block/NAME/stat`) of a loop device so far.
 fn write_merges(dev: &std::path::Path) -> u64 {
     let name = dev.file_name().unwrap().to_string_lossy();
@@ -439,13 +451,7 @@ fn requests_merged_from_many_bios_free_every_entry() {
         bios / requests > 64,
         "{bios} bios made {requests} requests: the workload did not build large ones"
     );
-    let lost: Vec<_> = run.overflow.iter().filter(|e| e.op == "lost").collect();
-    assert!(
-        lost.is_empty(),
-        "{} writes of merged requests reported lost (in-flight entries not freed), first {:?}",
-        lost.len(),
-        &lost[..lost.len().min(3)]
-    );
+    assert_none_lost(&run, "writes of merged requests");
     let written: ExtentSet = [(0, 64 * MIB / 512)].into_iter().collect();
     assert_same(&union(&run.ranges(&dev, true)), &written);
 }
@@ -521,13 +527,7 @@ fn split_writes_are_captured_exactly() {
         0,
         "drops with the default ring"
     );
-    let lost: Vec<_> = run.overflow.iter().filter(|e| e.op == "lost").collect();
-    assert!(
-        lost.is_empty(),
-        "{} split writes reported lost, first {:?}",
-        lost.len(),
-        &lost[..lost.len().min(3)]
-    );
+    assert_none_lost(&run, "split writes");
     assert!(run.overflow.is_empty(), "resync lines: {:?}", run.overflow);
     assert_same(&union(&run.ranges(&dev, false)), &union(&w.report.changed));
     // The writes were split: more write events than writes issued.
