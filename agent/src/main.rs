@@ -24,10 +24,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Register this machine with a process server (once).
+    /// Register this machine with a process server, or renew its certificate.
     ///
     /// Checks the server against the pinned CA hash, presents the bootstrap token, and
     /// gets a client certificate. The private key is made here and never leaves the machine.
+    /// The deployment's escrow key is pinned: data keys are never wrapped to another.
+    /// An already registered machine presents its current certificate instead of a token
+    /// (a token cannot take over an existing machine id).
     ///
     /// Example: ripcord-agent register --server ps.example:9442 --token abcdef.0123456789abcdef
     ///          --ca-hash sha256:...
@@ -35,16 +38,18 @@ enum Command {
         /// The process server's registration endpoint, HOST:PORT (port 9442 by default).
         #[arg(long)]
         server: String,
-        /// Bootstrap token printed by `ripcord-ps init` or `ripcord-ps token`.
+        /// Bootstrap token printed by `ripcord-ps init` or `ripcord-ps token` (single use).
+        /// Not needed to renew: the machine's current certificate in --state-dir proves it.
         #[arg(long)]
-        token: String,
+        token: Option<String>,
         /// The deployment CA's hash printed by `ripcord-ps init` (sha256:<hex>).
         #[arg(long)]
         ca_hash: String,
         /// This machine's id (letters, digits, . _ -). Default: the host name.
         #[arg(long)]
         machine_id: Option<String>,
-        /// Replication endpoint to use afterwards. Default: the same host, port 9443.
+        /// Replication endpoint to use afterwards. Default: the same host, at the port the
+        /// server reports.
         #[arg(long)]
         data_server: Option<String>,
         /// Where the identity and state live.
@@ -138,7 +143,7 @@ fn main() -> anyhow::Result<()> {
             state_dir,
         } => register(
             &server,
-            &token,
+            token.as_deref(),
             &ca_hash,
             machine_id,
             data_server,
@@ -202,7 +207,7 @@ fn main() -> anyhow::Result<()> {
 
 fn register(
     server: &str,
-    token: &str,
+    token: Option<&str>,
     ca_hash: &str,
     machine_id: Option<String>,
     data_server: Option<String>,
@@ -224,29 +229,56 @@ fn register(
     let machine = machine_id.unwrap_or_else(hostname);
     let machine = ripcord_transport::MachineId::new(&machine)
         .with_context(|| format!("invalid machine id {machine:?}"))?;
-    let token = ripcord_transport::Token::parse(token).context("invalid --token")?;
+    let token = token
+        .map(|t| ripcord_transport::Token::parse(t).context("invalid --token"))
+        .transpose()?;
+    // The current identity proves this machine to the server (renewal, re-registration);
+    // an expired or foreign one would only fail the handshake.
+    let current = ripcord_transport::Identity::load(state_dir)
+        .ok()
+        .filter(|id| id.machine_id() == &machine && !id.expired());
+    if token.is_none() && current.is_none() {
+        anyhow::bail!(
+            "no valid certificate for {machine} in {}: give --token (from `ripcord-ps token`)",
+            state_dir.display()
+        );
+    }
     std::fs::create_dir_all(state_dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let identity = rt
+    let credentials = ripcord_transport::Credentials {
+        token: token.as_ref(),
+        current: current.as_ref(),
+    };
+    let registered = rt
         .block_on(ripcord_transport::register(
-            addr, &host, &token, ca_hash, &machine, state_dir,
+            addr,
+            &host,
+            ca_hash,
+            &machine,
+            credentials,
+            state_dir,
         ))
         .context("registration failed")?;
     let mut state = AgentState::load(state_dir)?;
+    let port = match registered.data_port {
+        0 => 9443,
+        p => p,
+    };
     state.server = Some(data_server.unwrap_or_else(|| {
         if host.contains(':') {
-            format!("[{host}]:9443")
+            format!("[{host}]:{port}")
         } else {
-            format!("{host}:9443")
+            format!("{host}:{port}")
         }
     }));
     state.server_name = Some(host);
+    state.escrow_key = Some(hex::encode(registered.escrow_key));
     state.save(state_dir)?;
     println!(
         "registered as {:?}; identity in {}; replication server {}",
-        identity.machine_id().as_str(),
+        registered.identity.machine_id().as_str(),
         state_dir.display(),
         state.server.as_deref().unwrap_or_default()
     );

@@ -5,7 +5,8 @@
 //! <dir>/ps.toml        configuration (optional; defaults documented in config.rs)
 //! <dir>/ca/            deployment CA (ca.crt, ca.key 0600)
 //! <dir>/server/        this server's certificate chain and key
-//! <dir>/tokens/        bootstrap tokens (hashed secrets)
+//! <dir>/tokens/        bootstrap tokens (hashed secrets; single use unless created with more)
+//! <dir>/machines/      registered machines and their current certificates (by hash)
 //! <dir>/escrow.json    key-escrow public key and the KDF salt/parameters
 //! <dir>/disks.json     disk registry: owner machine, size, wrapped data key
 //! <dir>/cache/<disk>/  per-disk journals
@@ -18,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use ripcord_seal::escrow::{EscrowFile, EscrowParams, EscrowSecret};
-use ripcord_transport::{Ca, ServerIdentity, Token, TokenStore};
+use ripcord_transport::{Ca, MachineStore, ServerIdentity, Token, TokenStore};
 
 use crate::config::PsConfig;
 
@@ -86,8 +87,9 @@ pub fn init(
     let ca = Ca::create(&dir.join("ca"), "ripcord deployment CA")?;
     let identity = ca.issue_server(names)?;
     identity.save(&dir.join("server"))?;
-    let mut tokens = TokenStore::open_or_create(&dir.join("tokens"))?;
-    let token = tokens.add(token_ttl, None, SystemTime::now())?;
+    MachineStore::open(&machines_dir(dir))?;
+    let token =
+        TokenStore::open_or_create(&tokens_dir(dir))?.add(token_ttl, 1, SystemTime::now())?;
     Ok(InitOutput {
         token,
         ca_hash: ca.hash(),
@@ -117,8 +119,49 @@ pub fn open(dir: &Path) -> anyhow::Result<Deployment> {
     })
 }
 
-/// Add a bootstrap token.
-pub fn new_token(dir: &Path, ttl: Duration, uses: Option<u32>) -> anyhow::Result<Token> {
-    let mut tokens = TokenStore::open_or_create(&dir.join("tokens"))?;
-    Ok(tokens.add(ttl, uses, SystemTime::now())?)
+/// Add a bootstrap token allowing `uses` registrations (safe while the server runs).
+pub fn new_token(dir: &Path, ttl: Duration, uses: u32) -> anyhow::Result<Token> {
+    open(dir)?;
+    Ok(TokenStore::open_or_create(&tokens_dir(dir))?.add(ttl, uses, SystemTime::now())?)
+}
+
+/// Where the bootstrap tokens live.
+pub fn tokens_dir(dir: &Path) -> PathBuf {
+    dir.join("tokens")
+}
+
+/// Where the registered machines live.
+pub fn machines_dir(dir: &Path) -> PathBuf {
+    dir.join("machines")
+}
+
+/// Makes sure the target store belongs to this deployment: an empty store gets this
+/// deployment's escrow metadata (failover needs only the store and the passphrase); a
+/// store holding another deployment's escrow key (a reused bucket or prefix) is refused
+/// now, not discovered at failover.
+pub async fn claim_store_escrow(
+    store: &ripcord_store::Store,
+    url: &str,
+    escrow: &EscrowFile,
+) -> anyhow::Result<()> {
+    match store.put_escrow(&serde_json::to_vec_pretty(escrow)?).await {
+        Ok(()) => Ok(()),
+        Err(ripcord_store::Error::EscrowConflict { .. }) => {
+            let bytes = store.get_escrow().await?;
+            let theirs: EscrowFile = serde_json::from_slice(&bytes).with_context(|| {
+                format!("the escrow metadata in the target store {url} is corrupt")
+            })?;
+            if theirs.public_key == escrow.public_key {
+                return Ok(());
+            }
+            bail!(
+                "the target store {url} belongs to another deployment: its escrow key is {}, \
+                 this deployment's is {}. A reused bucket or prefix? Point `target` in ps.toml \
+                 at an empty location (or at this deployment's own store)",
+                hex::encode(theirs.public_key),
+                hex::encode(escrow.public_key)
+            )
+        }
+        Err(e) => Err(e).with_context(|| format!("writing escrow metadata to {url}")),
+    }
 }

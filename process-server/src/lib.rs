@@ -5,6 +5,7 @@ pub mod config;
 pub mod deploy;
 pub mod disk;
 pub mod metrics;
+pub mod peers;
 pub mod registry;
 pub mod replay;
 pub mod server;

@@ -37,7 +37,7 @@ enum Command {
         #[arg(long, default_value_t = 24)]
         token_ttl_hours: u64,
         /// Argon2id memory for the escrow key, MiB (8..=2048).
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(8..=2048))]
         kdf_memory_mib: u32,
     },
     /// Run the server (endpoints and cache from <dir>/ps.toml).
@@ -45,15 +45,24 @@ enum Command {
         #[arg(long, default_value = "/var/lib/ripcord/ps")]
         dir: PathBuf,
     },
-    /// Create another bootstrap token.
+    /// Create another bootstrap token (works while the server runs).
+    ///
+    /// A token registers new machines only: it can never take over a machine id that is
+    /// already registered.
     Token {
         #[arg(long, default_value = "/var/lib/ripcord/ps")]
         dir: PathBuf,
-        #[arg(long, default_value_t = 24)]
+        /// Hours the token stays valid.
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=24 * 365))]
         ttl_hours: u64,
-        /// Registrations allowed with it (default: unlimited until expiry).
-        #[arg(long)]
-        uses: Option<u32>,
+        /// Registrations allowed with it (1..=10000).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        uses: u32,
+    },
+    /// List or remove registered machines (works while the server runs).
+    Machines {
+        #[command(subcommand)]
+        command: MachinesCommand,
     },
     /// Rebuild a disk image from the journal (the server must be stopped).
     Replay {
@@ -73,6 +82,24 @@ enum Command {
         /// Stop at this cut id (of the last epoch).
         #[arg(long)]
         cut: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MachinesCommand {
+    /// Registered machines: id, registration time, certificate expiry, token used.
+    List {
+        #[arg(long, default_value = "/var/lib/ripcord/ps")]
+        dir: PathBuf,
+    },
+    /// Remove a machine: its certificate is refused at once, on open connections too
+    /// (within a second), and it can register again only with a new bootstrap token. Its
+    /// disks and their recovery points stay.
+    Remove {
+        #[arg(long, default_value = "/var/lib/ripcord/ps")]
+        dir: PathBuf,
+        /// The machine id.
+        machine: String,
     },
 }
 
@@ -143,6 +170,7 @@ fn main() -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
+        Command::Machines { command } => machines(command),
         Command::Replay {
             dir,
             disk,
@@ -173,6 +201,47 @@ fn main() -> anyhow::Result<()> {
                 r.zero_bytes >> 20,
                 output.display(),
                 r.cut.map(|c| format!(" up to cut {c}")).unwrap_or_default()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn machines(command: MachinesCommand) -> anyhow::Result<()> {
+    use ripcord_transport::{MachineId, MachineStore};
+    match command {
+        MachinesCommand::List { dir } => {
+            deploy::open(&dir)?;
+            let store = MachineStore::open(&deploy::machines_dir(&dir))?;
+            let machines = store.list()?;
+            if machines.is_empty() {
+                println!("no machine registered");
+            }
+            let when = |secs: u64| {
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+                    .to_string()
+            };
+            for m in machines {
+                println!(
+                    "{:<24} registered {}  certificate expires {}  {}",
+                    m.machine_id,
+                    when(m.registered_at),
+                    when(m.expires_at),
+                    m.token_id
+                        .map_or_else(|| "renewed by its key".to_owned(), |t| format!("token {t}"))
+                );
+            }
+            Ok(())
+        }
+        MachinesCommand::Remove { dir, machine } => {
+            deploy::open(&dir)?;
+            let id = MachineId::new(&machine)
+                .with_context(|| format!("invalid machine id {machine:?}"))?;
+            let store = MachineStore::open(&deploy::machines_dir(&dir))?;
+            anyhow::ensure!(store.remove(&id)?, "machine {machine} is not registered");
+            println!(
+                "removed machine {machine}: its certificate is refused from now on (a running \
+                 server closes its connections within a second)"
             );
             Ok(())
         }

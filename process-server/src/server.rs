@@ -18,14 +18,16 @@ use ripcord_proto::{
     DiskId, ErrorCode, ErrorMessage, Message, decode_frame, handshake::answer_hello,
 };
 use ripcord_transport::{
-    TokenStore, peer_machine_id, registration_endpoint, serve_registration, server_endpoint,
+    MachineStore, Registrar, TokenStore, pki::LEAF_VALIDITY, registration_endpoint,
+    serve_registration, server_endpoint,
 };
 use tokio::sync::mpsc;
 
 use crate::{
-    deploy::Deployment,
+    deploy::{Deployment, machines_dir, tokens_dir},
     disk::{DiskCore, journal_config},
     metrics::Metrics,
+    peers::Peers,
     registry::{ClaimError, Registry},
 };
 
@@ -47,7 +49,9 @@ pub struct State {
     escrow_key: [u8; 32],
     registry: Mutex<Registry>,
     disks: tokio::sync::Mutex<HashMap<DiskId, DiskSlot>>,
-    tokens: Mutex<TokenStore>,
+    tokens: TokenStore,
+    machines: MachineStore,
+    peers: Peers,
     store: Option<ripcord_store::Store>,
     pub metrics: Metrics,
 }
@@ -111,7 +115,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let escrow_key = dep.escrow.public_key;
     let registry = Registry::open(&dep.dir.join("disks.json"))?;
-    let tokens = TokenStore::open_or_create(&dep.dir.join("tokens"))?;
+    let tokens = TokenStore::open_or_create(&tokens_dir(&dep.dir))?;
+    let machines = MachineStore::open(&machines_dir(&dep.dir))?;
     let data = server_endpoint(dep.config.listen, &dep.identity)
         .with_context(|| format!("binding the data endpoint on {}", dep.config.listen))?;
     let register =
@@ -127,11 +132,7 @@ pub async fn serve(
                 .await
                 .with_context(|| format!("opening the target store {url}"))?;
             // The disaster rule: the store alone (plus the passphrase) must suffice.
-            if store.get_escrow().await.is_err() {
-                store
-                    .put_escrow(&serde_json::to_vec_pretty(&dep.escrow)?)
-                    .await?;
-            }
+            crate::deploy::claim_store_escrow(&store, url, &dep.escrow).await?;
             Some(store)
         }
         None => None,
@@ -144,7 +145,9 @@ pub async fn serve(
         escrow_key,
         registry: Mutex::new(registry),
         disks: tokio::sync::Mutex::new(HashMap::new()),
-        tokens: Mutex::new(tokens),
+        tokens,
+        peers: Peers::new(machines.clone()),
+        machines,
         store,
         metrics: Metrics::new(),
         dep,
@@ -158,6 +161,10 @@ pub async fn serve(
             }
         }
     }
+    let watcher = {
+        let state = Arc::clone(&state);
+        tokio::spawn(async move { state.peers.watch().await })
+    };
     if let Some(addr) = state.dep.config.metrics_listen {
         crate::metrics::spawn_http(addr, Arc::clone(&state))?;
     }
@@ -180,16 +187,23 @@ pub async fn serve(
             Some(incoming) = register.accept() => {
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
-                    match serve_registration(incoming, &state.dep.ca, &state.tokens).await {
-                        Ok(r) => tracing::info!("registered machine {:?}", r),
-                        Err(e) => tracing::warn!("registration refused: {e}"),
-                    }
+                    let registrar = Registrar {
+                        ca: &state.dep.ca,
+                        tokens: &state.tokens,
+                        machines: &state.machines,
+                        escrow_key: state.escrow_key,
+                        data_port: state.dep.config.listen.port(),
+                        client_validity: LEAF_VALIDITY,
+                    };
+                    // serve_registration logs the outcome.
+                    let _ = serve_registration(incoming, &registrar).await;
                 });
             }
             () = &mut shutdown => break,
         }
     }
     tracing::info!("shutting down");
+    watcher.abort();
     data.close(0u32.into(), b"shutdown");
     register.close(0u32.into(), b"shutdown");
     data.wait_idle().await;
@@ -268,10 +282,11 @@ async fn refuse(send: &mut SendStream, code: ErrorCode, disk: Option<DiskId>, me
 }
 
 async fn connection(state: Arc<State>, incoming: quinn::Incoming) -> anyhow::Result<()> {
-    // The handshake fails for peers without a certificate from our CA: nothing of theirs
-    // is ever parsed.
+    // The handshake fails for peers without a certificate from our CA, and admission for
+    // a certificate that is not its machine's current one: nothing of theirs is parsed.
     let conn = incoming.await.context("TLS handshake")?;
-    let machine = peer_machine_id(&conn)?.into_string();
+    let admitted = state.peers.admit(&conn).context("refused")?;
+    let machine = admitted.machine.as_str().to_owned();
     state.metrics.connections.inc();
     let result = async {
         let (mut send, recv) = conn.accept_bi().await?;

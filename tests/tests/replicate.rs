@@ -258,12 +258,12 @@ fn foreign_peers_and_foreign_disks_are_refused() {
     let journal = site.ps.dir.join("cache").join(&disk_id);
     let size_before = dir_size(&journal);
     let thief = site.register("thief");
-    let thief_state = serde_json::json!({
-        "server": format!("127.0.0.1:{}", site.ps.data_port),
-        "server_name": "127.0.0.1",
-        "disks": { disk.path.to_string_lossy(): { "disk_id": disk_id, "epoch": 5 } },
-    });
-    std::fs::write(thief.state_dir.join("state.json"), thief_state.to_string()).unwrap();
+    let thief_state_path = thief.state_dir.join("state.json");
+    let mut thief_state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&thief_state_path).unwrap()).unwrap();
+    thief_state["disks"] =
+        serde_json::json!({ disk.path.to_string_lossy(): { "disk_id": disk_id, "epoch": 5 } });
+    std::fs::write(&thief_state_path, thief_state.to_string()).unwrap();
     // The refusal may come before or after the agent reports that it is tracking.
     let log = match Replicator::start(&thief, &[&disk.path], &[]) {
         Ok(t) => {

@@ -20,7 +20,9 @@ use ripcord_proto::{
     SenderConfig, SenderEvent, aead, decode_frame, handshake::check_hello_ack,
 };
 use ripcord_seal::{DataKey, escrow::wrap_data_key};
-use ripcord_transport::{Identity, TransportOptions, connect, endpoint::client_endpoint_with};
+use ripcord_transport::{
+    CLOSE_CERTIFICATE_REFUSED, Identity, TransportOptions, connect, endpoint::client_endpoint_with,
+};
 use tokio::sync::mpsc;
 
 use super::pipeline::Outgoing;
@@ -33,6 +35,29 @@ pub struct Refused {
     pub disk: String,
     pub code: ErrorCode,
     pub message: String,
+}
+
+/// The session cannot be trusted or will never be accepted: the agent stops rather than
+/// retry.
+#[derive(Debug, thiserror::Error)]
+pub enum Untrusted {
+    /// The server's hello carries an escrow key other than the one pinned at
+    /// registration: a compromised or foreign process server would learn every data key
+    /// wrapped to it.
+    #[error(
+        "the process server at {server} presented escrow key {presented}, but registration \
+         pinned {pinned}: refusing to hand it any data key (a compromised or foreign \
+         server?). If the deployment really changed, register this machine again"
+    )]
+    EscrowKeyMismatch {
+        server: SocketAddr,
+        presented: String,
+        pinned: String,
+    },
+    /// The server refused this machine's certificate (removed by an operator, or
+    /// superseded by a newer certificate).
+    #[error("the process server refused this machine's certificate: {reason}")]
+    CertificateRefused { reason: String },
 }
 
 /// Acknowledged-durable counters of one disk, shared with the stats writer.
@@ -150,6 +175,8 @@ pub struct NetConfig {
     pub server: SocketAddr,
     pub server_name: String,
     pub identity: Identity,
+    /// The escrow public key pinned at registration.
+    pub escrow_key: [u8; 32],
     /// Unacknowledged bytes the agent may hold (bounds memory): half of it is the QUIC
     /// send window, the rest the sender's batch buffer.
     pub window_bytes: usize,
@@ -193,6 +220,7 @@ pub async fn run(cfg: NetConfig, mut links: Vec<DiskLink>) -> anyhow::Result<()>
         match session(&cfg, &machine, &mut links).await {
             Ok(()) => return Ok(()),
             Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
+            Err(e) if e.downcast_ref::<Untrusted>().is_some() => return Err(e),
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(2) {
                     // The session was up for a while: retry quickly again.
@@ -227,6 +255,28 @@ async fn session(cfg: &NetConfig, machine: &str, links: &mut [DiskLink]) -> anyh
     let conn = connect(&endpoint, cfg.server, &cfg.server_name)
         .await
         .with_context(|| format!("connecting to {}", cfg.server))?;
+    let result = serve_links(cfg, machine, links, &conn).await;
+    if let Some(quinn::ConnectionError::ApplicationClosed(close)) = conn.close_reason()
+        && close.error_code == quinn::VarInt::from_u32(CLOSE_CERTIFICATE_REFUSED)
+    {
+        return Err(Untrusted::CertificateRefused {
+            reason: String::from_utf8_lossy(&close.reason).into_owned(),
+        }
+        .into());
+    }
+    result?;
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
+/// One connected session: hello, then every disk's stream until all are finished.
+async fn serve_links(
+    cfg: &NetConfig,
+    machine: &str,
+    links: &mut [DiskLink],
+    conn: &Connection,
+) -> anyhow::Result<()> {
     let (mut send, recv) = conn.open_bi().await?;
     let mut reader = FrameReader {
         recv,
@@ -241,6 +291,14 @@ async fn session(cfg: &NetConfig, machine: &str, links: &mut [DiskLink]) -> anyh
     let escrow = match reader.next().await? {
         Some(Message::HelloAck(ack)) => {
             check_hello_ack(PROTOCOL_VERSION, &ack)?;
+            if ack.escrow_key != cfg.escrow_key {
+                return Err(Untrusted::EscrowKeyMismatch {
+                    server: cfg.server,
+                    presented: hex::encode(ack.escrow_key),
+                    pinned: hex::encode(cfg.escrow_key),
+                }
+                .into());
+            }
             tracing::info!(server = %ack.server_id, "connected to {}", cfg.server);
             ack.escrow_key
         }
@@ -253,13 +311,11 @@ async fn session(cfg: &NetConfig, machine: &str, links: &mut [DiskLink]) -> anyh
             l.wrapped_key = Some(wrap_data_key(&l.key, &escrow, &ctx)?);
         }
     }
-    let drivers = links.iter_mut().map(|l| drive(&conn, l));
+    let drivers = links.iter_mut().map(|l| drive(conn, l));
     let results = futures_join_all(drivers).await;
     for r in results {
         r?;
     }
-    conn.close(0u32.into(), b"done");
-    endpoint.wait_idle().await;
     Ok(())
 }
 

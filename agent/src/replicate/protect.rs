@@ -118,6 +118,7 @@ fn run_epoch(
     })?;
     let machine = identity.machine_id().as_str().to_owned();
     let mut state = AgentState::load(&cfg.state_dir)?;
+    let escrow_key = state.pinned_escrow_key()?;
     let server = cfg
         .server
         .clone()
@@ -203,6 +204,7 @@ fn run_epoch(
         server: server_addr,
         server_name,
         identity,
+        escrow_key,
         window_bytes: cfg.window_mib << 20,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1,4 +1,5 @@
-//! Persistent agent state (`<state-dir>/state.json`): the server to use, and for each
+//! Persistent agent state (`<state-dir>/state.json`): the server to use, the pinned
+//! escrow key, and for each
 //! protected device its disk id and last epoch. Epochs are persisted *before* they are
 //! used, so one is never reused (nonces are unique per epoch and key).
 
@@ -27,6 +28,10 @@ pub struct AgentState {
     /// TLS name of the server (host part of the registration address).
     #[serde(default)]
     pub server_name: Option<String>,
+    /// The deployment's escrow public key (hex), pinned by `register`: data keys are
+    /// wrapped to it and to no other, whatever a process server's hello says.
+    #[serde(default)]
+    pub escrow_key: Option<String>,
     /// By device path.
     #[serde(default)]
     pub disks: BTreeMap<PathBuf, DiskState>,
@@ -46,6 +51,18 @@ impl AgentState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
+    }
+
+    /// The pinned escrow public key.
+    pub fn pinned_escrow_key(&self) -> anyhow::Result<[u8; 32]> {
+        let hex_key = self.escrow_key.as_deref().context(
+            "no pinned escrow key in state.json (registered by an older version): run \
+             `ripcord-agent register` again (with a new token; the current key renews)",
+        )?;
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(hex_key, &mut key)
+            .context("the pinned escrow key in state.json is not 64 hex digits")?;
+        Ok(key)
     }
 
     /// Write crash-safely (temp file, fsync, rename, directory fsync).

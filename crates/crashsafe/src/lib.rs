@@ -17,6 +17,12 @@
 //!   are rewritten often and only read live (status files), where a crash may leave the
 //!   previous version.
 //!
+//! # Read-modify-write across processes
+//! [`lock_exclusive`] serialises updates of a file that several processes change (the
+//! running process server and an operator's `ripcord-ps token` both add to the token
+//! store): take the lock, read the file, change it, [`write_atomic`] it, drop the lock.
+//! Readers need no lock: they see the old or the new file.
+//!
 //! The journal keeps its own segment creation (temporary name, preallocation, sync,
 //! rename, directory sync) because every sync there goes through its I/O engine, which
 //! tests replace to inject faults.
@@ -60,6 +66,27 @@ pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
         sync_dir(&from_dir)?;
     }
     Ok(())
+}
+
+/// An exclusive advisory lock (`flock`) on a lock file; released when dropped (or when
+/// the process dies, so a killed holder never leaves it stuck).
+#[derive(Debug)]
+pub struct FileLock {
+    _file: File,
+}
+
+/// Blocks until this process holds the exclusive lock on `path` (created, mode 0600, if
+/// missing). Hold it around a read-modify-write of the file it protects.
+pub fn lock_exclusive(path: &Path) -> io::Result<FileLock> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(MODE_SECRET)
+        .open(path)?;
+    file.lock()?;
+    Ok(FileLock { _file: file })
 }
 
 /// Fsync a directory, making the creations, renames and removals in it durable.
@@ -113,6 +140,33 @@ mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
+
+    #[test]
+    fn lock_exclusive_serialises_read_modify_write_across_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lock, counter) = (dir.path().join("n.lock"), dir.path().join("n"));
+        write_atomic(&counter, b"0", MODE_PUBLIC).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (lock, counter) = (lock.clone(), counter.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..25 {
+                        // Each lock_exclusive opens its own file description, as another
+                        // process would.
+                        let _held = lock_exclusive(&lock).unwrap();
+                        let n: u32 = fs::read_to_string(&counter).unwrap().parse().unwrap();
+                        std::thread::yield_now();
+                        write_atomic(&counter, (n + 1).to_string().as_bytes(), MODE_PUBLIC)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(fs::read_to_string(&counter).unwrap(), "100");
+    }
 
     #[test]
     fn write_atomic_replaces_the_file_and_leaves_no_temporary() {

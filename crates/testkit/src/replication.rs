@@ -121,6 +121,21 @@ impl ProcessServer {
         Ok(ps)
     }
 
+    /// A new single-use bootstrap token (`ripcord-ps token`).
+    pub fn new_token(&self) -> anyhow::Result<String> {
+        let out = Command::new(crate::binary("ripcord-ps"))
+            .args(["token", "--uses", "1", "--dir"])
+            .arg(&self.dir)
+            .output()
+            .context("running ripcord-ps token")?;
+        ensure!(
+            out.status.success(),
+            "ripcord-ps token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
     /// (Re)start `ripcord-ps serve`, waiting until it listens.
     pub fn spawn(&mut self) -> anyhow::Result<()> {
         ensure!(self.child.is_none(), "already running");
@@ -235,12 +250,14 @@ pub struct AgentIdentity {
 }
 
 impl AgentIdentity {
-    /// `ripcord-agent register` against `ps`.
+    /// `ripcord-agent register` against `ps`, with a fresh single-use token from
+    /// `ripcord-ps token` (made while the server runs, as an operator would).
     pub fn register(
         ps: &ProcessServer,
         root: &Path,
         machine: &str,
     ) -> anyhow::Result<AgentIdentity> {
+        let token = ps.new_token()?;
         let state_dir = root.join(format!("agent-{machine}"));
         let out = Command::new(crate::binary("ripcord-agent"))
             .args([
@@ -248,7 +265,7 @@ impl AgentIdentity {
                 "--machine-id",
                 machine,
                 "--token",
-                &ps.token,
+                &token,
                 "--ca-hash",
                 &ps.ca_hash,
             ])

@@ -3,10 +3,10 @@
 //! Run: `cargo run --release --example quic_throughput [-- <MiB>]` (default 1024 MiB).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ripcord_transport::pki::{Ca, MachineId, TokenStore};
+use ripcord_transport::pki::{self, Ca, MachineId, MachineStore, TokenStore};
 use ripcord_transport::{endpoint, register};
 
 const CHUNK: usize = 1 << 20;
@@ -26,30 +26,42 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Deployment + registration, exactly as in production.
     let ca = Arc::new(Ca::create(dir.path(), "bench")?);
     let server_id = ca.issue_server(&["localhost", "127.0.0.1"])?;
-    let mut store = TokenStore::create(dir.path())?;
-    let token = store.add(Duration::from_secs(60), Some(1), SystemTime::now())?;
-    let tokens = Arc::new(Mutex::new(store));
+    let tokens = TokenStore::create(dir.path())?;
+    let token = tokens.add(Duration::from_secs(60), 1, SystemTime::now())?;
+    let machines = MachineStore::open(dir.path())?;
     let reg_ep = register::registration_endpoint(loopback, &server_id)?;
     let reg_addr = reg_ep.local_addr()?;
-    let (ca2, tokens2) = (ca.clone(), tokens.clone());
+    let ca2 = ca.clone();
     let reg_task = tokio::spawn(async move {
         let inc = reg_ep
             .accept()
             .await
             .ok_or("registration endpoint closed")?;
-        register::serve_registration(inc, &ca2, &tokens2)
+        let registrar = register::Registrar {
+            ca: &ca2,
+            tokens: &tokens,
+            machines: &machines,
+            escrow_key: [0; 32],
+            data_port: 0,
+            client_validity: pki::LEAF_VALIDITY,
+        };
+        register::serve_registration(inc, &registrar)
             .await
             .map_err(|e| e.to_string())
     });
     let identity = register::register(
         reg_addr,
         "localhost",
-        &token,
         &ca.hash(),
         &MachineId::new("bench-agent")?,
+        register::Credentials {
+            token: Some(&token),
+            current: None,
+        },
         agent_dir.path(),
     )
-    .await?;
+    .await?
+    .identity;
     reg_task.await??;
 
     // Data path: server counts bytes on one uni stream.

@@ -244,16 +244,30 @@ pub async fn connect(
     Ok(endpoint.connect(addr, server_name)?.await?)
 }
 
+/// Application close code with which the server ends a data connection whose client
+/// certificate is no longer its machine's current one (the machine was removed, or the
+/// certificate superseded by a renewal or re-registration). The close reason says which.
+/// An agent seeing it stops retrying with that certificate.
+pub const CLOSE_CERTIFICATE_REFUSED: u32 = 0x7263_0001;
+
 /// The verified machine id of the peer (from its client certificate's
 /// `ripcord://machine/<id>` URI SAN). Use it on the server to enforce that a machine only
 /// writes its own disks.
 pub fn peer_machine_id(conn: &Connection) -> Result<MachineId, EndpointError> {
+    Ok(machine_id_from_cert(&peer_certificate(conn)?)?)
+}
+
+/// The peer's verified leaf certificate. The server checks it against the machine store
+/// (is it the machine's current certificate?) before reading anything from the peer.
+pub fn peer_certificate(conn: &Connection) -> Result<CertificateDer<'static>, EndpointError> {
     let identity = conn
         .peer_identity()
         .ok_or(EndpointError::NoPeerCertificate)?;
     let certs = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| EndpointError::NoPeerCertificate)?;
-    let leaf = certs.first().ok_or(EndpointError::NoPeerCertificate)?;
-    Ok(machine_id_from_cert(leaf)?)
+    certs
+        .first()
+        .cloned()
+        .ok_or(EndpointError::NoPeerCertificate)
 }

@@ -1,8 +1,7 @@
 //! End-to-end tests over real QUIC on 127.0.0.1.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use quinn::Endpoint;
@@ -12,102 +11,10 @@ use ripcord_transport::register::{
 };
 use ripcord_transport::{TokenError, endpoint};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tempfile::TempDir;
 
-const T: Duration = Duration::from_secs(20);
+mod common;
 
-fn localhost() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-struct Server {
-    _dir: TempDir,
-    ca: Arc<Ca>,
-    identity: ServerIdentity,
-    tokens: Arc<Mutex<TokenStore>>,
-    reg: Endpoint,
-}
-
-impl Server {
-    fn new() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::create(dir.path(), "ripcord-test").unwrap();
-        let identity = ca.issue_server(&["localhost", "127.0.0.1"]).unwrap();
-        let tokens = TokenStore::create(dir.path()).unwrap();
-        let reg = register::registration_endpoint(localhost(), &identity).unwrap();
-        Server {
-            _dir: dir,
-            ca: Arc::new(ca),
-            identity,
-            tokens: Arc::new(Mutex::new(tokens)),
-            reg,
-        }
-    }
-
-    fn reg_addr(&self) -> SocketAddr {
-        self.reg.local_addr().unwrap()
-    }
-
-    fn token(&self, limit: Option<u32>) -> Token {
-        self.tokens
-            .lock()
-            .unwrap()
-            .add(Duration::from_secs(3600), limit, SystemTime::now())
-            .unwrap()
-    }
-
-    fn uses(&self, t: &Token) -> Option<u32> {
-        self.tokens.lock().unwrap().uses(t.id())
-    }
-
-    /// Serves exactly one registration connection in the background.
-    fn serve_one(&self) -> tokio::task::JoinHandle<Result<register::Registration, ServeError>> {
-        let (ep, ca, tokens) = (self.reg.clone(), self.ca.clone(), self.tokens.clone());
-        tokio::spawn(async move {
-            let incoming = ep.accept().await.expect("endpoint closed");
-            register::serve_registration(incoming, &ca, &tokens).await
-        })
-    }
-}
-
-async fn attempt(
-    server: &Server,
-    server_name: &str,
-    token: &Token,
-    ca_hash: &str,
-    machine: &str,
-    state_dir: &Path,
-) -> (
-    Result<Identity, RegisterError>,
-    Result<register::Registration, ServeError>,
-) {
-    let task = server.serve_one();
-    let mid = MachineId::new(machine).unwrap();
-    let agent = tokio::time::timeout(
-        T,
-        register::register(
-            server.reg_addr(),
-            server_name,
-            token,
-            ca_hash,
-            &mid,
-            state_dir,
-        ),
-    )
-    .await
-    .expect("agent timed out");
-    let served = tokio::time::timeout(T, task)
-        .await
-        .expect("server timed out")
-        .unwrap();
-    (agent, served)
-}
-
-fn assert_no_identity(dir: &Path) {
-    assert!(!dir.join(pki::AGENT_CERT_FILE).exists());
-    assert!(!dir.join(pki::AGENT_KEY_FILE).exists());
-    assert!(Identity::load(dir).is_err());
-}
+use common::*;
 
 /// What a data-path server task observed.
 #[derive(Debug, Default)]
@@ -149,7 +56,7 @@ fn run_data_server(ep: Endpoint, window: Duration) -> tokio::task::JoinHandle<Ob
 #[tokio::test]
 async fn register_then_mutual_tls_echo() {
     let server = Server::new();
-    let token = server.token(Some(1));
+    let token = server.token(1);
     let agent_dir = tempfile::tempdir().unwrap();
     let (agent, served) = attempt(
         &server,
@@ -164,7 +71,7 @@ async fn register_then_mutual_tls_echo() {
     let reg = served.unwrap();
     assert_eq!(identity.machine_id().as_str(), "host-01.lab");
     assert_eq!(reg.machine_id.as_str(), "host-01.lab");
-    assert_eq!(reg.token_id, token.id());
+    assert_eq!(reg.token_id.as_deref(), Some(token.id()));
     assert_eq!(&reg.certificate, identity.cert());
     assert_eq!(server.uses(&token), Some(1));
 
@@ -229,7 +136,7 @@ async fn register_then_mutual_tls_echo() {
 #[tokio::test]
 async fn wrong_ca_hash_refused_before_token_is_sent() {
     let server = Server::new();
-    let token = server.token(None);
+    let token = server.token(10);
     let other_dir = tempfile::tempdir().unwrap();
     let other = Ca::create(other_dir.path(), "other").unwrap();
     let agent_dir = tempfile::tempdir().unwrap();
@@ -258,9 +165,9 @@ async fn wrong_ca_hash_refused_before_token_is_sent() {
     let r = register::register(
         server.reg_addr(),
         "localhost",
-        &token,
         "sha256:xyz",
         &MachineId::new("m1").unwrap(),
+        by_token(&token),
         agent_dir.path(),
     )
     .await;
@@ -272,7 +179,7 @@ async fn pinned_ca_in_chain_but_forged_leaf_is_refused() {
     // An impostor sends the real (public) CA certificate in its chain, with a leaf
     // signed by its own CA. Matching the hash alone must not be enough.
     let real = Server::new();
-    let token = real.token(None);
+    let token = real.token(10);
     let evil_dir = tempfile::tempdir().unwrap();
     let evil_ca = Ca::create(evil_dir.path(), "evil").unwrap();
     evil_ca
@@ -307,9 +214,9 @@ async fn pinned_ca_in_chain_but_forged_leaf_is_refused() {
         register::register(
             addr,
             "localhost",
-            &token,
             &real.ca.hash(),
             &MachineId::new("m1").unwrap(),
+            by_token(&token),
             agent_dir.path(),
         ),
     )
@@ -362,7 +269,7 @@ async fn bad_tokens_refused_with_specific_errors() {
     assert_no_identity(dir.path());
 
     // Known id, wrong secret.
-    let good = server.token(None);
+    let good = server.token(10);
     let wrong = Token::parse(&format!("{}.{}", good.id(), "zzzzzzzzzzzzzzzz")).unwrap();
     let (agent, served) = attempt(&server, "localhost", &wrong, &hash, "m1", dir.path()).await;
     assert!(matches!(
@@ -380,9 +287,7 @@ async fn bad_tokens_refused_with_specific_errors() {
     let expired = Token::generate().unwrap();
     server
         .tokens
-        .lock()
-        .unwrap()
-        .insert(&expired, SystemTime::now() - Duration::from_secs(1), None)
+        .insert(&expired, SystemTime::now() - Duration::from_secs(1), 10)
         .unwrap();
     let (agent, served) = attempt(&server, "localhost", &expired, &hash, "m1", dir.path()).await;
     assert!(
@@ -399,8 +304,9 @@ async fn bad_tokens_refused_with_specific_errors() {
     assert_eq!(server.uses(&expired), Some(0));
     assert_no_identity(dir.path());
 
-    // Used-up token (limit 0).
-    let used = server.token(Some(0));
+    // Used-up token.
+    let used = server.token(1);
+    server.tokens.redeem(&used, SystemTime::now()).unwrap();
     let (agent, served) = attempt(&server, "localhost", &used, &hash, "m1", dir.path()).await;
     assert!(matches!(
         agent,
@@ -410,15 +316,14 @@ async fn bad_tokens_refused_with_specific_errors() {
     assert_no_identity(dir.path());
 
     // Token state survives a reload of the store.
-    let reloaded =
-        TokenStore::load(server.tokens.lock().unwrap().path().parent().unwrap()).unwrap();
-    assert_eq!(reloaded.uses(good.id()), Some(0));
+    let reloaded = TokenStore::load(server.tokens.path().parent().unwrap()).unwrap();
+    assert_eq!(reloaded.uses(good.id()).unwrap(), Some(0));
 }
 
 /// Sends a raw registration body (or just a header) and returns the raw response bytes.
 async fn raw_exchange(server: &Server, bytes: Vec<u8>, finish: bool) -> Vec<u8> {
     let (_ep, conn) =
-        register::connect_registration(server.reg_addr(), "localhost", &server.ca.hash())
+        register::connect_registration(server.reg_addr(), "localhost", &server.ca.hash(), None)
             .await
             .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -461,7 +366,7 @@ async fn invalid_machine_ids_rejected() {
     }
     // A hand-crafted request with an invalid id is refused by the server, token untouched.
     let server = Server::new();
-    let token = server.token(None);
+    let token = server.token(10);
     for bad in [&b"../etc"[..], b"", &[b'a'; 65][..], b"\xff\xfe"] {
         let task = server.serve_one();
         let resp = raw_exchange(
@@ -494,7 +399,7 @@ async fn invalid_machine_ids_rejected() {
 #[tokio::test]
 async fn oversize_registration_message_rejected_before_allocation() {
     let server = Server::new();
-    let token = server.token(None);
+    let token = server.token(10);
     // Announce a 1 GiB body but send only the 4-byte header and keep the stream open: the
     // server must refuse from the header alone (it cannot have waited for/allocated a body).
     let task = server.serve_one();
@@ -599,7 +504,11 @@ async fn data_endpoint_refuses_client_cert_from_other_ca() {
         .serialize_request(&key)
         .unwrap();
     let cert = other
-        .issue_client(&MachineId::new("victim").unwrap(), csr.der())
+        .issue_client(
+            &MachineId::new("victim").unwrap(),
+            csr.der(),
+            ripcord_transport::pki::LEAF_VALIDITY,
+        )
         .unwrap();
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     // Trust the real CA for the server so only the client side is wrong.

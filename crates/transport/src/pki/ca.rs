@@ -163,7 +163,8 @@ impl Ca {
         ))
     }
 
-    /// Issues a client certificate for `machine_id` from a DER CSR.
+    /// Issues a client certificate for `machine_id` from a DER CSR, valid for `validity`
+    /// ([`LEAF_VALIDITY`] unless the deployment chose otherwise).
     ///
     /// The CSR's self-signature is verified; only its public key is used. Subject, SANs
     /// and extensions are set by the CA: CN = machine id, URI SAN
@@ -172,6 +173,7 @@ impl Ca {
         &self,
         machine_id: &MachineId,
         csr_der: &[u8],
+        validity: Duration,
     ) -> Result<CertificateDer<'static>, PkiError> {
         let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
             .map_err(PkiError::InvalidCsr)?;
@@ -196,7 +198,7 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial()?);
-        set_validity(&mut params, LEAF_VALIDITY);
+        set_validity(&mut params, validity);
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(cert.der().clone())
     }

@@ -7,6 +7,7 @@
 //! written last, so its presence marks a complete identity.
 
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::extensions::GeneralName;
@@ -149,6 +150,17 @@ impl Identity {
         &self.ca_cert
     }
 
+    /// The certificate's validity period (not before, not after).
+    pub fn validity(&self) -> Result<(SystemTime, SystemTime), PkiError> {
+        cert_validity(&self.cert)
+    }
+
+    /// Whether the certificate has expired (or does not parse).
+    pub fn expired(&self) -> bool {
+        self.validity()
+            .map_or(true, |(_, not_after)| not_after <= SystemTime::now())
+    }
+
     /// Stores the identity in `state_dir` crash-safely: `agent.key` (0600), `ca.crt`, and
     /// `agent.crt` last (its presence marks a complete identity).
     pub fn save(&self, state_dir: &Path) -> Result<(), PkiError> {
@@ -175,6 +187,22 @@ impl Identity {
         let key = read_key(&state_dir.join(AGENT_KEY_FILE))?;
         Identity::new(cert, key, ca_cert)
     }
+}
+
+/// A certificate's validity period (not before, not after).
+pub fn cert_validity(cert_der: &[u8]) -> Result<(SystemTime, SystemTime), PkiError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
+        .map_err(|_| PkiError::CertificateParse)?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let secs = t.timestamp();
+        if secs >= 0 {
+            UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+        } else {
+            UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+        }
+    };
+    let validity = cert.validity();
+    Ok((at(validity.not_before), at(validity.not_after)))
 }
 
 /// Extracts the machine id from a client certificate's `ripcord://machine/<id>` URI SAN.

@@ -3,17 +3,19 @@
 //! Layout of a deployment directory (server side):
 //! - `ca.crt` / `ca.key` — the deployment CA (key mode 0600),
 //! - `server.crt` / `server.key` — the process server's chain (leaf + CA) and key,
-//! - `tokens` — bootstrap token store (hashes only, mode 0600).
+//! - `tokens` — bootstrap token store (hashes only, mode 0600),
+//! - `machines` — each registered machine's current certificate (by hash).
 //!
 //! Layout of an agent state directory: `agent.key` (0600), `agent.crt`, `ca.crt`.
 //!
 //! The CA lives in `ca.rs`, the stored identities (and reading a certificate's machine
-//! id) in `identity.rs`, bootstrap tokens in `token.rs`; this file holds the file names,
+//! id) in `identity.rs`, bootstrap tokens in `token.rs`, registered machines in `machines.rs`; this file holds the file names,
 //! the error type and the PEM and key helpers they share.
 
 mod ca;
 mod identity;
 mod machine_id;
+mod machines;
 mod token;
 
 use std::io;
@@ -28,8 +30,9 @@ use crate::fsutil;
 
 pub use ca::Ca;
 pub(crate) use identity::cert_spki;
-pub use identity::{Identity, ServerIdentity, machine_id_from_cert};
+pub use identity::{Identity, ServerIdentity, cert_validity, machine_id_from_cert};
 pub use machine_id::{MACHINE_ID_MAX_LEN, MachineId, MachineIdError};
+pub use machines::{MACHINE_STORE_FILE, MachineError, MachineRecord, MachineStore};
 pub use token::{TOKEN_ID_LEN, TOKEN_SECRET_LEN, TOKEN_STORE_FILE, Token, TokenError, TokenStore};
 
 /// Prefix of the URI SAN carrying the machine id in client certificates.
@@ -258,19 +261,19 @@ mod tests {
         let id = MachineId::new("host-1").unwrap();
         let key = generate_key().unwrap();
         let csr = make_csr(&MachineId::new("other").unwrap(), &key).unwrap();
-        let cert = ca.issue_client(&id, &csr).unwrap();
+        let cert = ca.issue_client(&id, &csr, LEAF_VALIDITY).unwrap();
         // CA decides the identity, not the CSR subject.
         assert_eq!(machine_id_from_cert(&cert).unwrap(), id);
         assert_eq!(cert_spki(&cert).unwrap(), key.subject_public_key_info());
         assert!(matches!(
-            ca.issue_client(&id, b"garbage"),
+            ca.issue_client(&id, b"garbage", LEAF_VALIDITY),
             Err(PkiError::InvalidCsr(_))
         ));
         let mut tampered = csr.clone();
         let n = tampered.len();
         tampered[n - 1] ^= 1;
         assert!(matches!(
-            ca.issue_client(&id, &tampered),
+            ca.issue_client(&id, &tampered, LEAF_VALIDITY),
             Err(PkiError::InvalidCsr(_))
         ));
     }

@@ -17,8 +17,10 @@ pub const TOKEN_ID_LEN: usize = 6;
 pub const TOKEN_SECRET_LEN: usize = 16;
 /// File name of the token store inside the deployment directory.
 pub const TOKEN_STORE_FILE: &str = "tokens";
+/// File name of the lock serialising changes to the token store.
+pub const TOKEN_LOCK_FILE: &str = "tokens.lock";
 
-const STORE_HEADER: &str = "# ripcord bootstrap tokens v1: <id> <sha256(secret) hex> <expires unix s> <usage limit|-> <uses>";
+const STORE_HEADER: &str = "# ripcord bootstrap tokens v1: <id> <sha256(secret) hex> <expires unix s> <usage limit> <uses>";
 const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 
 /// Errors from parsing, storing or verifying bootstrap tokens.
@@ -65,6 +67,9 @@ pub enum TokenError {
         /// 1-based line number.
         line: usize,
     },
+    /// A token must allow at least one registration.
+    #[error("a bootstrap token must allow at least one registration")]
+    ZeroUses,
     /// The system random number generator failed.
     #[error("system random number generator failed")]
     Rng,
@@ -178,65 +183,55 @@ fn unix_secs(t: SystemTime) -> u64 {
 struct TokenRecord {
     secret_hash: [u8; 32],
     expires_at: u64,
-    usage_limit: Option<u32>,
+    usage_limit: u32,
     uses: u32,
 }
+
+type Entries = BTreeMap<String, TokenRecord>;
 
 /// Server-side bootstrap token store, persisted crash-safely in `<dir>/tokens` (mode 0600).
 ///
 /// Secrets are stored as SHA-256 hashes and compared in constant time.
-#[derive(Debug)]
+///
+/// The file is the only state: every operation reads it, and every change is a
+/// read-modify-write under an exclusive lock on `<dir>/tokens.lock`. So the running
+/// process server and an operator's `ripcord-ps token` can both change it without losing
+/// a new token or resurrecting a used one, and two registrations racing for the last use
+/// of a token cannot both redeem it.
+#[derive(Debug, Clone)]
 pub struct TokenStore {
     path: PathBuf,
-    entries: BTreeMap<String, TokenRecord>,
+    lock_path: PathBuf,
 }
 
 impl TokenStore {
+    fn at(dir: &Path) -> TokenStore {
+        TokenStore {
+            path: dir.join(TOKEN_STORE_FILE),
+            lock_path: dir.join(TOKEN_LOCK_FILE),
+        }
+    }
+
     /// Creates an empty store in `dir`; fails with [`TokenError::StoreExists`] if one exists.
     pub fn create(dir: &Path) -> Result<TokenStore, TokenError> {
-        let path = dir.join(TOKEN_STORE_FILE);
-        let io_err = |source| TokenError::StoreIo {
-            path: path.clone(),
-            source,
-        };
-        fsutil::ensure_dir(dir).map_err(io_err)?;
-        if path.exists() {
-            return Err(TokenError::StoreExists { path });
+        let store = TokenStore::at(dir);
+        fsutil::ensure_dir(dir).map_err(|e| store.io_err(e))?;
+        let _held = store.lock()?;
+        if store.path.exists() {
+            return Err(TokenError::StoreExists { path: store.path });
         }
-        let store = TokenStore {
-            path,
-            entries: BTreeMap::new(),
-        };
-        store.persist()?;
+        store.persist(&Entries::new())?;
         Ok(store)
     }
 
-    /// Loads the store from `dir`.
+    /// Opens the store in `dir`, checking that it exists and parses.
     pub fn load(dir: &Path) -> Result<TokenStore, TokenError> {
-        let path = dir.join(TOKEN_STORE_FILE);
-        let text = fsutil::read_text(&path).map_err(|source| TokenError::StoreIo {
-            path: path.clone(),
-            source,
-        })?;
-        let mut entries = BTreeMap::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let corrupt = || TokenError::StoreCorrupt {
-                path: path.clone(),
-                line: i + 1,
-            };
-            let (id, rec) = parse_record(line).ok_or_else(corrupt)?;
-            if entries.insert(id, rec).is_some() {
-                return Err(corrupt());
-            }
-        }
-        Ok(TokenStore { path, entries })
+        let store = TokenStore::at(dir);
+        store.read()?;
+        Ok(store)
     }
 
-    /// Loads the store from `dir`, creating an empty one if it does not exist.
+    /// Opens the store in `dir`, creating an empty one if it does not exist.
     pub fn open_or_create(dir: &Path) -> Result<TokenStore, TokenError> {
         match TokenStore::create(dir) {
             Err(TokenError::StoreExists { .. }) => TokenStore::load(dir),
@@ -249,123 +244,155 @@ impl TokenStore {
         &self.path
     }
 
-    /// Generates a new token valid for `ttl` from `now`, optionally limited to
-    /// `usage_limit` registrations, and persists it.
+    /// Generates a new token valid for `ttl` from `now` for `usage_limit` registrations
+    /// (at least 1), and persists it.
     pub fn add(
-        &mut self,
+        &self,
         ttl: Duration,
-        usage_limit: Option<u32>,
+        usage_limit: u32,
         now: SystemTime,
     ) -> Result<Token, TokenError> {
         loop {
             let token = Token::generate()?;
-            if self.entries.contains_key(token.id()) {
-                continue;
+            match self.insert(&token, now + ttl, usage_limit) {
+                Err(TokenError::DuplicateId { .. }) => continue,
+                other => return other.map(|()| token),
             }
-            self.insert(&token, now + ttl, usage_limit)?;
-            return Ok(token);
         }
     }
 
     /// Stores an existing token (e.g. one supplied by the operator) and persists the store.
     pub fn insert(
-        &mut self,
+        &self,
         token: &Token,
         expires_at: SystemTime,
-        usage_limit: Option<u32>,
+        usage_limit: u32,
     ) -> Result<(), TokenError> {
-        if self.entries.contains_key(token.id()) {
-            return Err(TokenError::DuplicateId {
-                id: token.id().to_owned(),
-            });
+        if usage_limit == 0 {
+            return Err(TokenError::ZeroUses);
         }
-        self.entries.insert(
-            token.id().to_owned(),
-            TokenRecord {
-                secret_hash: sha256(token.secret().as_bytes()),
-                expires_at: unix_secs(expires_at),
-                usage_limit,
-                uses: 0,
-            },
-        );
-        if let Err(e) = self.persist() {
-            self.entries.remove(token.id());
-            return Err(e);
-        }
-        Ok(())
+        self.update(|entries| {
+            if entries.contains_key(token.id()) {
+                return Err(TokenError::DuplicateId {
+                    id: token.id().to_owned(),
+                });
+            }
+            entries.insert(
+                token.id().to_owned(),
+                TokenRecord {
+                    secret_hash: sha256(token.secret().as_bytes()),
+                    expires_at: unix_secs(expires_at),
+                    usage_limit,
+                    uses: 0,
+                },
+            );
+            Ok(())
+        })
     }
 
     /// Removes a token; returns whether it existed.
-    pub fn revoke(&mut self, id: &str) -> Result<bool, TokenError> {
-        let Some(rec) = self.entries.remove(id) else {
-            return Ok(false);
-        };
-        if let Err(e) = self.persist() {
-            self.entries.insert(id.to_owned(), rec);
-            return Err(e);
-        }
-        Ok(true)
+    pub fn revoke(&self, id: &str) -> Result<bool, TokenError> {
+        self.update(|entries| Ok(entries.remove(id).is_some()))
     }
 
     /// Number of successful redemptions recorded for token `id`.
-    pub fn uses(&self, id: &str) -> Option<u32> {
-        self.entries.get(id).map(|r| r.uses)
+    pub fn uses(&self, id: &str) -> Result<Option<u32>, TokenError> {
+        Ok(self.read()?.get(id).map(|r| r.uses))
     }
 
     /// Checks `token` without consuming a use.
-    ///
-    /// The secret is checked (in constant time) before expiry and usage so that a caller
-    /// knowing only the id learns nothing about the token's state.
     pub fn verify(&self, token: &Token, now: SystemTime) -> Result<(), TokenError> {
-        let rec = self.entries.get(token.id()).ok_or(TokenError::Unknown)?;
-        if !ct_eq(&rec.secret_hash, &sha256(token.secret().as_bytes())) {
-            return Err(TokenError::Unknown);
-        }
-        if unix_secs(now) >= rec.expires_at {
-            return Err(TokenError::Expired);
-        }
-        if rec.usage_limit.is_some_and(|limit| rec.uses >= limit) {
-            return Err(TokenError::UsedUp);
-        }
-        Ok(())
+        check(&self.read()?, token, now)
     }
 
     /// Verifies `token` and records one use, persisting the store before returning.
-    pub fn redeem(&mut self, token: &Token, now: SystemTime) -> Result<(), TokenError> {
-        self.verify(token, now)?;
-        if let Some(rec) = self.entries.get_mut(token.id()) {
-            rec.uses = rec.uses.saturating_add(1);
-        }
-        if let Err(e) = self.persist() {
-            if let Some(rec) = self.entries.get_mut(token.id()) {
-                rec.uses = rec.uses.saturating_sub(1);
+    pub fn redeem(&self, token: &Token, now: SystemTime) -> Result<(), TokenError> {
+        self.update(|entries| {
+            check(entries, token, now)?;
+            if let Some(rec) = entries.get_mut(token.id()) {
+                rec.uses = rec.uses.saturating_add(1);
             }
-            return Err(e);
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
-    fn persist(&self) -> Result<(), TokenError> {
+    fn io_err(&self, source: io::Error) -> TokenError {
+        TokenError::StoreIo {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn lock(&self) -> Result<ripcord_crashsafe::FileLock, TokenError> {
+        ripcord_crashsafe::lock_exclusive(&self.lock_path).map_err(|source| TokenError::StoreIo {
+            path: self.lock_path.clone(),
+            source,
+        })
+    }
+
+    /// Read-modify-write under the lock; the file is rewritten only if `change` succeeds.
+    fn update<R>(
+        &self,
+        change: impl FnOnce(&mut Entries) -> Result<R, TokenError>,
+    ) -> Result<R, TokenError> {
+        let _held = self.lock()?;
+        let mut entries = self.read()?;
+        let result = change(&mut entries)?;
+        self.persist(&entries)?;
+        Ok(result)
+    }
+
+    fn read(&self) -> Result<Entries, TokenError> {
+        let text = fsutil::read_text(&self.path).map_err(|e| self.io_err(e))?;
+        let mut entries = Entries::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let corrupt = || TokenError::StoreCorrupt {
+                path: self.path.clone(),
+                line: i + 1,
+            };
+            let (id, rec) = parse_record(line).ok_or_else(corrupt)?;
+            if entries.insert(id, rec).is_some() {
+                return Err(corrupt());
+            }
+        }
+        Ok(entries)
+    }
+
+    fn persist(&self, entries: &Entries) -> Result<(), TokenError> {
         let mut text = String::from(STORE_HEADER);
         text.push('\n');
-        for (id, r) in &self.entries {
-            let limit = r
-                .usage_limit
-                .map_or_else(|| "-".to_owned(), |l| l.to_string());
+        for (id, r) in entries {
             text.push_str(&format!(
-                "{id} {} {} {limit} {}\n",
+                "{id} {} {} {} {}\n",
                 hex::encode(r.secret_hash),
                 r.expires_at,
+                r.usage_limit,
                 r.uses
             ));
         }
-        fsutil::write_atomic(&self.path, text.as_bytes(), fsutil::MODE_SECRET).map_err(|source| {
-            TokenError::StoreIo {
-                path: self.path.clone(),
-                source,
-            }
-        })
+        fsutil::write_atomic(&self.path, text.as_bytes(), fsutil::MODE_SECRET)
+            .map_err(|e| self.io_err(e))
     }
+}
+
+/// The secret is checked (in constant time) before expiry and usage so that a caller
+/// knowing only the id learns nothing about the token's state.
+fn check(entries: &Entries, token: &Token, now: SystemTime) -> Result<(), TokenError> {
+    let rec = entries.get(token.id()).ok_or(TokenError::Unknown)?;
+    if !ct_eq(&rec.secret_hash, &sha256(token.secret().as_bytes())) {
+        return Err(TokenError::Unknown);
+    }
+    if unix_secs(now) >= rec.expires_at {
+        return Err(TokenError::Expired);
+    }
+    if rec.uses >= rec.usage_limit {
+        return Err(TokenError::UsedUp);
+    }
+    Ok(())
 }
 
 fn parse_record(line: &str) -> Option<(String, TokenRecord)> {
@@ -390,10 +417,12 @@ fn parse_record(line: &str) -> Option<(String, TokenRecord)> {
         TokenRecord {
             secret_hash,
             expires_at: expires.parse().ok()?,
+            // "-" (unlimited) was written by versions before tokens became single-use;
+            // such a token keeps working until it expires.
             usage_limit: if limit == "-" {
-                None
+                u32::MAX
             } else {
-                Some(limit.parse().ok()?)
+                limit.parse().ok()?
             },
             uses: uses.parse().ok()?,
         },
@@ -456,12 +485,16 @@ mod tests {
     fn store_verify_expiry_usage_and_persistence() {
         let dir = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
-        let mut store = TokenStore::create(dir.path()).unwrap();
+        let store = TokenStore::create(dir.path()).unwrap();
         assert!(matches!(
             TokenStore::create(dir.path()),
             Err(TokenError::StoreExists { .. })
         ));
-        let t = store.add(Duration::from_secs(3600), Some(2), now).unwrap();
+        assert!(matches!(
+            store.add(Duration::from_secs(3600), 0, now),
+            Err(TokenError::ZeroUses)
+        ));
+        let t = store.add(Duration::from_secs(3600), 2, now).unwrap();
         store.verify(&t, now).unwrap();
         let wrong = Token::parse(&format!("{}.{}", t.id(), "0000000000000000")).unwrap();
         assert!(matches!(
@@ -479,11 +512,11 @@ mod tests {
         ));
         store.redeem(&t, now).unwrap();
         // Reload: uses survive.
-        let mut store = TokenStore::load(dir.path()).unwrap();
-        assert_eq!(store.uses(t.id()), Some(1));
+        let store = TokenStore::load(dir.path()).unwrap();
+        assert_eq!(store.uses(t.id()).unwrap(), Some(1));
         store.redeem(&t, now).unwrap();
         assert!(matches!(store.redeem(&t, now), Err(TokenError::UsedUp)));
-        assert_eq!(store.uses(t.id()), Some(2));
+        assert_eq!(store.uses(t.id()).unwrap(), Some(2));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(store.path())
             .unwrap()
@@ -509,5 +542,61 @@ mod tests {
             TokenStore::load(dir.path()),
             Err(TokenError::StoreCorrupt { line: 2, .. })
         ));
+    }
+
+    /// The attacker is a second host that learnt a single-use token; the race is the
+    /// running server (one handle) and an operator's `ripcord-ps token` (another handle).
+    #[test]
+    fn server_and_operator_share_the_store_without_lost_or_resurrected_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let server = TokenStore::create(dir.path()).unwrap();
+        let first = server.add(Duration::from_secs(3600), 1, now).unwrap();
+        // The operator adds tokens while the server runs.
+        let operator = TokenStore::load(dir.path()).unwrap();
+        let minted: Vec<Token> = (0..5)
+            .map(|_| operator.add(Duration::from_secs(3600), 1, now).unwrap())
+            .collect();
+        // The server redeems the first: the operator's tokens must survive its write.
+        server.redeem(&first, now).unwrap();
+        for t in &minted {
+            server.verify(t, now).unwrap();
+        }
+        // ... and the operator's next write must not resurrect the used token.
+        operator.add(Duration::from_secs(3600), 1, now).unwrap();
+        assert!(matches!(
+            server.redeem(&first, now),
+            Err(TokenError::UsedUp)
+        ));
+        // Two registrations racing for one use: exactly one wins.
+        let contested = server.add(Duration::from_secs(3600), 1, now).unwrap();
+        let wins: usize = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..8)
+                .map(|_| {
+                    let (store, token) = (TokenStore::load(dir.path()).unwrap(), &contested);
+                    scope.spawn(move || store.redeem(token, now).is_ok())
+                })
+                .collect();
+            racers
+                .into_iter()
+                .map(|r| usize::from(r.join().unwrap()))
+                .sum()
+        });
+        assert_eq!(wins, 1);
+    }
+
+    #[test]
+    fn tokens_from_before_single_use_keep_their_unlimited_uses() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::create(dir.path()).unwrap();
+        let t = Token::parse("abcdef.0123456789abcdef").unwrap();
+        let hash = hex::encode(sha256(t.secret().as_bytes()));
+        std::fs::write(
+            store.path(),
+            format!("# old\nabcdef {hash} {} - 7\n", u64::MAX / 2),
+        )
+        .unwrap();
+        store.redeem(&t, SystemTime::now()).unwrap();
+        assert_eq!(store.uses("abcdef").unwrap(), Some(8));
     }
 }

@@ -20,7 +20,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use super::codec::{
-    FrameError, RejectReason, Response, decode_response, encode_request, read_frame, write_frame,
+    FrameError, Granted, RejectReason, Response, decode_response, encode_request, read_frame,
+    write_frame,
 };
 use super::{REGISTER_ALPN, REGISTER_TIMEOUT, registration_transport};
 use crate::endpoint::{EndpointError, any_addr_for, bind_client, provider, roots_with};
@@ -71,6 +72,33 @@ pub enum RegisterError {
     /// The exchange did not complete within [`REGISTER_TIMEOUT`].
     #[error("registration timed out")]
     Timeout,
+    /// Neither a bootstrap token nor a current certificate was given.
+    #[error("registration needs a bootstrap token or the machine's current certificate")]
+    NoCredentials,
+}
+
+/// How a registration request is authenticated: a bootstrap token registers a new
+/// machine; the machine's current identity (presented as the TLS client certificate)
+/// renews or re-registers an existing one without a token. Give both when unsure: the
+/// server consumes the token only if the identity does not suffice.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    /// A bootstrap token from `ripcord-ps token`.
+    pub token: Option<&'a Token>,
+    /// The machine's current identity.
+    pub current: Option<&'a Identity>,
+}
+
+/// A successful registration, as the agent keeps it.
+#[derive(Debug)]
+pub struct Registered {
+    /// The new identity, already stored in the state directory.
+    pub identity: Identity,
+    /// The deployment's escrow public key: the agent pins it and never wraps a data key
+    /// to another.
+    pub escrow_key: [u8; 32],
+    /// The port of the server's replication endpoint (0: the server did not say).
+    pub data_port: u16,
 }
 const PIN_OK: u8 = 0;
 const PIN_NOT_FOUND: u8 = 1;
@@ -153,7 +181,8 @@ impl ServerCertVerifier for PinnedCaVerifier {
 }
 
 /// Opens a registration connection to `server_addr`, verifying the server for
-/// `server_name` against the CA pinned by `ca_hash`. Nothing is sent yet.
+/// `server_name` against the CA pinned by `ca_hash`, presenting `current` as the client
+/// certificate if given. Nothing is sent yet.
 ///
 /// Returns the client endpoint (keep it alive while using the connection) and the
 /// connection. [`register`] is built on this; it is public for tooling and tests.
@@ -161,6 +190,7 @@ pub async fn connect_registration(
     server_addr: SocketAddr,
     server_name: &str,
     ca_hash: &str,
+    current: Option<&Identity>,
 ) -> Result<(Endpoint, Connection), RegisterError> {
     let pin = parse_ca_hash(ca_hash).map_err(|_| RegisterError::InvalidCaHash)?;
     let outcome = Arc::new(AtomicU8::new(PIN_OK));
@@ -169,12 +199,17 @@ pub async fn connect_registration(
         outcome: outcome.clone(),
         provider: provider(),
     };
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(EndpointError::from)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut tls = match current {
+        Some(id) => builder
+            .with_client_auth_cert(vec![id.cert().clone()], id.key().clone_key())
+            .map_err(EndpointError::from)?,
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![REGISTER_ALPN.to_vec()];
     let mut cfg = quinn::ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(tls).map_err(EndpointError::from)?,
@@ -195,11 +230,13 @@ pub async fn connect_registration(
     }
 }
 
-/// Registers this machine with the process server (kubeadm-join style).
+/// Registers this machine with the process server (kubeadm-join style), or renews its
+/// certificate.
 ///
 /// 1. Connects to `server_addr` and accepts the server only if its certificate (valid for
 ///    `server_name`) chains to the CA whose hash is `ca_hash`; otherwise fails with
 ///    [`RegisterError::CaHashMismatch`] before anything — in particular the token — is sent.
+///    The current identity, if given, is the TLS client certificate.
 /// 2. Generates an ECDSA P-256 key locally and sends `{token, machine_id, CSR}`.
 /// 3. Checks the returned certificate (chains to the pinned CA, carries our key and
 ///    machine id) and stores `agent.key` (0600), `ca.crt`, `agent.crt` in `state_dir`
@@ -207,25 +244,38 @@ pub async fn connect_registration(
 pub async fn register(
     server_addr: SocketAddr,
     server_name: &str,
-    token: &Token,
     ca_hash: &str,
     machine_id: &MachineId,
+    credentials: Credentials<'_>,
     state_dir: &Path,
-) -> Result<Identity, RegisterError> {
+) -> Result<Registered, RegisterError> {
     let pin = parse_ca_hash(ca_hash).map_err(|_| RegisterError::InvalidCaHash)?;
+    if credentials.token.is_none() && credentials.current.is_none() {
+        return Err(RegisterError::NoCredentials);
+    }
     let fut = async {
-        let (endpoint, conn) = connect_registration(server_addr, server_name, ca_hash).await?;
+        let (endpoint, conn) =
+            connect_registration(server_addr, server_name, ca_hash, credentials.current).await?;
         let key = generate_key()?;
         let csr = make_csr(machine_id, &key)?;
         let (mut send, mut recv) = conn.open_bi().await?;
-        write_frame(&mut send, &encode_request(token, machine_id, &csr)).await?;
+        write_frame(
+            &mut send,
+            &encode_request(credentials.token, machine_id, &csr),
+        )
+        .await?;
         send.finish().map_err(FrameError::from)?;
         let body = read_frame(&mut recv).await?;
         conn.close(VarInt::from_u32(0), b"done");
         endpoint.close(VarInt::from_u32(0), b"done");
-        let (cert, ca) = match decode_response(&body)? {
+        let Granted {
+            cert,
+            ca,
+            escrow_key,
+            data_port,
+        } = match decode_response(&body)? {
             Response::Reject(reason) => return Err(RegisterError::Rejected(reason)),
-            Response::Ok { cert, ca } => (cert, ca),
+            Response::Ok(granted) => granted,
         };
         check_issued(&cert, &ca, &pin, machine_id, &key)?;
         let identity = Identity::new(
@@ -234,7 +284,11 @@ pub async fn register(
             ca,
         )?;
         identity.save(state_dir)?;
-        Ok(identity)
+        Ok(Registered {
+            identity,
+            escrow_key,
+            data_port,
+        })
     };
     tokio::time::timeout(REGISTER_TIMEOUT, fut)
         .await

@@ -5,8 +5,9 @@
 //!
 //! ```text
 //! frame     u32 BE body length (<= MAX_MESSAGE_SIZE) | body
-//! request   0x01 | field token ("id.secret") | field machine id | field CSR (DER)
+//! request   0x01 | field token ("id.secret", or empty: renewal) | field machine id | field CSR (DER)
 //! success   0x02 | field client certificate (DER) | field CA certificate (DER)
+//!                | field escrow public key (32 bytes) | field data port (u16 BE, 0: unknown)
 //! refusal   0x03 | u8 RejectReason code
 //! field     u32 BE length | bytes
 //! ```
@@ -20,7 +21,7 @@
 //!   [`FrameError::Malformed`];
 //! * field contents are not interpreted here (the token, machine id and CSR are
 //!   validated by the server, the certificates by the agent);
-//! * refusal codes are stable on the wire: [`RejectReason`] maps 1..=10 both ways and
+//! * refusal codes are stable on the wire: [`RejectReason`] maps 1..=12 both ways and
 //!   carries any other code as [`RejectReason::Unrecognized`].
 
 use quinn::{RecvStream, SendStream};
@@ -58,6 +59,12 @@ pub enum RejectReason {
     UnsupportedKeyAlgorithm,
     /// The server failed internally (e.g. token store I/O); retry later.
     Internal,
+    /// The machine id is registered to another key and the request was not authenticated
+    /// by that machine's current certificate.
+    MachineAlreadyRegistered,
+    /// A renewal (no token) whose client certificate is not the machine's current one, or
+    /// for a machine that is not registered (removed by an operator).
+    RenewalRefused,
     /// A code this version does not know.
     Unrecognized(u8),
 }
@@ -75,6 +82,8 @@ impl RejectReason {
             Self::InvalidCsr => 8,
             Self::UnsupportedKeyAlgorithm => 9,
             Self::Internal => 10,
+            Self::MachineAlreadyRegistered => 11,
+            Self::RenewalRefused => 12,
             Self::Unrecognized(c) => c,
         }
     }
@@ -91,6 +100,8 @@ impl RejectReason {
             8 => Self::InvalidCsr,
             9 => Self::UnsupportedKeyAlgorithm,
             10 => Self::Internal,
+            11 => Self::MachineAlreadyRegistered,
+            12 => Self::RenewalRefused,
             c => Self::Unrecognized(c),
         }
     }
@@ -109,6 +120,15 @@ impl std::fmt::Display for RejectReason {
             Self::InvalidCsr => "invalid certificate signing request",
             Self::UnsupportedKeyAlgorithm => "unsupported key algorithm",
             Self::Internal => "internal server error",
+            Self::MachineAlreadyRegistered => {
+                "this machine id is already registered to another key; re-register from that \
+                 machine (its current certificate proves it), or have the operator remove it \
+                 with `ripcord-ps machines remove`"
+            }
+            Self::RenewalRefused => {
+                "renewal refused: the certificate presented is not this machine's current one, \
+                 or the machine was removed; register with a new bootstrap token"
+            }
             Self::Unrecognized(c) => return write!(f, "unrecognized refusal code {c}"),
         };
         f.write_str(s)
@@ -217,15 +237,25 @@ impl<'a> Fields<'a> {
     }
 }
 
-pub(super) fn encode_request(token: &Token, machine_id: &MachineId, csr_der: &[u8]) -> Vec<u8> {
+/// Encodes a request; `token` is `None` for a renewal authenticated by the current
+/// client certificate.
+pub(super) fn encode_request(
+    token: Option<&Token>,
+    machine_id: &MachineId,
+    csr_der: &[u8],
+) -> Vec<u8> {
     let mut out = vec![MSG_REQUEST];
-    put_field(&mut out, token.to_string().as_bytes());
+    put_field(
+        &mut out,
+        token.map(Token::to_string).unwrap_or_default().as_bytes(),
+    );
     put_field(&mut out, machine_id.as_str().as_bytes());
     put_field(&mut out, csr_der);
     out
 }
 
-/// Decoded request: raw (unvalidated) token and machine id strings, and CSR bytes.
+/// Decoded request: raw (unvalidated) token (empty for a renewal) and machine id strings,
+/// and CSR bytes.
 pub(super) struct RawRequest<'a> {
     pub token: &'a [u8],
     pub machine_id: &'a [u8],
@@ -251,19 +281,29 @@ pub(super) fn decode_request(body: &[u8]) -> Result<RawRequest<'_>, FrameError> 
     Ok(req)
 }
 
+/// What a successful registration returns to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Granted {
+    pub cert: CertificateDer<'static>,
+    pub ca: CertificateDer<'static>,
+    /// The deployment's escrow public key, which the agent pins.
+    pub escrow_key: [u8; 32],
+    /// The port of the server's replication endpoint (0: not known to the server).
+    pub data_port: u16,
+}
+
 /// Decoded reply to a request.
 pub(super) enum Response {
-    Ok {
-        cert: CertificateDer<'static>,
-        ca: CertificateDer<'static>,
-    },
+    Ok(Granted),
     Reject(RejectReason),
 }
 
-pub(super) fn encode_ok(cert: &[u8], ca: &[u8]) -> Vec<u8> {
+pub(super) fn encode_ok(granted: &Granted) -> Vec<u8> {
     let mut out = vec![MSG_OK];
-    put_field(&mut out, cert);
-    put_field(&mut out, ca);
+    put_field(&mut out, &granted.cert);
+    put_field(&mut out, &granted.ca);
+    put_field(&mut out, &granted.escrow_key);
+    put_field(&mut out, &granted.data_port.to_be_bytes());
     out
 }
 
@@ -279,11 +319,25 @@ pub(super) fn decode_response(body: &[u8]) -> Result<Response, FrameError> {
             let mut f = Fields { rest };
             let cert = f.next("certificate")?.to_vec();
             let ca = f.next("CA certificate")?.to_vec();
+            let escrow_key =
+                f.next("escrow key")?
+                    .try_into()
+                    .map_err(|_| FrameError::Malformed {
+                        what: "escrow key is not 32 bytes",
+                    })?;
+            let data_port = f
+                .next("data port")?
+                .try_into()
+                .map_err(|_| FrameError::Malformed {
+                    what: "data port is not 2 bytes",
+                })?;
             f.end()?;
-            Ok(Response::Ok {
+            Ok(Response::Ok(Granted {
                 cert: cert.into(),
                 ca: ca.into(),
-            })
+                escrow_key,
+                data_port: u16::from_be_bytes(data_port),
+            }))
         }
         _ => Err(FrameError::Malformed {
             what: "unknown response type",
@@ -299,7 +353,13 @@ mod tests {
     fn request_roundtrip_and_malformed() {
         let t = Token::parse("abcdef.0123456789abcdef").unwrap();
         let m = MachineId::new("m1").unwrap();
-        let body = encode_request(&t, &m, b"csr");
+        let body = encode_request(Some(&t), &m, b"csr");
+        assert!(
+            decode_request(&encode_request(None, &m, b"csr"))
+                .unwrap()
+                .token
+                .is_empty()
+        );
         let r = decode_request(&body).unwrap();
         assert_eq!(r.token, t.to_string().as_bytes());
         assert_eq!(r.machine_id, b"m1");
@@ -326,17 +386,23 @@ mod tests {
             decode_response(&[MSG_REJECT, 5]).unwrap(),
             Response::Reject(RejectReason::TokenExpired)
         ));
-        let ok = encode_ok(b"cert", b"ca");
+        let granted = Granted {
+            cert: b"cert".to_vec().into(),
+            ca: b"ca".to_vec().into(),
+            escrow_key: [7; 32],
+            data_port: 9443,
+        };
+        let ok = encode_ok(&granted);
         match decode_response(&ok).unwrap() {
-            Response::Ok { cert, ca } => {
-                assert_eq!(cert.as_ref(), b"cert");
-                assert_eq!(ca.as_ref(), b"ca");
-            }
+            Response::Ok(got) => assert_eq!(got, granted),
             Response::Reject(_) => panic!("expected ok"),
+        }
+        for n in 1..ok.len() {
+            assert!(decode_response(&ok[..n]).is_err(), "prefix {n}");
         }
         assert!(decode_response(&[]).is_err());
         assert!(decode_response(&[MSG_REJECT]).is_err());
-        for c in 1..=10 {
+        for c in 1..=12 {
             assert_eq!(RejectReason::from_code(c).code(), c);
         }
     }

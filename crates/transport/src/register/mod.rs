@@ -1,4 +1,4 @@
-//! Agent registration (kubeadm-join style) over QUIC, ALPN `ripcord-register/1`.
+//! Agent registration (kubeadm-join style) over QUIC, ALPN `ripcord-register/2`.
 //!
 //! The agent pins the deployment CA by its hash ([`crate::pki::ca_hash`]); the server
 //! authenticates the agent with a bootstrap [`Token`](crate::pki::Token). The agent's
@@ -27,12 +27,14 @@ mod client;
 mod codec;
 mod server;
 
-pub use client::{RegisterError, connect_registration, register};
+pub use client::{Credentials, RegisterError, Registered, connect_registration, register};
 pub use codec::{FrameError, MAX_MESSAGE_SIZE, RejectReason};
-pub use server::{Registration, ServeError, registration_endpoint, serve_registration};
+pub use server::{Registrar, Registration, ServeError, registration_endpoint, serve_registration};
 
 /// ALPN protocol id of the registration endpoint.
-pub const REGISTER_ALPN: &[u8] = b"ripcord-register/1";
+/// Version 2: requests may be renewals (no token, the current certificate as the TLS
+/// client certificate) and replies carry the escrow key and the data port.
+pub const REGISTER_ALPN: &[u8] = b"ripcord-register/2";
 /// Overall time limit for one registration exchange (handshake included).
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 

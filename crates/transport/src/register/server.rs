@@ -1,26 +1,55 @@
 //! Process-server side of registration: the registration endpoint, and serving one
-//! connection: read the request, verify the bootstrap token, issue a client certificate
-//! from the agent's CSR, record the token use, reply.
+//! connection: read the request, authenticate it (a bootstrap token for a new machine, the
+//! machine's current certificate for an existing one), issue a client certificate from the
+//! agent's CSR, record the token use and the machine's new certificate, reply.
 //!
-//! A token use is consumed only once a certificate is ready to be returned, and every
-//! refusal is both sent to the agent (as a [`RejectReason`]) and returned to the caller
-//! (as a [`ServeError`]).
+//! Invariants:
+//! * a bootstrap token never binds a machine id that is already registered: an existing
+//!   machine is re-registered or renewed only by a request whose TLS client certificate
+//!   is its current one (see [`crate::pki::MachineStore`]); the token is then not needed
+//!   and not consumed;
+//! * a token use is consumed only once a certificate is ready to be returned, before the
+//!   machine is bound to it (so a lost race for the last use never binds a machine);
+//! * every refusal is both sent to the agent (as a [`RejectReason`]) and returned to the
+//!   caller (as a [`ServeError`]).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use quinn::{Endpoint, RecvStream};
 use rustls::pki_types::CertificateDer;
 
+use rustls::server::WebPkiClientVerifier;
+
 use super::codec::{
-    FrameError, RejectReason, decode_request, encode_ok, encode_reject, read_frame, write_frame,
+    FrameError, Granted, RejectReason, decode_request, encode_ok, encode_reject, read_frame,
+    write_frame,
 };
 use super::{REGISTER_ALPN, REGISTER_TIMEOUT, registration_transport};
-use crate::endpoint::{EndpointError, provider};
+use crate::endpoint::{EndpointError, provider, roots_with};
 use crate::pki::{
-    Ca, MachineId, MachineIdError, PkiError, ServerIdentity, Token, TokenError, TokenStore,
+    Ca, MachineError, MachineId, MachineIdError, MachineRecord, MachineStore, PkiError,
+    ServerIdentity, Token, TokenError, TokenStore, machine_id_from_cert, sha256,
 };
+
+/// What serving a registration needs: the deployment's CA and stores, and what the agent
+/// is told besides its certificate.
+#[derive(Debug)]
+pub struct Registrar<'a> {
+    /// Issues the client certificates.
+    pub ca: &'a Ca,
+    /// Bootstrap tokens (new machines).
+    pub tokens: &'a TokenStore,
+    /// Registered machines and their current certificates.
+    pub machines: &'a MachineStore,
+    /// The deployment's escrow public key, pinned by the agent at registration.
+    pub escrow_key: [u8; 32],
+    /// The port of the replication endpoint (0 if unknown).
+    pub data_port: u16,
+    /// Validity of issued client certificates.
+    pub client_validity: Duration,
+}
 
 /// Server-side errors while serving one registration connection.
 #[derive(Debug, thiserror::Error)]
@@ -44,9 +73,13 @@ pub enum ServeError {
     /// The CSR was refused or certificate issuance failed.
     #[error("certificate issuance failed: {0}")]
     Pki(#[from] PkiError),
-    /// The token store mutex was poisoned by a panic elsewhere; restart the server.
-    #[error("token store lock poisoned")]
-    TokenStorePoisoned,
+    /// The machine store refused (machine already registered to another key, renewal not
+    /// authenticated by the current certificate) or failed.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// A renewal request (no token) without a client certificate of the machine.
+    #[error("renewal of machine {0} without its current certificate")]
+    RenewalUnauthenticated(MachineId),
     /// The exchange did not complete within [`REGISTER_TIMEOUT`].
     #[error("registration timed out")]
     Timeout,
@@ -57,8 +90,9 @@ pub enum ServeError {
 pub struct Registration {
     /// The machine id the certificate was issued for.
     pub machine_id: MachineId,
-    /// The id (not the secret) of the redeemed token.
-    pub token_id: String,
+    /// The id (not the secret) of the redeemed token; `None` for a renewal authenticated
+    /// by the machine's current certificate.
+    pub token_id: Option<String>,
     /// The issued client certificate.
     pub certificate: CertificateDer<'static>,
     /// Remote address of the agent.
@@ -86,16 +120,22 @@ impl RejectReason {
     }
 }
 
-/// Binds the registration endpoint (ALPN `ripcord-register/1`, no client certificate
-/// required) on `bind_addr`, presenting the server chain (leaf + CA) so agents can check
-/// their pinned CA hash. Must be called inside a tokio runtime.
+/// Binds the registration endpoint (ALPN [`REGISTER_ALPN`]) on `bind_addr`, presenting
+/// the server chain (leaf + CA) so agents can check their pinned CA hash. A client
+/// certificate is optional: a registered machine presents its current one to renew or
+/// re-register; if presented, it must chain to the deployment CA. Must be called inside a
+/// tokio runtime.
 pub fn registration_endpoint(
     bind_addr: SocketAddr,
     identity: &ServerIdentity,
 ) -> Result<Endpoint, EndpointError> {
+    let roots = Arc::new(roots_with(identity.ca_cert())?);
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .allow_unauthenticated()
+        .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_verifier)
         .with_single_cert(identity.cert_chain().to_vec(), identity.key().clone_key())?;
     tls.alpn_protocols = vec![REGISTER_ALPN.to_vec()];
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(
@@ -109,17 +149,17 @@ pub fn registration_endpoint(
 }
 
 /// Serves one registration connection: completes the handshake, reads one request,
-/// verifies the token, issues a client certificate for the requested machine id from the
-/// agent's CSR, records the token use, and replies.
+/// authenticates it (see the module doc), issues a client certificate for the requested
+/// machine id from the agent's CSR, records the token use and the machine's certificate,
+/// and replies.
 ///
 /// Refusals are reported to the agent with a [`RejectReason`] and returned as errors here.
 /// Spawn one task per [`quinn::Incoming`] from [`registration_endpoint`].
 pub async fn serve_registration(
     incoming: quinn::Incoming,
-    ca: &Ca,
-    tokens: &Mutex<TokenStore>,
+    registrar: &Registrar<'_>,
 ) -> Result<Registration, ServeError> {
-    match tokio::time::timeout(REGISTER_TIMEOUT, serve_inner(incoming, ca, tokens)).await {
+    match tokio::time::timeout(REGISTER_TIMEOUT, serve_inner(incoming, registrar)).await {
         Ok(r) => r,
         Err(_) => Err(ServeError::Timeout),
     }
@@ -127,15 +167,23 @@ pub async fn serve_registration(
 
 async fn serve_inner(
     incoming: quinn::Incoming,
-    ca: &Ca,
-    tokens: &Mutex<TokenStore>,
+    registrar: &Registrar<'_>,
 ) -> Result<Registration, ServeError> {
     let remote = incoming.remote_address();
     let conn = incoming.await.map_err(ServeError::Handshake)?;
+    let presented = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().cloned());
     let (mut send, mut recv) = conn.accept_bi().await.map_err(ServeError::Connection)?;
-    let result = handle_request(&mut recv, ca, tokens, remote).await;
+    let result = handle_request(&mut recv, registrar, presented.as_ref(), remote).await;
     let reply = match &result {
-        Ok(issued) => encode_ok(&issued.certificate, ca.cert_der()),
+        Ok(issued) => encode_ok(&Granted {
+            cert: issued.certificate.clone(),
+            ca: registrar.ca.cert_der().clone(),
+            escrow_key: registrar.escrow_key,
+            data_port: registrar.data_port,
+        }),
         Err(Refusal(reason, _)) => encode_reject(*reason),
     };
     let sent = async {
@@ -149,7 +197,11 @@ async fn serve_inner(
     match result {
         Ok(registration) => {
             sent?;
-            tracing::info!(machine_id = %registration.machine_id, %remote, "agent registered");
+            tracing::info!(
+                machine_id = %registration.machine_id, %remote,
+                renewal = registration.token_id.is_none(),
+                "machine registered"
+            );
             Ok(registration)
         }
         Err(Refusal(reason, err)) => {
@@ -161,10 +213,23 @@ async fn serve_inner(
 
 struct Refusal(RejectReason, ServeError);
 
+impl From<MachineError> for Refusal {
+    fn from(e: MachineError) -> Self {
+        let reason = match e {
+            MachineError::AlreadyRegistered(_) => RejectReason::MachineAlreadyRegistered,
+            MachineError::NotRegistered(_) | MachineError::Superseded(_) => {
+                RejectReason::RenewalRefused
+            }
+            _ => RejectReason::Internal,
+        };
+        Refusal(reason, e.into())
+    }
+}
+
 async fn handle_request(
     recv: &mut RecvStream,
-    ca: &Ca,
-    tokens: &Mutex<TokenStore>,
+    registrar: &Registrar<'_>,
+    presented: Option<&CertificateDer<'static>>,
     remote: SocketAddr,
 ) -> Result<Registration, Refusal> {
     let body = read_frame(recv).await.map_err(|e| {
@@ -177,10 +242,15 @@ async fn handle_request(
     let req =
         decode_request(&body).map_err(|e| Refusal(RejectReason::MalformedRequest, e.into()))?;
     let token_err = |e: TokenError| Refusal(RejectReason::for_token_error(&e), e.into());
-    let token = std::str::from_utf8(req.token)
-        .map_err(|_| TokenError::Malformed)
-        .and_then(Token::parse)
-        .map_err(token_err)?;
+    let token = match req.token {
+        [] => None,
+        raw => Some(
+            std::str::from_utf8(raw)
+                .map_err(|_| TokenError::Malformed)
+                .and_then(Token::parse)
+                .map_err(token_err)?,
+        ),
+    };
     let machine_id = std::str::from_utf8(req.machine_id)
         .map_err(|_| MachineIdError::InvalidChar {
             ch: char::REPLACEMENT_CHARACTER,
@@ -188,22 +258,56 @@ async fn handle_request(
         })
         .and_then(MachineId::new)
         .map_err(|e| Refusal(RejectReason::InvalidMachineId, e.into()))?;
-    let now = SystemTime::now();
-    let lock = || {
-        tokens
-            .lock()
-            .map_err(|_| Refusal(RejectReason::Internal, ServeError::TokenStorePoisoned))
+    // Which binding this request may replace: none (a new machine, by token), or the
+    // machine's current certificate, which the TLS client certificate proves.
+    let current = registrar.machines.get(&machine_id)?;
+    let previous = match (&current, presented) {
+        (Some(record), Some(cert))
+            if sha256(cert) == record.cert_sha256
+                && machine_id_from_cert(cert).is_ok_and(|id| id == machine_id) =>
+        {
+            Some(record.cert_sha256)
+        }
+        (Some(_), _) if token.is_some() => {
+            return Err(MachineError::AlreadyRegistered(machine_id).into());
+        }
+        (Some(_), Some(_)) => return Err(MachineError::Superseded(machine_id).into()),
+        (Some(_), None) => {
+            return Err(Refusal(
+                RejectReason::RenewalRefused,
+                ServeError::RenewalUnauthenticated(machine_id),
+            ));
+        }
+        (None, _) if token.is_none() => return Err(MachineError::NotRegistered(machine_id).into()),
+        (None, _) => None,
     };
-    lock()?.verify(&token, now).map_err(token_err)?;
-    tracing::debug!(%remote, token_id = token.id(), %machine_id, "token accepted, issuing");
-    let cert = ca
-        .issue_client(&machine_id, req.csr)
+    let now = SystemTime::now();
+    let by_token = token.as_ref().filter(|_| previous.is_none());
+    if let Some(token) = by_token {
+        registrar.tokens.verify(token, now).map_err(token_err)?;
+    }
+    tracing::debug!(%remote, token_id = by_token.map(Token::id), %machine_id, "request authenticated, issuing");
+    let cert = registrar
+        .ca
+        .issue_client(&machine_id, req.csr, registrar.client_validity)
         .map_err(|e| Refusal(RejectReason::for_pki_error(&e), e.into()))?;
     // Consume the use only once a certificate is ready to be returned.
-    lock()?.redeem(&token, now).map_err(token_err)?;
+    if let Some(token) = by_token {
+        registrar.tokens.redeem(token, now).map_err(token_err)?;
+    }
+    let token_id = by_token.map(|t| t.id().to_owned());
+    registrar.machines.replace(
+        MachineRecord::new(
+            machine_id.clone(),
+            &cert,
+            now + registrar.client_validity,
+            token_id.clone(),
+        ),
+        previous,
+    )?;
     Ok(Registration {
         machine_id,
-        token_id: token.id().to_owned(),
+        token_id,
         certificate: cert,
         remote,
     })
