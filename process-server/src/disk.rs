@@ -8,6 +8,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+use crate::ingest::{Geometry, check_batch, check_protect};
 use ripcord_journal::{Journal, JournalConfig, JournalError, RecordType, SpaceThresholds};
 use ripcord_proto::{
     Ack, BatchAction, CutAction, DiskAccepted, DiskId, DurableState, ErrorCode, ErrorMessage,
@@ -76,6 +78,8 @@ pub struct DiskCore {
     dir: PathBuf,
     journal: Journal,
     receiver: Receiver,
+    /// Set by the stream's `ProtectDisk`; batches are checked against it.
+    geometry: Option<Geometry>,
     pub counters: DiskCounters,
 }
 
@@ -112,6 +116,7 @@ impl DiskCore {
             dir,
             journal,
             receiver: Receiver::restore(disk, state),
+            geometry: None,
             counters: DiskCounters::default(),
         })
     }
@@ -138,7 +143,34 @@ impl DiskCore {
         pd: &ProtectDisk,
         raw: &[u8],
     ) -> anyhow::Result<Result<DiskAccepted, ErrorMessage>> {
-        match self.receiver.handle_protect(pd) {
+        let geometry = match check_protect(pd) {
+            Ok(g) => g,
+            Err(why) => return Ok(Err(error(ErrorCode::BadFrame, self.disk, &why))),
+        };
+        let durable = self.receiver.durable_state();
+        let outcome = self.receiver.handle_protect(pd);
+        if matches!(
+            outcome,
+            ProtectOutcome::Resume(_) | ProtectOutcome::NewEpoch { .. }
+        ) {
+            self.geometry = Some(geometry);
+        }
+        let result = self.start_epoch(pd, raw, outcome);
+        if result.is_err() {
+            // The epoch start is not durable: the receiver must not be in it.
+            self.receiver = Receiver::restore(self.disk, durable);
+            self.geometry = None;
+        }
+        result
+    }
+
+    fn start_epoch(
+        &mut self,
+        pd: &ProtectDisk,
+        raw: &[u8],
+        outcome: ProtectOutcome,
+    ) -> anyhow::Result<Result<DiskAccepted, ErrorMessage>> {
+        match outcome {
             ProtectOutcome::Resume(a) => Ok(Ok(a)),
             ProtectOutcome::NewEpoch {
                 previous_epoch,
@@ -181,13 +213,38 @@ impl DiskCore {
     }
 
     /// Journal a group of received frames, fdatasync once, and return the acks.
+    ///
+    /// A frame that fails [`check_batch`] or the receiver's order checks is refused
+    /// (`Applied::error`) and not journaled. If journaling fails, the receiver goes back
+    /// to what is durable, so the agent's resend is appended, not taken for a duplicate.
     pub fn apply(&mut self, frames: &[(Message, Vec<u8>)]) -> anyhow::Result<Applied> {
+        let durable = self.receiver.durable_state();
+        let result = self.apply_group(frames);
+        if result.is_err() {
+            self.receiver = Receiver::restore(self.disk, durable);
+        }
+        result
+    }
+
+    fn apply_group(&mut self, frames: &[(Message, Vec<u8>)]) -> anyhow::Result<Applied> {
         let mut out = Applied::default();
+        let Some(geometry) = self.geometry else {
+            out.error = Some(error(
+                ErrorCode::BadFrame,
+                self.disk,
+                "no ProtectDisk on this stream",
+            ));
+            return Ok(out);
+        };
         let mut last_batch = None;
         let mut last_cut = None;
         self.wait_for_space()?;
         for (msg, raw) in frames {
             match msg {
+                Message::Batch(b) if let Err(why) = check_batch(b, geometry) => {
+                    out.error = Some(error(ErrorCode::BadFrame, self.disk, &why));
+                    break;
+                }
                 Message::Batch(b) => match self.receiver.handle_batch(b) {
                     BatchAction::Append => {
                         self.append_retrying(RecordType::Batch, raw)?;
@@ -196,12 +253,6 @@ impl DiskCore {
                         last_batch = Some(b.last_seq);
                     }
                     BatchAction::Duplicate => self.counters.duplicates += 1,
-                    BatchAction::EpochChanged { .. } => {
-                        // Batches of a new epoch come only after its ProtectDisk.
-                        let msg = "batch of an epoch not announced by ProtectDisk";
-                        out.error = Some(error(ErrorCode::StaleEpoch, self.disk, msg));
-                        break;
-                    }
                     other => {
                         let msg = format!("{other:?}");
                         out.error = Some(error(ErrorCode::OutOfOrder, self.disk, &msg));

@@ -358,6 +358,12 @@ async fn disk_stream(
     };
     let disk = pd.disk_id;
     let disk_hex = disk.to_string();
+    // Nothing of a malformed ProtectDisk reaches the registry or the journal.
+    if let Err(why) = crate::ingest::check_protect(&pd) {
+        state.metrics.errors.inc();
+        refuse(&mut send, ErrorCode::BadFrame, Some(disk), why.clone()).await;
+        bail!("ProtectDisk refused: {why}");
+    }
     // Ownership first: a machine may only write its own disks.
     let claim = state
         .registry

@@ -72,7 +72,7 @@ pub enum RejectReason {
         /// Receiver's epoch.
         current: u64,
     },
-    /// A cut for a newer epoch arrived before its `ProtectDisk`/first batch.
+    /// A batch or cut of a newer epoch arrived before its `ProtectDisk`.
     FutureEpoch {
         /// Message's epoch.
         got: u64,
@@ -125,16 +125,6 @@ pub enum BatchAction {
         expected: u64,
         /// The batch's `first_seq`.
         got: u64,
-    },
-    /// The agent started a new epoch: the old stream ended and a full resync
-    /// begins. The receiver already switched (sequences restart at 1). The
-    /// driver seals the old journal, durably records the new epoch, and calls
-    /// [`Receiver::handle_batch`] again with the same batch.
-    EpochChanged {
-        /// Epoch that ended.
-        previous_epoch: u64,
-        /// Epoch that began.
-        new_epoch: u64,
     },
     /// Refused; state unchanged.
     Reject(RejectReason),
@@ -313,12 +303,12 @@ impl Receiver {
             });
         }
         if b.epoch > self.epoch {
-            let previous_epoch = self.epoch;
-            self.reset_epoch(b.epoch);
-            return BatchAction::EpochChanged {
-                previous_epoch,
-                new_epoch: b.epoch,
-            };
+            // An epoch starts only with its ProtectDisk (which the driver journals first):
+            // a batch cannot start one, and must not reset what is durable.
+            return BatchAction::Reject(RejectReason::FutureEpoch {
+                got: b.epoch,
+                current: self.epoch,
+            });
         }
         let expected = self.received_seq + 1;
         if b.last_seq < expected {

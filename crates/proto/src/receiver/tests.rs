@@ -120,17 +120,31 @@ fn cuts_need_data_and_durability() {
 }
 
 #[test]
-fn epoch_change_resets_stream() {
+fn a_batch_cannot_start_an_epoch_only_protect_disk_can() {
     let mut r = Receiver::new(D, 1);
     r.handle_batch(&batch(1, 1, 5));
     r.handle_durable(5).unwrap();
+    // A hostile or broken agent: a batch of a future epoch is refused, and what is
+    // durable is not reset by it.
     assert_eq!(
         r.handle_batch(&batch(2, 1, 1)),
-        BatchAction::EpochChanged {
-            previous_epoch: 1,
-            new_epoch: 2
-        }
+        BatchAction::Reject(RejectReason::FutureEpoch { got: 2, current: 1 })
     );
+    assert_eq!((r.epoch(), r.received_seq(), r.durable_seq()), (1, 5, 5));
+    let p = ProtectDisk {
+        wrapped_key: vec![],
+        disk_id: D,
+        size_bytes: 1 << 30,
+        sector_size: 512,
+        epoch: 2,
+    };
+    assert!(matches!(
+        r.handle_protect(&p),
+        ProtectOutcome::NewEpoch {
+            previous_epoch: 1,
+            ..
+        }
+    ));
     assert_eq!((r.epoch(), r.received_seq(), r.durable_seq()), (2, 0, 0));
     assert_eq!(r.handle_batch(&batch(2, 1, 1)), BatchAction::Append);
     let p = ProtectDisk {
