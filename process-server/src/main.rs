@@ -64,7 +64,8 @@ enum Command {
         #[command(subcommand)]
         command: MachinesCommand,
     },
-    /// Rebuild a disk image from the journal (the server must be stopped).
+    /// Rebuild a disk image from the journal, and from the target store for what was
+    /// already uploaded and trimmed (the server must be stopped).
     Replay {
         #[arg(long, default_value = "/var/lib/ripcord/ps")]
         dir: PathBuf,
@@ -194,13 +195,16 @@ fn main() -> anyhow::Result<()> {
             )
             .context("replay failed")?;
             println!(
-                "replayed epoch {} ({} batches, {} MiB data, {} MiB zero) into {}{}",
+                "replayed epoch {} ({} batches, {} MiB data, {} MiB zero) into {}{}{}",
                 r.epoch,
                 r.batches,
                 r.data_bytes >> 20,
                 r.zero_bytes >> 20,
                 output.display(),
-                r.cut.map(|c| format!(" up to cut {c}")).unwrap_or_default()
+                r.cut.map(|c| format!(" up to cut {c}")).unwrap_or_default(),
+                r.store_seq
+                    .map(|s| format!(" (through batch {s} from the target store)"))
+                    .unwrap_or_default()
             );
             Ok(())
         }

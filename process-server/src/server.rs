@@ -156,8 +156,12 @@ pub async fn serve(
     if state.store.is_some() {
         let cache = state.dep.config.cache_dir(&state.dep.dir);
         for (disk, owner) in existing {
-            if crate::disk::journal_dir(&cache, &disk).exists() {
-                state.disk_core(disk, &owner).await?;
+            // A journal that cannot be opened quarantines its disk only: each stream of
+            // that disk fails opening it again, with the same error, until it is repaired.
+            if crate::disk::journal_dir(&cache, &disk).exists()
+                && let Err(e) = state.disk_core(disk, &owner).await
+            {
+                tracing::error!(disk = %disk, "disk quarantined: {e:#}");
             }
         }
     }

@@ -3,8 +3,15 @@
 //! its data is durable there; the journal is trimmed only through records whose content the
 //! store has committed.
 //!
-//! Restart-safe: the store's writer discovers what is committed and ignores batches it
-//! already has, so re-reading untrimmed journal records is harmless.
+//! Restart-safe (it is restarted after any error, and at every server start): the store's
+//! writer discovers what is committed and ignores batches and cuts it already has, so
+//! re-reading untrimmed journal records is harmless, and those records count as done for
+//! trimming ([`Committed::cuts_through`], the durable seq, the epoch). Records of an epoch
+//! older than the store's newest are skipped: a writer begins an epoch only after the
+//! previous one is fully committed, so a restart between that and the trim finds them.
+//!
+//! [`Uploader::step`] does one round (read up to 256 durable records, upload, maybe flush
+//! and trim, maybe apply retention); [`run`] repeats it. Tests drive `step` directly.
 
 use std::{
     collections::VecDeque,
@@ -13,7 +20,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ripcord_store::{Committed, CutInfo, DiskId, EpochInfo, SealedBatch, Store, WriterConfig};
+use ripcord_store::{
+    Committed, CutInfo, DiskId, DiskWriter, EpochInfo, SealedBatch, Store, WriterConfig,
+};
 
 use crate::disk::{DiskCore, Entry, decode_entry};
 
@@ -38,6 +47,29 @@ enum Pending {
     Cut { epoch: u64, id: u64 },
 }
 
+impl Pending {
+    fn epoch(self) -> u64 {
+        match self {
+            Pending::Epoch(epoch) | Pending::Batch { epoch, .. } | Pending::Cut { epoch, .. } => {
+                epoch
+            }
+        }
+    }
+
+    /// Whether the store holds everything this record carried, so it may be trimmed.
+    fn done(self, c: &Committed) -> bool {
+        match self {
+            Pending::Epoch(e) => e <= c.epoch,
+            Pending::Batch { epoch, seq } => {
+                epoch < c.epoch || (epoch == c.epoch && seq <= c.durable_seq)
+            }
+            Pending::Cut { epoch, id } => {
+                epoch < c.epoch || (epoch == c.epoch && id <= c.cuts_through)
+            }
+        }
+    }
+}
+
 fn to_store(b: ripcord_proto::Batch) -> SealedBatch {
     SealedBatch {
         epoch: b.epoch,
@@ -48,28 +80,69 @@ fn to_store(b: ripcord_proto::Batch) -> SealedBatch {
     }
 }
 
-/// Upload `disk`'s journal forever (until the task is dropped).
-pub async fn run(
+/// What one [`Uploader::step`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    /// Journal records read.
+    pub records: usize,
+    /// The journal was trimmed through this record.
+    pub trimmed_through: Option<u64>,
+}
+
+/// The uploader of one disk: a store writer and the journal records not yet trimmed.
+pub struct Uploader {
     store: Store,
     disk: DiskId,
     owner: String,
     core: Arc<Mutex<DiskCore>>,
     cfg: UploadConfig,
-) -> anyhow::Result<()> {
-    let hex = disk.to_string();
-    let mut writer = store.disk_writer(disk, WriterConfig::default()).await?;
-    let mut next = core.lock().expect("disk lock").journal().first_seq();
-    let mut pending: VecDeque<(u64, Pending)> = VecDeque::new();
-    let mut committed_cuts: Vec<(u64, u64)> = Vec::new();
-    let mut last_flush = Instant::now();
-    let mut last_gc = Instant::now();
-    let mut dirty = false;
-    loop {
+    writer: DiskWriter,
+    /// Next journal record to read.
+    next: u64,
+    /// Records read but not trimmed, in journal order.
+    pending: VecDeque<(u64, Pending)>,
+    last_flush: Instant,
+    last_gc: Instant,
+    dirty: bool,
+}
+
+impl Uploader {
+    /// Opens the store writer of `disk` (discovering what the store already has) and
+    /// starts from the journal's first record.
+    pub async fn open(
+        store: Store,
+        disk: DiskId,
+        owner: String,
+        core: Arc<Mutex<DiskCore>>,
+        cfg: UploadConfig,
+    ) -> anyhow::Result<Uploader> {
+        let writer = store.disk_writer(disk, WriterConfig::default()).await?;
+        let next = core.lock().expect("disk lock").journal().first_seq();
+        Ok(Uploader {
+            store,
+            disk,
+            owner,
+            core,
+            cfg,
+            writer,
+            next,
+            pending: VecDeque::new(),
+            last_flush: Instant::now(),
+            last_gc: Instant::now(),
+            dirty: false,
+        })
+    }
+
+    /// One round: upload up to 256 durable journal records; flush (and trim what the
+    /// store then holds) when the interval or size is reached or the journal is drained;
+    /// apply retention when due.
+    pub async fn step(&mut self) -> anyhow::Result<Step> {
+        let hex = self.disk.to_string();
         // Records durable in the journal, from where we are.
         let records: Vec<_> = {
-            let core = core.lock().expect("disk lock");
+            let core = self.core.lock().expect("disk lock");
             let journal = core.journal();
-            let from = next.max(journal.first_seq());
+            let from = self.next.max(journal.first_seq());
             if from >= journal.durable().next_seq {
                 Vec::new()
             } else {
@@ -79,104 +152,125 @@ pub async fn run(
                     .collect::<Result<Vec<_>, _>>()?
             }
         };
+        let mut step = Step {
+            records: records.len(),
+            trimmed_through: None,
+        };
         for r in &records {
-            next = r.seq + 1;
-            match decode_entry(r.kind, &r.payload)
-                .with_context(|| format!("journal record {}", r.seq))?
-            {
-                Entry::EpochStart(pd) => {
-                    let info = EpochInfo {
-                        epoch: pd.epoch,
-                        machine_id: owner.clone(),
-                        size_bytes: pd.size_bytes,
-                        sector_size: pd.sector_size,
-                        wrapped_key: pd.wrapped_key,
-                    };
-                    if let Some(c) = writer.begin_epoch(&info).await? {
-                        note(&mut committed_cuts, &c);
-                    }
-                    pending.push_back((r.seq, Pending::Epoch(pd.epoch)));
-                }
-                Entry::Batch(b) => {
-                    let (epoch, seq) = (b.epoch, b.first_seq);
-                    writer.add_batch(to_store(b)).await?;
-                    pending.push_back((r.seq, Pending::Batch { epoch, seq }));
-                    dirty = true;
-                }
-                Entry::Cut(c) => {
-                    writer.add_cut(CutInfo {
-                        epoch: c.epoch,
-                        cut_id: c.id,
-                        seq: c.seq,
-                        time_ns: c.time_ns,
-                        mono_ns: c.mono_ns,
-                        kind: c.kind,
-                    })?;
-                    pending.push_back((
-                        r.seq,
-                        Pending::Cut {
-                            epoch: c.epoch,
-                            id: c.id,
-                        },
-                    ));
-                    dirty = true;
-                }
-            }
+            self.next = r.seq + 1;
+            let entry = decode_entry(r.kind, &r.payload)
+                .with_context(|| format!("journal record {}", r.seq))?;
+            let pending = self
+                .upload(entry)
+                .await
+                .with_context(|| format!("uploading journal record {} of disk {hex}", r.seq))?;
+            self.pending.push_back((r.seq, pending));
         }
-        let due = dirty
-            && (last_flush.elapsed() >= cfg.interval
-                || writer.pending_bytes() >= cfg.bytes
+        let due = self.dirty
+            && (self.last_flush.elapsed() >= self.cfg.interval
+                || self.writer.pending_bytes() >= self.cfg.bytes
                 || records.is_empty());
         if due {
-            let c = writer
+            let c = self
+                .writer
                 .flush()
                 .await
                 .with_context(|| format!("uploading disk {hex}"))?;
-            note(&mut committed_cuts, &c);
-            last_flush = Instant::now();
-            dirty = false;
-            // Trim through the last record whose content the store has committed.
-            let mut trim_to = None;
-            while let Some(&(seq, p)) = pending.front() {
-                let done = match p {
-                    Pending::Epoch(e) => e <= c.epoch,
-                    Pending::Batch { epoch, seq } => {
-                        epoch < c.epoch || (epoch == c.epoch && seq <= c.durable_seq)
-                    }
-                    Pending::Cut { epoch, id } => {
-                        epoch < c.epoch || committed_cuts.contains(&(epoch, id))
-                    }
-                };
-                if !done {
-                    break;
-                }
-                trim_to = Some(seq);
-                pending.pop_front();
-            }
-            if let Some(seq) = trim_to {
-                let mut core = core.lock().expect("disk lock");
-                core.trim_through(seq)?;
-            }
+            self.last_flush = Instant::now();
+            self.dirty = false;
+            step.trimmed_through = self.trim(&c)?;
             tracing::debug!(disk = %hex, durable_seq = c.durable_seq, "uploaded");
         }
-        if last_gc.elapsed() >= cfg.gc_interval {
-            last_gc = Instant::now();
+        if self.last_gc.elapsed() >= self.cfg.gc_interval {
+            self.last_gc = Instant::now();
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-            let keep_after = now.saturating_sub(cfg.retention).as_nanos() as u64;
-            match store.apply_retention(&disk, keep_after).await {
+            let keep_after = now.saturating_sub(self.cfg.retention).as_nanos() as u64;
+            match self.store.apply_retention(&self.disk, keep_after).await {
                 Ok(r) => tracing::info!(disk = %hex, report = ?r, "retention applied"),
                 Err(e) => tracing::warn!(disk = %hex, "retention failed (will retry): {e}"),
             }
         }
-        if records.is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(step)
+    }
+
+    /// Hands one record to the store writer; returns what to wait for before trimming it.
+    async fn upload(&mut self, entry: Entry) -> anyhow::Result<Pending> {
+        let pending = match &entry {
+            Entry::EpochStart(pd) => Pending::Epoch(pd.epoch),
+            Entry::Batch(b) => Pending::Batch {
+                epoch: b.epoch,
+                seq: b.first_seq,
+            },
+            Entry::Cut(c) => Pending::Cut {
+                epoch: c.epoch,
+                id: c.id,
+            },
+        };
+        if self.writer.epoch().is_some_and(|e| pending.epoch() < e) {
+            // Committed before the store's newest epoch began (see the module doc).
+            return Ok(pending);
         }
+        match entry {
+            Entry::EpochStart(pd) => {
+                let info = EpochInfo {
+                    epoch: pd.epoch,
+                    machine_id: self.owner.clone(),
+                    size_bytes: pd.size_bytes,
+                    sector_size: pd.sector_size,
+                    wrapped_key: pd.wrapped_key,
+                };
+                // A new epoch flushes the previous one; its records are trimmed as done
+                // (older epoch) by the next flush.
+                self.writer.begin_epoch(&info).await?;
+            }
+            Entry::Batch(b) => {
+                self.writer.add_batch(to_store(b)).await?;
+                self.dirty = true;
+            }
+            Entry::Cut(c) => {
+                self.writer.add_cut(CutInfo {
+                    epoch: c.epoch,
+                    cut_id: c.id,
+                    seq: c.seq,
+                    time_ns: c.time_ns,
+                    mono_ns: c.mono_ns,
+                    kind: c.kind,
+                })?;
+                self.dirty = true;
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Trims the journal through the last record whose content the store has committed.
+    fn trim(&mut self, c: &Committed) -> anyhow::Result<Option<u64>> {
+        let mut trim_to = None;
+        while let Some(&(seq, p)) = self.pending.front() {
+            if !p.done(c) {
+                break;
+            }
+            trim_to = Some(seq);
+            self.pending.pop_front();
+        }
+        if let Some(seq) = trim_to {
+            self.core.lock().expect("disk lock").trim_through(seq)?;
+        }
+        Ok(trim_to)
     }
 }
 
-fn note(cuts: &mut Vec<(u64, u64)>, c: &Committed) {
-    cuts.extend(c.cuts_committed.iter().map(|&id| (c.epoch, id)));
-    if cuts.len() > 4096 {
-        cuts.drain(..2048);
+/// Upload `disk`'s journal forever (until the task is dropped or a step fails).
+pub async fn run(
+    store: Store,
+    disk: DiskId,
+    owner: String,
+    core: Arc<Mutex<DiskCore>>,
+    cfg: UploadConfig,
+) -> anyhow::Result<()> {
+    let mut uploader = Uploader::open(store, disk, owner, core, cfg).await?;
+    loop {
+        if uploader.step().await?.records == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

@@ -23,6 +23,12 @@
 //! store): take the lock, read the file, change it, [`write_atomic`] it, drop the lock.
 //! Readers need no lock: they see the old or the new file.
 //!
+//! # Making a file written by someone else durable
+//! [`sync_file`] and [`sync_dir`] are for files another library wrote (the target store's
+//! local directory, written by `object_store`): the caller fsyncs the file, then every
+//! directory from its parent up to a root it knows is durable, so the file's name and the
+//! names of any directories created for it survive a power cut.
+//!
 //! The journal keeps its own segment creation (temporary name, preallocation, sync,
 //! rename, directory sync) because every sync there goes through its I/O engine, which
 //! tests replace to inject faults.
@@ -92,6 +98,12 @@ pub fn lock_exclusive(path: &Path) -> io::Result<FileLock> {
 /// Fsync a directory, making the creations, renames and removals in it durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Fsync a regular file's data and metadata (`fsync(2)` on a read-only descriptor, which
+/// Linux allows and which flushes every write made through any descriptor of the file).
+pub fn sync_file(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
 }
 
 fn parent(path: &Path) -> PathBuf {
@@ -217,6 +229,16 @@ mod tests {
             rename_durable(&from, &to).is_err(),
             "renaming a missing file must fail"
         );
+    }
+
+    #[test]
+    fn sync_file_syncs_an_existing_file_and_names_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, b"x").unwrap();
+        sync_file(&file).unwrap();
+        let err = sync_file(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]

@@ -156,6 +156,18 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The local store directory could not be opened, or its name not made durable
+    /// (fsync of it or a parent failed).
+    #[error(
+        "cannot open store directory {path:?} durably (open and fsync it and its parents): {source}"
+    )]
+    OpenDir {
+        /// Directory.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// `escrow.json` already exists with different content.
     #[error(
         "`{object}` already exists with different content; escrow metadata is written once per store"

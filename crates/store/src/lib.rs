@@ -6,8 +6,9 @@
 //! fetches the batches it names with [`Store::fetch_batch`]. The store never
 //! sees plaintext or keys: sealed payloads are stored verbatim.
 //!
-//! Works on any [`object_store::ObjectStore`]: a local directory, S3-compatible
-//! storage or memory. Every object is immutable once written (no
+//! Works on any [`object_store::ObjectStore`]: a local directory (made durable by
+//! [`local::DurableLocal`]: a put returns only once fsynced), S3-compatible storage or
+//! memory. Every object is immutable once written (no
 //! read-modify-write, no rename), objects are few and large where it matters
 //! (packs), and readers only touch index metadata to resolve a point.
 //!
@@ -63,6 +64,7 @@
 mod error;
 pub mod format;
 pub mod gc;
+pub mod local;
 mod resolve;
 mod store;
 #[cfg(feature = "testing")]

@@ -302,8 +302,22 @@ impl Store {
     /// newest checkpoint at or before the point and the index segments after
     /// it (never the packs).
     pub async fn resolve(&self, disk: &DiskId, point: &RecoveryPoint) -> Result<Plan> {
-        let epoch = self.epoch_info(disk, point.epoch).await?;
-        let (map, locs) = self.load_map(disk, point.epoch, point.seq).await?;
+        self.resolve_seq(disk, point.epoch, point.seq).await
+    }
+
+    /// Highest seq of `epoch` whose batches are all committed (0 = none): the disk as
+    /// of it can be resolved with [`Store::resolve_seq`] even when no cut is there.
+    pub async fn durable_seq(&self, disk: &DiskId, epoch: u64) -> Result<u64> {
+        Ok(self.epoch_index(disk, epoch, None).await?.durable())
+    }
+
+    /// Resolves the disk as of batch `seq` of `epoch` (every batch `<= seq` applied),
+    /// which need not be a recovery point: for integrators that continue from there with
+    /// batches of their own (`ripcord-ps replay` adds the journal's). A `seq` above
+    /// [`Store::durable_seq`] is [`Error::NotDurable`].
+    pub async fn resolve_seq(&self, disk: &DiskId, epoch: u64, seq: u64) -> Result<Plan> {
+        let (map, locs) = self.load_map(disk, epoch, seq).await?;
+        let epoch = self.epoch_info(disk, epoch).await?;
         let runs = map
             .runs()
             .map(|(s, l, t)| Run {

@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::{self, named};
+use crate::local::{DurableLocal, OsSync};
 use crate::types::{CutInfo, DiskId, EpochInfo, RecoveryPoint};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -33,7 +34,8 @@ pub struct Store {
 
 impl Store {
     /// Opens a store by URL: `file:///abs/path` (directory created if
-    /// missing), `s3://bucket[/prefix]` (credentials/endpoint/region from the
+    /// missing; every put is fsynced with its directories before it returns, see
+    /// [`DurableLocal`]), `s3://bucket[/prefix]` (credentials/endpoint/region from the
     /// `AWS_*` environment; plain HTTP is allowed when `AWS_ENDPOINT_URL`
     /// starts with `http://`) or `memory://` (process-local, for tests).
     pub async fn open(url: &str) -> Result<Store> {
@@ -48,13 +50,12 @@ impl Store {
                 path: path.into(),
                 source,
             })?;
-            let fs =
-                object_store::local::LocalFileSystem::new_with_prefix(path).map_err(|source| {
-                    Error::Config {
-                        url: url.into(),
-                        source,
-                    }
-                })?;
+            let fs = DurableLocal::new(std::path::Path::new(path), Arc::new(OsSync)).map_err(
+                |source| Error::OpenDir {
+                    path: path.into(),
+                    source,
+                },
+            )?;
             return Ok(Store::new(Arc::new(fs), ""));
         }
         if url == "memory://" || url == "memory:" {

@@ -1,5 +1,7 @@
 //! Object-store wrappers for tests and fault injection: [`CountingStore`]
-//! counts requests, [`FaultyStore`] fails chosen puts/gets.
+//! counts requests, [`FaultyStore`] fails chosen puts/gets, and [`PowerCut`] records
+//! what a [`DurableLocal`](crate::local::DurableLocal) fsynced so a test can see what a
+//! power cut would leave.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -9,8 +11,11 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
     PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsString;
 use std::fmt;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -240,5 +245,94 @@ impl ObjectStore for FaultyStore {
     }
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
         self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// A [`FileSync`](crate::local::FileSync) that records, instead of performing, each
+/// fsync: the file's bytes at the time it was synced, and the names a directory held when
+/// it was synced. [`PowerCut::survivors`] is then what a power cut at that instant would
+/// leave: only files whose contents were synced and whose name, and every directory name
+/// above it up to the root, was in a synced directory. Everything else is dropped (a
+/// file written but never synced may be empty or missing after a real power cut).
+#[derive(Debug, Default)]
+pub struct PowerCut {
+    state: Mutex<Synced>,
+}
+
+#[derive(Debug, Default)]
+struct Synced {
+    files: HashMap<PathBuf, Vec<u8>>,
+    dirs: HashMap<PathBuf, HashSet<OsString>>,
+}
+
+impl crate::local::FileSync for PowerCut {
+    fn sync_file(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let bytes = std::fs::read(path)?;
+        self.state
+            .lock()
+            .unwrap()
+            .files
+            .insert(path.to_path_buf(), bytes);
+        Ok(())
+    }
+    fn sync_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        let names = std::fs::read_dir(dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        self.state
+            .lock()
+            .unwrap()
+            .dirs
+            .entry(dir.to_path_buf())
+            .or_default()
+            .extend(names);
+        Ok(())
+    }
+}
+
+impl PowerCut {
+    /// The files under `root` that survive a power cut now, by path relative to `root`
+    /// (`/`-separated), with the bytes they would hold.
+    pub fn survivors(&self, root: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
+        let root = std::fs::canonicalize(root).expect("canonical store root");
+        let st = self.state.lock().unwrap();
+        let named = |p: &std::path::Path| -> bool {
+            let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
+                return false;
+            };
+            st.dirs.get(parent).is_some_and(|n| n.contains(name))
+        };
+        let mut out = BTreeMap::new();
+        for (path, bytes) in &st.files {
+            let Ok(rel) = path.strip_prefix(&root) else {
+                continue;
+            };
+            let mut p = path.as_path();
+            let mut durable = true;
+            while p != root {
+                if !named(p) {
+                    durable = false;
+                    break;
+                }
+                p = p.parent().expect("under the root");
+            }
+            if durable {
+                let rel: Vec<_> = rel.iter().map(|c| c.to_string_lossy()).collect();
+                out.insert(rel.join("/"), bytes.clone());
+            }
+        }
+        out
+    }
+
+    /// An in-memory store holding exactly [`PowerCut::survivors`] of `root`.
+    pub async fn surviving_store(&self, root: &std::path::Path) -> crate::Store {
+        use object_store::ObjectStoreExt as _;
+        let mem = object_store::memory::InMemory::new();
+        for (name, bytes) in self.survivors(root) {
+            mem.put(&Path::from(name), PutPayload::from(bytes))
+                .await
+                .expect("in-memory put");
+        }
+        crate::Store::new(Arc::new(mem), "")
     }
 }

@@ -189,4 +189,10 @@ pub struct Committed {
     /// Cut ids of `epoch` committed to the catalog by this call (including
     /// any committed by an earlier call that then failed).
     pub cuts_committed: Vec<u64>,
+    /// Nothing remains to do for any cut of `epoch` with an id up to here: each is in
+    /// the catalog (committed now, by an earlier call, or by an earlier writer of this
+    /// disk, which a reopened writer discovers) or was refused as a duplicate of one that
+    /// is. Cuts above it are pending. The journal may be trimmed through such cuts, and
+    /// this holds across writer restarts, unlike `cuts_committed` (0 = none).
+    pub cuts_through: u64,
 }

@@ -326,6 +326,7 @@ impl DiskWriter {
                 epoch: 0,
                 durable_seq: 0,
                 cuts_committed: Vec::new(),
+                cuts_through: 0,
             });
         };
         self.seal_open_pack();
@@ -365,10 +366,18 @@ impl DiskWriter {
         if self.durable >= self.last_ckpt + self.cfg.checkpoint_every_batches.max(1) {
             self.write_checkpoint(epoch).await?;
         }
+        // Pending cuts are the only ones not done; everything accepted below the lowest
+        // of them is in the catalog (or a duplicate of a cut that is).
+        let cuts_through = self
+            .pending_cuts
+            .keys()
+            .next()
+            .map_or(self.max_cut_id, |&lowest| lowest - 1);
         Ok(Committed {
             epoch,
             durable_seq: self.durable,
             cuts_committed: std::mem::take(&mut self.reported),
+            cuts_through,
         })
     }
 

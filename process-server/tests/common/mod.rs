@@ -1,0 +1,293 @@
+//! Fixture for the process server's in-process tests: a deployment in a temporary
+//! directory (fast escrow KDF, 1 MiB journal segments, no free-space floor), one disk
+//! whose journal is fed sealed frames exactly as an agent's stream would be, and a model of
+//! the disk image those frames describe.
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ripcord_process_server::{
+    config::PsConfig,
+    deploy,
+    disk::{DiskCore, journal_config},
+    registry::Registry,
+    uploader::UploadConfig,
+};
+use ripcord_proto::{
+    Batch, Cut, CutKind, DiskId, Extent, ExtentKind, FLAG_COMPRESSED, FLAG_SEALED, Message,
+    ProtectDisk, aead,
+};
+use ripcord_seal::{DataKey, Flags, KdfParams, Sealer, escrow::EscrowParams};
+
+pub const PASSPHRASE: &[u8] = b"a long test passphrase";
+pub const MACHINE: &str = "machine-1";
+pub const DISK: DiskId = DiskId([0x5a; 16]);
+/// Disk size: 8 MiB.
+pub const SIZE: u64 = 8 << 20;
+
+/// A deployment with one disk being written.
+pub struct Fixture {
+    _tmp: tempfile::TempDir,
+    pub deployment: PathBuf,
+    pub target: PathBuf,
+    pub core: Arc<Mutex<DiskCore>>,
+    /// The disk as the agent would see it after every write applied so far.
+    pub image: Vec<u8>,
+    pub epoch: u64,
+    key: DataKey,
+    sealer: Sealer,
+    next_seq: u64,
+    next_cut: u64,
+    rng: u64,
+}
+
+impl Fixture {
+    /// A new deployment with epoch 1 of [`DISK`] started.
+    pub fn new() -> Fixture {
+        let tmp = tempfile::tempdir().expect("temporary directory");
+        let deployment = tmp.path().join("ps");
+        let target = deployment.join("target");
+        std::fs::create_dir_all(&deployment).expect("deployment directory");
+        let cfg = PsConfig {
+            target: Some(format!("file://{}", target.display())),
+            segment_mib: 1,
+            min_free_mib: 0,
+            min_free_percent: 0.0,
+            metrics_listen: None,
+            listen: "127.0.0.1:0".parse().expect("literal"),
+            register_listen: "127.0.0.1:0".parse().expect("literal"),
+            upload_interval_ms: 100,
+            ..PsConfig::default()
+        };
+        std::fs::write(
+            deployment.join("ps.toml"),
+            toml::to_string(&cfg).expect("config"),
+        )
+        .expect("writing ps.toml");
+        let kdf = KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        deploy::init(
+            &deployment,
+            &["localhost"],
+            PASSPHRASE,
+            EscrowParams::generate(kdf).expect("escrow parameters"),
+            Duration::from_secs(3600),
+        )
+        .expect("deployment init");
+        let core = DiskCore::open(&cache_dir(&deployment), DISK, journal_config(&cfg))
+            .expect("opening the disk journal");
+        let mut f = Fixture {
+            _tmp: tmp,
+            deployment,
+            target,
+            core: Arc::new(Mutex::new(core)),
+            image: vec![0; SIZE as usize],
+            epoch: 0,
+            key: DataKey::generate().expect("data key"),
+            sealer: Sealer::new(),
+            next_seq: 1,
+            next_cut: 1,
+            rng: 0x9e37_79b9_7f4a_7c15,
+        };
+        f.new_epoch();
+        f
+    }
+
+    pub fn target_url(&self) -> String {
+        format!("file://{}", self.target.display())
+    }
+
+    /// Starts the next epoch (a full resync on a real agent: the image starts from zero).
+    pub fn new_epoch(&mut self) {
+        self.epoch += 1;
+        self.next_seq = 1;
+        self.next_cut = 1;
+        self.image.fill(0);
+        let dep = deploy::open(&self.deployment).expect("opening the deployment");
+        let wrapped_key = ripcord_seal::escrow::wrap_data_key(
+            &self.key,
+            &dep.escrow.public_key,
+            &aead::key_context(MACHINE, &DISK),
+        )
+        .expect("wrapping the data key");
+        let pd = ProtectDisk {
+            disk_id: DISK,
+            size_bytes: SIZE,
+            sector_size: 512,
+            epoch: self.epoch,
+            wrapped_key,
+        };
+        Registry::open(&self.deployment.join("disks.json"))
+            .expect("registry")
+            .claim(MACHINE, &pd)
+            .expect("claiming the disk");
+        let raw = encode(&Message::ProtectDisk(pd.clone()));
+        self.core
+            .lock()
+            .unwrap()
+            .protect(&pd, &raw)
+            .expect("journaling the epoch start")
+            .expect("epoch accepted");
+    }
+
+    fn random_bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                self.rng as u8
+            })
+            .collect()
+    }
+
+    /// Journals one batch of `kib` KiB of incompressible data at `sector` (acknowledged
+    /// when this returns) and returns its seq.
+    pub fn write(&mut self, sector: u64, kib: u32) -> u64 {
+        let data = self.random_bytes(kib as usize * 1024);
+        let extents = vec![Extent {
+            sector,
+            sectors: kib * 2,
+            kind: ExtentKind::Data,
+        }];
+        self.image[(sector * 512) as usize..][..data.len()].copy_from_slice(&data);
+        self.batch(extents, &data)
+    }
+
+    /// Journals one batch that zeroes `kib` KiB at `sector`; returns its seq.
+    pub fn zero(&mut self, sector: u64, kib: u32) -> u64 {
+        let extents = vec![Extent {
+            sector,
+            sectors: kib * 2,
+            kind: ExtentKind::Zero,
+        }];
+        self.image[(sector * 512) as usize..][..kib as usize * 1024].fill(0);
+        self.batch(extents, &[])
+    }
+
+    fn batch(&mut self, extents: Vec<Extent>, plain: &[u8]) -> u64 {
+        let seq = self.next_seq;
+        let aad = aead::batch_aad(MACHINE, &DISK, self.epoch, seq, seq, &extents);
+        let nonce = aead::nonce(self.epoch, seq).expect("nonce");
+        let mut payload = Vec::new();
+        let flags = self
+            .sealer
+            .seal_into(&self.key, &aad, nonce, plain, 1, &mut payload)
+            .expect("sealing");
+        let b = Batch {
+            disk_id: DISK,
+            epoch: self.epoch,
+            first_seq: seq,
+            last_seq: seq,
+            extents,
+            flags: FLAG_SEALED
+                | if flags == Flags::Zstd {
+                    FLAG_COMPRESSED
+                } else {
+                    0
+                },
+            payload,
+        };
+        self.apply(Message::Batch(b));
+        self.next_seq += 1;
+        seq
+    }
+
+    /// Journals a crash-consistent cut at the last batch written; returns its id.
+    pub fn cut(&mut self) -> u64 {
+        let id = self.next_cut;
+        let c = Cut {
+            disk_id: DISK,
+            epoch: self.epoch,
+            seq: self.next_seq - 1,
+            time_ns: 1_700_000_000_000_000_000 + id * 1_000_000_000,
+            mono_ns: id,
+            kind: CutKind::Crash,
+            id,
+        };
+        self.apply(Message::Cut(c));
+        self.next_cut += 1;
+        id
+    }
+
+    fn apply(&mut self, msg: Message) {
+        let raw = encode(&msg);
+        let applied = self
+            .core
+            .lock()
+            .unwrap()
+            .apply(&[(msg, raw)])
+            .expect("journaling a frame");
+        assert!(
+            applied.error.is_none(),
+            "the receiver refused a frame: {:?}",
+            applied.error
+        );
+        assert!(
+            !applied.acks.is_empty(),
+            "a journaled frame was not acknowledged"
+        );
+    }
+
+    /// Bytes of journal segments on the cache disk.
+    pub fn cache_bytes(&self) -> u64 {
+        self.core
+            .lock()
+            .unwrap()
+            .journal()
+            .segment_paths()
+            .iter()
+            .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+            .sum()
+    }
+
+    pub fn first_journal_seq(&self) -> u64 {
+        self.core.lock().unwrap().journal().first_seq()
+    }
+}
+
+/// A deployment whose disk journal is closed (as after `ripcord-ps serve` stopped).
+pub struct Stopped {
+    _tmp: tempfile::TempDir,
+    pub deployment: PathBuf,
+}
+
+impl Fixture {
+    /// Closes the journal; every uploader of it must be dropped first.
+    pub fn stop(self) -> Stopped {
+        let core = Arc::try_unwrap(self.core)
+            .unwrap_or_else(|_| panic!("an uploader still holds the disk journal"));
+        drop(core);
+        Stopped {
+            _tmp: self._tmp,
+            deployment: self.deployment,
+        }
+    }
+}
+
+pub fn cache_dir(deployment: &Path) -> PathBuf {
+    deployment.join("cache")
+}
+
+/// Upload as soon as anything is pending; no retention during the test.
+pub fn upload_config() -> UploadConfig {
+    UploadConfig {
+        interval: Duration::ZERO,
+        bytes: 1,
+        retention: Duration::from_secs(365 * 24 * 3600),
+        gc_interval: Duration::from_secs(365 * 24 * 3600),
+    }
+}
+
+fn encode(msg: &Message) -> Vec<u8> {
+    let mut raw = Vec::new();
+    msg.encode_frame(&mut raw).expect("encoding a frame");
+    raw
+}

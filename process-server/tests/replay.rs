@@ -1,0 +1,133 @@
+//! `ripcord-ps replay` rebuilds the right image once the uploader has trimmed the journal
+//! past the epoch's start: the store supplies what was trimmed, the journal the rest.
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use ripcord_journal::RecordType;
+use ripcord_process_server::{
+    replay::{Until, replay},
+    uploader::Uploader,
+};
+use ripcord_store::Store;
+
+fn replayed(stopped: &Stopped, until: Until) -> Vec<u8> {
+    let out = stopped.deployment.join("replayed.img");
+    let report = replay(&stopped.deployment, DISK, &out, PASSPHRASE, until)
+        .unwrap_or_else(|e| panic!("replay {until:?} failed: {e:#}"));
+    assert_eq!((report.epoch, report.size_bytes), (1, SIZE));
+    std::fs::read(&out).unwrap()
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: the image differs first at byte {at} (sector {})",
+            at / 512
+        );
+    }
+    assert_eq!(got.len(), want.len(), "{what}: image size");
+}
+
+#[test]
+fn a_journal_trimmed_past_its_epoch_start_replays_to_the_right_image() {
+    let mut f = Fixture::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Epoch 1: data, a zeroed range, and cuts; all uploaded and mostly trimmed.
+    for i in 0..24u64 {
+        f.write((i * 1543 * 8) % (SIZE / 512 - 256), 128);
+        if i % 4 == 3 {
+            f.cut();
+        }
+    }
+    f.zero(64, 256);
+    let early_cut = f.cut();
+    let image_at_early_cut = f.image.clone();
+    f.write(4096, 64);
+    f.cut();
+    rt.block_on(async {
+        let store = Store::open(&f.target_url()).await.unwrap();
+        let mut u = Uploader::open(
+            store,
+            DISK,
+            MACHINE.to_owned(),
+            Arc::clone(&f.core),
+            upload_config(),
+        )
+        .await
+        .unwrap();
+        loop {
+            let step = u.step().await.unwrap();
+            if step.records == 0 && step.trimmed_through.is_none() {
+                break;
+            }
+        }
+    });
+    {
+        let core = f.core.lock().unwrap();
+        let journal = core.journal();
+        let first = journal
+            .read_from(journal.first_seq())
+            .unwrap()
+            .next()
+            .expect("the journal keeps its active segment")
+            .unwrap();
+        assert_ne!(
+            first.kind,
+            RecordType::EpochStart,
+            "the test needs the epoch start trimmed from the journal"
+        );
+    }
+    // Written after the upload: only the journal has these.
+    f.write(100, 96);
+    f.zero(2048, 32);
+    f.write(8000, 128);
+    f.cut();
+    let image_at_last_cut = f.image.clone();
+    f.write(300, 16); // after the last cut
+    let image_at_end = f.image.clone();
+    let stopped = f.stop();
+
+    assert_same(
+        &replayed(&stopped, Until::End),
+        &image_at_end,
+        "replay to the end",
+    );
+    assert_same(
+        &replayed(&stopped, Until::Cut(early_cut)),
+        &image_at_early_cut,
+        "replay to a cut the journal no longer holds",
+    );
+    assert_same(
+        &replayed(&stopped, Until::LastCut),
+        &image_at_last_cut,
+        "replay to the last cut (in the journal only)",
+    );
+}
+
+#[test]
+fn a_journal_never_trimmed_replays_without_the_store() {
+    let mut f = Fixture::new();
+    for i in 0..6u64 {
+        f.write(i * 700, 64);
+    }
+    f.zero(0, 8);
+    let cut = f.cut();
+    let image_at_cut = f.image.clone();
+    f.write(9000, 32);
+    let image_at_end = f.image.clone();
+    let stopped = f.stop();
+    // Nothing was uploaded: no target store exists, and none is needed.
+    assert!(!stopped.deployment.join("target").exists());
+    assert_same(
+        &replayed(&stopped, Until::End),
+        &image_at_end,
+        "replay to the end",
+    );
+    assert_same(
+        &replayed(&stopped, Until::Cut(cut)),
+        &image_at_cut,
+        "replay to the cut",
+    );
+}
