@@ -1,5 +1,5 @@
 //! `ripcord-ps replay`: rebuild a disk image from the journal, and from the target store
-//! for what the uploader already trimmed from the journal (docs/decisions/0010).
+//! for what the uploader already trimmed from the journal (docs/decisions/0011).
 //!
 //! The image is the disk's last epoch as of a seq `T` (the newest batch anywhere, or a
 //! cut's seq):
