@@ -274,6 +274,7 @@ fn register(
         }
     }));
     state.server_name = Some(host);
+    state.register_server = Some(server.to_owned());
     state.escrow_key = Some(hex::encode(registered.escrow_key));
     state.save(state_dir)?;
     println!(

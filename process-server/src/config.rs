@@ -32,6 +32,10 @@ pub struct PsConfig {
     pub retention_secs: u64,
     /// How often retention runs, in seconds (1..=86400). Default 300.
     pub gc_interval_secs: u64,
+    /// Validity of the client certificates issued to machines, in seconds (60..=3 years).
+    /// Default 7776000 (90 days). Agents renew with their current key when a third of
+    /// the validity is left.
+    pub client_cert_secs: u64,
     /// Directory for the journals (the cache disk). Default `<deployment>/cache`.
     pub cache_dir: Option<PathBuf>,
     /// Journal segment size in MiB (1..=1024). Default 64.
@@ -57,6 +61,7 @@ impl Default for PsConfig {
             upload_interval_ms: 2000,
             retention_secs: 72 * 3600,
             gc_interval_secs: 300,
+            client_cert_secs: 90 * 24 * 3600,
             cache_dir: None,
             segment_mib: 64,
             min_free_percent: 5.0,
@@ -106,6 +111,10 @@ impl PsConfig {
         ensure!(
             !self.server_id.is_empty() && self.server_id.len() <= 256,
             "server-id must be 1..=256 bytes"
+        );
+        ensure!(
+            (60..=3 * 366 * 24 * 3600).contains(&self.client_cert_secs),
+            "client-cert-secs must be 60..=94867200 (3 years)"
         );
         Ok(())
     }

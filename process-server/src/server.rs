@@ -10,6 +10,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -18,8 +19,7 @@ use ripcord_proto::{
     DiskId, ErrorCode, ErrorMessage, Message, decode_frame, handshake::answer_hello,
 };
 use ripcord_transport::{
-    MachineStore, Registrar, TokenStore, pki::LEAF_VALIDITY, registration_endpoint,
-    serve_registration, server_endpoint,
+    MachineStore, Registrar, TokenStore, registration_endpoint, serve_registration, server_endpoint,
 };
 use tokio::sync::mpsc;
 
@@ -197,7 +197,7 @@ pub async fn serve(
                         machines: &state.machines,
                         escrow_key: state.escrow_key,
                         data_port: state.dep.config.listen.port(),
-                        client_validity: LEAF_VALIDITY,
+                        client_validity: Duration::from_secs(state.dep.config.client_cert_secs),
                     };
                     // serve_registration logs the outcome.
                     let _ = serve_registration(incoming, &registrar).await;

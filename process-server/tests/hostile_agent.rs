@@ -2,7 +2,7 @@
 //! failover would refuse later. Each is refused with a named error, nothing reaches the
 //! journal, and the disk's durable state is unchanged, so the uploader never meets them.
 
-use ripcord_journal::JournalConfig;
+use ripcord_journal::{JournalConfig, SpaceThresholds};
 use ripcord_process_server::disk::DiskCore;
 use ripcord_proto::{
     Batch, DiskId, DurableState, ErrorCode, Extent, ExtentKind, FLAG_SEALED, Message, ProtectDisk,
@@ -36,6 +36,19 @@ fn framed(b: Batch) -> (Message, Vec<u8>) {
     (msg, raw)
 }
 
+/// Small segments, and no free-space floor: this test is about frames, not back-pressure
+/// (a nearly full disk must not make it wait).
+fn journal_config() -> JournalConfig {
+    JournalConfig {
+        segment_size: 1 << 20,
+        space: SpaceThresholds {
+            min_free_bytes: 0,
+            min_free_percent: 0.0,
+        },
+        ..JournalConfig::default()
+    }
+}
+
 fn journal_records(core: &DiskCore) -> usize {
     let j = core.journal();
     j.read_from(j.first_seq()).unwrap().count()
@@ -44,7 +57,7 @@ fn journal_records(core: &DiskCore) -> usize {
 #[test]
 fn frames_the_store_would_refuse_are_refused_at_ingest_and_never_journaled() {
     let cache = tempfile::tempdir().unwrap();
-    let mut core = DiskCore::open(cache.path(), DISK, JournalConfig::default()).unwrap();
+    let mut core = DiskCore::open(cache.path(), DISK, journal_config()).unwrap();
     let pd = ProtectDisk {
         disk_id: DISK,
         size_bytes: 1 << 20,
@@ -102,7 +115,7 @@ fn frames_the_store_would_refuse_are_refused_at_ingest_and_never_journaled() {
 #[test]
 fn a_malformed_protect_disk_starts_no_epoch() {
     let cache = tempfile::tempdir().unwrap();
-    let mut core = DiskCore::open(cache.path(), DISK, JournalConfig::default()).unwrap();
+    let mut core = DiskCore::open(cache.path(), DISK, journal_config()).unwrap();
     let pd = ProtectDisk {
         disk_id: DISK,
         size_bytes: 1000,

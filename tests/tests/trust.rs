@@ -187,3 +187,53 @@ fn a_store_of_another_deployment_is_refused_when_the_server_starts() {
     );
     assert_eq!(std::fs::read(&escrow_object).unwrap(), before);
 }
+
+/// Certificates renew by themselves with the machine's key, before they expire, while the
+/// agent replicates: the server issues 60-second certificates here, so the agent renews
+/// about every 35 s, reconnects with the new certificate, and loses nothing.
+#[test]
+fn certificates_renew_by_themselves_and_replication_goes_on() {
+    let Some(mut site) = Site::builder("certificates_renew_by_themselves_and_replication_goes_on")
+        .ps_config("client-cert-secs = 60")
+        .start()
+    else {
+        return;
+    };
+    let disk = site.loop_device("disk.img", 32 * MIB);
+    let agent = site.replicator(&[&disk.path]);
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !agent.log().contains("certificate renewed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no renewal within 90 s:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Writes after the renewal reach the server with the new certificate.
+    testkit::run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", disk.path.display()),
+            "bs=1M",
+            "count=4",
+            "seek=8",
+            "oflag=direct",
+            "conv=notrunc",
+        ],
+    )
+    .unwrap();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "{log}");
+    assert!(!log.contains("refused this machine's certificate"), "{log}");
+    let (_, list) = ps_cli(&site.ps.dir, &["machines", "list"]);
+    assert!(list.contains("renewed by its key"), "{list}");
+    site.ps.stop().unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let image = site.path().join("replica.img");
+    site.ps.replay(&disk_id, &image, false).unwrap();
+    let diff = testkit::sys::diff_sectors(&image, &disk.path).unwrap();
+    assert!(diff.is_empty(), "replica differs in {} ranges", diff.len());
+}

@@ -22,4 +22,5 @@ pub mod points;
 pub mod protect;
 pub mod read_log;
 pub mod readback;
+pub mod renew;
 pub mod state;

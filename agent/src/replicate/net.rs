@@ -21,11 +21,11 @@ use ripcord_proto::{
 };
 use ripcord_seal::{DataKey, escrow::wrap_data_key};
 use ripcord_transport::{
-    CLOSE_CERTIFICATE_REFUSED, Identity, TransportOptions, connect, endpoint::client_endpoint_with,
+    CLOSE_CERTIFICATE_REFUSED, TransportOptions, connect, endpoint::client_endpoint_with,
 };
 use tokio::sync::mpsc;
 
-use super::pipeline::Outgoing;
+use super::{pipeline::Outgoing, renew::MachineIdentity};
 use crate::clock::now_mono_ns;
 
 /// A refusal that reconnecting will not fix (the agent stops).
@@ -55,9 +55,12 @@ pub enum Untrusted {
         pinned: String,
     },
     /// The server refused this machine's certificate (removed by an operator, or
-    /// superseded by a newer certificate).
+    /// superseded by a newer certificate that this agent did not make).
     #[error("the process server refused this machine's certificate: {reason}")]
     CertificateRefused { reason: String },
+    /// The certificate expired (the message says what to do).
+    #[error("{0:#}")]
+    CertificateExpired(anyhow::Error),
 }
 
 /// Acknowledged-durable counters of one disk, shared with the stats writer.
@@ -174,7 +177,8 @@ impl DiskLink {
 pub struct NetConfig {
     pub server: SocketAddr,
     pub server_name: String,
-    pub identity: Identity,
+    /// The machine's certificate, renewed in the background.
+    pub identity: Arc<MachineIdentity>,
     /// The escrow public key pinned at registration.
     pub escrow_key: [u8; 32],
     /// Unacknowledged bytes the agent may hold (bounds memory): half of it is the QUIC
@@ -212,7 +216,13 @@ async fn send_msg(send: &mut SendStream, msg: &Message) -> anyhow::Result<()> {
 /// Run until every link is finished (the producer closed its channel and everything was
 /// acknowledged). Reconnects with backoff on connection loss; stops on a [`Refused`].
 pub async fn run(cfg: NetConfig, mut links: Vec<DiskLink>) -> anyhow::Result<()> {
-    let machine = cfg.identity.machine_id().as_str().to_owned();
+    let machine = cfg
+        .identity
+        .current()
+        .map_err(Untrusted::CertificateExpired)?
+        .machine_id()
+        .as_str()
+        .to_owned();
     const FIRST_BACKOFF: Duration = Duration::from_millis(200);
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -251,7 +261,11 @@ async fn session(cfg: &NetConfig, machine: &str, links: &mut [DiskLink]) -> anyh
     } else {
         "0.0.0.0:0"
     };
-    let endpoint = client_endpoint_with(bind.parse().expect("literal"), &cfg.identity, &options)?;
+    let identity = cfg
+        .identity
+        .current()
+        .map_err(Untrusted::CertificateExpired)?;
+    let endpoint = client_endpoint_with(bind.parse().expect("literal"), &identity, &options)?;
     let conn = connect(&endpoint, cfg.server, &cfg.server_name)
         .await
         .with_context(|| format!("connecting to {}", cfg.server))?;
@@ -259,6 +273,9 @@ async fn session(cfg: &NetConfig, machine: &str, links: &mut [DiskLink]) -> anyh
     if let Some(quinn::ConnectionError::ApplicationClosed(close)) = conn.close_reason()
         && close.error_code == quinn::VarInt::from_u32(CLOSE_CERTIFICATE_REFUSED)
     {
+        if cfg.identity.replacement_for(&identity).await.is_some() {
+            bail!("the certificate was renewed; reconnecting with the new one");
+        }
         return Err(Untrusted::CertificateRefused {
             reason: String::from_utf8_lossy(&close.reason).into_owned(),
         }

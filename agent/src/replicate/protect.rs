@@ -34,6 +34,7 @@ use super::{
     net::{self, DiskLink, LinkStats, NetConfig},
     pipeline::{CutRequest, DiskProducer, Outgoing, RoundConfig, round},
     points::{self, FreezeStats, GapPolicy, GapState},
+    renew::{MachineIdentity, RenewTarget, renew_forever},
     state::AgentState,
 };
 use crate::{
@@ -200,10 +201,22 @@ fn run_epoch(
         );
     }
 
+    let identity = Arc::new(MachineIdentity::new(identity));
+    let renew_target = state.register_server.clone().map(|server| RenewTarget {
+        server,
+        server_name: server_name.clone(),
+        state_dir: cfg.state_dir.clone(),
+    });
+    if renew_target.is_none() {
+        tracing::warn!(
+            "state.json has no registration endpoint (registered by an older version): the \
+             certificate will not renew by itself; run `ripcord-agent register` once"
+        );
+    }
     let net_cfg = NetConfig {
         server: server_addr,
         server_name,
-        identity,
+        identity: Arc::clone(&identity),
         escrow_key,
         window_bytes: cfg.window_mib << 20,
     };
@@ -213,6 +226,9 @@ fn run_epoch(
         .thread_name("ripcord-net")
         .build()?;
     let net = rt.spawn(net::run(net_cfg, links));
+    // Runs until the runtime is dropped at the end of the epoch.
+    let _renewal =
+        renew_target.map(|target| rt.spawn(async move { renew_forever(&identity, target).await }));
 
     if let Some(path) = &opts.ready_file {
         std::fs::write(path, b"ready\n")?;

@@ -28,6 +28,9 @@ pub struct AgentState {
     /// TLS name of the server (host part of the registration address).
     #[serde(default)]
     pub server_name: Option<String>,
+    /// The registration endpoint (`HOST:PORT`) given to `register`: renewals go there.
+    #[serde(default)]
+    pub register_server: Option<String>,
     /// The deployment's escrow public key (hex), pinned by `register`: data keys are
     /// wrapped to it and to no other, whatever a process server's hello says.
     #[serde(default)]

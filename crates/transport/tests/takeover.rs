@@ -230,3 +230,54 @@ async fn a_removed_machine_cannot_renew_and_registers_again_only_with_a_new_toke
         "single use"
     );
 }
+
+/// Attacker: someone holding a copy of a machine's key and an expired certificate (an old
+/// backup). The data endpoint refuses it at the handshake and says why; the identity
+/// knows it is expired, so an agent never presents it.
+#[tokio::test]
+async fn an_expired_certificate_is_refused_at_the_handshake() {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let server = Server::new();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap();
+    let cert = server
+        .ca
+        .issue_client(&mid("db1"), csr.der(), std::time::Duration::ZERO)
+        .unwrap();
+    let expired = Identity::new(
+        cert,
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        server.ca.cert_der().clone(),
+    )
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert!(expired.expired());
+
+    let data = ripcord_transport::endpoint::server_endpoint(localhost(), &server.identity).unwrap();
+    let addr = data.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let incoming = data.accept().await.expect("endpoint closed");
+        incoming.await.map(|_| ()).map_err(|e| e.to_string())
+    });
+    let client = ripcord_transport::endpoint::client_endpoint(&expired).unwrap();
+    // The client may finish its side of the handshake before the server has checked its
+    // certificate: either the connection fails, or the server closes it.
+    let agent = async {
+        match ripcord_transport::endpoint::connect(&client, addr, "localhost").await {
+            Ok(conn) => conn.closed().await.to_string(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let agent = tokio::time::timeout(T, agent)
+        .await
+        .expect("the connection of an expired certificate stayed open");
+    assert!(!agent.is_empty());
+    let served = tokio::time::timeout(T, accept).await.unwrap().unwrap();
+    let err = served.expect_err("the server accepted an expired certificate");
+    assert!(
+        err.to_lowercase().contains("expired"),
+        "server error does not say why: {err}"
+    );
+}

@@ -34,9 +34,12 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
     Ok(SerialNumber::from_slice(&b))
 }
 
+/// Valid from a little before now (clock skew between hosts: [`CLOCK_SKEW`], but at most a
+/// quarter of `validity`, so a short-lived certificate's lifetime is mostly its validity)
+/// until `validity` from now.
 fn set_validity(params: &mut CertificateParams, validity: Duration) {
     let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - CLOCK_SKEW;
+    params.not_before = now - CLOCK_SKEW.min(validity / 4);
     params.not_after = now + validity;
 }
 
