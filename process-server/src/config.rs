@@ -36,6 +36,10 @@ pub struct PsConfig {
     /// Default 7776000 (90 days). Agents renew with their current key when a third of
     /// the validity is left.
     pub client_cert_secs: u64,
+    /// Memory for frames received and not yet journaled, all connections together, in
+    /// MiB (40..=65536). Default 160. Each connection may hold at most 40 MiB of it
+    /// (plus its QUIC receive window, 24 MiB), so one peer cannot take it all.
+    pub max_inflight_mib: u64,
     /// Directory for the journals (the cache disk). Default `<deployment>/cache`.
     pub cache_dir: Option<PathBuf>,
     /// Journal segment size in MiB (1..=1024). Default 64.
@@ -62,6 +66,7 @@ impl Default for PsConfig {
             retention_secs: 72 * 3600,
             gc_interval_secs: 300,
             client_cert_secs: 90 * 24 * 3600,
+            max_inflight_mib: 160,
             cache_dir: None,
             segment_mib: 64,
             min_free_percent: 5.0,
@@ -111,6 +116,10 @@ impl PsConfig {
         ensure!(
             !self.server_id.is_empty() && self.server_id.len() <= 256,
             "server-id must be 1..=256 bytes"
+        );
+        ensure!(
+            (40..=65536).contains(&self.max_inflight_mib),
+            "max-inflight-mib must be 40..=65536"
         );
         ensure!(
             (60..=3 * 366 * 24 * 3600).contains(&self.client_cert_secs),

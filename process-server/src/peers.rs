@@ -9,7 +9,8 @@
 //!   them against the store every [`RECHECK`]: a machine removed by an operator
 //!   (`ripcord-ps machines remove`, another process) or a certificate superseded by a
 //!   renewal loses its open connections within that time, closed with
-//!   [`CLOSE_CERTIFICATE_REFUSED`] and the reason, which the agent reports and stops on.
+//!   [`CLOSE_CERTIFICATE_REFUSED`] and the reason, which the agent reports and stops on;
+//! * a machine holds at most [`MAX_CONNECTIONS_PER_MACHINE`] connections.
 
 use std::{
     collections::HashMap,
@@ -28,6 +29,10 @@ use ripcord_transport::{
 
 /// How often open connections are re-checked against the machine store.
 pub const RECHECK: Duration = Duration::from_secs(1);
+
+/// Open data connections one machine may hold (an agent needs one; a reconnect may
+/// briefly overlap the old one until the server notices it is gone).
+pub const MAX_CONNECTIONS_PER_MACHINE: usize = 3;
 
 struct Live {
     machine: MachineId,
@@ -76,7 +81,17 @@ impl Peers {
             return Err(e.into());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.live.lock().expect("peers lock").insert(
+        let mut live = self.live.lock().expect("peers lock");
+        if live.values().filter(|l| l.machine == machine).count() >= MAX_CONNECTIONS_PER_MACHINE {
+            conn.close(
+                quinn::VarInt::from_u32(CLOSE_TOO_MANY_CONNECTIONS),
+                b"too many connections from this machine",
+            );
+            anyhow::bail!(
+                "machine {machine} already has {MAX_CONNECTIONS_PER_MACHINE} connections open"
+            );
+        }
+        live.insert(
             id,
             Live {
                 machine: machine.clone(),
@@ -121,6 +136,10 @@ impl Peers {
         }
     }
 }
+
+/// Application close code for a connection over [`MAX_CONNECTIONS_PER_MACHINE`]; the
+/// agent retries (its old connection will have closed by then).
+const CLOSE_TOO_MANY_CONNECTIONS: u32 = 0x7263_0002;
 
 fn refuse(conn: &Connection, e: &MachineError) {
     conn.close(

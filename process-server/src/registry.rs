@@ -34,9 +34,17 @@ pub enum ClaimError {
         owner: String,
         claimant: String,
     },
+    #[error(
+        "machine {machine:?} already protects {MAX_DISKS_PER_MACHINE} disks; refusing disk {disk}"
+    )]
+    TooManyDisks { disk: String, machine: String },
     #[error("writing the disk registry: {0:#}")]
     Io(anyhow::Error),
 }
+
+/// Disks one machine may protect (bounds what a registered peer can make the server
+/// hold: journals, uploaders, registry entries).
+pub const MAX_DISKS_PER_MACHINE: usize = 64;
 
 /// `disks.json`, kept in memory and rewritten crash-safely on change.
 pub struct Registry {
@@ -77,6 +85,14 @@ impl Registry {
                 disk: key,
                 owner: existing.owner.clone(),
                 claimant: machine.to_owned(),
+            });
+        }
+        if !self.disks.contains_key(&key)
+            && self.disks.values().filter(|d| d.owner == machine).count() >= MAX_DISKS_PER_MACHINE
+        {
+            return Err(ClaimError::TooManyDisks {
+                disk: key,
+                machine: machine.to_owned(),
             });
         }
         let record = DiskRecord {
@@ -121,5 +137,30 @@ mod tests {
         let r = Registry::open(&path).unwrap();
         let rec = r.get(&DiskId([1; 16])).unwrap();
         assert_eq!((rec.owner.as_str(), rec.epoch), ("m1", 2));
+    }
+
+    /// Attacker: a registered machine announcing disk after disk.
+    #[test]
+    fn a_machine_protects_at_most_its_quota_of_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::open(&dir.path().join("disks.json")).unwrap();
+        let many = |i: usize| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            ProtectDisk {
+                disk_id: DiskId(id),
+                ..pd(0, 1)
+            }
+        };
+        for i in 0..MAX_DISKS_PER_MACHINE {
+            r.claim("hostile", &many(i)).unwrap();
+        }
+        let err = r
+            .claim("hostile", &many(MAX_DISKS_PER_MACHINE))
+            .unwrap_err();
+        assert!(matches!(err, ClaimError::TooManyDisks { .. }), "{err}");
+        // Its existing disks still resume, and other machines are unaffected.
+        r.claim("hostile", &many(0)).unwrap();
+        r.claim("honest", &many(1000)).unwrap();
     }
 }

@@ -14,25 +14,25 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use quinn::{RecvStream, SendStream};
-use ripcord_proto::{
-    DiskId, ErrorCode, ErrorMessage, Message, decode_frame, handshake::answer_hello,
-};
+use quinn::SendStream;
+use ripcord_proto::{DiskId, ErrorCode, ErrorMessage, Message, handshake::answer_hello};
 use ripcord_transport::{
-    MachineStore, Registrar, TokenStore, registration_endpoint, serve_registration, server_endpoint,
+    MachineStore, Registrar, TokenStore, TransportOptions, endpoint::server_endpoint_with,
+    registration_endpoint, serve_registration,
 };
 use tokio::sync::mpsc;
 
 use crate::{
     deploy::{Deployment, machines_dir, tokens_dir},
     disk::{DiskCore, journal_config},
+    frames::{Budget, FrameReader, Received},
     metrics::Metrics,
     peers::Peers,
     registry::{ClaimError, Registry},
 };
 
-/// Most bytes buffered per stream while decoding frames.
-const READ_CHUNK: usize = 4 << 20;
+/// Unauthenticated handshakes in progress at once; more are refused until some finish.
+const MAX_PENDING_HANDSHAKES: usize = 64;
 
 struct DiskSlot {
     core: Arc<Mutex<DiskCore>>,
@@ -52,6 +52,10 @@ pub struct State {
     tokens: TokenStore,
     machines: MachineStore,
     peers: Peers,
+    /// Bytes of frames all connections may hold in memory (`max-inflight-mib`).
+    inflight: Arc<tokio::sync::Semaphore>,
+    /// Handshakes in progress (see [`MAX_PENDING_HANDSHAKES`]).
+    handshakes: Arc<tokio::sync::Semaphore>,
     store: Option<ripcord_store::Store>,
     pub metrics: Metrics,
 }
@@ -117,7 +121,14 @@ pub async fn serve(
     let registry = Registry::open(&dep.dir.join("disks.json"))?;
     let tokens = TokenStore::open_or_create(&tokens_dir(&dep.dir))?;
     let machines = MachineStore::open(&machines_dir(&dep.dir))?;
-    let data = server_endpoint(dep.config.listen, &dep.identity)
+    // Smaller receive windows than an agent's defaults: what a peer can make this server
+    // buffer before the journal takes it is bounded per connection (see `frames`).
+    let options = TransportOptions {
+        stream_receive_window: 16 << 20,
+        receive_window: 24 << 20,
+        ..TransportOptions::default()
+    };
+    let data = server_endpoint_with(dep.config.listen, &dep.identity, &options)
         .with_context(|| format!("binding the data endpoint on {}", dep.config.listen))?;
     let register =
         registration_endpoint(dep.config.register_listen, &dep.identity).with_context(|| {
@@ -147,6 +158,10 @@ pub async fn serve(
         disks: tokio::sync::Mutex::new(HashMap::new()),
         tokens,
         peers: Peers::new(machines.clone()),
+        inflight: Arc::new(tokio::sync::Semaphore::new(
+            (dep.config.max_inflight_mib as usize) << 20,
+        )),
+        handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES)),
         machines,
         store,
         metrics: Metrics::new(),
@@ -180,10 +195,23 @@ pub async fn serve(
     loop {
         tokio::select! {
             Some(incoming) = data.accept() => {
+                // A spoofed source address costs us one Retry packet, never a handshake.
+                if !incoming.remote_address_validated() && incoming.may_retry() {
+                    let _ = incoming.retry();
+                    continue;
+                }
+                let Ok(handshake) = Arc::clone(&state.handshakes).try_acquire_owned() else {
+                    tracing::warn!(
+                        remote = %incoming.remote_address(),
+                        "{MAX_PENDING_HANDSHAKES} handshakes already in progress; refusing"
+                    );
+                    incoming.refuse();
+                    continue;
+                };
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = connection(state, incoming).await {
+                    if let Err(e) = connection(state, incoming, handshake).await {
                         tracing::info!(%remote, "connection ended: {e:#}");
                     }
                 });
@@ -214,61 +242,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Frame reader over a QUIC receive stream; keeps the raw bytes of each frame.
-struct FrameReader {
-    recv: RecvStream,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl FrameReader {
-    fn new(recv: RecvStream) -> Self {
-        FrameReader {
-            recv,
-            buf: Vec::new(),
-            pos: 0,
-        }
-    }
-
-    /// A frame already buffered, if any.
-    fn buffered(&mut self) -> anyhow::Result<Option<(Message, Vec<u8>)>> {
-        match decode_frame(&self.buf[self.pos..])? {
-            Some((msg, used)) => {
-                let raw = self.buf[self.pos..self.pos + used].to_vec();
-                self.pos += used;
-                Ok(Some((msg, raw)))
-            }
-            None => Ok(None),
-        }
-    }
-
-    /// The next frame; `None` at the end of the stream.
-    async fn next(&mut self) -> anyhow::Result<Option<(Message, Vec<u8>)>> {
-        loop {
-            if let Some(f) = self.buffered()? {
-                return Ok(Some(f));
-            }
-            if self.pos > 0 {
-                self.buf.drain(..self.pos);
-                self.pos = 0;
-            }
-            match self.recv.read_chunk(READ_CHUNK, true).await? {
-                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
-                None if self.buf.is_empty() => return Ok(None),
-                None => bail!(
-                    "stream ended inside a frame ({} bytes left)",
-                    self.buf.len()
-                ),
-            }
-        }
-    }
-
-    /// True if a whole frame is buffered (so the caller can batch without waiting).
-    fn has_frame(&self) -> bool {
-        matches!(decode_frame(&self.buf[self.pos..]), Ok(Some(_)) | Err(_))
-    }
-}
-
 async fn send_message(send: &mut SendStream, msg: &Message) -> anyhow::Result<()> {
     let frame = msg.to_frame()?;
     send.write_all(&frame).await?;
@@ -285,21 +258,31 @@ async fn refuse(send: &mut SendStream, code: ErrorCode, disk: Option<DiskId>, me
     let _ = send.finish();
 }
 
-async fn connection(state: Arc<State>, incoming: quinn::Incoming) -> anyhow::Result<()> {
+async fn connection(
+    state: Arc<State>,
+    incoming: quinn::Incoming,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) -> anyhow::Result<()> {
     // The handshake fails for peers without a certificate from our CA, and admission for
     // a certificate that is not its machine's current one: nothing of theirs is parsed.
-    let conn = incoming.await.context("TLS handshake")?;
+    let conn = incoming.await.context("TLS handshake");
+    drop(handshake);
+    let conn = conn?;
     let admitted = state.peers.admit(&conn).context("refused")?;
+    let budget = Budget::for_connection(&state.inflight);
     let machine = admitted.machine.as_str().to_owned();
     state.metrics.connections.inc();
     let result = async {
         let (mut send, recv) = conn.accept_bi().await?;
-        let mut reader = FrameReader::new(recv);
+        let mut reader = FrameReader::new(recv, budget.clone());
         let hello = match reader.next().await? {
-            Some((Message::Hello(h), _)) => h,
+            Some(Received {
+                msg: Message::Hello(h),
+                ..
+            }) => h,
             other => bail!(
                 "expected Hello, got {:?}",
-                other.map(|(m, _)| m.message_type())
+                other.map(|r| r.msg.message_type())
             ),
         };
         if hello.machine_id != machine {
@@ -327,8 +310,9 @@ async fn connection(state: Arc<State>, incoming: quinn::Incoming) -> anyhow::Res
             let (send, recv) = conn.accept_bi().await?;
             let state = Arc::clone(&state);
             let machine = machine.clone();
+            let reader = FrameReader::new(recv, budget.clone());
             tokio::spawn(async move {
-                if let Err(e) = disk_stream(state, machine.clone(), send, recv).await {
+                if let Err(e) = disk_stream(state, machine.clone(), send, reader).await {
                     tracing::info!(%machine, "disk stream ended: {e:#}");
                 }
             });
@@ -343,13 +327,16 @@ async fn disk_stream(
     state: Arc<State>,
     machine: String,
     mut send: SendStream,
-    recv: RecvStream,
+    mut reader: FrameReader,
 ) -> anyhow::Result<()> {
-    let mut reader = FrameReader::new(recv);
     let (pd, raw) = match reader.next().await? {
-        Some((Message::ProtectDisk(pd), raw)) => (pd, raw),
+        Some(Received {
+            msg: Message::ProtectDisk(pd),
+            raw,
+            ..
+        }) => (pd, raw),
         other => {
-            let got = other.map(|(m, _)| m.message_type());
+            let got = other.map(|r| r.msg.message_type());
             refuse(
                 &mut send,
                 ErrorCode::BadFrame,
@@ -379,6 +366,17 @@ async fn disk_stream(
         Err(e @ ClaimError::NotOwner { .. }) => {
             state.metrics.errors.inc();
             refuse(&mut send, ErrorCode::NotOwner, Some(disk), e.to_string()).await;
+            bail!("{e}");
+        }
+        Err(e @ ClaimError::TooManyDisks { .. }) => {
+            state.metrics.errors.inc();
+            refuse(
+                &mut send,
+                ErrorCode::Backpressure,
+                Some(disk),
+                e.to_string(),
+            )
+            .await;
             bail!("{e}");
         }
         Err(e) => return Err(e.into()),
@@ -411,25 +409,30 @@ async fn disk_stream(
     tracing::info!(%machine, disk = %disk_hex, epoch = pd.epoch, "disk stream open");
 
     // Worker: journals groups of frames, one fdatasync per group, emits acks.
-    let (frames_tx, mut frames_rx) = mpsc::channel::<(Message, Vec<u8>)>(256);
+    // Frames wait here with their memory reserved (see `frames`): bounded in bytes.
+    let (frames_tx, mut frames_rx) = mpsc::channel::<Received>(256);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
     let group_bytes = (state.dep.config.group_commit_mib << 20) as usize;
     let worker_state = Arc::clone(&state);
     let worker = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         while let Some(first) = frames_rx.blocking_recv() {
-            let mut group = vec![first];
-            let mut bytes = group[0].1.len();
+            let mut bytes = first.raw.len();
+            let mut group = vec![(first.msg, first.raw)];
+            let mut reserved = vec![first.budget];
             while bytes < group_bytes {
                 match frames_rx.try_recv() {
                     Ok(f) => {
-                        bytes += f.1.len();
-                        group.push(f);
+                        bytes += f.raw.len();
+                        group.push((f.msg, f.raw));
+                        reserved.push(f.budget);
                     }
                     Err(_) => break,
                 }
             }
             let mut core = core.lock().expect("disk lock");
             let applied = core.apply(&group)?;
+            // Journaled: their memory is free for the next frames.
+            drop((group, reserved));
             worker_state.metrics.observe(&disk_hex, &core);
             drop(core);
             for ack in applied.acks {
@@ -454,27 +457,9 @@ async fn disk_stream(
     });
 
     let reader_task = tokio::spawn(async move {
-        loop {
-            match reader.next().await {
-                Ok(Some(frame)) => {
-                    if frames_tx.send(frame).await.is_err() {
-                        break;
-                    }
-                    // Hand over everything already buffered without awaiting more data.
-                    while reader.has_frame() {
-                        match reader.buffered() {
-                            Ok(Some(frame)) => {
-                                if frames_tx.send(frame).await.is_err() {
-                                    return Ok(());
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => return Err(e),
-                        }
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => return Err(e),
+        while let Some(frame) = reader.next().await? {
+            if frames_tx.send(frame).await.is_err() {
+                break;
             }
         }
         Ok::<(), anyhow::Error>(())

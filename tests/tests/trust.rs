@@ -237,3 +237,157 @@ fn certificates_renew_by_themselves_and_replication_goes_on() {
     let diff = testkit::sys::diff_sectors(&image, &disk.path).unwrap();
     assert!(diff.is_empty(), "replica differs in {} ranges", diff.len());
 }
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+fn acked_seq(agent: &Replicator) -> u64 {
+    agent
+        .stats()
+        .and_then(|v| v["disks"][0]["acked_seq"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The hostile agent: connects with its own valid certificate, says hello, then opens 63
+/// disk streams and sends on each a maximum-size batch frame short of its last byte, so
+/// that nothing ever completes and everything would sit in the server's memory.
+async fn hostile_agent(state_dir: &Path, server: std::net::SocketAddr, hold: Duration) {
+    use ripcord_proto::{
+        Batch, DiskId, Extent, ExtentKind, FLAG_SEALED, Hello, MAX_PAYLOAD_LEN, Message,
+        PROTOCOL_VERSION, ProtectDisk,
+    };
+    let identity = ripcord_transport::Identity::load(state_dir).unwrap();
+    let endpoint = ripcord_transport::client_endpoint(&identity).unwrap();
+    let conn = ripcord_transport::connect(&endpoint, server, "127.0.0.1")
+        .await
+        .unwrap();
+    let (mut control, mut control_recv) = conn.open_bi().await.unwrap();
+    let hello = Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        machine_id: identity.machine_id().as_str().to_owned(),
+        agent_version: "hostile".to_owned(),
+    });
+    control.write_all(&hello.to_frame().unwrap()).await.unwrap();
+    let mut ack = [0u8; 16];
+    control_recv.read_exact(&mut ack).await.unwrap();
+    let mut streams = Vec::new();
+    for i in 0..63u8 {
+        let conn = conn.clone();
+        streams.push(tokio::spawn(async move {
+            let Ok((mut send, _recv)) = conn.open_bi().await else {
+                return;
+            };
+            let disk_id = DiskId([i + 1; 16]);
+            let pd = Message::ProtectDisk(ProtectDisk {
+                disk_id,
+                size_bytes: 1 << 30,
+                sector_size: 512,
+                epoch: 1,
+                wrapped_key: vec![1; 48],
+            });
+            let batch = Message::Batch(Batch {
+                disk_id,
+                epoch: 1,
+                first_seq: 1,
+                last_seq: 1,
+                extents: vec![Extent {
+                    sector: 0,
+                    sectors: 8,
+                    kind: ExtentKind::Data,
+                }],
+                flags: FLAG_SEALED,
+                payload: vec![0x5a; MAX_PAYLOAD_LEN],
+            })
+            .to_frame()
+            .unwrap();
+            if send.write_all(&pd.to_frame().unwrap()).await.is_err() {
+                return;
+            }
+            let _ = send.write_all(&batch[..batch.len() - 1]).await;
+            // Hold the stream open with the frame unfinished.
+            std::future::pending::<()>().await;
+        }));
+    }
+    tokio::time::sleep(hold).await;
+    for s in streams {
+        s.abort();
+    }
+    conn.close(0u32.into(), b"done");
+}
+
+/// Attacker: a registered agent with a valid certificate of its own, opening 63 streams
+/// of maximum-size frames it never finishes. The server holds at most its per-connection
+/// budget and QUIC window for it: its peak RSS stays within the 256 MiB goal, and another
+/// machine's disk keeps being acknowledged throughout.
+#[test]
+fn a_hostile_agent_cannot_exhaust_server_memory_or_starve_other_disks() {
+    let Some(site) =
+        Site::new("a_hostile_agent_cannot_exhaust_server_memory_or_starve_other_disks")
+    else {
+        return;
+    };
+    let disk = site.loop_device("disk.img", 32 * MIB);
+    let honest = site.replicator(&[&disk.path]);
+    honest.wait_synced(Duration::from_secs(60)).unwrap();
+    let hostile = site.register("hostile");
+    let server: std::net::SocketAddr = format!("127.0.0.1:{}", site.ps.data_port).parse().unwrap();
+    let attack = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(hostile_agent(
+                &hostile.state_dir,
+                server,
+                Duration::from_secs(12),
+            ))
+    });
+    // During the attack, the honest disk's new writes are acknowledged.
+    std::thread::sleep(Duration::from_secs(4));
+    let before = acked_seq(&honest);
+    let mut acked_during_attack = false;
+    for round in 0..10u64 {
+        testkit::run(
+            "dd",
+            &[
+                "if=/dev/urandom",
+                &format!("of={}", disk.path.display()),
+                "bs=64k",
+                "count=16",
+                &format!("seek={}", round * 16),
+                "oflag=direct",
+                "conv=notrunc",
+            ],
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        if acked_seq(&honest) > before {
+            acked_during_attack = true;
+            break;
+        }
+    }
+    let peak_kib = vm_hwm_kib(site.ps.pid());
+    attack.join().unwrap();
+    eprintln!(
+        "process server peak RSS under the attack: {} MiB",
+        peak_kib / 1024
+    );
+    assert!(
+        acked_during_attack,
+        "the honest disk was not acknowledged during the attack (acked {before})"
+    );
+    assert!(
+        peak_kib < 256 * 1024,
+        "process server peak RSS {} MiB under the attack (goal 256 MiB)",
+        peak_kib / 1024
+    );
+    let (ok, log) = honest.stop().unwrap();
+    assert!(ok, "{log}");
+}
