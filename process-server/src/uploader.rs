@@ -235,6 +235,8 @@ impl Uploader {
                     time_ns: c.time_ns,
                     mono_ns: c.mono_ns,
                     kind: c.kind,
+                    // The agent's MAC, carried verbatim: this server holds no data key.
+                    mac: c.mac,
                 })?;
                 self.dirty = true;
             }

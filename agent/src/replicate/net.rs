@@ -154,7 +154,15 @@ impl DiskLink {
                 } else {
                     ripcord_proto::CutKind::Crash
                 };
-                match self.sender.push_cut_at(kind, time_ns, mono_ns, seq) {
+                // The cut's MAC under the disk's data key: the process server and the
+                // bucket carry it but cannot forge it; failover checks it (decision 0012).
+                let key = &self.key;
+                let authenticate =
+                    |c: &ripcord_proto::Cut| ripcord_seal::point_mac(key, &aead::cut_message(c));
+                match self
+                    .sender
+                    .push_cut_at(kind, time_ns, mono_ns, seq, authenticate)
+                {
                     Ok(_) => {}
                     Err(PushError::CutBufferFull) => {
                         self.pending = Some(item);

@@ -1,7 +1,15 @@
-//! Materialising a recovery point from the target store: resolve the point to batch
-//! locations, fetch each needed batch once (checksummed), authenticate and decrypt it with
-//! the disk's data key (unwrapped with the deployment passphrase), and copy the needed
-//! ranges into a sparse image or a block device.
+//! Materialising a recovery point from the target store: unwrap the disk's data key with
+//! the deployment passphrase, check the point's MAC (the agent's, over cut id, seq, time
+//! and kind), resolve the point to batch locations, fetch each needed batch once
+//! (checksummed), authenticate and decrypt it, check that the plan places it exactly as
+//! its authenticated extent list says, and only then copy its ranges (and zero its zero
+//! ranges) into a sparse image or a block device.
+//!
+//! Trust: the store's metadata (catalog, index, checkpoints) carries only CRCs, so
+//! someone who can write the bucket can rewrite it. Nothing is placed on the strength of
+//! that metadata alone (decision 0012): a point whose MAC fails is refused naming its
+//! catalog object, and a plan that disagrees with a batch's authenticated extents is
+//! refused naming the index object that placed the batch.
 
 use std::{
     fs::{File, OpenOptions},
@@ -17,7 +25,9 @@ use ripcord_seal::{
     DataKey, Flags, Sealer,
     escrow::{EscrowFile, unwrap_data_key},
 };
-use ripcord_store::{CutKind, DiskId, Plan, RecoveryPoint, RunSource, SealedBatch, Store};
+use ripcord_store::{
+    CutKind, DiskId, EpochInfo, Plan, RecoveryPoint, RunSource, SealedBatch, Store,
+};
 
 /// Which recovery point.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,11 +83,11 @@ pub fn parse_disk(s: &str) -> anyhow::Result<DiskId> {
     DiskId::from_hex(s.trim()).with_context(|| format!("disk id {s:?} is not 32 hex digits"))
 }
 
-/// The disk's data key for `plan`'s epoch, from the passphrase and the store's escrow file.
+/// The disk's data key for `epoch`, from the passphrase and the store's escrow file.
 pub async fn data_key(
     store: &Store,
     disk: &DiskId,
-    plan: &Plan,
+    epoch: &EpochInfo,
     passphrase: &[u8],
 ) -> anyhow::Result<DataKey> {
     let escrow: EscrowFile = serde_json::from_slice(
@@ -90,9 +100,53 @@ pub async fn data_key(
     let secret = escrow
         .unlock(passphrase)
         .context("unlocking the escrow key")?;
-    let ctx = aead::key_context(&plan.epoch.machine_id, disk);
-    unwrap_data_key(&plan.epoch.wrapped_key, &secret, &ctx)
-        .with_context(|| format!("unwrapping the data key of epoch {}", plan.epoch.epoch))
+    let ctx = aead::key_context(&epoch.machine_id, disk);
+    unwrap_data_key(&epoch.wrapped_key, &secret, &ctx)
+        .with_context(|| format!("unwrapping the data key of epoch {}", epoch.epoch))
+}
+
+/// Checks the agent's MAC over `point` with the disk's data key: a point whose cut id,
+/// seq, time or kind was changed in the store (or that the agent never made) is refused,
+/// naming its catalog object.
+pub fn check_point(key: &DataKey, disk: &DiskId, point: &RecoveryPoint) -> anyhow::Result<()> {
+    let message = aead::cut_aad(
+        disk,
+        point.epoch,
+        point.cut_id,
+        point.seq,
+        point.time_ns,
+        point.mono_ns,
+        point.kind,
+    );
+    ripcord_seal::check_point_mac(key, &message, &point.mac).with_context(|| {
+        format!(
+            "recovery point {} (`{}`) is not authentic: its fields were changed in the store \
+             by someone who can write it, or it is damaged; refusing to use it",
+            point.id,
+            ripcord_store::format::cut_name(disk, point.epoch, point.cut_id)
+        )
+    })
+}
+
+/// Resolves an authenticated point: the epoch's data key, the point's MAC checked with it,
+/// then the plan. Nothing of the plan is trusted yet (see [`ripcord_store::Placement::check`]).
+pub async fn resolve_authentic(
+    store: &Store,
+    disk: &DiskId,
+    point: &RecoveryPoint,
+    passphrase: &[u8],
+) -> anyhow::Result<(DataKey, Plan)> {
+    let epoch = store
+        .epoch_info(disk, point.epoch)
+        .await
+        .with_context(|| format!("reading epoch {} of point {}", point.epoch, point.id))?;
+    let key = data_key(store, disk, &epoch, passphrase).await?;
+    check_point(&key, disk, point)?;
+    let plan = store
+        .resolve(disk, point)
+        .await
+        .with_context(|| format!("resolving point {}", point.id))?;
+    Ok((key, plan))
 }
 
 /// Authenticate and decrypt one batch; `object` names it in errors.
@@ -177,20 +231,6 @@ impl Target {
         })
     }
 
-    fn zero(&self, offset: u64, len: u64) -> anyhow::Result<()> {
-        if !self.is_block {
-            return Ok(()); // already a hole in the fresh sparse file
-        }
-        let zeros = vec![0u8; 1 << 20];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
-    }
-
     fn finish(self) -> anyhow::Result<()> {
         self.file.sync_all()?;
         if let Some((path, tmp)) = &self.rename {
@@ -227,11 +267,7 @@ pub async fn materialize(
     progress: bool,
 ) -> anyhow::Result<Materialized> {
     let started = Instant::now();
-    let plan = store
-        .resolve(disk, point)
-        .await
-        .with_context(|| format!("resolving point {}", point.id))?;
-    let key = data_key(store, disk, &plan, passphrase).await?;
+    let (key, plan) = resolve_authentic(store, disk, point, passphrase).await?;
     let target = Target::create(output, plan.size_bytes)?;
     let bar = ProgressBar::new(plan.data_bytes()).with_style(
         ProgressStyle::with_template(
@@ -270,12 +306,8 @@ async fn copy_plan(
     bar: &ProgressBar,
 ) -> anyhow::Result<usize> {
     use futures::TryStreamExt as _;
-    for run in &plan.runs {
-        if matches!(run.source, RunSource::Zero | RunSource::Discard) {
-            target.zero(run.sector * 512, run.sectors * 512)?;
-        }
-    }
     let batches = plan.batches();
+    let placement = std::sync::Arc::new(plan.placement());
     let key = std::sync::Arc::new(DataKey::from_bytes(*key.expose_bytes()));
     let file = std::sync::Arc::new(target.file.try_clone()?);
     let is_block = target.is_block;
@@ -287,14 +319,8 @@ async fn copy_plan(
         .clamp(4, 16);
     futures::stream::iter(batches.iter().cloned().map(Ok::<_, anyhow::Error>))
         .map_ok(|loc| {
-            let runs: Vec<(u64, u64, u64)> = plan
-                .runs_for(loc.seq)
-                .filter_map(|r| match r.source {
-                    RunSource::Data { offset, .. } => Some((r.sector, r.sectors, offset)),
-                    _ => None,
-                })
-                .collect();
             let (key, file, machine, disk) = (key.clone(), file.clone(), machine.clone(), *disk);
+            let placement = placement.clone();
             async move {
                 let b = store
                     .fetch_batch(&loc)
@@ -312,9 +338,15 @@ async fn copy_plan(
                         &loc.pack,
                         &mut plain,
                     )?;
+                    // The extents just authenticated are the only placement trusted.
+                    placement.check(loc.seq, &b.extents)?;
                     let mut written = 0;
-                    for (sector, sectors, offset) in runs {
-                        let len = sectors * 512;
+                    for r in placement.runs_of(loc.seq) {
+                        let len = r.sectors * 512;
+                        let RunSource::Data { offset, .. } = r.source else {
+                            zero_at(&file, is_block, r.sector * 512, len)?;
+                            continue;
+                        };
                         let end = offset + len;
                         ensure!(
                             end <= plain.len() as u64,
@@ -326,7 +358,7 @@ async fn copy_plan(
                             &file,
                             is_block,
                             &plain[offset as usize..end as usize],
-                            sector * 512,
+                            r.sector * 512,
                         )?;
                         written += len;
                     }
@@ -343,6 +375,21 @@ async fn copy_plan(
         })
         .await?;
     Ok(batches.len())
+}
+
+/// Zero `len` bytes at `offset` of a block device (a fresh image file is already a hole).
+fn zero_at(file: &File, is_block: bool, offset: u64, len: u64) -> anyhow::Result<()> {
+    if !is_block {
+        return Ok(());
+    }
+    let zeros = vec![0u8; (1 << 20).min(len as usize)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Write `data` at `offset`, leaving all-zero 64 KiB pieces as holes in files (a fresh

@@ -45,7 +45,10 @@ enum Command {
         args: TestArgs,
     },
     /// Check every object of the store (checksums, structure, references) and, with the
-    /// passphrase, authenticate every batch. Names anything damaged.
+    /// passphrase, authenticate every recovery point (the agent's MAC), every batch a
+    /// point reads, and where the index places each batch. Names anything damaged or
+    /// altered. Without the passphrase only accidental damage can be found: someone who
+    /// can write the store can also fix checksums.
     Verify {
         #[arg(long)]
         target: String,
@@ -348,8 +351,9 @@ async fn failover_to(
     Ok(())
 }
 
-/// Authenticate every batch of every retained point's epoch with its data key; returns
-/// the damaged pack objects.
+/// Authenticate every retained point (its MAC), every batch it reads, and the placement
+/// of each batch, with the epoch's data key; returns the damaged or altered objects, each
+/// with what is wrong (also logged).
 async fn authenticate_all(
     store: &Store,
     disk: Option<&ripcord_store::DiskId>,
@@ -362,12 +366,24 @@ async fn authenticate_all(
     let mut damaged = Vec::new();
     for d in disks {
         for p in store.points(&d).await? {
-            let plan = store.resolve(&d, &p).await?;
-            let key = failover::data_key(store, &d, &plan, pass).await?;
+            let catalog = ripcord_store::format::cut_name(&d, p.epoch, p.cut_id);
+            let (key, plan) = match failover::resolve_authentic(store, &d, &p, pass).await {
+                Ok(kp) => kp,
+                Err(e) => {
+                    let object = e
+                        .downcast_ref::<ripcord_store::Error>()
+                        .and_then(|s| s.object())
+                        .unwrap_or(catalog.as_str())
+                        .to_string();
+                    damaged.push(format!("{object}: {e:#}"));
+                    continue;
+                }
+            };
+            let placement = plan.placement();
             let mut sealer = ripcord_seal::Sealer::new();
             let mut out = Vec::new();
             for loc in plan.batches() {
-                let ok = match store.fetch_batch(&loc).await {
+                let checked = match store.fetch_batch(&loc).await {
                     Ok(b) => failover::open_batch(
                         &mut sealer,
                         &key,
@@ -377,14 +393,20 @@ async fn authenticate_all(
                         &loc.pack,
                         &mut out,
                     )
-                    .is_ok(),
-                    Err(_) => false,
+                    .map(|()| b),
+                    Err(e) => Err(e.into()),
                 };
-                if !ok {
-                    damaged.push(format!(
-                        "{} (batch {} of epoch {})",
+                match checked {
+                    Ok(b) => {
+                        if let Err(e) = placement.check(loc.seq, &b.extents) {
+                            let object = e.object().unwrap_or(catalog.as_str()).to_string();
+                            damaged.push(format!("{object}: {e}"));
+                        }
+                    }
+                    Err(e) => damaged.push(format!(
+                        "{} (batch {} of epoch {}): {e:#}",
                         loc.pack, loc.seq, loc.epoch
-                    ));
+                    )),
                 }
             }
         }

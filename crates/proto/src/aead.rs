@@ -120,6 +120,43 @@ pub fn batch_aad(
     out
 }
 
+/// Domain separation tag at the start of every cut message ([`cut_aad`]).
+pub const CUT_DOMAIN: &[u8; 16] = b"ripcord/cut/v1\0\0";
+
+/// The canonical bytes a [`Cut`](crate::wire::Cut)'s MAC covers: [`CUT_DOMAIN`], then
+/// disk_id (16), epoch, cut id, seq, time_ns, mono_ns (u64 LE each), kind (u8). Every
+/// field is fixed-size, so the encoding is injective. The agent MACs these bytes with a
+/// key derived from the disk's data key (`ripcord_seal::point_mac`); failover checks them
+/// with the key unwrapped from the passphrase, so a recovery point cannot be moved to
+/// another sequence, time or kind by anyone without the data key. The machine is bound
+/// through the key itself (one data key per machine, disk and epoch, wrapped under
+/// [`key_context`]).
+pub fn cut_aad(
+    disk_id: &DiskId,
+    epoch: u64,
+    cut_id: u64,
+    seq: u64,
+    time_ns: u64,
+    mono_ns: u64,
+    kind: crate::wire::CutKind,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 16 + 5 * 8 + 1);
+    out.extend_from_slice(CUT_DOMAIN);
+    out.extend_from_slice(&disk_id.0);
+    for v in [epoch, cut_id, seq, time_ns, mono_ns] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.push(kind as u8);
+    out
+}
+
+/// The canonical bytes [`cut_aad`] of a wire [`Cut`](crate::wire::Cut).
+pub fn cut_message(c: &crate::wire::Cut) -> Vec<u8> {
+    cut_aad(
+        &c.disk_id, c.epoch, c.id, c.seq, c.time_ns, c.mono_ns, c.kind,
+    )
+}
+
 /// Deterministic 96-bit nonce for the batch starting at `first_seq` in
 /// `epoch` (layout and uniqueness rules in the module docs).
 pub fn nonce(epoch: u64, first_seq: u64) -> Result<[u8; NONCE_LEN], NonceError> {
@@ -158,6 +195,31 @@ mod tests {
         assert_ne!(aad("a", &d, 1, 1, 1), aad("a\0", &d, 1, 1, 1));
         assert_ne!(aad("m", &d, 1, 1, 2), aad("m", &d, 1, 2, 2));
         assert_ne!(aad("m", &d, 1, 1, 2), aad("m", &DiskId([1; 16]), 1, 1, 2));
+    }
+
+    #[test]
+    fn cut_aad_layout_is_exact_and_covers_every_field() {
+        let d = DiskId([7; 16]);
+        let a = cut_aad(&d, 1, 2, 3, 4, 5, crate::wire::CutKind::App);
+        let mut want = b"ripcord/cut/v1\0\0".to_vec();
+        want.extend_from_slice(&[7; 16]);
+        for v in [1u64, 2, 3, 4, 5] {
+            want.extend_from_slice(&v.to_le_bytes());
+        }
+        want.push(1);
+        assert_eq!(a, want);
+        let crash = crate::wire::CutKind::Crash;
+        let base = cut_aad(&d, 1, 2, 3, 4, 5, crash);
+        for other in [
+            cut_aad(&DiskId([8; 16]), 1, 2, 3, 4, 5, crash),
+            cut_aad(&d, 9, 2, 3, 4, 5, crash),
+            cut_aad(&d, 1, 9, 3, 4, 5, crash),
+            cut_aad(&d, 1, 2, 9, 4, 5, crash),
+            cut_aad(&d, 1, 2, 3, 9, 5, crash),
+            cut_aad(&d, 1, 2, 3, 4, 9, crash),
+        ] {
+            assert_ne!(base, other);
+        }
     }
 
     #[test]

@@ -116,17 +116,19 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<u64>(),
             any::<bool>(),
             any::<u64>(),
-            any::<u64>()
+            any::<u64>(),
+            any::<[u8; 32]>()
         )
             .prop_map(
-                |(disk_id, epoch, seq, time_ns, app, id, mono_ns)| Message::Cut(Cut {
+                |(disk_id, epoch, seq, time_ns, app, id, mono_ns, mac)| Message::Cut(Cut {
                     disk_id,
                     epoch,
                     seq,
                     time_ns,
                     mono_ns,
                     kind: if app { CutKind::App } else { CutKind::Crash },
-                    id
+                    id,
+                    mac
                 })
             ),
         (arb_disk(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
@@ -295,7 +297,7 @@ fn golden_ping_and_ack_bytes() {
     .unwrap();
     assert_eq!(
         ping,
-        [b'R', b'C', 1, 0, 8, 0, 0, 0, 9, 0, 8, 7, 6, 5, 4, 3, 2, 1]
+        [b'R', b'C', 2, 0, 8, 0, 0, 0, 9, 0, 8, 7, 6, 5, 4, 3, 2, 1]
     );
     let ack = Message::Ack(Ack {
         disk_id: DiskId([0xAA; 16]),
@@ -305,7 +307,7 @@ fn golden_ping_and_ack_bytes() {
     })
     .to_frame()
     .unwrap();
-    let mut want = vec![b'R', b'C', 1, 0, 40, 0, 0, 0, 7, 0];
+    let mut want = vec![b'R', b'C', 2, 0, 40, 0, 0, 0, 7, 0];
     want.extend_from_slice(&[0xAA; 16]);
     for v in [2u64, 3, 4] {
         want.extend_from_slice(&v.to_le_bytes());
@@ -490,6 +492,17 @@ fn err_invalid_enums() {
         Err(DecodeError::InvalidEnum {
             field: "cut.kind",
             value: 2
+        })
+    );
+    // A wire-version-1 cut body (no MAC) framed as version 2 is refused, not padded.
+    let mut v1_cut = vec![0u8; 16 + 32];
+    v1_cut.push(0);
+    v1_cut.extend_from_slice(&1u64.to_le_bytes());
+    assert_eq!(
+        decode_frame(&frame(6, &v1_cut)),
+        Err(DecodeError::TruncatedBody {
+            msg_type: MessageType::Cut,
+            field: "cut.mac"
         })
     );
     let mut err = 99u16.to_le_bytes().to_vec();

@@ -90,6 +90,7 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
                 time_ns: 1_700_000_000_000_000_000,
                 kind: CutKind::App,
                 id: 5,
+                mac: *b"corpus-cut-mac-0123456789abcdef!",
             }),
         ),
         (

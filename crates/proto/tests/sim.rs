@@ -433,7 +433,7 @@ impl Sim {
                 };
                 let cut = self
                     .sender
-                    .push_cut(kind, self.t * 1_000_000, self.t)
+                    .push_cut(kind, self.t * 1_000_000, self.t, |_| [0; 32])
                     .expect("cut");
                 self.pushed.push(Rec::Cut {
                     id: cut.id,

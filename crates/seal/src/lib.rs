@@ -7,6 +7,8 @@
 //! [`DataKey`] from its escrow envelope ([`WrappedKey`], Argon2id over the
 //! deployment passphrase) with [`unwrap_key`] and opens batches with
 //! [`open()`], which authenticates first and decompresses under a hard bound.
+//! Recovery points are authenticated with [`point_mac`] under a key derived from the same
+//! data key, and checked with [`check_point_mac`].
 //!
 //! ```
 //! use ripcord_seal::{DataKey, KdfParams, Flags, open, seal, unwrap_key, wrap_key, WrappedKey};
@@ -32,7 +34,9 @@
 mod crc32;
 pub mod escrow;
 pub mod keys;
+pub mod point_mac;
 pub mod seal;
 
 pub use keys::{DataKey, KdfParams, KeyError, WrappedKey, unwrap_key, wrap_key};
+pub use point_mac::{POINT_MAC_LEN, PointMacMismatch, check_point_mac, point_mac};
 pub use seal::{Flags, SealError, Sealed, Sealer, open, seal, seal_encoded};

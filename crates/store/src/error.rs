@@ -274,6 +274,44 @@ pub enum Error {
         /// Index object that should hold it.
         object: String,
     },
+    /// An index object places a batch's bytes (or zeros) other than the batch's
+    /// authenticated extent list says: someone who can write the store altered it, or
+    /// it is damaged. Nothing of the point may be used.
+    #[error(
+        "`{object}` places batch {seq} of epoch {epoch} other than the batch's authenticated \
+         extent list does, at sector {sector}: {problem}; the index was altered by someone who \
+         can write the store, or is damaged: do not use this point, run verify"
+    )]
+    Placement {
+        /// Index object (segment or checkpoint) that placed the batch.
+        object: String,
+        /// Epoch.
+        epoch: u64,
+        /// The batch.
+        seq: u64,
+        /// First sector where plan and authenticated extents disagree.
+        sector: u64,
+        /// How they disagree.
+        problem: PlacementProblem,
+    },
+}
+
+/// How a plan disagrees with a batch's authenticated extent list
+/// ([`Error::Placement`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementProblem {
+    /// The plan takes bytes (or zeros) from the batch at a sector, kind or plaintext
+    /// offset the batch's extents do not have.
+    #[error(
+        "the plan takes it from where the batch did not write it (moved, re-kinded or shifted)"
+    )]
+    NotWritten,
+    /// A sector the batch wrote shows an older batch's content.
+    #[error("the batch's write is hidden behind an older batch's content")]
+    HiddenByOlder,
+    /// A sector the batch wrote is left unplaced (a hole reads as zeros).
+    #[error("the batch's write is missing from the plan (the sector would read as zeros)")]
+    Unplaced,
 }
 
 impl Error {
@@ -293,7 +331,8 @@ impl Error {
             | Error::EscrowConflict { object }
             | Error::EpochConflict { object, .. }
             | Error::UnknownEpoch { object, .. }
-            | Error::MissingBatch { object, .. } => Some(object),
+            | Error::MissingBatch { object, .. }
+            | Error::Placement { object, .. } => Some(object),
             _ => None,
         }
     }

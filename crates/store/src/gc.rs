@@ -46,7 +46,7 @@
 //! [`crate::Error::NotFound`] for an index object and should retry.
 
 use crate::error::{Error, Result};
-use crate::format::{self, Checkpoint, DirEntry, RunTarget, Segment};
+use crate::format::{self, Checkpoint, DirEntry, Segment};
 use crate::resolve::ExtentMap;
 use crate::store::{Listed, Store};
 use crate::types::{BatchLocation, CutInfo, DiskId};
@@ -408,18 +408,11 @@ impl Store {
             let mut keep = ck.clone();
             if ck.locations.iter().any(|l| gone(&l.pack)) {
                 keep.generation += 1;
-                keep.runs.retain(|(_, _, t)| match t {
-                    RunTarget::Data { seq, .. } => needed.contains(seq),
-                    _ => true,
-                });
-                let refs: HashSet<u64> = keep
-                    .runs
-                    .iter()
-                    .filter_map(|(_, _, t)| match t {
-                        RunTarget::Data { seq, .. } => Some(*seq),
-                        _ => None,
-                    })
-                    .collect();
+                // Zero and discard runs name their batch like data runs do (its
+                // authenticated extents are what makes them trustworthy), so they go
+                // and stay with it.
+                keep.runs.retain(|(_, _, t)| needed.contains(&t.seq()));
+                let refs: HashSet<u64> = keep.runs.iter().map(|(_, _, t)| t.seq()).collect();
                 keep.locations = ck
                     .locations
                     .iter()

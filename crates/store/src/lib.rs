@@ -23,8 +23,8 @@
 //! | `disks/<disk>/epochs/<E>.json` | [`EpochInfo`] as JSON + CRC32C of its `info` | writer, before any pack of `E` | GC (whole epoch, last) |
 //! | `disks/<disk>/packs/<E>-<first_seq>-<rand64hex>.pack` | header, batch records back to back, footer directory (binary, below) | writer; GC rewrites | GC after grace |
 //! | `disks/<disk>/index/<E>-<last>-<first>-<gen:08>.idx` | index segment: every batch of `first..=last` with pack name, offset, length, CRC, flags, extents | writer (gen 0) after its packs; GC (gen+1) | GC |
-//! | `disks/<disk>/checkpoints/<E>-<seq>-<gen:08>.ckpt` | extent map of `E` as of `seq`: sector runs -> (batch location, plaintext offset) or zero/discard | writer every N batches; GC (gen+1) | GC |
-//! | `disks/<disk>/catalog/<E>-<cut_id>.cut` | one committed recovery point ([`CutInfo`]) | writer, after the cut's batches are indexed | GC (retention) |
+//! | `disks/<disk>/checkpoints/<E>-<seq>-<gen:08>.ckpt` | extent map of `E` as of `seq`: sector runs -> (batch, plaintext offset) or zero/discard (of a batch), batch locations | writer every N batches; GC (gen+1) | GC |
+//! | `disks/<disk>/catalog/<E>-<cut_id>.cut` | one committed recovery point ([`CutInfo`], with the agent's MAC) | writer, after the cut's batches are indexed | GC (retention) |
 //! | `disks/<disk>/gc/<time_ns>-<rand>.doomed` | packs found unreferenced and when first seen | GC | GC |
 //!
 //! ### Binary encodings (little-endian)
@@ -53,6 +53,15 @@
 //! those segments, and applies the entries in `(C, S]`: cost is bounded by
 //! the checkpoint interval, not by history.
 //!
+//! ## Trust
+//!
+//! Only sealed batches are authenticated (their extent list is part of their AEAD
+//! additional data); every metadata object carries just a CRC, which someone who can write
+//! the bucket can recompute. So a [`Plan`] is a hint: readers that hold the data key check
+//! it batch by batch against the authenticated extent lists ([`Placement::check`]), and
+//! check a point's MAC ([`CutInfo::mac`]) before using it. The store itself holds no key and
+//! checks neither (decision 0012).
+//!
 //! ## Writing, retention, verification
 //!
 //! See [`writer`] for the commit protocol and crash behaviour, [`gc`] for the
@@ -65,6 +74,7 @@ mod error;
 pub mod format;
 pub mod gc;
 pub mod local;
+mod placement;
 mod resolve;
 mod store;
 #[cfg(feature = "testing")]
@@ -73,12 +83,13 @@ mod types;
 mod verify;
 pub mod writer;
 
-pub use error::{Corruption, Error, Result};
+pub use error::{Corruption, Error, PlacementProblem, Result};
 pub use gc::{GcConfig, GcReport};
+pub use placement::Placement;
 pub use store::{ESCROW_OBJECT, Store};
 pub use types::{
-    BatchLocation, Committed, CutInfo, CutKind, DiskId, EpochInfo, Extent, ExtentKind, Plan,
-    RecoveryPoint, Run, RunSource, SECTOR_BYTES, SealedBatch,
+    BatchLocation, Committed, CutInfo, CutKind, DiskId, EpochInfo, Extent, ExtentKind,
+    POINT_MAC_LEN, Plan, RecoveryPoint, Run, RunSource, SECTOR_BYTES, SealedBatch,
 };
 pub use verify::{Damage, VerifyReport};
 pub use writer::{DiskWriter, WriterConfig};

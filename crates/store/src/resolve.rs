@@ -4,8 +4,7 @@ use crate::error::{Corruption, Error, Result};
 use crate::format::{self, Checkpoint, CkptName, IndexEntry, RunTarget, SegName, Segment, named};
 use crate::store::{FETCH_CONCURRENCY, Store};
 use crate::types::{
-    BatchLocation, DiskId, ExtentKind, Plan, RecoveryPoint, Run, RunSource, SECTOR_BYTES,
-    SealedBatch,
+    BatchLocation, DiskId, Extent, ExtentKind, Plan, RecoveryPoint, Run, SECTOR_BYTES, SealedBatch,
 };
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -59,41 +58,64 @@ impl ExtentMap {
         self.m.insert(start, (end, t));
     }
 
-    /// Applies one batch's extents in order.
+    /// Applies one index entry's extents in order.
     pub fn apply(&mut self, e: &IndexEntry) {
+        self.apply_extents(e.loc.seq, &e.extents);
+    }
+
+    /// Applies batch `seq`'s extents in order (later extents win where they overlap).
+    pub fn apply_extents(&mut self, seq: u64, extents: &[Extent]) {
         let mut off = 0u64;
-        for x in &e.extents {
+        for x in extents {
             let start = x.sector;
-            let end = x.sector + u64::from(x.sectors);
+            let end = x.sector.saturating_add(u64::from(x.sectors));
             let t = match x.kind {
                 ExtentKind::Data => {
-                    let t = RunTarget::Data {
-                        seq: e.loc.seq,
-                        offset: off,
-                    };
+                    let t = RunTarget::Data { seq, offset: off };
                     off += u64::from(x.sectors) * SECTOR_BYTES;
                     t
                 }
-                ExtentKind::Zero => RunTarget::Zero,
-                ExtentKind::Discard => RunTarget::Discard,
+                ExtentKind::Zero => RunTarget::Zero { seq },
+                ExtentKind::Discard => RunTarget::Discard { seq },
             };
             self.insert(start, end, t);
         }
+    }
+
+    /// True when `[start, end)` is entirely mapped, contiguously, to `want` advanced
+    /// sector by sector (the map may split the range into several entries).
+    pub fn covers(&self, start: u64, end: u64, want: RunTarget) -> bool {
+        let mut at = start;
+        while at < end {
+            let Some((&s, &(e, t))) = self.m.range(..=at).next_back() else {
+                return false;
+            };
+            if e <= at || advance(t, at - s) != advance(want, at - start) {
+                return false;
+            }
+            at = e;
+        }
+        true
     }
 
     pub fn runs(&self) -> impl Iterator<Item = (u64, u64, RunTarget)> + '_ {
         self.m.iter().map(|(&s, &(e, t))| (s, e - s, t))
     }
 
+    /// Every batch a run comes from (of any kind: zero and discard runs are checked
+    /// against their batch's authenticated extents too, so their batches are kept).
     pub fn referenced(&self) -> BTreeSet<u64> {
-        self.m
-            .values()
-            .filter_map(|(_, t)| match t {
-                RunTarget::Data { seq, .. } => Some(*seq),
-                _ => None,
-            })
-            .collect()
+        self.m.values().map(|(_, t)| t.seq()).collect()
     }
+}
+
+/// What [`Store::load_map`] read: the extent map, the location of every batch it
+/// references, and the index object (checkpoint or segment) that placed each of them.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    pub map: ExtentMap,
+    pub locs: HashMap<u64, BatchLocation>,
+    pub placed_by: BTreeMap<u64, String>,
 }
 
 /// Index objects of one epoch, newest generation only unless stated.
@@ -225,14 +247,9 @@ impl Store {
     }
 
     /// Extent map of `epoch` as of `seq`: the newest checkpoint at or before
-    /// `seq` plus the segments after it. Returns the map and the locations of
-    /// every batch it references.
-    pub(crate) async fn load_map(
-        &self,
-        disk: &DiskId,
-        epoch: u64,
-        seq: u64,
-    ) -> Result<(ExtentMap, HashMap<u64, BatchLocation>)> {
+    /// `seq` plus the segments after it, with the location of every batch it
+    /// references and the index object that placed it.
+    pub(crate) async fn load_map(&self, disk: &DiskId, epoch: u64, seq: u64) -> Result<Loaded> {
         let ck_list = self.epoch_index_parts(disk, epoch, true, None).await?;
         let base = ck_list
             .checkpoints
@@ -270,19 +287,24 @@ impl Store {
             Some(c) => {
                 let ck = self.read_checkpoint(disk, c).await?;
                 let map = ExtentMap::from_checkpoint(&ck);
-                let locs = ck.locations.into_iter().map(|l| (l.seq, l)).collect();
+                let locs: HashMap<u64, (BatchLocation, &str)> = ck
+                    .locations
+                    .into_iter()
+                    .map(|l| (l.seq, (l, c.name.as_str())))
+                    .collect();
                 (map, locs)
             }
             None => (ExtentMap::default(), HashMap::new()),
         };
-        for seg in self.read_segments(disk, &segs).await? {
+        let read = self.read_segments(disk, &segs).await?;
+        for (seg, name) in read.iter().zip(&segs) {
             for e in seg
                 .entries
                 .iter()
                 .filter(|e| e.loc.seq > base_seq && e.loc.seq <= seq)
             {
                 map.apply(e);
-                locs.insert(e.loc.seq, e.loc.clone());
+                locs.insert(e.loc.seq, (e.loc.clone(), name.name.as_str()));
             }
         }
         let refs = map.referenced();
@@ -292,10 +314,24 @@ impl Store {
                 disk: disk.to_string(),
                 epoch,
                 seq: *missing,
-                object: base.map_or_else(|| index_dir(disk), |c| c.name),
+                object: base
+                    .as_ref()
+                    .map_or_else(|| index_dir(disk), |c| c.name.clone()),
             });
         }
-        Ok((map, locs))
+        let mut placed_by = BTreeMap::new();
+        let locs = locs
+            .into_iter()
+            .map(|(s, (l, by))| {
+                placed_by.insert(s, by.to_string());
+                (s, l)
+            })
+            .collect();
+        Ok(Loaded {
+            map,
+            locs,
+            placed_by,
+        })
     }
 
     /// Resolves a recovery point to a [`Plan`]: reads the epoch object, the
@@ -316,18 +352,18 @@ impl Store {
     /// batches of their own (`ripcord-ps replay` adds the journal's). A `seq` above
     /// [`Store::durable_seq`] is [`Error::NotDurable`].
     pub async fn resolve_seq(&self, disk: &DiskId, epoch: u64, seq: u64) -> Result<Plan> {
-        let (map, locs) = self.load_map(disk, epoch, seq).await?;
+        let Loaded {
+            map,
+            locs,
+            placed_by,
+        } = self.load_map(disk, epoch, seq).await?;
         let epoch = self.epoch_info(disk, epoch).await?;
         let runs = map
             .runs()
             .map(|(s, l, t)| Run {
                 sector: s,
                 sectors: l,
-                source: match t {
-                    RunTarget::Zero => RunSource::Zero,
-                    RunTarget::Discard => RunSource::Discard,
-                    RunTarget::Data { seq, offset } => RunSource::Data { seq, offset },
-                },
+                source: t.into(),
             })
             .collect();
         Ok(Plan {
@@ -335,6 +371,7 @@ impl Store {
             epoch,
             runs,
             locations: locs.into_iter().collect(),
+            placed_by,
         })
     }
 

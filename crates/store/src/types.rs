@@ -40,7 +40,14 @@ pub struct CutInfo {
     pub mono_ns: u64,
     /// Crash- or application-consistent.
     pub kind: CutKind,
+    /// The agent's MAC over the fields above, under a key derived from the disk's data
+    /// key (`ripcord_seal::point_mac` over `ripcord_proto::aead::cut_aad`). Opaque to the
+    /// store, which cannot forge it; failover checks it before using the point.
+    pub mac: [u8; POINT_MAC_LEN],
 }
+
+/// Length of [`CutInfo::mac`].
+pub const POINT_MAC_LEN: usize = 32;
 
 /// Description of one epoch (a full resync) of a disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +81,9 @@ pub struct RecoveryPoint {
     pub mono_ns: u64,
     /// Crash- or application-consistent.
     pub kind: CutKind,
+    /// The agent's MAC over the point ([`CutInfo::mac`]): check it with the disk's data
+    /// key before trusting any field above.
+    pub mac: [u8; POINT_MAC_LEN],
 }
 
 impl RecoveryPoint {
@@ -86,6 +96,7 @@ impl RecoveryPoint {
             time_ns: c.time_ns,
             mono_ns: c.mono_ns,
             kind: c.kind,
+            mac: c.mac,
         }
     }
 }
@@ -107,13 +118,22 @@ pub struct BatchLocation {
     pub checksum: u32,
 }
 
-/// Where the bytes of a [`Run`] come from.
+/// Where the bytes of a [`Run`] come from. Every source names the batch whose extent
+/// put it there, so a reader can check it against that batch's authenticated extent
+/// list ([`Plan::check_placement`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RunSource {
-    /// The range reads as zeros.
-    Zero,
-    /// The range was discarded (reads as zeros on a fresh target; may be trimmed).
-    Discard,
+    /// The range reads as zeros (a Zero extent of batch `seq`).
+    Zero {
+        /// Sequence number of the batch (key into [`Plan::locations`]).
+        seq: u64,
+    },
+    /// The range was discarded (a Discard extent of batch `seq`; reads as zeros on a
+    /// fresh target; may be trimmed).
+    Discard {
+        /// Sequence number of the batch (key into [`Plan::locations`]).
+        seq: u64,
+    },
     /// The range is in batch `seq` (see [`Plan::locations`]) at byte `offset`
     /// of its plaintext (the concatenated Data extents).
     Data {
@@ -122,6 +142,17 @@ pub enum RunSource {
         /// Byte offset inside the batch plaintext.
         offset: u64,
     },
+}
+
+impl RunSource {
+    /// The batch the run comes from.
+    pub fn seq(&self) -> u64 {
+        match *self {
+            RunSource::Zero { seq } | RunSource::Discard { seq } | RunSource::Data { seq, .. } => {
+                seq
+            }
+        }
+    }
 }
 
 /// A sector range of the recovered disk and its source.
@@ -137,6 +168,12 @@ pub struct Run {
 
 /// A resolved recovery point: which bytes to copy from where.
 ///
+/// The runs are derived from index segments and checkpoints, which only carry CRCs:
+/// someone who can write the bucket can change them. They are hints until checked:
+/// before placing any byte of batch `seq`, a reader authenticates the batch (its
+/// extent list is part of its AEAD additional data) and calls
+/// [`Plan::check_placement`] with that authenticated list.
+///
 /// Ranges not covered by any run were never written in this epoch (a full
 /// resync writes every sector, so they only appear for points taken before the
 /// initial sync finished); treat them as zeros.
@@ -148,8 +185,11 @@ pub struct Plan {
     pub size_bytes: u64,
     /// Non-overlapping runs sorted by sector.
     pub runs: Vec<Run>,
-    /// Location of every batch referenced by a [`RunSource::Data`] run, by seq.
+    /// Location of every batch referenced by a run (of any kind), by seq.
     pub locations: BTreeMap<u64, BatchLocation>,
+    /// The index object (segment or checkpoint) whose metadata placed each batch of
+    /// [`Plan::locations`], by seq: the object a placement mismatch names.
+    pub placed_by: BTreeMap<u64, String>,
 }
 
 impl Plan {
@@ -166,6 +206,11 @@ impl Plan {
         self.runs
             .iter()
             .filter(move |r| matches!(r.source, RunSource::Data { seq: s, .. } if s == seq))
+    }
+
+    /// Runs of every kind that batch `seq` placed, in sector order.
+    pub fn runs_placed_by(&self, seq: u64) -> impl Iterator<Item = &Run> {
+        self.runs.iter().filter(move |r| r.source.seq() == seq)
     }
 
     /// Total bytes that must be copied out of batches.

@@ -383,7 +383,8 @@ impl DiskWriter {
 
     async fn write_checkpoint(&mut self, epoch: u64) -> Result<()> {
         let seq = self.durable;
-        let (map, locs) = self.store.load_map(&self.disk, epoch, seq).await?;
+        let crate::resolve::Loaded { map, locs, .. } =
+            self.store.load_map(&self.disk, epoch, seq).await?;
         let mut locations: Vec<BatchLocation> = locs.into_values().collect();
         locations.sort_by_key(|l| l.seq);
         let ck = Checkpoint {

@@ -429,6 +429,7 @@ async fn write_store_image(
     if end < report.size_bytes {
         out.zero(end, report.size_bytes - end)?;
     }
+    let placement = plan.placement();
     for loc in plan.batches() {
         let b = store.fetch_batch(&loc).await?;
         let plain = opener.open(
@@ -439,7 +440,9 @@ async fn write_store_image(
             &b.sealed,
             &format!("store object {}", loc.pack),
         )?;
-        for r in plan.runs_for(loc.seq) {
+        // The extents just authenticated are the only placement trusted (decision 0012).
+        placement.check(loc.seq, &b.extents)?;
+        for r in placement.runs_of(loc.seq) {
             let RunSource::Data { offset, .. } = r.source else {
                 continue;
             };

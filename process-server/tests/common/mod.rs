@@ -203,7 +203,7 @@ impl Fixture {
     /// Journals a crash-consistent cut at the last batch written; returns its id.
     pub fn cut(&mut self) -> u64 {
         let id = self.next_cut;
-        let c = Cut {
+        let mut c = Cut {
             disk_id: DISK,
             epoch: self.epoch,
             seq: self.next_seq - 1,
@@ -211,7 +211,9 @@ impl Fixture {
             mono_ns: id,
             kind: CutKind::Crash,
             id,
+            mac: [0; 32],
         };
+        c.mac = ripcord_seal::point_mac(&self.key, &aead::cut_message(&c));
         self.apply(Message::Cut(c));
         self.next_cut += 1;
         id

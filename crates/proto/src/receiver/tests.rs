@@ -26,6 +26,7 @@ fn cut(seq: u64, id: u64) -> Cut {
         time_ns: 0,
         kind: CutKind::Crash,
         id,
+        mac: [0; 32],
     }
 }
 

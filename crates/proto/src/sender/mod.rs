@@ -29,7 +29,7 @@
 //! *below* the bound, so a single batch larger than the bound cannot deadlock.
 //! Batch bytes are counted as encoded frame length.
 
-use crate::wire::{Ack, Batch, Cut, CutKind, DiskId};
+use crate::wire::{Ack, Batch, CUT_MAC_LEN, Cut, CutKind, DiskId};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -243,24 +243,30 @@ impl Sender {
 
     /// Queues a consistency point at the current stream position (after the
     /// last pushed batch) and returns it. Cut ids are assigned consecutively
-    /// from 1 so the receiver can detect a missing cut.
+    /// from 1 so the receiver can detect a missing cut. `authenticate` gives the cut's
+    /// MAC ([`Cut::mac`]) over the finished cut (every field but the MAC); this crate
+    /// holds no key, so the driver computes it (`ripcord_seal::point_mac` over
+    /// [`crate::aead::cut_message`]).
     pub fn push_cut(
         &mut self,
         kind: CutKind,
         time_ns: u64,
         mono_ns: u64,
+        authenticate: impl FnOnce(&Cut) -> [u8; CUT_MAC_LEN],
     ) -> Result<Cut, PushError> {
-        self.push_cut_at(kind, time_ns, mono_ns, self.last_pushed_seq)
+        self.push_cut_at(kind, time_ns, mono_ns, self.last_pushed_seq, authenticate)
     }
 
     /// Queues a consistency point after batch `seq`, which may be behind the last pushed
-    /// batch (a cut decided late) but not behind the previous cut.
+    /// batch (a cut decided late) but not behind the previous cut; `authenticate` as in
+    /// [`Sender::push_cut`].
     pub fn push_cut_at(
         &mut self,
         kind: CutKind,
         time_ns: u64,
         mono_ns: u64,
         seq: u64,
+        authenticate: impl FnOnce(&Cut) -> [u8; CUT_MAC_LEN],
     ) -> Result<Cut, PushError> {
         let id = self.last_cut_id + 1;
         if self.cuts.len() >= MAX_PENDING_CUTS {
@@ -273,7 +279,7 @@ impl Sender {
                 previous: self.last_cut_seq,
             });
         }
-        let cut = Cut {
+        let mut cut = Cut {
             disk_id: self.disk_id,
             epoch: self.epoch,
             seq,
@@ -281,7 +287,9 @@ impl Sender {
             mono_ns,
             kind,
             id,
+            mac: [0; CUT_MAC_LEN],
         };
+        cut.mac = authenticate(&cut);
         self.last_cut_id = id;
         self.last_cut_seq = seq;
         self.cuts.push_back(cut.clone());

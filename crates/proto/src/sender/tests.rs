@@ -35,6 +35,33 @@ fn drain(s: &mut Sender, now: Instant) -> Vec<Message> {
     out
 }
 
+/// A cut authenticator for tests that do not check MACs.
+fn no_mac(_: &Cut) -> [u8; CUT_MAC_LEN] {
+    [0; CUT_MAC_LEN]
+}
+
+#[test]
+fn a_cut_carries_the_mac_its_authenticator_computed_over_the_finished_cut() {
+    let mut s = Sender::new(D, 1, SenderConfig::default());
+    s.push(batch(1, 1, 1)).unwrap();
+    let c = s
+        .push_cut(CutKind::App, 5, 6, |c| {
+            assert_eq!(
+                (c.id, c.seq, c.epoch, c.time_ns, c.mono_ns),
+                (1, 1, 1, 5, 6)
+            );
+            [c.id as u8; CUT_MAC_LEN]
+        })
+        .unwrap();
+    assert_eq!(c.mac, [1; CUT_MAC_LEN]);
+    s.handle_connected(Instant::now(), 1).unwrap();
+    let sent = drain(&mut s, Instant::now());
+    assert!(
+        sent.contains(&Message::Cut(c)),
+        "the queued cut is sent with its MAC"
+    );
+}
+
 fn seqs(ms: &[Message]) -> Vec<(u64, u64)> {
     ms.iter()
         .map(|m| match m {
@@ -114,14 +141,14 @@ fn push_rejects_bad_sequences() {
     let mut other = batch(1, 1, 0);
     other.epoch = 2;
     assert!(matches!(s.push(other), Err(PushError::WrongStream { .. })));
-    assert_eq!(s.push_cut(CutKind::Crash, 0, 0).unwrap().id, 1);
+    assert_eq!(s.push_cut(CutKind::Crash, 0, 0, no_mac).unwrap().id, 1);
     // A late cut may sit behind the last pushed batch, not ahead of it nor behind
     // the previous cut.
     assert!(matches!(
-        s.push_cut_at(CutKind::Crash, 0, 0, s.last_pushed_seq + 1),
+        s.push_cut_at(CutKind::Crash, 0, 0, s.last_pushed_seq + 1, no_mac),
         Err(PushError::CutPosition { .. })
     ));
-    assert_eq!(s.push_cut(CutKind::App, 0, 0).unwrap().id, 2);
+    assert_eq!(s.push_cut(CutKind::App, 0, 0, no_mac).unwrap().id, 2);
 }
 
 #[test]
@@ -130,7 +157,7 @@ fn reconnect_resends_after_server_durable_position() {
     let mut s = Sender::new(D, 1, SenderConfig::default());
     s.handle_connected(now, 1).unwrap();
     s.push(batch(1, 2, 1)).unwrap();
-    s.push_cut(CutKind::App, 7, 7).unwrap();
+    s.push_cut(CutKind::App, 7, 7, no_mac).unwrap();
     s.push(batch(3, 3, 1)).unwrap();
     s.push(batch(4, 6, 1)).unwrap();
     assert_eq!(

@@ -164,6 +164,7 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
                 value: kind_raw.into(),
             })?;
             let id = r.u64("cut.id")?;
+            let mac = r.array("cut.mac")?;
             Message::Cut(Cut {
                 disk_id,
                 epoch,
@@ -172,6 +173,7 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
                 mono_ns,
                 kind,
                 id,
+                mac,
             })
         }
         MessageType::Ack => Message::Ack(Ack {

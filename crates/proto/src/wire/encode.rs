@@ -192,6 +192,7 @@ impl Message {
                 put_u64(out, m.mono_ns);
                 out.push(m.kind as u8);
                 put_u64(out, m.id);
+                out.extend_from_slice(&m.mac);
             }
             Self::Ack(m) => {
                 out.extend_from_slice(&m.disk_id.0);

@@ -41,7 +41,7 @@
 //! | 0x0003 | [`ProtectDisk`]  | disk_id `[u8; 16]`, size_bytes u64, sector_size u32 (power of two, 512..=65536), epoch u64, wrapped_key u16-len bytes (`<=` [`MAX_WRAPPED_KEY_LEN`]) |
 //! | 0x0004 | [`DiskAccepted`] | disk_id `[u8; 16]`, epoch u64, resume_from_seq u64                                                              |
 //! | 0x0005 | [`Batch`]        | disk_id `[u8; 16]`, epoch u64, first_seq u64, last_seq u64, flags u32, extent_count u32 (`<=` [`MAX_EXTENTS_PER_BATCH`]), extent_count x { sector u64, sectors u32, kind u8 }, payload_len u32 (`<=` [`MAX_PAYLOAD_LEN`]), payload bytes |
-//! | 0x0006 | [`Cut`]          | disk_id `[u8; 16]`, epoch u64, seq u64, time_ns u64, mono_ns u64, kind u8, id u64                               |
+//! | 0x0006 | [`Cut`]          | disk_id `[u8; 16]`, epoch u64, seq u64, time_ns u64, mono_ns u64, kind u8, id u64, mac `[u8; 32]` ([`CUT_MAC_LEN`]) |
 //! | 0x0007 | [`Ack`]          | disk_id `[u8; 16]`, epoch u64, durable_seq u64, durable_cut_id u64                                              |
 //! | 0x0008 | [`ErrorMessage`] | code u16, has_disk u8 (0 or 1), disk_id `[u8; 16]` (only if has_disk = 1), message str (`<=` [`MAX_ERROR_MESSAGE_LEN`]) |
 //! | 0x0009 | [`Ping`]         | nonce u64                                                                                                 |
@@ -80,7 +80,11 @@ pub use decode::{FrameDecoder, FrameHeader, decode_frame, decode_header};
 /// First two bytes of every frame.
 pub const MAGIC: [u8; 2] = *b"RC";
 /// Version of the framing and body layouts implemented by this crate.
-pub const WIRE_VERSION: u16 = 1;
+///
+/// History: 1 = first layout; 2 = [`Cut`] carries the agent's point MAC (issue 12,
+/// decision 0012). A peer of another version is refused at its first frame
+/// ([`DecodeError::UnsupportedWireVersion`]).
+pub const WIRE_VERSION: u16 = 2;
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 10;
 
@@ -103,6 +107,8 @@ pub const MIN_SECTOR_SIZE: u32 = 512;
 /// Largest accepted [`ProtectDisk::sector_size`].
 pub const MAX_SECTOR_SIZE: u32 = 65536;
 
+/// Length of [`Cut::mac`].
+pub const CUT_MAC_LEN: usize = 32;
 /// Encoded size of one [`Extent`].
 pub const EXTENT_LEN: usize = 8 + 4 + 1;
 const DISK_ID_LEN: usize = 16;
@@ -175,7 +181,7 @@ impl MessageType {
             Self::ProtectDisk => DISK_ID_LEN + 8 + 4 + 8 + 2 + MAX_WRAPPED_KEY_LEN,
             Self::DiskAccepted => DISK_ID_LEN + 8 + 8,
             Self::Batch => MAX_BODY_LEN,
-            Self::Cut => DISK_ID_LEN + 8 + 8 + 8 + 8 + 1 + 8,
+            Self::Cut => DISK_ID_LEN + 8 + 8 + 8 + 8 + 1 + 8 + CUT_MAC_LEN,
             Self::Ack => DISK_ID_LEN + 8 + 8 + 8,
             Self::Error => 2 + 1 + DISK_ID_LEN + 2 + MAX_ERROR_MESSAGE_LEN,
             Self::Ping | Self::Pong => 8,
@@ -311,6 +317,10 @@ pub struct Cut {
     pub kind: CutKind,
     /// Cut identifier: consecutive per (disk, epoch), starting at 1.
     pub id: u64,
+    /// The agent's MAC over every field above ([`crate::aead::cut_aad`]) under a key
+    /// derived from the disk's data key: failover checks it before using the point. The
+    /// process server and the store carry it verbatim and cannot forge it.
+    pub mac: [u8; CUT_MAC_LEN],
 }
 
 /// Cumulative acknowledgement: every batch `<= durable_seq` and every cut

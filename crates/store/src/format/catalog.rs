@@ -6,11 +6,16 @@
 //! ```text
 //! "RCCUT001" | version u32
 //! | disk[16] | epoch u64 | cut_id u64 | seq u64 | time_ns u64 | mono_ns u64 | kind u8
+//! | mac[32]
 //! | crc32c u32
 //! ```
 //!
 //! `kind` is `0` for a crash-consistent cut ([`CutKind::Crash`]) and `1`
-//! for an application-consistent one ([`CutKind::App`]).
+//! for an application-consistent one ([`CutKind::App`]). `mac` is the agent's
+//! MAC over the cut ([`CutInfo::mac`]), stored verbatim: the CRC only catches
+//! accidents, so someone who can write the bucket can rewrite every other
+//! field and the CRC, but not the MAC. Readers that hold the disk's data key
+//! check it before using the point (`ripcord failover`, `ripcord verify`).
 //!
 //! Invariants:
 //!
@@ -24,7 +29,7 @@
 
 use super::primitives::{frame, unframe};
 use crate::error::Corruption;
-use crate::types::{CutInfo, CutKind, DiskId};
+use crate::types::{CutInfo, CutKind, DiskId, POINT_MAC_LEN};
 
 const CUT_MAGIC: &[u8; 8] = b"RCCUT001";
 
@@ -41,6 +46,7 @@ pub fn encode_cut(disk: &DiskId, c: &CutInfo) -> Vec<u8> {
         CutKind::Crash => 0,
         CutKind::App => 1,
     });
+    e.bytes(&c.mac);
     e.crc();
     e.0
 }
@@ -62,6 +68,10 @@ pub fn decode_cut(buf: &[u8], disk: &DiskId, name: (u64, u64)) -> Result<CutInfo
             1 => CutKind::App,
             _ => return Err(Corruption::Invalid { what: "cut kind" }),
         },
+        mac: d
+            .take(POINT_MAC_LEN as u64, "point MAC")?
+            .try_into()
+            .expect("took exactly the MAC length"),
     };
     d.finish()?;
     if (c.epoch, c.cut_id) != name {

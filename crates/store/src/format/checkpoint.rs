@@ -15,22 +15,26 @@
 //! ```
 //!
 //! A run is a sector range and its [`RunTarget`]: kind `0` Data (batch
-//! `seq`, byte `offset` into its plaintext), `1` Zero, `2` Discard; Zero and
-//! Discard runs store `seq` and `offset` as 0. A location is where batch
-//! `seq` of this epoch is stored (`pack` is a position in the pack name
-//! table).
+//! `seq`, byte `offset` into its plaintext), `1` Zero, `2` Discard (both from
+//! a Zero/Discard extent of batch `seq`; `offset` is 0). Every run names its
+//! batch, so a reader can check it against that batch's authenticated extent
+//! list before placing anything ([`crate::Plan::check_placement`]); a
+//! checkpoint's runs are otherwise only CRC-protected hints. A location is
+//! where batch `seq` of this epoch is stored (`pack` is a position in the
+//! pack name table).
 //!
 //! Invariants, checked by [`decode_checkpoint`]:
 //!
 //! * the disk id is the reader's, and `(epoch, seq, generation)` equals the
 //!   object's name;
-//! * no location is of a batch after the checkpoint's `seq`; every pack
-//!   reference is within the table;
+//! * no location and no run is of a batch outside `1..=seq` of the checkpoint
+//!   (a location's or run's seq 0 or after the checkpoint is refused); every
+//!   pack reference is within the table;
 //! * runs are non-empty, sorted by start sector, non-overlapping, and do
 //!   not overflow `u64`;
 //! * at most `1 << 24` pack names, `1 << 26` locations and `1 << 28` runs.
 //!
-//! Not checked here: that every Data run's batch has a location (the writer
+//! Not checked here: that every run's batch has a location (the writer
 //! and GC keep exactly the locations their runs refer to; resolution
 //! refuses a point whose runs name a batch with no location,
 //! [`crate::Error::MissingBatch`]).
@@ -42,16 +46,23 @@ use crate::types::{BatchLocation, DiskId};
 
 const CKPT_MAGIC: &[u8; 8] = b"RCCKPT01";
 
-/// What a checkpoint run points at: zeros, a discard, or bytes of a batch.
+/// What a checkpoint run points at: zeros, a discard, or bytes of a batch,
+/// each from an extent of batch `seq`.
 ///
 /// The stored form of a run's source; [`crate::RunSource`] is the same
 /// thing as handed to integrators in a [`crate::Plan`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunTarget {
-    /// Zeros.
-    Zero,
-    /// Discarded.
-    Discard,
+    /// Zeros (a Zero extent of batch `seq`).
+    Zero {
+        /// Seq.
+        seq: u64,
+    },
+    /// Discarded (a Discard extent of batch `seq`).
+    Discard {
+        /// Seq.
+        seq: u64,
+    },
     /// Batch `seq` at plaintext `offset`.
     Data {
         /// Seq.
@@ -59,6 +70,37 @@ pub enum RunTarget {
         /// Offset in the batch plaintext.
         offset: u64,
     },
+}
+
+impl RunTarget {
+    /// The batch the run comes from.
+    pub fn seq(&self) -> u64 {
+        match *self {
+            RunTarget::Zero { seq } | RunTarget::Discard { seq } | RunTarget::Data { seq, .. } => {
+                seq
+            }
+        }
+    }
+}
+
+impl From<RunTarget> for crate::RunSource {
+    fn from(t: RunTarget) -> crate::RunSource {
+        match t {
+            RunTarget::Zero { seq } => crate::RunSource::Zero { seq },
+            RunTarget::Discard { seq } => crate::RunSource::Discard { seq },
+            RunTarget::Data { seq, offset } => crate::RunSource::Data { seq, offset },
+        }
+    }
+}
+
+impl From<crate::RunSource> for RunTarget {
+    fn from(s: crate::RunSource) -> RunTarget {
+        match s {
+            crate::RunSource::Zero { seq } => RunTarget::Zero { seq },
+            crate::RunSource::Discard { seq } => RunTarget::Discard { seq },
+            crate::RunSource::Data { seq, offset } => RunTarget::Data { seq, offset },
+        }
+    }
 }
 
 /// A decoded checkpoint: the extent map of an epoch as of `seq`.
@@ -101,14 +143,14 @@ pub fn encode_checkpoint(disk: &DiskId, c: &Checkpoint) -> Vec<u8> {
         e.u64(*start);
         e.u64(*len);
         match t {
-            RunTarget::Zero => {
+            RunTarget::Zero { seq } => {
                 e.u8(1);
-                e.u64(0);
+                e.u64(*seq);
                 e.u64(0);
             }
-            RunTarget::Discard => {
+            RunTarget::Discard { seq } => {
                 e.u8(2);
-                e.u64(0);
+                e.u64(*seq);
                 e.u64(0);
             }
             RunTarget::Data { seq, offset } => {
@@ -146,9 +188,9 @@ pub fn decode_checkpoint(
     for _ in 0..n {
         let s = d.u64("location seq")?;
         let pack = pack_ref(&names, d.u32("location pack")?)?;
-        if s > seq {
+        if s == 0 || s > seq {
             return Err(Corruption::Invalid {
-                what: "location seq (after checkpoint)",
+                what: "location seq (0 or after checkpoint)",
             });
         }
         locations.push(BatchLocation {
@@ -174,10 +216,15 @@ pub fn decode_checkpoint(
                 seq: s,
                 offset: off,
             },
-            1 => RunTarget::Zero,
-            2 => RunTarget::Discard,
+            1 => RunTarget::Zero { seq: s },
+            2 => RunTarget::Discard { seq: s },
             _ => return Err(Corruption::Invalid { what: "run kind" }),
         };
+        if s == 0 || s > seq {
+            return Err(Corruption::Invalid {
+                what: "run seq (0 or after checkpoint)",
+            });
+        }
         if len == 0 || start < end || start.checked_add(len).is_none() {
             return Err(Corruption::Invalid {
                 what: "run range (empty, overlapping or unsorted)",

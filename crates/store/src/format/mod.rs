@@ -63,7 +63,11 @@ pub use pack::{
 pub use primitives::MAX_NAME;
 
 /// Format version written by this build (all object kinds).
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// History: 1 = first format; 2 = catalog entries carry the agent's point MAC and
+/// checkpoint zero/discard runs name their batch (issue 12, decision 0012). Version-1
+/// objects cannot be authenticated, so they are refused ([`Corruption::Version`]).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Wraps a [`Corruption`] with the object name.
 pub(crate) fn named<T>(r: Result<T, Corruption>, object: &str) -> Result<T> {

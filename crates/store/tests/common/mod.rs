@@ -139,6 +139,8 @@ pub fn cut(epoch: u64, cut_id: u64, seq: u64) -> CutInfo {
         } else {
             CutKind::Crash
         },
+        // The store carries the agent's MAC verbatim and never checks it.
+        mac: [cut_id as u8; 32],
     }
 }
 
@@ -203,11 +205,19 @@ pub async fn materialise(store: &Store, plan: &Plan) -> Model {
     let batches = store.fetch_batches(&locs).await.unwrap();
     let by_seq: std::collections::HashMap<u64, &SealedBatch> =
         batches.iter().map(|b| (b.seq, b)).collect();
+    // Every plan of every test (checkpoints, GC rewrites, crashes) agrees with the extent
+    // lists of the records it reads: the check failover makes after authenticating them.
+    let placement = plan.placement();
+    for b in &batches {
+        placement
+            .check(b.seq, &b.extents)
+            .unwrap_or_else(|e| panic!("an honest plan fails its placement check: {e}"));
+    }
     for r in &plan.runs {
         let (s, n) = (r.sector as usize, r.sectors as usize);
         match r.source {
-            RunSource::Zero => m.tags[s..s + n].fill(1),
-            RunSource::Discard => m.tags[s..s + n].fill(2),
+            RunSource::Zero { .. } => m.tags[s..s + n].fill(1),
+            RunSource::Discard { .. } => m.tags[s..s + n].fill(2),
             RunSource::Data { seq, offset } => {
                 let b = by_seq[&seq];
                 let o = offset as usize;
@@ -228,6 +238,7 @@ pub fn point_of(c: &CutInfo) -> RecoveryPoint {
         time_ns: c.time_ns,
         mono_ns: c.mono_ns,
         kind: c.kind,
+        mac: c.mac,
     }
 }
 
