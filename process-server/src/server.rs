@@ -414,8 +414,10 @@ async fn disk_stream(
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
     let group_bytes = (state.dep.config.group_commit_mib << 20) as usize;
     let worker_state = Arc::clone(&state);
-    let worker = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        while let Some(first) = frames_rx.blocking_recv() {
+    // The worker waits for frames without holding a thread; a blocking thread is taken
+    // only while a group is journaled (write + fdatasync).
+    let worker = tokio::spawn(async move {
+        while let Some(first) = frames_rx.recv().await {
             let mut bytes = first.raw.len();
             let mut group = vec![(first.msg, first.raw)];
             let mut reserved = vec![first.budget];
@@ -429,12 +431,20 @@ async fn disk_stream(
                     Err(_) => break,
                 }
             }
-            let mut core = core.lock().expect("disk lock");
-            let applied = core.apply(&group)?;
+            let (core, state, disk_hex) = (
+                Arc::clone(&core),
+                Arc::clone(&worker_state),
+                disk_hex.clone(),
+            );
+            let applied = tokio::task::spawn_blocking(move || {
+                let mut core = core.lock().expect("disk lock");
+                let applied = core.apply(&group);
+                state.metrics.observe(&disk_hex, &core);
+                applied
+            })
+            .await??;
             // Journaled: their memory is free for the next frames.
-            drop((group, reserved));
-            worker_state.metrics.observe(&disk_hex, &core);
-            drop(core);
+            drop(reserved);
             for ack in applied.acks {
                 let _ = out_tx.send(Message::Ack(ack));
             }
@@ -444,7 +454,7 @@ async fn disk_stream(
                 break;
             }
         }
-        Ok(())
+        Ok::<(), anyhow::Error>(())
     });
     let writer = tokio::spawn(async move {
         while let Some(msg) = out_rx.recv().await {
