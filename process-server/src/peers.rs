@@ -109,18 +109,26 @@ impl Peers {
     /// Closes every tracked connection whose certificate is no longer current. Returns
     /// how many it closed.
     pub fn recheck(&self) -> usize {
+        // One read of the store for every connection.
+        let snapshot = match self.machines.snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                // An unreadable store closes nothing: the next check decides.
+                tracing::warn!("re-checking connected machines: {e}");
+                return 0;
+            }
+        };
         let live = self.live.lock().expect("peers lock");
         let mut closed = 0;
         for l in live.values() {
-            match self.machines.check_current(&l.machine, &l.cert) {
+            match snapshot.check_current(&l.machine, &l.cert) {
                 Ok(()) => {}
                 Err(e @ (MachineError::NotRegistered(_) | MachineError::Superseded(_))) => {
                     tracing::warn!(machine = %l.machine, "closing its connection: {e}");
                     refuse(&l.conn, &e);
                     closed += 1;
                 }
-                // An unreadable store closes nothing: the next check decides.
-                Err(e) => tracing::warn!("re-checking connected machines: {e}"),
+                Err(e) => tracing::warn!("re-checking machine {}: {e}", l.machine),
             }
         }
         closed

@@ -110,6 +110,23 @@ impl MachineRecord {
 
 type Records = BTreeMap<String, MachineRecord>;
 
+/// The registered machines at one instant ([`MachineStore::snapshot`]).
+#[derive(Debug, Clone)]
+pub struct MachineSnapshot(Records);
+
+impl MachineSnapshot {
+    /// Ok if `cert_der` is the current certificate of `machine`.
+    pub fn check_current(&self, machine: &MachineId, cert_der: &[u8]) -> Result<(), MachineError> {
+        match self.0.get(machine.as_str()) {
+            None => Err(MachineError::NotRegistered(machine.clone())),
+            Some(r) if r.cert_sha256 != sha256(cert_der) => {
+                Err(MachineError::Superseded(machine.clone()))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+}
+
 /// The registered machines of a deployment (`<dir>/machines`); see the module doc.
 #[derive(Debug, Clone)]
 pub struct MachineStore {
@@ -144,13 +161,12 @@ impl MachineStore {
 
     /// Ok if `cert_der` is the current certificate of `machine`.
     pub fn check_current(&self, machine: &MachineId, cert_der: &[u8]) -> Result<(), MachineError> {
-        match self.get(machine)? {
-            None => Err(MachineError::NotRegistered(machine.clone())),
-            Some(r) if r.cert_sha256 != sha256(cert_der) => {
-                Err(MachineError::Superseded(machine.clone()))
-            }
-            Some(_) => Ok(()),
-        }
+        self.snapshot()?.check_current(machine, cert_der)
+    }
+
+    /// The store as read now, to check many certificates with one read.
+    pub fn snapshot(&self) -> Result<MachineSnapshot, MachineError> {
+        Ok(MachineSnapshot(self.read()?))
     }
 
     /// Binds `record.machine_id` to a new certificate. `previous` is the binding the caller

@@ -32,7 +32,9 @@ pub use ca::Ca;
 pub(crate) use identity::cert_spki;
 pub use identity::{Identity, ServerIdentity, cert_validity, machine_id_from_cert};
 pub use machine_id::{MACHINE_ID_MAX_LEN, MachineId, MachineIdError};
-pub use machines::{MACHINE_STORE_FILE, MachineError, MachineRecord, MachineStore};
+pub use machines::{
+    MACHINE_STORE_FILE, MachineError, MachineRecord, MachineSnapshot, MachineStore,
+};
 pub use token::{TOKEN_ID_LEN, TOKEN_SECRET_LEN, TOKEN_STORE_FILE, Token, TokenError, TokenStore};
 
 /// Prefix of the URI SAN carrying the machine id in client certificates.

@@ -27,7 +27,7 @@ use super::codec::{
     write_frame,
 };
 use super::{REGISTER_ALPN, REGISTER_TIMEOUT, registration_transport};
-use crate::endpoint::{EndpointError, provider, roots_with};
+use crate::endpoint::{EndpointError, peer_certificate, provider, roots_with};
 use crate::pki::{
     Ca, MachineError, MachineId, MachineIdError, MachineRecord, MachineStore, PkiError,
     ServerIdentity, Token, TokenError, TokenStore, machine_id_from_cert, sha256,
@@ -171,10 +171,8 @@ async fn serve_inner(
 ) -> Result<Registration, ServeError> {
     let remote = incoming.remote_address();
     let conn = incoming.await.map_err(ServeError::Handshake)?;
-    let presented = conn
-        .peer_identity()
-        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|chain| chain.first().cloned());
+    // Optional here: a renewal presents the machine's current certificate.
+    let presented = peer_certificate(&conn).ok();
     let (mut send, mut recv) = conn.accept_bi().await.map_err(ServeError::Connection)?;
     let result = handle_request(&mut recv, registrar, presented.as_ref(), remote).await;
     let reply = match &result {
