@@ -13,11 +13,17 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct PsConfig {
-    /// QUIC endpoint for replication traffic (mutual TLS). Default `0.0.0.0:9443`.
+    /// QUIC endpoint for replication traffic (mutual TLS): the IP address and port to bind
+    /// (`[::]:9443` for IPv6), not a host name. Default `0.0.0.0:9443`.
+    #[serde(deserialize_with = "bind_address::required")]
     pub listen: SocketAddr,
-    /// QUIC endpoint where agents register with a bootstrap token. Default `0.0.0.0:9442`.
+    /// QUIC endpoint where agents register with a bootstrap token (IP address and port).
+    /// Default `0.0.0.0:9442`.
+    #[serde(deserialize_with = "bind_address::required")]
     pub register_listen: SocketAddr,
-    /// Prometheus metrics (`GET /metrics`). Default `127.0.0.1:9444`; empty string: off.
+    /// Prometheus metrics (`GET /metrics`), IP address and port. Default `127.0.0.1:9444`;
+    /// the empty string `""` turns the endpoint off.
+    #[serde(with = "bind_address::optional")]
     pub metrics_listen: Option<SocketAddr>,
     /// Identifier reported to agents. Default: the host name.
     pub server_id: String,
@@ -52,6 +58,10 @@ pub struct PsConfig {
     /// Most bytes of frames journaled before one fdatasync (group commit), in MiB (1..=256).
     /// Default 16.
     pub group_commit_mib: u64,
+    /// Warn when a disk's journal holds data and its newest recovery point is older than
+    /// this many seconds (10..=604800). Default 900. The age is also the metric
+    /// `ripcord_ps_newest_point_age_seconds`.
+    pub point_age_warn_secs: u64,
 }
 
 impl Default for PsConfig {
@@ -72,6 +82,7 @@ impl Default for PsConfig {
             min_free_percent: 5.0,
             min_free_mib: 256,
             group_commit_mib: 16,
+            point_age_warn_secs: 900,
         }
     }
 }
@@ -122,6 +133,10 @@ impl PsConfig {
             "max-inflight-mib must be 40..=65536"
         );
         ensure!(
+            (10..=7 * 24 * 3600).contains(&self.point_age_warn_secs),
+            "point-age-warn-secs must be 10..=604800"
+        );
+        ensure!(
             (60..=3 * 366 * 24 * 3600).contains(&self.client_cert_secs),
             "client-cert-secs must be 60..=94867200 (3 years)"
         );
@@ -132,6 +147,47 @@ impl PsConfig {
         self.cache_dir
             .clone()
             .unwrap_or_else(|| deployment.join("cache"))
+    }
+}
+
+/// Bind addresses in `ps.toml`: an IP address and a port, with an error that says so.
+mod bind_address {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    fn parse<E: serde::de::Error>(text: &str) -> Result<SocketAddr, E> {
+        text.parse().map_err(|_| {
+            E::custom(format!(
+                "{text:?} is not an IP address and port such as 0.0.0.0:9443 or [::]:9443 \
+                 (this is the local address to bind; host names are not accepted here)"
+            ))
+        })
+    }
+
+    pub fn required<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        parse(&String::deserialize(d)?)
+    }
+
+    pub mod optional {
+        use super::*;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<SocketAddr>, D::Error> {
+            let text = String::deserialize(d)?;
+            if text.trim().is_empty() {
+                return Ok(None);
+            }
+            super::parse::<D::Error>(&text).map(Some)
+        }
+
+        pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(a) => s.collect_str(a),
+                None => s.serialize_str(""),
+            }
+        }
     }
 }
 
@@ -160,5 +216,25 @@ mod tests {
                 .contains("segment-mib")
         );
         assert!(toml::from_str::<PsConfig>("no-such-key = 1").is_err());
+    }
+
+    #[test]
+    fn metrics_off_is_the_empty_string_as_documented() {
+        let cfg: PsConfig = toml::from_str("metrics-listen = \"\"").unwrap();
+        assert_eq!(cfg.metrics_listen, None);
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(toml::from_str::<PsConfig>(&text).unwrap().metrics_listen, None);
+    }
+
+    #[test]
+    fn a_host_name_in_listen_says_what_is_expected() {
+        let err = toml::from_str::<PsConfig>("listen = \"ps.example.com:9443\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not an IP address and port such as 0.0.0.0:9443")
+                && err.contains("host names are not accepted"),
+            "{err}"
+        );
     }
 }

@@ -58,6 +58,9 @@ pub fn init(
         bail!("{} already holds a deployment (ca/ exists)", dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // The deployment holds the CA key and the tokens: root's (or its owner's) alone.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("making {} private (mode 0700)", dir.display()))?;
     let config_path = dir.join("ps.toml");
     if !config_path.exists() {
         let target = dir
@@ -98,13 +101,24 @@ pub fn init(
 
 /// Open an existing deployment.
 pub fn open(dir: &Path) -> anyhow::Result<Deployment> {
-    let config = PsConfig::load(&dir.join("ps.toml"))?;
-    let ca = Ca::load(&dir.join("ca")).with_context(|| {
-        format!(
-            "{} is not a deployment (run `ripcord-ps init`)",
+    match std::fs::metadata(dir.join("ca")) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+            "permission denied reading the deployment in {}: run as root or as the \
+             deployment's owner",
             dir.display()
-        )
-    })?;
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{} is not a deployment (it has no ca/ directory): create one with `ripcord-ps \
+             init --dir {}`",
+            dir.display(),
+            dir.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    }
+    let config = PsConfig::load(&dir.join("ps.toml"))?;
+    let ca = Ca::load(&dir.join("ca"))
+        .with_context(|| format!("loading the deployment CA from {}/ca", dir.display()))?;
     let identity = ServerIdentity::load(&dir.join("server"))?;
     let escrow: EscrowFile = serde_json::from_slice(
         &std::fs::read(dir.join("escrow.json")).context("reading escrow.json")?,

@@ -4,6 +4,10 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -81,6 +85,9 @@ pub struct DiskCore {
     /// Set by the stream's `ProtectDisk`; batches are checked against it.
     geometry: Option<Geometry>,
     pub counters: DiskCounters,
+    /// Set when the server stops: waits for cache space give up (nothing they held was
+    /// acknowledged, so the agent sends it again to the next server run).
+    stopping: Arc<AtomicBool>,
 }
 
 /// What applying a group of frames produced.
@@ -118,7 +125,24 @@ impl DiskCore {
             receiver: Receiver::restore(disk, state),
             geometry: None,
             counters: DiskCounters::default(),
+            stopping: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Give up waiting for cache space once `flag` is set (the server's stop flag).
+    pub fn stop_waiting_when(&mut self, flag: Arc<AtomicBool>) {
+        self.stopping = flag;
+    }
+
+    fn check_stopping(&self) -> anyhow::Result<()> {
+        if self.stopping.load(Ordering::Relaxed) {
+            bail!(
+                "the server is stopping while disk {} waits for cache space; what this \
+                 group held was not acknowledged and the agent sends it again",
+                self.disk
+            );
+        }
+        Ok(())
     }
 
     pub fn durable_state(&self) -> DurableState {
@@ -205,6 +229,7 @@ impl DiskCore {
                         logged = true;
                         self.counters.backpressure_waits += 1;
                     }
+                    self.check_stopping()?;
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Err(e) => return Err(e.into()),
@@ -311,6 +336,7 @@ impl DiskCore {
                         tracing::warn!(disk = %self.disk, "cache disk full; holding");
                     }
                     self.counters.backpressure_waits += 1;
+                    self.check_stopping()?;
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Err(e) => return Err(e.into()),

@@ -13,7 +13,7 @@ use ripcord_seal::{KdfParams, escrow::EscrowParams};
 /// then `ripcord-ps serve --dir /var/lib/ripcord/ps`, and register agents with the token
 /// and CA hash that `init` prints.
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(name = "ripcord-ps", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,6 +42,7 @@ enum Command {
     },
     /// Run the server (endpoints and cache from <dir>/ps.toml).
     Serve {
+        /// Deployment directory made by `init`.
         #[arg(long, default_value = "/var/lib/ripcord/ps")]
         dir: PathBuf,
     },
@@ -50,8 +51,13 @@ enum Command {
     /// A token registers new machines only: it can never take over a machine id that is
     /// already registered.
     Token {
+        /// Deployment directory made by `init`.
         #[arg(long, default_value = "/var/lib/ripcord/ps")]
         dir: PathBuf,
+        /// Host name or IP agents use to reach this server, for the printed register
+        /// command. Default: the first name the server certificate was made for.
+        #[arg(long)]
+        name: Option<String>,
         /// Hours the token stays valid.
         #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=24 * 365))]
         ttl_hours: u64,
@@ -67,6 +73,7 @@ enum Command {
     /// Rebuild a disk image from the journal, and from the target store for what was
     /// already uploaded and trimmed (the server must be stopped).
     Replay {
+        /// Deployment directory made by `init`.
         #[arg(long, default_value = "/var/lib/ripcord/ps")]
         dir: PathBuf,
         /// Disk id (32 hex digits, as `ripcord-agent` prints it).
@@ -75,6 +82,8 @@ enum Command {
         /// Image file (created, sparse) or block device to write.
         #[arg(long)]
         output: PathBuf,
+        /// File whose first line is the deployment passphrase (mode 0600; else
+        /// RIPCORD_PASSPHRASE).
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
         /// Stop at the last consistency cut instead of the end of the journal.
@@ -90,13 +99,18 @@ enum Command {
 enum MachinesCommand {
     /// Registered machines: id, registration time, certificate expiry, token used.
     List {
+        /// Deployment directory made by `init`.
         #[arg(long, default_value = "/var/lib/ripcord/ps")]
         dir: PathBuf,
+        /// JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a machine: its certificate is refused at once, on open connections too
     /// (within a second), and it can register again only with a new bootstrap token. Its
     /// disks and their recovery points stay.
     Remove {
+        /// Deployment directory made by `init`.
         #[arg(long, default_value = "/var/lib/ripcord/ps")]
         dir: PathBuf,
         /// The machine id.
@@ -104,7 +118,10 @@ enum MachinesCommand {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    // Everything this server creates (deployment, cache, local target store) is for root
+    // (or the deployment's owner) only: files 0600, directories 0700.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -113,7 +130,40 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
-    match Cli::parse().command {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", ripcord_types::report(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves at the first SIGINT or SIGTERM; a second one ends the process at once
+/// (everything acknowledged is already durable in the journals).
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::warn!(
+            "second signal: stopping at once; everything acknowledged is durable in the \
+             journal, the rest is sent again by the agents"
+        );
+        std::process::exit(130);
+    });
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Init {
             dir,
             names,
@@ -152,23 +202,31 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(server::serve(dep, async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("SIGTERM handler");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }))
+            let result = rt.block_on(server::serve(dep, stop_signal()));
+            // A journal write still blocked on a full cache disk does not hold the exit:
+            // nothing it holds was acknowledged.
+            rt.shutdown_timeout(Duration::from_secs(2));
+            result
         }
         Command::Token {
             dir,
+            name,
             ttl_hours,
             uses,
         } => {
             let token = deploy::new_token(&dir, Duration::from_secs(ttl_hours * 3600), uses)?;
-            println!("{token}");
+            let dep = deploy::open(&dir)?;
+            let host = name
+                .or_else(|| dep.identity.names().into_iter().next())
+                .unwrap_or_else(|| "HOST".to_owned());
+            println!("token:   {token}");
+            println!("ca-hash: {}", dep.ca.hash());
+            println!(
+                "valid {ttl_hours} h for {uses} registration(s); register an agent with:\n  \
+                 ripcord-agent register --server {host}:{} --token {token} --ca-hash {}",
+                dep.config.register_listen.port(),
+                dep.ca.hash()
+            );
             Ok(())
         }
         Command::Machines { command } => machines(command),
@@ -214,18 +272,30 @@ fn main() -> anyhow::Result<()> {
 fn machines(command: MachinesCommand) -> anyhow::Result<()> {
     use ripcord_transport::{MachineId, MachineStore};
     match command {
-        MachinesCommand::List { dir } => {
+        MachinesCommand::List { dir, json } => {
             deploy::open(&dir)?;
             let store = MachineStore::open(&deploy::machines_dir(&dir))?;
             let machines = store.list()?;
-            if machines.is_empty() {
-                println!("no machine registered");
-            }
             let when = |secs: u64| {
                 humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs))
                     .to_string()
             };
+            if machines.is_empty() && !json {
+                println!("no machine registered");
+            }
             for m in machines {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "machine": m.machine_id.to_string(),
+                            "registered": when(m.registered_at),
+                            "certificate_expires": when(m.expires_at),
+                            "token": m.token_id,
+                        })
+                    );
+                    continue;
+                }
                 println!(
                     "{:<24} registered {}  certificate expires {}  {}",
                     m.machine_id,

@@ -17,11 +17,14 @@ use prometheus_client::{
 use crate::{
     disk::{DiskCore, DiskCounters},
     server::State,
+    uploader::UploadStatus,
 };
 
+/// Every per-disk series names the disk and the machine it belongs to.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DiskLabel {
     pub disk: String,
+    pub machine: String,
 }
 
 /// The process server's metrics.
@@ -39,7 +42,12 @@ pub struct Metrics {
     epoch: Family<DiskLabel, Gauge>,
     journal_bytes: Family<DiskLabel, Gauge>,
     last_durable: Family<DiskLabel, Gauge>,
+    upload_errors: Family<DiskLabel, Counter>,
+    uploads_failing: Family<DiskLabel, Gauge>,
+    point_age: Family<DiskLabel, Gauge>,
     seen: Mutex<HashMap<String, DiskCounters>>,
+    /// Upload status per disk, read at each scrape; with the errors already counted.
+    uploads: Mutex<HashMap<DiskLabel, (Arc<Mutex<UploadStatus>>, u64)>>,
 }
 
 impl Metrics {
@@ -58,7 +66,11 @@ impl Metrics {
             epoch: Family::default(),
             journal_bytes: Family::default(),
             last_durable: Family::default(),
+            upload_errors: Family::default(),
+            uploads_failing: Family::default(),
+            point_age: Family::default(),
             seen: Mutex::new(HashMap::new()),
+            uploads: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
         registry.register("connections", "Connected agents", m.connections.clone());
@@ -97,13 +109,40 @@ impl Metrics {
             "Unix time of the last group commit (replication lag = now - this)",
             m.last_durable.clone(),
         );
+        registry.register(
+            "upload_errors",
+            "Failed attempts to upload a disk's journal to the target store",
+            m.upload_errors.clone(),
+        );
+        registry.register(
+            "uploads_failing",
+            "1 while uploads of the disk to the target store fail",
+            m.uploads_failing.clone(),
+        );
+        registry.register(
+            "newest_point_age_seconds",
+            "Seconds since the disk's newest recovery point was committed (or since this \
+             server started, if none was)",
+            m.point_age.clone(),
+        );
         Metrics { registry, ..m }
     }
 
-    /// Fold a disk's counters in after a group commit.
-    pub fn observe(&self, disk: &str, core: &DiskCore) {
+    /// The upload status of a disk, reported at each scrape (one per disk).
+    pub fn upload_status(&self, disk: &str, machine: &str) -> Arc<Mutex<UploadStatus>> {
         let label = DiskLabel {
             disk: disk.to_owned(),
+            machine: machine.to_owned(),
+        };
+        let mut uploads = self.uploads.lock().expect("metrics lock");
+        Arc::clone(&uploads.entry(label).or_default().0)
+    }
+
+    /// Fold a disk's counters in after a group commit.
+    pub fn observe(&self, disk: &str, machine: &str, core: &DiskCore) {
+        let label = DiskLabel {
+            disk: disk.to_owned(),
+            machine: machine.to_owned(),
         };
         let c = core.counters;
         let mut seen = self.seen.lock().expect("metrics lock");
@@ -139,6 +178,19 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        for (label, (status, counted)) in self.uploads.lock().expect("metrics lock").iter_mut() {
+            let st = status.lock().expect("status lock");
+            self.upload_errors
+                .get_or_create(label)
+                .inc_by(st.errors - *counted);
+            *counted = st.errors;
+            self.uploads_failing
+                .get_or_create(label)
+                .set(i64::from(st.failing.is_some()));
+            self.point_age
+                .get_or_create(label)
+                .set(st.point_age().as_secs() as i64);
+        }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

@@ -9,7 +9,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -33,6 +36,10 @@ use crate::{
 
 /// Unauthenticated handshakes in progress at once; more are refused until some finish.
 const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// How long a stopping server waits for its connections to close before it exits anyway
+/// (what they held and was not acknowledged is sent again by their agents).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 struct DiskSlot {
     core: Arc<Mutex<DiskCore>>,
@@ -58,6 +65,8 @@ pub struct State {
     handshakes: Arc<tokio::sync::Semaphore>,
     store: Option<ripcord_store::Store>,
     pub metrics: Metrics,
+    /// Set when the server stops (see [`DiskCore::stop_waiting_when`]).
+    stopping: Arc<AtomicBool>,
 }
 
 impl State {
@@ -73,32 +82,28 @@ impl State {
         }
         let cache = self.dep.config.cache_dir(&self.dep.dir);
         let cfg = journal_config(&self.dep.config);
-        let core = tokio::task::spawn_blocking(move || DiskCore::open(&cache, disk, cfg)).await??;
+        let mut core =
+            tokio::task::spawn_blocking(move || DiskCore::open(&cache, disk, cfg)).await??;
+        core.stop_waiting_when(Arc::clone(&self.stopping));
         let core = Arc::new(Mutex::new(core));
         let uploader = self.store.clone().map(|store| {
-            let (core, owner) = (Arc::clone(&core), owner.to_owned());
+            let config = &self.dep.config;
             let cfg = crate::uploader::UploadConfig {
-                interval: std::time::Duration::from_millis(self.dep.config.upload_interval_ms),
+                interval: Duration::from_millis(config.upload_interval_ms),
                 bytes: 32 << 20,
-                retention: std::time::Duration::from_secs(self.dep.config.retention_secs),
-                gc_interval: std::time::Duration::from_secs(self.dep.config.gc_interval_secs),
+                retention: Duration::from_secs(config.retention_secs),
+                gc_interval: Duration::from_secs(config.gc_interval_secs),
+                point_age_warn: Duration::from_secs(config.point_age_warn_secs),
             };
-            tokio::spawn(async move {
-                loop {
-                    let r = crate::uploader::run(
-                        store.clone(),
-                        disk,
-                        owner.clone(),
-                        Arc::clone(&core),
-                        cfg,
-                    )
-                    .await;
-                    if let Err(e) = r {
-                        tracing::warn!(disk = %disk, "upload failed: {e:#}; retrying in 2 s");
-                    }
-                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                }
-            })
+            let status = self.metrics.upload_status(&disk.to_string(), owner);
+            tokio::spawn(crate::uploader::supervise(
+                store,
+                disk,
+                owner.to_owned(),
+                Arc::clone(&core),
+                cfg,
+                status,
+            ))
         });
         disks.insert(
             disk,
@@ -117,6 +122,7 @@ pub async fn serve(
     dep: Deployment,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    check_cache_size(&dep)?;
     let escrow_key = dep.escrow.public_key;
     let registry = Registry::open(&dep.dir.join("disks.json"))?;
     let tokens = TokenStore::open_or_create(&tokens_dir(&dep.dir))?;
@@ -165,6 +171,7 @@ pub async fn serve(
         machines,
         store,
         metrics: Metrics::new(),
+        stopping: Arc::new(AtomicBool::new(false)),
         dep,
     });
     // Journals left from before a restart keep uploading without waiting for their agent.
@@ -176,7 +183,10 @@ pub async fn serve(
             if crate::disk::journal_dir(&cache, &disk).exists()
                 && let Err(e) = state.disk_core(disk, &owner).await
             {
-                tracing::error!(disk = %disk, "disk quarantined: {e:#}");
+                tracing::error!(
+                    disk = %disk, machine = owner,
+                    "disk quarantined: {}", ripcord_types::report(e.as_ref())
+                );
             }
         }
     }
@@ -212,7 +222,7 @@ pub async fn serve(
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
                     if let Err(e) = connection(state, incoming, handshake).await {
-                        tracing::info!(%remote, "connection ended: {e:#}");
+                        tracing::info!(%remote, "connection ended: {}", ripcord_types::report(e.as_ref()));
                     }
                 });
             }
@@ -234,12 +244,72 @@ pub async fn serve(
             () = &mut shutdown => break,
         }
     }
-    tracing::info!("shutting down");
+    stop(&state, &data, &register).await;
     watcher.abort();
+    Ok(())
+}
+
+/// Refuses a cache file system too small to ever leave `min-free-mib` free (acknowledgements
+/// could never be given), and warns when it starts below its thresholds.
+fn check_cache_size(dep: &Deployment) -> anyhow::Result<()> {
+    let cache = dep.config.cache_dir(&dep.dir);
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let cfg = journal_config(&dep.config);
+    let space = ripcord_journal::space_status(&cache, &cfg.space)?;
+    let needed = cfg.space.min_free_bytes + cfg.segment_size;
+    if space.total_bytes <= needed {
+        bail!(
+            "the cache file system at {} holds {} MiB in all, but min-free-mib ({}) plus one \
+             journal segment ({} MiB) must stay free: no write could ever be acknowledged. \
+             Use a larger cache disk (cache-dir) or lower min-free-mib in ps.toml",
+            cache.display(),
+            space.total_bytes >> 20,
+            dep.config.min_free_mib,
+            dep.config.segment_mib
+        );
+    }
+    if !space.accepting() {
+        tracing::warn!(
+            "the cache file system at {} has {} MiB ({:.1}%) free, under min-free-mib ({}) or \
+             min-free-percent ({}): writes are not acknowledged until space is freed",
+            cache.display(),
+            space.free_bytes >> 20,
+            space.free_percent,
+            dep.config.min_free_mib,
+            dep.config.min_free_percent
+        );
+    }
+    Ok(())
+}
+
+/// Stops within [`SHUTDOWN_GRACE`]: waits for cache space end at once (see
+/// [`DiskCore::stop_waiting_when`]), connections are closed, and what is still in flight
+/// is named in the log. Everything acknowledged is already durable in the journals.
+async fn stop(state: &State, data: &quinn::Endpoint, register: &quinn::Endpoint) {
+    let in_flight_mib = |state: &State| {
+        let max = (state.dep.config.max_inflight_mib as usize) << 20;
+        (max - state.inflight.available_permits().min(max)) >> 20
+    };
+    tracing::info!(
+        connections = data.open_connections(),
+        "shutting down: {} MiB received and not yet journaled will not be acknowledged \
+         (their agents send them again)",
+        in_flight_mib(state)
+    );
+    state.stopping.store(true, Ordering::Relaxed);
     data.close(0u32.into(), b"shutdown");
     register.close(0u32.into(), b"shutdown");
-    data.wait_idle().await;
-    Ok(())
+    let idle = async {
+        tokio::join!(data.wait_idle(), register.wait_idle());
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, idle).await.is_err() {
+        tracing::warn!(
+            connections = data.open_connections(),
+            "connections did not close within {} s; stopping anyway",
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
+    tracing::info!("stopped");
 }
 
 async fn send_message(send: &mut SendStream, msg: &Message) -> anyhow::Result<()> {
@@ -313,7 +383,7 @@ async fn connection(
             let reader = FrameReader::new(recv, budget.clone());
             tokio::spawn(async move {
                 if let Err(e) = disk_stream(state, machine.clone(), send, reader).await {
-                    tracing::info!(%machine, "disk stream ended: {e:#}");
+                    tracing::info!(%machine, "disk stream ended: {}", ripcord_types::report(e.as_ref()));
                 }
             });
         }
@@ -414,6 +484,7 @@ async fn disk_stream(
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
     let group_bytes = (state.dep.config.group_commit_mib << 20) as usize;
     let worker_state = Arc::clone(&state);
+    let worker_machine = machine.clone();
     // The worker waits for frames without holding a thread; a blocking thread is taken
     // only while a group is journaled (write + fdatasync).
     let worker = tokio::spawn(async move {
@@ -431,15 +502,16 @@ async fn disk_stream(
                     Err(_) => break,
                 }
             }
-            let (core, state, disk_hex) = (
+            let (core, state, disk_hex, machine) = (
                 Arc::clone(&core),
                 Arc::clone(&worker_state),
                 disk_hex.clone(),
+                worker_machine.clone(),
             );
             let applied = tokio::task::spawn_blocking(move || {
                 let mut core = core.lock().expect("disk lock");
                 let applied = core.apply(&group);
-                state.metrics.observe(&disk_hex, &core);
+                state.metrics.observe(&disk_hex, &machine, &core);
                 applied
             })
             .await??;

@@ -11,12 +11,19 @@
 //! previous one is fully committed, so a restart between that and the trim finds them.
 //!
 //! [`Uploader::step`] does one round (read up to 256 durable records, upload, maybe flush
-//! and trim, maybe apply retention); [`run`] repeats it. Tests drive `step` directly.
+//! and trim, maybe apply retention); [`supervise`] repeats it, restarting the uploader
+//! after any error with a growing delay. Tests drive `step` directly.
+//!
+//! Failures are visible ([`UploadStatus`]): each failed attempt counts in
+//! `ripcord_ps_upload_errors_total`; the log says once what failed and what to do, then
+//! again only when the cause changes or a minute has passed; recovery is logged; and a
+//! disk whose journal holds data while its newest recovery point is older than
+//! `point-age-warn-secs` gets a warning (the age is a metric too).
 
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -37,6 +44,131 @@ pub struct UploadConfig {
     pub retention: Duration,
     /// Run retention this often.
     pub gc_interval: Duration,
+    /// Warn when the journal holds data and the newest recovery point is older than this.
+    pub point_age_warn: Duration,
+}
+
+/// How a disk's uploads are going (shared with the metrics endpoint).
+#[derive(Debug)]
+pub struct UploadStatus {
+    /// Failed upload attempts since the server started.
+    pub errors: u64,
+    /// While uploads fail: since when, and the latest failure.
+    pub failing: Option<(Instant, String)>,
+    /// The innermost cause of the latest failure (object names vary between attempts;
+    /// the cause is what tells whether the problem changed).
+    failing_cause: String,
+    /// When (this server's clock) the newest recovery point was committed, or when this
+    /// server started uploading the disk if none was committed since.
+    pub newest_point_at: SystemTime,
+    /// Whether `newest_point_at` is a committed point (else the start time).
+    pub point_seen: bool,
+    /// When the stale-point warning was last logged.
+    warned_stale: Option<Instant>,
+    /// When the failure was last logged.
+    logged_failure: Option<Instant>,
+}
+
+impl Default for UploadStatus {
+    fn default() -> Self {
+        UploadStatus {
+            errors: 0,
+            failing: None,
+            failing_cause: String::new(),
+            newest_point_at: SystemTime::now(),
+            point_seen: false,
+            warned_stale: None,
+            logged_failure: None,
+        }
+    }
+}
+
+impl UploadStatus {
+    /// Seconds since the newest recovery point (or since the start, see `point_seen`).
+    pub fn point_age(&self) -> Duration {
+        SystemTime::now()
+            .duration_since(self.newest_point_at)
+            .unwrap_or_default()
+    }
+
+    /// A failed attempt: counted, and logged when new, when its cause changed, or a
+    /// minute after the last log line.
+    fn failed(&mut self, disk: &DiskId, owner: &str, error: &anyhow::Error, retry_in: Duration) {
+        self.errors += 1;
+        let message = ripcord_types::report(error.as_ref());
+        let cause = error.root_cause().to_string();
+        let changed = self.failing.is_none() || self.failing_cause != cause;
+        self.failing_cause = cause;
+        let since = self.failing.as_ref().map_or_else(Instant::now, |(t, _)| *t);
+        let quiet = self
+            .logged_failure
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60));
+        if changed || !quiet {
+            if self.failing.is_none() {
+                tracing::warn!(
+                    disk = %disk, machine = owner,
+                    "uploading to the target store failed: {message}. No recovery points are \
+                     made until this is fixed; the journal keeps every acknowledged write. \
+                     Retrying in {} s", retry_in.as_secs()
+                );
+            } else {
+                tracing::warn!(
+                    disk = %disk, machine = owner,
+                    "uploads still failing after {} attempts over {}: {message}",
+                    self.errors,
+                    humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
+                );
+            }
+            self.logged_failure = Some(Instant::now());
+        }
+        self.failing = Some((since, message));
+    }
+
+    /// A successful flush: clears the failure (logging the recovery) and notes a new
+    /// recovery point.
+    fn flushed(&mut self, disk: &DiskId, owner: &str, new_points: bool) {
+        if let Some((since, _)) = self.failing.take() {
+            tracing::info!(
+                disk = %disk, machine = owner,
+                "uploads work again after failing for {}",
+                humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
+            );
+            self.logged_failure = None;
+        }
+        if new_points {
+            self.newest_point_at = SystemTime::now();
+            self.point_seen = true;
+            self.warned_stale = None;
+        }
+    }
+
+    /// Warns (at most once per `limit`) when data waits and the newest point is older
+    /// than `limit`.
+    fn check_stale(&mut self, disk: &DiskId, owner: &str, data_waiting: bool, limit: Duration) {
+        let age = self.point_age();
+        if !data_waiting || age < limit || self.warned_stale.is_some_and(|t| t.elapsed() < limit)
+        {
+            return;
+        }
+        self.warned_stale = Some(Instant::now());
+        let age = humantime::format_duration(Duration::from_secs(age.as_secs()));
+        let why = self
+            .failing
+            .as_ref()
+            .map_or_else(String::new, |(_, m)| format!(" (uploads fail: {m})"));
+        if self.point_seen {
+            tracing::warn!(
+                disk = %disk, machine = owner,
+                "the newest recovery point is {age} old while new data waits in the journal{why}"
+            );
+        } else {
+            tracing::warn!(
+                disk = %disk, machine = owner,
+                "no recovery point committed in the {age} since this server started, while \
+                 data waits in the journal{why}"
+            );
+        }
+    }
 }
 
 /// What a record was, for deciding how far the journal may be trimmed.
@@ -104,6 +236,7 @@ pub struct Uploader {
     last_flush: Instant,
     last_gc: Instant,
     dirty: bool,
+    status: Arc<Mutex<UploadStatus>>,
 }
 
 impl Uploader {
@@ -130,7 +263,14 @@ impl Uploader {
             last_flush: Instant::now(),
             last_gc: Instant::now(),
             dirty: false,
+            status: Arc::default(),
         })
+    }
+
+    /// Reports into `status` (kept across restarts by [`supervise`]).
+    pub fn with_status(mut self, status: Arc<Mutex<UploadStatus>>) -> Uploader {
+        self.status = status;
+        self
     }
 
     /// One round: upload up to 256 durable journal records; flush (and trim what the
@@ -178,6 +318,11 @@ impl Uploader {
                 .with_context(|| format!("uploading disk {hex}"))?;
             self.last_flush = Instant::now();
             self.dirty = false;
+            self.status.lock().expect("status lock").flushed(
+                &self.disk,
+                &self.owner,
+                !c.cuts_committed.is_empty(),
+            );
             step.trimmed_through = self.trim(&c)?;
             tracing::debug!(disk = %hex, durable_seq = c.durable_seq, "uploaded");
         }
@@ -186,11 +331,29 @@ impl Uploader {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
             let keep_after = now.saturating_sub(self.cfg.retention).as_nanos() as u64;
             match self.store.apply_retention(&self.disk, keep_after).await {
-                Ok(r) => tracing::info!(disk = %hex, report = ?r, "retention applied"),
-                Err(e) => tracing::warn!(disk = %hex, "retention failed (will retry): {e}"),
+                Ok(r) if r.is_noop() => tracing::debug!(disk = %hex, "retention: nothing to do"),
+                Ok(r) => tracing::info!(disk = %hex, machine = self.owner, "retention: {r}"),
+                Err(e) => tracing::warn!(
+                    disk = %hex, machine = self.owner,
+                    "retention failed (retried in {} s): {}",
+                    self.cfg.gc_interval.as_secs(),
+                    ripcord_types::report(&e)
+                ),
             }
         }
+        let waiting = self.data_waiting();
+        self.status.lock().expect("status lock").check_stale(
+            &self.disk,
+            &self.owner,
+            waiting,
+            self.cfg.point_age_warn,
+        );
         Ok(step)
+    }
+
+    /// Whether the journal holds records not yet trimmed (data no point covers yet).
+    fn data_waiting(&self) -> bool {
+        data_waiting(&self.core)
     }
 
     /// Hands one record to the store writer; returns what to wait for before trimming it.
@@ -261,18 +424,50 @@ impl Uploader {
     }
 }
 
-/// Upload `disk`'s journal forever (until the task is dropped or a step fails).
-pub async fn run(
+fn data_waiting(core: &Mutex<DiskCore>) -> bool {
+    let core = core.lock().expect("disk lock");
+    let journal = core.journal();
+    journal.first_seq() < journal.durable().next_seq
+}
+
+/// Upload `disk`'s journal until `stop` is set: the uploader is reopened after any error,
+/// 1 s later at first and up to 30 s later while errors go on; `status` tells the metrics
+/// and the log what happens.
+pub async fn supervise(
     store: Store,
     disk: DiskId,
     owner: String,
     core: Arc<Mutex<DiskCore>>,
     cfg: UploadConfig,
-) -> anyhow::Result<()> {
-    let mut uploader = Uploader::open(store, disk, owner, core, cfg).await?;
+    status: Arc<Mutex<UploadStatus>>,
+) {
+    let mut delay = Duration::from_secs(1);
     loop {
-        if uploader.step().await?.records == 0 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let result: anyhow::Result<std::convert::Infallible> = async {
+            let mut uploader =
+                Uploader::open(store.clone(), disk, owner.clone(), Arc::clone(&core), cfg)
+                    .await?
+                    .with_status(Arc::clone(&status));
+            loop {
+                let step = uploader.step().await?;
+                // Back to a short delay only once the store took a flush again.
+                if status.lock().expect("status lock").failing.is_none() {
+                    delay = Duration::from_secs(1);
+                }
+                if step.records == 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
+        .await;
+        let Err(e) = result;
+        let waiting = data_waiting(&core);
+        {
+            let mut st = status.lock().expect("status lock");
+            st.failed(&disk, &owner, &e, delay);
+            st.check_stale(&disk, &owner, waiting, cfg.point_age_warn);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }

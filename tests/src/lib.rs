@@ -84,6 +84,7 @@ pub fn disaster_drill(site: &mut Site) -> PathBuf {
     // A wrong passphrase is named as such and writes nothing.
     let wrong = dir.join("wrong-passphrase");
     std::fs::write(&wrong, "not the passphrase").unwrap();
+    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let bad = dir.join("bad.img");
     let (ok, _, err) = failover(target, &disk_id, "latest", &bad, &wrong).unwrap();
     assert!(
@@ -103,4 +104,23 @@ pub fn verify_store(target: &str, passphrase_file: &Path) -> (bool, String, Stri
         passphrase_file,
     )
     .unwrap()
+}
+
+/// `GET path` from a local HTTP endpoint (the metrics servers); the whole response.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Value of a metric line `name{...label...} value` (or `name value` without a label).
+pub fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .next()
+        .unwrap_or_else(|| panic!("no metric {name} {label} in:\n{text}"))
 }

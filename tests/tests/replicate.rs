@@ -13,6 +13,7 @@ use std::{
 };
 
 use rand::{RngExt as _, SeedableRng as _};
+use ripcord_tests::{http_get, metric};
 use testkit::{
     Mount, Site, Workload,
     replication::{AgentIdentity, ProcessServer, Replicator},
@@ -280,24 +281,6 @@ fn foreign_peers_and_foreign_disks_are_refused() {
         "the foreign disk's journal changed"
     );
     site.ps.stop().unwrap();
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// Value of a metric line `name{...label...} value` (or `name value` without a label).
-fn metric(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .next()
-        .unwrap_or_else(|| panic!("no metric {name} {label} in:\n{text}"))
 }
 
 fn dir_size(dir: &Path) -> u64 {

@@ -40,8 +40,12 @@ fn a_second_host_with_a_token_cannot_register_as_an_existing_machine() {
     else {
         return;
     };
-    let (ok, token) = ps_cli(&site.ps.dir, &["token", "--uses", "5"]);
-    assert!(ok, "{token}");
+    let (ok, out) = ps_cli(&site.ps.dir, &["token", "--uses", "5"]);
+    assert!(ok, "{out}");
+    let token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("token:"))
+        .unwrap_or_else(|| panic!("no token in:\n{out}"));
     let attacker_dir = site.subdir("attacker");
     let out = Command::new(testkit::binary("ripcord-agent"))
         .args(["register", "--machine-id", "db1", "--token", token.trim()])

@@ -92,13 +92,42 @@ pub enum Corruption {
     },
 }
 
+/// What an operator should do about a failed object-store operation, from the operating
+/// system's error where there is one (a local target, or a local file system under a
+/// mount): a full target is not a connectivity problem.
+fn io_advice(source: &object_store::Error) -> &'static str {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                    "the target's file system is full: free space there or shorten \
+                     retention-secs; nothing is lost meanwhile (the journal keeps the data)"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied: check the owner and mode of the target directory"
+                }
+                std::io::ErrorKind::ReadOnlyFilesystem => {
+                    "the target's file system is read-only: remount it read-write"
+                }
+                _ => "check the target's file system and retry",
+            };
+        }
+        cause = c.source();
+    }
+    match source {
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+            "check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and the bucket policy"
+        }
+        _ => "check connectivity and credentials, then retry",
+    }
+}
+
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The object store failed (network, permissions, disk).
-    #[error(
-        "object store {op} of `{object}` failed: {source}; check connectivity and credentials, then retry"
-    )]
+    #[error("object store {op} of `{object}` failed: {source}; {}", io_advice(.source))]
     Io {
         /// Object name (or listing prefix).
         object: String,

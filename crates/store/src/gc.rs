@@ -101,6 +101,45 @@ pub struct GcReport {
     pub packs_awaiting_grace: usize,
 }
 
+impl GcReport {
+    /// Whether the run deleted or rewrote nothing.
+    pub fn is_noop(&self) -> bool {
+        self.points_expired.is_empty()
+            && self.epochs_deleted.is_empty()
+            && self.packs_deleted == 0
+            && self.packs_rewritten == 0
+            && self.index_rewritten == 0
+            && self.index_deleted == 0
+    }
+}
+
+impl std::fmt::Display for GcReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} points expired, {} epochs deleted, {} packs deleted ({} MiB), {} packs \
+             rewritten into {} ({} MiB copied), {} index objects rewritten and {} deleted",
+            self.points_expired.len(),
+            self.epochs_deleted.len(),
+            self.packs_deleted,
+            self.bytes_deleted >> 20,
+            self.packs_rewritten,
+            self.packs_written,
+            self.bytes_copied >> 20,
+            self.index_rewritten,
+            self.index_deleted,
+        )?;
+        if self.packs_awaiting_grace > 0 {
+            write!(
+                f,
+                "; {} unreferenced packs wait for their grace period",
+                self.packs_awaiting_grace
+            )?;
+        }
+        Ok(())
+    }
+}
+
 fn ns(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)

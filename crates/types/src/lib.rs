@@ -8,6 +8,10 @@
 //! A [`DiskId`] has one text form, everywhere (object names, cache directories, logs,
 //! the command line): 32 lower-case hex digits ([`fmt::Display`], [`str::FromStr`]).
 
+mod report;
+
+pub use report::report;
+
 use std::{fmt, str::FromStr};
 
 /// Bytes per sector in [`Extent`] addressing: always 512, whatever the device's logical

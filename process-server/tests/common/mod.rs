@@ -285,6 +285,7 @@ pub fn upload_config() -> UploadConfig {
         bytes: 1,
         retention: Duration::from_secs(365 * 24 * 3600),
         gc_interval: Duration::from_secs(365 * 24 * 3600),
+        point_age_warn: Duration::from_secs(900),
     }
 }
 

@@ -65,6 +65,32 @@ impl ServerIdentity {
         &self.key
     }
 
+    /// The DNS names and IP addresses the server certificate was made for, in order.
+    pub fn names(&self) -> Vec<String> {
+        let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(&self.cert_chain[0])
+        else {
+            return Vec::new();
+        };
+        let Ok(Some(san)) = cert.subject_alternative_name() else {
+            return Vec::new();
+        };
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+                GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).ok()?).to_string()),
+                    16 => Some(
+                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).ok()?).to_string(),
+                    ),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Stores `server.crt` (chain) and `server.key` (0600) in `dir`, crash-safely.
     pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
         fsutil::ensure_dir(dir).map_err(io_err(dir))?;

@@ -1,0 +1,169 @@
+//! The process server for operators: it stops within a bound even while a full cache holds
+//! its journal writes, and a full target store is named, counted and recovered from
+//! without anyone's help.
+//!
+//! Needs root (tmpfs mounts, loop devices, BPF). Skips loudly without it, and fails under
+//! `CI=true`.
+
+use std::{
+    io::Write as _,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use rand::{RngExt as _, SeedableRng as _};
+use ripcord_tests::{http_get, metric};
+use testkit::{Mount, Scratch, Site, replication::wait_for};
+
+const MIB: u64 = 1 << 20;
+
+/// A tmpfs of `mib` MiB at `dir`.
+fn tmpfs(dir: &Path, mib: u64) -> Mount {
+    Mount::new(
+        Path::new("tmpfs"),
+        dir,
+        &["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700")],
+    )
+    .expect("mounting a tmpfs")
+}
+
+/// Fills the file system of `dir` with a file `filler` until `leave_mib` MiB stay free.
+fn fill_leaving(dir: &Path, leave_mib: u64) {
+    let st = nix::sys::statvfs::statvfs(dir).expect("statvfs");
+    let free = st.blocks_available() * st.fragment_size();
+    let fill = free.saturating_sub(leave_mib * MIB);
+    let mut f = std::fs::File::create(dir.join("filler")).expect("filler");
+    let chunk = vec![0x5au8; MIB as usize];
+    let mut done = 0;
+    while done + MIB <= fill {
+        f.write_all(&chunk).expect("filling");
+        done += MIB;
+    }
+    f.sync_all().unwrap();
+}
+
+/// Writes `mib` MiB of incompressible data at the start of `device`.
+fn write_random(device: &Path, mib: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut f = std::fs::OpenOptions::new().write(true).open(device).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    for _ in 0..mib {
+        rng.fill(&mut buf[..]);
+        f.write_all(&buf).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn a_server_held_by_a_full_cache_still_stops_within_a_bound() {
+    // The cache lives outside the site's scratch directory so that it is unmounted
+    // (dropped after the site) before that directory is removed.
+    if !testkit::require_root("a_server_held_by_a_full_cache_still_stops_within_a_bound") {
+        return;
+    }
+    let cache_root = Scratch::new("full-cache");
+    let cache_dir = cache_root.path.join("cache");
+    let _cache = tmpfs(&cache_dir, 48);
+    let Some(mut site) = Site::builder("a_server_held_by_a_full_cache_still_stops_within_a_bound")
+        .ps_config(&format!(
+            "cache-dir = \"{}\"\nsegment-mib = 4\n",
+            cache_dir.display()
+        ))
+        .start()
+    else {
+        return;
+    };
+    let disk = site.loop_device("disk.img", 32 * MIB);
+    write_random(&disk.path, 24);
+    // Less than min-free-mib (16) stays free: the server holds every acknowledgement.
+    fill_leaving(&cache_dir, 10);
+    let agent = site.replicator(&[&disk.path]);
+    wait_for("the server to hold acknowledgements", Duration::from_secs(30), || {
+        Ok(site.ps.logs().contains("holding acknowledgements"))
+    })
+    .unwrap();
+
+    let started = Instant::now();
+    let stopped = site.ps.stop();
+    let took = started.elapsed();
+    drop(agent);
+    let logs = site.ps.logs();
+    assert!(
+        stopped.is_ok() && took < Duration::from_secs(15),
+        "ripcord-ps took {took:?} to stop while its cache was full ({stopped:?}):\n{logs}"
+    );
+    assert!(
+        logs.contains("shutting down:") && logs.contains("not yet journaled"),
+        "the server did not say what it was leaving behind:\n{logs}"
+    );
+}
+
+#[test]
+fn a_full_target_is_named_counted_and_recovered_from() {
+    if !testkit::require_root("a_full_target_is_named_counted_and_recovered_from") {
+        return;
+    }
+    let target_root = Scratch::new("full-target");
+    let target_dir = target_root.path.join("store");
+    let _target = tmpfs(&target_dir, 40);
+    let Some(site) = Site::builder("a_full_target_is_named_counted_and_recovered_from")
+        .target(&format!("file://{}", target_dir.display()))
+        .start()
+    else {
+        return;
+    };
+    // The deployment's escrow file is in the store; now leave too little for the data.
+    fill_leaving(&target_dir, 2);
+    let disk = site.loop_device("disk.img", 32 * MIB);
+    write_random(&disk.path, 16);
+    let agent = site.replicator(&[&disk.path]);
+
+    let failure = "the target's file system is full";
+    wait_for("an upload failure to be logged", Duration::from_secs(60), || {
+        Ok(site.ps.logs().contains(failure))
+    })
+    .unwrap();
+    let metrics = http_get(site.ps.metrics_port, "/metrics");
+    assert_eq!(
+        metric(&metrics, "ripcord_ps_uploads_failing", "machine=\"host\""),
+        1.0,
+        "{metrics}"
+    );
+    // Retries go on (with backoff), but the log says it once, not once per attempt.
+    std::thread::sleep(Duration::from_secs(8));
+    let metrics = http_get(site.ps.metrics_port, "/metrics");
+    let attempts = metric(&metrics, "ripcord_ps_upload_errors_total", "machine=\"host\"");
+    let logs = site.ps.logs();
+    let logged = logs.matches(failure).count();
+    assert!(
+        attempts >= 3.0 && logged <= 2,
+        "{attempts} failed attempts logged {logged} times:\n{logs}"
+    );
+    assert!(
+        !logs.contains("check connectivity"),
+        "a full disk was blamed on the network:\n{logs}"
+    );
+
+    // Space returns: uploads resume by themselves and recovery points appear.
+    std::fs::remove_file(target_dir.join("filler")).unwrap();
+    wait_for("uploads to recover", Duration::from_secs(60), || {
+        Ok(site.ps.logs().contains("uploads work again"))
+    })
+    .unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    testkit::replication::wait_for_point(
+        site.target(),
+        &disk_id,
+        &site.ps.passphrase_file,
+        1,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let metrics = http_get(site.ps.metrics_port, "/metrics");
+    assert_eq!(
+        metric(&metrics, "ripcord_ps_uploads_failing", "machine=\"host\""),
+        0.0,
+        "{metrics}"
+    );
+    drop(agent);
+}
