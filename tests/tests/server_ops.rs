@@ -167,3 +167,88 @@ fn a_full_target_is_named_counted_and_recovered_from() {
     );
     drop(agent);
 }
+
+/// `ripcord-ps` with `args` as `uid` (root if `None`): (success, stdout + stderr).
+fn ps_as(uid: Option<u32>, args: &[&str]) -> (bool, String) {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = std::process::Command::new(testkit::binary("ripcord-ps"));
+    cmd.args(args);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    let out = cmd.output().expect("running ripcord-ps");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_deployment_is_private_and_its_tools_say_what_they_mean() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(site) =
+        Site::builder("a_deployment_is_private_and_its_tools_say_what_they_mean").start()
+    else {
+        return;
+    };
+    let dir = site.ps.dir.to_str().unwrap().to_owned();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&site.ps.dir), 0o700, "deployment directory");
+    for file in ["ca/ca.key", "escrow.json", "server/server.key"] {
+        let m = mode(&site.ps.dir.join(file));
+        assert_eq!(m & 0o077, 0, "{file} is readable by others (mode {m:o})");
+    }
+
+    // Someone else (nobody) is told they may not read it, not that it is no deployment.
+    let (ok, out) = ps_as(Some(65534), &["machines", "list", "--dir", &dir]);
+    assert!(!ok && out.contains("permission denied"), "{out}");
+    assert!(!out.contains("not a deployment"), "{out}");
+    // A directory without a deployment is named as such, with the command that makes one.
+    let empty = site.subdir("empty");
+    let (ok, out) = ps_as(None, &["machines", "list", "--dir", empty.to_str().unwrap()]);
+    assert!(
+        !ok && out.contains("is not a deployment") && out.contains("ripcord-ps init"),
+        "{out}"
+    );
+
+    // A token comes with everything needed to use it.
+    let (ok, out) = ps_as(None, &["token", "--dir", &dir]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("ca-hash: {}", site.ps.ca_hash))
+            && out.contains("ripcord-agent register --server localhost:")
+            && out.contains(&format!("--ca-hash {}", site.ps.ca_hash)),
+        "{out}"
+    );
+    let (ok, out) = ps_as(None, &["machines", "list", "--json", "--dir", &dir]);
+    let line: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("machines list --json: {e}: {out}"));
+    assert!(ok && line["machine"] == "host", "{out}");
+}
+
+#[test]
+fn a_cache_too_small_for_min_free_mib_is_refused_at_start() {
+    if !testkit::require_root("a_cache_too_small_for_min_free_mib_is_refused_at_start") {
+        return;
+    }
+    let cache_root = Scratch::new("small-cache");
+    let cache_dir = cache_root.path.join("cache");
+    let _cache = tmpfs(&cache_dir, 16);
+    let lab = testkit::Lab::new("a_cache_too_small_for_min_free_mib_is_refused_at_start").unwrap();
+    let err = testkit::replication::ProcessServer::start_with_config(
+        lab.path(),
+        None,
+        &format!("cache-dir = \"{}\"\n", cache_dir.display()),
+    )
+    .err()
+    .expect("a server whose cache can never leave min-free-mib free started");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("holds 16 MiB in all") && text.contains("min-free-mib"),
+        "{text}"
+    );
+}
