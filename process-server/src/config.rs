@@ -223,7 +223,10 @@ mod tests {
         let cfg: PsConfig = toml::from_str("metrics-listen = \"\"").unwrap();
         assert_eq!(cfg.metrics_listen, None);
         let text = toml::to_string(&cfg).unwrap();
-        assert_eq!(toml::from_str::<PsConfig>(&text).unwrap().metrics_listen, None);
+        assert_eq!(
+            toml::from_str::<PsConfig>(&text).unwrap().metrics_listen,
+            None
+        );
     }
 
     #[test]

@@ -146,8 +146,7 @@ impl UploadStatus {
     /// than `limit`.
     fn check_stale(&mut self, disk: &DiskId, owner: &str, data_waiting: bool, limit: Duration) {
         let age = self.point_age();
-        if !data_waiting || age < limit || self.warned_stale.is_some_and(|t| t.elapsed() < limit)
-        {
+        if !data_waiting || age < limit || self.warned_stale.is_some_and(|t| t.elapsed() < limit) {
             return;
         }
         self.warned_stale = Some(Instant::now());

@@ -45,7 +45,10 @@ fn fill_leaving(dir: &Path, leave_mib: u64) {
 /// Writes `mib` MiB of incompressible data at the start of `device`.
 fn write_random(device: &Path, mib: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut f = std::fs::OpenOptions::new().write(true).open(device).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(device)
+        .unwrap();
     let mut buf = vec![0u8; MIB as usize];
     for _ in 0..mib {
         rng.fill(&mut buf[..]);
@@ -78,9 +81,11 @@ fn a_server_held_by_a_full_cache_still_stops_within_a_bound() {
     // Less than min-free-mib (16) stays free: the server holds every acknowledgement.
     fill_leaving(&cache_dir, 10);
     let agent = site.replicator(&[&disk.path]);
-    wait_for("the server to hold acknowledgements", Duration::from_secs(30), || {
-        Ok(site.ps.logs().contains("holding acknowledgements"))
-    })
+    wait_for(
+        "the server to hold acknowledgements",
+        Duration::from_secs(30),
+        || Ok(site.ps.logs().contains("holding acknowledgements")),
+    )
     .unwrap();
 
     let started = Instant::now();
@@ -119,9 +124,11 @@ fn a_full_target_is_named_counted_and_recovered_from() {
     let agent = site.replicator(&[&disk.path]);
 
     let failure = "the target's file system is full";
-    wait_for("an upload failure to be logged", Duration::from_secs(60), || {
-        Ok(site.ps.logs().contains(failure))
-    })
+    wait_for(
+        "an upload failure to be logged",
+        Duration::from_secs(60),
+        || Ok(site.ps.logs().contains(failure)),
+    )
     .unwrap();
     let metrics = http_get(site.ps.metrics_port, "/metrics");
     assert_eq!(
@@ -132,7 +139,11 @@ fn a_full_target_is_named_counted_and_recovered_from() {
     // Retries go on (with backoff), but the log says it once, not once per attempt.
     std::thread::sleep(Duration::from_secs(8));
     let metrics = http_get(site.ps.metrics_port, "/metrics");
-    let attempts = metric(&metrics, "ripcord_ps_upload_errors_total", "machine=\"host\"");
+    let attempts = metric(
+        &metrics,
+        "ripcord_ps_upload_errors_total",
+        "machine=\"host\"",
+    );
     let logs = site.ps.logs();
     let logged = logs.matches(failure).count();
     assert!(
@@ -209,7 +220,10 @@ fn a_deployment_is_private_and_its_tools_say_what_they_mean() {
     assert!(!out.contains("not a deployment"), "{out}");
     // A directory without a deployment is named as such, with the command that makes one.
     let empty = site.subdir("empty");
-    let (ok, out) = ps_as(None, &["machines", "list", "--dir", empty.to_str().unwrap()]);
+    let (ok, out) = ps_as(
+        None,
+        &["machines", "list", "--dir", empty.to_str().unwrap()],
+    );
     assert!(
         !ok && out.contains("is not a deployment") && out.contains("ripcord-ps init"),
         "{out}"

@@ -116,7 +116,8 @@ fn io_advice(source: &object_store::Error) -> &'static str {
         cause = c.source();
     }
     match source {
-        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => {
             "check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and the bucket policy"
         }
         _ => "check connectivity and credentials, then retry",

@@ -67,7 +67,8 @@ impl ServerIdentity {
 
     /// The DNS names and IP addresses the server certificate was made for, in order.
     pub fn names(&self) -> Vec<String> {
-        let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(&self.cert_chain[0])
+        let Ok((_, cert)) =
+            x509_parser::certificate::X509Certificate::from_der(&self.cert_chain[0])
         else {
             return Vec::new();
         };
@@ -81,9 +82,9 @@ impl ServerIdentity {
                 GeneralName::DNSName(dns) => Some((*dns).to_owned()),
                 GeneralName::IPAddress(ip) => match ip.len() {
                     4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).ok()?).to_string()),
-                    16 => Some(
-                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).ok()?).to_string(),
-                    ),
+                    16 => {
+                        Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).ok()?).to_string())
+                    }
                     _ => None,
                 },
                 _ => None,
