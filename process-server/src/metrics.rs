@@ -47,8 +47,11 @@ pub struct Metrics {
     point_age: Family<DiskLabel, Gauge>,
     seen: Mutex<HashMap<String, DiskCounters>>,
     /// Upload status per disk, read at each scrape; with the errors already counted.
-    uploads: Mutex<HashMap<DiskLabel, (Arc<Mutex<UploadStatus>>, u64)>>,
+    uploads: Mutex<HashMap<DiskLabel, WatchedUpload>>,
 }
+
+/// A disk's upload status and how many of its errors the counter already holds.
+type WatchedUpload = (Arc<Mutex<UploadStatus>>, u64);
 
 impl Metrics {
     pub fn new() -> Metrics {
