@@ -77,3 +77,53 @@ async fn a_damaged_journal_quarantines_its_disk_not_the_server() {
         .await
         .unwrap_or_else(|e| panic!("the server did not start beside a damaged journal: {e:#}"));
 }
+
+/// A power cut in the middle of a group commit: the later pages of the group persisted,
+/// an earlier one did not. The disk opens (never quarantined), keeping every acknowledged
+/// batch and dropping only the group's records from the tear on.
+#[test]
+fn a_torn_group_commit_is_truncated_and_never_quarantines_the_disk() {
+    use ripcord_journal::{Journal, RecordType};
+    use std::os::unix::fs::FileExt as _;
+    let mut f = Fixture::new();
+    for i in 0..4u64 {
+        f.write(i * 64, 32);
+    }
+    let unacknowledged = f.unacknowledged_frames(4, 16);
+    let stopped = f.stop();
+    let cfg = ripcord_process_server::config::PsConfig::load(&stopped.deployment.join("ps.toml"))
+        .unwrap();
+    let cache = cache_dir(&stopped.deployment);
+    let dir = cache.join(DISK.to_string());
+    // The group reaches the journal but its fdatasync never completes.
+    let mut ends = Vec::new();
+    let segment = {
+        let mut j = Journal::open(&dir, ripcord_process_server::disk::journal_config(&cfg))
+            .unwrap();
+        let mut start = j.written().offset;
+        for frame in &unacknowledged {
+            let a = j.append(RecordType::Batch, frame).unwrap();
+            ends.push((start, a.written.offset));
+            start = a.written.offset;
+        }
+        j.segment_paths().last().unwrap().clone()
+    };
+    // The second record of the group lost a page; the two after it persisted.
+    let (start, end) = ends[1];
+    let page = start.next_multiple_of(4096);
+    assert!(page + 4096 <= end, "the torn page must lie inside the record");
+    let file = std::fs::OpenOptions::new().write(true).open(&segment).unwrap();
+    file.write_all_at(&[0u8; 4096], page).unwrap();
+    drop(file);
+
+    let core = ripcord_process_server::disk::DiskCore::open(
+        &cache,
+        DISK,
+        ripcord_process_server::disk::journal_config(&cfg),
+    )
+    .unwrap_or_else(|e| panic!("the disk was quarantined for a torn group commit: {e:#}"));
+    // Batches 1..=4 were acknowledged; 5 is intact (kept); 6..=8 are gone.
+    assert_eq!(core.durable_state().durable_seq, 5);
+    let report = core.journal().recovery_report();
+    assert_eq!(report.dropped_after_tear, 2, "{report:?}");
+}

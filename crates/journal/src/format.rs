@@ -24,7 +24,7 @@
 //! |--------|------|------------------------------------------------------|
 //! | 0      | 4    | payload length (≤ [`MAX_RECORD_PAYLOAD`])            |
 //! | 4      | 1    | record type ([`RecordType`])                         |
-//! | 5      | 3    | reserved, must be zero                               |
+//! | 5      | 3    | `unsynced_before` (u24, see below; 0 in version 1)   |
 //! | 8      | 8    | sequence number                                      |
 //! | 16     | 4    | CRC32C                                               |
 //! | 20     | len  | payload                                              |
@@ -33,14 +33,25 @@
 //! the segment number makes bytes left over from another segment (a reused or
 //! preallocated file, a copied block) fail verification.
 //!
+//! `unsynced_before` is how many records had been appended and not yet made durable
+//! (fdatasync) when this record was appended: every record with a sequence below
+//! `seq - unsynced_before` was durable then. Recovery uses it to tell a torn group commit
+//! from damage to acknowledged records (see `recovery.rs`). The journal syncs before a
+//! group would make it exceed [`MAX_UNSYNCED_BEFORE`].
+//!
 //! Sequence numbers are contiguous across the whole journal: the first record
 //! of segment *n+1* has the sequence following the last record of segment *n*
 //! (the header's `first_seq` records this even for an empty segment).
 
 /// Segment file magic.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"RIPCJRNL";
-/// Current on-disk format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current on-disk format version (2: records carry `unsynced_before`). Version 1
+/// segments (field always zero) are still read.
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest format version read.
+pub const MIN_FORMAT_VERSION: u32 = 1;
+/// Largest `unsynced_before` a record header holds (24 bits).
+pub const MAX_UNSYNCED_BEFORE: u64 = (1 << 24) - 1;
 /// Size of the segment header in bytes.
 pub const SEGMENT_HEADER_LEN: usize = 32;
 /// Size of a record header in bytes.
@@ -113,7 +124,7 @@ impl SegmentHeader {
             return Err(HeaderError::Checksum);
         }
         let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(HeaderError::Version(version));
         }
         Ok(SegmentHeader {
@@ -128,6 +139,8 @@ impl SegmentHeader {
 pub(crate) struct RecordHeader {
     pub len: u32,
     pub kind: RecordType,
+    /// Records appended and not yet durable when this one was appended.
+    pub unsynced_before: u32,
     pub seq: u64,
     pub crc: u32,
 }
@@ -138,30 +151,34 @@ impl RecordHeader {
         segment: u64,
         kind: RecordType,
         seq: u64,
+        unsynced_before: u64,
         payload: &[u8],
     ) -> [u8; RECORD_HEADER_LEN] {
         debug_assert!(payload.len() <= MAX_RECORD_PAYLOAD);
+        debug_assert!(unsynced_before <= MAX_UNSYNCED_BEFORE);
         let mut b = [0u8; RECORD_HEADER_LEN];
         b[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         b[4] = kind as u8;
+        b[5..8].copy_from_slice(&(unsynced_before as u32).to_le_bytes()[..3]);
         b[8..16].copy_from_slice(&seq.to_le_bytes());
         let crc = record_crc(segment, &b[0..16], payload);
         b[16..20].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
-    /// Parse a header; `None` if structurally invalid (unknown type, reserved
-    /// bits set, length over the maximum). Does not verify the checksum.
+    /// Parse a header; `None` if structurally invalid (unknown type, length over
+    /// the maximum). Does not verify the checksum.
     pub fn decode(b: &[u8]) -> Option<Self> {
         debug_assert!(b.len() >= RECORD_HEADER_LEN);
         let len = u32::from_le_bytes(b[0..4].try_into().ok()?);
-        if len as usize > MAX_RECORD_PAYLOAD || b[5..8] != [0, 0, 0] {
+        if len as usize > MAX_RECORD_PAYLOAD {
             return None;
         }
         let kind = RecordType::from_u8(b[4])?;
         Some(RecordHeader {
             len,
             kind,
+            unsynced_before: u32::from_le_bytes([b[5], b[6], b[7], 0]),
             seq: u64::from_le_bytes(b[8..16].try_into().ok()?),
             crc: u32::from_le_bytes(b[16..20].try_into().ok()?),
         })
@@ -181,10 +198,11 @@ pub(crate) fn record_crc(segment: u64, header16: &[u8], payload: &[u8]) -> u32 {
 }
 
 /// Encode a complete record (header + payload) as it would appear in segment
-/// `segment`. For tools and tests (e.g. crafting stale or forged bytes).
+/// `segment`, appended when every earlier record was durable. For tools and tests (e.g.
+/// crafting stale or forged bytes).
 pub fn encode_record(segment: u64, kind: RecordType, seq: u64, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(RECORD_HEADER_LEN + payload.len());
-    v.extend_from_slice(&RecordHeader::encode(segment, kind, seq, payload));
+    v.extend_from_slice(&RecordHeader::encode(segment, kind, seq, 0, payload));
     v.extend_from_slice(payload);
     v
 }
@@ -264,8 +282,9 @@ mod tests {
     #[test]
     fn record_crc_mixes_segment_number() {
         let payload = b"hello";
-        let h = RecordHeader::encode(7, RecordType::Batch, 3, payload);
+        let h = RecordHeader::encode(7, RecordType::Batch, 3, 2, payload);
         let d = RecordHeader::decode(&h).unwrap();
+        assert_eq!(d.unsynced_before, 2);
         assert!(d.verify(7, &h, payload));
         assert!(!d.verify(8, &h, payload));
     }

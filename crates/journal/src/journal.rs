@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use crate::engine::{Engine, EngineChoice, EngineKind, MAX_IOVECS, SyncKind};
 use crate::error::{IoOp, JournalError, Result, io_err, is_no_space};
 use crate::format::{
-    MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN, RecordHeader, RecordType, SEGMENT_HEADER_LEN,
+    MAX_RECORD_PAYLOAD, MAX_UNSYNCED_BEFORE, RECORD_HEADER_LEN, RecordHeader, RecordType, SEGMENT_HEADER_LEN,
     SegmentHeader, record_size, segment_file_name, temp_file_name,
 };
 use crate::reader::{JournalReader, ReaderSegment};
@@ -279,11 +279,22 @@ impl Journal {
         {
             self.roll_over()?;
         }
+        // Each record says how many before it were not yet durable (see `format`); that
+        // count must fit its 24 bits.
+        if first_seq + records.len() as u64 - self.durable.next_seq > MAX_UNSYNCED_BEFORE {
+            self.sync()?;
+        }
         let segment = self.active.number;
+        let durable_next = self.durable.next_seq;
         let headers: Vec<[u8; RECORD_HEADER_LEN]> = records
             .iter()
             .enumerate()
-            .map(|(i, (k, p))| RecordHeader::encode(segment, *k, first_seq + i as u64, p))
+            .map(|(i, (k, p))| {
+                let seq = first_seq + i as u64;
+                // Saturating understates it: recovery then refuses rather than drops.
+                let unsynced = (seq - durable_next).min(MAX_UNSYNCED_BEFORE);
+                RecordHeader::encode(segment, *k, seq, unsynced, p)
+            })
             .collect();
         let mut slices = Vec::with_capacity(records.len() * 2);
         for (h, (_, p)) in headers.iter().zip(records) {

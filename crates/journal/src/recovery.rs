@@ -45,15 +45,17 @@ pub const LOCK_FILE_NAME: &str = "LOCK";
 pub enum RecoveryMode {
     /// Refuse to open if the last segment has any invalid tail bytes.
     Strict,
-    /// Truncate a torn tail: invalid bytes at the end of the last segment that
-    /// are followed by no valid record. If a valid record follows the first
-    /// invalid one, that is mid-log corruption and opening is refused.
+    /// Truncate a torn tail: invalid bytes at the end of the last segment,
+    /// with any valid records after them that belong to the same unfinished
+    /// group commit (their headers show the invalid record was not durable when
+    /// they were appended: later pages persisted first at a power cut). A valid
+    /// record showing the invalid one was durable means acknowledged data was
+    /// damaged: opening is refused.
     #[default]
     TolerateTornTail,
     /// Operator override: truncate the last segment at the first invalid
-    /// record even if valid records follow (discards them). Use only after
-    /// inspecting a refused open; unsynced writes can legitimately reach disk
-    /// out of order after a power loss, which `TolerateTornTail` refuses.
+    /// record even if valid records follow that show it was durable (discards
+    /// acknowledged records). Use only after inspecting a refused open.
     TruncateCorruptTail,
 }
 
@@ -74,6 +76,9 @@ pub struct RecoveryReport {
     pub truncated_bytes: u64,
     /// File and offset at which the tail was truncated, if any.
     pub truncated_at: Option<(PathBuf, u64)>,
+    /// Valid records dropped with a torn tail because they followed a torn region of
+    /// the same unfinished group commit (never durable, never acknowledged).
+    pub dropped_after_tear: u64,
     /// Leftover temporary segment files deleted.
     pub removed_temp_files: Vec<PathBuf>,
 }
@@ -249,6 +254,44 @@ fn lock_dir(dir: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// Every complete, checksum-valid record in `buf` (file offset `base`), in order.
+fn valid_records(segment: u64, buf: &[u8], base: u64) -> Vec<(u64, RecordHeader)> {
+    let mut found = Vec::new();
+    let mut from = 0usize;
+    while let Some(off) = find_valid_record(segment, &buf[from..], base + from as u64) {
+        let at = (off - base) as usize;
+        let Some(h) = RecordHeader::decode(&buf[at..at + RECORD_HEADER_LEN]) else {
+            break;
+        };
+        found.push((off, h));
+        from = at + record_size(h.len as usize) as usize;
+    }
+    found
+}
+
+/// Whether `gap` (file offset `base`) holds a whole 512-byte-aligned sector of zeros: a
+/// region the file system never wrote. That is what a power cut leaves where later pages
+/// of a write persisted and earlier ones did not (segment space reads as zeros until
+/// written); a flipped or garbled byte in written data does not look like that (record
+/// payloads are sealed, so never a whole zero sector).
+fn has_unwritten_sector(gap: &[u8], base: u64) -> bool {
+    let first = (base.next_multiple_of(512) - base) as usize;
+    gap.get(first..)
+        .is_some_and(|g| g.chunks_exact(512).any(|s| s.iter().all(|&b| b == 0)))
+}
+
+/// Whether `later`, a valid record found after the invalid (torn, see
+/// [`has_unwritten_sector`]) record that would have had sequence `torn_seq`, is consistent
+/// with the invalid record never having been durable: `later` was appended
+/// while every record from `seq - unsynced_before` on was not yet durable, and the torn
+/// one is among them. Then the torn record, and `later` with it, belong to a group commit
+/// whose fdatasync never completed: none was acknowledged, and dropping them loses
+/// nothing. If `later` says the torn record was durable, the damage is to acknowledged
+/// data: refused (the disk is quarantined, nothing is silently dropped).
+fn torn_group_commit(torn_seq: u64, later: &RecordHeader) -> bool {
+    later.seq > torn_seq && later.seq - u64::from(later.unsynced_before) <= torn_seq
+}
+
 /// Verify one segment. For the last segment apply the recovery mode to an
 /// invalid tail; anywhere else any invalid byte is an error.
 fn scan_segment(
@@ -371,7 +414,14 @@ fn scan_segment(
             let mut rest = vec![0u8; rest_len];
             file.read_exact_at(&mut rest, pos + 1)
                 .map_err(io_err(IoOp::Read, &path))?;
-            if let Some(off) = find_valid_record(number, &rest, pos + 1) {
+            let later = valid_records(number, &rest, pos + 1);
+            // The bytes from the bad record to the first valid one after it.
+            let gap_end = later.first().map_or(file_len, |&(off, _)| off);
+            let gap = &rest[..(gap_end - pos - 1) as usize];
+            let torn = has_unwritten_sector(gap, pos + 1);
+            if let Some(&(off, _)) = later.iter().find(|(_, h)| {
+                !torn || !torn_group_commit(next_seq, h) || mode == RecoveryMode::Strict
+            }) {
                 return Err(corrupt(
                     &path,
                     pos,
@@ -379,6 +429,18 @@ fn scan_segment(
                         next_valid_offset: off,
                     },
                 ));
+            }
+            if !later.is_empty() {
+                tracing::warn!(
+                    path = %path.display(),
+                    offset = pos,
+                    records = later.len(),
+                    "dropping {} records written after a torn region of the last group \
+                     commit: a power cut persisted later pages before earlier ones, and none \
+                     of them was ever durable (so none was acknowledged)",
+                    later.len()
+                );
+                report.dropped_after_tear += later.len() as u64;
             }
             if mode == RecoveryMode::Strict {
                 return Err(corrupt(

@@ -381,3 +381,76 @@ fn reader_detects_corruption_after_open() {
         CorruptionKind::BadChecksum
     );
 }
+
+/// Zeroes the 4 KiB-aligned page that starts at or after `from` (a page a power cut left
+/// unwritten while later ones persisted).
+fn unwrite_page_after(path: &Path, from: u64) -> u64 {
+    let page = from.next_multiple_of(4096);
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&[0u8; 4096], page).unwrap();
+    page
+}
+
+/// Appends `n` records of 10 000 bytes, numbered from `first`, then syncs if asked.
+fn group(j: &mut Journal, first: u64, n: u64, sync: bool) {
+    for i in first..first + n {
+        j.append(RecordType::Batch, &payload(i, 10_000)).unwrap();
+    }
+    if sync {
+        j.sync().unwrap();
+    }
+}
+
+#[test]
+fn a_torn_group_commit_whose_later_pages_persisted_is_truncated_not_refused() {
+    for engine in engines() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut j = Journal::open(dir.path(), cfg(engine, 8 << 20)).unwrap();
+            group(&mut j, 0, 5, true); // acknowledged
+            group(&mut j, 5, 6, false); // the power cut comes before its fdatasync
+        }
+        let last = segment_files(dir.path()).pop().unwrap();
+        let ext = record_extents(&last);
+        // Record 7 (the second of the unfinished group) lost a page; 8..=11 persisted.
+        let page = unwrite_page_after(&last, ext[6].0);
+        assert!(page + 4096 <= ext[6].0 + ext[6].1, "the page must lie inside record 7");
+        let j = Journal::open(dir.path(), cfg(engine, 8 << 20))
+            .expect("a torn group commit must not refuse the open");
+        let records = read_all(&j);
+        assert_eq!(records.len(), 6, "records 1..=6 precede the tear");
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(r.payload, payload(i as u64, 10_000), "record {} changed", i + 1);
+        }
+        let report = j.recovery_report();
+        assert_eq!(report.dropped_after_tear, 4, "{report:?}");
+        assert!(report.truncated_bytes > 0);
+    }
+}
+
+#[test]
+fn an_unwritten_page_in_an_acknowledged_record_is_refused() {
+    for engine in engines() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut j = Journal::open(dir.path(), cfg(engine, 8 << 20)).unwrap();
+            group(&mut j, 0, 5, true);
+            group(&mut j, 5, 3, true);
+            group(&mut j, 8, 2, false);
+        }
+        let last = segment_files(dir.path()).pop().unwrap();
+        let ext = record_extents(&last);
+        // Record 3 was durable before group 2 was appended: group 2's headers say so.
+        unwrite_page_after(&last, ext[2].0);
+        let e = Journal::open(dir.path(), cfg(engine, 8 << 20)).unwrap_err();
+        let kind = expect_corrupt(e, &last, ext[2].0);
+        assert_eq!(
+            kind,
+            CorruptionKind::ValidRecordAfterCorruption {
+                next_valid_offset: ext[5].0
+            },
+            "damage to an acknowledged record must refuse, naming the first record that \
+             shows it was durable (record 6, the first of the next group commit)"
+        );
+    }
+}

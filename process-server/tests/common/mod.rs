@@ -174,6 +174,31 @@ impl Fixture {
 
     fn batch(&mut self, extents: Vec<Extent>, plain: &[u8]) -> u64 {
         let seq = self.next_seq;
+        let b = self.batch_message(extents, plain);
+        self.apply(b);
+        seq
+    }
+
+    /// Encoded frames of `n` batches of `kib` KiB that are never journaled through the
+    /// receiver (for tests that write the journal as a crash left it); their seqs are
+    /// used up.
+    pub fn unacknowledged_frames(&mut self, n: u64, kib: u32) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| {
+                let data = self.random_bytes(kib as usize * 1024);
+                let extents = vec![Extent {
+                    sector: i * u64::from(kib) * 2,
+                    sectors: kib * 2,
+                    kind: ExtentKind::Data,
+                }];
+                encode(&self.batch_message(extents, &data))
+            })
+            .collect()
+    }
+
+    /// A sealed batch at the next seq (which it uses up).
+    fn batch_message(&mut self, extents: Vec<Extent>, plain: &[u8]) -> Message {
+        let seq = self.next_seq;
         let aad = aead::batch_aad(MACHINE, &DISK, self.epoch, seq, seq, &extents);
         let nonce = aead::nonce(self.epoch, seq).expect("nonce");
         let mut payload = Vec::new();
@@ -195,9 +220,8 @@ impl Fixture {
                 },
             payload,
         };
-        self.apply(Message::Batch(b));
         self.next_seq += 1;
-        seq
+        Message::Batch(b)
     }
 
     /// Journals a crash-consistent cut at the last batch written; returns its id.
