@@ -349,7 +349,7 @@ fn error(code: ErrorCode, disk: DiskId, message: &str) -> ErrorMessage {
     ErrorMessage {
         code,
         disk_id: Some(disk),
-        message: message.chars().take(1000).collect(),
+        message: ripcord_proto::wire::clip_message(message),
     }
 }
 

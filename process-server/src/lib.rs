@@ -11,6 +11,7 @@ pub mod peers;
 pub mod registry;
 pub mod replay;
 pub mod server;
+mod session;
 pub mod uploader;
 
 /// Read the deployment passphrase from a file (first line) or `RIPCORD_PASSPHRASE`.

@@ -1,11 +1,5 @@
-//! `ripcord-ps serve`: the QUIC endpoints and the per-connection, per-disk drivers around
-//! the sans-IO receiver.
-//!
-//! A connection (mutual TLS; the peer's machine id comes from its certificate) opens a
-//! control stream (Hello / HelloAck) and then one bidirectional stream per disk:
-//! ProtectDisk, then Batch and Cut frames one way and Acks the other. A blocking worker per
-//! stream journals frames in groups with one fdatasync per group (group commit) and sends
-//! the acks the receiver releases.
+//! `ripcord-ps serve`: the server's shared state, its QUIC endpoints, its start checks and
+//! its bounded stop. Each connection and disk stream is driven by `session`.
 
 use std::{
     collections::HashMap,
@@ -17,21 +11,18 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use quinn::SendStream;
-use ripcord_proto::{DiskId, ErrorCode, ErrorMessage, Message, handshake::answer_hello};
+use ripcord_proto::DiskId;
 use ripcord_transport::{
     MachineStore, Registrar, TokenStore, TransportOptions, endpoint::server_endpoint_with,
     registration_endpoint, serve_registration,
 };
-use tokio::sync::mpsc;
 
 use crate::{
     deploy::{Deployment, machines_dir, tokens_dir},
     disk::{DiskCore, journal_config},
-    frames::{Budget, FrameReader, Received},
     metrics::Metrics,
     peers::Peers,
-    registry::{ClaimError, Registry},
+    registry::Registry,
 };
 
 /// Unauthenticated handshakes in progress at once; more are refused until some finish.
@@ -41,37 +32,37 @@ const MAX_PENDING_HANDSHAKES: usize = 64;
 /// (what they held and was not acknowledged is sent again by their agents).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-struct DiskSlot {
-    core: Arc<Mutex<DiskCore>>,
+pub(crate) struct DiskSlot {
+    pub(crate) core: Arc<Mutex<DiskCore>>,
     /// Uploads this disk's journal to the target store (if one is configured); kept so
     /// the task lives as long as the slot.
     _uploader: Option<tokio::task::JoinHandle<()>>,
     /// The stream currently driving this disk; a new stream for the disk replaces it.
-    driver: Option<tokio::task::AbortHandle>,
+    pub(crate) driver: Option<tokio::task::AbortHandle>,
 }
 
 /// Shared server state.
 pub struct State {
-    dep: Deployment,
-    escrow_key: [u8; 32],
-    registry: Mutex<Registry>,
-    disks: tokio::sync::Mutex<HashMap<DiskId, DiskSlot>>,
-    tokens: TokenStore,
-    machines: MachineStore,
-    peers: Peers,
+    pub(crate) dep: Deployment,
+    pub(crate) escrow_key: [u8; 32],
+    pub(crate) registry: Mutex<Registry>,
+    pub(crate) disks: tokio::sync::Mutex<HashMap<DiskId, DiskSlot>>,
+    pub(crate) tokens: TokenStore,
+    pub(crate) machines: MachineStore,
+    pub(crate) peers: Peers,
     /// Bytes of frames all connections may hold in memory (`max-inflight-mib`).
-    inflight: Arc<tokio::sync::Semaphore>,
+    pub(crate) inflight: Arc<tokio::sync::Semaphore>,
     /// Handshakes in progress (see [`MAX_PENDING_HANDSHAKES`]).
-    handshakes: Arc<tokio::sync::Semaphore>,
-    store: Option<ripcord_store::Store>,
+    pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
+    pub(crate) store: Option<ripcord_store::Store>,
     pub metrics: Metrics,
     /// Set when the server stops (see [`DiskCore::stop_waiting_when`]).
-    stopping: Arc<AtomicBool>,
+    pub(crate) stopping: Arc<AtomicBool>,
 }
 
 impl State {
     /// Open (or return) a disk's journal, starting its uploader once.
-    async fn disk_core(
+    pub(crate) async fn disk_core(
         self: &Arc<Self>,
         disk: DiskId,
         owner: &str,
@@ -221,7 +212,7 @@ pub async fn serve(
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = connection(state, incoming, handshake).await {
+                    if let Err(e) = crate::session::connection(state, incoming, handshake).await {
                         tracing::info!(%remote, "connection ended: {}", ripcord_types::report(e.as_ref()));
                     }
                 });
@@ -310,259 +301,4 @@ async fn stop(state: &State, data: &quinn::Endpoint, register: &quinn::Endpoint)
         );
     }
     tracing::info!("stopped");
-}
-
-async fn send_message(send: &mut SendStream, msg: &Message) -> anyhow::Result<()> {
-    let frame = msg.to_frame()?;
-    send.write_all(&frame).await?;
-    Ok(())
-}
-
-async fn refuse(send: &mut SendStream, code: ErrorCode, disk: Option<DiskId>, message: String) {
-    let msg = Message::Error(ErrorMessage {
-        code,
-        disk_id: disk,
-        message,
-    });
-    let _ = send_message(send, &msg).await;
-    let _ = send.finish();
-}
-
-async fn connection(
-    state: Arc<State>,
-    incoming: quinn::Incoming,
-    handshake: tokio::sync::OwnedSemaphorePermit,
-) -> anyhow::Result<()> {
-    // The handshake fails for peers without a certificate from our CA, and admission for
-    // a certificate that is not its machine's current one: nothing of theirs is parsed.
-    let conn = incoming.await.context("TLS handshake");
-    drop(handshake);
-    let conn = conn?;
-    let admitted = state.peers.admit(&conn).context("refused")?;
-    let budget = Budget::for_connection(&state.inflight);
-    let machine = admitted.machine.as_str().to_owned();
-    state.metrics.connections.inc();
-    let result = async {
-        let (mut send, recv) = conn.accept_bi().await?;
-        let mut reader = FrameReader::new(recv, budget.clone());
-        let hello = match reader.next().await? {
-            Some(Received {
-                msg: Message::Hello(h),
-                ..
-            }) => h,
-            other => bail!(
-                "expected Hello, got {:?}",
-                other.map(|r| r.msg.message_type())
-            ),
-        };
-        if hello.machine_id != machine {
-            refuse(
-                &mut send,
-                ErrorCode::NotOwner,
-                None,
-                format!(
-                    "hello names machine {:?} but the certificate is for {machine:?}",
-                    hello.machine_id
-                ),
-            )
-            .await;
-            bail!("machine id mismatch");
-        }
-        match answer_hello(&hello, &state.dep.config.server_id, state.escrow_key) {
-            Ok(ack) => send_message(&mut send, &ack).await?,
-            Err((e, msg)) => {
-                let _ = send_message(&mut send, &msg).await;
-                bail!("{e}");
-            }
-        }
-        tracing::info!(%machine, agent = %hello.agent_version, "agent connected");
-        loop {
-            let (send, recv) = conn.accept_bi().await?;
-            let state = Arc::clone(&state);
-            let machine = machine.clone();
-            let reader = FrameReader::new(recv, budget.clone());
-            tokio::spawn(async move {
-                if let Err(e) = disk_stream(state, machine.clone(), send, reader).await {
-                    tracing::info!(%machine, "disk stream ended: {}", ripcord_types::report(e.as_ref()));
-                }
-            });
-        }
-    }
-    .await;
-    state.metrics.connections.dec();
-    result
-}
-
-async fn disk_stream(
-    state: Arc<State>,
-    machine: String,
-    mut send: SendStream,
-    mut reader: FrameReader,
-) -> anyhow::Result<()> {
-    let (pd, raw) = match reader.next().await? {
-        Some(Received {
-            msg: Message::ProtectDisk(pd),
-            raw,
-            ..
-        }) => (pd, raw),
-        other => {
-            let got = other.map(|r| r.msg.message_type());
-            refuse(
-                &mut send,
-                ErrorCode::BadFrame,
-                None,
-                format!("expected ProtectDisk, got {got:?}"),
-            )
-            .await;
-            bail!("expected ProtectDisk");
-        }
-    };
-    let disk = pd.disk_id;
-    let disk_hex = disk.to_string();
-    // Nothing of a malformed ProtectDisk reaches the registry or the journal.
-    if let Err(why) = crate::ingest::check_protect(&pd) {
-        state.metrics.errors.inc();
-        refuse(&mut send, ErrorCode::BadFrame, Some(disk), why.clone()).await;
-        bail!("ProtectDisk refused: {why}");
-    }
-    // Ownership first: a machine may only write its own disks.
-    let claim = state
-        .registry
-        .lock()
-        .expect("registry lock")
-        .claim(&machine, &pd);
-    match claim {
-        Ok(()) => {}
-        Err(e @ ClaimError::NotOwner { .. }) => {
-            state.metrics.errors.inc();
-            refuse(&mut send, ErrorCode::NotOwner, Some(disk), e.to_string()).await;
-            bail!("{e}");
-        }
-        Err(e @ ClaimError::TooManyDisks { .. }) => {
-            state.metrics.errors.inc();
-            refuse(
-                &mut send,
-                ErrorCode::Backpressure,
-                Some(disk),
-                e.to_string(),
-            )
-            .await;
-            bail!("{e}");
-        }
-        Err(e) => return Err(e.into()),
-    }
-
-    let core = state.disk_core(disk, &machine).await?;
-    if let Some(old) = state
-        .disks
-        .lock()
-        .await
-        .get_mut(&disk)
-        .and_then(|s| s.driver.take())
-    {
-        old.abort();
-    }
-
-    let reply = {
-        let core = Arc::clone(&core);
-        let pd = pd.clone();
-        tokio::task::spawn_blocking(move || core.lock().expect("disk lock").protect(&pd, &raw))
-            .await??
-    };
-    match reply {
-        Ok(accepted) => send_message(&mut send, &Message::DiskAccepted(accepted)).await?,
-        Err(err) => {
-            let _ = send_message(&mut send, &Message::Error(err)).await;
-            bail!("ProtectDisk refused");
-        }
-    }
-    tracing::info!(%machine, disk = %disk_hex, epoch = pd.epoch, "disk stream open");
-
-    // Worker: journals groups of frames, one fdatasync per group, emits acks.
-    // Frames wait here with their memory reserved (see `frames`): bounded in bytes.
-    let (frames_tx, mut frames_rx) = mpsc::channel::<Received>(256);
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
-    let group_bytes = (state.dep.config.group_commit_mib << 20) as usize;
-    let worker_state = Arc::clone(&state);
-    let worker_machine = machine.clone();
-    // The worker waits for frames without holding a thread; a blocking thread is taken
-    // only while a group is journaled (write + fdatasync).
-    let worker = tokio::spawn(async move {
-        while let Some(first) = frames_rx.recv().await {
-            let mut bytes = first.raw.len();
-            let mut group = vec![(first.msg, first.raw)];
-            let mut reserved = vec![first.budget];
-            while bytes < group_bytes {
-                match frames_rx.try_recv() {
-                    Ok(f) => {
-                        bytes += f.raw.len();
-                        group.push((f.msg, f.raw));
-                        reserved.push(f.budget);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let (core, state, disk_hex, machine) = (
-                Arc::clone(&core),
-                Arc::clone(&worker_state),
-                disk_hex.clone(),
-                worker_machine.clone(),
-            );
-            let applied = tokio::task::spawn_blocking(move || {
-                let mut core = core.lock().expect("disk lock");
-                let applied = core.apply(&group);
-                state.metrics.observe(&disk_hex, &machine, &core);
-                applied
-            })
-            .await??;
-            // Journaled: their memory is free for the next frames.
-            drop(reserved);
-            for ack in applied.acks {
-                let _ = out_tx.send(Message::Ack(ack));
-            }
-            if let Some(err) = applied.error {
-                worker_state.metrics.errors.inc();
-                let _ = out_tx.send(Message::Error(err));
-                break;
-            }
-        }
-        Ok::<(), anyhow::Error>(())
-    });
-    let writer = tokio::spawn(async move {
-        while let Some(msg) = out_rx.recv().await {
-            let is_error = matches!(msg, Message::Error(_));
-            if send_message(&mut send, &msg).await.is_err() || is_error {
-                let _ = send.finish();
-                break;
-            }
-        }
-    });
-
-    let reader_task = tokio::spawn(async move {
-        while let Some(frame) = reader.next().await? {
-            if frames_tx.send(frame).await.is_err() {
-                break;
-            }
-        }
-        Ok::<(), anyhow::Error>(())
-    });
-    {
-        let mut disks = state.disks.lock().await;
-        if let Some(slot) = disks.get_mut(&disk) {
-            slot.driver = Some(reader_task.abort_handle());
-        }
-    }
-    let read_result = reader_task.await;
-    let worker_result = worker.await;
-    // The worker dropped its sender: the writer sends the last acks and ends.
-    let _ = writer.await;
-    match read_result {
-        Ok(r) => r?,
-        Err(e) if e.is_cancelled() => {
-            tracing::info!(disk = %disk, "stream replaced by a newer one")
-        }
-        Err(e) => return Err(e.into()),
-    }
-    worker_result??;
-    Ok(())
 }

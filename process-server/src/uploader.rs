@@ -63,6 +63,9 @@ pub struct UploadStatus {
     pub newest_point_at: SystemTime,
     /// Whether `newest_point_at` is a committed point (else the start time).
     pub point_seen: bool,
+    /// (epoch, cut id) of the newest point committed in the store, as far as this
+    /// server knows (from the store at the uploader's start, then from its flushes).
+    pub newest_point: Option<(u64, u64)>,
     /// When the stale-point warning was last logged.
     warned_stale: Option<Instant>,
     /// When the failure was last logged.
@@ -77,6 +80,7 @@ impl Default for UploadStatus {
             failing_cause: String::new(),
             newest_point_at: SystemTime::now(),
             point_seen: false,
+            newest_point: None,
             warned_stale: None,
             logged_failure: None,
         }
@@ -84,6 +88,22 @@ impl Default for UploadStatus {
 }
 
 impl UploadStatus {
+    /// What the agent of the disk is told (see [`ripcord_proto::StoreStatus`]).
+    pub fn for_agent(&self, disk: DiskId) -> ripcord_proto::StoreStatus {
+        let (epoch, committed_cut_id) = self.newest_point.unwrap_or_default();
+        ripcord_proto::StoreStatus {
+            disk_id: disk,
+            epoch,
+            committed_cut_id,
+            point_age_secs: self.point_age().as_secs(),
+            failure: self
+                .failing
+                .as_ref()
+                .map(|(_, m)| ripcord_proto::wire::clip_message(m))
+                .unwrap_or_default(),
+        }
+    }
+
     /// Seconds since the newest recovery point (or since the start, see `point_seen`).
     pub fn point_age(&self) -> Duration {
         SystemTime::now()
@@ -126,7 +146,11 @@ impl UploadStatus {
 
     /// A successful flush: clears the failure (logging the recovery) and notes a new
     /// recovery point.
-    fn flushed(&mut self, disk: &DiskId, owner: &str, new_points: bool) {
+    fn flushed(&mut self, disk: &DiskId, owner: &str, committed: &Committed) {
+        let new_points = !committed.cuts_committed.is_empty();
+        if committed.cuts_through > 0 {
+            self.newest_point = Some((committed.epoch, committed.cuts_through));
+        }
         if let Some((since, _)) = self.failing.take() {
             tracing::info!(
                 disk = %disk, machine = owner,
@@ -268,8 +292,21 @@ impl Uploader {
 
     /// Reports into `status` (kept across restarts by [`supervise`]).
     pub fn with_status(mut self, status: Arc<Mutex<UploadStatus>>) -> Uploader {
+        if let Some(epoch) = self.writer.epoch()
+            && self.writer.last_cut_id() > 0
+        {
+            let mut st = status.lock().expect("status lock");
+            st.newest_point = st
+                .newest_point
+                .max(Some((epoch, self.writer.last_cut_id())));
+        }
         self.status = status;
         self
+    }
+
+    /// The status this uploader reports into.
+    pub fn status(&self) -> &Arc<Mutex<UploadStatus>> {
+        &self.status
     }
 
     /// One round: upload up to 256 durable journal records; flush (and trim what the
@@ -317,11 +354,10 @@ impl Uploader {
                 .with_context(|| format!("uploading disk {hex}"))?;
             self.last_flush = Instant::now();
             self.dirty = false;
-            self.status.lock().expect("status lock").flushed(
-                &self.disk,
-                &self.owner,
-                !c.cuts_committed.is_empty(),
-            );
+            self.status
+                .lock()
+                .expect("status lock")
+                .flushed(&self.disk, &self.owner, &c);
             step.trimmed_through = self.trim(&c)?;
             tracing::debug!(disk = %hex, durable_seq = c.durable_seq, "uploaded");
         }

@@ -98,8 +98,8 @@ fn a_torn_group_commit_is_truncated_and_never_quarantines_the_disk() {
     // The group reaches the journal but its fdatasync never completes.
     let mut ends = Vec::new();
     let segment = {
-        let mut j = Journal::open(&dir, ripcord_process_server::disk::journal_config(&cfg))
-            .unwrap();
+        let mut j =
+            Journal::open(&dir, ripcord_process_server::disk::journal_config(&cfg)).unwrap();
         let mut start = j.written().offset;
         for frame in &unacknowledged {
             let a = j.append(RecordType::Batch, frame).unwrap();
@@ -111,8 +111,14 @@ fn a_torn_group_commit_is_truncated_and_never_quarantines_the_disk() {
     // The second record of the group lost a page; the two after it persisted.
     let (start, end) = ends[1];
     let page = start.next_multiple_of(4096);
-    assert!(page + 4096 <= end, "the torn page must lie inside the record");
-    let file = std::fs::OpenOptions::new().write(true).open(&segment).unwrap();
+    assert!(
+        page + 4096 <= end,
+        "the torn page must lie inside the record"
+    );
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
     file.write_all_at(&[0u8; 4096], page).unwrap();
     drop(file);
 

@@ -154,6 +154,13 @@ fn a_full_target_is_named_counted_and_recovered_from() {
         !logs.contains("check connectivity"),
         "a full disk was blamed on the network:\n{logs}"
     );
+    // The agent hears it too: its data is durable on the server but makes no points.
+    wait_for("the agent to learn", Duration::from_secs(20), || {
+        Ok(agent
+            .log()
+            .contains("cannot upload this disk's data to the target store"))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}:\n{}", agent.log()));
 
     // Space returns: uploads resume by themselves and recovery points appear.
     std::fs::remove_file(target_dir.join("filler")).unwrap();
@@ -176,6 +183,12 @@ fn a_full_target_is_named_counted_and_recovered_from() {
         0.0,
         "{metrics}"
     );
+    wait_for(
+        "the agent to hear of the recovery",
+        Duration::from_secs(20),
+        || Ok(agent.log().contains("the process server uploads again")),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}:\n{}", agent.log()));
     drop(agent);
 }
 

@@ -72,6 +72,36 @@ pub struct LinkStats {
     pub reconnects: AtomicU64,
     /// Lag samples: write completion to durable on the server, in microseconds.
     pub lag_us: Mutex<Vec<u64>>,
+    /// What the server last said about the disk's recovery points in the target store.
+    pub store: Mutex<Option<ripcord_proto::StoreStatus>>,
+}
+
+impl LinkStats {
+    /// Takes the server's news about the target store, saying so when uploads begin to
+    /// fail (no new recovery points) or work again.
+    fn store_status(&self, disk: &str, now: ripcord_proto::StoreStatus) {
+        let mut last = self.store.lock().expect("store status lock");
+        let was_failing = last.as_ref().is_some_and(|s| !s.failure.is_empty());
+        if !now.failure.is_empty() && last.as_ref().is_none_or(|s| s.failure != now.failure) {
+            tracing::warn!(
+                disk,
+                "the process server cannot upload this disk's data to the target store, so \
+                 no new recovery points are made (the newest is {} s old); its data stays \
+                 durable on the server meanwhile: {}",
+                now.point_age_secs,
+                now.failure
+            );
+        } else if now.failure.is_empty() && was_failing {
+            tracing::info!(
+                disk,
+                "the process server uploads again: recovery points are being made (newest: \
+                 cut {} of epoch {})",
+                now.committed_cut_id,
+                now.epoch
+            );
+        }
+        *last = Some(now);
+    }
 }
 
 /// One disk's stream state, kept across reconnects.
@@ -470,6 +500,7 @@ async fn drive(conn: &Connection, l: &mut DiskLink) -> anyhow::Result<()> {
                         samples.drain(..50_000);
                     }
                 }
+                Some(Message::StoreStatus(st)) => l.stats.store_status(&disk_hex, st),
                 Some(Message::Error(e)) => {
                     if matches!(e.code, ErrorCode::NotOwner | ErrorCode::StaleEpoch) {
                         return Err(Refused { disk: disk_hex, code: e.code, message: e.message }.into());

@@ -534,6 +534,12 @@ fn write_stats(path: &std::path::Path, view: &StatsView<'_>) -> anyhow::Result<(
                 "pushed_seq": l.pushed_seq.load(Ordering::Relaxed),
                 "acked_seq": l.acked_seq.load(Ordering::Relaxed),
                 "acked_cuts": l.acked_cuts.load(Ordering::Relaxed),
+                "store": l.store.lock().expect("store status lock").as_ref().map(|s| json!({
+                    "epoch": s.epoch,
+                    "committed_cut": s.committed_cut_id,
+                    "point_age_secs": s.point_age_secs,
+                    "failure": s.failure,
+                })),
                 "reconnects": l.reconnects.load(Ordering::Relaxed),
                 "bytes_read": c.bytes_read,
                 "read_errors": c.read_errors,

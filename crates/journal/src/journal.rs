@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use crate::engine::{Engine, EngineChoice, EngineKind, MAX_IOVECS, SyncKind};
 use crate::error::{IoOp, JournalError, Result, io_err, is_no_space};
 use crate::format::{
-    MAX_RECORD_PAYLOAD, MAX_UNSYNCED_BEFORE, RECORD_HEADER_LEN, RecordHeader, RecordType, SEGMENT_HEADER_LEN,
-    SegmentHeader, record_size, segment_file_name, temp_file_name,
+    MAX_RECORD_PAYLOAD, MAX_UNSYNCED_BEFORE, RECORD_HEADER_LEN, RecordHeader, RecordType,
+    SEGMENT_HEADER_LEN, SegmentHeader, record_size, segment_file_name, temp_file_name,
 };
 use crate::reader::{JournalReader, ReaderSegment};
 use crate::recovery::{RecoveryMode, RecoveryReport};

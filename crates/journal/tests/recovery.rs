@@ -414,13 +414,21 @@ fn a_torn_group_commit_whose_later_pages_persisted_is_truncated_not_refused() {
         let ext = record_extents(&last);
         // Record 7 (the second of the unfinished group) lost a page; 8..=11 persisted.
         let page = unwrite_page_after(&last, ext[6].0);
-        assert!(page + 4096 <= ext[6].0 + ext[6].1, "the page must lie inside record 7");
+        assert!(
+            page + 4096 <= ext[6].0 + ext[6].1,
+            "the page must lie inside record 7"
+        );
         let j = Journal::open(dir.path(), cfg(engine, 8 << 20))
             .expect("a torn group commit must not refuse the open");
         let records = read_all(&j);
         assert_eq!(records.len(), 6, "records 1..=6 precede the tear");
         for (i, r) in records.iter().enumerate() {
-            assert_eq!(r.payload, payload(i as u64, 10_000), "record {} changed", i + 1);
+            assert_eq!(
+                r.payload,
+                payload(i as u64, 10_000),
+                "record {} changed",
+                i + 1
+            );
         }
         let report = j.recovery_report();
         assert_eq!(report.dropped_after_tear, 4, "{report:?}");

@@ -11,8 +11,10 @@
 use crate::wire::{ErrorCode, ErrorMessage, Hello, HelloAck, Message};
 use thiserror::Error;
 
-/// Highest protocol version implemented by this crate.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Highest protocol version implemented by this crate. Version 2 adds
+/// [`crate::wire::StoreStatus`] (server -> agent); a server sends it only on sessions
+/// that negotiated 2 or more.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Lowest protocol version this crate still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 

@@ -36,6 +36,6 @@ pub use sender::{PushError, Sender, SenderConfig, SenderEvent, Transmit};
 pub use wire::{
     Ack, Batch, Cut, CutKind, DecodeError, DiskAccepted, DiskId, ErrorCode, ErrorMessage, Extent,
     ExtentKind, FrameDecoder, Hello, HelloAck, InvalidMessage, Message, Ping, Pong, ProtectDisk,
-    decode_frame,
+    StoreStatus, decode_frame,
 };
 pub use wire::{FLAG_COMPRESSED, FLAG_SEALED, MAX_EXTENTS_PER_BATCH, MAX_PAYLOAD_LEN};

@@ -151,6 +151,24 @@ fn arb_message() -> impl Strategy<Value = Message> {
             })),
         any::<u64>().prop_map(|nonce| Message::Ping(Ping { nonce })),
         any::<u64>().prop_map(|nonce| Message::Pong(Pong { nonce })),
+        (
+            arb_disk(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            arb_string(MAX_ERROR_MESSAGE_LEN)
+        )
+            .prop_map(
+                |(disk_id, epoch, committed_cut_id, point_age_secs, failure)| {
+                    Message::StoreStatus(StoreStatus {
+                        disk_id,
+                        epoch,
+                        committed_cut_id,
+                        point_age_secs,
+                        failure,
+                    })
+                }
+            ),
     ]
 }
 

@@ -112,6 +112,16 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
         ),
         ("ping", Message::Ping(Ping { nonce: 99 })),
         ("pong", Message::Pong(Pong { nonce: 99 })),
+        (
+            "store_status",
+            Message::StoreStatus(StoreStatus {
+                disk_id: disk,
+                epoch: 3,
+                committed_cut_id: 17,
+                point_age_secs: 42,
+                failure: "object store put failed: No space left on device".into(),
+            }),
+        ),
     ]
 }
 

@@ -13,7 +13,7 @@ use super::{
     ErrorMessage, Extent, ExtentKind, HEADER_LEN, Hello, HelloAck, MAGIC, MAX_AGENT_VERSION_LEN,
     MAX_ERROR_MESSAGE_LEN, MAX_EXTENTS_PER_BATCH, MAX_MACHINE_ID_LEN, MAX_PAYLOAD_LEN,
     MAX_SERVER_ID_LEN, MAX_WRAPPED_KEY_LEN, Message, MessageType, Ping, Pong, ProtectDisk,
-    WIRE_VERSION,
+    StoreStatus, WIRE_VERSION,
 };
 
 struct Reader<'a> {
@@ -210,6 +210,13 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
         }),
         MessageType::Pong => Message::Pong(Pong {
             nonce: r.u64("pong.nonce")?,
+        }),
+        MessageType::StoreStatus => Message::StoreStatus(StoreStatus {
+            disk_id: r.disk_id("store_status.disk_id")?,
+            epoch: r.u64("store_status.epoch")?,
+            committed_cut_id: r.u64("store_status.committed_cut_id")?,
+            point_age_secs: r.u64("store_status.point_age_secs")?,
+            failure: r.string(MAX_ERROR_MESSAGE_LEN, "store_status.failure")?,
         }),
     };
     r.finish()?;

@@ -117,6 +117,7 @@ impl Message {
             Self::Error(_) => MessageType::Error,
             Self::Ping(_) => MessageType::Ping,
             Self::Pong(_) => MessageType::Pong,
+            Self::StoreStatus(_) => MessageType::StoreStatus,
         }
     }
 
@@ -144,6 +145,11 @@ impl Message {
             }
             Self::Batch(b) => b.validate(),
             Self::Error(m) => check_len("error.message", m.message.len(), MAX_ERROR_MESSAGE_LEN),
+            Self::StoreStatus(m) => check_len(
+                "store_status.failure",
+                m.failure.len(),
+                MAX_ERROR_MESSAGE_LEN,
+            ),
             Self::DiskAccepted(_) | Self::Cut(_) | Self::Ack(_) | Self::Ping(_) | Self::Pong(_) => {
                 Ok(())
             }
@@ -213,6 +219,13 @@ impl Message {
             }
             Self::Ping(m) => put_u64(out, m.nonce),
             Self::Pong(m) => put_u64(out, m.nonce),
+            Self::StoreStatus(m) => {
+                out.extend_from_slice(&m.disk_id.0);
+                put_u64(out, m.epoch);
+                put_u64(out, m.committed_cut_id);
+                put_u64(out, m.point_age_secs);
+                put_str(out, &m.failure);
+            }
         }
         let total = out.len() - start;
         let body = (total - HEADER_LEN) as u32;

@@ -100,6 +100,16 @@ pub const MAX_AGENT_VERSION_LEN: usize = 64;
 pub const MAX_SERVER_ID_LEN: usize = 256;
 /// Maximum byte length of [`ErrorMessage::message`].
 pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
+
+/// `text` cut to at most [`MAX_ERROR_MESSAGE_LEN`] bytes at a character boundary, for the
+/// message fields of [`ErrorMessage`] and [`StoreStatus`].
+pub fn clip_message(text: &str) -> String {
+    let mut end = text.len().min(MAX_ERROR_MESSAGE_LEN);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
 /// Maximum byte length of [`ProtectDisk::wrapped_key`].
 pub const MAX_WRAPPED_KEY_LEN: usize = 256;
 /// Smallest accepted [`ProtectDisk::sector_size`].
@@ -153,6 +163,9 @@ pub enum MessageType {
     Ping = 0x0009,
     /// Either direction: liveness reply.
     Pong = 0x000A,
+    /// Server -> agent: how the disk's data is becoming recovery points in the target
+    /// store (protocol version 2 on).
+    StoreStatus = 0x000B,
 }
 
 impl MessageType {
@@ -169,6 +182,7 @@ impl MessageType {
             0x0008 => Self::Error,
             0x0009 => Self::Ping,
             0x000A => Self::Pong,
+            0x000B => Self::StoreStatus,
             _ => return None,
         })
     }
@@ -185,6 +199,7 @@ impl MessageType {
             Self::Ack => DISK_ID_LEN + 8 + 8 + 8,
             Self::Error => 2 + 1 + DISK_ID_LEN + 2 + MAX_ERROR_MESSAGE_LEN,
             Self::Ping | Self::Pong => 8,
+            Self::StoreStatus => DISK_ID_LEN + 8 + 8 + 8 + 2 + MAX_ERROR_MESSAGE_LEN,
         }
     }
 }
@@ -337,6 +352,24 @@ pub struct Ack {
     pub durable_cut_id: u64,
 }
 
+/// Server -> agent: the target store side of a disk (sent when it changes, and every few
+/// seconds while uploads fail or points lag).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// Disk concerned.
+    pub disk_id: DiskId,
+    /// Epoch of the newest recovery point committed in the target store (0: none).
+    pub epoch: u64,
+    /// Its cut id (0: none).
+    pub committed_cut_id: u64,
+    /// Seconds since it was committed, by the server's clock (or since the server
+    /// started, if none was).
+    pub point_age_secs: u64,
+    /// While uploads to the target store fail: why (`<=` [`MAX_ERROR_MESSAGE_LEN`] bytes);
+    /// empty when they work.
+    pub failure: String,
+}
+
 /// Refusal or failure report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorMessage {
@@ -376,6 +409,7 @@ pub enum Message {
     Error(ErrorMessage),
     Ping(Ping),
     Pong(Pong),
+    StoreStatus(StoreStatus),
 }
 
 /// A message whose contents violate a bound or invariant of the wire format.
