@@ -12,12 +12,13 @@
 //! refused naming the index object that placed the batch.
 
 use std::{
-    fs::{File, OpenOptions},
-    os::unix::fs::{FileExt as _, FileTypeExt as _},
+    fs::File,
+    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
     time::Instant,
 };
 
+use crate::output_guard::{self, Destination};
 use anyhow::{Context as _, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 use ripcord_proto::{FLAG_COMPRESSED, aead};
@@ -36,28 +37,60 @@ pub enum PointSpec {
     LatestApp,
     /// The newest point at or before this wall-clock time (unix ns).
     At(u64),
+    /// A point id, `<epoch>-<cut>`.
     Id(String),
 }
+
+/// The accepted forms of `--point`, for help and errors.
+pub const POINT_FORMS: &str = "latest, latest-app, an RFC 3339 time such as \
+                               2024-05-01T12:00:00Z (the newest point at or before it), or a \
+                               point id <epoch>-<cut> such as 3-17 (`ripcord points list` \
+                               shows them)";
 
 impl std::str::FromStr for PointSpec {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> anyhow::Result<PointSpec> {
+        let bad = || anyhow::anyhow!("--point {s:?} is not a recovery point; give {POINT_FORMS}");
         Ok(match s {
             "latest" => PointSpec::Latest,
             "latest-app" => PointSpec::LatestApp,
             s if s.contains('T') && s.contains(':') => {
-                let t = humantime::parse_rfc3339_weak(s)
-                    .with_context(|| format!("{s:?} is not an RFC 3339 time"))?;
-                let ns = t.duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
-                PointSpec::At(ns)
+                let t = humantime::parse_rfc3339_weak(s).map_err(|_| bad())?;
+                let ns = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_err(|_| bad())?
+                    .as_nanos();
+                PointSpec::At(u64::try_from(ns).map_err(|_| bad())?)
             }
-            id => PointSpec::Id(id.to_owned()),
+            id => {
+                let (epoch, cut) = id.split_once('-').ok_or_else(bad)?;
+                let number = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+                if !number(epoch) || !number(cut) {
+                    return Err(bad());
+                }
+                PointSpec::Id(id.to_owned())
+            }
         })
     }
 }
 
-/// Pick the point `spec` names among `points` (sorted by time).
-pub fn select(points: &[RecoveryPoint], spec: &PointSpec) -> anyhow::Result<RecoveryPoint> {
+impl std::fmt::Display for PointSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PointSpec::Latest => f.write_str("latest"),
+            PointSpec::LatestApp => f.write_str("latest-app (the newest app-consistent point)"),
+            PointSpec::At(ns) => write!(f, "at or before {}", crate::rfc3339(*ns)),
+            PointSpec::Id(id) => write!(f, "with id {id}"),
+        }
+    }
+}
+
+/// Pick the point `spec` names among `points` (sorted by time) of `disk`.
+pub fn select(
+    points: &[RecoveryPoint],
+    spec: &PointSpec,
+    disk: &DiskId,
+) -> anyhow::Result<RecoveryPoint> {
     let found = match spec {
         PointSpec::Latest => points.iter().max_by_key(|p| (p.time_ns, p.epoch, p.cut_id)),
         PointSpec::LatestApp => points
@@ -72,8 +105,10 @@ pub fn select(points: &[RecoveryPoint], spec: &PointSpec) -> anyhow::Result<Reco
     };
     found.cloned().with_context(|| {
         format!(
-            "no recovery point matches {spec:?} ({} points)",
-            points.len()
+            "disk {disk} has no recovery point {spec} (it has {} point{}); \
+             `ripcord points list` lists them",
+            points.len(),
+            if points.len() == 1 { "" } else { "s" }
         )
     })
 }
@@ -190,62 +225,82 @@ pub fn open_batch(
     Ok(())
 }
 
-/// Where the image goes.
+/// Where the image goes: a checked block device, or a file written under a temporary
+/// name (mode 0600) and published at the end (see [`crate::output_guard`]).
 pub struct Target {
     file: File,
     is_block: bool,
-    /// Final path and the temporary one written first (files only).
-    rename: Option<(PathBuf, PathBuf)>,
+    /// Temporary path, final path (none: keep the temporary one) and whether the final
+    /// one may be replaced (files only).
+    rename: Option<(PathBuf, Option<PathBuf>, bool)>,
 }
 
 impl Target {
-    pub fn create(path: &Path, size: u64) -> anyhow::Result<Target> {
-        let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
-        if is_block {
-            let file = OpenOptions::new().write(true).open(path)?;
-            let dev_size =
-                ripcord_oracle::device_bytes(&file).context("finding the device's size")?;
-            ensure!(
-                dev_size >= size,
-                "{} holds {dev_size} bytes, the disk needs {size}",
-                path.display()
-            );
-            return Ok(Target {
-                file,
-                is_block,
-                rename: None,
-            });
-        }
-        let tmp = path.with_extension("partial");
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
+    pub fn create(dest: Destination, size: u64) -> anyhow::Result<Target> {
+        let (path, replace) = match dest {
+            Destination::Device { path, file } => {
+                let dev_size =
+                    ripcord_oracle::device_bytes(&file).context("finding the device's size")?;
+                ensure!(
+                    dev_size >= size,
+                    "{} holds {dev_size} bytes, the disk needs {size}",
+                    path.display()
+                );
+                return Ok(Target {
+                    file,
+                    is_block: true,
+                    rename: None,
+                });
+            }
+            Destination::Image { path, replace } => (path, replace),
+        };
+        let tmp = output_guard::partial(&path);
+        let file = output_guard::create_private(&tmp, replace)?;
         file.set_len(size)?;
         Ok(Target {
             file,
-            is_block,
-            rename: Some((path.to_owned(), tmp)),
+            is_block: false,
+            rename: Some((tmp, Some(path), replace)),
+        })
+    }
+
+    /// A temporary image at `path` itself (an intermediate the caller converts and
+    /// removes), removed on failure.
+    pub fn temporary(path: &Path, size: u64) -> anyhow::Result<Target> {
+        let file = output_guard::create_private(path, true)?;
+        file.set_len(size)?;
+        Ok(Target {
+            file,
+            is_block: false,
+            rename: Some((path.to_owned(), None, false)),
         })
     }
 
     fn finish(self) -> anyhow::Result<()> {
         self.file.sync_all()?;
-        if let Some((path, tmp)) = &self.rename {
-            ripcord_crashsafe::rename_durable(tmp, path)
-                .with_context(|| format!("renaming to {}", path.display()))?;
+        if let Some((tmp, Some(path), replace)) = &self.rename
+            && let Err(e) = output_guard::publish(tmp, path, *replace)
+        {
+            let _ = std::fs::remove_file(tmp);
+            return Err(e);
         }
         Ok(())
     }
 
     /// On failure, remove the partial image: damaged data never becomes an image.
     fn abandon(self) {
-        if let Some((_, tmp)) = &self.rename {
+        if let Some((tmp, _, _)) = &self.rename {
             let _ = std::fs::remove_file(tmp);
         }
     }
+}
+
+/// Where [`materialize`] writes.
+pub enum Output {
+    /// The checked `--output`.
+    Checked(Destination),
+    /// An intermediate file (qcow2 conversion).
+    Temporary(PathBuf),
 }
 
 /// What a materialisation did.
@@ -263,12 +318,15 @@ pub async fn materialize(
     disk: &DiskId,
     point: &RecoveryPoint,
     passphrase: &[u8],
-    output: &Path,
+    output: Output,
     progress: bool,
 ) -> anyhow::Result<Materialized> {
     let started = Instant::now();
     let (key, plan) = resolve_authentic(store, disk, point, passphrase).await?;
-    let target = Target::create(output, plan.size_bytes)?;
+    let target = match output {
+        Output::Checked(dest) => Target::create(dest, plan.size_bytes)?,
+        Output::Temporary(path) => Target::temporary(&path, plan.size_bytes)?,
+    };
     let bar = ProgressBar::new(plan.data_bytes()).with_style(
         ProgressStyle::with_template(
             "failover {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",

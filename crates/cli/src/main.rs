@@ -1,18 +1,22 @@
 //! `ripcord`: the operator's tool. Lists recovery points and fails disks over (or
 //! test-fails them over) from the target store alone, with the deployment passphrase: no
 //! process server, configuration or agent is needed.
+//!
+//! Modules: [`points`] (listing), [`verify`], [`run_failover`] (failover and test
+//! failover), [`failover`] (materialising a point), [`output_guard`] (what failover may
+//! overwrite). The passphrase is read by [`ripcord_seal::read_passphrase`].
 
 mod failover;
+mod output_guard;
+mod points;
+mod run_failover;
+mod verify;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command as Process,
-};
+use std::path::PathBuf;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use failover::{PointSpec, materialize, parse_disk, select};
-use ripcord_store::{CutKind, Store};
+use ripcord_store::{DiskId, Store};
 
 /// ripcord: recover protected Linux disks from the target store.
 ///
@@ -21,11 +25,15 @@ use ripcord_store::{CutKind, Store};
 /// data, the deployment passphrase (--passphrase-file, RIPCORD_PASSPHRASE, or a prompt on a
 /// terminal).
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(name = "ripcord", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+const TARGET_HELP: &str =
+    "Target store URL: file:///abs/path, or s3://bucket/prefix (with the AWS_* environment)";
+const PASSPHRASE_HELP: &str = "File holding the deployment passphrase on its first line, mode 0600 (else RIPCORD_PASSPHRASE, else a prompt)";
 
 #[derive(Subcommand)]
 enum Command {
@@ -35,6 +43,10 @@ enum Command {
         command: PointsCommand,
     },
     /// Write the disk as it was at a recovery point, to an image file or a block device.
+    ///
+    /// Refuses to overwrite an existing image file, or a block device that is mounted, held
+    /// (device mapper, LVM, RAID), open exclusively, or protected by a running agent,
+    /// unless --force is given.
     Failover(FailoverArgs),
     /// The same into a scratch location, while replication goes on undisturbed.
     #[command(args_conflicts_with_subcommands = true)]
@@ -50,13 +62,18 @@ enum Command {
     /// altered. Without the passphrase only accidental damage can be found: someone who
     /// can write the store can also fix checksums.
     Verify {
-        #[arg(long)]
+        #[arg(long, help = TARGET_HELP)]
         target: String,
-        /// Only this disk.
+        /// Only this disk (32 hex digits; `ripcord points list` shows them).
         #[arg(long)]
         disk: Option<String>,
+        /// File holding the deployment passphrase (mode 0600); without it only checksums
+        /// and structure are checked.
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
+        /// One JSON object (counts, damaged objects) instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -64,8 +81,9 @@ enum Command {
 enum PointsCommand {
     /// List the retained recovery points of a disk (or of every disk).
     List {
-        #[arg(long)]
+        #[arg(long, help = TARGET_HELP)]
         target: String,
+        /// Only this disk (32 hex digits).
         #[arg(long)]
         disk: Option<String>,
         /// JSON lines instead of a table.
@@ -84,38 +102,48 @@ enum Format {
 
 #[derive(clap::Args)]
 struct FailoverArgs {
-    /// Target store URL.
-    #[arg(long)]
+    #[arg(long, help = TARGET_HELP)]
     target: String,
     /// Disk id (32 hex digits; `ripcord points list` shows them).
     #[arg(long)]
     disk: String,
-    /// latest, latest-app, an RFC 3339 time (the newest point at or before it), or a point id.
+    /// latest, latest-app, an RFC 3339 time (the newest point at or before it), or a point
+    /// id <epoch>-<cut> such as 3-17.
     #[arg(long, default_value = "latest")]
     point: String,
-    /// Image file (created sparse) or block device.
+    /// Image file (created sparse, mode 0600; must not exist) or block device (must not
+    /// be mounted, held, or protected by an agent).
     #[arg(long)]
     output: PathBuf,
+    /// Image format.
     #[arg(long, value_enum, default_value = "raw")]
     format: Format,
+    /// Overwrite anyway: an existing image file, or a block device that is mounted, held
+    /// or protected (everything on it is lost).
     #[arg(long)]
+    force: bool,
+    #[arg(long, help = PASSPHRASE_HELP)]
     passphrase_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
 struct TestArgs {
+    /// Target store URL: file:///abs/path, or s3://bucket/prefix (required).
     #[arg(long)]
     target: Option<String>,
+    /// Disk id (32 hex digits; required).
     #[arg(long)]
     disk: Option<String>,
+    /// latest, latest-app, an RFC 3339 time, or a point id <epoch>-<cut>.
     #[arg(long, default_value = "latest")]
     point: String,
-    /// Scratch directory for test images.
+    /// Scratch directory for test images (created mode 0700 if missing).
     #[arg(long, default_value = "/var/lib/ripcord/test-failover")]
     scratch: PathBuf,
+    /// Image format.
     #[arg(long, value_enum, default_value = "raw")]
     format: Format,
-    #[arg(long)]
+    #[arg(long, help = PASSPHRASE_HELP)]
     passphrase_file: Option<PathBuf>,
 }
 
@@ -123,32 +151,10 @@ struct TestArgs {
 enum TestCommand {
     /// Remove the images test failovers made.
     Cleanup {
+        /// Scratch directory of the test images.
         #[arg(long, default_value = "/var/lib/ripcord/test-failover")]
         scratch: PathBuf,
     },
-}
-
-fn read_passphrase(file: Option<&Path>) -> anyhow::Result<Vec<u8>> {
-    let pass = match file {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("reading {}", p.display()))?
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
-        None => match std::env::var("RIPCORD_PASSPHRASE") {
-            Ok(p) => p,
-            Err(_) if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
-                rpassword::prompt_password("deployment passphrase: ")
-                    .context("reading the passphrase from the terminal")?
-            }
-            Err(_) => anyhow::bail!(
-                "give the deployment passphrase with --passphrase-file, RIPCORD_PASSPHRASE, \
-                 or at the prompt (run from a terminal)"
-            ),
-        },
-    };
-    Ok(pass.into_bytes())
 }
 
 fn rfc3339(ns: u64) -> String {
@@ -160,7 +166,44 @@ fn is_tty() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
-fn main() -> anyhow::Result<()> {
+/// Opens the store at `target` for reading: it must exist (see
+/// [`Store::open_existing`]).
+async fn open_store(target: &str) -> anyhow::Result<Store> {
+    Ok(Store::open_existing(target).await?)
+}
+
+/// Parses `disk` and checks the store has it.
+async fn known_disk(store: &Store, target: &str, disk: &str) -> anyhow::Result<DiskId> {
+    let id = failover::parse_disk(disk)?;
+    let disks = store
+        .list_disks()
+        .await
+        .with_context(|| format!("listing the disks of {target}"))?;
+    anyhow::ensure!(
+        disks.contains(&id),
+        "no disk {id} in {target}; `ripcord points list --target {target}` lists them"
+    );
+    Ok(id)
+}
+
+/// An error and its causes on one line, each cause once: a cause whose text the message
+/// already holds (an error that prints its source, under a context) is left out.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if text.contains(&c) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&c);
+    }
+    text
+}
+
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(is_tty())
@@ -170,246 +213,83 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    rt.block_on(run(cli))
+        .build()
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_text(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Points {
             command: PointsCommand::List { target, disk, json },
-        } => {
-            let store = Store::open(&target)
-                .await
-                .with_context(|| format!("opening {target}"))?;
-            let disks = match disk {
-                Some(d) => vec![parse_disk(&d)?],
-                None => store.list_disks().await?,
-            };
-            if !json {
-                println!(
-                    "{:<34} {:<14} {:<26} {:<5}",
-                    "disk", "point", "time (UTC)", "kind"
-                );
-            }
-            for d in disks {
-                for p in store.points(&d).await? {
-                    let kind = if p.kind == CutKind::App {
-                        "app"
-                    } else {
-                        "crash"
-                    };
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({
-                                "disk": d.to_string(), "id": p.id, "epoch": p.epoch, "cut": p.cut_id, "seq": p.seq,
-                                "time": rfc3339(p.time_ns), "time_ns": p.time_ns, "mono_ns": p.mono_ns,
-                                "kind": kind,
-                            })
-                        );
-                    } else {
-                        println!(
-                            "{:<34} {:<14} {:<26} {:<5}",
-                            d.to_string(),
-                            p.id,
-                            rfc3339(p.time_ns),
-                            kind
-                        );
-                    }
-                }
-            }
-            Ok(())
-        }
-        Command::Failover(a) => {
-            let pass = read_passphrase(a.passphrase_file.as_deref())?;
-            failover_to(&a.target, &a.disk, &a.point, &a.output, a.format, &pass).await
-        }
+        } => points::list(&target, disk.as_deref(), json).await,
+        Command::Failover(a) => run_failover::failover(a).await,
         Command::TestFailover {
             command: Some(TestCommand::Cleanup { scratch }),
             ..
-        } => {
-            let mut n = 0;
-            if scratch.exists() {
-                for e in std::fs::read_dir(&scratch)? {
-                    let p = e?.path();
-                    if p.extension()
-                        .is_some_and(|x| x == "img" || x == "qcow2" || x == "partial")
-                    {
-                        std::fs::remove_file(&p)?;
-                        n += 1;
-                    }
-                }
-            }
-            println!(
-                "removed {n} test-failover image(s) from {}",
-                scratch.display()
-            );
-            Ok(())
-        }
+        } => run_failover::cleanup(&scratch),
         Command::TestFailover {
             command: None,
-            args: a,
-        } => {
-            let (target, disk) = (
-                a.target.context("--target is required")?,
-                a.disk.context("--disk is required")?,
-            );
-            std::fs::create_dir_all(&a.scratch)?;
-            let ext = match a.format {
-                Format::Raw => "img",
-                Format::Qcow2 => "qcow2",
-            };
-            let out = a
-                .scratch
-                .join(format!("{disk}-{}.{ext}", a.point.replace([':', '/'], "_")));
-            let pass = read_passphrase(a.passphrase_file.as_deref())?;
-            failover_to(&target, &disk, &a.point, &out, a.format, &pass).await?;
-            println!(
-                "test image: {} (remove with `ripcord test-failover cleanup`)",
-                out.display()
-            );
-            Ok(())
-        }
+            args,
+        } => run_failover::test_failover(args).await,
         Command::Verify {
             target,
             disk,
             passphrase_file,
-        } => {
-            let store = Store::open(&target)
-                .await
-                .with_context(|| format!("opening {target}"))?;
-            let disk = disk.as_deref().map(parse_disk).transpose()?;
-            let report = store.verify(disk.as_ref()).await?;
-            let mut damaged: Vec<String> = report.damaged_objects();
-            if let Some(pf) = passphrase_file {
-                let pass = read_passphrase(Some(&pf))?;
-                damaged.extend(authenticate_all(&store, disk.as_ref(), &pass).await?);
-            }
-            damaged.sort();
-            damaged.dedup();
-            if damaged.is_empty() {
-                println!("verify: OK ({report:?})");
-                Ok(())
-            } else {
-                for d in &damaged {
-                    println!("DAMAGED: {d}");
-                }
-                bail!("{} damaged object(s) in {target}", damaged.len())
-            }
-        }
+            json,
+        } => verify::verify(&target, disk.as_deref(), passphrase_file.as_deref(), json).await,
     }
 }
 
-async fn failover_to(
-    target: &str,
-    disk: &str,
-    point: &str,
-    output: &Path,
-    format: Format,
-    pass: &[u8],
-) -> anyhow::Result<()> {
-    let store = Store::open(target)
-        .await
-        .with_context(|| format!("opening {target}"))?;
-    let disk = parse_disk(disk)?;
-    let spec: PointSpec = point.parse()?;
-    let points = store.points(&disk).await?;
-    let point = select(&points, &spec)?;
-    let raw_out = match format {
-        Format::Raw => output.to_owned(),
-        Format::Qcow2 => output.with_extension("raw.partial"),
-    };
-    let m = materialize(&store, &disk, &point, pass, &raw_out, is_tty()).await?;
-    if let Format::Qcow2 = format {
-        let status = Process::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw_out)
-            .arg(output)
-            .status()
-            .context("running qemu-img (install qemu-utils)")?;
-        let _ = std::fs::remove_file(&raw_out);
-        ensure!(status.success(), "qemu-img convert failed ({status})");
-    }
-    println!(
-        "failed over disk {} to point {} ({}, {}) into {}: {} MiB of data from {} batches in {:.1} s",
-        disk,
-        m.point.id,
-        rfc3339(m.point.time_ns),
-        if m.point.kind == CutKind::App {
-            "app-consistent"
-        } else {
-            "crash-consistent"
-        },
-        output.display(),
-        m.data_bytes >> 20,
-        m.batches,
-        m.secs
-    );
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
 
-/// Authenticate every retained point (its MAC), every batch it reads, and the placement
-/// of each batch, with the epoch's data key; returns the damaged or altered objects, each
-/// with what is wrong (also logged).
-async fn authenticate_all(
-    store: &Store,
-    disk: Option<&ripcord_store::DiskId>,
-    pass: &[u8],
-) -> anyhow::Result<Vec<String>> {
-    let disks = match disk {
-        Some(d) => vec![*d],
-        None => store.list_disks().await?,
-    };
-    let mut damaged = Vec::new();
-    for d in disks {
-        for p in store.points(&d).await? {
-            let catalog = ripcord_store::format::cut_name(&d, p.epoch, p.cut_id);
-            let (key, plan) = match failover::resolve_authentic(store, &d, &p, pass).await {
-                Ok(kp) => kp,
-                Err(e) => {
-                    let object = e
-                        .downcast_ref::<ripcord_store::Error>()
-                        .and_then(|s| s.object())
-                        .unwrap_or(catalog.as_str())
-                        .to_string();
-                    damaged.push(format!("{object}: {e:#}"));
-                    continue;
-                }
-            };
-            let placement = plan.placement();
-            let mut sealer = ripcord_seal::Sealer::new();
-            let mut out = Vec::new();
-            for loc in plan.batches() {
-                let checked = match store.fetch_batch(&loc).await {
-                    Ok(b) => failover::open_batch(
-                        &mut sealer,
-                        &key,
-                        &plan.epoch.machine_id,
-                        &d,
-                        &b,
-                        &loc.pack,
-                        &mut out,
-                    )
-                    .map(|()| b),
-                    Err(e) => Err(e.into()),
-                };
-                match checked {
-                    Ok(b) => {
-                        if let Err(e) = placement.check(loc.seq, &b.extents) {
-                            let object = e.object().unwrap_or(catalog.as_str()).to_string();
-                            damaged.push(format!("{object}: {e}"));
-                        }
-                    }
-                    Err(e) => damaged.push(format!(
-                        "{} (batch {} of epoch {}): {e:#}",
-                        loc.pack, loc.seq, loc.epoch
-                    )),
-                }
+    use super::*;
+
+    fn undocumented(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let builtin = matches!(a.get_id().as_str(), "help" | "version");
+            if !builtin && a.get_help().is_none() && a.get_long_help().is_none() {
+                missing.push(format!("{path} --{}", a.get_id()));
             }
         }
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() && sub.get_name() != "help" {
+                missing.push(format!("{path} {} (no about)", sub.get_name()));
+            }
+            undocumented(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
     }
-    Ok(damaged)
+
+    #[test]
+    fn every_option_of_every_subcommand_has_help_text() {
+        let mut missing = Vec::new();
+        undocumented(&Cli::command(), "ripcord", &mut missing);
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
+
+    #[test]
+    fn the_command_is_called_ripcord() {
+        Cli::command().debug_assert();
+        assert_eq!(Cli::command().get_name(), "ripcord");
+    }
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        let inner = anyhow::anyhow!("disk full");
+        let e = inner
+            .context("writing x: disk full")
+            .context("failing over");
+        assert_eq!(error_text(&e), "failing over: writing x: disk full");
+    }
 }

@@ -74,6 +74,22 @@ pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Like [`rename_durable`], but never replaces: fails with
+/// [`io::ErrorKind::AlreadyExists`] (leaving `from` in place) if `to` exists. Done as a
+/// hard link then an unlink of `from`, so the check and the move are one atomic step
+/// (a crash in between leaves both names, never a replaced `to`).
+pub fn rename_durable_new(from: &Path, to: &Path) -> io::Result<()> {
+    fs::hard_link(from, to)?;
+    fs::remove_file(from)?;
+    let to_dir = parent(to);
+    sync_dir(&to_dir)?;
+    let from_dir = parent(from);
+    if from_dir != to_dir {
+        sync_dir(&from_dir)?;
+    }
+    Ok(())
+}
+
 /// An exclusive advisory lock (`flock`) on a lock file; released when dropped (or when
 /// the process dies, so a killed holder never leaves it stuck).
 #[derive(Debug)]
@@ -178,6 +194,22 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(fs::read_to_string(&counter).unwrap(), "100");
+    }
+
+    #[test]
+    fn rename_durable_new_never_replaces_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("a.partial"), dir.path().join("a"));
+        fs::write(&from, b"new").unwrap();
+        fs::write(&to, b"old").unwrap();
+        let e = rename_durable_new(&from, &to).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&to).unwrap(), b"old");
+        assert_eq!(fs::read(&from).unwrap(), b"new");
+        fs::remove_file(&to).unwrap();
+        rename_durable_new(&from, &to).unwrap();
+        assert_eq!(fs::read(&to).unwrap(), b"new");
+        assert!(!from.exists());
     }
 
     #[test]

@@ -157,14 +157,22 @@ pub enum Error {
         problem: Corruption,
     },
     /// The store URL is not understood.
-    #[error(
-        "unsupported store URL `{url}`: {reason} (use file:///abs/path, s3://bucket/prefix or memory://)"
-    )]
+    #[error("unsupported store URL `{url}`: {reason}; give file:///abs/path or s3://bucket/prefix{}",
+        suggest_file_url(.url))]
     BadUrl {
         /// The URL.
         url: String,
         /// Why.
         reason: &'static str,
+    },
+    /// [`crate::Store::open_existing`]: nothing, or no ripcord store, is at the URL (a
+    /// mistyped path or prefix); check the URL, nothing was created.
+    #[error("no ripcord store at `{url}`: {reason}; check the --target URL")]
+    NoStore {
+        /// The URL.
+        url: String,
+        /// What is missing.
+        reason: String,
     },
     /// The object store client could not be configured.
     #[error(
@@ -365,5 +373,14 @@ impl Error {
             | Error::Placement { object, .. } => Some(object),
             _ => None,
         }
+    }
+}
+
+/// For a plain absolute path given as a store URL, the `file://` URL meant.
+fn suggest_file_url(url: &str) -> String {
+    if url.starts_with('/') {
+        format!(" (did you mean file://{url}?)")
+    } else {
+        String::new()
     }
 }

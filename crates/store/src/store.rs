@@ -85,8 +85,39 @@ impl Store {
         }
         Err(Error::BadUrl {
             url: url.into(),
-            reason: "unknown scheme",
+            reason: if url.starts_with('/') {
+                "a path, not a URL"
+            } else {
+                "unknown scheme"
+            },
         })
+    }
+
+    /// Opens a store that must already exist, for readers (the operator's tool): unlike
+    /// [`Store::open`] a missing `file://` directory is not created, and a location without
+    /// the store's `escrow.json` (written when the deployment is initialised) is refused
+    /// with [`Error::NoStore`] naming the URL, so a mistyped target is an error rather than
+    /// an empty store.
+    pub async fn open_existing(url: &str) -> Result<Store> {
+        if let Some(path) = url.strip_prefix("file://") {
+            let dir = std::path::Path::new(path);
+            if dir.is_absolute() && !dir.is_dir() {
+                return Err(Error::NoStore {
+                    url: url.into(),
+                    reason: format!("directory {path} does not exist"),
+                });
+            }
+        }
+        let store = Store::open(url).await?;
+        if store.get_opt(ESCROW_OBJECT).await?.is_none() {
+            return Err(Error::NoStore {
+                url: url.into(),
+                reason: format!(
+                    "it holds no {ESCROW_OBJECT} (a store is initialised by `ripcord-ps init`)"
+                ),
+            });
+        }
+        Ok(store)
     }
 
     /// Wraps an object store; every object name is placed under `prefix`
@@ -315,5 +346,61 @@ impl Store {
             .collect();
         v.sort_by_key(|p| (p.time_ns, p.epoch, p.cut_id));
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn open_existing_refuses_a_missing_directory_and_creates_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("no-such-store");
+        let url = format!("file://{}", dir.display());
+        let e = Store::open_existing(&url)
+            .await
+            .expect_err("a missing directory");
+        assert!(matches!(e, Error::NoStore { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains(&url) && text.contains("does not exist"),
+            "{text}"
+        );
+        assert!(!dir.exists(), "open_existing created {}", dir.display());
+    }
+
+    #[tokio::test]
+    async fn open_existing_refuses_a_directory_without_escrow() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", tmp.path().display());
+        let e = Store::open_existing(&url)
+            .await
+            .expect_err("an empty directory");
+        let text = e.to_string();
+        assert!(
+            text.contains("no ripcord store") && text.contains(ESCROW_OBJECT),
+            "{text}"
+        );
+        let store = Store::open(&url).await.expect("open");
+        store.put_escrow(b"{}").await.expect("escrow");
+        Store::open_existing(&url)
+            .await
+            .expect("a store with escrow.json opens");
+    }
+
+    #[tokio::test]
+    async fn a_plain_path_is_refused_suggesting_the_file_url() {
+        let e = Store::open("/var/lib/x")
+            .await
+            .expect_err("a path is not a URL");
+        let text = e.to_string();
+        assert!(
+            text.contains("file:///abs/path")
+                && text.contains("s3://bucket/prefix")
+                && text.contains("did you mean file:///var/lib/x?")
+                && !text.contains("memory://"),
+            "{text}"
+        );
     }
 }

@@ -21,8 +21,7 @@ pub fn free_udp_port() -> u16 {
     s.local_addr().expect("local addr").port()
 }
 
-/// Polls `f` every 50 ms until it says done, or fails after `timeout` naming `what`.
-pub fn wait_for(
+fn wait_for(
     what: &str,
     timeout: Duration,
     mut f: impl FnMut() -> anyhow::Result<bool>,
@@ -72,12 +71,17 @@ impl ProcessServer {
     ) -> anyhow::Result<ProcessServer> {
         let dir = root.join("ps");
         let passphrase_file = root.join("passphrase");
-        // A passphrase file must be private (0600), or ripcord refuses it.
-        std::fs::write(&passphrase_file, PASSPHRASE)?;
-        std::fs::set_permissions(
-            &passphrase_file,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )?;
+        // Private from the start, as the tools require of a passphrase file.
+        {
+            use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+            let _ = std::fs::remove_file(&passphrase_file);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&passphrase_file)?
+                .write_all(PASSPHRASE.as_bytes())?;
+        }
         let out = Command::new(crate::binary("ripcord-ps"))
             .args(["init", "--kdf-memory-mib", "8", "--dir"])
             .arg(&dir)
@@ -139,11 +143,7 @@ impl ProcessServer {
             "ripcord-ps token failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| l.strip_prefix("token:"))
-            .map(|t| t.trim().to_owned())
-            .with_context(|| format!("no token: line in the output of ripcord-ps token:\n{text}"))
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
     /// (Re)start `ripcord-ps serve`, waiting until it listens.
@@ -490,6 +490,12 @@ pub fn failover(
     output: &Path,
     passphrase_file: &Path,
 ) -> anyhow::Result<(bool, String, String)> {
+    // The tests fail over again and again into one image path, and `ripcord failover`
+    // refuses to overwrite an image: remove the previous one (files only, never a device).
+    if std::fs::symlink_metadata(output).is_ok_and(|m| m.is_file()) {
+        std::fs::remove_file(output)
+            .with_context(|| format!("removing the previous image {}", output.display()))?;
+    }
     let output = output.to_str().context("non-UTF-8 path")?;
     ripcord(
         &[
