@@ -21,7 +21,8 @@ pub fn free_udp_port() -> u16 {
     s.local_addr().expect("local addr").port()
 }
 
-fn wait_for(
+/// Polls `f` every 50 ms until it says done, or fails after `timeout` naming `what`.
+pub fn wait_for(
     what: &str,
     timeout: Duration,
     mut f: impl FnMut() -> anyhow::Result<bool>,
@@ -143,7 +144,11 @@ impl ProcessServer {
             "ripcord-ps token failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("token:"))
+            .map(|t| t.trim().to_owned())
+            .with_context(|| format!("no token: line in the output of ripcord-ps token:\n{text}"))
     }
 
     /// (Re)start `ripcord-ps serve`, waiting until it listens.
