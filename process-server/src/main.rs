@@ -3,7 +3,8 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use ripcord_process_server::{deploy, read_passphrase, replay, server};
+use ripcord_process_server::{deploy, replay, server};
+use ripcord_seal::read_passphrase;
 use ripcord_seal::{KdfParams, escrow::EscrowParams};
 
 /// ripcord's process server: receives replication streams from agents (QUIC, mutual TLS),
@@ -29,8 +30,8 @@ enum Command {
         /// Names (DNS or IP) agents use to reach this server; repeat for several.
         #[arg(long = "name", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
         names: Vec<String>,
-        /// File whose first line is the deployment passphrase (else RIPCORD_PASSPHRASE).
-        /// Failover needs it; it is never stored.
+        /// File whose first line is the deployment passphrase (mode 0600; else
+        /// RIPCORD_PASSPHRASE, else a prompt). Failover needs it; it is never stored.
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
         /// Hours the first bootstrap token stays valid.
