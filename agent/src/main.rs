@@ -8,7 +8,8 @@ use ripcord_agent::{
     replicate::{
         config::{AgentConfig, DEFAULT_CONFIG, DEFAULT_STATE_DIR},
         protect,
-        state::AgentState,
+        state::{AgentState, ensure_state_dir},
+        status,
     },
     watch,
 };
@@ -52,7 +53,7 @@ enum Command {
         /// server reports.
         #[arg(long)]
         data_server: Option<String>,
-        /// Where the identity and state live.
+        /// Where the identity and state live (created with mode 0700).
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -61,8 +62,12 @@ enum Command {
     /// Starts a new epoch per device with a full initial sync (zero regions are skipped;
     /// progress bar on a terminal) while tracking changes, then streams every change
     /// read back from the device, compressed and sealed, with crash-consistent cuts.
-    /// SIGINT/SIGTERM flush what is pending and wait until the server has it durably.
-    /// Settings come from the config file; flags override it.
+    /// SIGINT/SIGTERM flush what is pending and wait until the server has it durably, for
+    /// at most the drain timeout; a second signal stops at once (exit status 1, naming what
+    /// was not acknowledged). One agent per device and per state directory: a second one
+    /// is refused (locks in /run/ripcord/lock and the state directory). The status is
+    /// written to <state-dir>/status.json (see `ripcord-agent status`). Settings come from
+    /// the config file; flags override it.
     Protect {
         /// Devices (whole disks or partitions); default: `devices` in the config file.
         #[arg(value_name = "DEVICE")]
@@ -73,17 +78,40 @@ enum Command {
         /// Process server data endpoint HOST:PORT (default: saved by `register`).
         #[arg(long)]
         server: Option<String>,
+        /// Where the identity, disk ids, epochs and status live (default: `state-dir` in
+        /// the config file, else /var/lib/ripcord/agent).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// zstd level (-7..=19).
         #[arg(long)]
         zstd_level: Option<i32>,
+        /// After SIGINT/SIGTERM, wait at most this long for the server's acknowledgements
+        /// (1..=3600; default: `drain-timeout-secs` in the config file, else 30).
+        #[arg(long, value_name = "SECS")]
+        drain_timeout_secs: Option<u64>,
         /// Create this file once tracking is active (for scripts and tests).
         #[arg(long, value_name = "PATH")]
         ready_file: Option<PathBuf>,
-        /// Write progress and counters (JSON) here twice a second and at exit.
+        /// Also write progress and counters (JSON) here twice a second and at exit (they
+        /// always go to <state-dir>/status.json).
         #[arg(long, value_name = "PATH")]
         stats_file: Option<PathBuf>,
+    },
+    /// Show what the agent using a state directory is doing: per protected disk its
+    /// device, disk id, epoch, initial-sync progress or streaming, last acknowledged
+    /// sequence and cut, and lag.
+    ///
+    /// Reads <state-dir>/status.json, which a running `protect` rewrites twice a second.
+    /// When no agent runs (its lock is not held) it says so and labels what it shows as the
+    /// last known state; the exit status is then 3.
+    Status {
+        /// The agent's state directory.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Print JSON: {"running": bool, "state_dir": .., "status": {..} while an agent
+        /// runs, else "last_known": {..}}.
+        #[arg(long)]
+        json: bool,
     },
     /// Capture changes on block devices and report them until interrupted (Ctrl-C).
     ///
@@ -155,6 +183,7 @@ fn main() -> anyhow::Result<()> {
             server,
             state_dir,
             zstd_level,
+            drain_timeout_secs,
             ready_file,
             stats_file,
         } => {
@@ -169,6 +198,9 @@ fn main() -> anyhow::Result<()> {
             if let Some(l) = zstd_level {
                 cfg.zstd_level = l;
             }
+            if let Some(d) = drain_timeout_secs {
+                cfg.drain_timeout_secs = d;
+            }
             cfg.validate()?;
             protect::run(protect::ProtectOptions {
                 config: cfg,
@@ -176,6 +208,12 @@ fn main() -> anyhow::Result<()> {
                 ready_file,
                 stats_file,
             })
+        }
+        Command::Status { state_dir, json } => {
+            if !status::show(&state_dir, json)? {
+                std::process::exit(3);
+            }
+            Ok(())
         }
         Command::Watch {
             devices,
@@ -243,7 +281,7 @@ fn register(
             state_dir.display()
         );
     }
-    std::fs::create_dir_all(state_dir)?;
+    ensure_state_dir(state_dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -292,4 +330,27 @@ fn hostname() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// `--help` a new user can act on: every option of every subcommand says what it does.
+    #[test]
+    fn every_option_has_help() {
+        let mut missing = Vec::new();
+        for sub in Cli::command().get_subcommands() {
+            assert!(sub.get_about().is_some(), "{} has no about", sub.get_name());
+            for arg in sub.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() {
+                    missing.push(format!("{} {}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
 }

@@ -73,6 +73,10 @@ pub struct AgentConfig {
     /// page) and reads back on every other device. Write-zeroes is always zeroes; a
     /// secure erase is always read back. Default `auto`.
     pub discards_read_zero: DiscardsReadZero,
+    /// After SIGINT/SIGTERM, longest wait for the process server to acknowledge what is
+    /// pending, in seconds (1..=3600); then the agent exits non-zero saying what was not
+    /// acknowledged. A second signal stops at once. Default 30.
+    pub drain_timeout_secs: u64,
 }
 
 /// See [`AgentConfig::discards_read_zero`].
@@ -117,6 +121,7 @@ impl Default for AgentConfig {
             forced_freeze_ms: 2_000,
             metrics_addr: "127.0.0.1:9445".to_owned(),
             discards_read_zero: DiscardsReadZero::Auto,
+            drain_timeout_secs: 30,
         }
     }
 }
@@ -178,6 +183,10 @@ impl AgentConfig {
         ensure!(
             (50..=60_000).contains(&self.forced_freeze_ms),
             "forced-freeze-ms must be 50..=60000"
+        );
+        ensure!(
+            (1..=3600).contains(&self.drain_timeout_secs),
+            "drain-timeout-secs must be 1..=3600"
         );
         if !self.metrics_addr.is_empty() {
             self.metrics_addr

@@ -5,12 +5,26 @@
 //! `frozen`, the cut, thaw, every hook with `post-thaw`. A freeze is always undone: by the
 //! guard's `Drop` on every path, and by a watchdog thread once the freeze timeout passes,
 //! so an agent that hangs (or a cut that never comes) cannot leave applications blocked.
+//!
+//! # Hooks, and when a point is application-consistent
+//! A hook is a file in the hooks directory whose name is made of letters, digits, `_` and
+//! `-` (as run-parts(8): `README.md`, `x.dpkg-old` or `.swp` files are not hooks). Each runs
+//! in its own process group, with its output logged line by line prefixed with its name;
+//! one that outlives the freeze timeout is killed with its whole process group.
+//!
+//! A point is reported as application-consistent only if every hook ran and succeeded in
+//! every phase and every file system was frozen. A hook that is not executable (or any
+//! hook that fails or times out) therefore fails the attempt with a warning naming it:
+//! no application-consistent point is reported, and crash-consistent points go on as
+//! always. A missing hooks directory means no hooks are configured: the agent warns, and
+//! the point (file systems frozen, no application asked to quiesce) is taken; its log line
+//! says that no hook ran and which file systems were frozen.
 
 use std::{
     fs::File,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -106,44 +120,131 @@ fn parent_disk(dev: DevId) -> Option<DevId> {
     })
 }
 
-/// Run every executable in `dir` (sorted by name) with `phase` as its argument, each
-/// bounded by `timeout`. Fails on the first hook that fails or times out.
-pub fn run_hooks(dir: &Path, phase: &str, timeout: Duration) -> anyhow::Result<()> {
-    let mut hooks: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| is_executable(p))
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+/// The hooks in `dir`, sorted by name: `None` when the directory does not exist (no hooks
+/// configured). Fails, naming it, on a hook that is not an executable file.
+pub fn hooks_in(dir: &Path) -> anyhow::Result<Option<Vec<PathBuf>>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading hooks in {}", dir.display())),
     };
-    hooks.sort();
-    for hook in hooks {
-        let mut child = Command::new(&hook)
-            .arg(phase)
-            .spawn()
-            .with_context(|| format!("running hook {}", hook.display()))?;
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "hook {} {phase} took longer than {timeout:?}",
-                    hook.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        if !status.success() {
-            bail!("hook {} {phase} failed ({status})", hook.display());
+    let mut hooks = Vec::new();
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("reading hooks in {}", dir.display()))?
+            .path();
+        let is_hook_name = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+        if !is_hook_name {
+            tracing::debug!(
+                "{} is not a hook (its name has other characters than letters, digits, _ and -)",
+                path.display()
+            );
+            continue;
         }
+        if !is_executable(&path) {
+            bail!(
+                "hook {} is not an executable file: it cannot run, so this point would not be \
+                 application-consistent (chmod +x it, or move it out of {})",
+                path.display(),
+                dir.display()
+            );
+        }
+        hooks.push(path);
+    }
+    hooks.sort();
+    Ok(Some(hooks))
+}
+
+/// Run every hook in `hooks` with `phase` as its argument, each bounded by `timeout`.
+/// Fails on the first hook that fails or times out (that one is killed with its process
+/// group).
+pub fn run_hooks(hooks: &[PathBuf], phase: &str, timeout: Duration) -> anyhow::Result<()> {
+    for hook in hooks {
+        run_hook(hook, phase, timeout)?;
     }
     Ok(())
+}
+
+fn run_hook(hook: &Path, phase: &str, timeout: Duration) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let name = hook.file_name().map_or_else(
+        || hook.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let mut child = Command::new(hook)
+        .arg(phase)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group: a timeout kills whatever it started too.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("running hook {}", hook.display()))?;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let out = child
+        .stdout
+        .take()
+        .map(|o| log_lines(&name, o, done_tx.clone()));
+    let err = child.stderr.take().map(|e| log_lines(&name, e, done_tx));
+    let readers = usize::from(out.is_some()) + usize::from(err.is_some());
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            if let Err(e) = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL) {
+                tracing::warn!("killing hook {name}'s process group {pgid}: {e}");
+            }
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Its last lines (bounded: a daemon it left behind may hold the pipes open).
+    let flush_by = Instant::now() + Duration::from_secs(1);
+    for _ in 0..readers {
+        if done_rx
+            .recv_timeout(flush_by.saturating_duration_since(Instant::now()))
+            .is_err()
+        {
+            break;
+        }
+    }
+    match status {
+        None => bail!(
+            "hook {} {phase} took longer than {timeout:?}: killed it and its process group",
+            hook.display()
+        ),
+        Some(s) if !s.success() => bail!("hook {} {phase} failed ({s})", hook.display()),
+        Some(_) => {
+            tracing::info!("hook {name} {phase}: ok");
+            Ok(())
+        }
+    }
+}
+
+/// Log every line read from `pipe` as `[hook NAME] line`; signal `done` at its end.
+fn log_lines(
+    name: &str,
+    pipe: impl std::io::Read + Send + 'static,
+    done: std::sync::mpsc::Sender<()>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::BufRead as _;
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines() {
+            match line {
+                Ok(line) => tracing::info!("[hook {name}] {line}"),
+                Err(_) => break,
+            }
+        }
+        let _ = done.send(());
+    })
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -240,32 +341,91 @@ mod tests {
         );
     }
 
-    #[test]
-    fn hooks_run_in_order_and_failures_are_named() {
-        let dir = std::env::temp_dir().join(format!("ripcord-hooks-{}", std::process::id()));
+    fn hook_dir(name: &str) -> (PathBuf, impl Fn(&str, &str)) {
+        let dir = std::env::temp_dir().join(format!("ripcord-hooks-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("log");
-        let write = |name: &str, body: &str| {
+        let d = dir.clone();
+        let write = move |name: &str, body: &str| {
             use std::os::unix::fs::PermissionsExt as _;
-            let p = dir.join(name);
+            let p = d.join(name);
             std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         };
+        (dir, write)
+    }
+
+    #[test]
+    fn hooks_run_in_order_and_failures_are_named() {
+        let (dir, write) = hook_dir("order");
+        let log = dir.join("log.txt");
         write("10-a", &format!("echo a $1 >> {}", log.display()));
         write("20-b", &format!("echo b $1 >> {}", log.display()));
-        std::fs::write(dir.join("README"), "not executable").unwrap();
-        run_hooks(&dir, "pre-freeze", Duration::from_secs(5)).unwrap();
+        std::fs::write(dir.join("README.md"), "not a hook").unwrap();
+        let hooks = hooks_in(&dir).unwrap().unwrap();
+        run_hooks(&hooks, "pre-freeze", Duration::from_secs(5)).unwrap();
         assert_eq!(
             std::fs::read_to_string(&log).unwrap(),
             "a pre-freeze\nb pre-freeze\n"
         );
         write("30-fail", "exit 3");
-        let e = run_hooks(&dir, "frozen", Duration::from_secs(5)).unwrap_err();
+        let hooks = hooks_in(&dir).unwrap().unwrap();
+        let e = run_hooks(&hooks, "frozen", Duration::from_secs(5)).unwrap_err();
         assert!(format!("{e:#}").contains("30-fail frozen failed"), "{e:#}");
-        write("30-fail", "sleep 5");
-        let e = run_hooks(&dir, "post-thaw", Duration::from_millis(200)).unwrap_err();
-        assert!(format!("{e:#}").contains("longer than"), "{e:#}");
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(run_hooks(&dir, "pre-freeze", Duration::from_secs(1)).is_ok());
+        assert!(
+            hooks_in(&dir).unwrap().is_none(),
+            "a missing directory has no hooks"
+        );
+    }
+
+    #[test]
+    fn a_hook_that_is_not_executable_is_named_not_skipped() {
+        let (dir, write) = hook_dir("noexec");
+        write("10-a", "true");
+        std::fs::write(dir.join("20-db-flush"), "#!/bin/sh\ntrue\n").unwrap();
+        let e = hooks_in(&dir).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            format!("{e:#}").contains("20-db-flush is not an executable file"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn a_timed_out_hook_is_killed_with_its_process_group() {
+        let (dir, write) = hook_dir("timeout");
+        let pid_file = dir.join("pid");
+        write(
+            "10-slow",
+            &format!("sleep 300 &\necho $! > {}\nwait", pid_file.display()),
+        );
+        let hooks = hooks_in(&dir).unwrap().unwrap();
+        let started = Instant::now();
+        let e = run_hooks(&hooks, "frozen", Duration::from_millis(300)).unwrap_err();
+        assert!(format!("{e:#}").contains("longer than"), "{e:#}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Gone, or a zombie waiting for a reaper: not running.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
+            if matches!(state, None | Some("Z" | "X")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hook's background child {pid} still runs: {stat}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

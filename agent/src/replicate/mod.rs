@@ -10,13 +10,18 @@
 //!   watchdog.
 //! - `net`: the QUIC sender with its window and acknowledgements.
 //! - `protect`: the `protect` command that wires them together; `config`, `state`
-//!   (disk ids and epochs) and `metrics` serve it.
+//!   (disk ids and epochs) and `metrics` serve it; `lock`: one agent per device and per
+//!   state directory; `stop`: signals and bounded waits; `outcome`: how an epoch ends and
+//!   what the agent says about it; `status`: the status file, progress lines and
+//!   `ripcord-agent status`.
 
 pub mod batch;
 pub mod config;
 pub mod freeze;
+pub mod lock;
 pub mod metrics;
 pub mod net;
+pub mod outcome;
 pub mod pipeline;
 pub mod points;
 pub mod protect;
@@ -24,3 +29,5 @@ pub mod read_log;
 pub mod readback;
 pub mod renew;
 pub mod state;
+pub mod status;
+pub mod stop;

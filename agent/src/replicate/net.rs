@@ -70,6 +70,8 @@ pub struct LinkStats {
     pub acked_seq: AtomicU64,
     pub acked_cuts: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Sealed bytes handed to the network side and not yet acknowledged durable.
+    pub unacked_bytes: AtomicU64,
     /// Lag samples: write completion to durable on the server, in microseconds.
     pub lag_us: Mutex<Vec<u64>>,
     /// What the server last said about the disk's recovery points in the target store.
@@ -118,6 +120,8 @@ pub struct DiskLink {
     rx_closed: bool,
     /// (last_seq, oldest change time) of sent batches, for lag.
     lag: VecDeque<(u64, u64)>,
+    /// (last_seq, sealed bytes) of batches pushed and not yet acknowledged.
+    unacked: VecDeque<(u64, u64)>,
     pub stats: Arc<LinkStats>,
 }
 
@@ -149,6 +153,7 @@ impl DiskLink {
             pending: None,
             rx_closed: false,
             lag: VecDeque::new(),
+            unacked: VecDeque::new(),
             stats: Arc::new(LinkStats::default()),
         }
     }
@@ -160,6 +165,7 @@ impl DiskLink {
         match item {
             Outgoing::Batch(b, oldest) => {
                 let last = b.last_seq;
+                let bytes = b.payload.len() as u64;
                 match self.sender.push(b) {
                     Ok(()) => {}
                     Err(PushError::BufferFull(b)) => {
@@ -169,6 +175,7 @@ impl DiskLink {
                     Err(e) => bail!("sender refused a batch: {e}"),
                 }
                 self.stats.pushed_seq.store(last, Ordering::Relaxed);
+                self.unacked.push_back((last, bytes));
                 if let Some(t) = oldest {
                     self.lag.push_back((last, t));
                 }
@@ -203,6 +210,18 @@ impl DiskLink {
             }
         }
         Ok(true)
+    }
+
+    /// Batches up to `seq` are durable on the server: they no longer count as
+    /// unacknowledged.
+    fn acked_through(&mut self, seq: u64) {
+        while let Some(&(last, bytes)) = self.unacked.front() {
+            if last > seq {
+                break;
+            }
+            self.stats.unacked_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.unacked.pop_front();
+        }
     }
 
     /// Done: the producer finished and everything is acknowledged.
@@ -274,10 +293,19 @@ pub async fn run(cfg: NetConfig, mut links: Vec<DiskLink>) -> anyhow::Result<()>
                     // The session was up for a while: retry quickly again.
                     backoff = FIRST_BACKOFF;
                 }
-                tracing::warn!(
-                    "connection to {} lost: {e:#}; reconnecting in {backoff:?}",
-                    cfg.server
-                );
+                if no_answer(&e) {
+                    tracing::warn!(
+                        "no answer from the process server at {} (data endpoint); check that \
+                         `ripcord-ps serve` runs there and the port is open (UDP); retrying \
+                         in {backoff:?}",
+                        cfg.server
+                    );
+                } else {
+                    tracing::warn!(
+                        "connection to {} lost: {e:#}; reconnecting in {backoff:?}",
+                        cfg.server
+                    );
+                }
                 for l in &mut links {
                     l.sender.handle_disconnect();
                     l.stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -287,6 +315,22 @@ pub async fn run(cfg: NetConfig, mut links: Vec<DiskLink>) -> anyhow::Result<()>
             }
         }
     }
+}
+
+/// Whether `e` is a handshake that got no answer at all (nothing listens there, or a
+/// firewall drops the packets), as opposed to a refusal or a lost connection.
+fn no_answer(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<ripcord_transport::EndpointError>(),
+            Some(ripcord_transport::EndpointError::Handshake(
+                quinn::ConnectionError::TimedOut
+            ))
+        ) || matches!(
+            cause.downcast_ref::<quinn::ConnectionError>(),
+            Some(quinn::ConnectionError::TimedOut)
+        )
+    })
 }
 
 async fn session(cfg: &NetConfig, machine: &str, links: &mut [DiskLink]) -> anyhow::Result<()> {
@@ -486,6 +530,7 @@ async fn drive(conn: &Connection, l: &mut DiskLink) -> anyhow::Result<()> {
                 Some(Message::Ack(ack)) => {
                     l.sender.handle_ack(Instant::now(), &ack).map_err(|e| anyhow::anyhow!("bad ack: {e}"))?;
                     l.stats.acked_seq.store(ack.durable_seq, Ordering::Relaxed);
+                    l.acked_through(ack.durable_seq);
                     l.stats.acked_cuts.store(ack.durable_cut_id, Ordering::Relaxed);
                     let now = now_mono_ns();
                     let mut samples = l.stats.lag_us.lock().expect("lag lock");

@@ -180,14 +180,27 @@ pub fn app_point(
     round_cfg: &RoundConfig,
     send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
     cfg: &AgentConfig,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<AppPoint> {
     let timeout = Duration::from_millis(cfg.freeze_timeout_ms);
     let devs: Vec<_> = producers.iter().map(|p| p.dev.clone()).collect();
     let mounts = freeze::mounts_on(&devs)?;
-    freeze::run_hooks(&cfg.hooks_dir, "pre-freeze", timeout)?;
+    // Checked before anything runs: a hook that cannot run fails the attempt (see the
+    // `freeze` module doc).
+    let hooks = match freeze::hooks_in(&cfg.hooks_dir)? {
+        Some(hooks) => hooks,
+        None => {
+            tracing::warn!(
+                "hooks directory {} does not exist: no application is asked to quiesce; the \
+                 point only freezes the file systems",
+                cfg.hooks_dir.display()
+            );
+            Vec::new()
+        }
+    };
+    freeze::run_hooks(&hooks, "pre-freeze", timeout)?;
     let result = (|| -> anyhow::Result<()> {
         let frozen = freeze::Frozen::freeze(&mounts, timeout)?;
-        freeze::run_hooks(&cfg.hooks_dir, "frozen", timeout)?;
+        freeze::run_hooks(&hooks, "frozen", timeout)?;
         let before: Vec<u64> = producers.iter().map(|p| p.counters.app_cuts).collect();
         let app_cfg = RoundConfig {
             cut: CutRequest::App,
@@ -210,7 +223,32 @@ pub fn app_point(
         drop(frozen);
         Ok(())
     })();
-    let thawed = freeze::run_hooks(&cfg.hooks_dir, "post-thaw", timeout);
+    let thawed = freeze::run_hooks(&hooks, "post-thaw", timeout);
     result?;
-    thawed
+    thawed?;
+    let names = |v: Vec<String>| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    Ok(AppPoint {
+        hooks: names(
+            hooks
+                .iter()
+                .filter_map(|h| h.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect(),
+        ),
+        frozen: names(mounts.iter().map(|m| m.display().to_string()).collect()),
+    })
+}
+
+/// What an application-consistent point did, for the log.
+#[derive(Debug)]
+pub struct AppPoint {
+    /// The hooks that ran (names), or "none".
+    pub hooks: String,
+    /// The file systems frozen (mount points), or "none".
+    pub frozen: String,
 }

@@ -8,14 +8,15 @@
 //! the epoch at once and starts a new one at the new size: writes to a grown range were
 //! not captured before, and the new epoch's sync reads every sector after its capture is
 //! attached, so none is missed.
+//!
+//! Before anything else, the agent locks its state directory and every device (`lock`):
+//! a second agent is refused with the holder's pid. How it stops, and what it says when
+//! it does, is in `stop` and `outcome`; what it reports while it runs, in `status`.
 
 use std::{
     net::ToSocketAddrs as _,
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -24,18 +25,20 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ripcord_proto::DiskId;
 use ripcord_seal::DataKey;
 use ripcord_transport::Identity;
-use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::{
     batch::BatchBuilder,
     config::AgentConfig,
-    metrics::{AgentMetrics, DiskSample},
+    metrics::AgentMetrics,
     net::{self, DiskLink, LinkStats, NetConfig},
+    outcome::{self, EpochEnd},
     pipeline::{CutRequest, DiskProducer, Outgoing, RoundConfig, round},
     points::{self, FreezeStats, GapPolicy, GapState},
     renew::{MachineIdentity, RenewTarget, renew_forever},
     state::AgentState,
+    status::{StatsView, SyncProgress},
+    stop::{Abandoned, Stop, send_or_stop},
 };
 use crate::{
     capture::{Capture, CaptureConfig},
@@ -56,11 +59,15 @@ const CHANNEL_DEPTH: usize = 2;
 
 pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
     preflight::require()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))?;
-    }
     let cfg = &opts.config;
+    let stop = Stop::install(Duration::from_secs(cfg.drain_timeout_secs))?;
+    super::state::ensure_state_dir(&cfg.state_dir)?;
+    let devs = devices(&opts)?
+        .iter()
+        .map(|p| BlockDevice::resolve(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Held until the agent exits: one agent per state directory and per device.
+    let _locks = super::lock::lock_all(&cfg.state_dir, &devs)?;
     let metrics = Arc::new(AgentMetrics::new());
     if !cfg.metrics_addr.is_empty() {
         let addr = cfg.metrics_addr.parse().context("metrics-addr")?;
@@ -82,12 +89,25 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
 }
 
 /// How one epoch of protection ended.
-enum Ended {
-    /// SIGINT/SIGTERM: everything is durable on the server.
+pub(crate) enum Ended {
+    /// SIGINT/SIGTERM: the outcome was logged.
     Stopped,
     /// A protected device changed size (what happened, for the log). The old epoch's
     /// points stand; a new epoch protects the new size.
     Resized(String),
+}
+
+/// The devices to protect: from the command line, else the config file.
+fn devices(opts: &ProtectOptions) -> anyhow::Result<Vec<PathBuf>> {
+    let devices = if opts.devices.is_empty() {
+        opts.config.devices.clone()
+    } else {
+        opts.devices.clone()
+    };
+    if devices.is_empty() {
+        bail!("no devices to protect: name them on the command line or in the config file");
+    }
+    Ok(devices)
 }
 
 /// The first protected device whose size differs from when protection started.
@@ -106,7 +126,7 @@ fn resized(devs: &[BlockDevice]) -> Option<String> {
 /// Protect the configured devices in a new epoch, until a signal or a resize.
 fn run_epoch(
     opts: &ProtectOptions,
-    stop: &Arc<AtomicBool>,
+    stop: &Stop,
     metrics: &Arc<AgentMetrics>,
 ) -> anyhow::Result<Ended> {
     let cfg = &opts.config;
@@ -135,15 +155,7 @@ fn run_epoch(
         .with_context(|| format!("resolving {server}"))?
         .next()
         .with_context(|| format!("{server} resolves to no address"))?;
-    let devices: Vec<PathBuf> = if opts.devices.is_empty() {
-        cfg.devices.clone()
-    } else {
-        opts.devices.clone()
-    };
-    if devices.is_empty() {
-        bail!("no devices to protect: name them on the command line or in the config file");
-    }
-    let devs = devices
+    let devs = devices(opts)?
         .iter()
         .map(|p| BlockDevice::resolve(p))
         .collect::<Result<Vec<_>, _>>()?;
@@ -161,9 +173,11 @@ fn run_epoch(
     let mut links = Vec::new();
     let mut senders = Vec::new();
     let mut link_stats: Vec<Arc<LinkStats>> = Vec::new();
+    let mut ids = Vec::new();
     for dev in &devs {
         let (id, epoch) = state.next_epoch(&dev.path, &cfg.state_dir)?;
         let disk = DiskId(id);
+        ids.push((disk, epoch));
         // A fresh data key per epoch: nonces (epoch, seq) never repeat under one key.
         let key = DataKey::generate()?;
         let builder = BatchBuilder::new(
@@ -225,7 +239,7 @@ fn run_epoch(
         .enable_all()
         .thread_name("ripcord-net")
         .build()?;
-    let net = rt.spawn(net::run(net_cfg, links));
+    let mut net = rt.spawn(net::run(net_cfg, links));
     // Runs until the runtime is dropped at the end of the epoch.
     let _renewal =
         renew_target.map(|target| rt.spawn(async move { renew_forever(&identity, target).await }));
@@ -253,13 +267,31 @@ fn run_epoch(
         )
         .expect("static template"),
     );
-    if !console_is_tty() {
+    let mut progress = (!console_is_tty()).then(|| {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        SyncProgress::new(producers.len())
+    });
+    let status_file = super::status::status_path(&cfg.state_dir);
+    let status_paths: Vec<&std::path::Path> = std::iter::once(status_file.as_path())
+        .chain(opts.stats_file.as_deref())
+        .collect();
+    // At once, so `status` shows the epoch before the first round (which may wait for the
+    // server).
+    StatsView {
+        server: &server,
+        ids: &ids,
+        producers: &producers,
+        links: &link_stats,
+        gaps: &gaps,
+        churn: &churn,
+        freezes: &freezes,
     }
+    .write(&status_paths)?;
     let started = Instant::now();
     let mut last_stats = Instant::now();
     let mut sync_logged = false;
     let mut net_failed = None;
+    let mut abandoned = false;
     let mut resize = None;
     let mut last_size_check = Instant::now();
     loop {
@@ -272,14 +304,17 @@ fn run_epoch(
                 break;
             }
         }
-        let stopping = stop.load(Ordering::Relaxed);
+        let stopping = stop.requested();
+        let in_sync = producers.iter().any(DiskProducer::syncing);
         let mut send = |slot: usize, item: Outgoing| -> anyhow::Result<()> {
-            senders[slot]
-                .blocking_send(item)
-                .map_err(|_| anyhow::anyhow!("the network side stopped"))
+            send_or_stop(&rt, &senders[slot], &link_stats[slot], item, stop, in_sync)
         };
         let worked = match round(&mut capture, &mut producers, &round_cfg, &mut send) {
             Ok(w) => w,
+            Err(e) if e.downcast_ref::<Abandoned>().is_some() => {
+                abandoned = true;
+                break;
+            }
             Err(e) if net.is_finished() => {
                 net_failed = Some(e);
                 break;
@@ -296,6 +331,9 @@ fn run_epoch(
         };
         let synced: u64 = producers.iter().map(|p| p.synced_sectors() * 512).sum();
         bar.set_position(synced);
+        if let Some(p) = &mut progress {
+            p.observe(&producers);
+        }
         if !sync_logged && producers.iter().all(|p| !p.syncing()) {
             sync_logged = true;
             bar.finish_and_clear();
@@ -310,6 +348,8 @@ fn run_epoch(
         if last_stats.elapsed() >= Duration::from_millis(500) {
             last_stats = Instant::now();
             let view = StatsView {
+                server: &server,
+                ids: &ids,
                 producers: &producers,
                 links: &link_stats,
                 gaps: &gaps,
@@ -317,21 +357,20 @@ fn run_epoch(
                 freezes: &freezes,
             };
             metrics.update(&view.samples(), &freezes);
-            if let Some(path) = &opts.stats_file {
-                write_stats(path, &view)?;
-            }
+            view.write(&status_paths)?;
         }
         if net.is_finished() {
             break;
         }
         if stopping {
             // Quiesce: everything completed before the stop has been read in a round
-            // after it; leave when nothing is dirty. During the initial sync, stop at once:
-            // the next start begins a new epoch anyway.
+            // after it; leave when nothing is dirty (or when the drain timeout passes under
+            // endless writes). During the initial sync, stop at once: the next start
+            // begins a new epoch anyway.
             let quiet = producers
                 .iter()
                 .all(|p| p.dirty.is_empty() && p.zeroed.is_empty());
-            if quiet || producers.iter().any(|p| p.syncing()) {
+            if quiet || producers.iter().any(|p| p.syncing()) || stop.abandon().is_some() {
                 break;
             }
             continue;
@@ -342,7 +381,11 @@ fn run_epoch(
         {
             last_app = Instant::now();
             match points::app_point(&mut capture, &mut producers, &round_cfg, &mut send, cfg) {
-                Ok(()) => tracing::info!("application-consistent point taken"),
+                Ok(point) => tracing::info!(
+                    "application-consistent point taken (hooks run: {}; file systems frozen: {})",
+                    point.hooks,
+                    point.frozen
+                ),
                 Err(e) => tracing::warn!("no application-consistent point this time: {e:#}"),
             }
             continue;
@@ -370,59 +413,36 @@ fn run_epoch(
             capture.wait(Duration::from_millis(50))?;
         }
     }
-    // A last round places the final cut if the previous one was rate-limited.
-    if net_failed.is_none() && !net.is_finished() && resize.is_none() {
-        let mut send = |slot: usize, item: Outgoing| -> anyhow::Result<()> {
-            senders[slot]
-                .blocking_send(item)
-                .map_err(|_| anyhow::anyhow!("the network side stopped"))
-        };
-        std::thread::sleep(round_cfg.cut_interval);
-        // Until everything read has a cut after it (writes still arriving are bounded by
-        // the deadline).
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            round(&mut capture, &mut producers, &round_cfg, &mut send)?;
-            if !producers.iter().any(DiskProducer::has_pending_changes)
-                || Instant::now() >= deadline
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    capture.detach()?;
-    drop(senders);
-    tracing::info!("waiting for the process server to acknowledge everything");
-    let result = rt.block_on(async {
-        match tokio::time::timeout(Duration::from_secs(120), net).await {
-            Ok(joined) => joined.map_err(anyhow::Error::from)?,
-            Err(_) => bail!("the process server did not acknowledge everything within 120 s"),
-        }
-    });
-    if let Some(path) = &opts.stats_file {
-        let view = StatsView {
-            producers: &producers,
-            links: &link_stats,
-            gaps: &gaps,
-            churn: &churn,
-            freezes: &freezes,
-        };
-        write_stats(path, &view)?;
-    }
-    if let Some(e) = net_failed {
-        return Err(e.context(result.err().map(|e| format!("{e:#}")).unwrap_or_default()));
-    }
-    result?;
-    if let Some(why) = resize {
-        return Ok(Ended::Resized(why));
-    }
-    tracing::info!("all data durable on the process server; stopped");
-    Ok(Ended::Stopped)
+    let end = EpochEnd {
+        rt,
+        net: &mut net,
+        server: &server,
+        stop,
+        capture: &mut capture,
+        producers: &mut producers,
+        round_cfg: &round_cfg,
+        senders,
+        links: &link_stats,
+        net_failed,
+        abandoned,
+        resize,
+    };
+    let ended = outcome::finish(end);
+    let view = StatsView {
+        server: &server,
+        ids: &ids,
+        producers: &producers,
+        links: &link_stats,
+        gaps: &gaps,
+        churn: &churn,
+        freezes: &freezes,
+    };
+    view.write(&status_paths)?;
+    ended
 }
 
 /// How discards on a disk are replicated, for status and logs.
-fn discard_mode(read_zero: bool) -> &'static str {
+pub(crate) fn discard_mode(read_zero: bool) -> &'static str {
     if read_zero {
         "sent as zeroes"
     } else {
@@ -441,9 +461,9 @@ fn console_is_tty() -> bool {
 /// could take every change waiting at its instant (the backlog exceeded `round-mib` each
 /// time). Changes that complete while a round reads are normal and do not count.
 #[derive(Debug, Default, Clone)]
-struct ChurnWatch {
+pub(crate) struct ChurnWatch {
     backlog_since: Option<Instant>,
-    alerted: bool,
+    pub(crate) alerted: bool,
 }
 
 impl ChurnWatch {
@@ -464,130 +484,4 @@ impl ChurnWatch {
             );
         }
     }
-}
-
-/// Everything the stats file and the metrics report.
-struct StatsView<'a> {
-    producers: &'a [DiskProducer],
-    links: &'a [Arc<LinkStats>],
-    gaps: &'a [GapState],
-    churn: &'a [ChurnWatch],
-    freezes: &'a FreezeStats,
-}
-
-impl StatsView<'_> {
-    fn samples(&self) -> Vec<DiskSample<'_>> {
-        self.producers
-            .iter()
-            .zip(self.gaps.iter().zip(self.churn))
-            .map(|(p, (g, c))| DiskSample {
-                device: p.dev.path.to_str().unwrap_or("?"),
-                counters: p.counters,
-                dirty_bytes: (p.dirty.sectors() + p.zeroed.sectors()) * 512,
-                point_gap: p.point_gap(),
-                point_age: p.point_age(),
-                largest_gap: p.largest_gap,
-                gap_alert: g.alerted,
-                churn_alert: c.alerted,
-            })
-            .collect()
-    }
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn write_stats(path: &std::path::Path, view: &StatsView<'_>) -> anyhow::Result<()> {
-    let mut all_lag = Vec::new();
-    let disks: Vec<_> = view
-        .producers
-        .iter()
-        .zip(view.links)
-        .zip(view.samples())
-        .map(|((p, l), sample)| {
-            all_lag.extend(l.lag_us.lock().expect("lag lock").iter().copied());
-            let c = p.counters;
-            json!({
-                "device": p.dev.path,
-                "size_bytes": p.dev.sectors * 512,
-                "discards": discard_mode(p.discards_read_zero),
-                "syncing": p.syncing(),
-                "synced_bytes": p.synced_sectors() * 512,
-                "dirty_bytes": sample.dirty_bytes,
-                "next_seq": p.builder.next_seq(),
-                "pushed_seq": l.pushed_seq.load(Ordering::Relaxed),
-                "acked_seq": l.acked_seq.load(Ordering::Relaxed),
-                "acked_cuts": l.acked_cuts.load(Ordering::Relaxed),
-                "store": l.store.lock().expect("store status lock").as_ref().map(|s| json!({
-                    "epoch": s.epoch,
-                    "committed_cut": s.committed_cut_id,
-                    "point_age_secs": s.point_age_secs,
-                    "failure": s.failure,
-                })),
-                "reconnects": l.reconnects.load(Ordering::Relaxed),
-                "bytes_read": c.bytes_read,
-                "read_errors": c.read_errors,
-                "data_bytes": c.data_bytes,
-                "zero_bytes": c.zero_bytes,
-                "batches": c.batches,
-                "cuts": c.cuts,
-                "rounds": c.rounds,
-                "clean_rounds": c.clean_rounds,
-                "drain_ms": c.drain_us / 1000,
-                "read_ms": c.read_us / 1000,
-                "send_ms": c.send_us / 1000,
-                "blocked_ms": c.blocked_us / 1000,
-                "raced_reads": c.raced_reads,
-                "dropped": c.dropped,
-                "missed": c.missed,
-                "lost_completions": c.lost_completions,
-                "app_cuts": c.app_cuts,
-                "forced_cuts": c.forced_cuts,
-                "point_gap_ms": sample.point_gap.map(|g| g.as_millis() as u64),
-                "point_age_ms": sample.point_age.map(|g| g.as_millis() as u64),
-                "largest_point_gap_ms": p.largest_gap.as_millis() as u64,
-                "point_gap_alert": sample.gap_alert,
-                "churn_alert": sample.churn_alert,
-            })
-        })
-        .collect();
-    all_lag.sort_unstable();
-    let mut stalls = view.freezes.stalls_us.clone();
-    stalls.sort_unstable();
-    let v = json!({
-        "disks": disks,
-        "lag_ms": {
-            "samples": all_lag.len(),
-            "p50": percentile(&all_lag, 0.5) as f64 / 1000.0,
-            "p99": percentile(&all_lag, 0.99) as f64 / 1000.0,
-            "max": all_lag.last().copied().unwrap_or(0) as f64 / 1000.0,
-        },
-        "forced_freezes": {
-            "attempts": view.freezes.attempts,
-            "failures": view.freezes.failures,
-            "stall_ms_p50": percentile(&stalls, 0.5) as f64 / 1000.0,
-            "stall_ms_p99": percentile(&stalls, 0.99) as f64 / 1000.0,
-            "stall_ms_max": stalls.last().copied().unwrap_or(0) as f64 / 1000.0,
-        },
-        "peak_rss_kib": rss_kib(),
-    });
-    // Rewritten twice a second and read live: whole, not durable.
-    ripcord_crashsafe::replace_atomic(path, &serde_json::to_vec_pretty(&v)?)
-        .with_context(|| format!("writing {}", path.display()))
 }

@@ -68,14 +68,14 @@ impl AgentState {
         Ok(key)
     }
 
-    /// Write crash-safely (temp file, fsync, rename, directory fsync).
+    /// Write crash-safely (temp file, fsync, rename, directory fsync), mode 0600.
     pub fn save(&self, state_dir: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(state_dir)?;
+        ensure_state_dir(state_dir)?;
         let path = Self::path(state_dir);
         ripcord_crashsafe::write_atomic(
             &path,
             &serde_json::to_vec_pretty(self)?,
-            ripcord_crashsafe::MODE_PUBLIC,
+            ripcord_crashsafe::MODE_SECRET,
         )
         .with_context(|| format!("writing {}", path.display()))
     }
@@ -114,6 +114,31 @@ impl AgentState {
     }
 }
 
+/// Create the state directory (and missing parents) with mode 0700, or tighten an
+/// existing one that others may read: it holds the machine's private key.
+pub fn ensure_state_dir(state_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let mode = std::fs::metadata(state_dir)
+        .with_context(|| format!("reading {}", state_dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            "state directory {} had mode {:o}: setting 0700 (it holds the machine's key)",
+            state_dir.display(),
+            mode & 0o777
+        );
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("setting the mode of {}", state_dir.display()))?;
+    }
+    Ok(())
+}
+
 fn getrandom_fill(buf: &mut [u8]) -> anyhow::Result<()> {
     use std::io::Read as _;
     std::fs::File::open("/dev/urandom")?.read_exact(buf)?;
@@ -139,6 +164,10 @@ mod tests {
             .unwrap();
         assert_ne!(id3, id1);
         assert_eq!(e3, 1);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700, "state directory");
+        assert_eq!(mode(&AgentState::path(&dir)), 0o600, "state.json");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

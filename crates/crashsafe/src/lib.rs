@@ -23,6 +23,10 @@
 //! store): take the lock, read the file, change it, [`write_atomic`] it, drop the lock.
 //! Readers need no lock: they see the old or the new file.
 //!
+//! [`try_lock_exclusive`] marks something as in use by a running process (a protected
+//! device, an agent's state directory) and fails at once when it already is; others probe
+//! it with [`is_locked`]. The kernel drops the lock when its holder dies.
+//!
 //! # Making a file written by someone else durable
 //! [`sync_file`] and [`sync_dir`] are for files another library wrote (the target store's
 //! local directory, written by `object_store`): the caller fsyncs the file, then every
@@ -58,6 +62,12 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
 /// mix; not durable (no fsync). For status files rewritten many times a second.
 pub fn replace_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     replace(path, contents, MODE_PUBLIC, false)
+}
+
+/// [`replace_atomic`] with the file created with `mode` (a status file that only its
+/// owner may read).
+pub fn replace_atomic_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    replace(path, contents, mode, false)
 }
 
 /// Durably rename `from` to `to`: after `Ok`, a crash leaves `to` with `from`'s contents
@@ -109,6 +119,51 @@ pub fn lock_exclusive(path: &Path) -> io::Result<FileLock> {
         .open(path)?;
     file.lock()?;
     Ok(FileLock { _file: file })
+}
+
+impl FileLock {
+    /// Replace the lock file's contents with `owner` (e.g. the holder's pid), for whoever
+    /// finds the lock taken. Not durable: a lock file only means something while held.
+    pub fn write_owner(&self, owner: &str) -> io::Result<()> {
+        use std::io::{Seek as _, SeekFrom};
+        let mut file = &self._file;
+        file.set_len(0)?;
+        file.seek(SeekFrom::Start(0))?;
+        file.write_all(owner.as_bytes())
+    }
+}
+
+/// Takes the exclusive lock on `path` (created, mode 0600, if missing) without waiting:
+/// `Ok(None)` when another open file description holds it (`flock(LOCK_EX | LOCK_NB)`).
+/// Hold the returned lock for as long as what it guards is in use.
+pub fn try_lock_exclusive(path: &Path) -> io::Result<Option<FileLock>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(MODE_SECRET)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(FileLock { _file: file })),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Whether someone holds an exclusive lock on `path` (probed with
+/// `flock(LOCK_SH | LOCK_NB)`, released at once). A missing file is not held.
+pub fn is_locked(path: &Path) -> io::Result<bool> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock_shared() {
+        Ok(()) => Ok(false),
+        Err(fs::TryLockError::WouldBlock) => Ok(true),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 /// Fsync a directory, making the creations, renames and removals in it durable.
@@ -210,6 +265,28 @@ mod tests {
         rename_durable_new(&from, &to).unwrap();
         assert_eq!(fs::read(&to).unwrap(), b"new");
         assert!(!from.exists());
+    }
+
+    #[test]
+    fn try_lock_exclusive_refuses_a_second_holder_until_the_first_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("7:3.lock");
+        assert!(
+            !is_locked(&lock).unwrap(),
+            "a missing lock file is not held"
+        );
+        let held = try_lock_exclusive(&lock).unwrap().expect("free lock");
+        held.write_owner("1234\n").unwrap();
+        assert!(is_locked(&lock).unwrap());
+        assert!(try_lock_exclusive(&lock).unwrap().is_none());
+        assert_eq!(fs::read_to_string(&lock).unwrap(), "1234\n");
+        let mode = fs::metadata(&lock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, MODE_SECRET);
+        drop(held);
+        assert!(!is_locked(&lock).unwrap());
+        let again = try_lock_exclusive(&lock).unwrap().expect("released lock");
+        again.write_owner("99").unwrap();
+        assert_eq!(fs::read_to_string(&lock).unwrap(), "99");
     }
 
     #[test]

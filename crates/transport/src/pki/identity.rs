@@ -188,8 +188,9 @@ impl Identity {
             .map_or(true, |(_, not_after)| not_after <= SystemTime::now())
     }
 
-    /// Stores the identity in `state_dir` crash-safely: `agent.key` (0600), `ca.crt`, and
-    /// `agent.crt` last (its presence marks a complete identity).
+    /// Stores the identity in `state_dir` crash-safely: `agent.key`, `ca.crt`, and
+    /// `agent.crt` last (its presence marks a complete identity), all mode 0600 (only the
+    /// agent reads them).
     pub fn save(&self, state_dir: &Path) -> Result<(), PkiError> {
         fsutil::ensure_dir(state_dir).map_err(io_err(state_dir))?;
         let key_pem = pem::encode(&pem::Pem::new(
@@ -197,11 +198,11 @@ impl Identity {
             self.key.secret_der().to_vec(),
         ));
         write_secret(&state_dir.join(AGENT_KEY_FILE), key_pem.as_bytes())?;
-        write_public(
+        write_secret(
             &state_dir.join(CA_CERT_FILE),
             cert_pem(&self.ca_cert).as_bytes(),
         )?;
-        write_public(
+        write_secret(
             &state_dir.join(AGENT_CERT_FILE),
             cert_pem(&self.cert).as_bytes(),
         )
