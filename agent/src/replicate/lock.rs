@@ -25,8 +25,7 @@ use ripcord_crashsafe::FileLock;
 
 use crate::device::{BlockDevice, DevId};
 
-/// Where the per-device lock files live.
-pub const DEVICE_LOCK_DIR: &str = "/run/ripcord/lock";
+pub use ripcord_crashsafe::DEVICE_LOCK_DIR;
 
 /// The lock file of the state directory `state_dir`.
 pub fn state_dir_lock_path(state_dir: &Path) -> PathBuf {

@@ -33,7 +33,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 /// Where a running agent keeps one lock file per protected device, `MAJ:MIN.lock`.
-pub const AGENT_LOCK_DIR: &str = "/run/ripcord/lock";
+pub const AGENT_LOCK_DIR: &str = ripcord_crashsafe::DEVICE_LOCK_DIR;
 
 /// A checked failover output.
 #[derive(Debug)]

@@ -100,6 +100,11 @@ pub fn rename_durable_new(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Where a running `ripcord-agent` holds `flock(LOCK_EX)` on `<MAJ>:<MIN>.lock` for each
+/// device it protects; other tools (`ripcord failover`) probe it with [`is_locked`]. One
+/// definition for both sides.
+pub const DEVICE_LOCK_DIR: &str = "/run/ripcord/lock";
+
 /// An exclusive advisory lock (`flock`) on a lock file; released when dropped (or when
 /// the process dies, so a killed holder never leaves it stuck).
 #[derive(Debug)]
