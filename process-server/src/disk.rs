@@ -212,7 +212,7 @@ impl DiskCore {
             ProtectOutcome::Reject(reason) => Ok(Err(ErrorMessage {
                 code: ErrorCode::StaleEpoch,
                 disk_id: Some(self.disk),
-                message: format!("{reason:?}"),
+                message: reason.to_string(),
             })),
         }
     }
@@ -279,7 +279,7 @@ impl DiskCore {
                     }
                     BatchAction::Duplicate => self.counters.duplicates += 1,
                     other => {
-                        let msg = format!("{other:?}");
+                        let msg = other.to_string();
                         out.error = Some(error(ErrorCode::OutOfOrder, self.disk, &msg));
                         break;
                     }
@@ -295,7 +295,7 @@ impl DiskCore {
                         out.error = Some(error(
                             ErrorCode::OutOfOrder,
                             self.disk,
-                            &format!("cut refused: {r:?}"),
+                            &format!("cut refused: {r}"),
                         ));
                         break;
                     }

@@ -274,7 +274,10 @@ fn foreign_peers_and_foreign_disks_are_refused() {
         }
         Err(e) => format!("{e:#}"),
     };
-    assert!(log.contains("NotOwner"), "refusal not named:\n{log}");
+    assert!(
+        log.contains("not the disk's owner") && log.contains("belongs to machine"),
+        "refusal not named:\n{log}"
+    );
     assert_eq!(
         dir_size(&journal),
         size_before,

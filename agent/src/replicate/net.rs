@@ -30,7 +30,7 @@ use crate::clock::now_mono_ns;
 
 /// A refusal that reconnecting will not fix (the agent stops).
 #[derive(Debug, thiserror::Error)]
-#[error("the process server refused disk {disk}: {code:?}: {message}")]
+#[error("the process server refused disk {disk} ({code}): {message}")]
 pub struct Refused {
     pub disk: String,
     pub code: ErrorCode,
@@ -401,7 +401,7 @@ async fn serve_links(
             tracing::info!(server = %ack.server_id, "connected to {}", cfg.server);
             ack.escrow_key
         }
-        Some(Message::Error(e)) => bail!("server refused the session: {:?}: {}", e.code, e.message),
+        Some(Message::Error(e)) => bail!("the process server refused the session ({}): {}", e.code, e.message),
         other => bail!("expected HelloAck, got {other:?}"),
     };
     for l in links.iter_mut() {
@@ -550,7 +550,7 @@ async fn drive(conn: &Connection, l: &mut DiskLink) -> anyhow::Result<()> {
                     if matches!(e.code, ErrorCode::NotOwner | ErrorCode::StaleEpoch) {
                         return Err(Refused { disk: disk_hex, code: e.code, message: e.message }.into());
                     }
-                    bail!("server error {:?}: {}", e.code, e.message);
+                    bail!("the process server stopped the disk stream ({}): {}", e.code, e.message);
                 }
                 Some(other) => bail!("unexpected {:?} on a disk stream", other.message_type()),
                 None => bail!("server closed the disk stream"),

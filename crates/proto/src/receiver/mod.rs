@@ -111,6 +111,51 @@ pub enum RejectReason {
     },
 }
 
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            RejectReason::WrongDisk { got } => write!(f, "frame for disk {got} on another disk's stream"),
+            RejectReason::StaleEpoch { got, current } => write!(
+                f,
+                "epoch {got} is older than the disk's current epoch {current}: another agent \
+                 (or a newer start of this one) protects this disk now"
+            ),
+            RejectReason::FutureEpoch { got, current } => write!(
+                f,
+                "epoch {got} arrived before its ProtectDisk (the disk is at epoch {current})"
+            ),
+            RejectReason::Overlap { received_seq, first_seq, last_seq } => write!(
+                f,
+                "batch {first_seq}..={last_seq} overlaps what was received (up to {received_seq})"
+            ),
+            RejectReason::CutAheadOfData { seq, received_seq } => write!(
+                f,
+                "cut at batch {seq} is ahead of the data received (up to {received_seq})"
+            ),
+            RejectReason::CutGap { expected, got } => {
+                write!(f, "cut {got} skips ahead: cut {expected} is missing")
+            }
+            RejectReason::CutBeforePrevious { seq, previous_seq } => write!(
+                f,
+                "cut at batch {seq} is before the previous cut's batch {previous_seq}"
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for BatchAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchAction::Append => f.write_str("append"),
+            BatchAction::Duplicate => f.write_str("duplicate"),
+            BatchAction::Gap { expected, got } => {
+                write!(f, "batch {got} arrived where batch {expected} was expected")
+            }
+            BatchAction::Reject(r) => r.fmt(f),
+        }
+    }
+}
+
 /// What the driver must do with a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchAction {

@@ -352,6 +352,21 @@ pub struct Ack {
     pub durable_cut_id: u64,
 }
 
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ErrorCode::VersionUnsupported => "protocol version not supported",
+            ErrorCode::NotOwner => "not the disk's owner",
+            ErrorCode::BadFrame => "malformed frame",
+            ErrorCode::Backpressure => "server busy",
+            ErrorCode::Internal => "server error",
+            ErrorCode::OutOfOrder => "out of order",
+            ErrorCode::StaleEpoch => "stale epoch",
+            ErrorCode::UnknownDisk => "unknown disk",
+        })
+    }
+}
+
 /// Server -> agent: the target store side of a disk (sent when it changes, and every few
 /// seconds while uploads fail or points lag).
 #[derive(Clone, Debug, PartialEq, Eq)]
