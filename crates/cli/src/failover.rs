@@ -113,6 +113,32 @@ pub fn select(
     })
 }
 
+/// Finds the point `spec` names, reading no more of the catalog than it must: `latest`,
+/// `latest-app` and an id read only the segments that can hold them (the newest point is
+/// the agent's last cut, the highest cut id of the newest epoch); a time lists every point.
+pub async fn find_point(
+    store: &Store,
+    disk: &DiskId,
+    spec: &PointSpec,
+) -> anyhow::Result<RecoveryPoint> {
+    let found = match spec {
+        PointSpec::Latest => store.latest_point(disk).await?,
+        PointSpec::LatestApp => {
+            store
+                .latest_point_where(disk, |p| p.kind == CutKind::App)
+                .await?
+        }
+        PointSpec::Id(id) => match id.split_once('-').map(|(e, c)| (e.parse(), c.parse())) {
+            Some((Ok(epoch), Ok(cut_id))) => store.point_by_id(disk, epoch, cut_id).await?,
+            _ => None,
+        },
+        PointSpec::At(_) => return select(&store.points(disk).await?, spec, disk),
+    };
+    found.with_context(|| {
+        format!("disk {disk} has no recovery point {spec}; `ripcord points list` lists them")
+    })
+}
+
 /// Parse a disk id (32 hex digits).
 pub fn parse_disk(s: &str) -> anyhow::Result<DiskId> {
     DiskId::from_hex(s.trim()).with_context(|| format!("disk id {s:?} is not 32 hex digits"))
@@ -157,8 +183,7 @@ pub fn check_point(key: &DataKey, disk: &DiskId, point: &RecoveryPoint) -> anyho
         format!(
             "recovery point {} (`{}`) is not authentic: its fields were changed in the store \
              by someone who can write it, or it is damaged; refusing to use it",
-            point.id,
-            ripcord_store::format::cut_name(disk, point.epoch, point.cut_id)
+            point.id, point.catalog_object
         )
     })
 }

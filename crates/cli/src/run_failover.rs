@@ -12,7 +12,7 @@ use ripcord_store::CutKind;
 
 use crate::{
     FailoverArgs, Format, TestArgs,
-    failover::{Output, PointSpec, materialize, select},
+    failover::{Output, PointSpec, find_point, materialize},
     is_tty, known_disk, open_store,
     output_guard::{self, AGENT_LOCK_DIR, Destination},
     rfc3339,
@@ -109,11 +109,9 @@ async fn failover_to(
     let store = open_store(target).await?;
     let disk = known_disk(&store, target, disk).await?;
     let pass = ripcord_seal::read_passphrase(passphrase_file)?;
-    let points = store
-        .points(&disk)
+    let point = find_point(&store, &disk, &spec)
         .await
-        .with_context(|| format!("listing the points of disk {disk}"))?;
-    let point = select(&points, &spec, &disk)?;
+        .with_context(|| format!("finding the recovery point of disk {disk}"))?;
     let m = match format {
         Format::Raw => {
             materialize(

@@ -113,7 +113,7 @@ pub async fn authenticate_all(
     let mut damaged = Vec::new();
     for d in disks {
         for p in store.points(&d).await? {
-            let catalog = ripcord_store::format::cut_name(&d, p.epoch, p.cut_id);
+            let catalog = p.catalog_object.to_string();
             let (key, plan) = match failover::resolve_authentic(store, &d, &p, pass).await {
                 Ok(kp) => kp,
                 Err(e) => {

@@ -77,9 +77,12 @@ async fn zeroing_a_range_through_the_checkpoint_is_refused_naming_the_checkpoint
 #[tokio::test(flavor = "multi_thread")]
 async fn moving_a_recovery_point_to_another_sequence_is_refused_naming_the_catalog_entry() {
     let f = Fixture::new().await;
-    let name = f.object("catalog", &format!("-{:020}.cut", 2));
-    let mut c = format::decode_cut(&f.read(&name), &DISK, (EPOCH, 2)).expect("catalog entry");
-    c.seq = 5;
-    f.write(&name, format::encode_cut(&DISK, &c));
+    // Cut 2 was committed by a flush of its own: the segment holding cuts 2..=2.
+    let name = f.object("catalog", &format!("-{0:020}-{0:020}-00-", 2));
+    let parsed = format::parse_catalog(&name).expect("catalog segment name");
+    let mut entries =
+        format::decode_catalog(&f.read(&name), &DISK, &parsed).expect("catalog segment");
+    entries[0].cut.seq = 5;
+    f.write(&name, format::encode_catalog(&DISK, EPOCH, 0, &entries));
     f.assert_refused("latest", &name);
 }

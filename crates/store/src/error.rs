@@ -27,12 +27,15 @@ pub enum Corruption {
         /// What was expected.
         what: &'static str,
     },
-    /// Written by a newer format version.
-    #[error("unsupported format version {found} (this build reads {supported})")]
+    /// Written by a format version this build does not read (too old or newer).
+    #[error(
+        "unsupported format version {found} (this build reads {} to {supported})",
+        crate::format::OLDEST_READABLE_VERSION
+    )]
     Version {
         /// Version found.
         found: u32,
-        /// Version supported.
+        /// Newest version supported.
         supported: u32,
     },
     /// The stored checksum does not match the bytes.

@@ -8,9 +8,17 @@
 //!
 //! 0. List epochs (the newest one is the one the writer may still write),
 //!    then read the catalog.
-//! 1. **Expire points**: delete the catalog objects of points older than the
-//!    cutoff, always keeping the newest point (so a reopened writer still
-//!    sees its newest cut id).
+//! 1. **Expire points** ([`crate::catalog`]): a point expires when the writer
+//!    *committed* it before the cutoff (`committed_ns`, the server's clock; the
+//!    agent's `time_ns` plays no part), except the newest point (the highest
+//!    `(epoch, cut id)`, so a reopened writer still sees its newest cut id). GC
+//!    first puts an expiry mark (cutoff and newest point, never decreasing), from
+//!    which on no reader lists an expired point whatever object still holds it
+//!    (a segment a concurrent compaction merged, a rewrite a crash interrupted);
+//!    then it rewrites each segment holding expired entries without them (new
+//!    segment first, then the old deleted; one left empty is just deleted). The
+//!    points retained are exactly those readers list from then on, so freeing
+//!    the data of the others in step 3 never breaks a listed point.
 //! 2. **Drop whole epochs** that have no retained point and are not the
 //!    newest epoch (the writer only writes the newest epoch): catalog,
 //!    index, checkpoints, packs, then the epoch object last (a crash midway
@@ -46,10 +54,13 @@
 //! [`crate::Error::NotFound`] for an index object and should retry.
 
 use crate::error::{Error, Result};
-use crate::format::{self, Checkpoint, DirEntry, Segment};
+use crate::format::{self, Checkpoint, Segment};
 use crate::resolve::ExtentMap;
 use crate::store::{Listed, Store};
-use crate::types::{BatchLocation, CutInfo, DiskId};
+
+mod packs;
+use crate::types::{BatchLocation, DiskId};
+use packs::NewPack;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -78,7 +89,7 @@ impl Default for GcConfig {
 /// What a GC run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GcReport {
-    /// Ids of the expired points whose catalog entries were deleted.
+    /// Ids of the points expired by this run (their catalog entries removed).
     pub points_expired: Vec<String>,
     /// Epochs deleted whole.
     pub epochs_deleted: Vec<u64>,
@@ -147,7 +158,9 @@ fn ns(t: SystemTime) -> u64 {
 
 impl Store {
     /// Applies retention to `disk` with the default [`GcConfig`] and the
-    /// current time. See the [module docs](crate::gc) for the protocol.
+    /// current time: points committed (by the writer's clock) before
+    /// `keep_after_time_ns` expire, the newest always stays. See the
+    /// [module docs](crate::gc) for the protocol.
     pub async fn apply_retention(
         &self,
         disk: &DiskId,
@@ -184,31 +197,19 @@ impl Store {
             .collect();
         let latest = epochs.iter().copied().max();
 
-        // 1. Expire points.
-        let cuts = self.cuts(disk).await?;
-        let newest = cuts
-            .iter()
-            .map(|(_, c)| (c.time_ns, c.epoch, c.cut_id))
-            .max();
+        // 1. Expire points (by the writer's commit time; crate::catalog).
+        let (cuts, retained, expired) = self.expire_points(disk, keep_after_time_ns).await?;
+        rep.points_expired = expired;
         // Cuts committed later have a higher id and so a seq at or above the
         // newest committed cut's seq: every seq from there on is a potential
         // future point.
         let future_from = latest.map(|l| {
             cuts.iter()
-                .filter(|(_, c)| c.epoch == l)
-                .map(|(_, c)| c.seq)
+                .filter(|c| c.epoch == l)
+                .map(|c| c.seq)
                 .max()
                 .unwrap_or(0)
         });
-        let mut retained: Vec<CutInfo> = Vec::new();
-        for (name, c) in &cuts {
-            if c.time_ns < keep_after_time_ns && Some((c.time_ns, c.epoch, c.cut_id)) != newest {
-                self.delete(name).await?;
-                rep.points_expired.push(format!("{}-{}", c.epoch, c.cut_id));
-            } else {
-                retained.push(*c);
-            }
-        }
 
         // 2. Whole epochs.
         let mut packs = self.list(&format!("{dd}/packs")).await?;
@@ -480,104 +481,6 @@ impl Store {
                 rep.index_deleted += 1;
             }
         }
-        Ok(())
-    }
-
-    async fn sweep_packs(
-        &self,
-        disk: &DiskId,
-        packs: &[Listed],
-        referenced: &HashSet<String>,
-        cfg: &GcConfig,
-        now: SystemTime,
-        rep: &mut GcReport,
-    ) -> Result<()> {
-        let gdir = format!("{}/gc", format::disk_dir(disk));
-        let markers = self.list(&gdir).await?;
-        let mut first_seen: HashMap<String, u64> = HashMap::new();
-        for m in &markers {
-            if format::parse_pending_delete(&m.name).is_none() {
-                continue;
-            }
-            let b = self.get(&m.name).await?;
-            for (p, t) in format::named(format::decode_pending_delete(&b), &m.name)? {
-                let v = first_seen.entry(p).or_insert(t);
-                *v = (*v).min(t);
-            }
-        }
-        let now_ns = ns(now);
-        let cutoff = now_ns.saturating_sub(cfg.grace.as_nanos() as u64);
-        let mut pending: Vec<(String, u64)> = Vec::new();
-        for p in packs.iter().filter(|p| !referenced.contains(&p.name)) {
-            let seen = first_seen.get(&p.name).copied().unwrap_or(now_ns);
-            if seen <= cutoff && p.modified_ns <= cutoff {
-                self.delete(&p.name).await?;
-                rep.packs_deleted += 1;
-                rep.bytes_deleted += p.size;
-                tracing::debug!(pack = %p.name, "unreferenced pack deleted after grace");
-            } else {
-                pending.push((p.name.clone(), seen));
-            }
-        }
-        rep.packs_awaiting_grace = pending.len();
-        if !pending.is_empty() {
-            self.put(
-                &format::pending_delete_name(disk, now_ns),
-                format::encode_pending_delete(&pending),
-            )
-            .await?;
-        }
-        for m in &markers {
-            self.delete(&m.name).await?;
-        }
-        Ok(())
-    }
-}
-
-/// A pack being assembled by a GC rewrite.
-#[derive(Default)]
-struct NewPack {
-    name: String,
-    buf: Vec<u8>,
-    dir: Vec<DirEntry>,
-}
-
-impl NewPack {
-    fn push(
-        &mut self,
-        disk: &DiskId,
-        epoch: u64,
-        old: &BatchLocation,
-        rec: &[u8],
-    ) -> BatchLocation {
-        if self.buf.is_empty() {
-            self.name = format::pack_name(disk, epoch, old.seq);
-            self.buf = format::pack_header(disk, epoch);
-        }
-        let offset = self.buf.len() as u64;
-        self.buf.extend_from_slice(rec);
-        self.dir.push(DirEntry {
-            seq: old.seq,
-            offset,
-            length: old.length,
-            crc: old.checksum,
-        });
-        BatchLocation {
-            pack: self.name.clone(),
-            offset,
-            ..old.clone()
-        }
-    }
-
-    async fn upload(&mut self, store: &Store, rep: &mut GcReport) -> Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.extend_from_slice(&format::pack_footer(&self.dir));
-        self.dir.clear();
-        store.put(&self.name, buf).await?;
-        rep.packs_written += 1;
         Ok(())
     }
 }

@@ -3,9 +3,9 @@
 use crate::error::{Error, Result};
 use crate::format::{self, named};
 use crate::local::{DurableLocal, OsSync};
-use crate::types::{CutInfo, DiskId, EpochInfo, RecoveryPoint};
+use crate::types::{DiskId, EpochInfo};
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use std::ops::Range;
@@ -307,45 +307,6 @@ impl Store {
             }),
             Err(e) => Err(e),
         }
-    }
-
-    /// Catalog entries (with object names), sorted by (epoch, cut id).
-    pub(crate) async fn cuts(&self, disk: &DiskId) -> Result<Vec<(String, CutInfo)>> {
-        let listed = self
-            .list(&format!("{}/catalog", format::disk_dir(disk)))
-            .await?;
-        let names: Vec<(String, (u64, u64))> = listed
-            .into_iter()
-            .filter_map(|l| format::parse_cut(&l.name).map(|k| (l.name, k)))
-            .collect();
-        let this = self.clone();
-        let disk = *disk;
-        let mut v: Vec<(String, CutInfo)> = futures::stream::iter(names)
-            .map(move |(name, key)| {
-                let this = this.clone();
-                async move {
-                    let b = this.get(&name).await?;
-                    let c = named(format::decode_cut(&b, &disk, key), &name)?;
-                    Ok::<_, Error>((name, c))
-                }
-            })
-            .buffered(FETCH_CONCURRENCY)
-            .try_collect()
-            .await?;
-        v.sort_by_key(|(_, c)| (c.epoch, c.cut_id));
-        Ok(v)
-    }
-
-    /// All retained recovery points of `disk`, sorted by time (then epoch, cut id).
-    pub async fn points(&self, disk: &DiskId) -> Result<Vec<RecoveryPoint>> {
-        let mut v: Vec<RecoveryPoint> = self
-            .cuts(disk)
-            .await?
-            .iter()
-            .map(|(_, c)| RecoveryPoint::from_cut(c))
-            .collect();
-        v.sort_by_key(|p| (p.time_ns, p.epoch, p.cut_id));
-        Ok(v)
     }
 }
 

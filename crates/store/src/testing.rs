@@ -86,6 +86,9 @@ pub struct Faults {
     pub lose_ack: bool,
     /// Fail every get whose path contains this string.
     pub fail_gets_containing: Option<String>,
+    /// Fail (without deleting) every delete whose path contains this string: a crash
+    /// after the writes before it.
+    pub fail_deletes_containing: Option<String>,
 }
 
 /// Injects failures into an inner store.
@@ -228,7 +231,26 @@ impl ObjectStore for FaultyStore {
         &self,
         locations: BoxStream<'static, Result<Path>>,
     ) -> BoxStream<'static, Result<Path>> {
-        self.inner.delete_stream(locations)
+        use futures::StreamExt;
+        let pattern = self
+            .faults
+            .lock()
+            .unwrap()
+            .0
+            .fail_deletes_containing
+            .clone();
+        let Some(pattern) = pattern else {
+            return self.inner.delete_stream(locations);
+        };
+        let inner = self.inner.clone();
+        locations
+            .flat_map(move |r| match r {
+                Ok(p) if p.as_ref().contains(pattern.as_str()) => {
+                    futures::stream::once(async { Err(Self::injected("delete")) }).boxed()
+                }
+                other => inner.delete_stream(futures::stream::once(async move { other }).boxed()),
+            })
+            .boxed()
     }
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
         self.inner.list(prefix)

@@ -2,6 +2,7 @@
 //! (`ripcord-types`), the same the wire protocol carries.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub use ripcord_types::{CutKind, DiskId, Extent, ExtentKind, SECTOR_BYTES};
 
@@ -84,10 +85,31 @@ pub struct RecoveryPoint {
     /// The agent's MAC over the point ([`CutInfo::mac`]): check it with the disk's data
     /// key before trusting any field above.
     pub mac: [u8; POINT_MAC_LEN],
+    /// When the store's writer committed the point (its wall clock, unix ns): the time
+    /// retention compares. Not covered by the MAC (the agent never sees it).
+    pub committed_ns: u64,
+    /// The catalog object the point was read from (for error messages; a compaction
+    /// may move it to another object later).
+    pub catalog_object: Arc<str>,
 }
 
 impl RecoveryPoint {
-    pub(crate) fn from_cut(c: &CutInfo) -> RecoveryPoint {
+    /// The agent's cut this point is, every field the MAC covers plus the MAC.
+    pub fn cut(&self) -> CutInfo {
+        CutInfo {
+            epoch: self.epoch,
+            cut_id: self.cut_id,
+            seq: self.seq,
+            time_ns: self.time_ns,
+            mono_ns: self.mono_ns,
+            kind: self.kind,
+            mac: self.mac,
+        }
+    }
+
+    /// A point made from a cut (commit time 0, no catalog object): to resolve a cut
+    /// known from elsewhere, e.g. the journal.
+    pub fn from_cut(c: &CutInfo) -> RecoveryPoint {
         RecoveryPoint {
             id: format!("{}-{}", c.epoch, c.cut_id),
             epoch: c.epoch,
@@ -97,6 +119,8 @@ impl RecoveryPoint {
             mono_ns: c.mono_ns,
             kind: c.kind,
             mac: c.mac,
+            committed_ns: 0,
+            catalog_object: Arc::from(""),
         }
     }
 }

@@ -179,32 +179,35 @@ impl Store {
                 }
             }
         }
-        // Catalog: decode and resolve every point.
-        for l in self.list(&format!("{dd}/catalog")).await? {
-            let Some(key) = format::parse_cut(&l.name) else {
-                continue;
-            };
+        // Catalog: decode every segment (structure, CRC, name against contents),
+        // and resolve every point readers would list, once.
+        let listing = self.catalog_listing(disk).await?;
+        let mut resolved: HashSet<(u64, u64)> = HashSet::new();
+        for n in &listing.segments {
             rep.objects_checked += 1;
-            let cut = match self.get(&l.name).await {
-                Ok(b) => format::named(format::decode_cut(&b, disk, key), &l.name),
-                Err(e) => Err(e),
-            };
-            match cut {
-                Ok(c) => {
-                    rep.points_checked += 1;
-                    if let Err(err) = self.resolve(disk, &RecoveryPoint::from_cut(&c)).await {
-                        let obj = err.object().unwrap_or(&l.name).to_string();
-                        if obj != l.name {
-                            // Report the point as unresolvable too.
-                            rep.damage(
-                                &l.name,
-                                Error::corrupt(&l.name, Corruption::Dangling(obj.clone())),
-                            );
-                        }
-                        rep.damage(&obj, err);
-                    }
+            let entries = match self.read_catalog(disk, n).await {
+                Ok(v) => v,
+                Err(err) => {
+                    rep.damage(&n.name, err);
+                    continue;
                 }
-                Err(err) => rep.damage(&l.name, err),
+            };
+            for x in entries {
+                if listing.expired(&x) || !resolved.insert((x.cut.epoch, x.cut.cut_id)) {
+                    continue;
+                }
+                rep.points_checked += 1;
+                if let Err(err) = self.resolve(disk, &RecoveryPoint::from_cut(&x.cut)).await {
+                    let obj = err.object().unwrap_or(&n.name).to_string();
+                    if obj != n.name {
+                        // Report the point as unresolvable too.
+                        rep.damage(
+                            &n.name,
+                            Error::corrupt(&n.name, Corruption::Dangling(obj.clone())),
+                        );
+                    }
+                    rep.damage(&obj, err);
+                }
             }
         }
         // GC markers.

@@ -4,7 +4,9 @@
 //! 1. upload the pending pack(s) (immutable, random-suffixed names);
 //! 2. put one index segment `index/<E>-<last>-<first>-00000000.idx` listing
 //!    every batch of those packs: from here the batches are durable;
-//! 3. put one catalog object per cut whose `seq` is now durable;
+//! 3. put one catalog segment holding every cut whose `seq` is now durable, each
+//!    stamped with this writer's clock (its commit time, which retention uses), then
+//!    run at most one catalog compaction step (see [`crate::catalog`]; best effort);
 //! 4. every `checkpoint_every_batches` batches, put a checkpoint (the extent
 //!    map as of the durable seq), built from the previous checkpoint and the
 //!    segments after it.
@@ -13,14 +15,16 @@
 //! unindexed pack is an orphan that GC deletes after its grace period; a cut
 //! not yet in the catalog is re-sent by the journal; a missing checkpoint only
 //! makes resolution read a few more segments. Reopening a writer discovers the
-//! last epoch, the durable seq and the newest committed cut id, and ignores
-//! replayed batches/cuts at or below them.
+//! last epoch, the durable seq and the newest committed cut id (from the catalog
+//! segment names alone), and ignores replayed batches/cuts at or below them.
 
 use crate::error::{Error, Result};
+use crate::format::CatalogEntry;
 use crate::format::{self, Checkpoint, DirEntry, IndexEntry, Segment};
 use crate::store::Store;
 use crate::types::{BatchLocation, Committed, CutInfo, DiskId, EpochInfo, ExtentKind, SealedBatch};
 use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Writer tuning.
 #[derive(Clone, Debug)]
@@ -63,6 +67,9 @@ pub struct DiskWriter {
     sealed_packs: Vec<PackBuf>,
     uncommitted: Vec<IndexEntry>,
     pending_cuts: BTreeMap<u64, CutInfo>,
+    /// Commit time of pending cuts a flush already tried to commit, by cut id: a retry
+    /// writes the same entry, so every copy of an entry is identical.
+    stamps: BTreeMap<u64, u64>,
     max_cut_id: u64,
     reported: Vec<u64>,
     last_ckpt: u64,
@@ -84,6 +91,7 @@ impl Store {
             sealed_packs: Vec::new(),
             uncommitted: Vec::new(),
             pending_cuts: BTreeMap::new(),
+            stamps: BTreeMap::new(),
             max_cut_id: 0,
             reported: Vec::new(),
             last_ckpt: 0,
@@ -103,14 +111,14 @@ impl Store {
         w.durable = idx.durable();
         w.accepted = w.durable;
         w.last_ckpt = idx.checkpoints.iter().map(|c| c.seq).max().unwrap_or(0);
-        let cuts = self
-            .list(&format!("{}/catalog", format::disk_dir(&disk)))
-            .await?;
-        w.max_cut_id = cuts
+        // Names alone: the newest point is never expired (crate::catalog, invariant 3).
+        w.max_cut_id = self
+            .catalog_listing(&disk)
+            .await?
+            .segments
             .iter()
-            .filter_map(|l| format::parse_cut(&l.name))
-            .filter(|(ep, _)| *ep == e)
-            .map(|(_, c)| c)
+            .filter(|n| n.epoch == e)
+            .map(|n| n.last)
             .max()
             .unwrap_or(0);
         tracing::info!(disk = %disk, epoch = e, durable = w.durable, max_cut = w.max_cut_id, "writer resumed");
@@ -192,6 +200,7 @@ impl DiskWriter {
         self.durable = 0;
         self.accepted = 0;
         self.pending_cuts.clear();
+        self.stamps.clear();
         self.max_cut_id = 0;
         self.reported.clear();
         self.last_ckpt = 0;
@@ -319,8 +328,17 @@ impl DiskWriter {
     /// Uploads the pending pack, commits its index segment, commits cuts that
     /// are now fully durable and writes a checkpoint when due. On error the
     /// store stays consistent and calling `flush` again resumes where it
-    /// failed.
+    /// failed. Cuts are stamped with the system clock (see [`DiskWriter::flush_at`]).
     pub async fn flush(&mut self) -> Result<Committed> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        self.flush_at(now).await
+    }
+
+    /// [`DiskWriter::flush`] with an explicit clock: cuts it commits carry `now_ns`
+    /// (unix ns) as their commit time, the time retention compares.
+    pub async fn flush_at(&mut self, now_ns: u64) -> Result<Committed> {
         let Some(epoch) = self.epoch.as_ref().map(|e| e.epoch) else {
             return Ok(Committed {
                 epoch: 0,
@@ -353,15 +371,28 @@ impl DiskWriter {
             .filter(|c| c.seq <= self.durable)
             .copied()
             .collect();
-        for c in ready {
-            self.store
-                .put(
-                    &format::cut_name(&self.disk, epoch, c.cut_id),
-                    format::encode_cut(&self.disk, &c),
-                )
+        if !ready.is_empty() {
+            let entries: Vec<CatalogEntry> = ready
+                .iter()
+                .map(|&cut| CatalogEntry {
+                    cut,
+                    committed_ns: *self.stamps.entry(cut.cut_id).or_insert(now_ns),
+                })
+                .collect();
+            let name = self
+                .store
+                .put_catalog_segment(&self.disk, epoch, &entries)
                 .await?;
-            self.pending_cuts.remove(&c.cut_id);
-            self.reported.push(c.cut_id);
+            tracing::debug!(catalog = %name, cuts = entries.len(), "cuts committed");
+            for c in &ready {
+                self.pending_cuts.remove(&c.cut_id);
+                self.stamps.remove(&c.cut_id);
+                self.reported.push(c.cut_id);
+            }
+            if let Err(e) = self.store.compact_catalog(&self.disk, epoch).await {
+                tracing::warn!(disk = %self.disk, epoch, error = %e,
+                    "catalog compaction failed (retried after the next commit)");
+            }
         }
         if self.durable >= self.last_ckpt + self.cfg.checkpoint_every_batches.max(1) {
             self.write_checkpoint(epoch).await?;

@@ -19,8 +19,17 @@ async fn retention_frees_data_and_keeps_points() {
     for (name, os, _dir) in backends() {
         let store = Store::new(os.clone(), "");
         let h = write_history(&store, 11, &[(1, 150), (2, 400)], 8, small_cfg()).await;
+        // Retention compares the writer's commit times (server_clock), not the agent's.
+        let before = store.points(&DISK).await.unwrap();
+        let committed = |c: &CutInfo| {
+            before
+                .iter()
+                .find(|p| p.cut() == *c)
+                .expect("every cut is listed")
+                .committed_ns
+        };
         let e2: Vec<_> = h.points.iter().filter(|(c, _)| c.epoch == 2).collect();
-        let cutoff = e2[e2.len() / 2].0.time_ns;
+        let cutoff = committed(&e2[e2.len() / 2].0);
         let (n_before, b_before) = pack_bytes(&os, 2).await;
 
         let now = SystemTime::now();
@@ -29,7 +38,11 @@ async fn retention_frees_data_and_keeps_points() {
             .apply_retention_with(&DISK, cutoff, &cfg, now)
             .await
             .unwrap();
-        let expected_expired = h.points.iter().filter(|(c, _)| c.time_ns < cutoff).count();
+        let expected_expired = h
+            .points
+            .iter()
+            .filter(|(c, _)| committed(c) < cutoff)
+            .count();
         assert_eq!(r1.points_expired.len(), expected_expired, "{name}");
         assert_eq!(r1.epochs_deleted, vec![1], "{name}");
         assert!(
@@ -40,7 +53,7 @@ async fn retention_frees_data_and_keeps_points() {
         let retained: Vec<_> = h
             .points
             .iter()
-            .filter(|(c, _)| c.time_ns >= cutoff)
+            .filter(|(c, _)| committed(c) >= cutoff)
             .collect();
         let pts = store.points(&DISK).await.unwrap();
         assert_eq!(pts.len(), retained.len(), "{name}");
@@ -89,7 +102,7 @@ async fn retention_frees_data_and_keeps_points() {
         let pts = store.points(&DISK).await.unwrap();
         assert_eq!(pts.len(), 1);
         let (c, m) = h.points.last().unwrap();
-        assert_eq!(pts[0], point_of(c));
+        assert_eq!(pts[0].cut(), *c);
         assert!(restore(&store, &pts[0]).await == *m, "{name}: newest point");
         let (_, b_min) = pack_bytes(&os, 2).await;
         assert!(b_min <= b_after, "{name}");
@@ -165,7 +178,9 @@ async fn gc_concurrent_with_writer() {
             // Keep roughly the newest half of the points; advance the clock
             // by more than the grace period each round.
             let pts = store.points(&DISK).await.unwrap();
-            let cutoff = pts.get(pts.len() / 2).map_or(0, |p| p.time_ns);
+            let mut times: Vec<u64> = pts.iter().map(|p| p.committed_ns).collect();
+            times.sort_unstable();
+            let cutoff = times.get(times.len() / 2).copied().unwrap_or(0);
             match store
                 .apply_retention_with(&DISK, cutoff, &gcfg, SystemTime::now())
                 .await
@@ -197,7 +212,7 @@ async fn gc_concurrent_with_writer() {
         for p in &pts {
             let (_, m) = models
                 .iter()
-                .find(|(c, _)| point_of(c) == *p)
+                .find(|(c, _)| *c == p.cut())
                 .expect("point was written");
             assert!(
                 restore(&store, p).await == *m,
@@ -206,6 +221,6 @@ async fn gc_concurrent_with_writer() {
             );
         }
         // The newest point is the writer's last cut.
-        assert_eq!(pts.last().unwrap(), &point_of(&models.last().unwrap().0));
+        assert_eq!(pts.last().unwrap().cut(), models.last().unwrap().0);
     }
 }

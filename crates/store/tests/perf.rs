@@ -105,7 +105,10 @@ async fn perf_numbers() {
         plan.runs.len()
     );
     let t = Instant::now();
-    let r = store.apply_retention(&disk, pts[50].time_ns).await.unwrap();
+    let r = store
+        .apply_retention(&disk, pts[50].committed_ns)
+        .await
+        .unwrap();
     println!(
         "retention GC over 100k batches: {:.1} ms ({r:?})",
         t.elapsed().as_secs_f64() * 1e3

@@ -25,7 +25,7 @@
 //! Invariants, checked by [`decode_epoch`]:
 //!
 //! * the object is at most 1 MiB (checked before parsing);
-//! * `format_version` is this build's, the CRC matches, `info.epoch` equals
+//! * `format_version` is one this build reads, the CRC matches, `info.epoch` equals
 //!   the object's name, and `wrapped_key_hex` is valid hex.
 //!
 //! The writer stores an epoch's description before any pack of that epoch,
@@ -95,12 +95,7 @@ pub fn decode_epoch(buf: &[u8], epoch: u64) -> Result<EpochInfo, Corruption> {
         });
     }
     let doc: EpochDoc = serde_json::from_slice(buf).map_err(Corruption::Json)?;
-    if doc.format_version != FORMAT_VERSION {
-        return Err(Corruption::Version {
-            found: doc.format_version,
-            supported: FORMAT_VERSION,
-        });
-    }
+    super::check_version(doc.format_version)?;
     let computed = crc32c::crc32c(&serde_json::to_vec(&doc.info).expect("serialize"));
     if computed != doc.crc32c {
         return Err(Corruption::Checksum {

@@ -10,8 +10,8 @@
 //!
 //! * objects are immutable once written: an encoder's output is the whole
 //!   object, and nothing is ever patched in place;
-//! * every encoding carries [`FORMAT_VERSION`] and decoders refuse any other
-//!   version ([`Corruption::Version`]);
+//! * every encoding carries [`FORMAT_VERSION`] and decoders refuse a version
+//!   outside [`OLDEST_READABLE_VERSION`]`..=`[`FORMAT_VERSION`] ([`Corruption::Version`]);
 //! * every object is checksummed with CRC32C (metadata objects as a whole,
 //!   packs per record and per directory, epochs over their `info`);
 //! * where an object's name encodes fields (epoch, seqs, generation), its
@@ -31,7 +31,7 @@
 //! | `pack` | `.pack`: header, batch records, footer directory |
 //! | `index` | `.idx`: index segments |
 //! | `checkpoint` | `.ckpt`: extent map of an epoch as of a seq |
-//! | `catalog` | `.cut`: committed recovery points |
+//! | `catalog` | `.cat`: catalog segments of committed recovery points (and the legacy one-point `.cut`) |
 //! | `gc_marker` | `.doomed`: packs pending deletion |
 //! | `epoch` | `.json`: epoch descriptions |
 
@@ -46,15 +46,18 @@ mod names;
 mod pack;
 mod primitives;
 
-pub use catalog::{decode_cut, encode_cut};
+pub use catalog::{
+    CATALOG_ENTRY_LEN, CatalogEntry, MAX_CATALOG_ENTRIES, decode_catalog, decode_cut,
+    encode_catalog, encode_cut,
+};
 pub use checkpoint::{Checkpoint, RunTarget, decode_checkpoint, encode_checkpoint};
 pub use epoch::{decode_epoch, encode_epoch};
 pub use gc_marker::{decode_pending_delete, encode_pending_delete};
 pub use index::{IndexEntry, Segment, decode_segment, encode_segment};
 pub use names::{
-    CkptName, SegName, checkpoint_name, cut_name, disk_dir, epoch_name, index_name, pack_name,
-    parse_checkpoint, parse_cut, parse_epoch, parse_index, parse_pack, parse_pending_delete,
-    pending_delete_name,
+    CatName, CkptName, SegName, catalog_name, checkpoint_name, cut_name, disk_dir, epoch_name,
+    index_name, pack_name, parse_catalog, parse_checkpoint, parse_cut, parse_epoch, parse_index,
+    parse_pack, parse_pending_delete, pending_delete_name,
 };
 pub use pack::{
     DirEntry, MAX_EXTENTS, MAX_SEALED, PACK_HEADER_LEN, ParsedPack, REC_FIXED_LEN, Record,
@@ -66,8 +69,28 @@ pub use primitives::MAX_NAME;
 ///
 /// History: 1 = first format; 2 = catalog entries carry the agent's point MAC and
 /// checkpoint zero/discard runs name their batch (issue 12, decision 0012). Version-1
-/// objects cannot be authenticated, so they are refused ([`Corruption::Version`]).
-pub const FORMAT_VERSION: u32 = 2;
+/// objects cannot be authenticated, so they are refused ([`Corruption::Version`]);
+/// 3 = the catalog is kept in segments (`.cat`, many points per object, with the
+/// server's commit time) that the writer compacts (decision 0014). Every other object
+/// kind is laid out as in version 2, and version-2 objects (including one-point `.cut`
+/// catalog entries) are still read; every object is written as version 3 so that an
+/// older build refuses the store loudly instead of missing its `.cat` points.
+pub const FORMAT_VERSION: u32 = 3;
+
+/// Oldest format version this build reads ([`FORMAT_VERSION`] is the newest).
+pub const OLDEST_READABLE_VERSION: u32 = 2;
+
+/// Refuses a version outside `OLDEST_READABLE_VERSION..=FORMAT_VERSION`.
+pub(crate) fn check_version(found: u32) -> Result<(), Corruption> {
+    if (OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&found) {
+        Ok(())
+    } else {
+        Err(Corruption::Version {
+            found,
+            supported: FORMAT_VERSION,
+        })
+    }
+}
 
 /// Wraps a [`Corruption`] with the object name.
 pub(crate) fn named<T>(r: Result<T, Corruption>, object: &str) -> Result<T> {

@@ -10,13 +10,19 @@
 //! | pack | `disks/<disk>/packs/<E>-<first_seq>-<rand64hex>.pack` |
 //! | index segment | `disks/<disk>/index/<E>-<last>-<first>-<gen:08>.idx` |
 //! | checkpoint | `disks/<disk>/checkpoints/<E>-<seq>-<gen:08>.ckpt` |
-//! | catalog entry | `disks/<disk>/catalog/<E>-<cut_id>.cut` |
+//! | catalog segment | `disks/<disk>/catalog/<E>-<first_cut>-<last_cut>-<level:02>-<rand64hex>.cat` |
+//! | catalog entry (format 2, read only) | `disks/<disk>/catalog/<E>-<cut_id>.cut` |
 //! | GC marker | `disks/<disk>/gc/<time_ns>-<rand64hex>.doomed` |
 //!
 //! Invariants:
 //!
-//! * pack and GC marker names end in a random suffix, so two writers (or a
-//!   writer and GC) never produce the same name;
+//! * pack, catalog segment and GC marker names end in a random suffix, so two
+//!   writers (or a writer and GC) never produce the same name and no object is
+//!   ever overwritten;
+//! * a catalog segment's name carries the epoch and the first and last cut id it
+//!   holds, so a listing alone tells which segments can hold a given point and
+//!   sorts them by epoch then range; a parsed one has `first <= last`. A legacy
+//!   `.cut` parses as a level-0 segment with `first == last`;
 //! * index segments are named `last` before `first`, so a listing that
 //!   starts after `<E>-<C>` yields exactly the segments of `E` holding some
 //!   seq above `C` (resolution lists only those after its checkpoint `C`);
@@ -64,6 +70,15 @@ pub fn checkpoint_name(disk: &DiskId, epoch: u64, seq: u64, generation: u32) -> 
 /// Name of a catalog entry.
 pub fn cut_name(disk: &DiskId, epoch: u64, cut_id: u64) -> String {
     format!("{}/catalog/{epoch:020}-{cut_id:020}.cut", disk_dir(disk))
+}
+/// Name of a new catalog segment of `epoch` holding cuts `first..=last`, at
+/// compaction `level` (random suffix: never collides).
+pub fn catalog_name(disk: &DiskId, epoch: u64, first: u64, last: u64, level: u8) -> String {
+    format!(
+        "{}/catalog/{epoch:020}-{first:020}-{last:020}-{level:02}-{:016x}.cat",
+        disk_dir(disk),
+        rand::random::<u64>()
+    )
 }
 /// Name of a GC pending-delete marker.
 pub fn pending_delete_name(disk: &DiskId, now_ns: u64) -> String {
@@ -155,4 +170,53 @@ pub fn parse_epoch(name: &str) -> Option<u64> {
 /// Parses a GC pending-delete marker name: its creation time.
 pub fn parse_pending_delete(name: &str) -> Option<u64> {
     file_stem(name, ".doomed")?.split('-').next()?.parse().ok()
+}
+/// Parsed catalog object name: a segment (`.cat`) or a legacy one-point `.cut`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatName {
+    /// Full name.
+    pub name: String,
+    /// Epoch of every cut in the object.
+    pub epoch: u64,
+    /// Lowest cut id held.
+    pub first: u64,
+    /// Highest cut id held.
+    pub last: u64,
+    /// Compaction level (0 = written by a flush; a legacy `.cut` is level 0).
+    pub level: u8,
+    /// A format-2 `.cut` object (one point, committed time = the agent's time).
+    pub legacy: bool,
+}
+/// Parses a catalog object name (`.cat` segment or legacy `.cut`).
+pub fn parse_catalog(name: &str) -> Option<CatName> {
+    if let Some((epoch, cut)) = parse_cut(name) {
+        return Some(CatName {
+            name: name.to_string(),
+            epoch,
+            first: cut,
+            last: cut,
+            level: 0,
+            legacy: true,
+        });
+    }
+    let stem = file_stem(name, ".cat")?;
+    let mut it = stem.split('-');
+    let mut num = || it.next()?.parse::<u64>().ok();
+    let (epoch, first, last, level) = (num()?, num()?, num()?, num()?);
+    let suffix = it.next()?;
+    if it.next().is_some()
+        || first > last
+        || suffix.len() != 16
+        || !suffix.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return None;
+    }
+    Some(CatName {
+        name: name.to_string(),
+        epoch,
+        first,
+        last,
+        level: u8::try_from(level).ok()?,
+        legacy: false,
+    })
 }

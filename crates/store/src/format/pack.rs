@@ -32,7 +32,6 @@
 //! ([`decode_record`]); only verification reads whole packs
 //! ([`parse_pack_bytes`]).
 
-use super::FORMAT_VERSION;
 use super::primitives::{Dec, EXTENT_LEN, Enc, frame};
 use crate::error::Corruption;
 use crate::types::{DiskId, Extent};
@@ -213,13 +212,7 @@ pub fn parse_pack_bytes(buf: &[u8], disk: &DiskId) -> Result<ParsedPack, Corrupt
         return Err(Corruption::BadMagic { what: "pack" });
     }
     let mut h = Dec::new(&buf[8..PACK_HEADER_LEN as usize]);
-    let version = h.u32("pack version")?;
-    if version != FORMAT_VERSION {
-        return Err(Corruption::Version {
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
+    super::check_version(h.u32("pack version")?)?;
     if h.take(16, "pack disk id")? != disk.0 {
         return Err(Corruption::Mismatch {
             what: "disk id in pack header",

@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 
-use super::FORMAT_VERSION;
+use super::{FORMAT_VERSION, check_version};
 use crate::error::Corruption;
 use crate::types::{BatchLocation, Extent, ExtentKind};
 
@@ -209,13 +209,7 @@ pub(super) fn unframe<'a>(
             computed,
         });
     }
-    let version = u32::from_le_bytes(buf[8..12].try_into().unwrap());
-    if version != FORMAT_VERSION {
-        return Err(Corruption::Version {
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
+    check_version(u32::from_le_bytes(buf[8..12].try_into().unwrap()))?;
     Ok(Dec::new(&body[12..]))
 }
 

@@ -144,6 +144,12 @@ pub fn cut(epoch: u64, cut_id: u64, seq: u64) -> CutInfo {
     }
 }
 
+/// The process server's clock when it flushes after batch `seq` of `epoch`: half a
+/// second after the agent's time of a cut at `seq` (see [`cut`]).
+pub fn server_clock(epoch: u64, seq: u64) -> u64 {
+    T0 + epoch * 1_000_000_000_000 + seq * 1_000_000_000 + 500_000_000
+}
+
 /// What was written: every committed cut with its expected image.
 #[derive(Default)]
 pub struct History {
@@ -179,10 +185,10 @@ pub async fn write_history(
                 h.points.push((c, model.clone()));
             }
             if rng.random_range(0..7) == 0 {
-                w.flush().await.unwrap();
+                w.flush_at(server_clock(e, seq)).await.unwrap();
             }
         }
-        let c = w.flush().await.unwrap();
+        let c = w.flush_at(server_clock(e, n)).await.unwrap();
         assert_eq!(c.durable_seq, n);
     }
     h
@@ -229,17 +235,10 @@ pub async fn materialise(store: &Store, plan: &Plan) -> Model {
     m
 }
 
+/// The point of a cut, to resolve it (no commit time or catalog object: compare points
+/// with what was written through [`RecoveryPoint::cut`]).
 pub fn point_of(c: &CutInfo) -> RecoveryPoint {
-    RecoveryPoint {
-        id: format!("{}-{}", c.epoch, c.cut_id),
-        epoch: c.epoch,
-        cut_id: c.cut_id,
-        seq: c.seq,
-        time_ns: c.time_ns,
-        mono_ns: c.mono_ns,
-        kind: c.kind,
-        mac: c.mac,
-    }
+    RecoveryPoint::from_cut(c)
 }
 
 pub fn small_cfg() -> WriterConfig {
