@@ -401,7 +401,11 @@ async fn serve_links(
             tracing::info!(server = %ack.server_id, "connected to {}", cfg.server);
             ack.escrow_key
         }
-        Some(Message::Error(e)) => bail!("the process server refused the session ({}): {}", e.code, e.message),
+        Some(Message::Error(e)) => bail!(
+            "the process server refused the session ({}): {}",
+            e.code,
+            e.message
+        ),
         other => bail!("expected HelloAck, got {other:?}"),
     };
     for l in links.iter_mut() {

@@ -114,7 +114,9 @@ pub enum RejectReason {
 impl std::fmt::Display for RejectReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
-            RejectReason::WrongDisk { got } => write!(f, "frame for disk {got} on another disk's stream"),
+            RejectReason::WrongDisk { got } => {
+                write!(f, "frame for disk {got} on another disk's stream")
+            }
             RejectReason::StaleEpoch { got, current } => write!(
                 f,
                 "epoch {got} is older than the disk's current epoch {current}: another agent \
@@ -124,7 +126,11 @@ impl std::fmt::Display for RejectReason {
                 f,
                 "epoch {got} arrived before its ProtectDisk (the disk is at epoch {current})"
             ),
-            RejectReason::Overlap { received_seq, first_seq, last_seq } => write!(
+            RejectReason::Overlap {
+                received_seq,
+                first_seq,
+                last_seq,
+            } => write!(
                 f,
                 "batch {first_seq}..={last_seq} overlaps what was received (up to {received_seq})"
             ),
