@@ -90,7 +90,10 @@ fn frames_the_store_would_refuse_are_refused_at_ingest_and_never_journaled() {
             "outside the disk",
         ),
         (batch(1, 2, 2, 0, vec![data(0, 8)]), "not sealed"),
-        (batch(5, 1, 1, FLAG_SEALED, vec![data(0, 8)]), "FutureEpoch"),
+        (
+            batch(5, 1, 1, FLAG_SEALED, vec![data(0, 8)]),
+            "epoch 5 arrived before its ProtectDisk",
+        ),
     ] {
         let applied = core.apply(&[framed(hostile)]).unwrap();
         let err = applied.error.expect("a hostile frame was accepted");
