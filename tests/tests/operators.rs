@@ -6,7 +6,6 @@
 //! Needs root (loop devices, BPF). Skips loudly without it, and fails under `CI=true`.
 
 use std::{
-    io::Write as _,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     process::Command,
@@ -26,18 +25,25 @@ use testkit::{
 const MIB: u64 = 1 << 20;
 
 /// Write `len` bytes of seeded random data at `offset` of `dev`, durably.
+/// Writes `len` bytes of random data at `offset` of `dev` with O_DIRECT, 1 MiB per write:
+/// a few large bios, not thousands of page-cache ones (a burst of thousands of 4 KiB bios
+/// can overflow the capture's in-flight table, which resynchronises the whole device and
+/// would change what these tests see).
 fn fill_random(dev: &LoopDevice, offset: u64, len: u64, seed: u64) {
-    use std::io::{Seek as _, SeekFrom};
+    use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
+        .custom_flags(libc::O_DIRECT)
         .open(&dev.path)
         .unwrap_or_else(|e| panic!("opening {}: {e}", dev.path.display()));
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    for _ in 0..len / MIB {
+    // O_DIRECT wants an aligned buffer: take the 4 KiB-aligned MiB inside a larger one.
+    let mut backing = vec![0u8; (MIB + 4096) as usize];
+    let skew = backing.as_ptr().align_offset(4096);
+    let buf = &mut backing[skew..skew + MIB as usize];
+    for i in 0..len / MIB {
         rng.fill(&mut buf[..]);
-        f.write_all(&buf).unwrap();
+        f.write_all_at(buf, offset + i * MIB).unwrap();
     }
     f.sync_all().unwrap();
 }
