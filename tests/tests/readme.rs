@@ -75,6 +75,10 @@ done
 [ -n "$DISK" ]
 dd if=/dev/urandom of="$SRC" bs=1M count=4 seek=8 oflag=direct status=none
 sync
+"#;
+    // `status` runs while the agent does; then the agent is stopped as the README says
+    // (Ctrl-C), and the test waits until the store has its last point.
+    const STATUS: &str = r#"
 kill -INT $AGENT
 wait $AGENT
 AGENT=
@@ -100,6 +104,8 @@ ripcord-agent register --server 127.0.0.1:$REG_PORT --token "$NEW_TOKEN" --ca-ha
         Some(("", SERVE))
     } else if key("ripcord-agent protect") {
         Some(("", PROTECT))
+    } else if key("ripcord-agent status") {
+        Some(("", STATUS))
     } else if key("ripcord-ps token") {
         Some(("", TOKEN))
     } else if key("ripcord-ps replay") {
@@ -145,6 +151,7 @@ fn the_readme_by_hand_commands_work_as_written() {
         "ripcord-ps serve",
         "ripcord-agent register",
         "ripcord-agent protect",
+        "ripcord-agent status",
         "ripcord-ps token",
         "ripcord failover",
         "ripcord-ps replay",
