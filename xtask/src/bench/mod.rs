@@ -17,6 +17,10 @@ pub(crate) use common::fio_churn;
 
 #[derive(Subcommand)]
 pub enum Which {
+    /// The recovery-point catalog at scale: 1,000,000 points written by the real writer
+    /// with compaction into a local store, then `points` (all of them), the latest point
+    /// and a point by id are timed (each must stay under 2 s).
+    Catalog,
     /// Capture overhead: fio on a loop device (over a file in /dev/shm, and over a file on
     /// the root disk with direct I/O) with and without `ripcord-agent watch` attached,
     /// alternating runs. 4k random write at QD32 and QD1, 1 MiB sequential write.
@@ -65,6 +69,17 @@ pub enum Which {
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
+        Which::Catalog => crate::cargo(&[
+            "test",
+            "-p",
+            "ripcord-store",
+            "--release",
+            "--test",
+            "catalog_scale",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ]),
         Which::Capture {
             reps,
             runtime,
