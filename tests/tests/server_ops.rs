@@ -192,10 +192,11 @@ fn a_full_target_is_named_counted_and_recovered_from() {
     drop(agent);
 }
 
-/// `ripcord-ps` with `args` as `uid` (root if `None`): (success, stdout + stderr).
-fn ps_as(uid: Option<u32>, args: &[&str]) -> (bool, String) {
+/// `ripcord-ps` (the binary at `bin`) with `args` as `uid` (root if `None`): (success,
+/// stdout + stderr).
+fn ps_as(bin: &Path, uid: Option<u32>, args: &[&str]) -> (bool, String) {
     use std::os::unix::process::CommandExt as _;
-    let mut cmd = std::process::Command::new(testkit::binary("ripcord-ps"));
+    let mut cmd = std::process::Command::new(bin);
     cmd.args(args);
     if let Some(uid) = uid {
         cmd.uid(uid).gid(uid);
@@ -220,6 +221,13 @@ fn a_deployment_is_private_and_its_tools_say_what_they_mean() {
         return;
     };
     let dir = site.ps.dir.to_str().unwrap().to_owned();
+    // A copy of the binary that `nobody` may run (the build directory may be private).
+    let bin = site.subdir("bin").join("ripcord-ps");
+    std::fs::copy(testkit::binary("ripcord-ps"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for d in [site.path(), bin.parent().unwrap()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&site.ps.dir), 0o700, "deployment directory");
     for file in ["ca/ca.key", "escrow.json", "server/server.key"] {
@@ -228,12 +236,13 @@ fn a_deployment_is_private_and_its_tools_say_what_they_mean() {
     }
 
     // Someone else (nobody) is told they may not read it, not that it is no deployment.
-    let (ok, out) = ps_as(Some(65534), &["machines", "list", "--dir", &dir]);
+    let (ok, out) = ps_as(&bin, Some(65534), &["machines", "list", "--dir", &dir]);
     assert!(!ok && out.contains("permission denied"), "{out}");
     assert!(!out.contains("not a deployment"), "{out}");
     // A directory without a deployment is named as such, with the command that makes one.
     let empty = site.subdir("empty");
     let (ok, out) = ps_as(
+        &bin,
         None,
         &["machines", "list", "--dir", empty.to_str().unwrap()],
     );
@@ -243,7 +252,7 @@ fn a_deployment_is_private_and_its_tools_say_what_they_mean() {
     );
 
     // A token comes with everything needed to use it.
-    let (ok, out) = ps_as(None, &["token", "--dir", &dir]);
+    let (ok, out) = ps_as(&bin, None, &["token", "--dir", &dir]);
     assert!(ok, "{out}");
     assert!(
         out.contains(&format!("ca-hash: {}", site.ps.ca_hash))
@@ -251,7 +260,7 @@ fn a_deployment_is_private_and_its_tools_say_what_they_mean() {
             && out.contains(&format!("--ca-hash {}", site.ps.ca_hash)),
         "{out}"
     );
-    let (ok, out) = ps_as(None, &["machines", "list", "--json", "--dir", &dir]);
+    let (ok, out) = ps_as(&bin, None, &["machines", "list", "--json", "--dir", &dir]);
     let line: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or_default())
         .unwrap_or_else(|e| panic!("machines list --json: {e}: {out}"));
     assert!(ok && line["machine"] == "host", "{out}");
