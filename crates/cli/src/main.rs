@@ -3,11 +3,10 @@
 //! process server, configuration or agent is needed.
 //!
 //! Modules: [`points`] (listing), [`verify`], [`run_failover`] (failover and test
-//! failover), [`failover`] (materialising a point), [`output_guard`] (what failover may
-//! overwrite). The passphrase is read by [`ripcord_seal::read_passphrase`].
+//! failover), [`failover`] (materialising a point), [`ripcord_restore::output_guard`]
+//! (what failover may overwrite). The passphrase is read by [`ripcord_seal::read_passphrase`].
 
 mod failover;
-mod output_guard;
 mod points;
 mod run_failover;
 mod verify;

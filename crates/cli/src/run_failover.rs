@@ -1,5 +1,5 @@
 //! `ripcord failover` and `ripcord test-failover`: check the output first (see
-//! [`crate::output_guard`]), then materialise the point (see [`crate::failover`]).
+//! [`ripcord_restore::output_guard`]), then materialise the point (see [`crate::failover`]).
 
 use std::{
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
@@ -8,14 +8,13 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+use ripcord_restore::output_guard::{self, AGENT_LOCK_DIR, Destination};
 use ripcord_store::CutKind;
 
 use crate::{
     FailoverArgs, Format, TestArgs,
     failover::{Output, PointSpec, find_point, materialize},
-    is_tty, known_disk, open_store,
-    output_guard::{self, AGENT_LOCK_DIR, Destination},
-    rfc3339,
+    is_tty, known_disk, open_store, rfc3339,
 };
 
 pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use ripcord_store::{Store, VerifyReport};
 
-use crate::{error_text, failover, known_disk, open_store};
+use crate::{error_text, known_disk, open_store};
 
 pub async fn verify(
     target: &str,
@@ -114,7 +114,7 @@ pub async fn authenticate_all(
     for d in disks {
         for p in store.points(&d).await? {
             let catalog = p.catalog_object.to_string();
-            let (key, plan) = match failover::resolve_authentic(store, &d, &p, pass).await {
+            let (key, plan) = match ripcord_restore::resolve_authentic(store, &d, &p, pass).await {
                 Ok(kp) => kp,
                 Err(e) => {
                     let object = e
@@ -131,7 +131,7 @@ pub async fn authenticate_all(
             let mut out = Vec::new();
             for loc in plan.batches() {
                 let checked = match store.fetch_batch(&loc).await {
-                    Ok(b) => failover::open_batch(
+                    Ok(b) => ripcord_restore::open_batch(
                         &mut sealer,
                         &key,
                         &plan.epoch.machine_id,

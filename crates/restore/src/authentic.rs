@@ -1,0 +1,125 @@
+//! Reading a recovery point so that nothing unauthenticated is placed: unwrap the disk's
+//! data key with the deployment passphrase, check the point's MAC (the agent's, over cut
+//! id, seq, time and kind), resolve the point to batch locations, and authenticate and
+//! decrypt each batch before its runs are checked against its authenticated extent list
+//! ([`ripcord_store::Placement::check`]).
+//!
+//! Trust: the store's metadata (catalog, index, checkpoints) carries only CRCs, so
+//! someone who can write the bucket can rewrite it. Nothing is placed on the strength of
+//! that metadata alone (decision 0012): a point whose MAC fails is refused naming its
+//! catalog object, and a plan that disagrees with a batch's authenticated extents is
+//! refused naming the index object that placed the batch.
+
+use anyhow::{Context as _, ensure};
+use ripcord_proto::{FLAG_COMPRESSED, aead};
+use ripcord_seal::{
+    DataKey, Flags, Sealer,
+    escrow::{EscrowFile, unwrap_data_key},
+};
+use ripcord_store::{DiskId, EpochInfo, Plan, RecoveryPoint, SealedBatch, Store};
+
+/// The disk's data key for `epoch`, from the passphrase and the store's escrow file.
+pub async fn data_key(
+    store: &Store,
+    disk: &DiskId,
+    epoch: &EpochInfo,
+    passphrase: &[u8],
+) -> anyhow::Result<DataKey> {
+    let escrow: EscrowFile = serde_json::from_slice(
+        &store
+            .get_escrow()
+            .await
+            .context("reading escrow.json from the target store")?,
+    )
+    .context("parsing the store's escrow.json")?;
+    let secret = escrow
+        .unlock(passphrase)
+        .context("unlocking the escrow key")?;
+    let ctx = aead::key_context(&epoch.machine_id, disk);
+    unwrap_data_key(&epoch.wrapped_key, &secret, &ctx)
+        .with_context(|| format!("unwrapping the data key of epoch {}", epoch.epoch))
+}
+
+/// Checks the agent's MAC over `point` with the disk's data key: a point whose cut id,
+/// seq, time or kind was changed in the store (or that the agent never made) is refused,
+/// naming its catalog object.
+pub fn check_point(key: &DataKey, disk: &DiskId, point: &RecoveryPoint) -> anyhow::Result<()> {
+    let message = aead::cut_aad(
+        disk,
+        point.epoch,
+        point.cut_id,
+        point.seq,
+        point.time_ns,
+        point.mono_ns,
+        point.kind,
+    );
+    ripcord_seal::check_point_mac(key, &message, &point.mac).with_context(|| {
+        format!(
+            "recovery point {} (`{}`) is not authentic: its fields were changed in the store \
+             by someone who can write it, or it is damaged; refusing to use it",
+            point.id, point.catalog_object
+        )
+    })
+}
+
+/// Resolves an authenticated point: the epoch's data key, the point's MAC checked with it,
+/// then the plan. Nothing of the plan is trusted yet (see [`ripcord_store::Placement::check`]).
+pub async fn resolve_authentic(
+    store: &Store,
+    disk: &DiskId,
+    point: &RecoveryPoint,
+    passphrase: &[u8],
+) -> anyhow::Result<(DataKey, Plan)> {
+    let epoch = store
+        .epoch_info(disk, point.epoch)
+        .await
+        .with_context(|| format!("reading epoch {} of point {}", point.epoch, point.id))?;
+    let key = data_key(store, disk, &epoch, passphrase).await?;
+    check_point(&key, disk, point)?;
+    let plan = store
+        .resolve(disk, point)
+        .await
+        .with_context(|| format!("resolving point {}", point.id))?;
+    Ok((key, plan))
+}
+
+/// Authenticate and decrypt one batch; `object` names it in errors.
+pub fn open_batch(
+    sealer: &mut Sealer,
+    key: &DataKey,
+    machine: &str,
+    disk: &DiskId,
+    b: &SealedBatch,
+    object: &str,
+    out: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    let extents = &b.extents;
+    let data: u64 = b
+        .extents
+        .iter()
+        .filter(|e| e.kind == ripcord_store::ExtentKind::Data)
+        .map(|e| u64::from(e.sectors) * 512)
+        .sum();
+    let aad = aead::batch_aad(machine, disk, b.epoch, b.seq, b.seq, extents);
+    let nonce = aead::nonce(b.epoch, b.seq)?;
+    let flags = if b.flags & FLAG_COMPRESSED != 0 {
+        Flags::Zstd
+    } else {
+        Flags::Stored
+    };
+    sealer
+        .open_into(key, &aad, nonce, flags, &b.sealed, data as usize, out)
+        .with_context(|| {
+            format!(
+                "batch {} of epoch {} in {object} failed authentication: damaged or tampered",
+                b.seq, b.epoch
+            )
+        })?;
+    ensure!(
+        out.len() as u64 == data,
+        "batch {} in {object}: {} plaintext bytes for {data}",
+        b.seq,
+        out.len()
+    );
+    Ok(())
+}

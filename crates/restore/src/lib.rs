@@ -1,0 +1,10 @@
+//! Restoring from the target store, shared by `ripcord` (failover, verify) and the master
+//! target (`ripcord-mt`, which keeps a device at a disk's newest recovery point):
+//! - [`authentic`]: reading a recovery point so that nothing unauthenticated is placed;
+//! - [`output_guard`]: what a restore may overwrite (mounted, held or protected devices
+//!   and existing images are refused unless forced).
+
+pub mod authentic;
+pub mod output_guard;
+
+pub use authentic::{check_point, data_key, open_batch, resolve_authentic};

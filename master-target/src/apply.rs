@@ -1,0 +1,291 @@
+//! One step: bring the device from the point it holds to a later recovery point of the
+//! same disk, writing only what changed between the two.
+//!
+//! A point resolves to runs, each naming the batch whose write put it there. Within an
+//! epoch a sector's newest writer only moves forward, so the runs of the new point whose
+//! batch is later than the applied point's seq are exactly the sectors that differ; the
+//! other sectors already hold the new point's bytes. A point of another epoch (a full
+//! resync) is applied whole: every run, and zeros where no run lies.
+//!
+//! Every batch is fetched once, authenticated and decrypted with the disk's data key, and
+//! checked against the plan ([`ripcord_store::Placement::check`]) before any of its bytes
+//! is written: a store that someone else can write never places a byte on the device.
+//! Fetching and decryption run in parallel; one writer issues the device writes through
+//! the journal's IO engine (io_uring, or pwrite when io_uring is unusable) and syncs the
+//! device once at the end, before the state file says the step is done.
+
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    io::IoSlice,
+    os::fd::AsFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use anyhow::{Context as _, anyhow, ensure};
+use futures::{StreamExt as _, TryStreamExt as _};
+use ripcord_journal::{Engine, SyncKind};
+use ripcord_seal::{DataKey, Sealer};
+use ripcord_store::{DiskId, Plan, RecoveryPoint, Run, RunSource, Store};
+
+use crate::state::{ApplyState, PointRef};
+
+/// What one step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// The point the device is now exactly at.
+    pub point: PointRef,
+    /// Whether the whole disk was written (a new epoch, or nothing applied before).
+    pub full: bool,
+    /// Batches fetched from the store.
+    pub batches: usize,
+    /// Bytes written to the device (data and zeros).
+    pub bytes: u64,
+    pub secs: f64,
+}
+
+/// How a step ended short of its point.
+#[derive(Debug)]
+pub enum StepError {
+    /// Stopped on request; the device is between points until a later step.
+    Stopped,
+    /// It failed; the device may be between points.
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for StepError {
+    fn from(e: anyhow::Error) -> StepError {
+        StepError::Failed(e)
+    }
+}
+
+/// A device (or image) and the engine that writes it.
+pub struct Device {
+    pub file: File,
+    /// Bytes the device holds (`u64::MAX` for an image file, which grows to the disk).
+    pub size: u64,
+    /// A block device (else an image file).
+    pub is_block: bool,
+    pub engine: Box<dyn Engine>,
+}
+
+/// Brings `device` to `point`, persisting the state before and after (see
+/// [`crate::state`]). `stop` is checked between batches.
+#[allow(clippy::too_many_arguments)]
+pub async fn step(
+    store: &Store,
+    disk: &DiskId,
+    passphrase: &[u8],
+    point: &RecoveryPoint,
+    device: &mut Device,
+    state: &mut ApplyState,
+    state_path: &std::path::Path,
+    stop: &AtomicBool,
+) -> Result<StepReport, StepError> {
+    let started = Instant::now();
+    let (key, plan) = ripcord_restore::resolve_authentic(store, disk, point, passphrase).await?;
+    if plan.size_bytes > device.size {
+        return Err(StepError::Failed(anyhow!(
+            "disk {disk} is {} bytes at point {}, {} holds only {}; give a device at least \
+             as large",
+            plan.size_bytes,
+            point.id,
+            state.device.display(),
+            device.size
+        )));
+    }
+    if !device.is_block {
+        let len = device
+            .file
+            .metadata()
+            .context("reading the image's size")?
+            .len();
+        if len != plan.size_bytes {
+            device
+                .file
+                .set_len(plan.size_bytes)
+                .with_context(|| format!("sizing {}", state.device.display()))?;
+        }
+    }
+    // The sectors to write: everything newer than the applied point of this epoch, or
+    // everything if the device holds another epoch (or a step into another one was cut).
+    let same_epoch = |p: &PointRef| p.epoch == point.epoch;
+    let base = match (&state.applied, &state.moving_to) {
+        (Some(a), None) if same_epoch(a) => Some(a.seq),
+        (Some(a), Some(m)) if same_epoch(a) && same_epoch(m) => Some(a.seq),
+        _ => None,
+    };
+    let runs: Vec<Run> = plan
+        .runs
+        .iter()
+        .filter(|r| base.is_none_or(|a| r.source.seq() > a))
+        .copied()
+        .collect();
+    // Durably say the device is leaving the point it was at, before it does.
+    state.moving_to = Some(PointRef::of(point));
+    state.save(state_path)?;
+
+    let mut bytes = 0u64;
+    if base.is_none() {
+        bytes += zero_gaps(device, &plan, stop)?;
+    }
+    let seqs: BTreeSet<u64> = runs.iter().map(|r| r.source.seq()).collect();
+    let batches = seqs.len();
+    bytes += write_batches(store, disk, &plan, &key, &seqs, device, stop).await?;
+    device
+        .engine
+        .sync(device.file.as_fd(), SyncKind::Data)
+        .with_context(|| format!("syncing {}", state.device.display()))?;
+    state.applied = state.moving_to.take();
+    state.bytes_written += bytes;
+    state.last_error = None;
+    state.save(state_path)?;
+    Ok(StepReport {
+        point: PointRef::of(point),
+        full: base.is_none(),
+        batches,
+        bytes,
+        secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Fetches, authenticates and decrypts the batches `seqs` (in parallel), then writes the
+/// runs each places, in the order batches arrive (the runs of one plan are disjoint).
+async fn write_batches(
+    store: &Store,
+    disk: &DiskId,
+    plan: &Plan,
+    key: &DataKey,
+    seqs: &BTreeSet<u64>,
+    device: &mut Device,
+    stop: &AtomicBool,
+) -> Result<u64, StepError> {
+    let placement = Arc::new(plan.placement());
+    let key = Arc::new(DataKey::from_bytes(*key.expose_bytes()));
+    let machine: Arc<str> = Arc::from(plan.epoch.machine_id.as_str());
+    let locations = seqs
+        .iter()
+        .map(|s| {
+            plan.locations
+                .get(s)
+                .cloned()
+                .with_context(|| format!("the plan names batch {s} but has no location for it"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let parallel = std::thread::available_parallelism()
+        .map_or(2, |n| n.get() * 2)
+        .clamp(4, 16);
+    let mut opened = futures::stream::iter(locations.into_iter().map(Ok::<_, anyhow::Error>))
+        .map_ok(|loc| {
+            let (key, machine, disk, placement) =
+                (key.clone(), machine.clone(), *disk, placement.clone());
+            async move {
+                let b = store
+                    .fetch_batch(&loc)
+                    .await
+                    .with_context(|| format!("fetching batch {} from {}", loc.seq, loc.pack))?;
+                tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, Vec<u8>)> {
+                    let mut plain = Vec::new();
+                    ripcord_restore::open_batch(
+                        &mut Sealer::new(),
+                        &key,
+                        &machine,
+                        &disk,
+                        &b,
+                        &loc.pack,
+                        &mut plain,
+                    )?;
+                    // The extents just authenticated are the only placement trusted.
+                    placement.check(loc.seq, &b.extents)?;
+                    Ok((loc.seq, plain))
+                })
+                .await?
+            }
+        })
+        .try_buffer_unordered(parallel);
+    let mut bytes = 0;
+    while let Some(item) = opened.next().await {
+        let (seq, plain) = item?;
+        for r in placement.runs_of(seq) {
+            let (offset, len) = (r.sector * 512, r.sectors * 512);
+            match r.source {
+                RunSource::Data { offset: at, .. } => {
+                    let end = at.checked_add(len).filter(|&e| e <= plain.len() as u64);
+                    let Some(end) = end else {
+                        return Err(anyhow!("batch {seq} places a run beyond its plaintext").into());
+                    };
+                    write_all(device, &plain[at as usize..end as usize], offset)?;
+                }
+                RunSource::Zero { .. } | RunSource::Discard { .. } => {
+                    write_zeros(device, offset, len)?;
+                }
+            }
+            bytes += len;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Err(StepError::Stopped);
+        }
+    }
+    Ok(bytes)
+}
+
+/// Zeros every range of the disk that no run of `plan` covers (a full apply: the device
+/// may hold anything there).
+fn zero_gaps(device: &mut Device, plan: &Plan, stop: &AtomicBool) -> Result<u64, StepError> {
+    let end = plan.size_bytes / 512;
+    let mut at = 0u64;
+    let mut bytes = 0;
+    let mut gaps = Vec::new();
+    for r in &plan.runs {
+        if r.sector > at {
+            gaps.push((at, r.sector.min(end)));
+        }
+        at = at.max(r.sector + r.sectors);
+    }
+    if at < end {
+        gaps.push((at, end));
+    }
+    for (s, e) in gaps.into_iter().filter(|(s, e)| e > s) {
+        write_zeros(device, s * 512, (e - s) * 512)?;
+        bytes += (e - s) * 512;
+        if stop.load(Ordering::Relaxed) {
+            return Err(StepError::Stopped);
+        }
+    }
+    Ok(bytes)
+}
+
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
+fn write_zeros(device: &mut Device, offset: u64, len: u64) -> anyhow::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZEROS.len() as u64) as usize;
+        write_all(device, &ZEROS[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+fn write_all(device: &mut Device, mut data: &[u8], mut offset: u64) -> anyhow::Result<()> {
+    ensure!(
+        offset + data.len() as u64 <= device.size,
+        "a run ends at byte {} of a {}-byte device",
+        offset + data.len() as u64,
+        device.size
+    );
+    while !data.is_empty() {
+        let n = device
+            .engine
+            .write_at(device.file.as_fd(), &[IoSlice::new(data)], offset)
+            .with_context(|| format!("writing {} bytes at byte {offset}", data.len()))?;
+        ensure!(n > 0, "the device accepted no bytes at byte {offset}");
+        data = &data[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! `ripcord-mt`: the master target. See the library's documentation for its guarantees.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use ripcord_master_target::{
+    follow::{FollowArgs, follow},
+    status,
+};
+use ripcord_store::DiskId;
+
+/// ripcord-mt: keep a block device at a protected disk's newest recovery point.
+///
+/// The master target is the receiving end of failback: after a failover, the recovered
+/// machine's agent replicates back (reprotect) and ripcord-mt applies each new recovery
+/// point of that disk from the target store to the original device, writing only what
+/// changed since the point the device holds. The state directory records, durably, which
+/// point the device is exactly at (or that a step between two points is under way), so a
+/// restart after a stop, a kill or a power cut resumes without a full copy.
+#[derive(Parser)]
+#[command(name = "ripcord-mt", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the disk's newest recovery point to the device, and keep doing so as new
+    /// points arrive (until SIGINT/SIGTERM; a second signal stops at once).
+    Follow {
+        /// Target store URL: file:///path or s3://bucket/prefix (S3 credentials from
+        /// AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
+        #[arg(long)]
+        target: String,
+        /// The disk whose points are applied (32 hex digits; `ripcord points list`).
+        #[arg(long)]
+        disk: String,
+        /// The block device (or image file) to keep at the disk's newest point. A device
+        /// that is mounted, held, protected by an agent or open elsewhere is refused.
+        #[arg(long)]
+        device: PathBuf,
+        /// Where the applied position of each disk is kept (created 0700).
+        #[arg(long, default_value = "/var/lib/ripcord/mt")]
+        state_dir: PathBuf,
+        /// File holding the deployment passphrase (mode 0600); else RIPCORD_PASSPHRASE
+        /// or a prompt on a terminal.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// How often to look for a new point, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        poll_ms: u64,
+        /// Apply the newest point once, then exit (0 when the device is exactly at it).
+        #[arg(long)]
+        once: bool,
+        /// Write the device even if the safety checks refuse it (mounted, held,
+        /// protected by an agent), or an existing image no state file knows.
+        #[arg(long)]
+        force: bool,
+        /// Forget the recorded position: the next step copies the whole disk.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// What each followed disk's device holds: exactly at a point, or between two.
+    /// Exit status 3 when nothing is followed.
+    Status {
+        /// The state directory `follow` uses.
+        #[arg(long, default_value = "/var/lib/ripcord/mt")]
+        state_dir: PathBuf,
+        /// JSON lines (the state files) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RIPCORD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", ripcord_types::report(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Status { state_dir, json } => Ok(if status::print(&state_dir, json)? {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::from(3)
+        }),
+        Command::Follow {
+            target,
+            disk,
+            device,
+            state_dir,
+            passphrase_file,
+            poll_ms,
+            once,
+            force,
+            reset,
+        } => {
+            let disk = DiskId::from_hex(disk.trim())
+                .with_context(|| format!("disk id {disk:?} is not 32 hex digits"))?;
+            let passphrase = ripcord_seal::read_passphrase(passphrase_file.as_deref())?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            rt.block_on(async {
+                tokio::spawn(watch_signals(stop.clone()));
+                follow(
+                    FollowArgs {
+                        target,
+                        disk,
+                        device,
+                        state_dir,
+                        passphrase: passphrase.to_vec(),
+                        poll: Duration::from_millis(poll_ms.max(10)),
+                        once,
+                        force,
+                        reset,
+                    },
+                    &stop,
+                )
+                .await
+            })?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The first SIGINT/SIGTERM asks the loop to stop after the current batch; a second one
+/// exits at once (the state file is durable at every moment, so nothing is lost).
+async fn watch_signals(stop: Arc<AtomicBool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::warn!("cannot watch SIGINT/SIGTERM; stop ripcord-mt with SIGKILL");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        if stop.swap(true, Ordering::Relaxed) {
+            eprintln!("second signal: exiting now; the next run finishes the step");
+            std::process::exit(130);
+        }
+        tracing::info!("stopping after the current batch (a second signal stops at once)");
+    }
+}

@@ -1,0 +1,249 @@
+//! The master target (`ripcord-mt`) keeps a second device at a protected disk's newest
+//! recovery point: real agent, process server, QUIC, loop devices and target store.
+//!
+//! Needs root. Skips loudly without it, and fails under `CI=true`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use ripcord_tests::assert_same;
+use testkit::{
+    Site, Workload,
+    replication::{Replicator, wait_for, wait_for_point},
+};
+
+const MIB: u64 = 1 << 20;
+
+/// A running `ripcord-mt follow`, killed on drop.
+struct MasterTarget {
+    child: Child,
+    log: PathBuf,
+}
+
+impl MasterTarget {
+    fn start(site: &Site, disk: &str, device: &Path, state_dir: &Path, run: usize) -> MasterTarget {
+        let log = site.path().join(format!("mt-{run}.log"));
+        let child = Command::new(testkit::binary("ripcord-mt"))
+            .args(["follow", "--target", site.target(), "--disk", disk])
+            .arg("--device")
+            .arg(device)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--passphrase-file")
+            .arg(&site.ps.passphrase_file)
+            .args(["--poll-ms", "100"])
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting ripcord-mt");
+        MasterTarget { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and the exit status.
+    fn stop(mut self) -> bool {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..600 {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("ripcord-mt did not stop within 30 s:\n{}", self.log());
+    }
+}
+
+impl Drop for MasterTarget {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// `ripcord-mt status --json` of `state_dir`: one state per followed disk.
+fn mt_status(state_dir: &Path) -> (Option<i32>, Vec<serde_json::Value>) {
+    let out = Command::new(testkit::binary("ripcord-mt"))
+        .args(["status", "--json", "--state-dir"])
+        .arg(state_dir)
+        .output()
+        .expect("running ripcord-mt status");
+    let states = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("status --json prints JSON lines"))
+        .collect();
+    (out.status.code(), states)
+}
+
+#[test]
+fn the_master_target_keeps_a_device_at_the_newest_point_through_ten_kills() {
+    let Some(site) =
+        Site::builder("the_master_target_keeps_a_device_at_the_newest_point_through_ten_kills")
+            .file_target()
+            .start()
+    else {
+        return;
+    };
+    let source = site.loop_device("source.img", 64 * MIB);
+    // The device the points go to starts with other data everywhere: a full apply must
+    // leave nothing of it.
+    let dest = site.loop_device("dest.img", 64 * MIB);
+    Workload::new(&dest.path, 99)
+        .unwrap()
+        .direct_writes(400)
+        .unwrap();
+    let state_dir = site.path().join("mt-state");
+    let (code, none) = mt_status(&state_dir);
+    assert_eq!(code, Some(3), "status without a followed disk must exit 3");
+    assert!(none.is_empty());
+
+    let agent = site.replicator(&[&source.path]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (dev, stop) = (source.path.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut w = Workload::new(&dev, 7).unwrap();
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                w.direct_writes(4).unwrap();
+                if round.is_multiple_of(10) {
+                    w.discards(1).unwrap();
+                    w.zeroouts(1).unwrap();
+                }
+                round += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let disk = site.id.disk_id(&source.path).unwrap();
+    let pass = site.ps.passphrase_file.clone();
+    wait_for_point(site.target(), &disk, &pass, 1, Duration::from_secs(60)).unwrap();
+
+    // Ten kill -9s at random moments while points keep arriving.
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut between = 0;
+    let mut logs = String::new();
+    for run in 0..10 {
+        let mut mt = MasterTarget::start(&site, &disk, &dest.path, &state_dir, run);
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(300 + rng % 1200));
+        mt.kill9();
+        logs += &mt.log();
+        let (code, states) = mt_status(&state_dir);
+        assert_eq!(code, Some(0), "status after a kill");
+        assert_eq!(states.len(), 1, "{states:?}");
+        if !states[0]["moving_to"].is_null() {
+            between += 1;
+        }
+    }
+    eprintln!("{between} of 10 kills left the device between two points");
+
+    // A backlog builds while no master target runs; then the source is quiesced.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let stats = agent.stats_file.clone();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent stop failed:\n{log}");
+    let last = Replicator::pushed_seq(&stats);
+    let point = wait_for_point(site.target(), &disk, &pass, last, Duration::from_secs(90)).unwrap();
+    // A kill the moment the catch-up step has begun: the restart must rewrite what that
+    // step may have written, although no later write touches it again.
+    let state_file = state_dir.join(format!("{disk}.json"));
+    let mut mt = MasterTarget::start(&site, &disk, &dest.path, &state_dir, 10);
+    wait_for(
+        "the catch-up step to begin",
+        Duration::from_secs(60),
+        || {
+            let state: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&state_file)?).unwrap_or_default();
+            Ok(!state["moving_to"].is_null())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", mt.log()));
+    mt.kill9();
+    logs += &mt.log();
+    let (_, states) = mt_status(&state_dir);
+    assert!(
+        !states[0]["moving_to"].is_null(),
+        "the step finished before the kill; the test did not interrupt it: {states:?}"
+    );
+    let mt = MasterTarget::start(&site, &disk, &dest.path, &state_dir, 11);
+    wait_for(
+        "the master target to reach the final point",
+        Duration::from_secs(120),
+        || {
+            let (_, states) = mt_status(&state_dir);
+            Ok(states
+                .first()
+                .is_some_and(|s| s["moving_to"].is_null() && s["applied"]["id"] == point["id"]))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", mt.log()));
+    let log_path = mt.log.clone();
+    assert!(mt.stop(), "ripcord-mt did not stop cleanly");
+    let last_log = std::fs::read_to_string(log_path).unwrap();
+    logs += &last_log;
+    assert!(
+        last_log.contains(&format!(
+            "exactly at point {}",
+            point["id"].as_str().unwrap()
+        )),
+        "the stop does not say where the device is:\n{last_log}"
+    );
+    assert_same(&source.path, &dest.path, "device after the master target");
+
+    // Resuming never copied the whole disk again: once a step finished, later steps
+    // (after kills mid-step too) wrote only what changed.
+    let first_done = logs.find("at point ").expect("no step ever finished");
+    let after = first_done + logs[first_done..].find('\n').unwrap();
+    assert!(
+        !logs[after..].contains("full copy"),
+        "a restart copied the whole disk again:\n{logs}"
+    );
+
+    // The state file vouches only for its own device.
+    let other = site.loop_device("other.img", 64 * MIB);
+    let out = Command::new(testkit::binary("ripcord-mt"))
+        .args([
+            "follow",
+            "--once",
+            "--target",
+            site.target(),
+            "--disk",
+            &disk,
+        ])
+        .arg("--device")
+        .arg(&other.path)
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--passphrase-file")
+        .arg(&pass)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "another device was accepted: {err}");
+    assert!(
+        err.contains("--reset"),
+        "the refusal does not say what to do: {err}"
+    );
+}
