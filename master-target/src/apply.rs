@@ -112,11 +112,12 @@ pub async fn step(
         }
     }
     // The sectors to write: everything newer than the applied point of this epoch, or
-    // everything if the device holds another epoch (or a step into another one was cut).
+    // everything if the device holds another epoch, or if an interrupted step was headed
+    // somewhere this point does not reach (its writes may lie beyond this point's).
     let same_epoch = |p: &PointRef| p.epoch == point.epoch;
     let base = match (&state.applied, &state.moving_to) {
         (Some(a), None) if same_epoch(a) => Some(a.seq),
-        (Some(a), Some(m)) if same_epoch(a) && same_epoch(m) => Some(a.seq),
+        (Some(a), Some(m)) if same_epoch(a) && same_epoch(m) && m.seq <= point.seq => Some(a.seq),
         _ => None,
     };
     let runs: Vec<Run> = plan

@@ -36,6 +36,8 @@ pub struct FollowArgs {
     pub poll: Duration,
     /// Apply the newest point once and return.
     pub once: bool,
+    /// Apply this point (epoch, cut id) once and return, instead of the newest.
+    pub point: Option<(u64, u64)>,
     /// Write a device the output guard refuses (mounted, held, protected) or an image
     /// this state does not know.
     pub force: bool,
@@ -46,7 +48,8 @@ pub struct FollowArgs {
 /// The longest wait between retries of a failing step.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-pub async fn follow(a: FollowArgs, stop: &AtomicBool) -> anyhow::Result<()> {
+/// Returns the final state (for `--once` and failback: what the device holds).
+pub async fn follow(a: FollowArgs, stop: &AtomicBool) -> anyhow::Result<ApplyState> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -82,7 +85,17 @@ pub async fn follow(a: FollowArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     let mut last_error = String::new();
     let mut told_empty = false;
     while !stop.load(Ordering::Relaxed) {
-        let result = match store.latest_point(&a.disk).await {
+        let wanted = match a.point {
+            None => store.latest_point(&a.disk).await,
+            Some((epoch, cut)) => match store.point_by_id(&a.disk, epoch, cut).await {
+                Ok(None) => bail!(
+                    "disk {} has no recovery point {epoch}-{cut}; `ripcord points list` lists them",
+                    a.disk
+                ),
+                other => other,
+            },
+        };
+        let result = match wanted {
             Err(e) => Err(anyhow::Error::new(e)
                 .context(format!("reading the newest point of disk {}", a.disk))),
             Ok(None) => {
@@ -100,6 +113,19 @@ pub async fn follow(a: FollowArgs, stop: &AtomicBool) -> anyhow::Result<()> {
                 Ok(())
             }
             Ok(Some(p)) if state.consistent().is_some_and(|at| !at.is_before(&p)) => {
+                if state
+                    .consistent()
+                    .is_some_and(|at| at.id != p.id && a.point.is_some())
+                {
+                    bail!(
+                        "{} is at point {}, later than {}: a step never goes back; give a \
+                         later point, or --reset to copy the whole disk at {}",
+                        a.device.display(),
+                        state.applied.as_ref().map_or("", |x| x.id.as_str()),
+                        p.id,
+                        p.id
+                    );
+                }
                 if a.once {
                     break;
                 }
@@ -164,7 +190,7 @@ pub async fn follow(a: FollowArgs, stop: &AtomicBool) -> anyhow::Result<()> {
         sleep_unless_stopped(a.poll, stop).await;
     }
     tracing::info!(disk = %a.disk, "stopped; the device is {}", where_is(&state));
-    Ok(())
+    Ok(state)
 }
 
 /// Where the device is, in words.

@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ripcord_master_target::{
     follow::{FollowArgs, follow},
+    state::ApplyState,
     status,
 };
 use ripcord_store::DiskId;
@@ -69,6 +70,35 @@ enum Command {
         #[arg(long)]
         reset: bool,
     },
+    /// Planned failover back: apply one point of the disk (default: the newest) to the
+    /// device, then stop. Run it once the application on the recovered machine is stopped
+    /// and its agent has stopped (the agent's stop waits until every write is in a
+    /// recovery point), so the newest point is the final one. Exit 0 only when the device
+    /// is exactly at that point.
+    Failback {
+        /// Target store URL (as for `follow`).
+        #[arg(long)]
+        target: String,
+        /// The recovered machine's disk (32 hex digits; `ripcord points list`).
+        #[arg(long)]
+        disk: String,
+        /// The original machine's device (or an image file).
+        #[arg(long)]
+        device: PathBuf,
+        /// `latest`, or a point id `<epoch>-<cut>` (`ripcord points list` shows them).
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Where the applied position of each disk is kept (as for `follow`).
+        #[arg(long, default_value = "/var/lib/ripcord/mt")]
+        state_dir: PathBuf,
+        /// File holding the deployment passphrase (mode 0600); else RIPCORD_PASSPHRASE
+        /// or a prompt on a terminal.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// Write the device even if the safety checks refuse it (see `follow`).
+        #[arg(long)]
+        force: bool,
+    },
     /// What each followed disk's device holds: exactly at a point, or between two.
     /// Exit status 3 when nothing is followed.
     Status {
@@ -107,6 +137,52 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         } else {
             std::process::ExitCode::from(3)
         }),
+        Command::Failback {
+            target,
+            disk,
+            device,
+            point,
+            state_dir,
+            passphrase_file,
+            force,
+        } => {
+            let point = match point.as_str() {
+                "latest" => None,
+                id => Some(parse_point_id(id)?),
+            };
+            let state = run_follow(FollowArgs {
+                target,
+                disk: parse_disk(&disk)?,
+                device: device.clone(),
+                state_dir,
+                passphrase: ripcord_seal::read_passphrase(passphrase_file.as_deref())?.to_vec(),
+                poll: Duration::from_secs(1),
+                once: true,
+                point,
+                force,
+                reset: false,
+            })?;
+            let at = state
+                .consistent()
+                .context("the device is not at a recovery point; run failback again")?;
+            println!(
+                "failback done: {} is exactly at point {} of disk {disk} ({}, taken {}).",
+                device.display(),
+                at.id,
+                if at.app_consistent {
+                    "app-consistent"
+                } else {
+                    "crash-consistent"
+                },
+                rfc3339(at.time_ns)
+            );
+            println!(
+                "Start the original machine from it, then protect it again: \
+                 ripcord-agent protect {}",
+                device.display()
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Follow {
             target,
             disk,
@@ -118,32 +194,48 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             force,
             reset,
         } => {
-            let disk = DiskId::from_hex(disk.trim())
-                .with_context(|| format!("disk id {disk:?} is not 32 hex digits"))?;
             let passphrase = ripcord_seal::read_passphrase(passphrase_file.as_deref())?;
-            let stop = Arc::new(AtomicBool::new(false));
-            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            rt.block_on(async {
-                tokio::spawn(watch_signals(stop.clone()));
-                follow(
-                    FollowArgs {
-                        target,
-                        disk,
-                        device,
-                        state_dir,
-                        passphrase: passphrase.to_vec(),
-                        poll: Duration::from_millis(poll_ms.max(10)),
-                        once,
-                        force,
-                        reset,
-                    },
-                    &stop,
-                )
-                .await
+            run_follow(FollowArgs {
+                target,
+                disk: parse_disk(&disk)?,
+                device,
+                state_dir,
+                passphrase: passphrase.to_vec(),
+                poll: Duration::from_millis(poll_ms.max(10)),
+                once,
+                point: None,
+                force,
+                reset,
             })?;
             Ok(std::process::ExitCode::SUCCESS)
         }
     }
+}
+
+fn run_follow(args: FollowArgs) -> anyhow::Result<ApplyState> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async {
+        tokio::spawn(watch_signals(stop.clone()));
+        follow(args, &stop).await
+    })
+}
+
+fn parse_disk(disk: &str) -> anyhow::Result<DiskId> {
+    DiskId::from_hex(disk.trim()).with_context(|| format!("disk id {disk:?} is not 32 hex digits"))
+}
+
+fn parse_point_id(id: &str) -> anyhow::Result<(u64, u64)> {
+    id.split_once('-')
+        .and_then(|(e, c)| Some((e.parse().ok()?, c.parse().ok()?)))
+        .with_context(|| {
+            format!("--point {id:?} is not `latest` or a point id <epoch>-<cut> such as 3-17")
+        })
+}
+
+/// Unix ns as RFC 3339 (UTC, seconds).
+fn rfc3339(ns: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
 }
 
 /// The first SIGINT/SIGTERM asks the loop to stop after the current batch; a second one

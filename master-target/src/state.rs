@@ -10,7 +10,8 @@
 //! - A step from `applied` (epoch E, seq a) to any point of epoch E with seq ≥ the
 //!   interrupted target rewrites every sector whose newest writer is after a, which covers
 //!   every sector an interrupted step could have touched: resuming never needs a full copy.
-//!   A step into another epoch rewrites the whole disk (a new epoch is a full resync).
+//!   A step into another epoch, or to a point before the interrupted target, rewrites the
+//!   whole disk.
 //! - `identity` binds the file to one device (block: major:minor and size; file: device
 //!   and inode), so a state file never vouches for another device's contents.
 

@@ -15,8 +15,8 @@ use std::{
 
 use ripcord_tests::assert_same;
 use testkit::{
-    Site, Workload,
-    replication::{Replicator, wait_for, wait_for_point},
+    Mount, Site, Workload,
+    replication::{Replicator, failover, wait_for, wait_for_point},
 };
 
 const MIB: u64 = 1 << 20;
@@ -246,4 +246,127 @@ fn the_master_target_keeps_a_device_at_the_newest_point_through_ten_kills() {
         err.contains("--reset"),
         "the refusal does not say what to do: {err}"
     );
+}
+
+/// `ripcord-mt failback`: (success, stdout, stderr).
+fn mt_failback(site: &Site, disk: &str, device: &Path, state_dir: &Path) -> (bool, String, String) {
+    let out = Command::new(testkit::binary("ripcord-mt"))
+        .args(["failback", "--target", site.target(), "--disk", disk])
+        .arg("--device")
+        .arg(device)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--passphrase-file")
+        .arg(&site.ps.passphrase_file)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("running ripcord-mt failback");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Stops `agent` cleanly and waits until the store holds a point with everything it
+/// pushed: that point is the disk's final state. Returns it.
+fn final_point(site: &Site, agent: Replicator, disk: &str) -> serde_json::Value {
+    let stats = agent.stats_file.clone();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "agent did not stop cleanly:\n{log}");
+    let last = Replicator::pushed_seq(&stats);
+    let pass = &site.ps.passphrase_file;
+    wait_for_point(site.target(), disk, pass, last, Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{e:#}\nprocess server log:\n{}", site.ps.logs()))
+}
+
+fn ext4_files(device: &Path, mnt: &Path, seed: u64) {
+    let m = Mount::new(device, mnt, &["-t", "ext4"]).unwrap();
+    testkit::file_workload(&m.dir, seed, 20, 1 << 20).unwrap();
+    m.unmount().unwrap();
+}
+
+#[test]
+fn failback_round_trip_leaves_the_original_disk_at_the_recovered_machines_final_point() {
+    let Some(site) = Site::builder(
+        "failback_round_trip_leaves_the_original_disk_at_the_recovered_machines_final_point",
+    )
+    .file_target()
+    .start() else {
+        return;
+    };
+    let target = site.target().to_owned();
+    let pass = site.ps.passphrase_file.clone();
+    let mnt = site.path().join("mnt");
+
+    // The original machine A protects its ext4 disk.
+    let a = site.loop_device("a.img", 96 * MIB);
+    testkit::run("mkfs.ext4", &["-q", "-F", a.path.to_str().unwrap()]).unwrap();
+    let agent_a = site.replicator(&[&a.path]);
+    ext4_files(&a.path, &mnt, 1);
+    agent_a.wait_synced(Duration::from_secs(60)).unwrap();
+    let disk_a = site.id.disk_id(&a.path).unwrap();
+    let failover_point = final_point(&site, agent_a, &disk_a);
+
+    // Failover: the recovered machine B starts from that point on its own device.
+    let b = site.loop_device("b.img", 96 * MIB);
+    let id = failover_point["id"].as_str().unwrap();
+    let (ok, _, err) = failover(&target, &disk_a, id, &b.path, &pass).unwrap();
+    assert!(ok, "failover to B failed: {err}");
+
+    // Divergence both ways: A is written after the failover point, B runs the workload.
+    ext4_files(&a.path, &mnt, 2);
+    ext4_files(&b.path, &mnt, 3);
+
+    // Reprotect: B's own agent replicates back; the master target keeps A at B's newest
+    // point while B keeps working.
+    let recovered = site.register("recovered");
+    let agent_b = Replicator::start(&recovered, &[&b.path], &[]).unwrap();
+    let disk_b = recovered.disk_id(&b.path).unwrap();
+    assert_ne!(
+        disk_a, disk_b,
+        "the recovered machine's disk has its own id"
+    );
+    let state_dir = site.path().join("mt-state");
+    let mt = MasterTarget::start(&site, &disk_b, &a.path, &state_dir, 0);
+    ext4_files(&b.path, &mnt, 4);
+    agent_b.wait_synced(Duration::from_secs(60)).unwrap();
+    wait_for(
+        "the master target to apply a point of B",
+        Duration::from_secs(90),
+        || {
+            Ok(mt_status(&state_dir)
+                .1
+                .first()
+                .is_some_and(|s| !s["applied"].is_null()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", mt.log()));
+
+    // Failback: the application and B's agent stop (its last point is B's final state),
+    // the master target applies it and stops there.
+    ext4_files(&b.path, &mnt, 5);
+    let last = final_point(&site, agent_b, &disk_b);
+    assert!(mt.stop(), "ripcord-mt follow did not stop cleanly");
+    let (ok, out, err) = mt_failback(&site, &disk_b, &a.path, &state_dir);
+    assert!(ok, "failback failed:\n{out}\n{err}");
+    let last_id = last["id"].as_str().unwrap();
+    assert!(
+        out.contains(&format!("exactly at point {last_id}")),
+        "failback does not say which point A holds:\n{out}"
+    );
+    assert_same(&b.path, &a.path, "A after failback against B's final state");
+    testkit::run("e2fsck", &["-fn", a.path.to_str().unwrap()]).unwrap();
+
+    // Re-enable: A is protected forward again, and its new points are what A holds.
+    let agent_a = site.replicator(&[&a.path]);
+    ext4_files(&a.path, &mnt, 6);
+    agent_a.wait_synced(Duration::from_secs(60)).unwrap();
+    let forward = final_point(&site, agent_a, &disk_a);
+    let image = site.path().join("forward.img");
+    let id = forward["id"].as_str().unwrap();
+    let (ok, _, err) = failover(&target, &disk_a, id, &image, &pass).unwrap();
+    assert!(ok, "failover of A's forward point failed: {err}");
+    assert_same(&a.path, &image, "A's forward point against A");
+    testkit::run("e2fsck", &["-fn", image.to_str().unwrap()]).unwrap();
 }
