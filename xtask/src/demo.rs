@@ -2,6 +2,9 @@
 //! and an agent on loopback replicate a loop device with ext4 under a file workload to a
 //! local-directory target store; then the primary site is deleted and `ripcord failover`
 //! rebuilds the disk from the store and the passphrase alone; it must equal the source.
+//! Then the way home: the recovered machine runs from the failed-over disk and is
+//! protected at the recovery site, and the master target fails it back onto the original
+//! disk, which must end equal to the recovered machine's final state.
 
 use std::time::{Duration, Instant};
 
@@ -120,6 +123,92 @@ pub fn run(size_mib: u64) -> anyhow::Result<()> {
     println!(
         "9. VERIFIED: the failed-over disk equals the protected disk byte for byte, and e2fsck finds it clean"
     );
+    failback(&dir.path, &disk, &image)?;
     println!("\ndemo passed; cleaning up {}", dir.path.display());
+    Ok(())
+}
+
+/// Failback: the recovered machine (`image` as a disk) works and is protected by a
+/// process server at the recovery site; `ripcord-mt failback` puts its final state on
+/// the original disk.
+fn failback(
+    dir: &std::path::Path,
+    original: &LoopDevice,
+    image: &std::path::Path,
+) -> anyhow::Result<()> {
+    println!("\n== failback: the recovered machine goes home ==");
+    let recovered = LoopDevice::attach(image)?;
+    let site = dir.join("recovery-site");
+    std::fs::create_dir_all(&site)?;
+    let target = format!("file://{}", site.join("target-store").display());
+    let mut ps = ProcessServer::start_with_target(&site, Some(&target))?;
+    let id = AgentIdentity::register(&ps, &site, "recovered-host")?;
+    let agent = Replicator::start(&id, &[&recovered.path], &[])?;
+    println!(
+        "10. reprotect: the recovered machine ({}) is protected by a process server at the \
+         recovery site",
+        recovered.path.display()
+    );
+    let mnt = Mount::new(&recovered.path, &dir.join("mnt"), &["-t", "ext4"])?;
+    let bytes = testkit::file_workload(&mnt.dir, 2027, 16, 2 << 20)?;
+    mnt.unmount()?;
+    // Meanwhile the original disk was written too: the failback must undo it.
+    let mnt = Mount::new(&original.path, &dir.join("mnt"), &["-t", "ext4"])?;
+    testkit::file_workload(&mnt.dir, 2028, 8, 1 << 20)?;
+    mnt.unmount()?;
+    println!(
+        "11. the recovered machine wrote {:.1} MiB; the original disk diverged too",
+        bytes as f64 / MIB as f64
+    );
+    agent.wait_synced(Duration::from_secs(600))?;
+    let stats_file = agent.stats_file.clone();
+    let (ok, log) = agent.stop()?;
+    ensure!(
+        ok,
+        "the recovered machine's agent did not stop cleanly:\n{log}"
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats_file)?)?;
+    let last = stats["disks"][0]["pushed_seq"].as_u64().unwrap_or(0);
+    let disk_id = id.disk_id(&recovered.path)?;
+    wait_for_point(
+        &target,
+        &disk_id,
+        &ps.passphrase_file,
+        last,
+        Duration::from_secs(120),
+    )?;
+    ps.stop()?;
+    let out = std::process::Command::new(testkit::binary("ripcord-mt"))
+        .args([
+            "failback", "--target", &target, "--disk", &disk_id, "--device",
+        ])
+        .arg(&original.path)
+        .arg("--state-dir")
+        .arg(dir.join("mt-state"))
+        .arg("--passphrase-file")
+        .arg(&ps.passphrase_file)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "ripcord-mt failback failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "12. the application and agent stopped; `ripcord-mt failback` onto {}:\n   {}",
+        original.path.display(),
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .replace('\n', "\n   ")
+    );
+    let (a, b) = (sha256(&original.path)?, sha256(&recovered.path)?);
+    println!("   original  sha256 {a}\n   recovered sha256 {b}");
+    ensure!(
+        a == b,
+        "FAILBACK FAILED: the original disk differs from the recovered machine's"
+    );
+    testkit::run("e2fsck", &["-fn", original.path.to_str().context("path")?])?;
+    println!(
+        "13. VERIFIED: the original disk equals the recovered machine's final state, and e2fsck finds it clean"
+    );
     Ok(())
 }

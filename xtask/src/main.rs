@@ -164,6 +164,8 @@ fn release_binaries() -> anyhow::Result<()> {
         "ripcord-process-server",
         "-p",
         "ripcord-cli",
+        "-p",
+        "ripcord-master-target",
     ])?;
     // SAFETY: called while the xtask is single-threaded; the helpers read it when spawning.
     unsafe { std::env::set_var("RIPCORD_BIN_DIR", workspace_root().join("target/release")) };
