@@ -9,7 +9,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
-use common::{DISK, Fixture, assert_image, output_text};
+use common::{DISK, Fixture, RunRipcord as _, assert_image, output_text};
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use common::{Fixture, SIZE, output_text};
+use common::{Fixture, RunRipcord as _, SIZE, output_text};
 use testkit::{Lab, LoopDevice, Mount};
 
 const DEVICE_BYTES: u64 = 16 << 20;

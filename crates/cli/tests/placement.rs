@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{DISK, EPOCH, Fixture, assert_image, output_text};
+use common::{DISK, EPOCH, Fixture, RunRipcord as _, assert_image, output_text};
 use ripcord_store::format::{self, RunTarget};
 
 #[tokio::test(flavor = "multi_thread")]

@@ -6,5 +6,7 @@
 
 pub mod authentic;
 pub mod output_guard;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use authentic::{check_point, data_key, open_batch, resolve_authentic};
