@@ -11,8 +11,9 @@
 //! checked against the plan ([`ripcord_store::Placement::check`]) before any of its bytes
 //! is written: a store that someone else can write never places a byte on the device.
 //! Fetching and decryption run in parallel; one writer issues the device writes through
-//! the journal's IO engine (io_uring, or pwrite when io_uring is unusable) and syncs the
-//! device once at the end, before the state file says the step is done.
+//! the journal's IO engine (io_uring, or pwrite when io_uring is unusable), zeroes ranges
+//! with `BLKZEROOUT` or a punched hole (safe because it is the only writer), and syncs
+//! the device once at the end, before the state file says the step is done.
 
 use std::{
     collections::BTreeSet,
@@ -260,16 +261,14 @@ fn zero_gaps(device: &mut Device, plan: &Plan, stop: &AtomicBool) -> Result<u64,
     Ok(bytes)
 }
 
-static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
-
 fn write_zeros(device: &mut Device, offset: u64, len: u64) -> anyhow::Result<()> {
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(ZEROS.len() as u64) as usize;
-        write_all(device, &ZEROS[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
+    ensure!(
+        offset + len <= device.size,
+        "a zero run ends at byte {} of a {}-byte device",
+        offset + len,
+        device.size
+    );
+    ripcord_restore::zero::zero_range(&device.file, device.is_block, offset, len)
 }
 
 fn write_all(device: &mut Device, mut data: &[u8], mut offset: u64) -> anyhow::Result<()> {

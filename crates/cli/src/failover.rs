@@ -353,18 +353,13 @@ async fn copy_plan(
 }
 
 /// Zero `len` bytes at `offset` of a block device (a fresh image file is already a hole).
+/// Bytes, not `BLKZEROOUT`: batches are written from several threads at once (see
+/// [`ripcord_restore::zero`]).
 fn zero_at(file: &File, is_block: bool, offset: u64, len: u64) -> anyhow::Result<()> {
     if !is_block {
         return Ok(());
     }
-    let zeros = vec![0u8; (1 << 20).min(len as usize)];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
+    ripcord_restore::zero::write_zeros(file, offset, len)
 }
 
 /// Write `data` at `offset`, leaving all-zero 64 KiB pieces as holes in files (a fresh
