@@ -131,13 +131,19 @@ pub async fn step(
     state.moving_to = Some(PointRef::of(point));
     state.save(state_path)?;
 
-    let mut bytes = 0u64;
-    if base.is_none() {
-        bytes += zero_gaps(device, &plan, stop)?;
-    }
+    let gaps = if base.is_none() {
+        gaps(&plan)
+    } else {
+        Vec::new()
+    };
+    let total = runs.iter().map(|r| r.sectors * 512).sum::<u64>()
+        + gaps.iter().map(|(s, e)| (e - s) * 512).sum::<u64>();
+    let mut progress = Progress::new(&point.id, total);
+    zero_gaps(device, &gaps, stop, &mut progress)?;
     let seqs: BTreeSet<u64> = runs.iter().map(|r| r.source.seq()).collect();
     let batches = seqs.len();
-    bytes += write_batches(store, disk, &plan, &key, &seqs, device, stop).await?;
+    write_batches(store, disk, &plan, &key, &seqs, device, stop, &mut progress).await?;
+    let bytes = progress.done;
     device
         .engine
         .sync(device.file.as_fd(), SyncKind::Data)
@@ -157,6 +163,7 @@ pub async fn step(
 
 /// Fetches, authenticates and decrypts the batches `seqs` (in parallel), then writes the
 /// runs each places, in the order batches arrive (the runs of one plan are disjoint).
+#[allow(clippy::too_many_arguments)]
 async fn write_batches(
     store: &Store,
     disk: &DiskId,
@@ -165,7 +172,8 @@ async fn write_batches(
     seqs: &BTreeSet<u64>,
     device: &mut Device,
     stop: &AtomicBool,
-) -> Result<u64, StepError> {
+    progress: &mut Progress,
+) -> Result<(), StepError> {
     let placement = Arc::new(plan.placement());
     let key = Arc::new(DataKey::from_bytes(*key.expose_bytes()));
     let machine: Arc<str> = Arc::from(plan.epoch.machine_id.as_str());
@@ -209,7 +217,6 @@ async fn write_batches(
             }
         })
         .try_buffer_unordered(parallel);
-    let mut bytes = 0;
     while let Some(item) = opened.next().await {
         let (seq, plain) = item?;
         for r in placement.runs_of(seq) {
@@ -226,21 +233,20 @@ async fn write_batches(
                     write_zeros(device, offset, len)?;
                 }
             }
-            bytes += len;
+            progress.add(len);
         }
         if stop.load(Ordering::Relaxed) {
             return Err(StepError::Stopped);
         }
     }
-    Ok(bytes)
+    Ok(())
 }
 
-/// Zeros every range of the disk that no run of `plan` covers (a full apply: the device
-/// may hold anything there).
-fn zero_gaps(device: &mut Device, plan: &Plan, stop: &AtomicBool) -> Result<u64, StepError> {
+/// The ranges (start, end sector) of the disk that no run of `plan` covers: a full
+/// apply zeroes them (the device may hold anything there).
+fn gaps(plan: &Plan) -> Vec<(u64, u64)> {
     let end = plan.size_bytes / 512;
     let mut at = 0u64;
-    let mut bytes = 0;
     let mut gaps = Vec::new();
     for r in &plan.runs {
         if r.sector > at {
@@ -251,14 +257,65 @@ fn zero_gaps(device: &mut Device, plan: &Plan, stop: &AtomicBool) -> Result<u64,
     if at < end {
         gaps.push((at, end));
     }
-    for (s, e) in gaps.into_iter().filter(|(s, e)| e > s) {
+    gaps.retain(|(s, e)| e > s);
+    gaps
+}
+
+fn zero_gaps(
+    device: &mut Device,
+    gaps: &[(u64, u64)],
+    stop: &AtomicBool,
+    progress: &mut Progress,
+) -> Result<(), StepError> {
+    for &(s, e) in gaps {
         write_zeros(device, s * 512, (e - s) * 512)?;
-        bytes += (e - s) * 512;
+        progress.add((e - s) * 512);
         if stop.load(Ordering::Relaxed) {
             return Err(StepError::Stopped);
         }
     }
-    Ok(bytes)
+    Ok(())
+}
+
+/// Bytes a step has written, logged every few seconds on long steps (a full copy of a
+/// large disk), so an operator without a terminal sees it move.
+struct Progress {
+    point: String,
+    total: u64,
+    done: u64,
+    started: Instant,
+    logged: Instant,
+}
+
+impl Progress {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn new(point: &str, total: u64) -> Progress {
+        let now = Instant::now();
+        Progress {
+            point: point.to_owned(),
+            total,
+            done: 0,
+            started: now,
+            logged: now,
+        }
+    }
+
+    fn add(&mut self, n: u64) {
+        self.done += n;
+        if self.logged.elapsed() >= Self::EVERY {
+            self.logged = Instant::now();
+            let secs = self.started.elapsed().as_secs_f64();
+            tracing::info!(
+                "step to point {}: {:.0} of {:.0} MiB written ({:.0} %), {:.0} MB/s",
+                self.point,
+                self.done as f64 / 1048576.0,
+                self.total as f64 / 1048576.0,
+                100.0 * self.done as f64 / self.total.max(1) as f64,
+                self.done as f64 / secs / 1e6
+            );
+        }
+    }
 }
 
 fn write_zeros(device: &mut Device, offset: u64, len: u64) -> anyhow::Result<()> {

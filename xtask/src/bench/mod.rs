@@ -2,7 +2,8 @@
 //!
 //! One file per bench: `capture.rs` (fio with and without the capture agent attached),
 //! `churn.rs` (replication under load, then the saturation runs of
-//! [`crate::saturation`]), `failover.rs` (failover speed and store size); `common.rs`
+//! [`crate::saturation`]), `failover.rs` (failover speed and store size), `failback.rs`
+//! (the master target's full and delta steps vs fio); `common.rs`
 //! holds what they share (fio with half-compressible data, medians, a process's CPU time
 //! and peak RSS). Every bench writes its JSON under `target/bench/`.
 
@@ -11,6 +12,7 @@ use clap::Subcommand;
 mod capture;
 mod churn;
 mod common;
+mod failback;
 mod failover;
 
 pub(crate) use common::fio_churn;
@@ -53,6 +55,15 @@ pub enum Which {
         #[arg(long, default_value_t = 2048)]
         size_mib: u64,
     },
+    /// Failback: `ripcord-mt` brings a device to a replicated disk's point (three
+    /// quarters filled with half-compressible data) in a full step, vs fio writing the same
+    /// data sequentially on the same device (alternating, medians); then one delta step
+    /// after 5 % of the 4 KiB blocks changed. Writes target/bench/failback.json.
+    Failback {
+        /// Disk size in MiB.
+        #[arg(long, default_value_t = 4096)]
+        size_mib: u64,
+    },
     /// Failover speed: materialise the latest point of a replicated disk (three quarters
     /// filled with half-compressible data) from a local target store, vs `cp
     /// --sparse=always` of the source image; and the store's size after a paced churn vs
@@ -90,6 +101,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             size_mib,
             saturation_secs,
         } => churn::churn(runtime, size_mib, saturation_secs),
+        Which::Failback { size_mib } => failback::failback(size_mib),
         Which::Failover {
             size_mib,
             churn_secs,
