@@ -166,9 +166,10 @@ fn a_second_agent_on_a_protected_device_or_state_directory_is_refused() {
 }
 
 /// Before: with its data server silent, the agent blocked on a full channel and ignored
-/// SIGINT, a second SIGINT and SIGTERM; its only complaint was a bare handshake error.
-/// Now it names the address it gets no answer from, and SIGINT during the initial sync
-/// stops it at once, saying that no recovery point exists.
+/// SIGINT, a second SIGINT and SIGTERM; its only complaint was a bare handshake error,
+/// and its status file went stale. Now it names the address it gets no answer from, its
+/// status stays current, and SIGINT during the initial sync stops it at once, saying that
+/// no recovery point exists.
 #[test]
 fn an_agent_whose_server_does_not_answer_says_so_and_stops_on_sigint_during_the_sync() {
     let Some(site) = Site::new(
@@ -190,6 +191,14 @@ fn an_agent_whose_server_does_not_answer_says_so_and_stops_on_sigint_during_the_
     );
     let stats = agent.stats().expect("status file");
     assert_eq!(stats["disks"][0]["syncing"], true, "{stats}");
+    // The round waits for the network side, yet the status file stays current.
+    std::thread::sleep(Duration::from_millis(2500));
+    let later = agent.stats().expect("status file");
+    let updated = |v: &serde_json::Value| v["updated_unix_ms"].as_u64().unwrap_or(0);
+    assert!(
+        updated(&later) >= updated(&stats) + 1000,
+        "the status file was not refreshed while a round waited:\n{stats}\n{later}"
+    );
     signal(agent.pid(), Signal::SIGINT);
     let started = Instant::now();
     let (ok, log) = agent
@@ -454,4 +463,56 @@ fn a_hook_that_cannot_run_is_named_and_hook_output_is_labelled() {
     );
     let (ok, log) = agent.stop().unwrap();
     assert!(ok, "{log}");
+}
+
+/// `ripcord-agent register` of a new machine at `server`, pinning `ca_hash`, with a fresh
+/// token of the site's server: (success, stderr, how long it took).
+fn register_at(site: &Site, server: &str, ca_hash: &str) -> (bool, String, Duration) {
+    let token = site.ps.new_token().expect("a bootstrap token");
+    let started = Instant::now();
+    let out = Command::new(testkit::binary("ripcord-agent"))
+        .args(["register", "--machine-id", "newhost", "--token", &token])
+        .args(["--ca-hash", ca_hash, "--server", server])
+        .arg("--state-dir")
+        .arg(site.subdir("newhost"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("running ripcord-agent register");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// Before: a registration sent to a port where nothing listens ended in a bare QUIC
+/// handshake timeout, which reads like a TLS problem. Now it names the address and what to
+/// check, within a bound; a real TLS failure (a wrong CA hash) keeps its own message.
+#[test]
+fn a_registration_at_a_port_where_nothing_listens_says_so() {
+    let Some(site) = Site::new("a_registration_at_a_port_where_nothing_listens_says_so") else {
+        return;
+    };
+    let silent = format!("127.0.0.1:{}", free_udp_port());
+    let (ok, err, took) = register_at(&site, &silent, &site.ps.ca_hash);
+    assert!(!ok, "registration at a silent port succeeded:\n{err}");
+    let want = format!(
+        "no ripcord process server answered at {silent} within 10s; check the address and port"
+    );
+    assert!(err.contains(&want), "want {want:?} in:\n{err}");
+    assert!(
+        !err.contains("TimedOut") && !err.contains("timed out"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(25), "register took {took:?}");
+
+    // The real server with another CA's hash: a trust failure, named as such.
+    let wrong_hash = format!("sha256:{}", "ab".repeat(32));
+    let server = format!("127.0.0.1:{}", site.ps.register_port);
+    let (ok, err, _) = register_at(&site, &server, &wrong_hash);
+    assert!(!ok, "registration with a wrong CA hash succeeded:\n{err}");
+    assert!(
+        err.contains("not signed by the pinned CA") && !err.contains("no ripcord process server"),
+        "{err}"
+    );
 }

@@ -192,6 +192,81 @@ fn a_full_target_is_named_counted_and_recovered_from() {
     drop(agent);
 }
 
+/// A disk whose data stops becoming recovery points (the target fills up after a first
+/// point) is warned about once its newest point is older than `point-age-warn-secs`, and
+/// the point's age is a metric that drops again once points are made.
+#[test]
+fn a_disk_whose_newest_point_grows_old_is_warned_about_and_its_age_is_a_metric() {
+    let test = "a_disk_whose_newest_point_grows_old_is_warned_about_and_its_age_is_a_metric";
+    if !testkit::require_root(test) {
+        return;
+    }
+    let target_root = Scratch::new("stale-target");
+    let target_dir = target_root.path.join("store");
+    let _target = tmpfs(&target_dir, 64);
+    let Some(site) = Site::builder(test)
+        .target(&format!("file://{}", target_dir.display()))
+        .ps_config("point-age-warn-secs = 10\n")
+        .start()
+    else {
+        return;
+    };
+    let disk = site.loop_device("disk.img", 32 * MIB);
+    let agent = site.replicator(&[&disk.path]);
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let pushed = testkit::replication::Replicator::pushed_seq(&agent.stats_file);
+    testkit::replication::wait_for_point(
+        site.target(),
+        &disk_id,
+        &site.ps.passphrase_file,
+        pushed,
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}:\n{}", site.ps.logs()));
+    let age = |metrics: &str| {
+        metric(
+            metrics,
+            "ripcord_ps_newest_point_age_seconds",
+            &format!("disk=\"{disk_id}\""),
+        )
+    };
+    let fresh = age(&http_get(site.ps.metrics_port, "/metrics"));
+    assert!(fresh < 10.0, "the point just made is {fresh} s old");
+
+    // The target fills up; new data waits in the journal and makes no points.
+    fill_leaving(&target_dir, 0);
+    write_random(&disk.path, 8);
+    let stale =
+        |l: &&str| l.contains("the newest recovery point is ") && l.contains("uploads fail");
+    wait_for("the stale-point warning", Duration::from_secs(60), || {
+        Ok(site.ps.logs().lines().any(|l| stale(&l)))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}:\n{}", site.ps.logs()));
+    let logs = site.ps.logs();
+    let line = logs.lines().find(stale).unwrap();
+    assert!(
+        line.contains("old while new data waits in the journal")
+            && line.contains(&disk_id)
+            && line.contains("host"),
+        "the warning does not say which disk, how old and why:\n{line}"
+    );
+    let metrics = http_get(site.ps.metrics_port, "/metrics");
+    let old = age(&metrics);
+    assert!(
+        old >= 10.0,
+        "the newest point is only {old} s old:\n{metrics}"
+    );
+
+    // Space returns: points are made again and the age drops.
+    std::fs::remove_file(target_dir.join("filler")).unwrap();
+    wait_for("a new recovery point", Duration::from_secs(60), || {
+        Ok(age(&http_get(site.ps.metrics_port, "/metrics")) < 10.0)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}:\n{}", site.ps.logs()));
+    drop(agent);
+}
+
 /// `ripcord-ps` (the binary at `bin`) with `args` as `uid` (root if `None`): (success,
 /// stdout + stderr).
 fn ps_as(bin: &Path, uid: Option<u32>, args: &[&str]) -> (bool, String) {

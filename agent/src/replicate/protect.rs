@@ -37,7 +37,7 @@ use super::{
     points::{self, FreezeStats, GapPolicy, GapState},
     renew::{MachineIdentity, RenewTarget, renew_forever},
     state::AgentState,
-    status::{StatsView, SyncProgress},
+    status::{StatsView, StatusWriter, SyncProgress},
     stop::{Abandoned, Stop, send_or_stop},
 };
 use crate::{
@@ -271,22 +271,26 @@ fn run_epoch(
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         SyncProgress::new(producers.len())
     });
-    let status_file = super::status::status_path(&cfg.state_dir);
-    let status_paths: Vec<&std::path::Path> = std::iter::once(status_file.as_path())
-        .chain(opts.stats_file.as_deref())
-        .collect();
-    // At once, so `status` shows the epoch before the first round (which may wait for the
-    // server).
-    StatsView {
+    let status_paths: Vec<std::path::PathBuf> =
+        std::iter::once(super::status::status_path(&cfg.state_dir))
+            .chain(opts.stats_file.clone())
+            .collect();
+    let view = StatsView {
         server: &server,
         ids: &ids,
-        producers: &producers,
         links: &link_stats,
-        gaps: &gaps,
-        churn: &churn,
-        freezes: &freezes,
-    }
-    .write(&status_paths)?;
+    };
+    // At once, so `status` shows the epoch before the first round (which may wait for the
+    // server); refreshed every second from then on, also during a long round.
+    let status = StatusWriter::start(
+        status_paths,
+        link_stats.clone(),
+        producers
+            .iter()
+            .map(|p| Arc::clone(&p.sync_progress))
+            .collect(),
+        view.json(&producers, &gaps, &churn, &freezes),
+    )?;
     let started = Instant::now();
     let mut last_stats = Instant::now();
     let mut sync_logged = false;
@@ -347,17 +351,8 @@ fn run_epoch(
         }
         if last_stats.elapsed() >= Duration::from_millis(500) {
             last_stats = Instant::now();
-            let view = StatsView {
-                server: &server,
-                ids: &ids,
-                producers: &producers,
-                links: &link_stats,
-                gaps: &gaps,
-                churn: &churn,
-                freezes: &freezes,
-            };
-            metrics.update(&view.samples(), &freezes);
-            view.write(&status_paths)?;
+            metrics.update(&view.samples(&producers, &gaps, &churn), &freezes);
+            status.write(view.json(&producers, &gaps, &churn, &freezes))?;
         }
         if net.is_finished() {
             break;
@@ -428,16 +423,7 @@ fn run_epoch(
         resize,
     };
     let ended = outcome::finish(end);
-    let view = StatsView {
-        server: &server,
-        ids: &ids,
-        producers: &producers,
-        links: &link_stats,
-        gaps: &gaps,
-        churn: &churn,
-        freezes: &freezes,
-    };
-    view.write(&status_paths)?;
+    status.write(view.json(&producers, &gaps, &churn, &freezes))?;
     ended
 }
 

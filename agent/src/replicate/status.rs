@@ -2,7 +2,8 @@
 //! `ripcord-agent status`.
 //!
 //! `protect` rewrites `<state-dir>/status.json` (mode 0600; and `--stats-file` if given)
-//! twice a second and at exit: per disk its device, disk id, epoch, initial-sync progress
+//! at least once a second, also in the middle of a long round ([`StatusWriter`]), and at
+//! exit: per disk its device, disk id, epoch, initial-sync progress
 //! or streaming, sequences pushed and acknowledged, the last acknowledged cut and lag.
 //! `ripcord-agent status` reads it, but shows it as live only while the state
 //! directory's lock (`agent.lock`, see `lock`) is held: otherwise it says that no agent
@@ -12,8 +13,11 @@
 //! per disk every 5 s and at every 10 %.
 
 use std::{
-    path::Path,
-    sync::{Arc, atomic::Ordering},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -34,22 +38,24 @@ pub fn status_path(state_dir: &Path) -> std::path::PathBuf {
     state_dir.join("status.json")
 }
 
-/// Everything the status file and the metrics report.
+/// The parts of the status file and the metrics that stay put for an epoch (built once
+/// per epoch); the producer side's parts are lent to each snapshot.
 pub(crate) struct StatsView<'a> {
     pub server: &'a str,
     pub ids: &'a [(DiskId, u64)],
-    pub producers: &'a [DiskProducer],
     pub links: &'a [Arc<LinkStats>],
-    pub gaps: &'a [GapState],
-    pub churn: &'a [ChurnWatch],
-    pub freezes: &'a FreezeStats,
 }
 
 impl StatsView<'_> {
-    pub fn samples(&self) -> Vec<DiskSample<'_>> {
-        self.producers
+    pub fn samples<'p>(
+        &self,
+        producers: &'p [DiskProducer],
+        gaps: &[GapState],
+        churn: &[ChurnWatch],
+    ) -> Vec<DiskSample<'p>> {
+        producers
             .iter()
-            .zip(self.gaps.iter().zip(self.churn))
+            .zip(gaps.iter().zip(churn))
             .map(|(p, (g, c))| DiskSample {
                 device: p.dev.path.to_str().unwrap_or("?"),
                 counters: p.counters,
@@ -63,29 +69,24 @@ impl StatsView<'_> {
             .collect()
     }
 
-    /// Write the status JSON to every path (atomically replaced, mode 0600).
-    pub fn write(&self, paths: &[&Path]) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec_pretty(&self.json())?;
-        for path in paths {
-            // Rewritten twice a second and read live: whole, not durable.
-            ripcord_crashsafe::replace_atomic_mode(path, &bytes, ripcord_crashsafe::MODE_SECRET)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        Ok(())
-    }
-
-    fn json(&self) -> Value {
+    /// The status file's contents.
+    pub fn json(
+        &self,
+        producers: &[DiskProducer],
+        gaps: &[GapState],
+        churn: &[ChurnWatch],
+        freezes: &FreezeStats,
+    ) -> Value {
         let mut all_lag = Vec::new();
-        let disks: Vec<_> = self
-            .producers
+        let disks: Vec<_> = producers
             .iter()
             .zip(self.links)
             .zip(self.ids)
-            .zip(self.samples())
+            .zip(self.samples(producers, gaps, churn))
             .map(|(((p, l), (disk, epoch)), sample)| {
                 all_lag.extend(l.lag_us.lock().expect("lag lock").iter().copied());
                 let c = p.counters;
-                json!({
+                let mut d = json!({
                     "device": p.dev.path,
                     "disk_id": disk.to_string(),
                     "epoch": epoch,
@@ -95,17 +96,6 @@ impl StatsView<'_> {
                     "synced_bytes": p.synced_sectors() * 512,
                     "dirty_bytes": sample.dirty_bytes,
                     "next_seq": p.builder.next_seq(),
-                    "pushed_seq": l.pushed_seq.load(Ordering::Relaxed),
-                    "acked_seq": l.acked_seq.load(Ordering::Relaxed),
-                    "acked_cuts": l.acked_cuts.load(Ordering::Relaxed),
-                    "store": l.store.lock().expect("store status lock").as_ref().map(|s| json!({
-                        "epoch": s.epoch,
-                        "committed_cut": s.committed_cut_id,
-                        "point_age_secs": s.point_age_secs,
-                        "failure": s.failure,
-                    })),
-                    "unacked_bytes": l.unacked_bytes.load(Ordering::Relaxed),
-                    "reconnects": l.reconnects.load(Ordering::Relaxed),
                     "bytes_read": c.bytes_read,
                     "read_errors": c.read_errors,
                     "data_bytes": c.data_bytes,
@@ -129,11 +119,13 @@ impl StatsView<'_> {
                     "largest_point_gap_ms": p.largest_gap.as_millis() as u64,
                     "point_gap_alert": sample.gap_alert,
                     "churn_alert": sample.churn_alert,
-                })
+                });
+                put_link(&mut d, l);
+                d
             })
             .collect();
         all_lag.sort_unstable();
-        let mut stalls = self.freezes.stalls_us.clone();
+        let mut stalls = freezes.stalls_us.clone();
         stalls.sort_unstable();
         json!({
             "pid": std::process::id(),
@@ -147,14 +139,175 @@ impl StatsView<'_> {
                 "max": all_lag.last().copied().unwrap_or(0) as f64 / 1000.0,
             },
             "forced_freezes": {
-                "attempts": self.freezes.attempts,
-                "failures": self.freezes.failures,
+                "attempts": freezes.attempts,
+                "failures": freezes.failures,
                 "stall_ms_p50": percentile(&stalls, 0.5) as f64 / 1000.0,
                 "stall_ms_p99": percentile(&stalls, 0.99) as f64 / 1000.0,
                 "stall_ms_max": stalls.last().copied().unwrap_or(0) as f64 / 1000.0,
             },
             "peak_rss_kib": rss_kib(),
         })
+    }
+}
+
+/// Sets a disk's network-side fields (live counters) in its status object `d`.
+fn put_link(d: &mut Value, l: &LinkStats) {
+    let store = l
+        .store
+        .lock()
+        .expect("store status lock")
+        .as_ref()
+        .map(|s| {
+            json!({
+                "epoch": s.epoch,
+                "committed_cut": s.committed_cut_id,
+                "point_age_secs": s.point_age_secs,
+                "failure": s.failure,
+            })
+        });
+    let fields = [
+        ("pushed_seq", json!(l.pushed_seq.load(Ordering::Relaxed))),
+        ("acked_seq", json!(l.acked_seq.load(Ordering::Relaxed))),
+        ("acked_cuts", json!(l.acked_cuts.load(Ordering::Relaxed))),
+        ("store", json!(store)),
+        (
+            "unacked_bytes",
+            json!(l.unacked_bytes.load(Ordering::Relaxed)),
+        ),
+        ("reconnects", json!(l.reconnects.load(Ordering::Relaxed))),
+    ];
+    for (k, v) in fields {
+        d[k] = v;
+    }
+}
+
+/// The status file is rewritten at least this often while the agent runs.
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
+
+/// Writes the status files (atomically replaced, mode 0600): the main loop hands it a
+/// full snapshot between rounds ([`StatusWriter::write`]); a thread rewrites the files
+/// whenever the last write is [`STATUS_REFRESH`] old, from that snapshot with the
+/// network side's live counters (sequences pushed and acknowledged, unacknowledged bytes,
+/// what the server said about the store), the initial sync's live position and the time.
+/// So a long round (an initial-sync chunk over a slow link, a send waiting for the
+/// server) never leaves `status` a stale picture.
+pub(crate) struct StatusWriter {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Shared {
+    paths: Vec<PathBuf>,
+    links: Vec<Arc<LinkStats>>,
+    /// Per disk: sectors read by the initial sync ([`DiskProducer::sync_progress`]).
+    sync_progress: Vec<Arc<AtomicU64>>,
+    /// The last snapshot, and when the files were last written.
+    last: Mutex<(Value, Instant)>,
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Shared {
+    /// Writes `v` to every path; the caller holds `last`.
+    fn write(&self, v: &Value) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(v)?;
+        for path in &self.paths {
+            // Rewritten every second and read live: whole, not durable.
+            ripcord_crashsafe::replace_atomic_mode(path, &bytes, ripcord_crashsafe::MODE_SECRET)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The last snapshot with the live counters, now.
+    fn refreshed(&self, last: &Value) -> Value {
+        let mut v = last.clone();
+        if let Some(disks) = v["disks"].as_array_mut() {
+            for ((d, l), progress) in disks.iter_mut().zip(&self.links).zip(&self.sync_progress) {
+                put_link(d, l);
+                if d["syncing"] == true {
+                    let live = progress.load(Ordering::Relaxed) * 512;
+                    let shown = d["synced_bytes"].as_u64().unwrap_or(0);
+                    d["synced_bytes"] = json!(shown.max(live));
+                }
+            }
+        }
+        v["updated_unix_ms"] = json!(unix_ms());
+        v
+    }
+
+    fn refresh_until_stopped(&self) {
+        let mut warned = false;
+        let mut stop = self.stop.lock().expect("status stop lock");
+        while !*stop {
+            stop = self
+                .wake
+                .wait_timeout(stop, STATUS_REFRESH / 4)
+                .expect("status stop lock")
+                .0;
+            let mut last = self.last.lock().expect("status lock");
+            if *stop || last.1.elapsed() < STATUS_REFRESH {
+                continue;
+            }
+            let v = self.refreshed(&last.0);
+            match self.write(&v) {
+                Ok(()) => warned = false,
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!("cannot refresh the status file: {e:#}");
+                }
+                Err(_) => {}
+            }
+            last.1 = Instant::now();
+        }
+    }
+}
+
+impl StatusWriter {
+    /// Writes `first` to every path now and starts the refreshing thread.
+    pub fn start(
+        paths: Vec<PathBuf>,
+        links: Vec<Arc<LinkStats>>,
+        sync_progress: Vec<Arc<AtomicU64>>,
+        first: Value,
+    ) -> anyhow::Result<StatusWriter> {
+        let shared = Arc::new(Shared {
+            paths,
+            links,
+            sync_progress,
+            last: Mutex::new((Value::Null, Instant::now())),
+            stop: Mutex::new(false),
+            wake: Condvar::new(),
+        });
+        shared.write(&first)?;
+        *shared.last.lock().expect("status lock") = (first, Instant::now());
+        let refresher = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("status".into())
+            .spawn(move || refresher.refresh_until_stopped())
+            .context("starting the status writer thread")?;
+        Ok(StatusWriter {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Writes the full snapshot `v` now; the thread refreshes it from then on.
+    pub fn write(&self, v: Value) -> anyhow::Result<()> {
+        let mut last = self.shared.last.lock().expect("status lock");
+        self.shared.write(&v)?;
+        *last = (v, Instant::now());
+        Ok(())
+    }
+}
+
+impl Drop for StatusWriter {
+    fn drop(&mut self) {
+        *self.shared.stop.lock().expect("status stop lock") = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -366,6 +519,57 @@ pub fn show(state_dir: &Path, as_json: bool) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_file_follows_a_round_that_takes_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.json");
+        let link = Arc::new(LinkStats::default());
+        let progress = Arc::new(AtomicU64::new(0));
+        // The snapshot the main loop wrote before a round that now takes long.
+        let first = json!({
+            "updated_unix_ms": 1,
+            "disks": [{ "syncing": true, "synced_bytes": 0, "pushed_seq": 0, "acked_seq": 0 }],
+        });
+        let writer = StatusWriter::start(
+            vec![path.clone()],
+            vec![Arc::clone(&link)],
+            vec![Arc::clone(&progress)],
+            first,
+        )
+        .unwrap();
+        let read = || -> Value { serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap() };
+        assert_eq!(read()["updated_unix_ms"], 1);
+        // In the middle of the round: the sync read 3 MiB, the network side pushed and
+        // the server acknowledged.
+        progress.store(6144, Ordering::Relaxed);
+        link.pushed_seq.store(7, Ordering::Relaxed);
+        link.acked_seq.store(5, Ordering::Relaxed);
+        let deadline = Instant::now() + 3 * STATUS_REFRESH;
+        let v = loop {
+            let v = read();
+            if v["disks"][0]["acked_seq"] == 5 || Instant::now() > deadline {
+                break v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let d = &v["disks"][0];
+        assert_eq!(
+            (
+                d["synced_bytes"].as_u64(),
+                d["pushed_seq"].as_u64(),
+                d["acked_seq"].as_u64()
+            ),
+            (Some(3 << 20), Some(7), Some(5)),
+            "the status file was not refreshed during the round: {v}"
+        );
+        assert!(v["updated_unix_ms"].as_u64().unwrap() > 1, "{v}");
+        drop(writer);
+        // Stopped with its owner: nothing rewrites the file afterwards.
+        std::fs::remove_file(&path).unwrap();
+        std::thread::sleep(2 * STATUS_REFRESH);
+        assert!(!path.exists(), "the status thread outlived its writer");
+    }
 
     #[test]
     fn bytes_read_as_people_write_them() {

@@ -75,13 +75,7 @@ pub fn replace_atomic_mode(path: &Path, contents: &[u8], mode: u32) -> io::Resul
 /// and that of `from` when it differs.
 pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
     fs::rename(from, to)?;
-    let to_dir = parent(to);
-    sync_dir(&to_dir)?;
-    let from_dir = parent(from);
-    if from_dir != to_dir {
-        sync_dir(&from_dir)?;
-    }
-    Ok(())
+    sync_parents(from, to)
 }
 
 /// Like [`rename_durable`], but never replaces: fails with
@@ -91,6 +85,12 @@ pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
 pub fn rename_durable_new(from: &Path, to: &Path) -> io::Result<()> {
     fs::hard_link(from, to)?;
     fs::remove_file(from)?;
+    sync_parents(from, to)
+}
+
+/// Makes a move from `from` to `to` durable: fsyncs the directory of `to`, and that of
+/// `from` if it is another one (the old name's removal must be durable too).
+fn sync_parents(from: &Path, to: &Path) -> io::Result<()> {
     let to_dir = parent(to);
     sync_dir(&to_dir)?;
     let from_dir = parent(from);

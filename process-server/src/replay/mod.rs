@@ -219,7 +219,7 @@ pub fn replay(
                     ),
                 }
             };
-            rt.block_on(store_base(url, &disk, scan.epoch, scan.cuts))
+            rt.block_on(store_base(url, &disk, scan.epoch, scan.cuts, until))
                 .with_context(|| {
                     format!(
                         "the journal's start of the epoch was trimmed after upload; reading \
@@ -353,12 +353,14 @@ pub fn replay(
 }
 
 /// The epoch as the target store has it: the journal's newest epoch, or the store's newest
-/// when the journal holds no record at all.
+/// when the journal holds no record at all; with the journal's cuts and the store's point
+/// that `until` stops at, if the journal does not hold it.
 async fn store_base(
     url: &str,
     disk: &DiskId,
     journal_epoch: Option<u64>,
     journal_cuts: BTreeMap<u64, u64>,
+    until: Until,
 ) -> anyhow::Result<Base> {
     let store = Store::open(url).await?;
     let epoch = match journal_epoch {
@@ -374,13 +376,16 @@ async fn store_base(
     };
     let info = store.epoch_info(disk, epoch).await?;
     let durable = store.durable_seq(disk, epoch).await?;
-    let mut cuts: BTreeMap<u64, u64> = store
-        .points(disk)
-        .await?
-        .into_iter()
-        .filter(|p| p.epoch == epoch)
-        .map(|p| (p.cut_id, p.seq))
-        .collect();
+    // Only the cut the replay stops at is looked up (the journal's cuts are newer than
+    // the store's): no listing of every point.
+    let point = match until {
+        Until::End => None,
+        Until::Cut(id) if journal_cuts.contains_key(&id) => None,
+        Until::Cut(id) => store.point_by_id(disk, epoch, id).await?,
+        Until::LastCut if !journal_cuts.is_empty() => None,
+        Until::LastCut => store.latest_point_where(disk, |p| p.epoch == epoch).await?,
+    };
+    let mut cuts: BTreeMap<u64, u64> = point.map(|p| (p.cut_id, p.seq)).into_iter().collect();
     cuts.extend(journal_cuts);
     Ok(Base {
         epoch,

@@ -151,6 +151,10 @@ pub struct DiskProducer {
     pub zeroed: ExtentSet,
     /// Initial sync position (sectors); `None` when done.
     pub sync_cursor: Option<u64>,
+    /// Sectors the initial sync has read and handed on so far, updated after every piece
+    /// (`sync_cursor` moves a whole chunk per round): the status writer reads it while a
+    /// round runs.
+    pub sync_progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub builder: BatchBuilder,
     /// Oldest completion time among changes drained but not yet sent.
     oldest_change: Option<u64>,
@@ -187,6 +191,7 @@ impl DiskProducer {
             dirty: ExtentSet::new(),
             zeroed: ExtentSet::new(),
             sync_cursor: Some(0),
+            sync_progress: std::sync::Arc::default(),
             builder,
             oldest_change: None,
             uncut: false,

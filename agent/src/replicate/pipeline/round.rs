@@ -167,6 +167,8 @@ pub fn round(
                 for b in out.drain(..) {
                     send_batch(d, slot, b, None, send)?;
                 }
+                d.sync_progress
+                    .store(ps + pl, std::sync::atomic::Ordering::Relaxed);
                 capture.drain_events(|e| later.push(e))?;
             }
             if capture.raced_anywhere_since(&snap) {

@@ -23,7 +23,7 @@ use super::codec::{
     FrameError, Granted, RejectReason, Response, decode_response, encode_request, read_frame,
     write_frame,
 };
-use super::{REGISTER_ALPN, REGISTER_TIMEOUT, registration_transport};
+use super::{REGISTER_ALPN, REGISTER_IDLE_TIMEOUT, REGISTER_TIMEOUT, registration_transport};
 use crate::endpoint::{EndpointError, any_addr_for, bind_client, provider, roots_with};
 use crate::pki::{
     Identity, MachineId, PkiError, Token, cert_spki, generate_key, machine_id_from_cert, make_csr,
@@ -50,7 +50,20 @@ pub enum RegisterError {
     /// The connection could not be started (e.g. invalid server name).
     #[error("cannot start connection: {0}")]
     Connect(#[from] quinn::ConnectError),
-    /// Handshake or connection failure (unreachable server, closed connection...).
+    /// Nothing answered the handshake at `addr` (no server listens on that port, or a
+    /// firewall drops the packets): check the address and port.
+    #[error(
+        "no ripcord process server answered at {addr} within {}s; check the address and port \
+         (`ripcord-ps serve` logs the registration address it listens on as `register=`)",
+        after.as_secs()
+    )]
+    NoAnswer {
+        /// The address tried.
+        addr: SocketAddr,
+        /// How long the handshake waited.
+        after: std::time::Duration,
+    },
+    /// Handshake or connection failure (closed connection, refused handshake...).
     #[error("connection failed: {0}")]
     Connection(#[from] quinn::ConnectionError),
     /// Sending the request or reading the response failed.
@@ -103,6 +116,8 @@ pub struct Registered {
 const PIN_OK: u8 = 0;
 const PIN_NOT_FOUND: u8 = 1;
 const PIN_CHAIN_INVALID: u8 = 2;
+/// The server's certificate never arrived (nothing answered, or no TLS server did).
+const PIN_UNSEEN: u8 = 3;
 
 /// Verifies the server against the CA whose certificate hash is pinned.
 ///
@@ -193,7 +208,7 @@ pub async fn connect_registration(
     current: Option<&Identity>,
 ) -> Result<(Endpoint, Connection), RegisterError> {
     let pin = parse_ca_hash(ca_hash).map_err(|_| RegisterError::InvalidCaHash)?;
-    let outcome = Arc::new(AtomicU8::new(PIN_OK));
+    let outcome = Arc::new(AtomicU8::new(PIN_UNSEEN));
     let verifier = PinnedCaVerifier {
         pin,
         outcome: outcome.clone(),
@@ -225,6 +240,10 @@ pub async fn connect_registration(
                 quinn::ConnectionError::TransportError(t) => rustls::Error::General(t.reason),
                 other => rustls::Error::General(other.to_string()),
             }),
+            PIN_UNSEEN if e == quinn::ConnectionError::TimedOut => RegisterError::NoAnswer {
+                addr: server_addr,
+                after: REGISTER_IDLE_TIMEOUT,
+            },
             _ => RegisterError::Connection(e),
         }),
     }

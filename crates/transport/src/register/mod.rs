@@ -37,6 +37,9 @@ pub use server::{Registrar, Registration, ServeError, registration_endpoint, ser
 pub const REGISTER_ALPN: &[u8] = b"ripcord-register/2";
 /// Overall time limit for one registration exchange (handshake included).
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A registration handshake that hears nothing for this long fails
+/// ([`RegisterError::NoAnswer`] when not a single packet of the server's came back).
+pub const REGISTER_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// QUIC transport settings of a registration connection, on both sides: flow-control
 /// windows of a few [`MAX_MESSAGE_SIZE`], the one bidirectional stream and no
@@ -47,7 +50,7 @@ fn registration_transport() -> Result<quinn::TransportConfig, EndpointError> {
         receive_window: 4 * MAX_MESSAGE_SIZE as u64,
         send_window: 4 * MAX_MESSAGE_SIZE as u64,
         keep_alive_interval: None,
-        idle_timeout: Duration::from_secs(10),
+        idle_timeout: REGISTER_IDLE_TIMEOUT,
         max_concurrent_bidi_streams: 1,
         max_concurrent_uni_streams: 0,
     }
