@@ -2,8 +2,9 @@
 //!
 //! One file per bench: `capture.rs` (fio with and without the capture agent attached),
 //! `churn.rs` (replication under load, then the saturation runs of
-//! [`crate::saturation`]), `failover.rs` (failover speed and store size), `failback.rs`
-//! (the master target's full and delta steps vs fio); `common.rs`
+//! [`crate::saturation`]), `digest.rs` (block digests vs a plain read), `failover.rs`
+//! (failover speed and store size), `failback.rs` (the master target's full and delta
+//! steps vs fio); `common.rs`
 //! holds what they share (fio with half-compressible data, medians, a process's CPU time
 //! and peak RSS). Every bench writes its JSON under `target/bench/`.
 
@@ -12,6 +13,7 @@ use clap::Subcommand;
 mod capture;
 mod churn;
 mod common;
+mod digest;
 mod failback;
 mod failover;
 
@@ -54,6 +56,18 @@ pub enum Which {
         /// Size of the protected device in MiB.
         #[arg(long, default_value_t = 2048)]
         size_mib: u64,
+    },
+    /// Delta-sync digests: `DigestMap::compute` (crates/digest, release build) over a loop
+    /// device (direct-io, over a file on the root disk) full of random data, vs `dd bs=4M
+    /// iflag=direct` of the same device; page cache dropped before each run, alternating
+    /// runs, medians. Writes target/bench/digest.json.
+    Digest {
+        /// Size of the device in MiB (a multiple of 4).
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Repetitions of each read/digest pair (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
     },
     /// Failback: `ripcord-mt` brings a device to a replicated disk's point (three
     /// quarters filled with half-compressible data) in a full step, vs fio writing the same
@@ -101,6 +115,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             size_mib,
             saturation_secs,
         } => churn::churn(runtime, size_mib, saturation_secs),
+        Which::Digest { size_mib, reps } => digest::digest(size_mib, reps),
         Which::Failback { size_mib } => failback::failback(size_mib),
         Which::Failover {
             size_mib,
