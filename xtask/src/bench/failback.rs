@@ -23,7 +23,19 @@ use testkit::{
 use super::common::{fio_churn, median};
 use crate::workspace_root;
 
-/// One `ripcord-mt follow --once` run: seconds, and bytes the step wrote.
+/// CPU seconds (user + system) used by this process's finished children so far.
+fn children_cpu() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` is a valid out-pointer for getrusage, which fills it on success.
+    let ru = unsafe {
+        libc::getrusage(libc::RUSAGE_CHILDREN, ru.as_mut_ptr());
+        ru.assume_init()
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// One `ripcord-mt follow --once` run: seconds, bytes the step wrote, CPU seconds.
 fn mt_step(
     target: &str,
     disk: &str,
@@ -31,8 +43,9 @@ fn mt_step(
     state: &Path,
     pass: &Path,
     reset: bool,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<(f64, u64, f64)> {
     let before = state_bytes(state, disk);
+    let cpu0 = children_cpu();
     let t0 = Instant::now();
     let out = Command::new(testkit::binary("ripcord-mt"))
         .args(["follow", "--once", "--target", target, "--disk", disk])
@@ -45,13 +58,14 @@ fn mt_step(
         .args(if reset { &["--reset"][..] } else { &[] })
         .output()?;
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = children_cpu() - cpu0;
     ensure!(
         out.status.success(),
         "ripcord-mt failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let after = state_bytes(state, disk);
-    Ok((secs, if reset { after } else { after - before }))
+    Ok((secs, if reset { after } else { after - before }, cpu))
 }
 
 fn state_bytes(state: &Path, disk: &str) -> u64 {
@@ -83,7 +97,13 @@ pub(super) fn failback(size_mib: u64) -> anyhow::Result<()> {
     crate::release_binaries()?;
     let scratch = Scratch::new("bench-failback");
     let source = LoopDevice::create(&scratch.path.join("source.img"), size_mib << 20)?;
-    let dest = LoopDevice::create(&scratch.path.join("dest.img"), size_mib << 20)?;
+    // The device applied to writes through to the disk (direct-io loop), so neither fio
+    // nor the master target is timed against the host's page cache.
+    let dest = LoopDevice::create_with(
+        &scratch.path.join("dest.img"),
+        size_mib << 20,
+        &["--direct-io=on"],
+    )?;
     let fill_mib = size_mib * 3 / 4;
     let fill_args = [
         "--rw=write",
@@ -112,13 +132,19 @@ pub(super) fn failback(size_mib: u64) -> anyhow::Result<()> {
 
     // A full step (as onto a new disk) vs fio writing the filled part sequentially,
     // alternating, three times each.
-    let (mut t_mt, mut mbps_fio) = (Vec::new(), Vec::new());
+    let (mut t_mt, mut mbps_fio, mut cpu_mt) = (Vec::new(), Vec::new(), Vec::new());
+    // fio ends with an fsync (the master target's step ends durable too) and is timed
+    // from start to end, fsync included.
+    let fio_args: Vec<&str> = fill_args.iter().copied().chain(["--end_fsync=1"]).collect();
     for _ in 0..3 {
         drop_caches()?;
-        mbps_fio.push(fio_churn(&dest.path, &fill_args, 900)?);
+        let t0 = Instant::now();
+        fio_churn(&dest.path, &fio_args, 900)?;
+        mbps_fio.push((fill_mib << 20) as f64 / t0.elapsed().as_secs_f64() / 1e6);
         drop_caches()?;
-        let (secs, _) = mt_step(&target, &disk, &dest.path, &state, &pass, true)?;
+        let (secs, _, cpu) = mt_step(&target, &disk, &dest.path, &state, &pass, true)?;
         t_mt.push(secs);
+        cpu_mt.push(cpu);
     }
     let (t_full, fio_mbps) = (median(&mut t_mt), median(&mut mbps_fio));
     let mt_mbps = (fill_mib << 20) as f64 / t_full / 1e6;
@@ -143,7 +169,7 @@ pub(super) fn failback(size_mib: u64) -> anyhow::Result<()> {
     wait_for_point(&target, &disk, &pass, pushed(), Duration::from_secs(900))?;
     ps.stop()?;
     drop_caches()?;
-    let (t_delta, delta_bytes) = mt_step(&target, &disk, &dest.path, &state, &pass, false)?;
+    let (t_delta, delta_bytes, _) = mt_step(&target, &disk, &dest.path, &state, &pass, false)?;
     same(&source.path, &dest.path, "the device after the delta step")?;
 
     let v = json!({
@@ -151,6 +177,7 @@ pub(super) fn failback(size_mib: u64) -> anyhow::Result<()> {
         "filled_mib": fill_mib,
         "full_step_s": t_full,
         "full_step_runs_s": t_mt,
+        "full_step_cpu_s": cpu_mt,
         "full_step_mbps": mt_mbps,
         "fio_seq_write_mbps": fio_mbps,
         "fio_runs_mbps": mbps_fio,
@@ -162,10 +189,10 @@ pub(super) fn failback(size_mib: u64) -> anyhow::Result<()> {
     });
     println!("\nmaster target on a {size_mib} MiB disk ({fill_mib} MiB of data), median of 3");
     println!(
-        "  full step (ripcord-mt, durable)  {t_full:>7.2} s  {mt_mbps:>7.0} MB/s of data  runs {t_mt:.2?}"
+        "  full step (ripcord-mt, durable)  {t_full:>7.2} s  {mt_mbps:>7.0} MB/s of data  runs {t_mt:.2?}, CPU {cpu_mt:.2?} s"
     );
     println!(
-        "  fio sequential write, 1 MiB QD8  {fio_mbps:>7.0} MB/s  runs {mbps_fio:.0?}   ratio {:.2}",
+        "  fio sequential write, 1 MiB QD8, end fsync  {fio_mbps:>7.0} MB/s  runs {mbps_fio:.0?}   ratio {:.2}",
         mt_mbps / fio_mbps
     );
     println!(
