@@ -10,10 +10,11 @@
 //! Every batch is fetched once, authenticated and decrypted with the disk's data key, and
 //! checked against the plan ([`ripcord_store::Placement::check`]) before any of its bytes
 //! is written: a store that someone else can write never places a byte on the device.
-//! Fetching and decryption run in parallel; one writer issues the device writes through
-//! the journal's IO engine (io_uring, or pwrite when io_uring is unusable), zeroes ranges
-//! with `BLKZEROOUT` or a punched hole (safe because it is the only writer), and syncs
-//! the device once at the end, before the state file says the step is done.
+//! Fetching, decryption and the data writes run in parallel (the runs of one plan are
+//! disjoint), each writer through an IO engine of the journal's (io_uring, or pwrite when
+//! io_uring is unusable); zero runs follow once every data write is done, with
+//! `BLKZEROOUT` or a punched hole (safe only with no concurrent writer); the device is
+//! synced once at the end, before the state file says the step is done.
 
 use std::{
     collections::BTreeSet,
@@ -29,7 +30,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, ensure};
 use futures::{StreamExt as _, TryStreamExt as _};
-use ripcord_journal::{Engine, SyncKind};
+use ripcord_journal::{Engine, EngineChoice, SyncEngine, SyncKind, select_engine};
 use ripcord_seal::{DataKey, Sealer};
 use ripcord_store::{DiskId, Plan, RecoveryPoint, Run, RunSource, Store};
 
@@ -186,19 +187,35 @@ async fn write_batches(
                 .with_context(|| format!("the plan names batch {s} but has no location for it"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Batches are fetched, opened, checked and their data runs written in parallel (the
+    // runs of one plan are disjoint), each writer with an IO engine of its own from a
+    // pool. Zero runs wait until every data write is done: `BLKZEROOUT` and punched holes
+    // are only safe with no concurrent buffered write to the same page.
     let parallel = std::thread::available_parallelism()
         .map_or(2, |n| n.get() * 2)
         .clamp(4, 16);
+    let engines = Arc::new(std::sync::Mutex::new(vec![std::mem::replace(
+        &mut device.engine,
+        Box::new(SyncEngine::new()),
+    )]));
+    let file = Arc::new(
+        device
+            .file
+            .try_clone()
+            .context("cloning the device's descriptor")?,
+    );
+    let size = device.size;
     let mut opened = futures::stream::iter(locations.into_iter().map(Ok::<_, anyhow::Error>))
         .map_ok(|loc| {
             let (key, machine, disk, placement) =
                 (key.clone(), machine.clone(), *disk, placement.clone());
+            let (engines, file) = (engines.clone(), file.clone());
             async move {
                 let b = store
                     .fetch_batch(&loc)
                     .await
                     .with_context(|| format!("fetching batch {} from {}", loc.seq, loc.pack))?;
-                tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, Vec<u8>)> {
+                tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, Vec<Run>)> {
                     let mut plain = Vec::new();
                     ripcord_restore::open_batch(
                         &mut Sealer::new(),
@@ -211,35 +228,95 @@ async fn write_batches(
                     )?;
                     // The extents just authenticated are the only placement trusted.
                     placement.check(loc.seq, &b.extents)?;
-                    Ok((loc.seq, plain))
+                    let pooled = engines.lock().expect("engine pool").pop();
+                    let mut engine = match pooled {
+                        Some(e) => e,
+                        None => select_engine(EngineChoice::Auto, 64)?,
+                    };
+                    let written =
+                        write_data_runs(&mut *engine, &file, size, &placement, loc.seq, &plain);
+                    engines.lock().expect("engine pool").push(engine);
+                    let zero_runs = placement
+                        .runs_of(loc.seq)
+                        .filter(|r| !matches!(r.source, RunSource::Data { .. }))
+                        .copied()
+                        .collect();
+                    Ok((written?, zero_runs))
                 })
                 .await?
             }
         })
         .try_buffer_unordered(parallel);
+    let mut zero_runs = Vec::new();
     while let Some(item) = opened.next().await {
-        let (seq, plain) = item?;
-        for r in placement.runs_of(seq) {
-            let (offset, len) = (r.sector * 512, r.sectors * 512);
-            match r.source {
-                RunSource::Data { offset: at, .. } => {
-                    let end = at.checked_add(len).filter(|&e| e <= plain.len() as u64);
-                    let Some(end) = end else {
-                        return Err(anyhow!("batch {seq} places a run beyond its plaintext").into());
-                    };
-                    write_all(device, &plain[at as usize..end as usize], offset)?;
-                }
-                RunSource::Zero { .. } | RunSource::Discard { .. } => {
-                    write_zeros(device, offset, len)?;
-                }
-            }
-            progress.add(len);
-        }
+        let (written, zeros) = item?;
+        progress.add(written);
+        zero_runs.extend(zeros);
         if stop.load(Ordering::Relaxed) {
             return Err(StepError::Stopped);
         }
     }
+    drop(opened);
+    device.engine = engines
+        .lock()
+        .expect("engine pool")
+        .pop()
+        .expect("the device's engine is back in the pool");
+    for r in zero_runs {
+        write_zeros(device, r.sector * 512, r.sectors * 512)?;
+        progress.add(r.sectors * 512);
+    }
     Ok(())
+}
+
+/// Writes the data runs `placement` gives batch `seq` from its plaintext; returns bytes.
+fn write_data_runs(
+    engine: &mut dyn Engine,
+    file: &File,
+    size: u64,
+    placement: &ripcord_store::Placement,
+    seq: u64,
+    plain: &[u8],
+) -> anyhow::Result<u64> {
+    let mut written = 0;
+    for r in placement.runs_of(seq) {
+        let RunSource::Data { offset: at, .. } = r.source else {
+            continue;
+        };
+        let (offset, len) = (r.sector * 512, r.sectors * 512);
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e <= plain.len() as u64)
+            .with_context(|| format!("batch {seq} places a run beyond its plaintext"))?;
+        write_all(
+            engine,
+            file,
+            size,
+            &plain[at as usize..end as usize],
+            offset,
+        )?;
+        start_writeback(file, offset, len);
+        written += len;
+    }
+    Ok(written)
+}
+
+/// Starts writing `len` bytes at `offset` back to the device now, without waiting
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): otherwise a step's buffered writes sit in
+/// the page cache (up to the dirty limit, gigabytes) and reach the device only at the
+/// final sync, so writing and writeback never overlap. Only a hint: durability still comes
+/// from the step's final sync, and an error here shows up there.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a plain syscall on a descriptor we own; no memory is passed.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
 }
 
 /// The ranges (start, end sector) of the disk that no run of `plan` covers: a full
@@ -328,17 +405,21 @@ fn write_zeros(device: &mut Device, offset: u64, len: u64) -> anyhow::Result<()>
     ripcord_restore::zero::zero_range(&device.file, device.is_block, offset, len)
 }
 
-fn write_all(device: &mut Device, mut data: &[u8], mut offset: u64) -> anyhow::Result<()> {
+fn write_all(
+    engine: &mut dyn Engine,
+    file: &File,
+    size: u64,
+    mut data: &[u8],
+    mut offset: u64,
+) -> anyhow::Result<()> {
     ensure!(
-        offset + data.len() as u64 <= device.size,
-        "a run ends at byte {} of a {}-byte device",
+        offset + data.len() as u64 <= size,
+        "a run ends at byte {} of a {size}-byte device",
         offset + data.len() as u64,
-        device.size
     );
     while !data.is_empty() {
-        let n = device
-            .engine
-            .write_at(device.file.as_fd(), &[IoSlice::new(data)], offset)
+        let n = engine
+            .write_at(file.as_fd(), &[IoSlice::new(data)], offset)
             .with_context(|| format!("writing {} bytes at byte {offset}", data.len()))?;
         ensure!(n > 0, "the device accepted no bytes at byte {offset}");
         data = &data[n..];
