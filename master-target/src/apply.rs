@@ -31,7 +31,7 @@ use std::{
 use anyhow::{Context as _, anyhow, ensure};
 use futures::{StreamExt as _, TryStreamExt as _};
 use ripcord_journal::{Engine, EngineChoice, SyncEngine, SyncKind, select_engine};
-use ripcord_seal::{DataKey, Sealer};
+use ripcord_seal::DataKey;
 use ripcord_store::{DiskId, Plan, RecoveryPoint, Run, RunSource, Store};
 
 use crate::state::{ApplyState, PointRef};
@@ -216,18 +216,9 @@ async fn write_batches(
                     .await
                     .with_context(|| format!("fetching batch {} from {}", loc.seq, loc.pack))?;
                 tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, Vec<Run>)> {
-                    let mut plain = Vec::new();
-                    ripcord_restore::open_batch(
-                        &mut Sealer::new(),
-                        &key,
-                        &machine,
-                        &disk,
-                        &b,
-                        &loc.pack,
-                        &mut plain,
+                    let plain = ripcord_restore::open_placed(
+                        &key, &machine, &disk, &b, &loc.pack, &placement,
                     )?;
-                    // The extents just authenticated are the only placement trusted.
-                    placement.check(loc.seq, &b.extents)?;
                     let pooled = engines.lock().expect("engine pool").pop();
                     let mut engine = match pooled {
                         Some(e) => e,

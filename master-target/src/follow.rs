@@ -9,7 +9,7 @@
 
 use std::{
     fs::{File, OpenOptions},
-    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, OpenOptionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _},
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -282,13 +282,7 @@ fn open_device(
         }
         file
     } else {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("creating {}", path.display()))?
+        output_guard::create_private(path, false)?
     };
     let size = if is_block {
         device_size(&file)?

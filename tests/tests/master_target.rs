@@ -21,6 +21,21 @@ use testkit::{
 
 const MIB: u64 = 1 << 20;
 
+/// `ripcord-mt <command>` on `disk` of the site's store, applied to `device` with its
+/// state in `state_dir`.
+fn mt_command(site: &Site, command: &str, disk: &str, device: &Path, state_dir: &Path) -> Command {
+    let mut c = Command::new(testkit::binary("ripcord-mt"));
+    c.args([command, "--target", site.target(), "--disk", disk])
+        .arg("--device")
+        .arg(device)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--passphrase-file")
+        .arg(&site.ps.passphrase_file)
+        .env("RUST_BACKTRACE", "0");
+    c
+}
+
 /// A running `ripcord-mt follow`, killed on drop.
 struct MasterTarget {
     child: Child,
@@ -30,16 +45,8 @@ struct MasterTarget {
 impl MasterTarget {
     fn start(site: &Site, disk: &str, device: &Path, state_dir: &Path, run: usize) -> MasterTarget {
         let log = site.path().join(format!("mt-{run}.log"));
-        let child = Command::new(testkit::binary("ripcord-mt"))
-            .args(["follow", "--target", site.target(), "--disk", disk])
-            .arg("--device")
-            .arg(device)
-            .arg("--state-dir")
-            .arg(state_dir)
-            .arg("--passphrase-file")
-            .arg(&site.ps.passphrase_file)
+        let child = mt_command(site, "follow", disk, device, state_dir)
             .args(["--poll-ms", "100"])
-            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -223,21 +230,8 @@ fn the_master_target_keeps_a_device_at_the_newest_point_through_ten_kills() {
 
     // The state file vouches only for its own device.
     let other = site.loop_device("other.img", 64 * MIB);
-    let out = Command::new(testkit::binary("ripcord-mt"))
-        .args([
-            "follow",
-            "--once",
-            "--target",
-            site.target(),
-            "--disk",
-            &disk,
-        ])
-        .arg("--device")
-        .arg(&other.path)
-        .arg("--state-dir")
-        .arg(&state_dir)
-        .arg("--passphrase-file")
-        .arg(&pass)
+    let out = mt_command(&site, "follow", &disk, &other.path, &state_dir)
+        .arg("--once")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -250,15 +244,7 @@ fn the_master_target_keeps_a_device_at_the_newest_point_through_ten_kills() {
 
 /// `ripcord-mt failback`: (success, stdout, stderr).
 fn mt_failback(site: &Site, disk: &str, device: &Path, state_dir: &Path) -> (bool, String, String) {
-    let out = Command::new(testkit::binary("ripcord-mt"))
-        .args(["failback", "--target", site.target(), "--disk", disk])
-        .arg("--device")
-        .arg(device)
-        .arg("--state-dir")
-        .arg(state_dir)
-        .arg("--passphrase-file")
-        .arg(&site.ps.passphrase_file)
-        .env("RUST_BACKTRACE", "0")
+    let out = mt_command(site, "failback", disk, device, state_dir)
         .output()
         .expect("running ripcord-mt failback");
     (

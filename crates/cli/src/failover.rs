@@ -21,11 +21,11 @@ use std::{
 use anyhow::{Context as _, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 use ripcord_restore::{
-    open_batch,
+    open_placed,
     output_guard::{self, Destination},
     resolve_authentic,
 };
-use ripcord_seal::{DataKey, Sealer};
+use ripcord_seal::DataKey;
 use ripcord_store::{CutKind, DiskId, Plan, RecoveryPoint, RunSource, Store};
 
 /// Which recovery point.
@@ -302,19 +302,7 @@ async fn copy_plan(
                     .await
                     .with_context(|| format!("fetching batch {} from {}", loc.seq, loc.pack))?;
                 let written = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-                    let mut sealer = Sealer::new();
-                    let mut plain = Vec::new();
-                    open_batch(
-                        &mut sealer,
-                        &key,
-                        &machine,
-                        &disk,
-                        &b,
-                        &loc.pack,
-                        &mut plain,
-                    )?;
-                    // The extents just authenticated are the only placement trusted.
-                    placement.check(loc.seq, &b.extents)?;
+                    let plain = open_placed(&key, &machine, &disk, &b, &loc.pack, &placement)?;
                     let mut written = 0;
                     for r in placement.runs_of(loc.seq) {
                         let len = r.sectors * 512;

@@ -123,3 +123,29 @@ pub fn open_batch(
     );
     Ok(())
 }
+
+/// Authenticates and decrypts batch `b` ([`open_batch`]) and checks that `placement`
+/// puts its runs exactly where its authenticated extent list says; returns the plaintext.
+/// Nothing of a batch may be placed before this returns `Ok`.
+pub fn open_placed(
+    key: &DataKey,
+    machine: &str,
+    disk: &DiskId,
+    b: &SealedBatch,
+    object: &str,
+    placement: &ripcord_store::Placement,
+) -> anyhow::Result<Vec<u8>> {
+    let mut plain = Vec::new();
+    open_batch(
+        &mut Sealer::new(),
+        key,
+        machine,
+        disk,
+        b,
+        object,
+        &mut plain,
+    )?;
+    // The extents just authenticated are the only placement trusted.
+    placement.check(b.seq, &b.extents)?;
+    Ok(plain)
+}
