@@ -11,7 +11,10 @@ use std::{
     fs::{File, OpenOptions},
     os::unix::fs::{DirBuilderExt as _, FileTypeExt as _},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -23,6 +26,7 @@ use ripcord_store::{DiskId, Store};
 
 use crate::{
     apply::{self, Device, StepError},
+    metrics::Report,
     state::{self, ApplyState},
 };
 
@@ -43,6 +47,8 @@ pub struct FollowArgs {
     pub force: bool,
     /// Forget the state file's position (the next step is a full copy).
     pub reset: bool,
+    /// Where the metrics read the loop's state (none: no metrics).
+    pub report: Option<Arc<Mutex<Report>>>,
 }
 
 /// The longest wait between retries of a failing step.
@@ -79,6 +85,18 @@ pub async fn follow(a: FollowArgs, stop: &AtomicBool) -> anyhow::Result<ApplySta
     state.device = a.device.clone();
     state.save(&state_path)?;
     describe_start(&state, &a.disk);
+    let publish = |state: &ApplyState, step: Option<bool>| {
+        if let Some(r) = &a.report {
+            let mut r = r.lock().expect("report lock");
+            r.state = Some(state.clone());
+            match step {
+                Some(true) => r.steps += 1,
+                Some(false) => r.errors += 1,
+                None => {}
+            }
+        }
+    };
+    publish(&state, None);
 
     let store = Store::open_existing(&a.target).await?;
     let mut backoff = a.poll;
@@ -145,6 +163,7 @@ pub async fn follow(a: FollowArgs, stop: &AtomicBool) -> anyhow::Result<ApplySta
                 .await;
                 match r {
                     Ok(r) => {
+                        publish(&state, Some(true));
                         let lag = state::now_ns().saturating_sub(r.point.time_ns) as f64 / 1e9;
                         tracing::info!(
                             disk = %a.disk,
@@ -174,6 +193,8 @@ pub async fn follow(a: FollowArgs, stop: &AtomicBool) -> anyhow::Result<ApplySta
         };
         if let Err(e) = result {
             let text = ripcord_types::report(e.as_ref());
+            state.last_error = Some(text.clone());
+            publish(&state, Some(false));
             if a.once {
                 record_error(&mut state, &state_path, &text);
                 return Err(e);

@@ -17,9 +17,10 @@
 //!   applied, rewriting only what changed since it, never from scratch ([`apply`]).
 //!
 //! Modules: [`state`] (the durable applied position), [`apply`] (one step),
-//! [`follow`] (the loop that keeps up with the newest point), [`status`].
+//! [`follow`] (the loop that keeps up with the newest point), [`status`], [`metrics`].
 
 pub mod apply;
 pub mod follow;
+pub mod metrics;
 pub mod state;
 pub mod status;

@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ripcord_master_target::{
     follow::{FollowArgs, follow},
+    metrics::Metrics,
     state::ApplyState,
     status,
 };
@@ -69,6 +70,9 @@ enum Command {
         /// Forget the recorded position: the next step copies the whole disk.
         #[arg(long)]
         reset: bool,
+        /// Prometheus metrics (`GET /metrics`) on this address; "" turns them off.
+        #[arg(long, default_value = "127.0.0.1:9446")]
+        metrics_listen: String,
     },
     /// Planned failover back: apply one point of the disk (default: the newest) to the
     /// device, then stop. Run it once the application on the recovered machine is stopped
@@ -161,6 +165,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 point,
                 force,
                 reset: false,
+                report: None,
             })?;
             let at = state
                 .consistent()
@@ -193,8 +198,23 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             once,
             force,
             reset,
+            metrics_listen,
         } => {
             let passphrase = ripcord_seal::read_passphrase(passphrase_file.as_deref())?;
+            let report = if metrics_listen.is_empty() {
+                None
+            } else {
+                let addr = metrics_listen.parse().with_context(|| {
+                    format!(
+                        "--metrics-listen {metrics_listen:?} is not an IP address and port such \
+                         as 127.0.0.1:9446 (\"\" turns metrics off)"
+                    )
+                })?;
+                let metrics = Arc::new(Metrics::new());
+                let report = metrics.report.clone();
+                ripcord_metrics_http::serve(addr, move || metrics.render())?;
+                Some(report)
+            };
             run_follow(FollowArgs {
                 target,
                 disk: parse_disk(&disk)?,
@@ -206,6 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 point: None,
                 force,
                 reset,
+                report,
             })?;
             Ok(std::process::ExitCode::SUCCESS)
         }

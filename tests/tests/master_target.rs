@@ -13,10 +13,10 @@ use std::{
     time::Duration,
 };
 
-use ripcord_tests::assert_same;
+use ripcord_tests::{assert_same, http_get, metric};
 use testkit::{
     Mount, Site, Workload,
-    replication::{Replicator, failover, wait_for, wait_for_point},
+    replication::{Replicator, failover, free_tcp_port, wait_for, wait_for_point},
 };
 
 const MIB: u64 = 1 << 20;
@@ -40,19 +40,26 @@ fn mt_command(site: &Site, command: &str, disk: &str, device: &Path, state_dir: 
 struct MasterTarget {
     child: Child,
     log: PathBuf,
+    metrics_port: u16,
 }
 
 impl MasterTarget {
     fn start(site: &Site, disk: &str, device: &Path, state_dir: &Path, run: usize) -> MasterTarget {
         let log = site.path().join(format!("mt-{run}.log"));
+        let metrics_port = free_tcp_port();
         let child = mt_command(site, "follow", disk, device, state_dir)
-            .args(["--poll-ms", "100"])
+            .args(["--poll-ms", "100", "--metrics-listen"])
+            .arg(format!("127.0.0.1:{metrics_port}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting ripcord-mt");
-        MasterTarget { child, log }
+        MasterTarget {
+            child,
+            log,
+            metrics_port,
+        }
     }
 
     fn log(&self) -> String {
@@ -206,6 +213,15 @@ fn the_master_target_keeps_a_device_at_the_newest_point_through_ten_kills() {
         },
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", mt.log()));
+    let metrics = http_get(mt.metrics_port, "/metrics");
+    let label = format!("disk=\"{disk}\"");
+    assert_eq!(
+        metric(&metrics, "ripcord_mt_consistent", &label),
+        1.0,
+        "{metrics}"
+    );
+    assert!(metric(&metrics, "ripcord_mt_bytes_written_total", &label) >= (64 * MIB) as f64);
+    assert!(metric(&metrics, "ripcord_mt_point_age_seconds", &label) > 0.0);
     let log_path = mt.log.clone();
     assert!(mt.stop(), "ripcord-mt did not stop cleanly");
     let last_log = std::fs::read_to_string(log_path).unwrap();

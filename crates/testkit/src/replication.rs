@@ -253,7 +253,8 @@ impl Drop for ProcessServer {
     }
 }
 
-fn free_tcp_port() -> u16 {
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_tcp_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral TCP port");
     l.local_addr().expect("local addr").port()
 }
