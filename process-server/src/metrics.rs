@@ -7,7 +7,6 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::Context as _;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -208,24 +207,5 @@ impl Default for Metrics {
 
 /// Serve `GET /metrics` on `addr` from a thread.
 pub fn spawn_http(addr: SocketAddr, state: Arc<State>) -> anyhow::Result<()> {
-    let server = tiny_http::Server::http(addr)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                let response = if request.url() == "/metrics" {
-                    tiny_http::Response::from_string(state.metrics.render()).with_header(
-                        "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
-                            .parse::<tiny_http::Header>()
-                            .expect("static header"),
-                    )
-                } else {
-                    tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
-                };
-                let _ = request.respond(response);
-            }
-        })?;
-    Ok(())
+    ripcord_metrics_http::serve(addr, move || state.metrics.render())
 }

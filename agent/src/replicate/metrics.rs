@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -258,26 +257,7 @@ impl Default for AgentMetrics {
 
 /// Serve `GET /metrics` on `addr` from a thread.
 pub fn spawn_http(addr: SocketAddr, metrics: Arc<AgentMetrics>) -> anyhow::Result<()> {
-    let server = tiny_http::Server::http(addr)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                let response = if request.url() == "/metrics" {
-                    tiny_http::Response::from_string(metrics.render()).with_header(
-                        "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
-                            .parse::<tiny_http::Header>()
-                            .expect("static header"),
-                    )
-                } else {
-                    tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
-                };
-                let _ = request.respond(response);
-            }
-        })?;
-    Ok(())
+    ripcord_metrics_http::serve(addr, move || metrics.render())
 }
 
 #[cfg(test)]
