@@ -204,12 +204,16 @@ async fn write_batches(
             .try_clone()
             .context("cloning the device's descriptor")?,
     );
+    // Writers hold `gate` (read) while they write; the step closes it (write) before it
+    // returns, so no writer of a failed or stopped step is still writing when the next
+    // step starts (a late write of an older batch could land over a newer one).
+    let gate = Arc::new(std::sync::RwLock::new(false));
     let size = device.size;
     let mut opened = futures::stream::iter(locations.into_iter().map(Ok::<_, anyhow::Error>))
         .map_ok(|loc| {
             let (key, machine, disk, placement) =
                 (key.clone(), machine.clone(), *disk, placement.clone());
-            let (engines, file) = (engines.clone(), file.clone());
+            let (engines, file, gate) = (engines.clone(), file.clone(), gate.clone());
             async move {
                 let b = store
                     .fetch_batch(&loc)
@@ -219,6 +223,10 @@ async fn write_batches(
                     let plain = ripcord_restore::open_placed(
                         &key, &machine, &disk, &b, &loc.pack, &placement,
                     )?;
+                    let closed = gate.read().expect("writer gate");
+                    if *closed {
+                        return Ok((0, Vec::new()));
+                    }
                     let pooled = engines.lock().expect("engine pool").pop();
                     let mut engine = match pooled {
                         Some(e) => e,
@@ -227,6 +235,7 @@ async fn write_batches(
                     let written =
                         write_data_runs(&mut *engine, &file, size, &placement, loc.seq, &plain);
                     engines.lock().expect("engine pool").push(engine);
+                    drop(closed);
                     let zero_runs = placement
                         .runs_of(loc.seq)
                         .filter(|r| !matches!(r.source, RunSource::Data { .. }))
@@ -239,20 +248,33 @@ async fn write_batches(
         })
         .try_buffer_unordered(parallel);
     let mut zero_runs = Vec::new();
+    let mut ended = Ok(());
     while let Some(item) = opened.next().await {
-        let (written, zeros) = item?;
+        let (written, zeros) = match item {
+            Ok(x) => x,
+            Err(e) => {
+                ended = Err(StepError::Failed(e));
+                break;
+            }
+        };
         progress.add(written);
         zero_runs.extend(zeros);
         if stop.load(Ordering::Relaxed) {
-            return Err(StepError::Stopped);
+            ended = Err(StepError::Stopped);
+            break;
         }
     }
     drop(opened);
-    device.engine = engines
-        .lock()
-        .expect("engine pool")
-        .pop()
-        .expect("the device's engine is back in the pool");
+    let closing = gate.clone();
+    tokio::task::spawn_blocking(move || *closing.write().expect("writer gate") = true)
+        .await
+        .context("closing the writers")?;
+    // Every writer has returned its engine now: keep one (an io_uring one if the device
+    // had it) for the next step, whatever happened.
+    if let Some(engine) = engines.lock().expect("engine pool").pop() {
+        device.engine = engine;
+    }
+    ended?;
     for r in zero_runs {
         write_zeros(device, r.sector * 512, r.sectors * 512)?;
         progress.add(r.sectors * 512);
