@@ -85,6 +85,9 @@ pub struct DiskCore {
     /// Set by the stream's `ProtectDisk`; batches are checked against it.
     geometry: Option<Geometry>,
     pub counters: DiskCounters,
+    /// The device path the owner last said it protects the disk as (its claim, for
+    /// people: logs, metrics, the store's epoch descriptions).
+    pub device: Option<String>,
     /// Set when the server stops: waits for cache space give up (nothing they held was
     /// acknowledged, so the agent sends it again to the next server run).
     stopping: Arc<AtomicBool>,
@@ -125,6 +128,7 @@ impl DiskCore {
             receiver: Receiver::restore(disk, state),
             geometry: None,
             counters: DiskCounters::default(),
+            device: None,
             stopping: Arc::new(AtomicBool::new(false)),
         })
     }

@@ -26,6 +26,14 @@ pub struct DiskLabel {
     pub machine: String,
 }
 
+/// `ripcord_ps_disk_info`: the device a disk's owner says it protects the disk as.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DiskInfoLabel {
+    pub disk: String,
+    pub machine: String,
+    pub device: String,
+}
+
 /// The process server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -44,6 +52,12 @@ pub struct Metrics {
     upload_errors: Family<DiskLabel, Counter>,
     uploads_failing: Family<DiskLabel, Gauge>,
     point_age: Family<DiskLabel, Gauge>,
+    /// Always 1; its labels name the disk's device (an info metric: the device stays out
+    /// of the other series' labels, so a renamed device starts no new series; join with
+    /// `* on(disk) group_left(device) ripcord_ps_disk_info`).
+    disk_info: Family<DiskInfoLabel, Gauge>,
+    /// The label of each disk's `disk_info` series, to drop it when the name changes.
+    info_labels: Mutex<HashMap<String, DiskInfoLabel>>,
     seen: Mutex<HashMap<String, DiskCounters>>,
     /// Upload status per disk, read at each scrape; with the errors already counted.
     uploads: Mutex<HashMap<DiskLabel, WatchedUpload>>,
@@ -71,6 +85,8 @@ impl Metrics {
             upload_errors: Family::default(),
             uploads_failing: Family::default(),
             point_age: Family::default(),
+            disk_info: Family::default(),
+            info_labels: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             uploads: Mutex::new(HashMap::new()),
             registry: Registry::default(),
@@ -127,7 +143,29 @@ impl Metrics {
              server started, if none was)",
             m.point_age.clone(),
         );
+        registry.register(
+            "disk_info",
+            "1 per disk; the device label is the path its machine says it protects the disk \
+             as (the agent's claim, \"?\" if it said none)",
+            m.disk_info.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Names `disk`'s device in `ripcord_ps_disk_info` (replacing the name it had).
+    pub fn disk_info(&self, disk: &str, machine: &str, device: Option<&str>) {
+        let label = DiskInfoLabel {
+            disk: disk.to_owned(),
+            machine: machine.to_owned(),
+            device: device.unwrap_or("?").to_owned(),
+        };
+        let mut labels = self.info_labels.lock().expect("metrics lock");
+        if let Some(old) = labels.insert(disk.to_owned(), label.clone())
+            && old != label
+        {
+            self.disk_info.remove(&old);
+        }
+        self.disk_info.get_or_create(&label).set(1);
     }
 
     /// The upload status of a disk, reported at each scrape (one per disk).

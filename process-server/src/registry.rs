@@ -23,6 +23,10 @@ pub struct DiskRecord {
     pub epoch: u64,
     /// Data key sealed to the deployment escrow key (hex).
     pub wrapped_key: String,
+    /// The device path the owner last said it protects the disk as (its unauthenticated
+    /// claim, for people: logs, metrics, recovery point lists; never used to place data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// Why a claim was refused.
@@ -74,9 +78,15 @@ impl Registry {
         self.disks.iter()
     }
 
-    /// Record that `machine` protects `pd.disk_id`; refuse if another machine owns it.
-    /// Persisted before returning.
-    pub fn claim(&mut self, machine: &str, pd: &ProtectDisk) -> Result<(), ClaimError> {
+    /// Record that `machine` protects `pd.disk_id` (as `device`, if it said; else the
+    /// name it gave before stays); refuse if another machine owns it. Persisted before
+    /// returning.
+    pub fn claim(
+        &mut self,
+        machine: &str,
+        pd: &ProtectDisk,
+        device: Option<&str>,
+    ) -> Result<(), ClaimError> {
         let key = pd.disk_id.to_string();
         if let Some(existing) = self.disks.get(&key)
             && existing.owner != machine
@@ -101,6 +111,9 @@ impl Registry {
             sector_size: pd.sector_size,
             epoch: pd.epoch,
             wrapped_key: hex::encode(&pd.wrapped_key),
+            device: device
+                .map(str::to_owned)
+                .or_else(|| self.disks.get(&key).and_then(|d| d.device.clone())),
         };
         if self.disks.get(&key) == Some(&record) {
             return Ok(());
@@ -125,18 +138,36 @@ mod tests {
         }
     }
 
+    /// A `disks.json` written before device names decodes (no name).
+    #[test]
+    fn records_without_a_device_still_decode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disks.json");
+        let old = r#"{"0101": {"owner": "m1", "size_bytes": 512, "sector_size": 512,
+            "epoch": 1, "wrapped_key": "00"}}"#;
+        std::fs::write(&path, old).unwrap();
+        let r = Registry::open(&path).unwrap();
+        let (_, rec) = r.iter().next().unwrap();
+        assert_eq!((rec.owner.as_str(), rec.device.as_deref()), ("m1", None));
+    }
+
     #[test]
     fn owners_are_enforced_and_persisted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disks.json");
         let mut r = Registry::open(&path).unwrap();
-        r.claim("m1", &pd(1, 1)).unwrap();
-        r.claim("m1", &pd(1, 2)).unwrap();
-        let err = r.claim("m2", &pd(1, 3)).unwrap_err();
+        r.claim("m1", &pd(1, 1), Some("/dev/sdb")).unwrap();
+        // An agent that names nothing (protocol 2) keeps the name given before.
+        r.claim("m1", &pd(1, 2), None).unwrap();
+        // Another machine cannot claim the disk, nor rename it.
+        let err = r.claim("m2", &pd(1, 3), Some("/dev/evil")).unwrap_err();
         assert!(matches!(err, ClaimError::NotOwner { .. }), "{err}");
         let r = Registry::open(&path).unwrap();
         let rec = r.get(&DiskId([1; 16])).unwrap();
-        assert_eq!((rec.owner.as_str(), rec.epoch), ("m1", 2));
+        assert_eq!(
+            (rec.owner.as_str(), rec.epoch, rec.device.as_deref()),
+            ("m1", 2, Some("/dev/sdb"))
+        );
     }
 
     /// Attacker: a registered machine announcing disk after disk.
@@ -153,14 +184,14 @@ mod tests {
             }
         };
         for i in 0..MAX_DISKS_PER_MACHINE {
-            r.claim("hostile", &many(i)).unwrap();
+            r.claim("hostile", &many(i), None).unwrap();
         }
         let err = r
-            .claim("hostile", &many(MAX_DISKS_PER_MACHINE))
+            .claim("hostile", &many(MAX_DISKS_PER_MACHINE), None)
             .unwrap_err();
         assert!(matches!(err, ClaimError::TooManyDisks { .. }), "{err}");
         // Its existing disks still resume, and other machines are unaffected.
-        r.claim("hostile", &many(0)).unwrap();
-        r.claim("honest", &many(1000)).unwrap();
+        r.claim("hostile", &many(0), None).unwrap();
+        r.claim("honest", &many(1000), None).unwrap();
     }
 }

@@ -61,11 +61,13 @@ pub struct State {
 }
 
 impl State {
-    /// Open (or return) a disk's journal, starting its uploader once.
+    /// Open (or return) a disk's journal, starting its uploader once; `device` is the
+    /// owner's name for the disk, if known.
     pub(crate) async fn disk_core(
         self: &Arc<Self>,
         disk: DiskId,
         owner: &str,
+        device: Option<&str>,
     ) -> anyhow::Result<Arc<Mutex<DiskCore>>> {
         let mut disks = self.disks.lock().await;
         if let Some(slot) = disks.get(&disk) {
@@ -76,6 +78,8 @@ impl State {
         let mut core =
             tokio::task::spawn_blocking(move || DiskCore::open(&cache, disk, cfg)).await??;
         core.stop_waiting_when(Arc::clone(&self.stopping));
+        core.device = device.map(str::to_owned);
+        self.metrics.disk_info(&disk.to_string(), owner, device);
         let core = Arc::new(Mutex::new(core));
         let uploader = self.store.clone().map(|store| {
             let config = &self.dep.config;
@@ -145,9 +149,12 @@ pub async fn serve(
         }
         None => None,
     };
-    let existing: Vec<(DiskId, String)> = registry
+    let existing: Vec<(DiskId, String, Option<String>)> = registry
         .iter()
-        .filter_map(|(hex, rec)| Some((hex.parse::<DiskId>().ok()?, rec.owner.clone())))
+        .filter_map(|(hex, rec)| {
+            let disk = hex.parse::<DiskId>().ok()?;
+            Some((disk, rec.owner.clone(), rec.device.clone()))
+        })
         .collect();
     let state = Arc::new(State {
         escrow_key,
@@ -168,14 +175,14 @@ pub async fn serve(
     // Journals left from before a restart keep uploading without waiting for their agent.
     if state.store.is_some() {
         let cache = state.dep.config.cache_dir(&state.dep.dir);
-        for (disk, owner) in existing {
+        for (disk, owner, device) in existing {
             // A journal that cannot be opened quarantines its disk only: each stream of
             // that disk fails opening it again, with the same error, until it is repaired.
             if crate::disk::journal_dir(&cache, &disk).exists()
-                && let Err(e) = state.disk_core(disk, &owner).await
+                && let Err(e) = state.disk_core(disk, &owner, device.as_deref()).await
             {
                 tracing::error!(
-                    disk = %disk, machine = owner,
+                    disk = %disk, device = device.as_deref().unwrap_or("?"), machine = owner,
                     "disk quarantined: {}", ripcord_types::report(e.as_ref())
                 );
             }

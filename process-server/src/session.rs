@@ -95,8 +95,13 @@ pub(crate) async fn connection(
             let machine = machine.clone();
             let reader = FrameReader::new(recv, budget.clone());
             tokio::spawn(async move {
-                if let Err(e) = disk_stream(state, machine.clone(), version, send, reader).await {
-                    tracing::info!(%machine, "disk stream ended: {}", ripcord_types::report(e.as_ref()));
+                let mut named = Named::default();
+                let stream = disk_stream(state, machine.clone(), version, send, reader, &mut named);
+                if let Err(e) = stream.await {
+                    tracing::info!(
+                        disk = named.disk, device = named.device, %machine,
+                        "disk stream ended: {}", ripcord_types::report(e.as_ref())
+                    );
                 }
             });
         }
@@ -106,19 +111,76 @@ pub(crate) async fn connection(
     result
 }
 
+/// The disk and device of a stream, for the line that logs its end ("?" until known).
+struct Named {
+    disk: String,
+    device: String,
+}
+
+impl Default for Named {
+    fn default() -> Self {
+        Named {
+            disk: "?".to_owned(),
+            device: "?".to_owned(),
+        }
+    }
+}
+
 async fn disk_stream(
     state: Arc<State>,
     machine: String,
     version: u16,
     mut send: SendStream,
     mut reader: FrameReader,
+    named: &mut Named,
 ) -> anyhow::Result<()> {
-    let (pd, raw) = match reader.next().await? {
+    let mut first = reader.next().await?;
+    // Protocol 3 on, a stream may open with the agent's name for the disk: its claim,
+    // for people only, kept with the disk once its ProtectDisk is accepted.
+    let mut device = None;
+    if let Some(Received {
+        msg: Message::DiskName(name),
+        ..
+    }) = &first
+    {
+        if version < 3 {
+            refuse(
+                &mut send,
+                ErrorCode::BadFrame,
+                Some(name.disk_id),
+                format!("DiskName needs protocol version 3; this session speaks {version}"),
+            )
+            .await;
+            bail!("DiskName on a protocol {version} session");
+        }
+        device = Some(name.clone());
+        first = reader.next().await?;
+    }
+    let (pd, raw) = match first {
         Some(Received {
             msg: Message::ProtectDisk(pd),
             raw,
             ..
-        }) => (pd, raw),
+        }) if device.as_ref().is_none_or(|n| n.disk_id == pd.disk_id) => (pd, raw),
+        Some(Received {
+            msg: Message::ProtectDisk(pd),
+            ..
+        }) => {
+            let named = device.map(|n| n.disk_id.to_string()).unwrap_or_default();
+            let why = format!(
+                "DiskName names disk {named} but ProtectDisk announces disk {}",
+                pd.disk_id
+            );
+            state.metrics.errors.inc();
+            refuse(
+                &mut send,
+                ErrorCode::BadFrame,
+                Some(pd.disk_id),
+                why.clone(),
+            )
+            .await;
+            bail!("{why}");
+        }
         other => {
             let got = other.map(|r| r.msg.message_type());
             refuse(
@@ -133,6 +195,11 @@ async fn disk_stream(
     };
     let disk = pd.disk_id;
     let disk_hex = disk.to_string();
+    let device = device.map(|n| n.device);
+    named.disk.clone_from(&disk_hex);
+    if let Some(d) = &device {
+        named.device.clone_from(d);
+    }
     // Nothing of a malformed ProtectDisk reaches the registry or the journal.
     if let Err(why) = crate::ingest::check_protect(&pd) {
         state.metrics.errors.inc();
@@ -140,11 +207,12 @@ async fn disk_stream(
         bail!("ProtectDisk refused: {why}");
     }
     // Ownership first: a machine may only write its own disks.
-    let claim = state
-        .registry
-        .lock()
-        .expect("registry lock")
-        .claim(&machine, &pd);
+    let claim =
+        state
+            .registry
+            .lock()
+            .expect("registry lock")
+            .claim(&machine, &pd, device.as_deref());
     match claim {
         Ok(()) => {}
         Err(e @ ClaimError::NotOwner { .. }) => {
@@ -166,7 +234,20 @@ async fn disk_stream(
         Err(e) => return Err(e.into()),
     }
 
-    let core = state.disk_core(disk, &machine).await?;
+    let core = state.disk_core(disk, &machine, device.as_deref()).await?;
+    // The registry keeps the last name told (a protocol 2 agent tells none).
+    let device = state
+        .registry
+        .lock()
+        .expect("registry lock")
+        .get(&disk)
+        .and_then(|r| r.device.clone());
+    core.lock().expect("disk lock").device.clone_from(&device);
+    state
+        .metrics
+        .disk_info(&disk_hex, &machine, device.as_deref());
+    let shown = device.unwrap_or_else(|| "?".to_owned());
+    named.device.clone_from(&shown);
     if let Some(old) = state
         .disks
         .lock()
@@ -190,7 +271,7 @@ async fn disk_stream(
             bail!("ProtectDisk refused");
         }
     }
-    tracing::info!(%machine, disk = %disk_hex, epoch = pd.epoch, "disk stream open");
+    tracing::info!(disk = %disk_hex, device = shown, %machine, epoch = pd.epoch, "disk stream open");
 
     // Worker: journals groups of frames, one fdatasync per group, emits acks.
     // Frames wait here with their memory reserved (see `frames`): bounded in bytes.
@@ -306,7 +387,7 @@ async fn disk_stream(
     match read_result {
         Ok(r) => r?,
         Err(e) if e.is_cancelled() => {
-            tracing::info!(disk = %disk, "stream replaced by a newer one")
+            tracing::info!(disk = %disk, device = shown, %machine, "stream replaced by a newer one")
         }
         Err(e) => return Err(e.into()),
     }

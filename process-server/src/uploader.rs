@@ -113,7 +113,13 @@ impl UploadStatus {
 
     /// A failed attempt: counted, and logged when new, when its cause changed, or a
     /// minute after the last log line.
-    fn failed(&mut self, disk: &DiskId, owner: &str, error: &anyhow::Error, retry_in: Duration) {
+    fn failed(
+        &mut self,
+        disk: &DiskId,
+        (owner, device): (&str, &str),
+        error: &anyhow::Error,
+        retry_in: Duration,
+    ) {
         self.errors += 1;
         let message = ripcord_types::report(error.as_ref());
         let cause = error.root_cause().to_string();
@@ -126,14 +132,14 @@ impl UploadStatus {
         if changed || !quiet {
             if self.failing.is_none() {
                 tracing::warn!(
-                    disk = %disk, machine = owner,
+                    disk = %disk, device, machine = owner,
                     "uploading to the target store failed: {message}. No recovery points are \
                      made until this is fixed; the journal keeps every acknowledged write. \
                      Retrying in {} s", retry_in.as_secs()
                 );
             } else {
                 tracing::warn!(
-                    disk = %disk, machine = owner,
+                    disk = %disk, device, machine = owner,
                     "uploads still failing after {} attempts over {}: {message}",
                     self.errors,
                     humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
@@ -146,14 +152,14 @@ impl UploadStatus {
 
     /// A successful flush: clears the failure (logging the recovery) and notes a new
     /// recovery point.
-    fn flushed(&mut self, disk: &DiskId, owner: &str, committed: &Committed) {
+    fn flushed(&mut self, disk: &DiskId, (owner, device): (&str, &str), committed: &Committed) {
         let new_points = !committed.cuts_committed.is_empty();
         if committed.cuts_through > 0 {
             self.newest_point = Some((committed.epoch, committed.cuts_through));
         }
         if let Some((since, _)) = self.failing.take() {
             tracing::info!(
-                disk = %disk, machine = owner,
+                disk = %disk, device, machine = owner,
                 "uploads work again after failing for {}",
                 humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
             );
@@ -168,7 +174,13 @@ impl UploadStatus {
 
     /// Warns (at most once per `limit`) when data waits and the newest point is older
     /// than `limit`.
-    fn check_stale(&mut self, disk: &DiskId, owner: &str, data_waiting: bool, limit: Duration) {
+    fn check_stale(
+        &mut self,
+        disk: &DiskId,
+        (owner, device): (&str, &str),
+        data_waiting: bool,
+        limit: Duration,
+    ) {
         let age = self.point_age();
         if !data_waiting || age < limit || self.warned_stale.is_some_and(|t| t.elapsed() < limit) {
             return;
@@ -181,12 +193,12 @@ impl UploadStatus {
             .map_or_else(String::new, |(_, m)| format!(" (uploads fail: {m})"));
         if self.point_seen {
             tracing::warn!(
-                disk = %disk, machine = owner,
+                disk = %disk, device, machine = owner,
                 "the newest recovery point is {age} old while new data waits in the journal{why}"
             );
         } else {
             tracing::warn!(
-                disk = %disk, machine = owner,
+                disk = %disk, device, machine = owner,
                 "no recovery point committed in the {age} since this server started, while \
                  data waits in the journal{why}"
             );
@@ -354,10 +366,12 @@ impl Uploader {
                 .with_context(|| format!("uploading disk {hex}"))?;
             self.last_flush = Instant::now();
             self.dirty = false;
-            self.status
-                .lock()
-                .expect("status lock")
-                .flushed(&self.disk, &self.owner, &c);
+            let device = device_of(&self.core);
+            self.status.lock().expect("status lock").flushed(
+                &self.disk,
+                (&self.owner, &device),
+                &c,
+            );
             step.trimmed_through = self.trim(&c)?;
             tracing::debug!(disk = %hex, durable_seq = c.durable_seq, "uploaded");
         }
@@ -367,9 +381,12 @@ impl Uploader {
             let keep_after = now.saturating_sub(self.cfg.retention).as_nanos() as u64;
             match self.store.apply_retention(&self.disk, keep_after).await {
                 Ok(r) if r.is_noop() => tracing::debug!(disk = %hex, "retention: nothing to do"),
-                Ok(r) => tracing::info!(disk = %hex, machine = self.owner, "retention: {r}"),
+                Ok(r) => tracing::info!(
+                    disk = %hex, device = device_of(&self.core), machine = self.owner,
+                    "retention: {r}"
+                ),
                 Err(e) => tracing::warn!(
-                    disk = %hex, machine = self.owner,
+                    disk = %hex, device = device_of(&self.core), machine = self.owner,
                     "retention failed (retried in {} s): {}",
                     self.cfg.gc_interval.as_secs(),
                     ripcord_types::report(&e)
@@ -377,9 +394,10 @@ impl Uploader {
             }
         }
         let waiting = self.data_waiting();
+        let device = device_of(&self.core);
         self.status.lock().expect("status lock").check_stale(
             &self.disk,
-            &self.owner,
+            (&self.owner, &device),
             waiting,
             self.cfg.point_age_warn,
         );
@@ -413,6 +431,8 @@ impl Uploader {
                 let info = EpochInfo {
                     epoch: pd.epoch,
                     machine_id: self.owner.clone(),
+                    // The owner's latest name for the disk: its claim, shown to people.
+                    device: self.core.lock().expect("disk lock").device.clone(),
                     size_bytes: pd.size_bytes,
                     sector_size: pd.sector_size,
                     wrapped_key: pd.wrapped_key,
@@ -459,6 +479,12 @@ impl Uploader {
     }
 }
 
+/// The owner's name for the disk, for log lines ("?" if it gave none).
+fn device_of(core: &Mutex<DiskCore>) -> String {
+    let core = core.lock().expect("disk lock");
+    core.device.clone().unwrap_or_else(|| "?".to_owned())
+}
+
 fn data_waiting(core: &Mutex<DiskCore>) -> bool {
     let core = core.lock().expect("disk lock");
     let journal = core.journal();
@@ -497,10 +523,11 @@ pub async fn supervise(
         .await;
         let Err(e) = result;
         let waiting = data_waiting(&core);
+        let device = device_of(&core);
         {
             let mut st = status.lock().expect("status lock");
-            st.failed(&disk, &owner, &e, delay);
-            st.check_stale(&disk, &owner, waiting, cfg.point_age_warn);
+            st.failed(&disk, (&owner, &device), &e, delay);
+            st.check_stale(&disk, (&owner, &device), waiting, cfg.point_age_warn);
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(30));

@@ -52,6 +52,7 @@ async fn a_damaged_journal_quarantines_its_disk_not_the_server() {
                 epoch: 1,
                 wrapped_key: vec![1; 8],
             },
+            None,
         )
         .unwrap();
 

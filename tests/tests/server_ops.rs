@@ -194,7 +194,8 @@ fn a_full_target_is_named_counted_and_recovered_from() {
 
 /// A disk whose data stops becoming recovery points (the target fills up after a first
 /// point) is warned about once its newest point is older than `point-age-warn-secs`, and
-/// the point's age is a metric that drops again once points are made.
+/// the point's age is a metric that drops again once points are made. The device the
+/// agent protects stands next to the disk id in the metrics, the points list and the logs.
 #[test]
 fn a_disk_whose_newest_point_grows_old_is_warned_about_and_its_age_is_a_metric() {
     let test = "a_disk_whose_newest_point_grows_old_is_warned_about_and_its_age_is_a_metric";
@@ -231,8 +232,56 @@ fn a_disk_whose_newest_point_grows_old_is_warned_about_and_its_age_is_a_metric()
             &format!("disk=\"{disk_id}\""),
         )
     };
-    let fresh = age(&http_get(site.ps.metrics_port, "/metrics"));
+    let metrics = http_get(site.ps.metrics_port, "/metrics");
+    let fresh = age(&metrics);
     assert!(fresh < 10.0, "the point just made is {fresh} s old");
+
+    // The device the agent protects stands next to the disk id: in the metrics (an info
+    // series), in the points list (JSON and table) and in the server's log lines.
+    let device = disk.path.display().to_string();
+    let info = metrics
+        .lines()
+        .find(|l| l.starts_with("ripcord_ps_disk_info{") && l.contains(&disk_id))
+        .unwrap_or_else(|| panic!("no ripcord_ps_disk_info for {disk_id}:\n{metrics}"));
+    assert!(
+        info.contains(&format!("device=\"{device}\""))
+            && info.contains("machine=\"host\"")
+            && info.ends_with(" 1"),
+        "the info series does not name the device {device}: {info}"
+    );
+    let listed =
+        testkit::replication::points(site.target(), &disk_id, &site.ps.passphrase_file).unwrap();
+    assert!(
+        listed.iter().all(|p| p["device"] == device.as_str()),
+        "points list --json does not name the device {device}: {listed:?}"
+    );
+    let (ok, table, err) = testkit::replication::ripcord(
+        &[
+            "points",
+            "list",
+            "--target",
+            site.target(),
+            "--disk",
+            &disk_id,
+        ],
+        &site.ps.passphrase_file,
+    )
+    .unwrap();
+    assert!(ok, "ripcord points list failed: {err}");
+    let row = table.lines().nth(1).unwrap_or_default();
+    assert!(
+        table.lines().next().is_some_and(|h| h.contains("device"))
+            && row.contains(&disk_id)
+            && row.contains(&device)
+            && row.contains("host"),
+        "the points table does not name the device {device}:\n{table}"
+    );
+    let logs = site.ps.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("disk stream open") && l.contains(&disk_id) && l.contains(&device)),
+        "the server's log does not name the device {device}:\n{logs}"
+    );
 
     // The target fills up; new data waits in the journal and makes no points.
     fill_leaving(&target_dir, 0);
@@ -248,6 +297,7 @@ fn a_disk_whose_newest_point_grows_old_is_warned_about_and_its_age_is_a_metric()
     assert!(
         line.contains("old while new data waits in the journal")
             && line.contains(&disk_id)
+            && line.contains(&device)
             && line.contains("host"),
         "the warning does not say which disk, how old and why:\n{line}"
     );

@@ -109,6 +109,9 @@ impl LinkStats {
 /// One disk's stream state, kept across reconnects.
 pub struct DiskLink {
     pub disk: DiskId,
+    /// The device path the disk is protected as, told to servers of protocol 3 on (for
+    /// their logs, metrics and recovery point lists; empty: not told).
+    pub device: String,
     pub epoch: u64,
     pub size_bytes: u64,
     pub sector_size: u32,
@@ -143,6 +146,7 @@ impl DiskLink {
         };
         DiskLink {
             disk,
+            device: String::new(),
             epoch,
             size_bytes,
             sector_size,
@@ -387,9 +391,9 @@ async fn serve_links(
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     send_msg(&mut send, &Message::Hello(hello)).await?;
-    let escrow = match reader.next().await? {
+    let (escrow, version) = match reader.next().await? {
         Some(Message::HelloAck(ack)) => {
-            check_hello_ack(PROTOCOL_VERSION, &ack)?;
+            let version = check_hello_ack(PROTOCOL_VERSION, &ack)?;
             if ack.escrow_key != cfg.escrow_key {
                 return Err(Untrusted::EscrowKeyMismatch {
                     server: cfg.server,
@@ -399,7 +403,7 @@ async fn serve_links(
                 .into());
             }
             tracing::info!(server = %ack.server_id, "connected to {}", cfg.server);
-            ack.escrow_key
+            (ack.escrow_key, version)
         }
         Some(Message::Error(e)) => bail!(
             "the process server refused the session ({}): {}",
@@ -414,7 +418,7 @@ async fn serve_links(
             l.wrapped_key = Some(wrap_data_key(&l.key, &escrow, &ctx)?);
         }
     }
-    let drivers = links.iter_mut().map(|l| drive(conn, l));
+    let drivers = links.iter_mut().map(|l| drive(conn, version, l));
     let results = futures_join_all(drivers).await;
     for r in results {
         r?;
@@ -455,13 +459,22 @@ async fn futures_join_all<F: std::future::Future<Output = anyhow::Result<()>>>(
     results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
 }
 
-async fn drive(conn: &Connection, l: &mut DiskLink) -> anyhow::Result<()> {
+async fn drive(conn: &Connection, version: u16, l: &mut DiskLink) -> anyhow::Result<()> {
     let disk_hex = l.disk.to_string();
     let (mut send, recv) = conn.open_bi().await?;
     let mut reader = FrameReader {
         recv,
         buf: Vec::new(),
     };
+    // Protocol 3 on: the device name goes first, so the server's log line about the new
+    // stream already carries it. A name the wire cannot carry is left out.
+    if version >= 3 && ripcord_proto::wire::check_device_name(&l.device).is_ok() {
+        let name = ripcord_proto::DiskName {
+            disk_id: l.disk,
+            device: l.device.clone(),
+        };
+        send_msg(&mut send, &Message::DiskName(name)).await?;
+    }
     let pd = ProtectDisk {
         disk_id: l.disk,
         size_bytes: l.size_bytes,

@@ -197,7 +197,7 @@ fn run_epoch(
         );
         producers.push(producer);
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        let link = DiskLink::new(
+        let mut link = DiskLink::new(
             disk,
             epoch,
             dev.sectors * 512,
@@ -206,6 +206,7 @@ fn run_epoch(
             (cfg.window_mib << 20) / 2,
             rx,
         );
+        link.device = dev.path.display().to_string();
         link_stats.push(Arc::clone(&link.stats));
         links.push(link);
         senders.push(tx);

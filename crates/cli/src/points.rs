@@ -1,5 +1,6 @@
 //! `ripcord points list`: the retained recovery points of each disk, with the machine the
-//! disk belongs to (from its newest epoch), as a table or JSON lines.
+//! disk belongs to and the device that machine said it protects it as (both from its
+//! newest epoch; the device is the agent's claim, for people), as a table or JSON lines.
 
 use anyhow::Context as _;
 use ripcord_store::{CutKind, DiskId, Store};
@@ -17,12 +18,12 @@ pub async fn list(target: &str, disk: Option<&str>, json: bool) -> anyhow::Resul
     };
     if !json {
         println!(
-            "{:<34} {:<20} {:<14} {:<26} {:<5}",
-            "disk", "machine", "point", "time (UTC)", "kind"
+            "{:<34} {:<20} {:<16} {:<14} {:<26} {:<5}",
+            "disk", "machine", "device", "point", "time (UTC)", "kind"
         );
     }
     for d in disks {
-        let machine = machine_of(&store, &d).await?;
+        let (machine, device) = owner_of(&store, &d).await?;
         let points = store
             .points(&d)
             .await
@@ -37,16 +38,18 @@ pub async fn list(target: &str, disk: Option<&str>, json: bool) -> anyhow::Resul
                 println!(
                     "{}",
                     serde_json::json!({
-                        "disk": d.to_string(), "machine": machine, "id": p.id, "epoch": p.epoch,
+                        "disk": d.to_string(), "machine": machine, "device": device,
+                        "id": p.id, "epoch": p.epoch,
                         "cut": p.cut_id, "seq": p.seq, "time": rfc3339(p.time_ns),
                         "time_ns": p.time_ns, "mono_ns": p.mono_ns, "kind": kind,
                     })
                 );
             } else {
                 println!(
-                    "{:<34} {:<20} {:<14} {:<26} {:<5}",
+                    "{:<34} {:<20} {:<16} {:<14} {:<26} {:<5}",
                     d.to_string(),
                     machine,
+                    device.as_deref().unwrap_or("?"),
                     p.id,
                     rfc3339(p.time_ns),
                     kind
@@ -57,8 +60,9 @@ pub async fn list(target: &str, disk: Option<&str>, json: bool) -> anyhow::Resul
     Ok(())
 }
 
-/// The machine `disk` belongs to, from its newest epoch ("?" if it has none yet).
-async fn machine_of(store: &Store, disk: &DiskId) -> anyhow::Result<String> {
+/// The machine `disk` belongs to ("?" if it has no epoch yet) and its device (if the
+/// agent named it), from its newest epoch.
+async fn owner_of(store: &Store, disk: &DiskId) -> anyhow::Result<(String, Option<String>)> {
     let epochs = store
         .epochs(disk)
         .await
@@ -66,5 +70,5 @@ async fn machine_of(store: &Store, disk: &DiskId) -> anyhow::Result<String> {
     Ok(epochs
         .into_iter()
         .max_by_key(|e| e.epoch)
-        .map_or_else(|| "?".to_owned(), |e| e.machine_id))
+        .map_or_else(|| ("?".to_owned(), None), |e| (e.machine_id, e.device)))
 }

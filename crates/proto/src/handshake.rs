@@ -13,8 +13,10 @@ use thiserror::Error;
 
 /// Highest protocol version implemented by this crate. Version 2 adds
 /// [`crate::wire::StoreStatus`] (server -> agent); a server sends it only on sessions
-/// that negotiated 2 or more.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// that negotiated 2 or more. Version 3 adds [`crate::wire::DiskName`] (agent -> server,
+/// before a disk stream's `ProtectDisk`); an agent sends it only on sessions that
+/// negotiated 3 or more, and a server refuses it on older ones.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Lowest protocol version this crate still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 

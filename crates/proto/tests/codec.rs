@@ -169,6 +169,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     })
                 }
             ),
+        (arb_disk(), arb_string(MAX_DEVICE_NAME_LEN)).prop_map(|(disk_id, s)| {
+            // Device names are printable and non-empty (see `check_device_name`).
+            let mut device: String = s.chars().filter(|c| !c.is_control()).collect();
+            if device.is_empty() {
+                device.push_str("/dev/sdb");
+            }
+            Message::DiskName(DiskName { disk_id, device })
+        }),
     ]
 }
 
@@ -208,7 +216,7 @@ proptest! {
 
     #[test]
     fn arbitrary_body_after_valid_header_never_panics(
-        ty in 1u16..=10,
+        ty in 1u16..=12,
         body in proptest::collection::vec(any::<u8>(), 0..256),
     ) {
         let f = frame(ty, &body);
@@ -251,7 +259,7 @@ proptest! {
     }
 
     #[test]
-    fn oversized_length_errors_from_header_alone(ty in 1u16..=10, extra in 1u64..=u32::MAX as u64) {
+    fn oversized_length_errors_from_header_alone(ty in 1u16..=12, extra in 1u64..=u32::MAX as u64) {
         let t = MessageType::from_u16(ty).unwrap();
         let max = t.max_body_len() as u64;
         let Some(len) = max.checked_add(extra).filter(|l| *l <= u32::MAX as u64) else {

@@ -122,6 +122,13 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
                 failure: "object store put failed: No space left on device".into(),
             }),
         ),
+        (
+            "disk_name",
+            Message::DiskName(DiskName {
+                disk_id: disk,
+                device: "/dev/disk/by-id/nvme-Samsung_SSD_980_PRO_1TB".into(),
+            }),
+        ),
     ]
 }
 

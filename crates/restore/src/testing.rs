@@ -106,6 +106,7 @@ impl Fixture {
             size_bytes: SIZE,
             sector_size: 512,
             wrapped_key,
+            device: None,
         })
         .await
         .expect("beginning the epoch");

@@ -153,6 +153,7 @@ mod tests {
                 size_bytes: 64 * SECTOR_BYTES,
                 sector_size: 512,
                 wrapped_key: Vec::new(),
+                device: None,
             },
             size_bytes: 64 * SECTOR_BYTES,
             runs: map

@@ -63,6 +63,10 @@ pub struct EpochInfo {
     pub sector_size: u32,
     /// Data key sealed to the deployment escrow key; opaque to the store.
     pub wrapped_key: Vec<u8>,
+    /// The device path the machine said it protects the disk as (e.g. `/dev/sdb`), when
+    /// the epoch began: the agent's unauthenticated claim, shown to people only (never
+    /// used to place or restore data). `None` in epochs written before names were kept.
+    pub device: Option<String>,
 }
 
 /// A committed recovery point (a cut whose batches are all durable).

@@ -175,7 +175,14 @@ impl DiskWriter {
                 });
             }
             if info.epoch == cur.epoch {
-                if &cur != info {
+                // The device name is the agent's claim, for people: a new one (a renamed
+                // device, an epoch begun before names were kept) is no conflict, and the
+                // stored description stays as it is.
+                let unnamed = |e: &EpochInfo| EpochInfo {
+                    device: None,
+                    ..e.clone()
+                };
+                if unnamed(&cur) != unnamed(info) {
                     return Err(Error::EpochConflict {
                         disk: self.disk_hex(),
                         epoch: info.epoch,

@@ -126,7 +126,7 @@ impl Fixture {
         };
         Registry::open(&self.deployment.join("disks.json"))
             .expect("registry")
-            .claim(MACHINE, &pd)
+            .claim(MACHINE, &pd, None)
             .expect("claiming the disk");
         let raw = encode(&Message::ProtectDisk(pd.clone()));
         self.core

@@ -9,11 +9,11 @@
 
 use super::encode::check_len;
 use super::{
-    Ack, Batch, Cut, CutKind, DecodeError, DiskAccepted, DiskId, EXTENT_LEN, ErrorCode,
+    Ack, Batch, Cut, CutKind, DecodeError, DiskAccepted, DiskId, DiskName, EXTENT_LEN, ErrorCode,
     ErrorMessage, Extent, ExtentKind, HEADER_LEN, Hello, HelloAck, MAGIC, MAX_AGENT_VERSION_LEN,
-    MAX_ERROR_MESSAGE_LEN, MAX_EXTENTS_PER_BATCH, MAX_MACHINE_ID_LEN, MAX_PAYLOAD_LEN,
-    MAX_SERVER_ID_LEN, MAX_WRAPPED_KEY_LEN, Message, MessageType, Ping, Pong, ProtectDisk,
-    StoreStatus, WIRE_VERSION,
+    MAX_DEVICE_NAME_LEN, MAX_ERROR_MESSAGE_LEN, MAX_EXTENTS_PER_BATCH, MAX_MACHINE_ID_LEN,
+    MAX_PAYLOAD_LEN, MAX_SERVER_ID_LEN, MAX_WRAPPED_KEY_LEN, Message, MessageType, Ping, Pong,
+    ProtectDisk, StoreStatus, WIRE_VERSION,
 };
 
 struct Reader<'a> {
@@ -217,6 +217,10 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
             committed_cut_id: r.u64("store_status.committed_cut_id")?,
             point_age_secs: r.u64("store_status.point_age_secs")?,
             failure: r.string(MAX_ERROR_MESSAGE_LEN, "store_status.failure")?,
+        }),
+        MessageType::DiskName => Message::DiskName(DiskName {
+            disk_id: r.disk_id("disk_name.disk_id")?,
+            device: r.string(MAX_DEVICE_NAME_LEN, "disk_name.device")?,
         }),
     };
     r.finish()?;

@@ -118,6 +118,7 @@ impl Message {
             Self::Ping(_) => MessageType::Ping,
             Self::Pong(_) => MessageType::Pong,
             Self::StoreStatus(_) => MessageType::StoreStatus,
+            Self::DiskName(_) => MessageType::DiskName,
         }
     }
 
@@ -150,6 +151,7 @@ impl Message {
                 m.failure.len(),
                 MAX_ERROR_MESSAGE_LEN,
             ),
+            Self::DiskName(m) => super::check_device_name(&m.device),
             Self::DiskAccepted(_) | Self::Cut(_) | Self::Ack(_) | Self::Ping(_) | Self::Pong(_) => {
                 Ok(())
             }
@@ -225,6 +227,10 @@ impl Message {
                 put_u64(out, m.committed_cut_id);
                 put_u64(out, m.point_age_secs);
                 put_str(out, &m.failure);
+            }
+            Self::DiskName(m) => {
+                out.extend_from_slice(&m.disk_id.0);
+                put_str(out, &m.device);
             }
         }
         let total = out.len() - start;

@@ -46,6 +46,8 @@
 //! | 0x0008 | [`ErrorMessage`] | code u16, has_disk u8 (0 or 1), disk_id `[u8; 16]` (only if has_disk = 1), message str (`<=` [`MAX_ERROR_MESSAGE_LEN`]) |
 //! | 0x0009 | [`Ping`]         | nonce u64                                                                                                 |
 //! | 0x000A | [`Pong`]         | nonce u64                                                                                                 |
+//! | 0x000B | [`StoreStatus`]  | disk_id `[u8; 16]`, epoch u64, committed_cut_id u64, point_age_secs u64, failure str (`<=` [`MAX_ERROR_MESSAGE_LEN`]) |
+//! | 0x000C | [`DiskName`]     | disk_id `[u8; 16]`, device str (1..=[`MAX_DEVICE_NAME_LEN`] bytes, printable: no control characters) |
 //!
 //! Enum values: [`ExtentKind`] Data=0, Zero=1, Discard=2; [`CutKind`]
 //! Crash=0, App=1; [`ErrorCode`] see its docs. Batch flags: bit 0
@@ -100,6 +102,8 @@ pub const MAX_AGENT_VERSION_LEN: usize = 64;
 pub const MAX_SERVER_ID_LEN: usize = 256;
 /// Maximum byte length of [`ErrorMessage::message`].
 pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
+/// Maximum byte length of [`DiskName::device`].
+pub const MAX_DEVICE_NAME_LEN: usize = 255;
 
 /// `text` cut to at most [`MAX_ERROR_MESSAGE_LEN`] bytes at a character boundary, for the
 /// message fields of [`ErrorMessage`] and [`StoreStatus`].
@@ -166,6 +170,9 @@ pub enum MessageType {
     /// Server -> agent: how the disk's data is becoming recovery points in the target
     /// store (protocol version 2 on).
     StoreStatus = 0x000B,
+    /// Agent -> server: the device path the agent protects a disk as, for people
+    /// (protocol version 3 on).
+    DiskName = 0x000C,
 }
 
 impl MessageType {
@@ -183,6 +190,7 @@ impl MessageType {
             0x0009 => Self::Ping,
             0x000A => Self::Pong,
             0x000B => Self::StoreStatus,
+            0x000C => Self::DiskName,
             _ => return None,
         })
     }
@@ -200,6 +208,7 @@ impl MessageType {
             Self::Error => 2 + 1 + DISK_ID_LEN + 2 + MAX_ERROR_MESSAGE_LEN,
             Self::Ping | Self::Pong => 8,
             Self::StoreStatus => DISK_ID_LEN + 8 + 8 + 8 + 2 + MAX_ERROR_MESSAGE_LEN,
+            Self::DiskName => DISK_ID_LEN + 2 + MAX_DEVICE_NAME_LEN,
         }
     }
 }
@@ -385,6 +394,30 @@ pub struct StoreStatus {
     pub failure: String,
 }
 
+/// Agent -> server, protocol version 3 on: the device path the agent protects a disk as
+/// (e.g. `/dev/sdb`), sent on the disk's stream just before its [`ProtectDisk`].
+///
+/// The agent's claim, for people only (logs, metrics, `points list`): never authenticated
+/// and never used to place or restore data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskName {
+    /// Disk named; must be the disk of the stream's [`ProtectDisk`].
+    pub disk_id: DiskId,
+    /// Device path, 1..=[`MAX_DEVICE_NAME_LEN`] bytes of UTF-8 without control
+    /// characters (see [`check_device_name`]).
+    pub device: String,
+}
+
+/// Checks a [`DiskName::device`]: 1..=[`MAX_DEVICE_NAME_LEN`] bytes and no control
+/// characters, so it is safe to print in a log line, a metric label or a table.
+pub fn check_device_name(device: &str) -> Result<(), InvalidMessage> {
+    encode::check_len("disk_name.device", device.len(), MAX_DEVICE_NAME_LEN)?;
+    if device.is_empty() || device.chars().any(char::is_control) {
+        return Err(InvalidMessage::UnprintableDeviceName);
+    }
+    Ok(())
+}
+
 /// Refusal or failure report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorMessage {
@@ -425,6 +458,7 @@ pub enum Message {
     Ping(Ping),
     Pong(Pong),
     StoreStatus(StoreStatus),
+    DiskName(DiskName),
 }
 
 /// A message whose contents violate a bound or invariant of the wire format.
@@ -462,6 +496,9 @@ pub enum InvalidMessage {
         /// The sector size.
         sector_size: u32,
     },
+    /// A device name is empty or holds control characters.
+    #[error("device name is empty or holds control characters")]
+    UnprintableDeviceName,
 }
 
 /// Why a frame could not be decoded. Every variant means the byte stream is

@@ -14,13 +14,21 @@
 //!     "sector_size": u32,
 //!     "wrapped_key_hex": lowercase hex string
 //!   },
-//!   "crc32c": u32
+//!   "crc32c": u32,
+//!   "device": string (optional)
 //! }
 //! ```
 //!
 //! `crc32c` is the CRC32C of the compact JSON encoding of `info` (fields in
 //! the order above), not of the bytes as stored, so the object stays
 //! checkable whatever whitespace it is stored with.
+//!
+//! `device` (added after format 3, without a version change) is the device path the
+//! machine said it protects the disk as: the agent's unauthenticated claim, shown to
+//! people only. It stands outside `info` and its checksum so that builds from before it
+//! (which ignore unknown keys) still read these objects, and objects without it still
+//! decode (`None`). A value that is not 1..=255 bytes without control characters is
+//! read as `None`: a name for people never makes an epoch unreadable.
 //!
 //! Invariants, checked by [`decode_epoch`]:
 //!
@@ -52,6 +60,19 @@ struct EpochDoc {
     info: EpochBody,
     /// CRC32C of the compact JSON encoding of `info`.
     crc32c: u32,
+    /// The agent's name for the disk's device (not covered by `crc32c`, see above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+}
+
+/// Longest device name kept (the wire's bound).
+const MAX_DEVICE_LEN: usize = 255;
+
+fn printable(device: String) -> Option<String> {
+    let ok = !device.is_empty()
+        && device.len() <= MAX_DEVICE_LEN
+        && !device.chars().any(char::is_control);
+    ok.then_some(device)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -81,6 +102,7 @@ pub fn encode_epoch(info: &EpochInfo) -> Vec<u8> {
         format_version: FORMAT_VERSION,
         info: body,
         crc32c: crc,
+        device: info.device.clone().and_then(printable),
     };
     serde_json::to_vec_pretty(&doc).expect("serialize")
 }
@@ -117,5 +139,57 @@ pub fn decode_epoch(buf: &[u8], epoch: u64) -> Result<EpochInfo, Corruption> {
         wrapped_key: unhex(&doc.info.wrapped_key_hex).ok_or(Corruption::Invalid {
             what: "wrapped_key_hex",
         })?,
+        device: doc.device.and_then(printable),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(device: Option<&str>) -> EpochInfo {
+        EpochInfo {
+            epoch: 4,
+            machine_id: "host1".into(),
+            size_bytes: 1 << 30,
+            sector_size: 512,
+            wrapped_key: vec![9; 4],
+            device: device.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn device_round_trips_and_old_objects_still_decode() {
+        let named = info(Some("/dev/sdb"));
+        assert_eq!(decode_epoch(&encode_epoch(&named), 4).unwrap(), named);
+        // An object written before device names: the same bytes as this build writes
+        // for an unnamed epoch, with no `device` key at all.
+        let unnamed = encode_epoch(&info(None));
+        let text = String::from_utf8(unnamed.clone()).unwrap();
+        assert!(!text.contains("device"), "{text}");
+        assert_eq!(decode_epoch(&unnamed, 4).unwrap(), info(None));
+        // A build from before names reads the named object: `info` and its checksum
+        // are what they were.
+        let doc: serde_json::Value = serde_json::from_slice(&encode_epoch(&named)).unwrap();
+        let old: serde_json::Value = serde_json::from_slice(&unnamed).unwrap();
+        assert_eq!(
+            (&doc["info"], &doc["crc32c"]),
+            (&old["info"], &old["crc32c"])
+        );
+    }
+
+    #[test]
+    fn unprintable_device_names_are_dropped_not_fatal() {
+        for bad in ["", "a\nb", "\u{1b}[2J"] {
+            let mut doc: serde_json::Value =
+                serde_json::from_slice(&encode_epoch(&info(None))).unwrap();
+            doc["device"] = bad.into();
+            let bytes = serde_json::to_vec(&doc).unwrap();
+            assert_eq!(decode_epoch(&bytes, 4).unwrap().device, None, "{bad:?}");
+        }
+        assert_eq!(
+            encode_epoch(&info(Some(&"x".repeat(256)))),
+            encode_epoch(&info(None))
+        );
+    }
 }

@@ -19,6 +19,7 @@ pub fn epoch_info(epoch: u64) -> EpochInfo {
         size_bytes: SECTORS * 512,
         sector_size: 512,
         wrapped_key: vec![epoch as u8; 48],
+        device: Some("/dev/vdb".into()),
     }
 }
 
