@@ -42,7 +42,7 @@ pub fn decode_entry(kind: RecordType, payload: &[u8]) -> anyhow::Result<Entry> {
         (RecordType::Batch, Message::Batch(b)) => Entry::Batch(b),
         (RecordType::Cut, Message::Cut(c)) => Entry::Cut(c),
         (kind, msg) => bail!(
-            "journal record of type {kind:?} holds a {:?} frame",
+            "journal record of type {kind:?} holds a {} frame",
             msg.message_type()
         ),
     })
@@ -309,7 +309,7 @@ impl DiskCore {
                     out.error = Some(error(
                         ErrorCode::BadFrame,
                         self.disk,
-                        &format!("unexpected {:?} on a disk stream", other.message_type()),
+                        &format!("unexpected {} frame on a disk stream", other.message_type()),
                     ));
                     break;
                 }

@@ -10,7 +10,9 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use quinn::SendStream;
-use ripcord_proto::{DiskId, ErrorCode, ErrorMessage, Message, handshake::answer_hello};
+use ripcord_proto::{
+    DiskId, ErrorCode, ErrorMessage, Message, describe_received, handshake::answer_hello,
+};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -58,8 +60,8 @@ pub(crate) async fn connection(
                 ..
             }) => h,
             other => bail!(
-                "expected Hello, got {:?}",
-                other.map(|r| r.msg.message_type())
+                "expected Hello, got {}",
+                describe_received(other.map(|r| r.msg.message_type()))
             ),
         };
         if hello.machine_id != machine {
@@ -187,7 +189,7 @@ async fn disk_stream(
                 &mut send,
                 ErrorCode::BadFrame,
                 None,
-                format!("expected ProtectDisk, got {got:?}"),
+                format!("expected ProtectDisk, got {}", describe_received(got)),
             )
             .await;
             bail!("expected ProtectDisk");

@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail};
 use quinn::{Connection, RecvStream, SendStream};
 use ripcord_proto::{
     DiskId, ErrorCode, Hello, Message, PROTOCOL_VERSION, ProtectDisk, PushError, Sender,
-    SenderConfig, SenderEvent, aead, decode_frame, handshake::check_hello_ack,
+    SenderConfig, SenderEvent, aead, decode_frame, describe_received, handshake::check_hello_ack,
 };
 use ripcord_seal::{DataKey, escrow::wrap_data_key};
 use ripcord_transport::{
@@ -410,7 +410,10 @@ async fn serve_links(
             e.code,
             e.message
         ),
-        other => bail!("expected HelloAck, got {other:?}"),
+        other => bail!(
+            "expected HelloAck, got {}",
+            describe_received(other.as_ref().map(Message::message_type))
+        ),
     };
     for l in links.iter_mut() {
         if l.wrapped_key.is_none() {
@@ -498,7 +501,10 @@ async fn drive(conn: &Connection, version: u16, l: &mut DiskLink) -> anyhow::Res
             }
             .into());
         }
-        other => bail!("expected DiskAccepted, got {other:?}"),
+        other => bail!(
+            "expected DiskAccepted, got {}",
+            describe_received(other.as_ref().map(Message::message_type))
+        ),
     }
     let mut buf = Vec::with_capacity(8 << 20);
     loop {
@@ -569,7 +575,7 @@ async fn drive(conn: &Connection, version: u16, l: &mut DiskLink) -> anyhow::Res
                     }
                     bail!("the process server stopped the disk stream ({}): {}", e.code, e.message);
                 }
-                Some(other) => bail!("unexpected {:?} on a disk stream", other.message_type()),
+                Some(other) => bail!("unexpected {} frame on a disk stream", other.message_type()),
                 None => bail!("server closed the disk stream"),
             },
             () = sleep_until(timeout) => {

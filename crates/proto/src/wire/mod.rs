@@ -175,6 +175,22 @@ pub enum MessageType {
     DiskName = 0x000C,
 }
 
+impl std::fmt::Display for MessageType {
+    /// The message's name as the protocol documents it (e.g. `ProtectDisk`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// What arrived where a particular message was expected, for an error a person reads:
+/// "a DiskAccepted frame", or "the end of the stream".
+pub fn describe_received(got: Option<MessageType>) -> String {
+    match got {
+        Some(t) => format!("a {t} frame"),
+        None => "the end of the stream".to_owned(),
+    }
+}
+
 impl MessageType {
     /// Parses a wire code; `None` for codes this version does not define.
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -532,7 +548,7 @@ pub enum DecodeError {
         msg_type: u16,
     },
     /// The header announces a body longer than this message type allows.
-    #[error("{msg_type:?} frame announces a {len}-byte body, over its bound {max}")]
+    #[error("{msg_type} frame announces a {len}-byte body, over its bound {max}")]
     FrameTooLarge {
         /// Message type.
         msg_type: MessageType,
@@ -542,7 +558,7 @@ pub enum DecodeError {
         max: usize,
     },
     /// The body ended before all fields were read.
-    #[error("{msg_type:?} body truncated while reading `{field}`")]
+    #[error("{msg_type} body truncated while reading `{field}`")]
     TruncatedBody {
         /// Message type.
         msg_type: MessageType,
@@ -550,7 +566,7 @@ pub enum DecodeError {
         field: &'static str,
     },
     /// The body is longer than the fields it contains.
-    #[error("{msg_type:?} body has {extra} trailing bytes")]
+    #[error("{msg_type} body has {extra} trailing bytes")]
     TrailingBytes {
         /// Message type.
         msg_type: MessageType,
