@@ -61,6 +61,8 @@ pub fn journal_config(cfg: &crate::config::PsConfig) -> JournalConfig {
             min_free_bytes: cfg.min_free_mib << 20,
             min_free_percent: cfg.min_free_percent,
         },
+        // The receiver's durable state lives next to the segments it describes.
+        companion_files: &[STATE_FILE],
         ..JournalConfig::default()
     }
 }

@@ -49,6 +49,11 @@ pub struct JournalConfig {
     /// `fallocate(FALLOC_FL_KEEP_SIZE)` (the file size stays the logical size,
     /// so no zero tail is ever exposed). Default false.
     pub preallocate: bool,
+    /// Files the journal's owner keeps in the journal directory next to the segments
+    /// (its own state, and their temporary names while replaced atomically:
+    /// `.<name>.tmp.*`): recovery leaves them alone and does not report them as unknown.
+    /// Default none.
+    pub companion_files: &'static [&'static str],
 }
 
 impl Default for JournalConfig {
@@ -60,6 +65,7 @@ impl Default for JournalConfig {
             recovery: RecoveryMode::TolerateTornTail,
             space: SpaceThresholds::default(),
             preallocate: false,
+            companion_files: &[],
         }
     }
 }

@@ -81,6 +81,21 @@ pub struct RecoveryReport {
     pub dropped_after_tear: u64,
     /// Leftover temporary segment files deleted.
     pub removed_temp_files: Vec<PathBuf>,
+    /// Files that are neither segments, the lock, nor the owner's companion files
+    /// ([`crate::JournalConfig::companion_files`]): left alone, and logged.
+    pub unknown_files: Vec<PathBuf>,
+}
+
+/// Whether `name` is one of the owner's `companions`, or the temporary name one has while
+/// it is replaced atomically (`.<companion>.tmp.*`).
+fn is_companion(name: &str, companions: &[&str]) -> bool {
+    companions.iter().any(|c| {
+        name == *c
+            || name
+                .strip_prefix('.')
+                .and_then(|n| n.strip_prefix(*c))
+                .is_some_and(|rest| rest.starts_with(".tmp."))
+    })
 }
 
 fn corrupt(path: &Path, offset: u64, kind: CorruptionKind) -> JournalError {
@@ -133,8 +148,12 @@ impl Journal {
                 report.removed_temp_files.push(p);
             } else if let Some(n) = parse_segment_file_name(name) {
                 numbers.push(n);
-            } else if name != LOCK_FILE_NAME {
-                tracing::warn!(file = name, "ignoring unknown file in journal directory");
+            } else if name != LOCK_FILE_NAME && !is_companion(name, cfg.companion_files) {
+                tracing::warn!(
+                    path = %entry.path().display(),
+                    "ignoring a file that is neither a journal segment nor the journal owner's"
+                );
+                report.unknown_files.push(entry.path());
             }
         }
         numbers.sort_unstable();

@@ -11,7 +11,8 @@ use common::*;
 use proptest::prelude::*;
 use ripcord_journal::format::{encode_record, encode_segment_header};
 use ripcord_journal::{
-    CorruptionKind, EngineChoice, ErrorAction, Journal, JournalError, RecordType, RecoveryMode,
+    CorruptionKind, EngineChoice, ErrorAction, Journal, JournalConfig, JournalError, RecordType,
+    RecoveryMode,
 };
 
 /// Write `n` records of `len` bytes (record i has payload `payload(i, len)`), synced.
@@ -264,6 +265,30 @@ fn stale_bytes_in_non_last_segment_are_refused() {
         expect_corrupt(e, &files[0], len0),
         CorruptionKind::BadChecksum
     );
+}
+
+#[test]
+fn only_files_that_are_neither_segments_nor_the_owners_are_reported_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    build(dir.path(), EngineChoice::Sync, 4096, 5, 500);
+    std::fs::write(dir.path().join("owner-state.json"), b"{}").unwrap();
+    std::fs::write(dir.path().join(".owner-state.json.tmp.77.1"), b"{").unwrap();
+    std::fs::write(dir.path().join("stray.txt"), b"?").unwrap();
+    let j = Journal::open(
+        dir.path(),
+        JournalConfig {
+            companion_files: &["owner-state.json"],
+            ..cfg(EngineChoice::Sync, 4096)
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        j.recovery_report().unknown_files,
+        vec![dir.path().join("stray.txt")],
+        "the owner's own files are not unknown; a stray one is"
+    );
+    assert_eq!(read_all(&j).len(), 5);
+    assert!(dir.path().join("owner-state.json").exists(), "left alone");
 }
 
 #[test]
