@@ -100,19 +100,6 @@ pub async fn step(
             device.size
         )));
     }
-    if !device.is_block {
-        let len = device
-            .file
-            .metadata()
-            .context("reading the image's size")?
-            .len();
-        if len != plan.size_bytes {
-            device
-                .file
-                .set_len(plan.size_bytes)
-                .with_context(|| format!("sizing {}", state.device.display()))?;
-        }
-    }
     // The sectors to write: everything newer than the applied point of this epoch, or
     // everything if the device holds another epoch, or if an interrupted step was headed
     // somewhere this point does not reach (its writes may lie beyond this point's).
@@ -128,9 +115,23 @@ pub async fn step(
         .filter(|r| base.is_none_or(|a| r.source.seq() > a))
         .copied()
         .collect();
-    // Durably say the device is leaving the point it was at, before it does.
+    // Durably say the device is leaving the point it was at, before it does (resizing an
+    // image to the point's disk size is already a change).
     state.moving_to = Some(PointRef::of(point));
     state.save(state_path)?;
+    if !device.is_block {
+        let len = device
+            .file
+            .metadata()
+            .context("reading the image's size")?
+            .len();
+        if len != plan.size_bytes {
+            device
+                .file
+                .set_len(plan.size_bytes)
+                .with_context(|| format!("sizing {}", state.device.display()))?;
+        }
+    }
 
     let gaps = if base.is_none() {
         gaps(&plan)
