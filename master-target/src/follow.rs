@@ -196,12 +196,12 @@ pub async fn follow(a: FollowArgs, stop: &AtomicBool) -> anyhow::Result<ApplySta
             state.last_error = Some(text.clone());
             publish(&state, Some(false));
             if a.once {
-                record_error(&mut state, &state_path, &text);
+                save_error(&mut state, &state_path);
                 return Err(e);
             }
             if text != last_error {
                 tracing::error!(disk = %a.disk, "{text}; retrying (the device stays {})", where_is(&state));
-                record_error(&mut state, &state_path, &text);
+                save_error(&mut state, &state_path);
                 last_error = text;
             }
             sleep_unless_stopped(backoff, stop).await;
@@ -236,8 +236,9 @@ fn describe_start(state: &ApplyState, disk: &DiskId) {
     );
 }
 
-fn record_error(state: &mut ApplyState, path: &Path, text: &str) {
-    state.last_error = Some(text.to_owned());
+/// Saves the state with its `last_error` (for `status`); a failure to save is only logged,
+/// the step's error being the one that matters.
+fn save_error(state: &mut ApplyState, path: &Path) {
     if let Err(e) = state.save(path) {
         tracing::warn!("recording the error in {}: {e:#}", path.display());
     }

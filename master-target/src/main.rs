@@ -39,34 +39,14 @@ enum Command {
     /// Apply the disk's newest recovery point to the device, and keep doing so as new
     /// points arrive (until SIGINT/SIGTERM; a second signal stops at once).
     Follow {
-        /// Target store URL: file:///path or s3://bucket/prefix (S3 credentials from
-        /// AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
-        #[arg(long)]
-        target: String,
-        /// The disk whose points are applied (32 hex digits; `ripcord points list`).
-        #[arg(long)]
-        disk: String,
-        /// The block device (or image file) to keep at the disk's newest point. A device
-        /// that is mounted, held, protected by an agent or open elsewhere is refused.
-        #[arg(long)]
-        device: PathBuf,
-        /// Where the applied position of each disk is kept (created 0700).
-        #[arg(long, default_value = "/var/lib/ripcord/mt")]
-        state_dir: PathBuf,
-        /// File holding the deployment passphrase (mode 0600); else RIPCORD_PASSPHRASE
-        /// or a prompt on a terminal.
-        #[arg(long)]
-        passphrase_file: Option<PathBuf>,
+        #[command(flatten)]
+        apply: ApplyArgs,
         /// How often to look for a new point, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         poll_ms: u64,
         /// Apply the newest point once, then exit (0 when the device is exactly at it).
         #[arg(long)]
         once: bool,
-        /// Write the device even if the safety checks refuse it (mounted, held,
-        /// protected by an agent), or an existing image no state file knows.
-        #[arg(long)]
-        force: bool,
         /// Forget the recorded position: the next step copies the whole disk.
         #[arg(long)]
         reset: bool,
@@ -80,28 +60,11 @@ enum Command {
     /// recovery point), so the newest point is the final one. Exit 0 only when the device
     /// is exactly at that point.
     Failback {
-        /// Target store URL (as for `follow`).
-        #[arg(long)]
-        target: String,
-        /// The recovered machine's disk (32 hex digits; `ripcord points list`).
-        #[arg(long)]
-        disk: String,
-        /// The original machine's device (or an image file).
-        #[arg(long)]
-        device: PathBuf,
+        #[command(flatten)]
+        apply: ApplyArgs,
         /// `latest`, or a point id `<epoch>-<cut>` (`ripcord points list` shows them).
         #[arg(long, default_value = "latest")]
         point: String,
-        /// Where the applied position of each disk is kept (as for `follow`).
-        #[arg(long, default_value = "/var/lib/ripcord/mt")]
-        state_dir: PathBuf,
-        /// File holding the deployment passphrase (mode 0600); else RIPCORD_PASSPHRASE
-        /// or a prompt on a terminal.
-        #[arg(long)]
-        passphrase_file: Option<PathBuf>,
-        /// Write the device even if the safety checks refuse it (see `follow`).
-        #[arg(long)]
-        force: bool,
     },
     /// What each followed disk's device holds: exactly at a point, or between two.
     /// Exit status 3 when nothing is followed.
@@ -113,6 +76,54 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What `follow` and `failback` both need: which disk's points go to which device.
+#[derive(clap::Args)]
+struct ApplyArgs {
+    /// Target store URL: file:///path or s3://bucket/prefix (S3 credentials from
+    /// AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
+    #[arg(long)]
+    target: String,
+    /// The disk whose points are applied: the recovered machine's disk (32 hex digits;
+    /// `ripcord points list`).
+    #[arg(long)]
+    disk: String,
+    /// The block device (or image file) to write: the original machine's disk. A device
+    /// that is mounted, held, protected by an agent or open elsewhere is refused.
+    #[arg(long)]
+    device: PathBuf,
+    /// Where the applied position of each disk is kept (created 0700).
+    #[arg(long, default_value = "/var/lib/ripcord/mt")]
+    state_dir: PathBuf,
+    /// File holding the deployment passphrase (mode 0600); else RIPCORD_PASSPHRASE or a
+    /// prompt on a terminal.
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
+    /// Write the device even if the safety checks refuse it (mounted, held, protected by
+    /// an agent), or an existing image no state file knows.
+    #[arg(long)]
+    force: bool,
+}
+
+impl ApplyArgs {
+    /// The follow loop's arguments for these, with the rest at their defaults (one pass
+    /// to the newest point, no metrics).
+    fn follow_args(self) -> anyhow::Result<FollowArgs> {
+        Ok(FollowArgs {
+            disk: parse_disk(&self.disk)?,
+            passphrase: ripcord_seal::read_passphrase(self.passphrase_file.as_deref())?.to_vec(),
+            target: self.target,
+            device: self.device,
+            state_dir: self.state_dir,
+            poll: Duration::from_secs(1),
+            once: true,
+            point: None,
+            force: self.force,
+            reset: false,
+            report: None,
+        })
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -141,31 +152,15 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         } else {
             std::process::ExitCode::from(3)
         }),
-        Command::Failback {
-            target,
-            disk,
-            device,
-            point,
-            state_dir,
-            passphrase_file,
-            force,
-        } => {
+        Command::Failback { apply, point } => {
             let point = match point.as_str() {
                 "latest" => None,
                 id => Some(parse_point_id(id)?),
             };
+            let (device, disk) = (apply.device.clone(), apply.disk.clone());
             let state = run_follow(FollowArgs {
-                target,
-                disk: parse_disk(&disk)?,
-                device: device.clone(),
-                state_dir,
-                passphrase: ripcord_seal::read_passphrase(passphrase_file.as_deref())?.to_vec(),
-                poll: Duration::from_secs(1),
-                once: true,
                 point,
-                force,
-                reset: false,
-                report: None,
+                ..apply.follow_args()?
             })?;
             let at = state
                 .consistent()
@@ -189,18 +184,12 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Follow {
-            target,
-            disk,
-            device,
-            state_dir,
-            passphrase_file,
+            apply,
             poll_ms,
             once,
-            force,
             reset,
             metrics_listen,
         } => {
-            let passphrase = ripcord_seal::read_passphrase(passphrase_file.as_deref())?;
             let report = if metrics_listen.is_empty() {
                 None
             } else {
@@ -216,17 +205,11 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 Some(report)
             };
             run_follow(FollowArgs {
-                target,
-                disk: parse_disk(&disk)?,
-                device,
-                state_dir,
-                passphrase: passphrase.to_vec(),
                 poll: Duration::from_millis(poll_ms.max(10)),
                 once,
-                point: None,
-                force,
                 reset,
                 report,
+                ..apply.follow_args()?
             })?;
             Ok(std::process::ExitCode::SUCCESS)
         }

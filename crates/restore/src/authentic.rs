@@ -31,13 +31,18 @@ pub async fn data_key(
             .await
             .context("reading escrow.json from the target store")?,
     )
-    .context("parsing the store's escrow.json")?;
+    .context("parsing the store's escrow.json (damaged?)")?;
     let secret = escrow
         .unlock(passphrase)
-        .context("unlocking the escrow key")?;
+        .context("unlocking the deployment's escrow key (the store's escrow.json)")?;
     let ctx = aead::key_context(&epoch.machine_id, disk);
-    unwrap_data_key(&epoch.wrapped_key, &secret, &ctx)
-        .with_context(|| format!("unwrapping the data key of epoch {}", epoch.epoch))
+    unwrap_data_key(&epoch.wrapped_key, &secret, &ctx).with_context(|| {
+        format!(
+            "unwrapping the data key of epoch {} (`{}`)",
+            epoch.epoch,
+            ripcord_store::format::epoch_name(disk, epoch.epoch)
+        )
+    })
 }
 
 /// Checks the agent's MAC over `point` with the disk's data key: a point whose cut id,

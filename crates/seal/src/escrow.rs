@@ -87,7 +87,7 @@ impl EscrowFile {
     pub fn unlock(&self, passphrase: &[u8]) -> Result<EscrowSecret, KeyError> {
         let secret = EscrowSecret::derive(passphrase, &self.params)?;
         if secret.public_key() != self.public_key {
-            return Err(KeyError::EscrowMismatch);
+            return Err(KeyError::EscrowPassphrase);
         }
         Ok(secret)
     }
@@ -199,6 +199,26 @@ mod tests {
             parallelism: 1,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn unlock_names_a_wrong_passphrase_or_a_damaged_escrow_file() {
+        let params = fast();
+        let secret = EscrowSecret::derive(b"correct horse", &params).unwrap();
+        let file = EscrowFile {
+            public_key: secret.public_key(),
+            params,
+        };
+        assert!(file.unlock(b"correct horse").is_ok());
+        assert!(matches!(
+            file.unlock(b"battery staple"),
+            Err(KeyError::EscrowPassphrase)
+        ));
+        let mut damaged = file.clone();
+        damaged.public_key[7] ^= 1;
+        let err = damaged.unlock(b"correct horse").err().expect("refused");
+        assert!(matches!(err, KeyError::EscrowPassphrase));
+        assert!(err.to_string().contains("damaged escrow file"), "{err}");
     }
 
     #[test]

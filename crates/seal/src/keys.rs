@@ -92,6 +92,13 @@ pub enum KeyError {
          passphrase, a key of another disk or deployment, or a damaged copy"
     )]
     EscrowMismatch,
+    /// The passphrase does not derive the escrow public key an escrow file records: a
+    /// wrong passphrase, or a damaged escrow file (its salt, parameters or key changed).
+    #[error(
+        "this passphrase does not give the escrow key the escrow file records: wrong \
+         passphrase, or a damaged escrow file"
+    )]
+    EscrowPassphrase,
     /// The envelope's checksum does not match: the file is damaged.
     #[error("key envelope is damaged (checksum mismatch); restore it from another escrow copy")]
     Damaged,
