@@ -8,7 +8,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -93,6 +93,9 @@ pub struct DiskCore {
     /// Set when the server stops: waits for cache space give up (nothing they held was
     /// acknowledged, so the agent sends it again to the next server run).
     stopping: Arc<AtomicBool>,
+    /// Set to 1 while acknowledgements are held for cache space (the metric operators
+    /// watch; it must show during the hold, when no group commit updates the others).
+    pub space_held: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// What applying a group of frames produced.
@@ -132,6 +135,7 @@ impl DiskCore {
             counters: DiskCounters::default(),
             device: None,
             stopping: Arc::new(AtomicBool::new(false)),
+            space_held: prometheus_client::metrics::gauge::Gauge::default(),
         })
     }
 
@@ -225,22 +229,32 @@ impl DiskCore {
 
     /// Back-pressure: wait (never drop) until the cache has room again.
     fn wait_for_space(&mut self) -> anyhow::Result<()> {
-        let mut logged = false;
-        loop {
+        let mut held = false;
+        let result = loop {
             match self.journal.check_space() {
-                Ok(_) => return Ok(()),
+                Ok(_) => break Ok(()),
                 Err(e @ JournalError::LowSpace { .. }) => {
-                    if !logged {
+                    if !held {
                         tracing::warn!(disk = %self.disk, "{e}; holding acknowledgements");
-                        logged = true;
+                        held = true;
                         self.counters.backpressure_waits += 1;
+                        self.space_held.set(1);
                     }
-                    self.check_stopping()?;
+                    if let Err(e) = self.check_stopping() {
+                        break Err(e);
+                    }
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => break Err(e.into()),
+            }
+        };
+        if held {
+            self.space_held.set(0);
+            if result.is_ok() {
+                tracing::info!(disk = %self.disk, "cache space is back; acknowledging again");
             }
         }
+        result
     }
 
     /// Journal a group of received frames, fdatasync once, and return the acks.
@@ -332,22 +346,30 @@ impl DiskCore {
     }
 
     fn append_retrying(&mut self, kind: RecordType, raw: &[u8]) -> anyhow::Result<()> {
-        let started = Instant::now();
-        loop {
+        let mut held = false;
+        let result = loop {
             match self.journal.append(kind, raw) {
-                Ok(_) => return Ok(()),
+                Ok(_) => break Ok(()),
                 Err(JournalError::NoSpace { .. }) => {
                     // Rolled back by the journal: wait for space, retry. Nothing is lost.
-                    if started.elapsed() < Duration::from_millis(250) {
+                    if !held {
                         tracing::warn!(disk = %self.disk, "cache disk full; holding");
+                        held = true;
+                        self.counters.backpressure_waits += 1;
+                        self.space_held.set(1);
                     }
-                    self.counters.backpressure_waits += 1;
-                    self.check_stopping()?;
+                    if let Err(e) = self.check_stopping() {
+                        break Err(e);
+                    }
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => break Err(e.into()),
             }
+        };
+        if held {
+            self.space_held.set(0);
         }
+        result
     }
 }
 

@@ -52,6 +52,9 @@ pub struct Metrics {
     upload_errors: Family<DiskLabel, Counter>,
     uploads_failing: Family<DiskLabel, Gauge>,
     point_age: Family<DiskLabel, Gauge>,
+    /// 1 while a disk's acknowledgements are held for cache space (set by the disk itself,
+    /// live: no group commit happens while it is held).
+    space_held: Family<DiskLabel, Gauge>,
     /// Always 1; its labels name the disk's device (an info metric: the device stays out
     /// of the other series' labels, so a renamed device starts no new series; join with
     /// `* on(disk) group_left(device) ripcord_ps_disk_info`).
@@ -85,6 +88,7 @@ impl Metrics {
             upload_errors: Family::default(),
             uploads_failing: Family::default(),
             point_age: Family::default(),
+            space_held: Family::default(),
             disk_info: Family::default(),
             info_labels: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
@@ -110,6 +114,11 @@ impl Metrics {
             "backpressure_waits",
             "Times acknowledgements were held for cache space",
             m.backpressure.clone(),
+        );
+        registry.register(
+            "acks_held_for_space",
+            "1 while acknowledgements are held because the cache has too little free space",
+            m.space_held.clone(),
         );
         registry.register(
             "durable_seq",
@@ -153,6 +162,16 @@ impl Metrics {
     }
 
     /// Names `disk`'s device in `ripcord_ps_disk_info` (replacing the name it had).
+    /// The gauge a disk sets while it holds acknowledgements for cache space.
+    pub fn space_held(&self, disk: &str, machine: &str) -> Gauge {
+        self.space_held
+            .get_or_create(&DiskLabel {
+                disk: disk.to_owned(),
+                machine: machine.to_owned(),
+            })
+            .clone()
+    }
+
     pub fn disk_info(&self, disk: &str, machine: &str, device: Option<&str>) {
         let label = DiskInfoLabel {
             disk: disk.to_owned(),

@@ -79,6 +79,7 @@ impl State {
             tokio::task::spawn_blocking(move || DiskCore::open(&cache, disk, cfg)).await??;
         core.stop_waiting_when(Arc::clone(&self.stopping));
         core.device = device.map(str::to_owned);
+        core.space_held = self.metrics.space_held(&disk.to_string(), owner);
         self.metrics.disk_info(&disk.to_string(), owner, device);
         let core = Arc::new(Mutex::new(core));
         let uploader = self.store.clone().map(|store| {

@@ -1,5 +1,6 @@
 //! The process server for operators: it stops within a bound even while a full cache holds
-//! its journal writes, and a full target store is named, counted and recovered from
+//! its journal writes; a full cache holds acknowledgements and replication resumes by
+//! itself when space returns; and a full target store is named, counted and recovered from
 //! without anyone's help.
 //!
 //! Needs root (tmpfs mounts, loop devices, BPF). Skips loudly without it, and fails under
@@ -44,11 +45,18 @@ fn fill_leaving(dir: &Path, leave_mib: u64) {
 
 /// Writes `mib` MiB of incompressible data at the start of `device`.
 fn write_random(device: &Path, mib: u64) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    write_random_at(device, 0, mib, 7);
+}
+
+/// Writes `mib` MiB of incompressible data (from `seed`) at `offset_mib` of `device`.
+fn write_random_at(device: &Path, offset_mib: u64, mib: u64, seed: u64) {
+    use std::io::{Seek as _, SeekFrom};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open(device)
         .unwrap();
+    f.seek(SeekFrom::Start(offset_mib * MIB)).unwrap();
     let mut buf = vec![0u8; MIB as usize];
     for _ in 0..mib {
         rng.fill(&mut buf[..]);
@@ -100,6 +108,146 @@ fn a_server_held_by_a_full_cache_still_stops_within_a_bound() {
     assert!(
         logs.contains("shutting down:") && logs.contains("not yet journaled"),
         "the server did not say what it was leaving behind:\n{logs}"
+    );
+}
+
+/// A full cache holds the agent's acknowledgements (back-pressure) and loses nothing; once
+/// space returns, replication resumes by itself in the same epoch (no resync), and the
+/// newest point equals the device.
+#[test]
+fn a_full_cache_holds_acknowledgements_and_replication_resumes_when_space_returns() {
+    let test = "a_full_cache_holds_acknowledgements_and_replication_resumes_when_space_returns";
+    if !testkit::require_root(test) {
+        return;
+    }
+    let cache_root = Scratch::new("full-cache-resume");
+    let cache_dir = cache_root.path.join("cache");
+    let _cache = tmpfs(&cache_dir, 48);
+    let Some(site) = Site::builder(test)
+        .ps_config(&format!(
+            "cache-dir = \"{}\"\nsegment-mib = 4\n",
+            cache_dir.display()
+        ))
+        .file_target()
+        .start()
+    else {
+        return;
+    };
+    let disk = site.loop_device("disk.img", 32 * MIB);
+    write_random(&disk.path, 8);
+    let agent = site.replicator(&[&disk.path]);
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let acked = |field: &str| {
+        agent
+            .stats()
+            .and_then(|s| s["disks"][0][field].as_u64())
+            .unwrap_or(0)
+    };
+    wait_for(
+        "the initial sync to be acknowledged",
+        Duration::from_secs(60),
+        || Ok(acked("acked_seq") > 0 && acked("acked_seq") == acked("pushed_seq")),
+    )
+    .unwrap();
+
+    // Less than min-free-mib (16) stays free: new writes are held, not acknowledged.
+    fill_leaving(&cache_dir, 10);
+    write_random_at(&disk.path, 12, 12, 11);
+    wait_for(
+        "the server to hold acknowledgements",
+        Duration::from_secs(30),
+        || Ok(site.ps.logs().contains("holding acknowledgements")),
+    )
+    .unwrap();
+    wait_for(
+        "the agent to push the new data",
+        Duration::from_secs(30),
+        || Ok(acked("pushed_seq") > acked("acked_seq")),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}:\n{}", agent.log()));
+    let held_at = acked("acked_seq");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        acked("acked_seq"),
+        held_at,
+        "batches were acknowledged while the cache had no space for them"
+    );
+    // Operators see the hold while it lasts.
+    let metrics = http_get(site.ps.metrics_port, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "ripcord_ps_acks_held_for_space",
+            "machine=\"host\""
+        ),
+        1.0,
+        "the hold does not show in the metrics:\n{metrics}"
+    );
+
+    // Space returns: everything pushed is acknowledged without anyone's help.
+    std::fs::remove_file(cache_dir.join("filler")).unwrap();
+    wait_for(
+        "the held batches to be acknowledged",
+        Duration::from_secs(60),
+        || Ok(acked("acked_seq") == acked("pushed_seq") && acked("acked_seq") > held_at),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}:\n{}", agent.log()));
+    let metrics = http_get(site.ps.metrics_port, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "ripcord_ps_acks_held_for_space",
+            "machine=\"host\""
+        ),
+        0.0,
+        "the hold still shows after it ended:\n{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "ripcord_ps_backpressure_waits_total",
+            "machine=\"host\""
+        ) >= 1.0,
+        "the hold is not counted:\n{metrics}"
+    );
+    assert!(
+        site.ps.logs().contains("cache space is back"),
+        "the server did not say the hold ended:\n{}",
+        site.ps.logs()
+    );
+    let stats_file = agent.stats_file.clone();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "the agent did not stop cleanly:\n{log}");
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let point = testkit::replication::wait_for_point(
+        site.target(),
+        &disk_id,
+        &site.ps.passphrase_file,
+        testkit::replication::Replicator::pushed_seq(&stats_file),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(
+        point["epoch"].as_u64(),
+        Some(1),
+        "replication started over in a new epoch: {point}\n{log}"
+    );
+    let image = site.path().join("replica.img");
+    let id = point["id"].as_str().unwrap();
+    let (ok, _, err) = testkit::replication::failover(
+        site.target(),
+        &disk_id,
+        id,
+        &image,
+        &site.ps.passphrase_file,
+    )
+    .unwrap();
+    assert!(ok, "failover to {id} failed: {err}");
+    let diff = testkit::sys::diff_sectors(&image, &disk.path).expect("compare");
+    assert!(
+        diff.is_empty(),
+        "the replica differs from the device in {} sectors",
+        testkit::ranges::total(&diff)
     );
 }
 
