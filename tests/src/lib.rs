@@ -11,7 +11,7 @@ use std::{
 
 use testkit::{
     LoopDevice, Mount, Site,
-    replication::{Replicator, failover, ripcord, wait_for_point},
+    replication::{failover, ripcord},
 };
 
 const MIB: u64 = 1 << 20;
@@ -32,7 +32,6 @@ pub fn assert_same(a: &Path, b: &Path, what: &str) {
 /// with everything it pushed, and stop the process server. Returns the source disk and the
 /// disk id.
 pub fn replicated_ext4(site: &mut Site) -> (LoopDevice, String) {
-    let target = site.target().to_owned();
     let disk = site.loop_device("disk.img", 256 * MIB);
     testkit::run("mkfs.ext4", &["-q", "-F", disk.path.to_str().unwrap()]).unwrap();
     let agent = site.replicator(&[&disk.path]);
@@ -40,20 +39,8 @@ pub fn replicated_ext4(site: &mut Site) -> (LoopDevice, String) {
     testkit::file_workload(&mnt.dir, 5, 40, 2 << 20).unwrap();
     mnt.unmount().unwrap();
     agent.wait_synced(Duration::from_secs(120)).unwrap();
-    let stats = agent.stats_file.clone();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "agent did not stop cleanly:\n{log}");
     let disk_id = site.id.disk_id(&disk.path).unwrap();
-    let last = Replicator::pushed_seq(&stats);
-    if let Err(e) = wait_for_point(
-        &target,
-        &disk_id,
-        &site.ps.passphrase_file,
-        last,
-        Duration::from_secs(60),
-    ) {
-        panic!("{e:#}\nprocess server log:\n{}", site.ps.logs());
-    }
+    site.final_point(agent, &disk_id);
     site.ps.stop().unwrap();
     (disk, disk_id)
 }

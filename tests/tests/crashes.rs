@@ -24,7 +24,7 @@ use std::{
 use rand::{RngExt as _, SeedableRng as _};
 use testkit::{
     Site,
-    replication::{Replicator, failover, points, wait_for, wait_for_point},
+    replication::{Replicator, failover, points, wait_for},
 };
 
 const MIB: u64 = 1 << 20;
@@ -136,24 +136,15 @@ fn random_kills_of_agent_and_server_lose_nothing_and_every_point_is_a_crash_stat
     assert!(workload.wait().unwrap().success(), "oracle workload failed");
     agent.wait_synced(Duration::from_secs(120)).unwrap();
     let stats_file = agent.stats_file.clone();
-    let (ok, last_log) = agent.stop().unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let (last_log, final_point) = site.final_point(agent, &disk_id);
     let final_stats = agent_stats(&stats_file);
     agent_logs.push_str(&last_log);
-    assert!(ok, "the agent did not stop cleanly:\n{last_log}");
     assert!(
         !agent_logs.contains("refused"),
         "a restarted server resumed behind an acknowledgement:\n{agent_logs}"
     );
-    let disk_id = site.id.disk_id(&disk.path).unwrap();
     let pass = site.ps.passphrase_file.clone();
-    let final_point = wait_for_point(
-        &target,
-        &disk_id,
-        &pass,
-        Replicator::pushed_seq(&stats_file),
-        Duration::from_secs(120),
-    )
-    .unwrap();
     site.ps.stop().unwrap();
 
     // Nothing acknowledged was lost: every epoch is durable through its acks.

@@ -16,7 +16,7 @@ use ripcord_tests::{assert_same, disaster_drill, replicated_ext4, verify_store};
 use testkit::{
     LoopDevice, Mount, Site, Workload,
     fixture::FILE_TARGET_DIR,
-    replication::{Replicator, failover, ripcord, wait_for_point},
+    replication::{failover, ripcord, wait_for_point},
 };
 
 const MIB: u64 = 1 << 20;
@@ -143,22 +143,11 @@ fn test_failover_while_replication_goes_on_loses_nothing() {
     assert!(ok && out.contains("removed"), "{out}");
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    let stats = agent.stats_file.clone();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "{log}");
+    let (log, _) = site.final_point(agent, &disk_id);
     assert!(
         log.matches("disk stream accepted").count() == 1,
         "replication was disturbed:\n{log}"
     );
-    let last = Replicator::pushed_seq(&stats);
-    wait_for_point(
-        &target,
-        &disk_id,
-        &site.ps.passphrase_file,
-        last,
-        Duration::from_secs(60),
-    )
-    .unwrap();
     site.ps.stop().unwrap();
     let image = site.path().join("final.img");
     let (ok, _, err) = failover(
@@ -223,18 +212,7 @@ fn retention_expires_points_and_frees_their_data() {
     let first_points =
         testkit::replication::points(&target, &disk_id, &site.ps.passphrase_file).unwrap();
     std::thread::sleep(Duration::from_secs(6));
-    let stats = agent.stats_file.clone();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "{log}");
-    let last = Replicator::pushed_seq(&stats);
-    wait_for_point(
-        &target,
-        &disk_id,
-        &site.ps.passphrase_file,
-        last,
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    site.final_point(agent, &disk_id);
     std::thread::sleep(Duration::from_secs(3)); // one more retention pass
     site.ps.stop().unwrap();
     let ps = &site.ps;
@@ -440,18 +418,8 @@ fn app_points_equal_the_frozen_source(test: &str, fs: &str) {
     }
     mnt.unmount().unwrap();
     agent.wait_synced(Duration::from_secs(60)).unwrap();
-    let stats = agent.stats_file.clone();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "agent did not stop cleanly:\n{log}");
     let disk_id = site.id.disk_id(&disk.path).unwrap();
-    wait_for_point(
-        &target,
-        &disk_id,
-        &site.ps.passphrase_file,
-        Replicator::pushed_seq(&stats),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    site.final_point(agent, &disk_id);
     site.ps.stop().unwrap();
     let (ps, dir) = (&site.ps, site.path());
 

@@ -175,11 +175,7 @@ fn the_master_target_keeps_a_device_at_the_newest_point_through_ten_kills() {
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    let stats = agent.stats_file.clone();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "agent stop failed:\n{log}");
-    let last = Replicator::pushed_seq(&stats);
-    let point = wait_for_point(site.target(), &disk, &pass, last, Duration::from_secs(90)).unwrap();
+    let (_, point) = site.final_point(agent, &disk);
     // A kill the moment the catch-up step has begun: the restart must rewrite what that
     // step may have written, although no later write touches it again.
     let state_file = state_dir.join(format!("{disk}.json"));
@@ -270,18 +266,6 @@ fn mt_failback(site: &Site, disk: &str, device: &Path, state_dir: &Path) -> (boo
     )
 }
 
-/// Stops `agent` cleanly and waits until the store holds a point with everything it
-/// pushed: that point is the disk's final state. Returns it.
-fn final_point(site: &Site, agent: Replicator, disk: &str) -> serde_json::Value {
-    let stats = agent.stats_file.clone();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "agent did not stop cleanly:\n{log}");
-    let last = Replicator::pushed_seq(&stats);
-    let pass = &site.ps.passphrase_file;
-    wait_for_point(site.target(), disk, pass, last, Duration::from_secs(90))
-        .unwrap_or_else(|e| panic!("{e:#}\nprocess server log:\n{}", site.ps.logs()))
-}
-
 fn ext4_files(device: &Path, mnt: &Path, seed: u64) {
     let m = Mount::new(device, mnt, &["-t", "ext4"]).unwrap();
     testkit::file_workload(&m.dir, seed, 20, 1 << 20).unwrap();
@@ -308,7 +292,7 @@ fn failback_round_trip_leaves_the_original_disk_at_the_recovered_machines_final_
     ext4_files(&a.path, &mnt, 1);
     agent_a.wait_synced(Duration::from_secs(60)).unwrap();
     let disk_a = site.id.disk_id(&a.path).unwrap();
-    let failover_point = final_point(&site, agent_a, &disk_a);
+    let failover_point = site.final_point(agent_a, &disk_a).1;
 
     // Failover: the recovered machine B starts from that point on its own device.
     let b = site.loop_device("b.img", 96 * MIB);
@@ -348,7 +332,7 @@ fn failback_round_trip_leaves_the_original_disk_at_the_recovered_machines_final_
     // Failback: the application and B's agent stop (its last point is B's final state),
     // the master target applies it and stops there.
     ext4_files(&b.path, &mnt, 5);
-    let last = final_point(&site, agent_b, &disk_b);
+    let last = site.final_point(agent_b, &disk_b).1;
     assert!(mt.stop(), "ripcord-mt follow did not stop cleanly");
     let (ok, out, err) = mt_failback(&site, &disk_b, &a.path, &state_dir);
     assert!(ok, "failback failed:\n{out}\n{err}");
@@ -364,7 +348,7 @@ fn failback_round_trip_leaves_the_original_disk_at_the_recovered_machines_final_
     let agent_a = site.replicator(&[&a.path]);
     ext4_files(&a.path, &mnt, 6);
     agent_a.wait_synced(Duration::from_secs(60)).unwrap();
-    let forward = final_point(&site, agent_a, &disk_a);
+    let forward = site.final_point(agent_a, &disk_a).1;
     let image = site.path().join("forward.img");
     let id = forward["id"].as_str().unwrap();
     let (ok, _, err) = failover(&target, &disk_a, id, &image, &pass).unwrap();

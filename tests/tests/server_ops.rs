@@ -215,18 +215,8 @@ fn a_full_cache_holds_acknowledgements_and_replication_resumes_when_space_return
         "the server did not say the hold ended:\n{}",
         site.ps.logs()
     );
-    let stats_file = agent.stats_file.clone();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "the agent did not stop cleanly:\n{log}");
     let disk_id = site.id.disk_id(&disk.path).unwrap();
-    let point = testkit::replication::wait_for_point(
-        site.target(),
-        &disk_id,
-        &site.ps.passphrase_file,
-        testkit::replication::Replicator::pushed_seq(&stats_file),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let (log, point) = site.final_point(agent, &disk_id);
     assert_eq!(
         point["epoch"].as_u64(),
         Some(1),

@@ -195,6 +195,38 @@ impl Site {
         Replicator::start_with_env(&self.id, devices, extra, env)
             .unwrap_or_else(|e| panic!("{}: starting the agent: {e:#}", self.test()))
     }
+
+    /// Stops `agent` cleanly (SIGTERM: it waits until everything it sent is durable) and
+    /// waits until the target store holds a point of `disk` with every batch the agent
+    /// pushed: the disk's final state. Returns the agent's log and that point (the JSON of
+    /// `ripcord points list`). Panics, with the logs, if the agent does not stop cleanly or
+    /// no such point comes within 90 s.
+    pub fn final_point(&self, agent: Replicator, disk: &str) -> (String, serde_json::Value) {
+        let stats = agent.stats_file.clone();
+        let (ok, log) = agent
+            .stop()
+            .unwrap_or_else(|e| panic!("{}: stopping the agent: {e:#}", self.test()));
+        assert!(
+            ok,
+            "{}: the agent did not stop cleanly:\n{log}",
+            self.test()
+        );
+        let point = crate::replication::wait_for_point(
+            self.target(),
+            disk,
+            &self.ps.passphrase_file,
+            Replicator::pushed_seq(&stats),
+            std::time::Duration::from_secs(90),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e:#}\nagent log:\n{log}\nprocess server log:\n{}",
+                self.test(),
+                self.ps.logs()
+            )
+        });
+        (log, point)
+    }
 }
 
 impl SiteBuilder {

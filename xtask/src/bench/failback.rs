@@ -121,12 +121,7 @@ pub(super) fn failback(size_mib: u64) -> anyhow::Result<()> {
     agent.wait_synced(Duration::from_secs(1800))?;
     let disk = id.disk_id(&source.path)?;
     let stats = agent.stats_file.clone();
-    let pushed = || {
-        serde_json::from_slice::<serde_json::Value>(&std::fs::read(&stats).unwrap_or_default())
-            .ok()
-            .and_then(|v| v["disks"][0]["pushed_seq"].as_u64())
-            .unwrap_or(0)
-    };
+    let pushed = || testkit::replication::Replicator::pushed_seq(&stats);
     wait_for_point(&target, &disk, &pass, pushed(), Duration::from_secs(900))?;
     let state = scratch.path.join("mt-state");
 
