@@ -62,6 +62,8 @@ pub struct PsConfig {
     /// this many seconds (10..=604800). Default 900. The age is also the metric
     /// `ripcord_ps_newest_point_age_seconds`.
     pub point_age_warn_secs: u64,
+    /// `[health]`: how the green/orange/red status is sampled (see `crate::health`).
+    pub health: crate::health::HealthConfig,
 }
 
 impl Default for PsConfig {
@@ -83,6 +85,7 @@ impl Default for PsConfig {
             min_free_mib: 256,
             group_commit_mib: 16,
             point_age_warn_secs: 900,
+            health: crate::health::HealthConfig::default(),
         }
     }
 }
@@ -140,6 +143,7 @@ impl PsConfig {
             (60..=3 * 366 * 24 * 3600).contains(&self.client_cert_secs),
             "client-cert-secs must be 60..=94867200 (3 years)"
         );
+        self.health.validate()?;
         Ok(())
     }
 

@@ -5,6 +5,7 @@ pub mod config;
 pub mod deploy;
 pub mod disk;
 pub mod frames;
+pub mod health;
 pub mod ingest;
 pub mod metrics;
 pub mod peers;

@@ -94,6 +94,17 @@ enum Command {
         #[arg(long)]
         cut: Option<u64>,
     },
+    /// This server's health (green, orange or red) and each signal behind it, as the
+    /// running server last sampled it. Exit status as monitoring plugins use it: 0 green,
+    /// 1 orange, 2 red, 3 unknown (the server is not running or has not sampled yet).
+    Health {
+        /// Deployment directory made by `init`.
+        #[arg(long, default_value = "/var/lib/ripcord/ps")]
+        dir: PathBuf,
+        /// The report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -131,13 +142,66 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
-    match run(Cli::parse()) {
+    let command = match Cli::parse().command {
+        Command::Health { dir, json } => {
+            return health(&dir, json).unwrap_or_else(|e| {
+                eprintln!("error: {}", ripcord_types::report(e.as_ref()));
+                std::process::ExitCode::from(3)
+            });
+        }
+        other => other,
+    };
+    match run(command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", ripcord_types::report(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `ripcord-ps health`: prints the report `serve` writes; the exit status is the level.
+fn health(dir: &std::path::Path, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    use ripcord_process_server::health::{self, Level};
+    let Some(report) = health::read_report(dir)? else {
+        println!(
+            "health: unknown: no report in {} (is `ripcord-ps serve` running?)",
+            dir.display()
+        );
+        return Ok(std::process::ExitCode::from(3));
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let age_ms = now_ms.saturating_sub(report.updated_unix_ms);
+    let stale = age_ms > 3 * report.sample_ms + 5000;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        if stale {
+            println!(
+                "health: unknown: the last report is {} s old (is `ripcord-ps serve` \
+                 running?); it said {}",
+                age_ms / 1000,
+                report.level
+            );
+        } else {
+            println!(
+                "health: {} (sampled {:.1} s ago)",
+                report.level,
+                age_ms as f64 / 1e3
+            );
+        }
+        for s in &report.signals {
+            println!("  {:<7} {:<7} {}", s.signal, s.level.to_string(), s.detail);
+        }
+    }
+    Ok(std::process::ExitCode::from(match report.level {
+        _ if stale => 3,
+        Level::Green => 0,
+        Level::Orange => 1,
+        Level::Red => 2,
+    }))
 }
 
 /// Resolves at the first SIGINT or SIGTERM; a second one ends the process at once
@@ -163,8 +227,8 @@ async fn stop_signal() {
     });
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Init {
             dir,
             names,
@@ -231,6 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Machines { command } => machines(command),
+        Command::Health { dir, json } => health(&dir, json).map(drop),
         Command::Replay {
             dir,
             disk,

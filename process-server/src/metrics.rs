@@ -34,6 +34,12 @@ pub struct DiskInfoLabel {
     pub device: String,
 }
 
+/// `ripcord_ps_health_signal{signal}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignalLabel {
+    pub signal: String,
+}
+
 /// The process server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -55,6 +61,9 @@ pub struct Metrics {
     /// 1 while a disk's acknowledgements are held for cache space (set by the disk itself,
     /// live: no group commit happens while it is held).
     space_held: Family<DiskLabel, Gauge>,
+    /// The server's health level (0 green, 1 orange, 2 red) and each signal's.
+    pub health: Gauge,
+    health_signal: Family<SignalLabel, Gauge>,
     /// Always 1; its labels name the disk's device (an info metric: the device stays out
     /// of the other series' labels, so a renamed device starts no new series; join with
     /// `* on(disk) group_left(device) ripcord_ps_disk_info`).
@@ -89,6 +98,8 @@ impl Metrics {
             uploads_failing: Family::default(),
             point_age: Family::default(),
             space_held: Family::default(),
+            health: Gauge::default(),
+            health_signal: Family::default(),
             disk_info: Family::default(),
             info_labels: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
@@ -119,6 +130,16 @@ impl Metrics {
             "acks_held_for_space",
             "1 while acknowledgements are held because the cache has too little free space",
             m.space_held.clone(),
+        );
+        registry.register(
+            "health",
+            "Health of this process server: 0 green, 1 orange, 2 red (the worst signal)",
+            m.health.clone(),
+        );
+        registry.register(
+            "health_signal",
+            "Health of each signal (cpu, memory, cache, upload): 0 green, 1 orange, 2 red",
+            m.health_signal.clone(),
         );
         registry.register(
             "durable_seq",
@@ -234,6 +255,32 @@ impl Metrics {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.last_durable.get_or_create(&label).set(now as i64);
+    }
+
+    /// Publishes a health report.
+    pub fn set_health(&self, report: &crate::health::HealthReport) {
+        self.health.set(report.level as i64);
+        for s in &report.signals {
+            self.health_signal
+                .get_or_create(&SignalLabel {
+                    signal: s.signal.clone(),
+                })
+                .set(s.level as i64);
+        }
+    }
+
+    /// How long uploads have failed, for the disk that has failed longest (`None` while
+    /// every disk uploads, or when nothing is uploaded).
+    pub fn upload_failing_for(&self) -> Option<std::time::Duration> {
+        self.uploads
+            .lock()
+            .expect("metrics lock")
+            .values()
+            .filter_map(|(status, _)| {
+                let st = status.lock().expect("status lock");
+                st.failing.as_ref().map(|(since, _)| since.elapsed())
+            })
+            .max()
     }
 
     pub fn render(&self) -> String {

@@ -113,6 +113,37 @@ impl State {
     }
 }
 
+/// Samples the health signals until aborted (see [`crate::health`]): publishes each
+/// report as metrics and in `health.json`, and logs every change of level.
+async fn watch_health(state: Arc<State>) {
+    let cfg = state.dep.config.health.clone();
+    let mut sampler = crate::health::Sampler::new(state.dep.config.cache_dir(&state.dep.dir));
+    let mut monitor = crate::health::Monitor::new(cfg.clone(), state.store.is_some());
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.sample_ms));
+    let mut level = None;
+    let mut failed = false;
+    loop {
+        tick.tick().await;
+        let sample = match sampler.sample(state.metrics.upload_failing_for()) {
+            Ok(s) => s,
+            Err(e) => {
+                if !std::mem::replace(&mut failed, true) {
+                    tracing::warn!("health: {}", ripcord_types::report(e.as_ref()));
+                }
+                continue;
+            }
+        };
+        failed = false;
+        let report = monitor.push(std::time::Instant::now(), sample);
+        crate::health::log_change(level, &report);
+        level = Some(report.level);
+        state.metrics.set_health(&report);
+        if let Err(e) = crate::health::write_report(&state.dep.dir, &report) {
+            tracing::warn!("health: {e:#}");
+        }
+    }
+}
+
 /// Run until `shutdown` resolves.
 pub async fn serve(
     dep: Deployment,
@@ -196,6 +227,7 @@ pub async fn serve(
     if let Some(addr) = state.dep.config.metrics_listen {
         crate::metrics::spawn_http(addr, Arc::clone(&state))?;
     }
+    let health = tokio::spawn(watch_health(Arc::clone(&state)));
     tracing::info!(
         data = %data.local_addr()?, register = %register.local_addr()?,
         "ripcord-ps serving"
@@ -245,6 +277,7 @@ pub async fn serve(
     }
     stop(&state, &data, &register).await;
     watcher.abort();
+    health.abort();
     Ok(())
 }
 

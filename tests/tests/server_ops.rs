@@ -30,10 +30,15 @@ fn tmpfs(dir: &Path, mib: u64) -> Mount {
 
 /// Fills the file system of `dir` with a file `filler` until `leave_mib` MiB stay free.
 fn fill_leaving(dir: &Path, leave_mib: u64) {
+    fill_leaving_with(dir, "filler", leave_mib);
+}
+
+/// Fills the file system of `dir` with a new file `name` until `leave_mib` MiB stay free.
+fn fill_leaving_with(dir: &Path, name: &str, leave_mib: u64) {
     let st = nix::sys::statvfs::statvfs(dir).expect("statvfs");
     let free = st.blocks_available() * st.fragment_size();
     let fill = free.saturating_sub(leave_mib * MIB);
-    let mut f = std::fs::File::create(dir.join("filler")).expect("filler");
+    let mut f = std::fs::File::create(dir.join(name)).expect("filler");
     let chunk = vec![0x5au8; MIB as usize];
     let mut done = 0;
     while done + MIB <= fill {
@@ -239,6 +244,95 @@ fn a_full_cache_holds_acknowledgements_and_replication_resumes_when_space_return
         "the replica differs from the device in {} sectors",
         testkit::ranges::total(&diff)
     );
+}
+
+/// `ripcord-ps health` as an operator's monitoring sees it.
+fn health(site: &Site) -> (i32, String) {
+    let out = std::process::Command::new(testkit::binary("ripcord-ps"))
+        .args(["health", "--dir"])
+        .arg(&site.ps.dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Health follows the seeds' table on the cache signal: free space at 25-30% turns the
+/// server orange, below 25% red, and it is green again once space returns; each level shows
+/// in `ripcord-ps health` (text and exit status), the metrics and the log.
+#[test]
+fn a_filling_cache_turns_the_server_orange_then_red_then_green_again() {
+    let test = "a_filling_cache_turns_the_server_orange_then_red_then_green_again";
+    if !testkit::require_root(test) {
+        return;
+    }
+    let cache_root = Scratch::new("health-cache");
+    let cache_dir = cache_root.path.join("cache");
+    let _cache = tmpfs(&cache_dir, 100);
+    let Some(site) = Site::builder(test)
+        .ps_config(&format!(
+            "cache-dir = \"{}\"\nsegment-mib = 4\n[health]\nsample-ms = 200\n\
+             cache-window-secs = 1\n",
+            cache_dir.display()
+        ))
+        .start()
+    else {
+        return;
+    };
+    let level = |want: i32, name: &str| {
+        wait_for(
+            &format!("the server to turn {name}"),
+            Duration::from_secs(20),
+            || Ok(health(&site).0 == want),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}: {:?}\n{}", health(&site), site.ps.logs()));
+        let (_, text) = health(&site);
+        assert!(
+            text.starts_with(&format!("health: {name}")),
+            "ripcord-ps health says:\n{text}"
+        );
+        let metrics = http_get(site.ps.metrics_port, "/metrics");
+        assert_eq!(
+            metric(&metrics, "ripcord_ps_health ", ""),
+            f64::from(want),
+            "{metrics}"
+        );
+        text
+    };
+    let text = level(0, "green");
+    assert!(text.contains("cpu") && text.contains("upload"), "{text}");
+
+    fill_leaving_with(&cache_dir, "filler", 28);
+    let text = level(1, "orange");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("cache") && l.contains("orange")),
+        "the cache is not named as the cause:\n{text}"
+    );
+    fill_leaving_with(&cache_dir, "more", 15);
+    level(2, "red");
+    let metrics = http_get(site.ps.metrics_port, "/metrics");
+    assert_eq!(
+        metric(&metrics, "ripcord_ps_health_signal", "signal=\"cache\""),
+        2.0,
+        "{metrics}"
+    );
+    std::fs::remove_file(cache_dir.join("filler")).unwrap();
+    std::fs::remove_file(cache_dir.join("more")).unwrap();
+    level(0, "green");
+    let logs = site.ps.logs();
+    for said in [
+        "health is orange: cache",
+        "health is red: cache",
+        "health is green again",
+    ] {
+        assert!(
+            logs.contains(said),
+            "the log does not say {said:?}:\n{logs}"
+        );
+    }
 }
 
 #[test]
