@@ -345,6 +345,7 @@ fn a_full_target_is_named_counted_and_recovered_from() {
     let _target = tmpfs(&target_dir, 40);
     let Some(site) = Site::builder("a_full_target_is_named_counted_and_recovered_from")
         .target(&format!("file://{}", target_dir.display()))
+        .ps_config("[health]\nsample-ms = 200\nupload-warn-secs = 2\nupload-critical-secs = 4\n")
         .start()
     else {
         return;
@@ -394,6 +395,18 @@ fn a_full_target_is_named_counted_and_recovered_from() {
     })
     .unwrap_or_else(|e| panic!("{e:#}:\n{}", agent.log()));
 
+    // Failing uploads turn the server red once they have failed for the critical time.
+    wait_for("the server to turn red", Duration::from_secs(30), || {
+        Ok(health(&site).0 == 2)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}", health(&site)));
+    let (_, text) = health(&site);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("upload") && l.contains("red") && l.contains("failing for")),
+        "the failing uploads are not named as the cause:\n{text}"
+    );
+
     // Space returns: uploads resume by themselves and recovery points appear.
     std::fs::remove_file(target_dir.join("filler")).unwrap();
     wait_for("uploads to recover", Duration::from_secs(60), || {
@@ -415,6 +428,10 @@ fn a_full_target_is_named_counted_and_recovered_from() {
         0.0,
         "{metrics}"
     );
+    wait_for("the server to turn green", Duration::from_secs(30), || {
+        Ok(health(&site).0 == 0)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}", health(&site)));
     wait_for(
         "the agent to hear of the recovery",
         Duration::from_secs(20),
