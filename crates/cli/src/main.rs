@@ -4,9 +4,12 @@
 //!
 //! Modules: [`points`] (listing), [`verify`], [`run_failover`] (failover and test
 //! failover), [`failover`] (materialising a point), [`ripcord_restore::output_guard`]
-//! (what failover may overwrite). The passphrase is read by [`ripcord_seal::read_passphrase`].
+//! (what failover may overwrite), [`plan`] (recovery plans: ordered groups of machines
+//! failed over, started and checked together). The passphrase is read by
+//! [`ripcord_seal::read_passphrase`].
 
 mod failover;
+mod plan;
 mod points;
 mod run_failover;
 mod verify;
@@ -55,6 +58,13 @@ enum Command {
         #[command(flatten)]
         args: TestArgs,
     },
+    /// Recovery plans: fail over (or test-fail over) whole groups of machines in order,
+    /// with scripts before and after each group, manual pauses, and start commands with
+    /// readiness checks. See `ripcord plan check --help` for the file format.
+    Plan {
+        #[command(subcommand)]
+        command: PlanCommand,
+    },
     /// Check every object of the store (checksums, structure, references) and, with the
     /// passphrase, authenticate every recovery point (the agent's MAC), every batch a
     /// point reads, and where the index places each batch. Names anything damaged or
@@ -73,6 +83,87 @@ enum Command {
         /// One JSON object (counts, damaged objects) instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// Where plan runs keep their state and reports.
+const PLAN_STATE_HELP: &str =
+    "Directory for the run's state and its JSON reports (reports/), created if missing";
+const PLAN_STATE_DEFAULT: &str = "/var/lib/ripcord/plans";
+
+#[derive(clap::Args)]
+struct PlanRunArgs {
+    /// The plan file (TOML; `ripcord plan check --help` describes it).
+    #[arg(long)]
+    plan: PathBuf,
+    /// Which point of each disk: latest, latest-app, or an RFC 3339 time (the newest point
+    /// of each disk at or before it). Chosen once, when the run begins.
+    #[arg(long, default_value = "latest")]
+    point: String,
+    /// Go on after a failed step: run it again, then the rest.
+    #[arg(long = "continue")]
+    resume_failed: bool,
+    #[arg(long, help = PLAN_STATE_HELP, default_value = PLAN_STATE_DEFAULT)]
+    state_dir: PathBuf,
+    #[arg(long, help = PASSPHRASE_HELP)]
+    passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PlanCommand {
+    /// Validate a plan file, and (unless --offline) that every disk has a recovery point.
+    ///
+    /// A plan is TOML: `name`, `target` (the store URL), then `[[group]]` tables in the
+    /// order they fail over, each with a `name`, optional `pre` and `post` lists of actions
+    /// (`{ run = "command", timeout-secs = 300 }` or `{ manual = "message" }`, which pauses
+    /// the plan until `ripcord plan resume`), and `[[group.machine]]` tables: `name`,
+    /// `disks = [{ disk = "<32 hex>", output = "/abs/path.img" }]`, an optional `start`
+    /// command (disks in $RIPCORD_DISK_0, ...) and an optional `ready = { tcp = "HOST:PORT" }`
+    /// or `{ command = "..." }` with `timeout-secs`. The file must not be writable by others.
+    Check {
+        /// The plan file.
+        plan: PathBuf,
+        /// Only the file: do not read the target store.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Fail the plan's machines over to their outputs, group by group.
+    Failover {
+        #[command(flatten)]
+        run: PlanRunArgs,
+        /// Overwrite outputs the safety checks refuse (existing images, mounted or held
+        /// devices).
+        #[arg(long)]
+        force: bool,
+    },
+    /// The same into a scratch directory, while replication goes on undisturbed.
+    TestFailover {
+        #[command(flatten)]
+        run: PlanRunArgs,
+        /// Scratch directory; images go to <scratch>/<plan>/<machine>-<n>.img.
+        #[arg(long, default_value = "/var/lib/ripcord/test-failover")]
+        scratch: PathBuf,
+    },
+    /// Go on with a run paused by a manual step.
+    Resume {
+        /// The plan file.
+        #[arg(long)]
+        plan: PathBuf,
+        #[arg(long, help = PLAN_STATE_HELP, default_value = PLAN_STATE_DEFAULT)]
+        state_dir: PathBuf,
+        #[arg(long, help = PASSPHRASE_HELP)]
+        passphrase_file: Option<PathBuf>,
+        /// Scratch directory of a paused test failover.
+        #[arg(long, default_value = "/var/lib/ripcord/test-failover")]
+        scratch: PathBuf,
+    },
+    /// Undo a test failover: stop the machines it started and remove its images.
+    Cleanup {
+        /// The plan file.
+        #[arg(long)]
+        plan: PathBuf,
+        #[arg(long, help = PLAN_STATE_HELP, default_value = PLAN_STATE_DEFAULT)]
+        state_dir: PathBuf,
     },
 }
 
@@ -246,6 +337,66 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             passphrase_file,
             json,
         } => verify::verify(&target, disk.as_deref(), passphrase_file.as_deref(), json).await,
+        Command::Plan { command } => run_plan(command).await,
+    }
+}
+
+async fn run_plan(command: PlanCommand) -> anyhow::Result<()> {
+    use plan::{
+        run::{Begin, RunOptions, execute},
+        state::Mode,
+    };
+    let begin = |resume_failed: bool| {
+        if resume_failed {
+            Begin::Continue
+        } else {
+            Begin::New
+        }
+    };
+    match command {
+        PlanCommand::Check { plan, offline } => plan::check(&plan, offline).await,
+        PlanCommand::Failover { run, force } => {
+            let options = RunOptions {
+                mode: Mode::Failover,
+                point: run.point,
+                begin: begin(run.resume_failed),
+                state_dir: run.state_dir,
+                scratch: PathBuf::new(),
+                passphrase_file: run.passphrase_file,
+                force,
+            };
+            execute(&run.plan, options).await
+        }
+        PlanCommand::TestFailover { run, scratch } => {
+            let options = RunOptions {
+                mode: Mode::TestFailover,
+                point: run.point,
+                begin: begin(run.resume_failed),
+                state_dir: run.state_dir,
+                scratch,
+                passphrase_file: run.passphrase_file,
+                force: false,
+            };
+            execute(&run.plan, options).await
+        }
+        PlanCommand::Resume {
+            plan,
+            state_dir,
+            passphrase_file,
+            scratch,
+        } => {
+            let options = RunOptions {
+                mode: Mode::Failover,
+                point: String::new(),
+                begin: Begin::Resume,
+                state_dir,
+                scratch,
+                passphrase_file,
+                force: false,
+            };
+            execute(&plan, options).await
+        }
+        PlanCommand::Cleanup { plan, state_dir } => plan::run::cleanup(&plan, &state_dir),
     }
 }
 

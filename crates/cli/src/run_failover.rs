@@ -13,7 +13,7 @@ use ripcord_store::CutKind;
 
 use crate::{
     FailoverArgs, Format, TestArgs,
-    failover::{Output, PointSpec, find_point, materialize},
+    failover::{Materialized, Output, PointSpec, find_point, materialize},
     is_tty, known_disk, open_store, rfc3339,
 };
 
@@ -104,49 +104,18 @@ async fn failover_to(
 ) -> anyhow::Result<()> {
     let spec: PointSpec = point.parse()?;
     // Before any work: what the output is and whether it may be overwritten.
-    let dest = output_guard::check_output(output, force, Path::new(AGENT_LOCK_DIR))?;
+    output_guard::check_output(output, force, Path::new(AGENT_LOCK_DIR))?;
     let store = open_store(target).await?;
     let disk = known_disk(&store, target, disk).await?;
     let pass = ripcord_seal::read_passphrase(passphrase_file)?;
-    let point = find_point(&store, &disk, &spec)
-        .await
-        .with_context(|| format!("finding the recovery point of disk {disk}"))?;
-    let m = match format {
-        Format::Raw => {
-            materialize(
-                &store,
-                &disk,
-                &point,
-                &pass,
-                Output::Checked(dest),
-                is_tty(),
-            )
-            .await?
-        }
-        Format::Qcow2 => {
-            let Destination::Image { path, replace } = dest else {
-                bail!(
-                    "{} is a block device: write it with --format raw",
-                    output.display()
-                );
-            };
-            let raw = suffixed(&path, ".raw.partial");
-            let m = materialize(
-                &store,
-                &disk,
-                &point,
-                &pass,
-                Output::Temporary(raw.clone()),
-                is_tty(),
-            )
-            .await?;
-            let converted = convert_qcow2(&raw, &path, replace);
-            let _ = std::fs::remove_file(&raw);
-            converted?;
-            m
-        }
-    };
-    println!(
+    let m = write_point(&store, &disk, &spec, output, format, force, &pass, is_tty()).await?;
+    println!("{}", describe(&disk, output, &m));
+    Ok(())
+}
+
+/// What a failover did, in one line.
+pub fn describe(disk: &ripcord_store::DiskId, output: &Path, m: &Materialized) -> String {
+    format!(
         "failed over disk {} to point {} ({}, {}) into {}: {} MiB of data from {} batches in {:.1} s",
         disk,
         m.point.id,
@@ -160,8 +129,57 @@ async fn failover_to(
         m.data_bytes >> 20,
         m.batches,
         m.secs
-    );
-    Ok(())
+    )
+}
+
+/// Writes disk `disk` at the point `spec` names into `output` (checked by the output
+/// guard first), in `format`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call per option of `failover`"
+)]
+pub async fn write_point(
+    store: &ripcord_store::Store,
+    disk: &ripcord_store::DiskId,
+    spec: &PointSpec,
+    output: &Path,
+    format: Format,
+    force: bool,
+    pass: &[u8],
+    progress: bool,
+) -> anyhow::Result<Materialized> {
+    let dest = output_guard::check_output(output, force, Path::new(AGENT_LOCK_DIR))?;
+    let point = find_point(store, disk, spec)
+        .await
+        .with_context(|| format!("finding the recovery point of disk {disk}"))?;
+    let m = match format {
+        Format::Raw => {
+            materialize(store, disk, &point, pass, Output::Checked(dest), progress).await?
+        }
+        Format::Qcow2 => {
+            let Destination::Image { path, replace } = dest else {
+                bail!(
+                    "{} is a block device: write it with --format raw",
+                    output.display()
+                );
+            };
+            let raw = suffixed(&path, ".raw.partial");
+            let m = materialize(
+                store,
+                disk,
+                &point,
+                pass,
+                Output::Temporary(raw.clone()),
+                progress,
+            )
+            .await?;
+            let converted = convert_qcow2(&raw, &path, replace);
+            let _ = std::fs::remove_file(&raw);
+            converted?;
+            m
+        }
+    };
+    Ok(m)
 }
 
 /// Converts the raw image `raw` to qcow2 at `path` (written under `<path>.partial`, mode
