@@ -329,6 +329,13 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_a_valid_plan() {
+        let p = parse(include_str!("../../../../docs/examples/recovery-plan.toml")).unwrap();
+        assert_eq!(p.groups.len(), 3);
+        assert_eq!(p.disks().count(), 4);
+    }
+
+    #[test]
     fn a_good_plan_validates_and_mistakes_are_named() {
         let p = parse(GOOD).unwrap();
         assert_eq!(p.groups[0].pre[0].timeout_secs, 300);
