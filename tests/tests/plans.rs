@@ -312,10 +312,7 @@ ready = {{ tcp = "127.0.0.1:{port}", timeout-secs = 10 }}
     ];
     let (ok, said) = plan(&site, &test_args);
     assert!(ok && said.contains("paused"), "{said}");
-    let (ok, said) = plan(
-        &site,
-        &["resume", "--plan", p, "--state-dir", s, "--scratch", sc],
-    );
+    let (ok, said) = plan(&site, &["resume", "--plan", p, "--state-dir", s]);
     assert!(ok && said.contains("done"), "{said}");
     let images: Vec<PathBuf> = std::fs::read_dir(scratch.join("erp"))
         .unwrap()

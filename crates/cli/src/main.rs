@@ -153,9 +153,6 @@ enum PlanCommand {
         state_dir: PathBuf,
         #[arg(long, help = PASSPHRASE_HELP)]
         passphrase_file: Option<PathBuf>,
-        /// Scratch directory of a paused test failover.
-        #[arg(long, default_value = "/var/lib/ripcord/test-failover")]
-        scratch: PathBuf,
     },
     /// Undo a test failover: stop the machines it started and remove its images.
     Cleanup {
@@ -383,14 +380,14 @@ async fn run_plan(command: PlanCommand) -> anyhow::Result<()> {
             plan,
             state_dir,
             passphrase_file,
-            scratch,
         } => {
+            // The mode, the points and the outputs come from the paused run's state.
             let options = RunOptions {
                 mode: Mode::Failover,
                 point: String::new(),
                 begin: Begin::Resume,
                 state_dir,
-                scratch,
+                scratch: PathBuf::new(),
                 passphrase_file,
                 force: false,
             };
