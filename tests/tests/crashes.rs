@@ -22,6 +22,7 @@ use std::{
 };
 
 use rand::{RngExt as _, SeedableRng as _};
+use ripcord_tests::oracle_check_point;
 use testkit::{
     Site,
     replication::{Replicator, failover, points, wait_for},
@@ -164,24 +165,9 @@ fn random_kills_of_agent_and_server_lose_nothing_and_every_point_is_a_crash_stat
     let image = site.path().join("point.img");
     let started = Instant::now();
     for p in &all {
-        let id = p["id"].as_str().unwrap();
-        let (ok, _, err) = failover(&target, &disk_id, id, &image, &pass).unwrap();
-        assert!(ok, "failover to {id} failed: {err}");
-        let t = p["mono_ns"].as_u64().unwrap().to_string();
-        let out = Command::new(testkit::binary("ripcord-oracle"))
-            .args(["check", "--time", &t, "--image"])
-            .arg(&image)
-            .arg("--log")
-            .arg(&log)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "recovery point {id} (T={t}) is not a crash state of the source (seed {seed}, \
-             schedule {schedule:#?}):\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(e) = oracle_check_point(&target, &disk_id, p, &image, &pass, &log) {
+            panic!("{e}\n(seed {seed}, schedule {schedule:#?})");
+        }
     }
     let id = final_point["id"].as_str().unwrap();
     let (ok, _, err) = failover(&target, &disk_id, id, &image, &pass).unwrap();

@@ -9,9 +9,10 @@
 
 use std::{process::Command, time::Duration};
 
+use ripcord_tests::oracle_check_point;
 use testkit::{
     Site,
-    replication::{failover, points, wait_for_point},
+    replication::{points, wait_for_point},
 };
 
 const MIB: u64 = 1 << 20;
@@ -112,25 +113,12 @@ fn every_recovery_point_passes_the_write_order_checker() {
     let image = site.path().join("point.img");
     let mut checked = 0;
     for p in &all {
-        let pid = p["id"].as_str().unwrap();
-        let (ok, _, err) = failover(&target, &disk_id, pid, &image, &ps.passphrase_file).unwrap();
-        assert!(ok, "failover to {pid} failed: {err}");
-        let t = p["mono_ns"].as_u64().unwrap().to_string();
-        let out = Command::new(testkit::binary("ripcord-oracle"))
-            .args(["check", "--time", &t, "--image"])
-            .arg(&image)
-            .arg("--log")
-            .arg(&log)
-            .output()
-            .unwrap();
         // Points before the workload started hold no stamps: the checker passes them too
         // (every block zero, nothing written yet).
-        assert!(
-            out.status.success(),
-            "recovery point {pid} (T={t}) is not a crash state of the source:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(e) = oracle_check_point(&target, &disk_id, p, &image, &ps.passphrase_file, &log)
+        {
+            panic!("{e}");
+        }
         checked += 1;
     }
     assert!(checked >= 30, "checked only {checked} points");

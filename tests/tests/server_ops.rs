@@ -8,7 +8,7 @@
 
 use std::{
     io::Write as _,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -70,25 +70,50 @@ fn write_random_at(device: &Path, offset_mib: u64, mib: u64, seed: u64) {
     f.sync_all().unwrap();
 }
 
+/// A site whose process server caches on a tmpfs of `mib` MiB (`segment-mib = 4`, then
+/// `extra` ps.toml lines); `build` adds to the site. The tmpfs lives outside the site's
+/// scratch directory, and the fields drop in order: the site (its server killed), then the
+/// tmpfs (unmounted), then its directory. Bind it whole: a field left out of a pattern
+/// would be dropped at once.
+struct CacheSite {
+    site: Site,
+    cache_dir: PathBuf,
+    _cache: Mount,
+    _root: Scratch,
+}
+
+fn cache_site(
+    test: &str,
+    mib: u64,
+    extra: &str,
+    build: impl FnOnce(testkit::fixture::SiteBuilder) -> testkit::fixture::SiteBuilder,
+) -> Option<CacheSite> {
+    if !testkit::require_root(test) {
+        return None;
+    }
+    let root = Scratch::new(&format!("{mib}m-cache"));
+    let cache_dir = root.path.join("cache");
+    let cache = tmpfs(&cache_dir, mib);
+    let site = build(Site::builder(test).ps_config(&format!(
+        "cache-dir = \"{}\"\nsegment-mib = 4\n{extra}",
+        cache_dir.display()
+    )))
+    .start()?;
+    Some(CacheSite {
+        site,
+        cache_dir,
+        _cache: cache,
+        _root: root,
+    })
+}
+
 #[test]
 fn a_server_held_by_a_full_cache_still_stops_within_a_bound() {
-    // The cache lives outside the site's scratch directory so that it is unmounted
-    // (dropped after the site) before that directory is removed.
-    if !testkit::require_root("a_server_held_by_a_full_cache_still_stops_within_a_bound") {
-        return;
-    }
-    let cache_root = Scratch::new("full-cache");
-    let cache_dir = cache_root.path.join("cache");
-    let _cache = tmpfs(&cache_dir, 48);
-    let Some(mut site) = Site::builder("a_server_held_by_a_full_cache_still_stops_within_a_bound")
-        .ps_config(&format!(
-            "cache-dir = \"{}\"\nsegment-mib = 4\n",
-            cache_dir.display()
-        ))
-        .start()
-    else {
+    let test = "a_server_held_by_a_full_cache_still_stops_within_a_bound";
+    let Some(mut c) = cache_site(test, 48, "", |b| b) else {
         return;
     };
+    let (site, cache_dir) = (&mut c.site, c.cache_dir.clone());
     let disk = site.loop_device("disk.img", 32 * MIB);
     write_random(&disk.path, 24);
     // Less than min-free-mib (16) stays free: the server holds every acknowledgement.
@@ -122,22 +147,10 @@ fn a_server_held_by_a_full_cache_still_stops_within_a_bound() {
 #[test]
 fn a_full_cache_holds_acknowledgements_and_replication_resumes_when_space_returns() {
     let test = "a_full_cache_holds_acknowledgements_and_replication_resumes_when_space_returns";
-    if !testkit::require_root(test) {
-        return;
-    }
-    let cache_root = Scratch::new("full-cache-resume");
-    let cache_dir = cache_root.path.join("cache");
-    let _cache = tmpfs(&cache_dir, 48);
-    let Some(site) = Site::builder(test)
-        .ps_config(&format!(
-            "cache-dir = \"{}\"\nsegment-mib = 4\n",
-            cache_dir.display()
-        ))
-        .file_target()
-        .start()
-    else {
+    let Some(c) = cache_site(test, 48, "", |b| b.file_target()) else {
         return;
     };
+    let (site, cache_dir) = (&c.site, &c.cache_dir);
     let disk = site.loop_device("disk.img", 32 * MIB);
     write_random(&disk.path, 8);
     let agent = site.replicator(&[&disk.path]);
@@ -156,7 +169,7 @@ fn a_full_cache_holds_acknowledgements_and_replication_resumes_when_space_return
     .unwrap();
 
     // Less than min-free-mib (16) stays free: new writes are held, not acknowledged.
-    fill_leaving(&cache_dir, 10);
+    fill_leaving(cache_dir, 10);
     write_random_at(&disk.path, 12, 12, 11);
     wait_for(
         "the server to hold acknowledgements",
@@ -265,30 +278,19 @@ fn health(site: &Site) -> (i32, String) {
 #[test]
 fn a_filling_cache_turns_the_server_orange_then_red_then_green_again() {
     let test = "a_filling_cache_turns_the_server_orange_then_red_then_green_again";
-    if !testkit::require_root(test) {
-        return;
-    }
-    let cache_root = Scratch::new("health-cache");
-    let cache_dir = cache_root.path.join("cache");
-    let _cache = tmpfs(&cache_dir, 100);
-    let Some(site) = Site::builder(test)
-        .ps_config(&format!(
-            "cache-dir = \"{}\"\nsegment-mib = 4\n[health]\nsample-ms = 200\n\
-             cache-window-secs = 1\n",
-            cache_dir.display()
-        ))
-        .start()
-    else {
+    let health_config = "[health]\nsample-ms = 200\ncache-window-secs = 1\n";
+    let Some(c) = cache_site(test, 100, health_config, |b| b) else {
         return;
     };
+    let (site, cache_dir) = (&c.site, &c.cache_dir);
     let level = |want: i32, name: &str| {
         wait_for(
             &format!("the server to turn {name}"),
             Duration::from_secs(20),
-            || Ok(health(&site).0 == want),
+            || Ok(health(site).0 == want),
         )
-        .unwrap_or_else(|e| panic!("{e:#}: {:?}\n{}", health(&site), site.ps.logs()));
-        let (_, text) = health(&site);
+        .unwrap_or_else(|e| panic!("{e:#}: {:?}\n{}", health(site), site.ps.logs()));
+        let (_, text) = health(site);
         assert!(
             text.starts_with(&format!("health: {name}")),
             "ripcord-ps health says:\n{text}"
@@ -304,14 +306,14 @@ fn a_filling_cache_turns_the_server_orange_then_red_then_green_again() {
     let text = level(0, "green");
     assert!(text.contains("cpu") && text.contains("upload"), "{text}");
 
-    fill_leaving_with(&cache_dir, "filler", 28);
+    fill_leaving_with(cache_dir, "filler", 28);
     let text = level(1, "orange");
     assert!(
         text.lines()
             .any(|l| l.contains("cache") && l.contains("orange")),
         "the cache is not named as the cause:\n{text}"
     );
-    fill_leaving_with(&cache_dir, "more", 15);
+    fill_leaving_with(cache_dir, "more", 15);
     level(2, "red");
     let metrics = http_get(site.ps.metrics_port, "/metrics");
     assert_eq!(
