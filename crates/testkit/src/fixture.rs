@@ -227,6 +227,22 @@ impl Site {
         });
         (log, point)
     }
+
+    /// Like [`Site::replicator_with`], replicating to `server` (e.g. a
+    /// [`crate::FaultProxy`] in front of [`ProcessServer::data_addr`]) instead of the data
+    /// endpoint saved at registration. The TLS server name stays the registered one
+    /// (state.json `server_name`, `127.0.0.1`), so the server's certificate still matches.
+    pub fn replicator_via(
+        &self,
+        server: std::net::SocketAddr,
+        devices: &[&Path],
+        extra: &[&str],
+    ) -> Replicator {
+        let server = server.to_string();
+        let mut args = vec!["--server", server.as_str()];
+        args.extend_from_slice(extra);
+        self.replicator_with(devices, &args, &[])
+    }
 }
 
 impl SiteBuilder {

@@ -1,6 +1,7 @@
 //! Helpers shared by ripcord's privileged tests, `cargo xtask demo` and the benchmarks:
 //! loop devices over sparse files, mounts, seeded block workloads, agent processes, and a
-//! single-node Garage server as an S3 target.
+//! single-node Garage server as an S3 target, and a UDP proxy that injects network faults
+//! ([`netfault`]).
 //!
 //! Everything that creates system state (loop devices, mounts) undoes it in `Drop`, so a
 //! failing test does not leave the machine dirty for the next run. The integration tests
@@ -10,6 +11,7 @@
 pub mod agent;
 pub mod fixture;
 pub mod garage;
+pub mod netfault;
 pub mod ranges;
 pub mod replication;
 pub mod sys;
@@ -18,6 +20,7 @@ pub mod workload;
 pub use agent::{AgentEvent, AgentProcess, AgentRun, AgentStats};
 pub use fixture::{Lab, Site};
 pub use garage::Garage;
+pub use netfault::{FaultConfig, FaultCounts, FaultProxy, Faults, Flap};
 pub use sys::{LoopDevice, Mount, Zram, run, run_output};
 pub use workload::{Workload, WorkloadReport, file_workload};
 

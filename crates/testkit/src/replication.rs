@@ -132,6 +132,11 @@ impl ProcessServer {
         Ok(ps)
     }
 
+    /// The data endpoint agents replicate to (`127.0.0.1:<data_port>`).
+    pub fn data_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.data_port))
+    }
+
     /// A new single-use bootstrap token (`ripcord-ps token`).
     pub fn new_token(&self) -> anyhow::Result<String> {
         let out = Command::new(crate::binary("ripcord-ps"))
