@@ -5,7 +5,9 @@
 //! point equals the device byte for byte at quiesce, that recovery points were made, and
 //! that the agent never started a new epoch (no full resync). Under loss, duplication,
 //! reordering and corruption the workload is the oracle's, and a sample of the points made
-//! under faults passes its write-order checker.
+//! under faults passes its write-order checker. And when the agent's address changes (the
+//! proxy moves it to a new source port, as a NAT rebinding would), the QUIC connection
+//! migrates: no reconnect, no new epoch.
 //!
 //! Needs root. Skips loudly without it, and fails under `CI=true`.
 
@@ -496,4 +498,62 @@ fn a_flapping_link_loses_nothing() {
     let made = points_after(&done.points, healed);
     assert!(made >= 2, "only {made} recovery points after the flapping");
     assert_no_second_copy(&before, &done.stats, written);
+}
+
+/// Connection migration (issue 17, item 2): the agent's address changes three times as the
+/// server sees it (a new source port each time, as after a NAT rebinding or a new address)
+/// while it replicates. The QUIC connection follows the agent to each new address: no
+/// reconnect, no new epoch, no second copy, and the replica equals the device.
+#[test]
+fn an_agent_whose_address_changes_keeps_replicating_on_its_connection() {
+    let Some(mut site) =
+        Site::builder("an_agent_whose_address_changes_keeps_replicating_on_its_connection")
+            .file_target()
+            .start()
+    else {
+        return;
+    };
+    let disk = site.loop_device("disk.img", 64 * MIB);
+    prefill(&disk.path, 8 * MIB, 8);
+    let proxy = FaultProxy::start(site.ps.data_addr(), FaultConfig::default(), 23).unwrap();
+    let agent = site.replicator_via(proxy.addr(), &[&disk.path], &[]);
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    wait_all_acked(&agent, Duration::from_secs(60));
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let before = disk_stats(&agent);
+    let epoch = num(&before, "epoch");
+
+    let w = Writer::start(&disk.path, 12);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(2));
+        let acked = num(&disk_stats(&agent), "acked_seq");
+        proxy.rebind();
+        // Data keeps flowing on the new path.
+        wait_for(
+            "batches acknowledged after the move",
+            Duration::from_secs(30),
+            || Ok(num(&disk_stats(&agent), "acked_seq") > acked),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}:\n{}", agent.log()));
+    }
+    let written = w.finish();
+    let counts = proxy.counts();
+    let done = quiesce(&mut site, agent, &disk.path, &disk_id, epoch);
+    eprintln!("proxy: {counts:?}\nat the end {}", done.stats);
+    assert_eq!(
+        counts.rebound, 3,
+        "the agent did not move three times: {counts:?}"
+    );
+    assert_eq!(
+        num(&done.stats, "reconnects"),
+        0,
+        "the agent reconnected instead of migrating:\n{}",
+        done.log
+    );
+    // What was sent after the initial sync is what the writer changed, not a second copy.
+    let sent = num(&done.stats, "data_bytes") - num(&before, "data_bytes");
+    assert!(
+        sent < written + 8 * MIB,
+        "the agent sent {sent} B of data after its initial sync for {written} B written"
+    );
 }

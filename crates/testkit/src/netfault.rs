@@ -103,6 +103,8 @@ pub struct FaultCounts {
     pub partitioned: u64,
     /// Distinct client addresses seen.
     pub clients: u64,
+    /// Clients moved to a new upstream source address by [`FaultProxy::rebind`].
+    pub rebound: u64,
 }
 
 /// Where a datagram goes: out of `socket`, to `to` (None: the socket is connected).
@@ -144,6 +146,9 @@ struct Shared {
     wake: Condvar,
     stop: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Bumped by [`FaultProxy::rebind`]: clients of an older generation move to a new
+    /// upstream socket at their next datagram.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 const TO_SERVER: usize = 0;
@@ -181,6 +186,7 @@ impl FaultProxy {
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         });
         // Made first: if a thread cannot start, dropping it stops those that did.
         let proxy = FaultProxy { addr, shared };
@@ -230,6 +236,14 @@ impl FaultProxy {
         st.partition_until = Some(Instant::now() + d);
     }
 
+    /// The client's address changes, as the upstream sees it: each client's next datagram
+    /// leaves from a new source port (a new socket), as after a NAT rebinding or a change of
+    /// the client's address. QUIC connections should migrate to the new path; answers still
+    /// reach the client. Counted in [`FaultCounts::rebound`].
+    pub fn rebind(&self) {
+        self.shared.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Everything counted so far.
     pub fn counts(&self) -> FaultCounts {
         self.shared.state().counts
@@ -264,21 +278,33 @@ impl Shared {
 
     /// Receives from clients; makes each new client its upstream socket and thread.
     fn front(self: Arc<Self>, front: &Arc<UdpSocket>) {
-        let mut clients: HashMap<SocketAddr, Dest> = HashMap::new();
+        let mut clients: HashMap<SocketAddr, (u64, Dest)> = HashMap::new();
         let mut buf = vec![0u8; 65536];
         while !self.stopped() {
             let Ok((n, from)) = front.recv_from(&mut buf) else {
                 continue; // timeout (or a transient error): look at the stop flag
             };
+            let generation = self.generation.load(Ordering::Relaxed);
             let dest = match clients.entry(from) {
-                Entry::Occupied(e) => e.get().clone(),
-                Entry::Vacant(e) => match self.client(front, from) {
-                    Ok(dest) => e.insert(dest).clone(),
-                    Err(e) => {
-                        eprintln!("netfault: cannot serve client {from}: {e:#}");
-                        continue;
+                Entry::Occupied(e) if e.get().0 == generation => e.get().1.clone(),
+                entry => {
+                    let rebound = matches!(entry, Entry::Occupied(_));
+                    match self.client(front, from) {
+                        Ok(dest) => {
+                            let counts = &mut self.state().counts;
+                            if rebound {
+                                counts.rebound += 1;
+                            } else {
+                                counts.clients += 1;
+                            }
+                            entry.insert_entry((generation, dest)).get().1.clone()
+                        }
+                        Err(e) => {
+                            eprintln!("netfault: cannot serve client {from}: {e:#}");
+                            continue;
+                        }
                     }
-                },
+                }
             };
             self.route(TO_SERVER, dest, &buf[..n]);
         }
@@ -306,7 +332,6 @@ impl Shared {
                 }
             })?;
         self.threads.lock().expect("threads").push(t);
-        self.state().counts.clients += 1;
         Ok(Dest {
             socket: up,
             to: None,

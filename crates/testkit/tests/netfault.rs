@@ -220,3 +220,45 @@ fn drop_stops_every_thread_promptly() {
     // The port is free again: nothing holds the socket.
     UdpSocket::bind(addr).unwrap();
 }
+
+#[test]
+fn rebind_moves_a_client_to_a_new_source_address() {
+    // A server that answers each datagram with the address it came from.
+    let server = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+    server
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, st) = (Arc::clone(&server), Arc::clone(&stop));
+    let thread = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while !st.load(Ordering::Relaxed) {
+            if let Ok((_, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(from.to_string().as_bytes(), from);
+            }
+        }
+    });
+    let proxy = FaultProxy::start(server.local_addr().unwrap(), FaultConfig::default(), 3).unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(proxy.addr()).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let seen = |client: &UdpSocket| {
+        client.send(b"who am i").unwrap();
+        let mut buf = [0u8; 64];
+        let n = client.recv(&mut buf).expect("an answer through the proxy");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = seen(&client);
+    assert_eq!(seen(&client), first, "the address changed without a rebind");
+    proxy.rebind();
+    let second = seen(&client);
+    assert_ne!(second, first, "the server still sees the old address");
+    assert_eq!(seen(&client), second);
+    let counts = proxy.counts();
+    assert_eq!((counts.clients, counts.rebound), (1, 1), "{counts:?}");
+    drop(proxy);
+    stop.store(true, Ordering::Relaxed);
+    thread.join().unwrap();
+}
