@@ -9,10 +9,9 @@
 
 use std::{process::Command, time::Duration};
 
-use ripcord_tests::oracle_check_point;
 use testkit::{
     Site,
-    replication::{points, wait_for_point},
+    replication::{oracle_check_point, points, wait_for_point},
 };
 
 const MIB: u64 = 1 << 20;

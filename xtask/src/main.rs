@@ -5,6 +5,7 @@
 //! nothing but this command.
 
 mod bench;
+mod chaos;
 mod demo;
 mod saturation;
 mod setup;
@@ -47,6 +48,27 @@ enum Task {
         #[arg(long, default_value_t = 1024)]
         size_mib: u64,
     },
+    /// Chaos for long runs outside CI: an agent replicates a loop device under the oracle
+    /// workload while agent and server kills, lossy networks, partitions, flapping links
+    /// and address changes hit it at random moments. At the end every invariant is checked
+    /// (acknowledged batches durable, recovery points crash-consistent by the oracle, the
+    /// final point equal to the device) and a table of faults and checks is printed. Needs
+    /// root; uses the release binaries.
+    Chaos {
+        /// How long to inject faults.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Seed of the schedule (default: random; printed, to replay a run).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Only these faults (repeat): kill-agent, kill-server, lossy-network, partition,
+        /// flap, rebind. Default: all.
+        #[arg(long = "fault")]
+        faults: Vec<String>,
+        /// Recovery points to check with the oracle, spread evenly (0: every one).
+        #[arg(long, default_value_t = 200)]
+        check_points: usize,
+    },
     /// Benchmarks; results are printed as a table and written under target/bench/.
     Bench {
         #[command(subcommand)]
@@ -58,7 +80,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let needs = match cli.task {
         Task::Setup | Task::Test { .. } => setup::Needs::Everything,
-        Task::Demo { .. } | Task::Bench { .. } => setup::Needs::Base,
+        Task::Demo { .. } | Task::Bench { .. } | Task::Chaos { .. } => setup::Needs::Base,
     };
     setup::run(needs).context("setup")?;
     match cli.task {
@@ -69,6 +91,12 @@ fn main() -> anyhow::Result<()> {
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Demo { size_mib } => demo::run(size_mib),
         Task::Bench { which } => bench::run(which),
+        Task::Chaos {
+            minutes,
+            seed,
+            faults,
+            check_points,
+        } => chaos::run(minutes, seed, &faults, check_points),
     }
 }
 
@@ -152,7 +180,8 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64, u64)> {
     Ok(totals)
 }
 
-/// Build the release binaries of the agent, the process server and `ripcord`, and point
+/// Build the release binaries of the agent, the process server, `ripcord`, the master
+/// target and the oracle, and point
 /// the testkit helpers at them.
 fn release_binaries() -> anyhow::Result<()> {
     cargo(&[
@@ -166,6 +195,8 @@ fn release_binaries() -> anyhow::Result<()> {
         "ripcord-cli",
         "-p",
         "ripcord-master-target",
+        "-p",
+        "ripcord-oracle",
     ])?;
     // SAFETY: called while the xtask is single-threaded; the helpers read it when spawning.
     unsafe { std::env::set_var("RIPCORD_BIN_DIR", workspace_root().join("target/release")) };

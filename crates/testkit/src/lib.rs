@@ -9,6 +9,7 @@
 //! registered agent, dropped in a safe order.
 
 pub mod agent;
+pub mod chaos;
 pub mod fixture;
 pub mod garage;
 pub mod netfault;

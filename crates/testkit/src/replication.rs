@@ -576,3 +576,35 @@ pub fn now_ns() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
 }
+
+/// Fails `point` (a JSON line of `ripcord points list`) over into `image` and checks it
+/// with the oracle's write-order checker against the workload `log` at the point's instant.
+/// `Err` holds what the checker said: the point is not a crash state of the source.
+pub fn oracle_check_point(
+    target: &str,
+    disk: &str,
+    point: &serde_json::Value,
+    image: &Path,
+    passphrase_file: &Path,
+    log: &Path,
+) -> Result<(), String> {
+    let id = point["id"].as_str().expect("a point id");
+    let (ok, _, err) = failover(target, disk, id, image, passphrase_file).expect("ripcord");
+    assert!(ok, "failover to {id} failed: {err}");
+    let t = point["mono_ns"].as_u64().expect("a point time").to_string();
+    let out = std::process::Command::new(crate::binary("ripcord-oracle"))
+        .args(["check", "--time", &t, "--image"])
+        .arg(image)
+        .arg("--log")
+        .arg(log)
+        .output()
+        .expect("running ripcord-oracle");
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "recovery point {id} (T={t}) is not a crash state of the source:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
