@@ -1,4 +1,4 @@
-//! `cargo xtask`: setup, tests, demo and benchmarks for ripcord.
+//! `cargo xtask`: setup, tests, fuzzing, chaos, demo and benchmarks for ripcord.
 //!
 //! Every task first runs `setup` for what it needs (idempotent, fast when done; Garage only
 //! for `test` and `setup`, so the demo does not wait for its build), so a fresh machine needs
@@ -7,6 +7,7 @@
 mod bench;
 mod chaos;
 mod demo;
+mod fuzz;
 mod saturation;
 mod setup;
 
@@ -69,6 +70,20 @@ enum Task {
         #[arg(long, default_value_t = 200)]
         check_points: usize,
     },
+    /// Fuzz every decoder and file format (targets in fuzz/targets.txt, bodies in
+    /// crates/fuzz-targets) with cargo-fuzz on the nightly toolchain, installing
+    /// cargo-fuzz if missing. The time is split evenly among the targets; new inputs go to
+    /// fuzz/corpus/<target>/ (git ignores them: rename one to regress-<what> to keep it),
+    /// crashing ones to fuzz/artifacts/<target>/, and the run fails if any target failed.
+    /// `cargo xtask test` replays the corpus (crates/fuzz-targets/tests/corpus.rs).
+    Fuzz {
+        /// Minutes in all, split among the targets.
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Only this target (a name from fuzz/targets.txt), for all the minutes.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Benchmarks; results are printed as a table and written under target/bench/.
     Bench {
         #[command(subcommand)]
@@ -80,7 +95,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let needs = match cli.task {
         Task::Setup | Task::Test { .. } => setup::Needs::Everything,
-        Task::Demo { .. } | Task::Bench { .. } | Task::Chaos { .. } => setup::Needs::Base,
+        Task::Demo { .. } | Task::Bench { .. } | Task::Chaos { .. } | Task::Fuzz { .. } => {
+            setup::Needs::Base
+        }
     };
     setup::run(needs).context("setup")?;
     match cli.task {
@@ -97,6 +114,7 @@ fn main() -> anyhow::Result<()> {
             faults,
             check_points,
         } => chaos::run(minutes, seed, &faults, check_points),
+        Task::Fuzz { minutes, target } => fuzz::run(minutes, target.as_deref()),
     }
 }
 

@@ -259,6 +259,66 @@ pub(crate) fn find_valid_record(segment: u64, buf: &[u8], base: u64) -> Option<u
     None
 }
 
+/// Entry points for the fuzz targets (`crates/fuzz-targets`), not an API: the header
+/// decoders above, on bytes from anywhere.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// A decoded record header and where its record ends.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct RecordView {
+        /// Record type.
+        pub kind: RecordType,
+        /// Sequence number.
+        pub seq: u64,
+        /// Records not yet durable when this one was appended.
+        pub unsynced_before: u64,
+        /// Bytes the record takes (header and payload).
+        pub len: usize,
+    }
+
+    /// Decodes a segment header: `(number, first_seq, version)`; `None` if recovery
+    /// would refuse it. Needs `SEGMENT_HEADER_LEN` bytes.
+    pub fn decode_segment_header(b: &[u8]) -> Option<(u64, u64, u32)> {
+        let h = SegmentHeader::decode(b.get(..SEGMENT_HEADER_LEN)?.try_into().ok()?).ok()?;
+        let version = u32::from_le_bytes(b[8..12].try_into().ok()?);
+        Some((h.number, h.first_seq, version))
+    }
+
+    /// Decodes the record at the start of `buf` in segment `segment` as recovery and the
+    /// reader do (structure, then checksum); `None` if it is not a whole valid record.
+    pub fn decode_record(segment: u64, buf: &[u8]) -> Option<RecordView> {
+        let raw = buf.get(..RECORD_HEADER_LEN)?;
+        let h = RecordHeader::decode(raw)?;
+        let len = RECORD_HEADER_LEN + h.len as usize;
+        let payload = buf.get(RECORD_HEADER_LEN..len)?;
+        h.verify(segment, raw, payload).then_some(RecordView {
+            kind: h.kind,
+            seq: h.seq,
+            unsynced_before: u64::from(h.unsynced_before),
+            len,
+        })
+    }
+
+    /// Encodes a record header with its `unsynced_before` (what the journal writes).
+    pub fn encode_record_header(
+        segment: u64,
+        kind: RecordType,
+        seq: u64,
+        unsynced_before: u64,
+        payload: &[u8],
+    ) -> [u8; RECORD_HEADER_LEN] {
+        RecordHeader::encode(segment, kind, seq, unsynced_before, payload)
+    }
+
+    /// The offset of the first whole valid record in `buf`, as recovery searches for one
+    /// past damage.
+    pub fn find_valid_record(segment: u64, buf: &[u8]) -> Option<u64> {
+        super::find_valid_record(segment, buf, 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -345,6 +345,45 @@ pub(super) fn decode_response(body: &[u8]) -> Result<Response, FrameError> {
     }
 }
 
+/// Entry points for the fuzz targets (`crates/fuzz-targets`), not an API: each decodes
+/// hostile bytes with the decoder above and re-encodes what it accepted.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// The frame length check [`read_frame`] applies before allocating.
+    pub fn check_frame_len(len: u32) -> Result<(), FrameError> {
+        check_len(len)
+    }
+
+    /// Decodes a request body as the server does (fields, then the token and machine id
+    /// it validates); `Ok(Some(bytes))` is the request re-encoded from the typed values,
+    /// `Ok(None)` a request the server would refuse for its token or machine id.
+    pub fn reencode_request(body: &[u8]) -> Result<Option<Vec<u8>>, FrameError> {
+        let raw = decode_request(body)?;
+        let token = if raw.token.is_empty() {
+            None
+        } else {
+            match std::str::from_utf8(raw.token).ok().map(Token::parse) {
+                Some(Ok(t)) => Some(t),
+                _ => return Ok(None),
+            }
+        };
+        let Some(Ok(machine)) = std::str::from_utf8(raw.machine_id).ok().map(MachineId::new) else {
+            return Ok(None);
+        };
+        Ok(Some(encode_request(token.as_ref(), &machine, raw.csr)))
+    }
+
+    /// Decodes a response body as the agent does and re-encodes it.
+    pub fn reencode_response(body: &[u8]) -> Result<Vec<u8>, FrameError> {
+        Ok(match decode_response(body)? {
+            Response::Ok(granted) => encode_ok(&granted),
+            Response::Reject(reason) => encode_reject(reason),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,6 +28,8 @@ mod codec;
 mod server;
 
 pub use client::{Credentials, RegisterError, Registered, connect_registration, register};
+#[doc(hidden)]
+pub use codec::fuzzing;
 pub use codec::{FrameError, MAX_MESSAGE_SIZE, RejectReason};
 pub use server::{Registrar, Registration, ServeError, registration_endpoint, serve_registration};
 
