@@ -43,6 +43,10 @@ enum Command {
         /// Not needed to renew: the machine's current certificate in --state-dir proves it.
         #[arg(long)]
         token: Option<String>,
+        /// Read the bootstrap token from this file (`-`: standard input) instead: a token on
+        /// a command line is visible to every user of the host (`ps`, /proc).
+        #[arg(long, conflicts_with = "token", value_name = "FILE")]
+        token_file: Option<PathBuf>,
         /// The deployment CA's hash printed by `ripcord-ps init` (sha256:<hex>).
         #[arg(long)]
         ca_hash: String,
@@ -165,13 +169,18 @@ fn main() -> anyhow::Result<()> {
         Command::Register {
             server,
             token,
+            token_file,
             ca_hash,
             machine_id,
             data_server,
             state_dir,
         } => register(
             &server,
-            token.as_deref(),
+            match token_file {
+                Some(file) => Some(read_token(&file)?),
+                None => token,
+            }
+            .as_deref(),
             &ca_hash,
             machine_id,
             data_server,
@@ -241,6 +250,23 @@ fn main() -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// The bootstrap token in `file` (`-`: standard input), trimmed.
+fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    if file == std::path::Path::new("-") {
+        std::io::stdin()
+            .take(4096)
+            .read_to_string(&mut text)
+            .context("reading the token from standard input")?;
+    } else {
+        std::fs::File::open(file)
+            .and_then(|f| f.take(4096).read_to_string(&mut text))
+            .with_context(|| format!("reading the token from {}", file.display()))?;
+    }
+    Ok(text.trim().to_owned())
 }
 
 fn register(

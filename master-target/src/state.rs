@@ -14,6 +14,10 @@
 //!   whole disk.
 //! - `identity` binds the file to one device (block: major:minor and size; file: device
 //!   and inode), so a state file never vouches for another device's contents.
+//! - The file is a checked JSON file ([`ripcord_crashsafe::checked`]: a CRC32C member over
+//!   the rest; unknown members refused). A flipped bit could otherwise move `applied` to
+//!   another point or clear `moving_to`, and the master target would report a device
+//!   consistent that is not; a damaged file is refused by name and never replaced.
 
 use std::{
     os::unix::fs::{FileTypeExt as _, MetadataExt as _},
@@ -32,6 +36,7 @@ const MAX_STATE_BYTES: u64 = 64 << 10;
 
 /// A recovery point, as far as the master target needs to remember it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PointRef {
     /// `<epoch>-<cut>`.
     pub id: String,
@@ -65,6 +70,7 @@ impl PointRef {
 
 /// What one disk's device holds, durably.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ApplyState {
     pub version: u32,
     /// The disk whose points are applied (32 hex digits).
@@ -131,13 +137,21 @@ impl ApplyState {
             );
         }
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let s: ApplyState = serde_json::from_slice(&bytes).with_context(|| {
-            format!(
-                "{} is not a master-target state file (damaged?); it records what the device \
+        let (s, checksum): (ApplyState, _) = ripcord_crashsafe::checked::from_checked_json(&bytes)
+            .with_context(|| {
+                format!(
+                    "{} is damaged or not a master-target state file; it records what the device \
                  holds, so it is not replaced: move it away to start over with a full copy",
+                    path.display()
+                )
+            })?;
+        if checksum == ripcord_crashsafe::checked::Checksum::Absent {
+            tracing::warn!(
+                "{} has no checksum (written by an older version); it gets one at the next \
+                 save",
                 path.display()
-            )
-        })?;
+            );
+        }
         if s.version != STATE_VERSION {
             bail!(
                 "{} has state format {}, this ripcord-mt reads {STATE_VERSION}",
@@ -151,7 +165,7 @@ impl ApplyState {
     /// Durably replaces the state file (mode 0600).
     pub fn save(&mut self, path: &Path) -> anyhow::Result<()> {
         self.updated_ns = now_ns();
-        let bytes = serde_json::to_vec_pretty(self).expect("state serializes");
+        let bytes = ripcord_crashsafe::checked::to_checked_json(self).expect("state serializes");
         ripcord_crashsafe::write_atomic(path, &bytes, ripcord_crashsafe::MODE_SECRET)
             .with_context(|| format!("writing {}", path.display()))
     }
@@ -217,9 +231,44 @@ mod tests {
         assert_eq!(ApplyState::load(&path).unwrap(), Some(s));
         std::fs::write(&path, b"{\"version\": 1, \"disk\": ").unwrap();
         let e = format!("{:#}", ApplyState::load(&path).unwrap_err());
-        assert!(e.contains("not a master-target state file"), "{e}");
+        assert!(
+            e.contains("damaged or not a master-target state file"),
+            "{e}"
+        );
         std::fs::write(&path, vec![b' '; 100 << 10]).unwrap();
         let e = format!("{:#}", ApplyState::load(&path).unwrap_err());
         assert!(e.contains("more than a master-target state file"), "{e}");
+    }
+
+    /// Every single-bit flip of a saved state (mid-step, so that both `applied` and
+    /// `moving_to` are at stake) is refused naming the file, or reads the same state:
+    /// never another point, never "consistent" for a device between two points.
+    #[test]
+    fn a_flipped_bit_never_moves_the_applied_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskId([3; 16]);
+        let path = ApplyState::path(dir.path(), &disk);
+        let mut s = ApplyState::new(&disk, Path::new("/dev/sdc"), "block 8:32 1048576".into());
+        s.applied = Some(point(3, 17, 140));
+        s.moving_to = Some(point(3, 18, 151));
+        s.save(&path).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let mut refused = 0;
+        for i in 0..good.len() {
+            for bit in 0..8 {
+                let mut bad = good.clone();
+                bad[i] ^= 1 << bit;
+                std::fs::write(&path, &bad).unwrap();
+                match ApplyState::load(&path) {
+                    Err(e) => {
+                        let e = format!("{e:#}");
+                        assert!(e.contains(&path.display().to_string()), "{e}");
+                        refused += 1;
+                    }
+                    Ok(loaded) => assert_eq!(loaded, Some(s.clone()), "bit {bit} of byte {i}"),
+                }
+            }
+        }
+        assert!(refused > good.len() * 7, "only {refused} flips refused");
     }
 }

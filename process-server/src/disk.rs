@@ -5,7 +5,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -96,6 +96,45 @@ pub struct DiskCore {
     /// Set to 1 while acknowledgements are held for cache space (the metric operators
     /// watch; it must show during the hold, when no group commit updates the others).
     pub space_held: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// A disk's core, shared by its stream, its uploader and the server.
+///
+/// Invariant: the lock is taken only on a blocking thread. A holder may wait for a group
+/// commit's fdatasync, for cache space, or read the journal; a runtime worker waiting on
+/// it stops polling the QUIC endpoints (with two workers, two such waits and the server
+/// answers nobody: no handshakes, no keep-alives, no metrics). Async code goes through
+/// [`SharedDisk::with`]; [`SharedDisk::lock_blocking`] is for threads that may block.
+#[derive(Clone)]
+pub struct SharedDisk(Arc<Mutex<DiskCore>>);
+
+impl SharedDisk {
+    pub fn new(core: DiskCore) -> SharedDisk {
+        SharedDisk(Arc::new(Mutex::new(core)))
+    }
+
+    /// Runs `f` on the core, on a blocking thread.
+    pub async fn with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut DiskCore) -> R + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let core = Arc::clone(&self.0);
+        tokio::task::spawn_blocking(move || f(&mut core.lock().expect("disk lock")))
+            .await
+            .context("a task on the disk's journal panicked")
+    }
+
+    /// The core, locked: only from a thread that may block (never a runtime worker).
+    pub fn lock_blocking(&self) -> MutexGuard<'_, DiskCore> {
+        self.0.lock().expect("disk lock")
+    }
+
+    /// The core itself, if nobody else shares it (to close its journal).
+    pub fn into_core(self) -> Result<DiskCore, SharedDisk> {
+        Arc::try_unwrap(self.0)
+            .map(|m| m.into_inner().expect("disk lock"))
+            .map_err(SharedDisk)
+    }
 }
 
 /// What applying a group of frames produced.

@@ -19,7 +19,7 @@ use ripcord_transport::{
 
 use crate::{
     deploy::{Deployment, machines_dir, tokens_dir},
-    disk::{DiskCore, journal_config},
+    disk::{DiskCore, SharedDisk, journal_config},
     metrics::Metrics,
     peers::Peers,
     registry::Registry,
@@ -33,7 +33,7 @@ const MAX_PENDING_HANDSHAKES: usize = 64;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 pub(crate) struct DiskSlot {
-    pub(crate) core: Arc<Mutex<DiskCore>>,
+    pub(crate) core: SharedDisk,
     /// Uploads this disk's journal to the target store (if one is configured); kept so
     /// the task lives as long as the slot.
     _uploader: Option<tokio::task::JoinHandle<()>>,
@@ -68,10 +68,10 @@ impl State {
         disk: DiskId,
         owner: &str,
         device: Option<&str>,
-    ) -> anyhow::Result<Arc<Mutex<DiskCore>>> {
+    ) -> anyhow::Result<SharedDisk> {
         let mut disks = self.disks.lock().await;
         if let Some(slot) = disks.get(&disk) {
-            return Ok(Arc::clone(&slot.core));
+            return Ok(slot.core.clone());
         }
         let cache = self.dep.config.cache_dir(&self.dep.dir);
         let cfg = journal_config(&self.dep.config);
@@ -81,7 +81,7 @@ impl State {
         core.device = device.map(str::to_owned);
         core.space_held = self.metrics.space_held(&disk.to_string(), owner);
         self.metrics.disk_info(&disk.to_string(), owner, device);
-        let core = Arc::new(Mutex::new(core));
+        let core = SharedDisk::new(core);
         let uploader = self.store.clone().map(|store| {
             let config = &self.dep.config;
             let cfg = crate::uploader::UploadConfig {
@@ -96,7 +96,7 @@ impl State {
                 store,
                 disk,
                 owner.to_owned(),
-                Arc::clone(&core),
+                core.clone(),
                 cfg,
                 status,
             ))
@@ -104,7 +104,7 @@ impl State {
         disks.insert(
             disk,
             DiskSlot {
-                core: Arc::clone(&core),
+                core: core.clone(),
                 _uploader: uploader,
                 driver: None,
             },

@@ -208,15 +208,22 @@ async fn disk_stream(
         refuse(&mut send, ErrorCode::BadFrame, Some(disk), why.clone()).await;
         bail!("ProtectDisk refused: {why}");
     }
-    // Ownership first: a machine may only write its own disks.
-    let claim =
-        state
-            .registry
-            .lock()
-            .expect("registry lock")
-            .claim(&machine, &pd, device.as_deref());
-    match claim {
-        Ok(()) => {}
+    // Ownership first: a machine may only write its own disks. A changed claim is saved
+    // (fsync), so on a blocking thread; the registry keeps the last name told (a protocol
+    // 2 agent tells none).
+    let claim = {
+        let (state, machine, pd) = (Arc::clone(&state), machine.clone(), pd.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut registry = state.registry.lock().expect("registry lock");
+            registry
+                .claim(&machine, &pd, device.as_deref())
+                .map(|()| registry.get(&disk).and_then(|r| r.device.clone()))
+        })
+        .await
+        .context("the registry's writer panicked")?
+    };
+    let device = match claim {
+        Ok(device) => device,
         Err(e @ ClaimError::NotOwner { .. }) => {
             state.metrics.errors.inc();
             refuse(&mut send, ErrorCode::NotOwner, Some(disk), e.to_string()).await;
@@ -234,17 +241,13 @@ async fn disk_stream(
             bail!("{e}");
         }
         Err(e) => return Err(e.into()),
-    }
+    };
 
     let core = state.disk_core(disk, &machine, device.as_deref()).await?;
-    // The registry keeps the last name told (a protocol 2 agent tells none).
-    let device = state
-        .registry
-        .lock()
-        .expect("registry lock")
-        .get(&disk)
-        .and_then(|r| r.device.clone());
-    core.lock().expect("disk lock").device.clone_from(&device);
+    {
+        let device = device.clone();
+        core.with(move |core| core.device = device).await?;
+    }
     state
         .metrics
         .disk_info(&disk_hex, &machine, device.as_deref());
@@ -261,10 +264,8 @@ async fn disk_stream(
     }
 
     let reply = {
-        let core = Arc::clone(&core);
         let pd = pd.clone();
-        tokio::task::spawn_blocking(move || core.lock().expect("disk lock").protect(&pd, &raw))
-            .await??
+        core.with(move |core| core.protect(&pd, &raw)).await??
     };
     match reply {
         Ok(accepted) => send_message(&mut send, &Message::DiskAccepted(accepted)).await?,
@@ -300,19 +301,18 @@ async fn disk_stream(
                     Err(_) => break,
                 }
             }
-            let (core, state, disk_hex, machine) = (
-                Arc::clone(&core),
+            let (state, disk_hex, machine) = (
                 Arc::clone(&worker_state),
                 disk_hex.clone(),
                 worker_machine.clone(),
             );
-            let applied = tokio::task::spawn_blocking(move || {
-                let mut core = core.lock().expect("disk lock");
-                let applied = core.apply(&group);
-                state.metrics.observe(&disk_hex, &machine, &core);
-                applied
-            })
-            .await??;
+            let applied = core
+                .with(move |core| {
+                    let applied = core.apply(&group);
+                    state.metrics.observe(&disk_hex, &machine, core);
+                    applied
+                })
+                .await??;
             // Journaled: their memory is free for the next frames.
             drop(reserved);
             for ack in applied.acks {

@@ -31,7 +31,7 @@ use ripcord_store::{
     Committed, CutInfo, DiskId, DiskWriter, EpochInfo, SealedBatch, Store, WriterConfig,
 };
 
-use crate::disk::{DiskCore, Entry, decode_entry};
+use crate::disk::{Entry, SharedDisk, decode_entry};
 
 /// Upload cadence.
 #[derive(Clone, Copy, Debug)]
@@ -261,7 +261,7 @@ pub struct Uploader {
     store: Store,
     disk: DiskId,
     owner: String,
-    core: Arc<Mutex<DiskCore>>,
+    core: SharedDisk,
     cfg: UploadConfig,
     writer: DiskWriter,
     /// Next journal record to read.
@@ -281,11 +281,11 @@ impl Uploader {
         store: Store,
         disk: DiskId,
         owner: String,
-        core: Arc<Mutex<DiskCore>>,
+        core: SharedDisk,
         cfg: UploadConfig,
     ) -> anyhow::Result<Uploader> {
         let writer = store.disk_writer(disk, WriterConfig::default()).await?;
-        let next = core.lock().expect("disk lock").journal().first_seq();
+        let next = core.with(|c| c.journal().first_seq()).await?;
         Ok(Uploader {
             store,
             disk,
@@ -326,20 +326,23 @@ impl Uploader {
     /// apply retention when due.
     pub async fn step(&mut self) -> anyhow::Result<Step> {
         let hex = self.disk.to_string();
-        // Records durable in the journal, from where we are.
-        let records: Vec<_> = {
-            let core = self.core.lock().expect("disk lock");
-            let journal = core.journal();
-            let from = self.next.max(journal.first_seq());
-            if from >= journal.durable().next_seq {
-                Vec::new()
-            } else {
-                journal
+        // Records durable in the journal, from where we are (disk I/O of up to 256
+        // records, on a blocking thread like every use of the disk lock).
+        let next = self.next;
+        let records: Vec<_> = self
+            .core
+            .with(move |core| -> anyhow::Result<Vec<_>> {
+                let journal = core.journal();
+                let from = next.max(journal.first_seq());
+                if from >= journal.durable().next_seq {
+                    return Ok(Vec::new());
+                }
+                Ok(journal
                     .read_from(from)?
                     .take(256)
-                    .collect::<Result<Vec<_>, _>>()?
-            }
-        };
+                    .collect::<Result<Vec<_>, _>>()?)
+            })
+            .await??;
         let mut step = Step {
             records: records.len(),
             trimmed_through: None,
@@ -366,15 +369,16 @@ impl Uploader {
                 .with_context(|| format!("uploading disk {hex}"))?;
             self.last_flush = Instant::now();
             self.dirty = false;
-            let device = device_of(&self.core);
+            let device = device_of(&self.core).await?;
             self.status.lock().expect("status lock").flushed(
                 &self.disk,
                 (&self.owner, &device),
                 &c,
             );
-            step.trimmed_through = self.trim(&c)?;
+            step.trimmed_through = self.trim(&c).await?;
             tracing::debug!(disk = %hex, durable_seq = c.durable_seq, "uploaded");
         }
+        let (waiting, device) = disk_summary(&self.core).await?;
         if self.last_gc.elapsed() >= self.cfg.gc_interval {
             self.last_gc = Instant::now();
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
@@ -382,19 +386,17 @@ impl Uploader {
             match self.store.apply_retention(&self.disk, keep_after).await {
                 Ok(r) if r.is_noop() => tracing::debug!(disk = %hex, "retention: nothing to do"),
                 Ok(r) => tracing::info!(
-                    disk = %hex, device = device_of(&self.core), machine = self.owner,
+                    disk = %hex, device, machine = self.owner,
                     "retention: {r}"
                 ),
                 Err(e) => tracing::warn!(
-                    disk = %hex, device = device_of(&self.core), machine = self.owner,
+                    disk = %hex, device, machine = self.owner,
                     "retention failed (retried in {} s): {}",
                     self.cfg.gc_interval.as_secs(),
                     ripcord_types::report(&e)
                 ),
             }
         }
-        let waiting = self.data_waiting();
-        let device = device_of(&self.core);
         self.status.lock().expect("status lock").check_stale(
             &self.disk,
             (&self.owner, &device),
@@ -402,11 +404,6 @@ impl Uploader {
             self.cfg.point_age_warn,
         );
         Ok(step)
-    }
-
-    /// Whether the journal holds records not yet trimmed (data no point covers yet).
-    fn data_waiting(&self) -> bool {
-        data_waiting(&self.core)
     }
 
     /// Hands one record to the store writer; returns what to wait for before trimming it.
@@ -432,7 +429,7 @@ impl Uploader {
                     epoch: pd.epoch,
                     machine_id: self.owner.clone(),
                     // The owner's latest name for the disk: its claim, shown to people.
-                    device: self.core.lock().expect("disk lock").device.clone(),
+                    device: self.core.with(|c| c.device.clone()).await?,
                     size_bytes: pd.size_bytes,
                     sector_size: pd.sector_size,
                     wrapped_key: pd.wrapped_key,
@@ -463,7 +460,7 @@ impl Uploader {
     }
 
     /// Trims the journal through the last record whose content the store has committed.
-    fn trim(&mut self, c: &Committed) -> anyhow::Result<Option<u64>> {
+    async fn trim(&mut self, c: &Committed) -> anyhow::Result<Option<u64>> {
         let mut trim_to = None;
         while let Some(&(seq, p)) = self.pending.front() {
             if !p.done(c) {
@@ -473,22 +470,29 @@ impl Uploader {
             self.pending.pop_front();
         }
         if let Some(seq) = trim_to {
-            self.core.lock().expect("disk lock").trim_through(seq)?;
+            self.core.with(move |core| core.trim_through(seq)).await??;
         }
         Ok(trim_to)
     }
 }
 
 /// The owner's name for the disk, for log lines ("?" if it gave none).
-fn device_of(core: &Mutex<DiskCore>) -> String {
-    let core = core.lock().expect("disk lock");
-    core.device.clone().unwrap_or_else(|| "?".to_owned())
+async fn device_of(core: &SharedDisk) -> anyhow::Result<String> {
+    Ok(disk_summary(core).await?.1)
 }
 
-fn data_waiting(core: &Mutex<DiskCore>) -> bool {
-    let core = core.lock().expect("disk lock");
-    let journal = core.journal();
-    journal.first_seq() < journal.durable().next_seq
+/// Whether the journal holds records not yet trimmed (data no point covers yet), and the
+/// owner's name for the disk.
+async fn disk_summary(core: &SharedDisk) -> anyhow::Result<(bool, String)> {
+    core.with(|core| {
+        let journal = core.journal();
+        let waiting = journal.first_seq() < journal.durable().next_seq;
+        (
+            waiting,
+            core.device.clone().unwrap_or_else(|| "?".to_owned()),
+        )
+    })
+    .await
 }
 
 /// Upload `disk`'s journal until `stop` is set: the uploader is reopened after any error,
@@ -498,7 +502,7 @@ pub async fn supervise(
     store: Store,
     disk: DiskId,
     owner: String,
-    core: Arc<Mutex<DiskCore>>,
+    core: SharedDisk,
     cfg: UploadConfig,
     status: Arc<Mutex<UploadStatus>>,
 ) {
@@ -506,7 +510,7 @@ pub async fn supervise(
     loop {
         let result: anyhow::Result<std::convert::Infallible> = async {
             let mut uploader =
-                Uploader::open(store.clone(), disk, owner.clone(), Arc::clone(&core), cfg)
+                Uploader::open(store.clone(), disk, owner.clone(), core.clone(), cfg)
                     .await?
                     .with_status(Arc::clone(&status));
             loop {
@@ -522,8 +526,9 @@ pub async fn supervise(
         }
         .await;
         let Err(e) = result;
-        let waiting = data_waiting(&core);
-        let device = device_of(&core);
+        let (waiting, device) = disk_summary(&core)
+            .await
+            .unwrap_or_else(|_| (true, "?".to_owned()));
         {
             let mut st = status.lock().expect("status lock");
             st.failed(&disk, (&owner, &device), &e, delay);

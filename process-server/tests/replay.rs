@@ -2,8 +2,6 @@
 //! past the epoch's start: the store supplies what was trimmed, the journal the rest.
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use ripcord_journal::RecordType;
 use ripcord_process_server::{
@@ -52,7 +50,7 @@ fn a_journal_trimmed_past_its_epoch_start_replays_to_the_right_image() {
             store,
             DISK,
             MACHINE.to_owned(),
-            Arc::clone(&f.core),
+            f.core.clone(),
             upload_config(),
         )
         .await
@@ -65,7 +63,7 @@ fn a_journal_trimmed_past_its_epoch_start_replays_to_the_right_image() {
         }
     });
     {
-        let core = f.core.lock().unwrap();
+        let core = f.core.lock_blocking();
         let journal = core.journal();
         let first = journal
             .read_from(journal.first_seq())

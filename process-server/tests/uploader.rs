@@ -29,7 +29,7 @@ async fn open_uploader(f: &Fixture, store: Store) -> Uploader {
         store,
         DISK,
         MACHINE.to_owned(),
-        Arc::clone(&f.core),
+        f.core.clone(),
         upload_config(),
     )
     .await

@@ -16,6 +16,25 @@ use testkit::{
 
 const MIB: u64 = 1 << 20;
 
+/// Writes `mib` MiB of incompressible data (from `seed`) at `offset_mib` MiB of `device`,
+/// synced.
+pub fn write_random_at(device: &Path, offset_mib: u64, mib: u64, seed: u64) {
+    use rand::{RngExt as _, SeedableRng as _};
+    use std::io::{Seek as _, SeekFrom, Write as _};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(device)
+        .unwrap();
+    f.seek(SeekFrom::Start(offset_mib * MIB)).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    for _ in 0..mib {
+        rng.fill(&mut buf[..]);
+        f.write_all(&buf).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
 /// Panic unless the files or devices `a` and `b` are equal, naming the differing sectors.
 pub fn assert_same(a: &Path, b: &Path, what: &str) {
     let diff = testkit::sys::diff_sectors(a, b).expect("compare");

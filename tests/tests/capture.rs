@@ -504,24 +504,7 @@ fn split_writes_are_captured_exactly() {
         return;
     };
     let lo = lab.loop_device("disk.img", 256 * MIB);
-    let name = lo.path.file_name().unwrap().to_string_lossy().into_owned();
-    let limit = format!("/sys/block/{name}/queue/max_sectors_kb");
-    // The limit outlives the loop device's attachment: put it back whatever happens, or
-    // the next test on this device number splits too.
-    struct Restore(String, String);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            if let Err(e) = std::fs::write(&self.0, &self.1) {
-                eprintln!("warning: restoring {}: {e}", self.0);
-            }
-        }
-    }
-    let _restore = Restore(
-        limit.clone(),
-        std::fs::read_to_string(&limit).unwrap().trim().to_owned(),
-    );
-    std::fs::write(&limit, "4").unwrap();
-    assert_eq!(std::fs::read_to_string(&limit).unwrap().trim(), "4");
+    let _limit = testkit::sys::QueueLimit::set(&lo.path, "max_sectors_kb", "4").unwrap();
     let watcher = AgentProcess::watch(&agent(), &[&lo.path], &[], lab.path()).unwrap();
     let mut w = Workload::new(&lo.path, 0x5eed_0003).unwrap();
     w.direct_writes(200).unwrap();

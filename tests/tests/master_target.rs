@@ -4,8 +4,7 @@
 //! Needs root. Skips loudly without it, and fails under `CI=true`.
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -16,94 +15,11 @@ use std::{
 use ripcord_tests::{assert_same, http_get, metric};
 use testkit::{
     Mount, Site, Workload,
-    replication::{Replicator, failover, free_tcp_port, wait_for, wait_for_point},
+    master_target::{MasterTarget, mt_command, mt_failback, mt_status},
+    replication::{Replicator, failover, wait_for, wait_for_point},
 };
 
 const MIB: u64 = 1 << 20;
-
-/// `ripcord-mt <command>` on `disk` of the site's store, applied to `device` with its
-/// state in `state_dir`.
-fn mt_command(site: &Site, command: &str, disk: &str, device: &Path, state_dir: &Path) -> Command {
-    let mut c = Command::new(testkit::binary("ripcord-mt"));
-    c.args([command, "--target", site.target(), "--disk", disk])
-        .arg("--device")
-        .arg(device)
-        .arg("--state-dir")
-        .arg(state_dir)
-        .arg("--passphrase-file")
-        .arg(&site.ps.passphrase_file)
-        .env("RUST_BACKTRACE", "0");
-    c
-}
-
-/// A running `ripcord-mt follow`, killed on drop.
-struct MasterTarget {
-    child: Child,
-    log: PathBuf,
-    metrics_port: u16,
-}
-
-impl MasterTarget {
-    fn start(site: &Site, disk: &str, device: &Path, state_dir: &Path, run: usize) -> MasterTarget {
-        let log = site.path().join(format!("mt-{run}.log"));
-        let metrics_port = free_tcp_port();
-        let child = mt_command(site, "follow", disk, device, state_dir)
-            .args(["--poll-ms", "100", "--metrics-listen"])
-            .arg(format!("127.0.0.1:{metrics_port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting ripcord-mt");
-        MasterTarget {
-            child,
-            log,
-            metrics_port,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, and the exit status.
-    fn stop(mut self) -> bool {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        for _ in 0..600 {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return s.success();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("ripcord-mt did not stop within 30 s:\n{}", self.log());
-    }
-}
-
-impl Drop for MasterTarget {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// `ripcord-mt status --json` of `state_dir`: one state per followed disk.
-fn mt_status(state_dir: &Path) -> (Option<i32>, Vec<serde_json::Value>) {
-    let out = Command::new(testkit::binary("ripcord-mt"))
-        .args(["status", "--json", "--state-dir"])
-        .arg(state_dir)
-        .output()
-        .expect("running ripcord-mt status");
-    let states = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("status --json prints JSON lines"))
-        .collect();
-    (out.status.code(), states)
-}
 
 #[test]
 fn the_master_target_keeps_a_device_at_the_newest_point_through_ten_kills() {
@@ -252,18 +168,6 @@ fn the_master_target_keeps_a_device_at_the_newest_point_through_ten_kills() {
         err.contains("--reset"),
         "the refusal does not say what to do: {err}"
     );
-}
-
-/// `ripcord-mt failback`: (success, stdout, stderr).
-fn mt_failback(site: &Site, disk: &str, device: &Path, state_dir: &Path) -> (bool, String, String) {
-    let out = mt_command(site, "failback", disk, device, state_dir)
-        .output()
-        .expect("running ripcord-mt failback");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn ext4_files(device: &Path, mnt: &Path, seed: u64) {

@@ -21,26 +21,9 @@ use std::{
 };
 
 use rand::{RngExt as _, SeedableRng as _};
-use testkit::{
-    Site,
-    replication::{Replicator, wait_for_point},
-};
+use testkit::Site;
 
 const MIB: u64 = 1 << 20;
-
-fn write_random(device: &Path, seed: u64) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(device)
-        .unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    for _ in 0..6 {
-        rng.fill(&mut buf[..]);
-        f.write_all(&buf).unwrap();
-    }
-    f.sync_all().unwrap();
-}
 
 /// `ripcord plan <args>`: (success, stdout + stderr).
 fn plan(site: &Site, args: &[&str]) -> (bool, String) {
@@ -64,24 +47,6 @@ fn plan(site: &Site, args: &[&str]) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
-}
-
-/// Stops the agent cleanly and waits until every disk has a point with all it pushed.
-fn stop_for_final_points(site: &Site, agent: Replicator) {
-    let stats = agent.stats_file.clone();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "the agent did not stop cleanly:\n{log}");
-    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(stats).unwrap()).unwrap();
-    for d in stats["disks"].as_array().unwrap() {
-        wait_for_point(
-            site.target(),
-            d["disk_id"].as_str().unwrap(),
-            &site.ps.passphrase_file,
-            d["pushed_seq"].as_u64().unwrap(),
-            Duration::from_secs(90),
-        )
-        .unwrap();
-    }
 }
 
 fn assert_equal(image: &Path, device: &Path) {
@@ -119,13 +84,14 @@ fn a_plan_runs_groups_in_order_pauses_stops_and_continues() {
         .map(|i| site.loop_device(&format!("m{i}.img"), 16 * MIB))
         .collect();
     for (i, d) in devices.iter().enumerate() {
-        write_random(&d.path, 100 + i as u64);
+        ripcord_tests::write_random_at(&d.path, 0, 6, 100 + i as u64);
     }
     let paths: Vec<&Path> = devices.iter().map(|d| d.path.as_path()).collect();
     let agent = site.replicator(&paths);
     agent.wait_synced(Duration::from_secs(60)).unwrap();
     let disks: Vec<String> = paths.iter().map(|p| site.id.disk_id(p).unwrap()).collect();
-    stop_for_final_points(&site, agent);
+    let refs: Vec<&str> = disks.iter().map(String::as_str).collect();
+    site.final_points(agent, &refs);
 
     let dir = site.path().to_owned();
     let log = dir.join("order.log");
@@ -219,6 +185,31 @@ ready = {{ tcp = "127.0.0.1:{port}", timeout-secs = 10 }}
     assert_equal(&out(1), &devices[1].path);
     assert_equal(&out(2), &devices[2].path);
     assert!(!out(3).exists(), "group web ran after a failed step");
+
+    // One run at a time: while another `ripcord plan` holds the plan's lock, nothing
+    // runs.
+    let lock = ripcord_crashsafe::try_lock_exclusive(&states.join("erp.lock"))
+        .unwrap()
+        .expect("the lock is free between commands");
+    let (ok, said) = plan(
+        &site,
+        &["failover", "--plan", p, "--state-dir", s, "--continue"],
+    );
+    assert!(!ok && said.contains("being run by another"), "{said}");
+    drop(lock);
+    // A run whose process died mid-step (its state says running, and nobody holds the
+    // lock) counts as failed at that step, and --continue takes it over.
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    state["status"] = "running".into();
+    std::fs::write(&state_file, state.to_string()).unwrap();
+    let (ok, said) = plan(&site, &["failover", "--plan", p, "--state-dir", s]);
+    assert!(
+        !ok && said.contains("interrupted")
+            && said.contains("app: post 1")
+            && said.contains("--continue"),
+        "{said}"
+    );
 
     // Fixed: --continue runs the failed step again, then group web.
     std::fs::remove_file(&fail_flag).unwrap();
@@ -326,7 +317,7 @@ ready = {{ tcp = "127.0.0.1:{port}", timeout-secs = 10 }}
         );
     }
     writer.join().unwrap();
-    stop_for_final_points(&site, agent);
+    site.final_points(agent, &refs);
     let (ok, said) = plan(&site, &["cleanup", "--plan", p, "--state-dir", s]);
     assert!(ok && said.contains("removed 4 test image(s)"), "{said}");
     assert_eq!(std::fs::read_dir(scratch.join("erp")).unwrap().count(), 0);

@@ -231,6 +231,9 @@ fn foreign_peers_and_foreign_disks_are_refused() {
         serde_json::from_slice(&std::fs::read(stranger.state_dir.join("state.json")).unwrap())
             .unwrap();
     state["server"] = format!("127.0.0.1:{}", site.ps.data_port).into();
+    // Edited on purpose, so without its checksum (a CRC finds damage; it is no defence
+    // against the machine's own root, which the server's checks are).
+    state.as_object_mut().unwrap().remove("crc32c");
     std::fs::write(stranger.state_dir.join("state.json"), state.to_string()).unwrap();
     let mut intruder = Replicator::start(&stranger, &[&disk.path], &[]).unwrap();
     std::thread::sleep(Duration::from_secs(3));
@@ -264,6 +267,8 @@ fn foreign_peers_and_foreign_disks_are_refused() {
         serde_json::from_slice(&std::fs::read(&thief_state_path).unwrap()).unwrap();
     thief_state["disks"] =
         serde_json::json!({ disk.path.to_string_lossy(): { "disk_id": disk_id, "epoch": 5 } });
+    // Edited on purpose, so without its checksum: the server refuses it, not the CRC.
+    thief_state.as_object_mut().unwrap().remove("crc32c");
     std::fs::write(&thief_state_path, thief_state.to_string()).unwrap();
     // The refusal may come before or after the agent reports that it is tracking.
     let log = match Replicator::start(&thief, &[&disk.path], &[]) {

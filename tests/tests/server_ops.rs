@@ -1,7 +1,8 @@
 //! The process server for operators: it stops within a bound even while a full cache holds
 //! its journal writes; a full cache holds acknowledgements and replication resumes by
-//! itself when space returns; and a full target store is named, counted and recovered from
-//! without anyone's help.
+//! itself when space returns; a cache disk that stops taking writes holds acknowledgements
+//! while the server keeps answering; and a full target store is named, counted and
+//! recovered from without anyone's help.
 //!
 //! Needs root (tmpfs mounts, loop devices, BPF). Skips loudly without it, and fails under
 //! `CI=true`.
@@ -12,9 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rand::{RngExt as _, SeedableRng as _};
-use ripcord_tests::{http_get, metric};
-use testkit::{Mount, Scratch, Site, replication::wait_for};
+use ripcord_tests::{http_get, metric, write_random_at};
+use testkit::{LoopDevice, Mount, Scratch, Site, replication::wait_for, sys::Frozen};
 
 const MIB: u64 = 1 << 20;
 
@@ -53,23 +53,6 @@ fn write_random(device: &Path, mib: u64) {
     write_random_at(device, 0, mib, 7);
 }
 
-/// Writes `mib` MiB of incompressible data (from `seed`) at `offset_mib` of `device`.
-fn write_random_at(device: &Path, offset_mib: u64, mib: u64, seed: u64) {
-    use std::io::{Seek as _, SeekFrom};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(device)
-        .unwrap();
-    f.seek(SeekFrom::Start(offset_mib * MIB)).unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    for _ in 0..mib {
-        rng.fill(&mut buf[..]);
-        f.write_all(&buf).unwrap();
-    }
-    f.sync_all().unwrap();
-}
-
 /// A site whose process server caches on a tmpfs of `mib` MiB (`segment-mib = 4`, then
 /// `extra` ps.toml lines); `build` adds to the site. The tmpfs lives outside the site's
 /// scratch directory, and the fields drop in order: the site (its server killed), then the
@@ -79,11 +62,30 @@ struct CacheSite {
     site: Site,
     cache_dir: PathBuf,
     _cache: Mount,
+    _cache_device: Option<LoopDevice>,
     _root: Scratch,
+}
+
+/// What the process server's cache lives on.
+#[derive(Clone, Copy)]
+enum CacheFs {
+    Tmpfs,
+    /// ext4 on a loop device: a file system that can be frozen.
+    Ext4,
 }
 
 fn cache_site(
     test: &str,
+    mib: u64,
+    extra: &str,
+    build: impl FnOnce(testkit::fixture::SiteBuilder) -> testkit::fixture::SiteBuilder,
+) -> Option<CacheSite> {
+    cache_site_on(test, CacheFs::Tmpfs, mib, extra, build)
+}
+
+fn cache_site_on(
+    test: &str,
+    fs: CacheFs,
     mib: u64,
     extra: &str,
     build: impl FnOnce(testkit::fixture::SiteBuilder) -> testkit::fixture::SiteBuilder,
@@ -93,7 +95,17 @@ fn cache_site(
     }
     let root = Scratch::new(&format!("{mib}m-cache"));
     let cache_dir = root.path.join("cache");
-    let cache = tmpfs(&cache_dir, mib);
+    let (cache, cache_device) = match fs {
+        CacheFs::Tmpfs => (tmpfs(&cache_dir, mib), None),
+        CacheFs::Ext4 => {
+            let device = LoopDevice::create(&root.path.join("cache.img"), mib * MIB)
+                .expect("a loop device for the cache");
+            let dev = device.path.to_str().expect("path");
+            testkit::sys::run("mkfs.ext4", &["-q", dev]).expect("mkfs.ext4 on the cache device");
+            let mount = Mount::new(&device.path, &cache_dir, &[]).expect("mounting the cache");
+            (mount, Some(device))
+        }
+    };
     let site = build(Site::builder(test).ps_config(&format!(
         "cache-dir = \"{}\"\nsegment-mib = 4\n{extra}",
         cache_dir.display()
@@ -103,6 +115,7 @@ fn cache_site(
         site,
         cache_dir,
         _cache: cache,
+        _cache_device: cache_device,
         _root: root,
     })
 }
@@ -257,6 +270,133 @@ fn a_full_cache_holds_acknowledgements_and_replication_resumes_when_space_return
         "the replica differs from the device in {} sectors",
         testkit::ranges::total(&diff)
     );
+}
+
+/// A cache disk that stops taking writes (frozen: every journal write and fsync waits)
+/// holds acknowledgements, and the server keeps answering meanwhile: its metrics, and the
+/// handshake of a restarted agent whose two disk streams open while both journals are
+/// stuck in a group commit (opening a stream for a disk must not wait for that disk's
+/// journal on a runtime worker; with two workers, two such waits silence the server).
+/// Once the cache thaws, replication resumes and every replica equals its device.
+#[test]
+fn a_stalled_cache_disk_holds_acknowledgements_but_the_server_keeps_answering() {
+    let test = "a_stalled_cache_disk_holds_acknowledgements_but_the_server_keeps_answering";
+    let Some(c) = cache_site_on(test, CacheFs::Ext4, 256, "", |b| b.file_target()) else {
+        return;
+    };
+    let (site, cache_dir) = (&c.site, &c.cache_dir);
+    let disks = [
+        site.loop_device("a.img", 32 * MIB),
+        site.loop_device("b.img", 32 * MIB),
+    ];
+    let paths: Vec<&Path> = disks.iter().map(|d| d.path.as_path()).collect();
+    for (n, d) in paths.iter().enumerate() {
+        write_random_at(d, 0, 4, n as u64);
+    }
+    let mut agent = site.replicator(&paths);
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let ids: Vec<String> = paths.iter().map(|p| site.id.disk_id(p).unwrap()).collect();
+    let seqs = |agent: &testkit::replication::Replicator, field: &str| -> Vec<u64> {
+        let stats = agent.stats().unwrap_or_default();
+        ids.iter()
+            .map(|id| {
+                stats["disks"]
+                    .as_array()
+                    .and_then(|d| d.iter().find(|d| d["disk_id"] == id.as_str()))
+                    .and_then(|d| d[field].as_u64())
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    wait_for(
+        "the initial sync to be acknowledged",
+        Duration::from_secs(60),
+        || Ok(seqs(&agent, "acked_seq") == seqs(&agent, "pushed_seq")),
+    )
+    .unwrap();
+
+    // The cache freezes with both disks' streams writing: their group commits wait.
+    let frozen = Frozen::new(cache_dir).expect("freezing the cache");
+    let frozen_at = Instant::now();
+    for (n, d) in paths.iter().enumerate() {
+        write_random_at(d, 8, 4, 10 + n as u64);
+    }
+    wait_for(
+        "the agent to push batches the frozen cache cannot journal",
+        Duration::from_secs(30),
+        || {
+            let (pushed, acked) = (seqs(&agent, "pushed_seq"), seqs(&agent, "acked_seq"));
+            Ok(pushed.iter().zip(&acked).all(|(p, a)| p > a))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}:\n{}", agent.log()));
+    let held = seqs(&agent, "acked_seq");
+
+    // The agent dies and comes back: its new connection opens both disks' streams while
+    // the old streams' group commits still hold the journals.
+    agent.kill9();
+    drop(agent);
+    let agent = site.replicator(&paths);
+    let restarted_at = Instant::now();
+    // For 12 s (twice the agent's idle timeout), the server answers its metrics within 2 s
+    // every time it is asked, and the agent's handshake completes.
+    let mut slowest = Duration::ZERO;
+    while restarted_at.elapsed() < Duration::from_secs(12) {
+        let asked = Instant::now();
+        let metrics = http_get(site.ps.metrics_port, "/metrics");
+        slowest = slowest.max(asked.elapsed());
+        assert!(
+            metrics.contains("ripcord_ps_connections"),
+            "the metrics endpoint answered without metrics:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        slowest < Duration::from_secs(2),
+        "the server took {slowest:?} to answer its metrics while the cache was frozen"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("connected to")
+            && !log.contains("no answer from the process server")
+            && !log.contains("reconnecting in"),
+        "the server did not answer the restarted agent while the cache was frozen:\n{log}\n\
+         process server log:\n{}",
+        site.ps.logs()
+    );
+    assert_eq!(
+        seqs(&agent, "acked_seq").iter().max(),
+        Some(&0),
+        "the restarted agent got acknowledgements while the cache was frozen (held before: \
+         {held:?})"
+    );
+
+    // The cache thaws after about 20 s: everything goes through, nothing was lost.
+    std::thread::sleep(Duration::from_secs(20).saturating_sub(frozen_at.elapsed()));
+    frozen.thaw().expect("thawing the cache");
+    agent.wait_synced(Duration::from_secs(90)).unwrap();
+    let (log, points) =
+        site.final_points(agent, &ids.iter().map(String::as_str).collect::<Vec<_>>());
+    for ((point, id), device) in points.iter().zip(&ids).zip(&paths) {
+        let image = site.path().join(format!("{id}.img"));
+        let point_id = point["id"].as_str().unwrap();
+        let (ok, _, err) = testkit::replication::failover(
+            site.target(),
+            id,
+            point_id,
+            &image,
+            &site.ps.passphrase_file,
+        )
+        .unwrap();
+        assert!(ok, "failover of {id} to {point_id} failed: {err}\n{log}");
+        let diff = testkit::sys::diff_sectors(&image, device).expect("compare");
+        assert!(
+            diff.is_empty(),
+            "the replica of {} differs from the device in {} sectors",
+            device.display(),
+            testkit::ranges::total(&diff)
+        );
+    }
 }
 
 /// `ripcord-ps health` as an operator's monitoring sees it.

@@ -16,9 +16,10 @@ fn parse_fault(name: &str) -> anyhow::Result<Fault> {
         "partition" => Fault::Partition,
         "flap" => Fault::Flap,
         "rebind" => Fault::Rebind,
+        "kill-mt" => Fault::KillMasterTarget,
         other => bail!(
-            "unknown fault {other:?}: kill-agent, kill-server, lossy-network, partition, \
-             flap or rebind"
+            "unknown fault {other:?}: kill-agent, kill-server, kill-mt, lossy-network, \
+             partition, flap or rebind"
         ),
     })
 }
@@ -44,12 +45,8 @@ pub fn run(
         bail!("cargo xtask chaos needs root (BPF, loop devices)");
     };
     let config = ChaosConfig {
-        duration: Duration::from_secs(minutes * 60),
-        max_faults: usize::MAX,
-        faults,
-        seed,
-        disk_mib: 256,
         check_points,
+        ..ChaosConfig::new(seed, faults, Duration::from_secs(minutes * 60))
     };
     let report = testkit::chaos::run(&mut site, &config)
         .with_context(|| format!("chaos run with seed {seed} broke an invariant"))?;

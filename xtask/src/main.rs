@@ -7,11 +7,12 @@
 mod bench;
 mod chaos;
 mod demo;
+mod deploy;
 mod fuzz;
 mod saturation;
 mod setup;
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -28,7 +29,7 @@ struct Cli {
 enum Task {
     /// Install what the build and tests need: nightly rust-src, bpf-linker (against the
     /// nightly compiler's LLVM), clippy, rustfmt, apt packages (fio, e2fsprogs, xfsprogs,
-    /// util-linux, fdisk), Garage (`cargo install garage`, for the S3 test). Idempotent.
+    /// util-linux, fdisk, iproute2, nftables, openssh-server), Garage (`cargo install garage`, for the S3 test). Idempotent.
     /// `demo` and `bench` install all but Garage; `test` installs everything.
     Setup,
     /// Run everything CI runs: setup, rustfmt and clippy checks, the build, unit tests, and
@@ -50,11 +51,13 @@ enum Task {
         size_mib: u64,
     },
     /// Chaos for long runs outside CI: an agent replicates a loop device under the oracle
-    /// workload while agent and server kills, lossy networks, partitions, flapping links
-    /// and address changes hit it at random moments. At the end every invariant is checked
-    /// (acknowledged batches durable, recovery points crash-consistent by the oracle, the
-    /// final point equal to the device) and a table of faults and checks is printed. Needs
-    /// root; uses the release binaries.
+    /// workload, and a master target follows it onto a second device, while kills of the
+    /// agent, the server and the master target, lossy networks, partitions, flapping links
+    /// and address changes hit them at random moments. At the end every invariant is
+    /// checked (acknowledged batches durable, recovery points crash-consistent by the
+    /// oracle, the final point and the master target's device equal to the source) and a
+    /// table of faults, recovery times and checks is printed. A failed run writes every log
+    /// to /var/tmp/ripcord-chaos-<seed>.log. Needs root; uses the release binaries.
     Chaos {
         /// How long to inject faults.
         #[arg(long, default_value_t = 10)]
@@ -62,8 +65,8 @@ enum Task {
         /// Seed of the schedule (default: random; printed, to replay a run).
         #[arg(long)]
         seed: Option<u64>,
-        /// Only these faults (repeat): kill-agent, kill-server, lossy-network, partition,
-        /// flap, rebind. Default: all.
+        /// Only these faults (repeat): kill-agent, kill-server, kill-mt, lossy-network,
+        /// partition, flap, rebind. Default: all.
         #[arg(long = "fault")]
         faults: Vec<String>,
         /// Recovery points to check with the oracle, spread evenly (0: every one).
@@ -84,6 +87,37 @@ enum Task {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Install ripcord on the hosts of an inventory over SSH (see deploy.example.toml):
+    /// checks every host first (SSH with verified host keys, root, kernel and BTF, free
+    /// space, clock offset, devices) and changes nothing if any has a problem; then the
+    /// process server's host (binaries, hardened systemd unit, deployment, ps.toml), then
+    /// each agent host (binaries, unit, agent.toml, registration with a fresh single-use
+    /// token), and waits until every disk finished its initial sync and has a recovery
+    /// point. Running it again changes nothing and says so. Secrets (the passphrase,
+    /// tokens) travel on SSH standard input, never on command lines or in logs.
+    Deploy {
+        /// The inventory (TOML).
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Install the binaries in this directory instead of building release ones.
+        #[arg(long)]
+        binaries: Option<PathBuf>,
+        /// Roll out binaries that differ from the installed ones (process server first,
+        /// then agents one host at a time, each healthy before the next). An agent restart
+        /// is a full resync of its disks until issue 14's restart without resync.
+        #[arg(long, conflicts_with = "uninstall")]
+        upgrade: bool,
+        /// Stop and remove everything deploy installed (agents first, each once what it
+        /// sent is durable). Protected disks and the target store stay.
+        #[arg(long)]
+        uninstall: bool,
+        /// Only check the inventory and every host; change nothing.
+        #[arg(long, conflicts_with = "uninstall")]
+        check: bool,
+        /// Seconds to wait for the process server to be healthy and disks to sync.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
     /// Benchmarks; results are printed as a table and written under target/bench/.
     Bench {
         #[command(subcommand)]
@@ -98,6 +132,8 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { .. } | Task::Bench { .. } | Task::Chaos { .. } | Task::Fuzz { .. } => {
             setup::Needs::Base
         }
+        // Installs nothing here: the hosts are elsewhere, and --binaries needs no build.
+        Task::Deploy { .. } => setup::Needs::Nothing,
     };
     setup::run(needs).context("setup")?;
     match cli.task {
@@ -115,6 +151,21 @@ fn main() -> anyhow::Result<()> {
             check_points,
         } => chaos::run(minutes, seed, &faults, check_points),
         Task::Fuzz { minutes, target } => fuzz::run(minutes, target.as_deref()),
+        Task::Deploy {
+            inventory,
+            binaries,
+            upgrade,
+            uninstall,
+            check,
+            timeout_secs,
+        } => deploy::run(&deploy::Options {
+            inventory,
+            binaries,
+            upgrade,
+            uninstall,
+            check,
+            timeout: std::time::Duration::from_secs(timeout_secs),
+        }),
     }
 }
 
@@ -198,10 +249,9 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64, u64)> {
     Ok(totals)
 }
 
-/// Build the release binaries of the agent, the process server, `ripcord`, the master
-/// target and the oracle, and point
-/// the testkit helpers at them.
-fn release_binaries() -> anyhow::Result<()> {
+/// Builds the release binaries of the agent, the process server, `ripcord`, the master
+/// target and the oracle, and point the testkit helpers at them; returns their directory.
+fn release_binaries() -> anyhow::Result<std::path::PathBuf> {
     cargo(&[
         "build",
         "--release",
@@ -216,9 +266,10 @@ fn release_binaries() -> anyhow::Result<()> {
         "-p",
         "ripcord-oracle",
     ])?;
+    let dir = workspace_root().join("target/release");
     // SAFETY: called while the xtask is single-threaded; the helpers read it when spawning.
-    unsafe { std::env::set_var("RIPCORD_BIN_DIR", workspace_root().join("target/release")) };
-    Ok(())
+    unsafe { std::env::set_var("RIPCORD_BIN_DIR", &dir) };
+    Ok(dir)
 }
 
 /// Run `cargo` with `args` from the workspace root.

@@ -14,7 +14,18 @@ use crate::{cmd, cmd_output};
 const GARAGE_VERSION: &str = "2.5.0";
 
 /// Debian packages the tests, demo and benchmarks use.
-const APT_PACKAGES: &[&str] = &["fio", "e2fsprogs", "xfsprogs", "util-linux", "fdisk"];
+/// iproute2 and nftables: the network-namespace tests (`tests/tests/faults/netns.rs`);
+/// openssh-server: the deploy test (`tests/tests/deploy.rs`, an sshd per simulated host).
+const APT_PACKAGES: &[&str] = &[
+    "fio",
+    "e2fsprogs",
+    "xfsprogs",
+    "util-linux",
+    "fdisk",
+    "iproute2",
+    "nftables",
+    "openssh-server",
+];
 
 /// What a task needs beyond the BPF toolchain and the Debian packages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,9 +35,14 @@ pub enum Needs {
     /// The whole test suite: also Garage (only the S3 test uses it; it builds from source
     /// in 10-30 minutes, so the demo does not wait for it).
     Everything,
+    /// Nothing (deploy: its work happens on other hosts).
+    Nothing,
 }
 
 pub fn run(needs: Needs) -> anyhow::Result<()> {
+    if needs == Needs::Nothing {
+        return Ok(());
+    }
     announce(needs);
     toolchains()?;
     bpf_linker()?;
@@ -56,7 +72,10 @@ fn announce(needs: Needs) {
         plan.push("bpf-linker, built against the nightly compiler's LLVM (3-6 minutes)");
     }
     if !APT_PACKAGES.iter().all(|p| dpkg_installed(p)) {
-        plan.push("Debian packages: fio, e2fsprogs, xfsprogs, util-linux, fdisk (under a minute)");
+        plan.push(
+            "Debian packages: fio, e2fsprogs, xfsprogs, util-linux, fdisk, iproute2, nftables, \
+             openssh-server (under a minute)",
+        );
     }
     if needs == Needs::Everything
         && which("garage").is_err()

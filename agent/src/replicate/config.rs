@@ -77,6 +77,31 @@ pub struct AgentConfig {
     /// pending, in seconds (1..=3600); then the agent exits non-zero saying what was not
     /// acknowledged. A second signal stops at once. Default 30.
     pub drain_timeout_secs: u64,
+    /// QUIC congestion controller of the replication stream: `cubic` (backs off on every
+    /// loss, as Linux TCP), `bbr` (paces by measured bandwidth and round-trip time, keeps
+    /// its rate through random loss that is not congestion: lossy WAN links) or
+    /// `new-reno`. `cargo xtask bench link` compares them. Default `cubic`.
+    pub congestion: CongestionControl,
+}
+
+/// See [`AgentConfig::congestion`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CongestionControl {
+    #[default]
+    Cubic,
+    Bbr,
+    NewReno,
+}
+
+impl From<CongestionControl> for ripcord_transport::endpoint::Congestion {
+    fn from(c: CongestionControl) -> Self {
+        match c {
+            CongestionControl::Cubic => ripcord_transport::endpoint::Congestion::Cubic,
+            CongestionControl::Bbr => ripcord_transport::endpoint::Congestion::Bbr,
+            CongestionControl::NewReno => ripcord_transport::endpoint::Congestion::NewReno,
+        }
+    }
 }
 
 /// See [`AgentConfig::discards_read_zero`].
@@ -122,6 +147,7 @@ impl Default for AgentConfig {
             metrics_addr: "127.0.0.1:9445".to_owned(),
             discards_read_zero: DiscardsReadZero::Auto,
             drain_timeout_secs: 30,
+            congestion: CongestionControl::Cubic,
         }
     }
 }
@@ -221,6 +247,12 @@ mod tests {
                 .contains("zstd-level")
         );
         assert!(toml::from_str::<AgentConfig>("bogus = 1").is_err());
+        let bbr: AgentConfig = toml::from_str("congestion = \"bbr\"").unwrap();
+        assert_eq!(bbr.congestion, CongestionControl::Bbr);
+        let e = toml::from_str::<AgentConfig>("congestion = \"reno\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("congestion") && e.contains("bbr"), "{e}");
         let missing = AgentConfig::load(Path::new("/nonexistent/agent.toml"), false).unwrap();
         assert_eq!(missing, AgentConfig::default());
         assert!(AgentConfig::load(Path::new("/nonexistent/agent.toml"), true).is_err());

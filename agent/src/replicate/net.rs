@@ -245,6 +245,8 @@ pub struct NetConfig {
     /// Unacknowledged bytes the agent may hold (bounds memory): half of it is the QUIC
     /// send window, the rest the sender's batch buffer.
     pub window_bytes: usize,
+    /// Congestion controller of the connection (agent config `congestion`).
+    pub congestion: ripcord_transport::endpoint::Congestion,
 }
 
 /// Frame reader over a QUIC receive stream.
@@ -340,6 +342,7 @@ fn no_answer(e: &anyhow::Error) -> bool {
 async fn session(cfg: &NetConfig, machine: &str, links: &mut [DiskLink]) -> anyhow::Result<()> {
     let options = TransportOptions {
         send_window: (cfg.window_bytes / 2) as u64,
+        congestion: cfg.congestion,
         ..TransportOptions::default()
     };
     let bind = if cfg.server.is_ipv6() {

@@ -234,6 +234,7 @@ fn run_epoch(
         identity: Arc::clone(&identity),
         escrow_key,
         window_bytes: cfg.window_mib << 20,
+        congestion: cfg.congestion.into(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -2,6 +2,15 @@
 //! escrow key, and for each
 //! protected device its disk id and last epoch. Epochs are persisted *before* they are
 //! used, so one is never reused (nonces are unique per epoch and key).
+//!
+//! **Damage is found, never acted on.** A flipped bit here could lower an epoch, move a
+//! disk to another id, or pin an escrow key nobody holds (every data key wrapped to it
+//! would be lost, silently). So the file is a checked JSON file
+//! ([`ripcord_crashsafe::checked`]: a CRC32C member over the rest), unknown fields are
+//! refused (a flip in the checksum's own name is not an absent checksum), and
+//! [`AgentState::load`] refuses a file that does not match, naming it and saying what to
+//! do. A file without a checksum (written by an older version) is accepted and gets one at
+//! the next save.
 
 use std::{
     collections::BTreeMap,
@@ -13,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 /// One protected device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskState {
     /// 32 hex digits.
     pub disk_id: String,
@@ -21,6 +31,7 @@ pub struct DiskState {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AgentState {
     /// Data endpoint saved by `register`.
     #[serde(default)]
@@ -47,13 +58,32 @@ impl AgentState {
 
     pub fn load(state_dir: &Path) -> anyhow::Result<AgentState> {
         let path = Self::path(state_dir);
-        match std::fs::read(&path) {
-            Ok(b) => {
-                serde_json::from_slice(&b).with_context(|| format!("parsing {}", path.display()))
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(AgentState::default());
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let damaged = |what: String| {
+            anyhow::anyhow!(
+                "{} is damaged ({what}): the agent does not guess its disks' ids and epochs \
+                 or the pinned escrow key. Restore the file from a backup, or move it away \
+                 and run `ripcord-agent register` again (every disk then starts over with a \
+                 new id and a full initial sync)",
+                path.display()
+            )
+        };
+        let (state, checksum) = ripcord_crashsafe::checked::from_checked_json(&bytes)
+            .map_err(|e| damaged(e.to_string()))?;
+        if checksum == ripcord_crashsafe::checked::Checksum::Absent {
+            tracing::warn!(
+                "{} has no checksum (written by an older version); it gets one at the next \
+                 save",
+                path.display()
+            );
         }
+        Ok(state)
     }
 
     /// The pinned escrow public key.
@@ -74,7 +104,7 @@ impl AgentState {
         let path = Self::path(state_dir);
         ripcord_crashsafe::write_atomic(
             &path,
-            &serde_json::to_vec_pretty(self)?,
+            &ripcord_crashsafe::checked::to_checked_json(self)?,
             ripcord_crashsafe::MODE_SECRET,
         )
         .with_context(|| format!("writing {}", path.display()))
@@ -168,6 +198,64 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700, "state directory");
         assert_eq!(mode(&AgentState::path(&dir)), 0o600, "state.json");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Every single-bit flip and every truncation of a saved state.json is refused with
+    /// the file named, or (a flip that leaves the same JSON value, none known) yields the
+    /// saved state exactly: never another epoch, disk id or escrow key.
+    #[test]
+    fn a_damaged_state_file_is_refused_never_misread() {
+        let dir = std::env::temp_dir().join(format!("ripcord-state-flip-{}", std::process::id()));
+        let mut s = AgentState {
+            server: Some("ps.example:7443".into()),
+            server_name: Some("ps.example".into()),
+            register_server: Some("ps.example:7444".into()),
+            escrow_key: Some("ab".repeat(32)),
+            ..AgentState::default()
+        };
+        s.next_epoch(Path::new("/dev/sdb"), &dir).unwrap();
+        s.next_epoch(Path::new("/dev/nvme0n1p2"), &dir).unwrap();
+        let path = AgentState::path(&dir);
+        let good = std::fs::read(&path).unwrap();
+        let name = path.display().to_string();
+        let (mut refused, mut same) = (0, 0);
+        let mut check = |bytes: &[u8], what: &str| {
+            std::fs::write(&path, bytes).unwrap();
+            match AgentState::load(&dir) {
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    assert!(
+                        msg.contains(&name) && msg.contains("damaged"),
+                        "{what}: {msg}"
+                    );
+                    refused += 1;
+                }
+                Ok(loaded) => {
+                    assert_eq!(loaded, s, "{what} was read as another state");
+                    same += 1;
+                }
+            }
+        };
+        for i in 0..good.len() {
+            for bit in 0..8 {
+                let mut bad = good.clone();
+                bad[i] ^= 1 << bit;
+                check(&bad, &format!("bit {bit} of byte {i} flipped"));
+            }
+        }
+        for len in 0..good.len() - 1 {
+            check(&good[..len], &format!("truncated to {len} bytes"));
+        }
+        assert!(
+            refused > good.len() * 8,
+            "{refused} refused, {same} read the same"
+        );
+        // An older version's file (no checksum) still loads.
+        let mut old: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        old.as_object_mut().unwrap().remove("crc32c");
+        std::fs::write(&path, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
+        assert_eq!(AgentState::load(&dir).unwrap(), s);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

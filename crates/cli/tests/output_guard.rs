@@ -26,15 +26,30 @@ fn prefix(dev: &Path, len: u64) -> Vec<u8> {
     all
 }
 
-/// An ext4 on `dev`, mounted in the lab, with a file on it.
+/// An ext4 on `dev`, mounted in the lab, with a file on it, and nothing of it left for
+/// the kernel to write: inode tables and journal initialised by mkfs (no lazy init thread
+/// writing later), and the file system synced (the superblock's last-mounted field, set
+/// when the first file is opened, reaches the device at a journal commit seconds later
+/// otherwise). Then any change to the device's bytes is somebody else's write.
 fn mounted_ext4(lab: &Lab, dev: &Path, name: &str) -> Mount {
     testkit::run(
         "mkfs.ext4",
-        &["-q", "-F", dev.to_str().expect("utf-8 path")],
+        &[
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            dev.to_str().expect("utf-8 path"),
+        ],
     )
     .expect("mkfs.ext4");
     let m = Mount::new(dev, &lab.path().join(name), &[]).expect("mounting");
     std::fs::write(m.dir.join("keep"), b"in use").expect("writing a file");
+    testkit::run(
+        "sync",
+        &["-f", m.dir.join("keep").to_str().expect("utf-8 path")],
+    )
+    .expect("syncing the file system");
     m
 }
 

@@ -33,9 +33,14 @@
 //! directory from its parent up to a root it knows is durable, so the file's name and the
 //! names of any directories created for it survive a power cut.
 //!
+//! # State files that find their own damage
+//! [`checked`]: JSON state files with a CRC32C member, refused when it does not match.
+//!
 //! The journal keeps its own segment creation (temporary name, preallocation, sync,
 //! rename, directory sync) because every sync there goes through its I/O engine, which
 //! tests replace to inject faults.
+
+pub mod checked;
 
 use std::{
     fs::{self, File, OpenOptions},

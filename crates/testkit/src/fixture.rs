@@ -202,6 +202,16 @@ impl Site {
     /// `ripcord points list`). Panics, with the logs, if the agent does not stop cleanly or
     /// no such point comes within 90 s.
     pub fn final_point(&self, agent: Replicator, disk: &str) -> (String, serde_json::Value) {
+        let (log, mut points) = self.final_points(agent, &[disk]);
+        (log, points.remove(0))
+    }
+
+    /// Like [`Site::final_point`], for each of `disks` (ids) the agent protects.
+    pub fn final_points(
+        &self,
+        agent: Replicator,
+        disks: &[&str],
+    ) -> (String, Vec<serde_json::Value>) {
         let stats = agent.stats_file.clone();
         let (ok, log) = agent
             .stop()
@@ -211,21 +221,26 @@ impl Site {
             "{}: the agent did not stop cleanly:\n{log}",
             self.test()
         );
-        let point = crate::replication::wait_for_point(
-            self.target(),
-            disk,
-            &self.ps.passphrase_file,
-            Replicator::pushed_seq(&stats),
-            std::time::Duration::from_secs(90),
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e:#}\nagent log:\n{log}\nprocess server log:\n{}",
-                self.test(),
-                self.ps.logs()
-            )
-        });
-        (log, point)
+        let points = disks
+            .iter()
+            .map(|disk| {
+                crate::replication::wait_for_point(
+                    self.target(),
+                    disk,
+                    &self.ps.passphrase_file,
+                    Replicator::pushed_seq_of(&stats, Some(disk)),
+                    std::time::Duration::from_secs(90),
+                )
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{}: disk {disk}: {e:#}\nagent log:\n{log}\nprocess server log:\n{}",
+                        self.test(),
+                        self.ps.logs()
+                    )
+                })
+            })
+            .collect();
+        (log, points)
     }
 
     /// Like [`Site::replicator_with`], replicating to `server` (e.g. a
@@ -238,11 +253,40 @@ impl Site {
         devices: &[&Path],
         extra: &[&str],
     ) -> Replicator {
-        let server = server.to_string();
-        let mut args = vec!["--server", server.as_str()];
-        args.extend_from_slice(extra);
-        self.replicator_with(devices, &args, &[])
+        let args = via_args(server, extra);
+        self.replicator_with(devices, &strs(&args), &[])
     }
+
+    /// Like [`Site::replicator_via`], the agent running inside `netns`.
+    pub fn replicator_in(
+        &self,
+        netns: &crate::Netns,
+        server: std::net::SocketAddr,
+        devices: &[&Path],
+        extra: &[&str],
+    ) -> Replicator {
+        let args = via_args(server, extra);
+        Replicator::start_in(Some(netns), &self.id, devices, &strs(&args), &[]).unwrap_or_else(
+            |e| {
+                panic!(
+                    "{}: starting the agent in {}: {e:#}",
+                    self.test(),
+                    netns.name
+                )
+            },
+        )
+    }
+}
+
+/// `ripcord-agent protect` arguments to replicate to `server`, then `extra`.
+fn via_args(server: std::net::SocketAddr, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["--server".to_owned(), server.to_string()];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 impl SiteBuilder {

@@ -12,7 +12,9 @@ pub mod agent;
 pub mod chaos;
 pub mod fixture;
 pub mod garage;
+pub mod master_target;
 pub mod netfault;
+pub mod netns;
 pub mod ranges;
 pub mod replication;
 pub mod sys;
@@ -22,6 +24,7 @@ pub use agent::{AgentEvent, AgentProcess, AgentRun, AgentStats};
 pub use fixture::{Lab, Site};
 pub use garage::Garage;
 pub use netfault::{FaultConfig, FaultCounts, FaultProxy, Faults, Flap};
+pub use netns::Netns;
 pub use sys::{LoopDevice, Mount, Zram, run, run_output};
 pub use workload::{Workload, WorkloadReport, file_workload};
 

@@ -3,7 +3,8 @@
 //! duplicates, reorders, delays and corrupts datagrams, partitions the link and flaps it.
 //!
 //! What it guarantees:
-//! - It listens on `127.0.0.1:<ephemeral>` ([`FaultProxy::addr`]) and forwards every
+//! - It listens on `127.0.0.1:<ephemeral>` ([`FaultProxy::addr`]; [`FaultProxy::start_on`]
+//!   picks another address) and forwards every
 //!   datagram of each client (told apart by source address) to the one upstream address
 //!   from a socket of that client's own, and the upstream's answers back to the client.
 //!   A reconnecting agent (new source port) is a new client.
@@ -163,7 +164,20 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Start forwarding to `upstream` with `config`, faults drawn from `seed`.
     pub fn start(upstream: SocketAddr, config: FaultConfig, seed: u64) -> anyhow::Result<Self> {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").context("binding the proxy")?);
+        Self::start_on("127.0.0.1:0".parse()?, upstream, config, seed)
+    }
+
+    /// Like [`FaultProxy::start`], listening on `listen` (for clients in another network
+    /// namespace: the host side of its veth pair).
+    pub fn start_on(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        config: FaultConfig,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
+        let front = Arc::new(
+            UdpSocket::bind(listen).with_context(|| format!("binding the proxy on {listen}"))?,
+        );
         front.set_read_timeout(Some(POLL))?;
         let addr = front.local_addr()?;
         let now = Instant::now();

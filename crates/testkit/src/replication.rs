@@ -345,6 +345,18 @@ impl Replicator {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Replicator> {
+        Self::start_in(None, id, devices, extra, env)
+    }
+
+    /// Like [`Replicator::start_with_env`], inside the network namespace `netns` if given
+    /// (`ip netns exec`, which execs the agent: the child is the agent itself).
+    pub fn start_in(
+        netns: Option<&crate::Netns>,
+        id: &AgentIdentity,
+        devices: &[&Path],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Replicator> {
         let n = std::fs::read_dir(&id.state_dir)
             .map(|d| d.count())
             .unwrap_or(0);
@@ -360,7 +372,11 @@ impl Replicator {
         } else {
             &["--config", "/dev/null"]
         };
-        let child = Command::new(crate::binary("ripcord-agent"))
+        let mut command = match netns {
+            Some(ns) => ns.exec(crate::binary("ripcord-agent")),
+            None => Command::new(crate::binary("ripcord-agent")),
+        };
+        let child = command
             .arg("protect")
             .args(config)
             .arg("--state-dir")
@@ -560,12 +576,28 @@ pub fn wait_for_point(
 }
 
 impl Replicator {
-    /// The last batch sequence the agent pushed (from its stats file; complete after stop).
+    /// The last batch sequence the agent pushed of its first disk (from its stats file;
+    /// complete after stop).
     pub fn pushed_seq(stats_file: &Path) -> u64 {
-        std::fs::read(stats_file)
+        Self::pushed_seq_of(stats_file, None)
+    }
+
+    /// Like [`Replicator::pushed_seq`], of the disk `disk` (its id), or the first disk.
+    pub fn pushed_seq_of(stats_file: &Path, disk: Option<&str>) -> u64 {
+        let Some(stats) = std::fs::read(stats_file)
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v["disks"][0]["pushed_seq"].as_u64())
+        else {
+            return 0;
+        };
+        stats["disks"]
+            .as_array()
+            .and_then(|disks| {
+                disks
+                    .iter()
+                    .find(|d| disk.is_none_or(|id| d["disk_id"] == id))
+            })
+            .and_then(|d| d["pushed_seq"].as_u64())
             .unwrap_or(0)
     }
 }
@@ -589,8 +621,11 @@ pub fn oracle_check_point(
     log: &Path,
 ) -> Result<(), String> {
     let id = point["id"].as_str().expect("a point id");
-    let (ok, _, err) = failover(target, disk, id, image, passphrase_file).expect("ripcord");
-    assert!(ok, "failover to {id} failed: {err}");
+    let (ok, _, err) = failover(target, disk, id, image, passphrase_file)
+        .map_err(|e| format!("running ripcord failover: {e:#}"))?;
+    if !ok {
+        return Err(format!("failover to recovery point {id} failed: {err}"));
+    }
     let t = point["mono_ns"].as_u64().expect("a point time").to_string();
     let out = std::process::Command::new(crate::binary("ripcord-oracle"))
         .args(["check", "--time", &t, "--image"])

@@ -255,7 +255,83 @@ impl Drop for Mount {
     }
 }
 
+/// A file system frozen (`fsfreeze -f`: every write and fsync on it waits) for a test;
+/// thawed on drop, whatever happens.
+pub struct Frozen {
+    dir: PathBuf,
+    frozen: bool,
+}
+
+impl Frozen {
+    pub fn new(dir: &Path) -> anyhow::Result<Frozen> {
+        run("fsfreeze", &["-f", dir.to_str().context("path")?])?;
+        Ok(Frozen {
+            dir: dir.to_owned(),
+            frozen: true,
+        })
+    }
+
+    /// Thaw now, reporting errors.
+    pub fn thaw(mut self) -> anyhow::Result<()> {
+        self.frozen = false;
+        run("fsfreeze", &["-u", self.dir.to_str().context("path")?])
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if self.frozen
+            && let Some(d) = self.dir.to_str()
+        {
+            let _ = run("fsfreeze", &["-u", d]);
+        }
+    }
+}
+
 /// Read a whole block device or file.
+/// A block-queue limit (`/sys/block/<dev>/queue/<name>`) set for a test and put back on
+/// drop, whatever happens: the limit outlives the loop device's attachment, and the next
+/// test on the same device number would inherit it.
+pub struct QueueLimit {
+    path: std::path::PathBuf,
+    old: String,
+}
+
+impl QueueLimit {
+    pub fn set(dev: &Path, name: &str, value: &str) -> anyhow::Result<QueueLimit> {
+        let dev_name = dev
+            .file_name()
+            .with_context(|| format!("{} has no device name", dev.display()))?
+            .to_string_lossy()
+            .into_owned();
+        let path = std::path::PathBuf::from(format!("/sys/block/{dev_name}/queue/{name}"));
+        let old = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_owned();
+        let limit = QueueLimit { path, old };
+        std::fs::write(&limit.path, value)
+            .with_context(|| format!("writing {value} to {}", limit.path.display()))?;
+        let now = std::fs::read_to_string(&limit.path)?;
+        if now.trim() != value {
+            bail!(
+                "{} is {} after writing {value}",
+                limit.path.display(),
+                now.trim()
+            );
+        }
+        Ok(limit)
+    }
+}
+
+impl Drop for QueueLimit {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.path, &self.old) {
+            eprintln!("warning: restoring {}: {e}", self.path.display());
+        }
+    }
+}
+
 pub fn read_all(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }

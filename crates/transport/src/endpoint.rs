@@ -80,6 +80,26 @@ pub struct TransportOptions {
     pub max_concurrent_bidi_streams: u32,
     /// Maximum concurrent unidirectional streams the peer may open.
     pub max_concurrent_uni_streams: u32,
+    /// The congestion controller of what this endpoint sends.
+    pub congestion: Congestion,
+}
+
+/// A QUIC congestion controller (quinn's implementations).
+///
+/// Only the sender's matters: the agent's, for the replication stream. Cubic (the
+/// default, as in Linux TCP) backs off on every loss; BBR paces by the measured bandwidth
+/// and round-trip time and keeps its rate through random loss that is not congestion (a
+/// lossy WAN link, a radio hop), where Cubic collapses. quinn marks its BBR experimental;
+/// `cargo xtask bench link` measures both on this machine (decision 0017).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (RFC 8312).
+    #[default]
+    Cubic,
+    /// BBR (quinn's, version 1).
+    Bbr,
+    /// NewReno (RFC 6582).
+    NewReno,
 }
 
 impl Default for TransportOptions {
@@ -95,6 +115,7 @@ impl Default for TransportOptions {
             idle_timeout: Duration::from_secs(6),
             max_concurrent_bidi_streams: 64,
             max_concurrent_uni_streams: 64,
+            congestion: Congestion::Cubic,
         }
     }
 }
@@ -117,6 +138,16 @@ impl TransportOptions {
             )?))
             .max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_bidi_streams))
             .max_concurrent_uni_streams(VarInt::from_u32(self.max_concurrent_uni_streams));
+        match self.congestion {
+            Congestion::Cubic => tc
+                .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+            Congestion::Bbr => {
+                tc.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+            }
+            Congestion::NewReno => tc.congestion_controller_factory(Arc::new(
+                quinn::congestion::NewRenoConfig::default(),
+            )),
+        };
         Ok(tc)
     }
 }
@@ -189,10 +220,58 @@ pub fn server_endpoint_with(
     options: &TransportOptions,
 ) -> Result<Endpoint, EndpointError> {
     let cfg = server_config(identity, options)?;
-    Endpoint::server(cfg, bind_addr).map_err(|source| EndpointError::Bind {
+    let bind = |source| EndpointError::Bind {
         addr: bind_addr,
         source,
-    })
+    };
+    let socket = std::net::UdpSocket::bind(bind_addr).map_err(bind)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| {
+        bind(std::io::Error::other(
+            "no async runtime: call inside a tokio runtime",
+        ))
+    })?;
+    Endpoint::new(stateless_reset_config(identity), Some(cfg), socket, runtime).map_err(bind)
+}
+
+/// The endpoint configuration of a server whose stateless resets survive restarts.
+///
+/// A server killed with `kill -9` (or a host that rebooted) forgets its connections. With
+/// quinn's defaults (a random reset key and a random connection-ID key per process), the
+/// restarted server drops the packets of a forgotten connection as foreign, and its peers
+/// learn that the connection is gone only when their idle timeout ends (6 s): every
+/// restart costs each agent that long without replication. Here both keys come from the
+/// server's private key (HKDF-SHA256 under their own labels, so they reveal nothing about
+/// it): the restarted server recognises its own connection IDs and answers the first
+/// packet of a forgotten connection with a stateless reset the peer can verify (RFC 9000,
+/// section 10.3), and the agent reconnects at once. Only the holder of the server's
+/// private key can produce those resets, so nobody else can cut a connection this way.
+pub fn stateless_reset_config(identity: &ServerIdentity) -> quinn::EndpointConfig {
+    use ring::{hkdf, hmac};
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"ripcord/1 QUIC endpoint keys")
+        .extract(identity.key().secret_der());
+    let reset_key = hmac::Key::from(
+        prk.expand(&[b"stateless reset"], hmac::HMAC_SHA256)
+            .expect("an HMAC-SHA256 key is a valid HKDF output length"),
+    );
+    let mut cid_key = [0u8; 8];
+    prk.expand(&[b"connection id"], CidKeyLen)
+        .and_then(|okm| okm.fill(&mut cid_key))
+        .expect("8 bytes are a valid HKDF output length");
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(reset_key));
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    cfg
+}
+
+/// HKDF output length of the connection-ID key.
+struct CidKeyLen;
+
+impl ring::hkdf::KeyType for CidKeyLen {
+    fn len(&self) -> usize {
+        8
+    }
 }
 
 /// Binds a client endpoint on an ephemeral port of `bind_addr`'s family.

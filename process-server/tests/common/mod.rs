@@ -6,14 +6,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use ripcord_process_server::{
     config::PsConfig,
     deploy,
-    disk::{DiskCore, journal_config},
+    disk::{DiskCore, SharedDisk, journal_config},
     registry::Registry,
     uploader::UploadConfig,
 };
@@ -34,7 +33,7 @@ pub struct Fixture {
     _tmp: tempfile::TempDir,
     pub deployment: PathBuf,
     pub target: PathBuf,
-    pub core: Arc<Mutex<DiskCore>>,
+    pub core: SharedDisk,
     /// The disk as the agent would see it after every write applied so far.
     pub image: Vec<u8>,
     pub epoch: u64,
@@ -87,7 +86,7 @@ impl Fixture {
             _tmp: tmp,
             deployment,
             target,
-            core: Arc::new(Mutex::new(core)),
+            core: SharedDisk::new(core),
             image: vec![0; SIZE as usize],
             epoch: 0,
             key: DataKey::generate().expect("data key"),
@@ -130,8 +129,7 @@ impl Fixture {
             .expect("claiming the disk");
         let raw = encode(&Message::ProtectDisk(pd.clone()));
         self.core
-            .lock()
-            .unwrap()
+            .lock_blocking()
             .protect(&pd, &raw)
             .expect("journaling the epoch start")
             .expect("epoch accepted");
@@ -247,8 +245,7 @@ impl Fixture {
         let raw = encode(&msg);
         let applied = self
             .core
-            .lock()
-            .unwrap()
+            .lock_blocking()
             .apply(&[(msg, raw)])
             .expect("journaling a frame");
         assert!(
@@ -265,8 +262,7 @@ impl Fixture {
     /// Bytes of journal segments on the cache disk.
     pub fn cache_bytes(&self) -> u64 {
         self.core
-            .lock()
-            .unwrap()
+            .lock_blocking()
             .journal()
             .segment_paths()
             .iter()
@@ -275,7 +271,7 @@ impl Fixture {
     }
 
     pub fn first_journal_seq(&self) -> u64 {
-        self.core.lock().unwrap().journal().first_seq()
+        self.core.lock_blocking().journal().first_seq()
     }
 }
 
@@ -288,7 +284,9 @@ pub struct Stopped {
 impl Fixture {
     /// Closes the journal; every uploader of it must be dropped first.
     pub fn stop(self) -> Stopped {
-        let core = Arc::try_unwrap(self.core)
+        let core = self
+            .core
+            .into_core()
             .unwrap_or_else(|_| panic!("an uploader still holds the disk journal"));
         drop(core);
         Stopped {

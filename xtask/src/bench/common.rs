@@ -92,3 +92,23 @@ pub(crate) fn fio_churn(dev: &Path, args: &[&str], runtime: u64) -> anyhow::Resu
         .context("no write.bw_bytes")?
         / 1e6)
 }
+
+/// Fills the first three quarters of `dev` (`size_mib` MiB) with half-compressible data
+/// (fio, 1 MiB sequential writes), leaving zeroes after: the disk the failover and plan
+/// benches replicate. Returns the MiB written.
+pub(super) fn fill_three_quarters(dev: &Path, size_mib: u64) -> anyhow::Result<u64> {
+    let fill_mib = size_mib * 3 / 4;
+    fio_churn(
+        dev,
+        &[
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=8",
+            &format!("--size={fill_mib}M"),
+            "--time_based=0",
+        ],
+        600,
+    )
+    .with_context(|| format!("filling {}", dev.display()))?;
+    Ok(fill_mib)
+}

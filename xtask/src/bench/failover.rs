@@ -15,7 +15,7 @@ use anyhow::{Context as _, ensure};
 use serde_json::json;
 use testkit::{LoopDevice, Scratch};
 
-use super::common::{fio_churn, median};
+use super::common::{fill_three_quarters, fio_churn, median};
 use crate::workspace_root;
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -38,19 +38,7 @@ pub(super) fn failover(size_mib: u64, churn_secs: u64) -> anyhow::Result<()> {
     crate::release_binaries()?;
     let scratch = Scratch::new("bench-failover");
     let dev = LoopDevice::create(&scratch.path.join("disk.img"), size_mib << 20)?;
-    // Fill the disk: half-compressible data over the first three quarters, zeros after.
-    let fill = fio_churn(
-        &dev.path,
-        &[
-            "--rw=write",
-            "--bs=1M",
-            "--iodepth=8",
-            &format!("--size={}M", size_mib * 3 / 4),
-            "--time_based=0",
-        ],
-        600,
-    );
-    fill.context("filling the disk")?;
+    let fill_mib = fill_three_quarters(&dev.path, size_mib)?;
     let target_dir = scratch.path.join("target-store");
     let target = format!("file://{}", target_dir.display());
     let mut ps = ProcessServer::start_with_target(&scratch.path, Some(&target))?;
@@ -77,7 +65,7 @@ pub(super) fn failover(size_mib: u64, churn_secs: u64) -> anyhow::Result<()> {
         Duration::from_secs(600),
     )?;
     ps.stop()?;
-    let written = (size_mib * 3 / 4) as f64 * 1048576.0 + churn_mbps * 1e6 * churn_secs as f64;
+    let written = fill_mib as f64 * 1048576.0 + churn_mbps * 1e6 * churn_secs as f64;
     let store_bytes = dir_bytes(&target_dir) as f64;
 
     // Failover vs cp --sparse=always of the same image, page cache dropped before each,

@@ -4,8 +4,8 @@
 //! `churn.rs` (replication under load, then the saturation runs of
 //! [`crate::saturation`]), `digest.rs` (block digests vs a plain read), `failover.rs`
 //! (failover speed and store size), `failback.rs` (the master target's full and delta
-//! steps vs fio); `common.rs`
-//! holds what they share (fio with half-compressible data, medians, a process's CPU time
+//! steps vs fio), `link.rs` (Cubic vs BBR on a lossy link), `plan.rs` (a recovery plan's
+//! parallel failover vs one machine at a time); `common.rs` holds what they share (fio with half-compressible data, medians, a process's CPU time
 //! and peak RSS). Every bench writes its JSON under `target/bench/`.
 
 use clap::Subcommand;
@@ -16,6 +16,8 @@ mod common;
 mod digest;
 mod failback;
 mod failover;
+mod link;
+mod plan;
 
 pub(crate) use common::fio_churn;
 
@@ -78,6 +80,37 @@ pub enum Which {
         #[arg(long, default_value_t = 4096)]
         size_mib: u64,
     },
+    /// Replication over a lossy link: the agent's initial sync of random data through the
+    /// test kit's fault proxy (round-trip delay, random loss both ways) until every batch
+    /// is acknowledged, with the agent's `congestion = "cubic"` and `"bbr"` alternating;
+    /// medians and the ratio per loss rate. Writes target/bench/link.json.
+    Link {
+        /// Data to sync per run, MiB.
+        #[arg(long, default_value_t = 16)]
+        mib: u64,
+        /// Loss rates to measure (fractions, comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "0,0.01,0.05")]
+        loss: Vec<f64>,
+        /// Round-trip delay the proxy adds, ms.
+        #[arg(long, default_value_t = 20)]
+        rtt_ms: u64,
+        /// Repetitions per loss rate (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+    /// Recovery plan failover: four replicated machines (one disk each, three quarters
+    /// filled with half-compressible data) failed over by one `ripcord plan failover`
+    /// (one group: machines in parallel) vs four `ripcord failover` one after another;
+    /// page cache dropped before each, alternating, medians; every image checked against
+    /// its source. Writes target/bench/plan.json.
+    Plan {
+        /// Disk size of each machine, MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Repetitions of each way (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// Failover speed: materialise the latest point of a replicated disk (three quarters
     /// filled with half-compressible data) from a local target store, vs `cp
     /// --sparse=always` of the source image; and the store's size after a paced churn vs
@@ -117,6 +150,13 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         } => churn::churn(runtime, size_mib, saturation_secs),
         Which::Digest { size_mib, reps } => digest::digest(size_mib, reps),
         Which::Failback { size_mib } => failback::failback(size_mib),
+        Which::Plan { size_mib, reps } => plan::plan(size_mib, reps),
+        Which::Link {
+            mib,
+            loss,
+            rtt_ms,
+            reps,
+        } => link::link(mib, &loss, rtt_ms, reps),
         Which::Failover {
             size_mib,
             churn_secs,

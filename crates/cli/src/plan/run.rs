@@ -14,7 +14,15 @@
 //! - a `manual` action **pauses** it: `ripcord plan resume` goes on with the next step;
 //! - a failing step **stops** it with a report: `--continue` runs that step again, then the
 //!   rest;
-//! - a **finished** run stays as the record; the next run starts anew.
+//! - a **finished** run stays as the record; the next run starts anew;
+//! - a run whose process died (killed, host rebooted) is found `running` with nobody
+//!   holding its lock: it counts as failed at the step it was in, and `--continue` takes
+//!   it over from there.
+//!
+//! # One run at a time
+//! Every command on a plan holds `<state-dir>/<plan>.lock` (flock) while it runs: a second
+//! `ripcord plan` on the same plan is refused at once, naming the lock, instead of writing
+//! the same disks twice or reading a state that changes under it.
 //!
 //! Each state is also written to `<state-dir>/reports/<plan>-<run id>.json`: steps, times,
 //! exit codes and the points used, for audits. A test failover writes its disks into the
@@ -108,9 +116,22 @@ pub async fn execute(plan_path: &Path, o: RunOptions) -> anyhow::Result<()> {
     let plan = Plan::load(plan_path)?;
     std::fs::create_dir_all(&o.state_dir)
         .with_context(|| format!("creating {}", o.state_dir.display()))?;
+    let _lock = lock_plan(&o.state_dir, &plan.name)?;
     let steps = steps(&plan);
     let store = crate::open_store(&plan.target).await?;
-    let previous = load_state(&o.state_dir, &plan.name)?;
+    // A run left `running` while we hold its lock: its process died mid-step.
+    let previous = load_state(&o.state_dir, &plan.name)?.map(|mut s| {
+        if s.status == Status::Running {
+            s.status = Status::Failed;
+            s.message = Some(format!(
+                "interrupted: the process running it died during step {}",
+                steps
+                    .get(s.next)
+                    .map_or_else(|| (s.next + 1).to_string(), |(name, _)| format!("{name:?}"))
+            ));
+        }
+        s
+    });
     let hint = |s: &RunState| match s.status {
         Status::Paused => "`ripcord plan resume` goes on after it".to_owned(),
         Status::Failed => format!(
@@ -445,9 +466,28 @@ async fn start_group(
     Ok(format!("{} machines ready", group.machines.len()))
 }
 
+/// Takes `<state_dir>/<plan>.lock`, or says who has it (see the module doc).
+fn lock_plan(state_dir: &Path, plan: &str) -> anyhow::Result<ripcord_crashsafe::FileLock> {
+    let path = state_dir.join(format!("{plan}.lock"));
+    ripcord_crashsafe::try_lock_exclusive(&path)
+        .with_context(|| format!("locking {}", path.display()))?
+        .with_context(|| {
+            format!(
+                "plan {plan:?} is being run by another `ripcord plan` process (it holds {}): \
+                 wait until it finishes or pauses",
+                path.display()
+            )
+        })
+}
+
 /// `ripcord plan cleanup`: stops what a test failover started and removes its images.
 pub fn cleanup(plan_path: &Path, state_dir: &Path) -> anyhow::Result<()> {
     let plan = Plan::load(plan_path)?;
+    if !state_dir.exists() {
+        println!("plan {:?} has no run to clean up", plan.name);
+        return Ok(());
+    }
+    let _lock = lock_plan(state_dir, &plan.name)?;
     let Some(state) = load_state(state_dir, &plan.name)? else {
         println!("plan {:?} has no run to clean up", plan.name);
         return Ok(());

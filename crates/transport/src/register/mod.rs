@@ -55,6 +55,7 @@ fn registration_transport() -> Result<quinn::TransportConfig, EndpointError> {
         idle_timeout: REGISTER_IDLE_TIMEOUT,
         max_concurrent_bidi_streams: 1,
         max_concurrent_uni_streams: 0,
+        congestion: crate::endpoint::Congestion::Cubic,
     }
     .to_transport_config()
 }
