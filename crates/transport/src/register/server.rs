@@ -237,8 +237,30 @@ async fn handle_request(
         };
         Refusal(reason, e.into())
     })?;
+    // The stores read and fsync files: off the runtime's workers where it can hand their
+    // other tasks over, so a slow or frozen deployment disk stalls this registration only.
+    on_blocking_thread(|| decide(&body, registrar, presented, remote))
+}
+
+/// Runs `f`, which blocks on the file system, in `block_in_place` on a multi-threaded
+/// runtime; inline on a current-thread one (which has no other worker to hand over to).
+fn on_blocking_thread<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Authenticates the request in `body` (see the module doc), issues the certificate, and
+/// records the token use and the machine's new binding.
+fn decide(
+    body: &[u8],
+    registrar: &Registrar<'_>,
+    presented: Option<&CertificateDer<'static>>,
+    remote: SocketAddr,
+) -> Result<Registration, Refusal> {
     let req =
-        decode_request(&body).map_err(|e| Refusal(RejectReason::MalformedRequest, e.into()))?;
+        decode_request(body).map_err(|e| Refusal(RejectReason::MalformedRequest, e.into()))?;
     let token_err = |e: TokenError| Refusal(RejectReason::for_token_error(&e), e.into());
     let token = match req.token {
         [] => None,
