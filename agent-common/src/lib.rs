@@ -69,7 +69,12 @@ pub mod op {
     /// entry was replaced by a newer bio at the same address, so it has completed. Its
     /// range must be read back; `time_ns` is its queue time.
     pub const LOST: u32 = 1 << 7;
-    /// Every flag that changes device contents.
+    /// A driver-private request that sent data to the device (`REQ_OP_DRV_OUT`: SCSI
+    /// `SG_IO` with data out, NVMe I/O passthrough, io_uring `uring_cmd`). The probes cannot
+    /// tell which sectors it changed, if any: the completion probe counts it on every
+    /// protected range of its disk as a whole-device overflow (read everything again).
+    pub const PASSTHROUGH_OUT: u32 = 1 << 8;
+    /// Every flag that changes device contents at a known range.
     pub const CHANGES_DATA: u32 = WRITE | DISCARD | WRITE_ZEROES | SECURE_ERASE | LOST;
 }
 
@@ -223,8 +228,11 @@ pub struct SlotStats {
     pub overflow_all: u64,
     /// Generation bumped by queued writes too wide for per-region generations.
     pub wide_gen: u64,
+    /// Passthrough requests with data out ([`op::PASSTHROUGH_OUT`]) completed on the
+    /// slot's disk; each also bumped `overflow_all`.
+    pub passthrough_out: u64,
 }
-const _: () = assert!(size_of::<SlotStats>() == 32);
+const _: () = assert!(size_of::<SlotStats>() == 40);
 
 /// Where the BPF programs find what they need in the kernel's block-layer structures, and
 /// the kernel's operation codes: read from the running kernel's BTF at load time (the
@@ -263,6 +271,8 @@ pub struct BlockLayout {
     pub op_discard: u32,
     pub op_secure_erase: u32,
     pub op_write_zeroes: u32,
+    /// `REQ_OP_DRV_OUT`: driver-private requests with data out (passthrough).
+    pub op_drv_out: u32,
     /// `REQ_FUA` and `REQ_PREFLUSH` masks.
     pub flag_fua: u32,
     pub flag_preflush: u32,
@@ -275,7 +285,7 @@ pub struct BlockLayout {
     /// `__sector`, `bio`).
     pub rq_window: u32,
 }
-const _: () = assert!(size_of::<BlockLayout>() == 96);
+const _: () = assert!(size_of::<BlockLayout>() == 100);
 
 /// Bytes at the start of a `struct bio` or `struct request` read at once when their
 /// fields fit (see [`BlockLayout::bio_window`]).
@@ -304,6 +314,8 @@ impl BlockLayout {
             op::WRITE_ZEROES
         } else if code == self.op_flush {
             op::FLUSH
+        } else if code == self.op_drv_out {
+            op::PASSTHROUGH_OUT
         } else {
             0
         };
@@ -380,6 +392,7 @@ mod tests {
             op_secure_erase: 5,
             op_zone_append: 7,
             op_write_zeroes: 9,
+            op_drv_out: 35,
             flag_fua: 1 << 17,
             flag_preflush: 1 << 18,
             ..BlockLayout::default()
@@ -407,7 +420,21 @@ mod tests {
         assert_eq!(l.op_flags(5), op::SECURE_ERASE);
         assert_eq!(l.op_flags(9), op::WRITE_ZEROES);
         assert_eq!(l.op_flags(0), 0, "read");
-        assert_eq!(l.op_flags(34), 0, "driver-private");
+        assert_eq!(
+            l.op_flags(34),
+            0,
+            "driver-private, data in (SG_IO INQUIRY and the like)"
+        );
+        assert_eq!(
+            l.op_flags(35),
+            op::PASSTHROUGH_OUT,
+            "driver-private, data out: may have written anywhere"
+        );
+        assert_eq!(
+            l.op_flags(35) & op::CHANGES_DATA,
+            0,
+            "a passthrough write has no range to read back or zero"
+        );
         assert_eq!(l.op_flags(1 << 17), 0, "a read with FUA changes nothing");
     }
 

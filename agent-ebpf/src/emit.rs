@@ -50,6 +50,26 @@ pub(crate) fn emit_on_disk(
     }
 }
 
+/// A change the probes cannot place (a passthrough write) on `disk`: every protected
+/// range of it is read again whole (`overflow_all`), and the cause is counted.
+#[inline(always)]
+pub(crate) fn mark_every_range_changed(disk: &DiskRanges) {
+    let count = disk.count as usize;
+    for i in 0..MAX_RANGES_PER_DISK {
+        if i >= count {
+            break;
+        }
+        let Some(stats) = STATS.get_ptr_mut(disk.ranges[i].slot) else {
+            continue;
+        };
+        // SAFETY: `stats` is a valid map value pointer; the field addresses are in bounds.
+        unsafe {
+            fetch_inc(&raw mut (*stats).passthrough_out);
+            fetch_inc(&raw mut (*stats).overflow_all);
+        }
+    }
+}
+
 /// The part of `[start, end)` (absolute sectors) inside protected range `r`, if any.
 #[inline(always)]
 pub(crate) fn clip(r: &ProtectedRange, start: u64, end: u64) -> Option<(u64, u64)> {

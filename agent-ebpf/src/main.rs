@@ -7,6 +7,10 @@
 //!   drop. Only the bios a completion ends have their in-flight entries freed (a request
 //!   may complete in pieces), and a discard whose bios are not one contiguous run is left
 //!   to the in-flight entries (re-read, never zeroed: see `bios_contiguous`).
+//!   A passthrough request with data out (`REQ_OP_DRV_OUT`: `SG_IO`, NVMe or io_uring
+//!   passthrough) on a protected disk has no range the probes can trust: it marks every
+//!   protected range of its disk for a whole-device re-read (`SlotStats::passthrough_out`,
+//!   docs/decisions/0020).
 //! * `block_bio_queue(struct bio *)`: every *queued* write bumps the write generation of
 //!   the regions it covers (`WRITE_GEN`), so the agent can tell whether a newer write was
 //!   queued while it read a region back.
@@ -71,7 +75,7 @@ use aya_log_ebpf::{debug, warn};
 
 use crate::{
     atomic::fetch_inc,
-    emit::{bump, clip, emit_on_disk},
+    emit::{bump, clip, emit_on_disk, mark_every_range_changed},
     inflight::{inflight_put, inflight_take},
     kernel::{Bio, Window, bdev_disk_dev, disk_dev, kread, read_bio},
 };
@@ -96,6 +100,7 @@ static LAYOUT: BlockLayout = BlockLayout {
     op_discard: 0,
     op_secure_erase: 0,
     op_write_zeroes: 0,
+    op_drv_out: 0,
     flag_fua: 0,
     flag_preflush: 0,
     bio_window: 0,
@@ -167,7 +172,19 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     };
     // Reads (most completions on most disks) leave before any device lookup.
     let mut flags = layout.op_flags(cmd_flags);
-    if flags & (op::CHANGES_DATA | op::FLUSH) == 0 {
+    if flags & (op::CHANGES_DATA | op::FLUSH | op::PASSTHROUGH_OUT) == 0 {
+        return Ok(());
+    }
+    if flags & op::PASSTHROUGH_OUT != 0 {
+        // No bio range says what it wrote (its sector means nothing; the command it
+        // carries addresses the whole disk): every protected range of the disk is read
+        // again. It never passed the queue probe, so it has no in-flight entry to free.
+        let disk: u64 = kread(q, layout.q_disk)?;
+        let dev = disk_dev(&layout, disk)?;
+        // SAFETY: the value is only read in this program run.
+        if let Some(disk) = unsafe { PROTECTED.get(dev) } {
+            mark_every_range_changed(disk);
+        }
         return Ok(());
     }
     let nr = nr_bytes >> 9;

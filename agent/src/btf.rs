@@ -319,6 +319,7 @@ pub fn block_layout(btf: &Btf) -> anyhow::Result<BlockLayout> {
         op_discard: code("REQ_OP_DISCARD")?,
         op_secure_erase: code("REQ_OP_SECURE_ERASE")?,
         op_write_zeroes: code("REQ_OP_WRITE_ZEROES")?,
+        op_drv_out: code("REQ_OP_DRV_OUT")?,
         flag_fua: bit("__REQ_FUA")?,
         flag_preflush: bit("__REQ_PREFLUSH")?,
         bio_window: 0,

@@ -116,6 +116,8 @@ pub fn verify_store(target: &str, passphrase_file: &Path) -> (bool, String, Stri
 pub fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
@@ -123,9 +125,14 @@ pub fn http_get(port: u16, path: &str) -> String {
 }
 
 /// Value of a metric line `name{...label...} value` (or `name value` without a label).
+/// `name` is the whole metric name: `x_total` never matches `x_total_seconds`.
 pub fn metric(text: &str, name: &str, label: &str) -> f64 {
+    let named = |l: &str| {
+        l.strip_prefix(name)
+            .is_some_and(|rest| name.ends_with([' ', '{']) || rest.starts_with([' ', '{']))
+    };
     text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter(|l| named(l) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .next()
         .unwrap_or_else(|| panic!("no metric {name} {label} in:\n{text}"))

@@ -12,16 +12,15 @@
 //! Needs root. Skips loudly without it, and fails under `CI=true`.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command},
     time::Duration,
 };
 
+use ripcord_tests::{http_get, metric};
 use testkit::{
     LoopDevice, Mount, Site,
-    replication::{ProcessServer, Replicator, failover, points, wait_for_point},
+    replication::{ProcessServer, Replicator, failover, free_tcp_port, points, wait_for_point},
 };
 
 const MIB: u64 = 1 << 20;
@@ -57,32 +56,6 @@ fn churn(
         .arg(log)
         .spawn()
         .unwrap()
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET /metrics` of the agent.
-fn scrape(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("agent metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// The value of metric `name` for the agent's only device.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(&format!("{name}{{")))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the agent's metrics:\n{text}"))
 }
 
 /// Agent config for these runs.
@@ -209,7 +182,7 @@ fn ext4_under_hot_churn_gets_a_point_every_max_gap_and_every_point_is_exact() {
         &["--iops", "2000", "--hot-percent", "50"],
     );
     std::thread::sleep(Duration::from_secs(30));
-    let mid = scrape(port);
+    let mid = http_get(port, "/metrics");
     assert!(writers.wait().unwrap().success(), "workload failed");
     let end = ripcord_oracle::monotonic_ns();
     let disk_id = site.id.disk_id(&disk.path).unwrap();
@@ -222,7 +195,7 @@ fn ext4_under_hot_churn_gets_a_point_every_max_gap_and_every_point_is_exact() {
         stats["forced_freezes"]
     );
     assert!(
-        metric(&mid, "ripcord_agent_points_total") > 0.0,
+        metric(&mid, "ripcord_agent_points_total", "") > 0.0,
         "no points halfway through:\n{mid}"
     );
 
@@ -314,7 +287,7 @@ fn raw_device_points_are_exact_and_a_long_gap_raises_the_alert() {
     let mut samples = Vec::new();
     while storm.try_wait().unwrap().is_none() {
         std::thread::sleep(Duration::from_millis(700));
-        let m = scrape(port);
+        let m = http_get(port, "/metrics");
         let s = agent.stats().unwrap();
         samples.push((ripcord_oracle::monotonic_ns(), m, s));
     }
@@ -335,12 +308,12 @@ fn raw_device_points_are_exact_and_a_long_gap_raises_the_alert() {
     let reported = d["largest_point_gap_ms"].as_u64().unwrap() * 1_000_000;
     let mut alerted = false;
     for (at, m, s) in &samples {
-        let age = metric(m, "ripcord_agent_point_gap_seconds");
+        let age = metric(m, "ripcord_agent_point_gap_seconds", "");
         assert!(
-            metric(m, "ripcord_agent_newest_point_age_seconds") + 0.5 >= age,
+            metric(m, "ripcord_agent_newest_point_age_seconds", "") + 0.5 >= age,
             "changes waited longer than the newest point is old:\n{m}"
         );
-        let alert = metric(m, "ripcord_agent_point_gap_alert") == 1.0;
+        let alert = metric(m, "ripcord_agent_point_gap_alert", "") == 1.0;
         let gap_ms = s["disks"][0]["point_gap_ms"].as_u64().unwrap_or(0);
         if age > (MAX_GAP_MS as f64 / 1000.0) + 1.0 {
             assert!(alert, "gap of {age} s at {at} without the alert:\n{m}");

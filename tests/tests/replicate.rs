@@ -453,7 +453,8 @@ fn a_bio_based_device_replicates_with_writes_running_at_attach() {
 
 /// A read that fails (every attempt) does not end the agent: the range stays dirty, no
 /// point claims it, and it is read again in a later round. With every 7th read failing
-/// (fault injection), the replica still equals the device and the failures are counted.
+/// (fault injection), the replica still equals the device, the failures are counted, and
+/// the agent's Prometheus endpoint raises the read-error alert.
 #[test]
 fn failed_reads_are_retried_in_later_rounds_and_replication_goes_on() {
     let Some(mut site) =
@@ -463,11 +464,27 @@ fn failed_reads_are_retried_in_later_rounds_and_replication_goes_on() {
     };
     let disk = site.loop_device("disk.img", 64 * MIB);
     let env = [(ripcord_agent::replicate::readback::FAULT_READ_ENV, "7")];
-    let agent = site.replicator_with(&[&disk.path], &[], &env);
+    let metrics_port = testkit::replication::free_tcp_port();
+    let config = site.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("metrics-addr = \"127.0.0.1:{metrics_port}\"\n"),
+    )
+    .unwrap();
+    let agent = site.replicator_with(&[&disk.path], &["--config", config.to_str().unwrap()], &env);
     let mut w = Workload::new(&disk.path, 21).unwrap();
     w.direct_writes(100).unwrap();
     w.uring_writes(4, 16).unwrap();
     agent.wait_synced(Duration::from_secs(60)).unwrap();
+    // The metrics follow the stats interval: wait until they show the failures.
+    let device = disk.path.to_str().unwrap();
+    testkit::replication::wait_for("the read-error alert", Duration::from_secs(30), || {
+        let m = http_get(metrics_port, "/metrics");
+        Ok(m.contains("ripcord_agent_read_error_alert{")
+            && metric(&m, "ripcord_agent_read_errors_total", device) > 0.0
+            && metric(&m, "ripcord_agent_read_error_alert", device) == 1.0)
+    })
+    .unwrap();
 
     let disk_id = site.id.disk_id(&disk.path).unwrap();
     let (stats, log) = stop_and_check_replica(&mut site, agent, &disk.path);
@@ -479,4 +496,52 @@ fn failed_reads_are_retried_in_later_rounds_and_replication_goes_on() {
     assert!(log.contains("read failed after"), "{log}");
     // The last cut is the quiesced state too.
     assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), true);
+}
+
+/// The block device's own dirty page cache (buffered writes to the device node; ext4 keeps
+/// its metadata buffers there until checkpoint) is written back before a round's instant,
+/// so the agent's O_DIRECT reads, which flush those pages first, do not start writes
+/// themselves and race them (issue 10, "Cost"). 8 MiB written through the page cache and
+/// left dirty when the agent starts: before, each initial-sync read over them raced the
+/// writeback it had caused and was read again.
+#[test]
+fn the_devices_dirty_page_cache_is_written_back_before_the_agent_reads_it() {
+    use std::os::unix::fs::FileExt as _;
+    let Some(mut site) =
+        Site::new("the_devices_dirty_page_cache_is_written_back_before_the_agent_reads_it")
+    else {
+        return;
+    };
+    let disk = site.loop_device("disk.img", 64 * MIB);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(31);
+    let buf: Vec<u8> = (0..8 * MIB as usize).map(|_| rng.random()).collect();
+    // Buffered and not synced: the pages stay dirty (the flusher leaves them for 30 s).
+    // Kept open: the last close of a block device writes its page cache back.
+    let node = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk.path)
+        .unwrap();
+    node.write_all_at(&buf, 16 * MIB).unwrap();
+    let dirty_kib = |meminfo: &str| -> u64 {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("Dirty:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let before = dirty_kib(&std::fs::read_to_string("/proc/meminfo").unwrap());
+    assert!(
+        before >= 4 * 1024,
+        "the buffered write left only {before} KiB dirty: the test would show nothing"
+    );
+
+    let agent = site.replicator(&[&disk.path]);
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let (stats, log) = stop_and_check_replica(&mut site, agent, &disk.path);
+    drop(node);
+    let raced = stats["disks"][0]["raced_reads"].as_u64().unwrap();
+    assert_eq!(
+        raced, 0,
+        "the agent's reads raced writes it started itself; stats: {stats}\n{log}"
+    );
 }

@@ -83,6 +83,9 @@ pub struct Overflow {
     pub whole_device: bool,
     /// Writes that could not be followed since the last drain of this slot.
     pub missed: u64,
+    /// Passthrough requests with data out completed on the slot's disk since the last
+    /// drain (`whole_device` is set for them; see `agent_common::op::PASSTHROUGH_OUT`).
+    pub passthrough: u64,
 }
 
 /// Write generations at one instant (see [`Capture::gen_snapshot`]).
@@ -110,6 +113,7 @@ pub struct Capture {
     devices: Vec<BlockDevice>,
     overflow_all_seen: Vec<u64>,
     missed_seen: Vec<u64>,
+    passthrough_seen: Vec<u64>,
     /// In-flight writes (bio address, queue time) already reported by [`Capture::stalled`].
     reported: std::collections::HashSet<(u64, u64)>,
 }
@@ -270,6 +274,7 @@ impl Capture {
             devices: devices.to_vec(),
             overflow_all_seen: vec![0; devices.len()],
             missed_seen: vec![0; devices.len()],
+            passthrough_seen: vec![0; devices.len()],
             reported: std::collections::HashSet::new(),
         })
     }
@@ -360,7 +365,10 @@ impl Capture {
                 regions.insert(start, len);
             }
         }
-        let all = self.stats(slot).overflow_all;
+        let stats = self.stats(slot);
+        let all = stats.overflow_all;
+        let passthrough = stats.passthrough_out - self.passthrough_seen[slot];
+        self.passthrough_seen[slot] = stats.passthrough_out;
         let missed_total = self.missed_completions();
         let missed = missed_total - self.missed_seen[slot];
         let whole_device = all != self.overflow_all_seen[slot] || missed > 0;
@@ -370,6 +378,7 @@ impl Capture {
             regions,
             whole_device,
             missed,
+            passthrough,
         }
     }
 

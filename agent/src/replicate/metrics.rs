@@ -1,6 +1,7 @@
 //! The agent's Prometheus endpoint (`GET /metrics`, prometheus-client text format):
 //! recovery points per disk (rate, newest point age, largest gap, forced and app points,
-//! the gap and churn alerts), capture and readback counters, and forced-freeze stalls.
+//! the gap and churn alerts), capture and readback counters, read errors and their alert,
+//! passthrough writes, and forced-freeze stalls.
 //!
 //! The protect loop calls [`AgentMetrics::update`] with the producers' counters every
 //! stats interval; the HTTP thread only renders.
@@ -33,6 +34,9 @@ pub struct DeviceLabel {
 type Counters = Family<DeviceLabel, Counter>;
 type Gauges = Family<DeviceLabel, Gauge<f64, AtomicU64>>;
 
+/// How long `read_error_alert` holds after a read failed every attempt.
+pub const READ_ERROR_ALERT_HOLD: Duration = Duration::from_secs(300);
+
 /// What one disk reports each interval.
 pub struct DiskSample<'a> {
     pub device: &'a str,
@@ -58,6 +62,9 @@ pub struct AgentMetrics {
     raced_reads: Counters,
     lost_completions: Counters,
     dropped_events: Counters,
+    read_errors: Counters,
+    passthrough_writes: Counters,
+    read_error_alert: Gauges,
     points_per_minute: Gauges,
     newest_point_age: Gauges,
     point_gap: Gauges,
@@ -75,6 +82,8 @@ struct State {
     seen: std::collections::HashMap<String, DiskCounters>,
     /// Times of recent points per device, for the per-minute rate.
     recent: std::collections::HashMap<String, VecDeque<Instant>>,
+    /// When a read last failed every attempt, per device.
+    last_read_error: std::collections::HashMap<String, Instant>,
     stalls_seen: usize,
 }
 
@@ -91,6 +100,9 @@ impl AgentMetrics {
             raced_reads: Counters::default(),
             lost_completions: Counters::default(),
             dropped_events: Counters::default(),
+            read_errors: Counters::default(),
+            passthrough_writes: Counters::default(),
+            read_error_alert: Gauges::default(),
             points_per_minute: Gauges::default(),
             newest_point_age: Gauges::default(),
             point_gap: Gauges::default(),
@@ -133,6 +145,24 @@ impl AgentMetrics {
             "dropped_events",
             "Change events the ring could not take (their regions were resynchronised)",
             m.dropped_events.clone(),
+        );
+        registry.register(
+            "read_errors",
+            "Reads of the protected device that failed every attempt (the range stays \
+             dirty and no point is taken until it reads)",
+            m.read_errors.clone(),
+        );
+        registry.register(
+            "read_error_alert",
+            "1 while a read of the device failed within the last 5 minutes: the disk or its \
+             path is failing, and points wait for the range to read",
+            m.read_error_alert.clone(),
+        );
+        registry.register(
+            "passthrough_writes",
+            "Passthrough requests with data out (SG_IO, NVMe or io_uring passthrough) seen \
+             on the disk; each made the agent read the whole device again",
+            m.passthrough_writes.clone(),
         );
         registry.register(
             "points_per_minute",
@@ -203,8 +233,24 @@ impl AgentMetrics {
                 prev.lost_completions,
             );
             inc(&self.dropped_events, c.dropped, prev.dropped);
-            let recent = st.recent.entry(d.device.to_owned()).or_default();
+            inc(&self.read_errors, c.read_errors, prev.read_errors);
+            inc(
+                &self.passthrough_writes,
+                c.passthrough_writes,
+                prev.passthrough_writes,
+            );
             let now = Instant::now();
+            if c.read_errors > prev.read_errors {
+                st.last_read_error.insert(d.device.to_owned(), now);
+            }
+            let failing = st
+                .last_read_error
+                .get(d.device)
+                .is_some_and(|t| now.duration_since(*t) < READ_ERROR_ALERT_HOLD);
+            self.read_error_alert
+                .get_or_create(&label)
+                .set(f64::from(u8::from(failing)));
+            let recent = st.recent.entry(d.device.to_owned()).or_default();
             for _ in prev.cuts..c.cuts {
                 recent.push_back(now);
             }
@@ -301,5 +347,55 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn a_failed_read_raises_the_read_error_alert_and_passthrough_writes_are_counted() {
+        let m = AgentMetrics::new();
+        let sample = |c: DiskCounters| DiskSample {
+            device: "/dev/loop3",
+            counters: c,
+            dirty_bytes: 0,
+            point_gap: None,
+            point_age: None,
+            largest_gap: Duration::ZERO,
+            gap_alert: false,
+            churn_alert: false,
+        };
+        let stalls = FreezeStats::default();
+        let mut c = DiskCounters::default();
+        m.update(&[sample(c)], &stalls);
+        assert!(
+            m.render()
+                .contains("ripcord_agent_read_error_alert{device=\"/dev/loop3\"} 0.0"),
+            "an alert before any error:\n{}",
+            m.render()
+        );
+        c.read_errors = 2;
+        c.passthrough_writes = 1;
+        m.update(&[sample(c)], &stalls);
+        // Later samples without new errors keep the alert within the hold time.
+        m.update(&[sample(c)], &stalls);
+        let text = m.render();
+        for want in [
+            "ripcord_agent_read_errors_total{device=\"/dev/loop3\"} 2",
+            "ripcord_agent_read_error_alert{device=\"/dev/loop3\"} 1.0",
+            "ripcord_agent_passthrough_writes_total{device=\"/dev/loop3\"} 1",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        // Past the hold time, the alert clears by itself.
+        m.state
+            .lock()
+            .unwrap()
+            .last_read_error
+            .insert("/dev/loop3".into(), Instant::now() - READ_ERROR_ALERT_HOLD);
+        m.update(&[sample(c)], &stalls);
+        assert!(
+            m.render()
+                .contains("ripcord_agent_read_error_alert{device=\"/dev/loop3\"} 0.0"),
+            "the alert outlived its hold:\n{}",
+            m.render()
+        );
     }
 }

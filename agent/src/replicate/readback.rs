@@ -117,6 +117,40 @@ impl DeviceReader {
             .collect()
     }
 
+    /// Writes back the block device's own dirty page cache over `[sector, sector + len)`
+    /// and waits for it: buffered writes to the device node and a file system's metadata
+    /// buffers (ext4 keeps them in the device's page cache until checkpoint). An O_DIRECT
+    /// read flushes exactly these pages before it reads (`kiocb_write_and_wait`), so a
+    /// read made without this first races writes the agent itself started; made before a
+    /// round's instant, the writes complete before it and the reads after it are clean.
+    /// Pages already clean cost a walk of the page-cache tags, no I/O.
+    pub fn write_back(&self, sector: u64, len: u64) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        let (offset, bytes) = (
+            sector * 512,
+            len.min(self.sectors - sector.min(self.sectors)) * 512,
+        );
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: a plain syscall on a descriptor we own; no memory is passed.
+        let rc = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                bytes as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
     /// Read `buf.len()` bytes (whole sectors, `buf` aligned for O_DIRECT) at `sector`.
     pub fn read_into(&mut self, sector: u64, buf: &mut [u8]) -> anyhow::Result<()> {
         if self.injected_failure() {

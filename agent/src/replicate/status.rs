@@ -98,6 +98,7 @@ impl StatsView<'_> {
                     "next_seq": p.builder.next_seq(),
                     "bytes_read": c.bytes_read,
                     "read_errors": c.read_errors,
+                    "passthrough_writes": c.passthrough_writes,
                     "data_bytes": c.data_bytes,
                     "zero_bytes": c.zero_bytes,
                     "batches": c.batches,

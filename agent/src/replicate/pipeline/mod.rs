@@ -2,6 +2,11 @@
 //! (see `batch.rs`), and crash-consistent cuts.
 //!
 //! # A round at instant T
+//! 0. Drain what completed so far, then write back the device's own dirty page cache over
+//!    what the round will read (the dirty set, the next initial-sync chunk): an O_DIRECT
+//!    read starts those writes itself and would race them. They complete before T, so
+//!    step 1 drains them. (Draining early changes nothing else: those changes completed
+//!    before T as well.)
 //! 1. Snapshot every write generation (bumped when a write is *queued*), then drain every
 //!    change event committed before T into the dirty set (see readback.rs and decision
 //!    0003 for why the snapshot comes first).
@@ -83,6 +88,10 @@ pub enum Outgoing {
 /// the gap lies in the same 16 KiB generation region as its neighbours anyway.
 const MERGE_GAP_SECTORS: u64 = 32;
 
+/// Most `sync_file_range` calls a disk's page-cache write-back makes per round; more
+/// dirty ranges than this are written back with one call over their span.
+const WRITE_BACK_MAX_CALLS: usize = 64;
+
 /// Which cut a round may place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CutRequest {
@@ -125,6 +134,8 @@ pub struct DiskCounters {
     pub lost_completions: u64,
     /// Reads that failed every attempt (their ranges stayed dirty).
     pub read_errors: u64,
+    /// Passthrough requests with data out seen on the disk (each re-read it whole).
+    pub passthrough_writes: u64,
     pub rounds: u64,
     pub clean_rounds: u64,
     /// Time spent, summed over rounds: draining events and walking the in-flight map
@@ -274,6 +285,35 @@ impl DiskProducer {
             self.dirty.insert(s, l);
         }
         self.oldest_change = Some(self.oldest_change.map_or(e.time_ns, |o| o.min(e.time_ns)));
+    }
+
+    /// Writes back the device's dirty page cache over the ranges this round will read
+    /// (the dirty set and the next initial-sync chunk) before the round's instant, so the
+    /// O_DIRECT reads do not start those writes themselves and race them (see
+    /// [`DeviceReader::write_back`]). Past [`WRITE_BACK_MAX_CALLS`] ranges, one call spans
+    /// them all. Only an optimisation: a failure is logged and the round goes on (a read
+    /// that flushes is caught as raced, as before).
+    fn write_back_page_cache(&mut self, cfg: &RoundConfig) {
+        let mut ranges: Vec<(u64, u64)> = self.dirty.iter().collect();
+        if let Some(cursor) = self.sync_cursor {
+            ranges.push((cursor, cfg.sync_chunk_sectors));
+        }
+        if ranges.len() > WRITE_BACK_MAX_CALLS {
+            let start = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+            let end = ranges.iter().map(|r| r.0 + r.1).max().unwrap_or(0);
+            ranges = vec![(start, end - start)];
+        }
+        for (s, l) in ranges {
+            if let Err(e) = self.reader.write_back(s, l) {
+                tracing::debug!(
+                    device = %self.dev.path.display(),
+                    sector = s,
+                    sectors = l,
+                    "writing back the device's page cache: {e}"
+                );
+                return;
+            }
+        }
     }
 
     /// Sectors copied by the initial sync so far.

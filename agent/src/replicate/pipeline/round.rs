@@ -29,8 +29,18 @@ pub fn round(
     cfg: &RoundConfig,
     send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
 ) -> anyhow::Result<bool> {
-    // 1. Generations first, then everything completed so far.
+    // 0. What completed so far, then the device's own dirty page cache over what this
+    // round will read written back before the instant (`DiskProducer::write_back_page_cache`).
     let round_start = Instant::now();
+    capture.drain_events_through_now(|e| {
+        if let Some(d) = disks.get_mut(e.slot as usize) {
+            d.note(&e);
+        }
+    })?;
+    for d in disks.iter_mut() {
+        d.write_back_page_cache(cfg);
+    }
+    // 1. Generations first, then everything completed so far.
     let snap = capture.gen_snapshot();
     let t_mono = now_mono_ns();
     let t_wall = now_wall_ns();
@@ -98,6 +108,16 @@ pub fn round(
                 missed = overflow.missed,
                 "writes capture could not follow (the queue probe was skipped or failed, or \
                  the in-flight map was full): resynchronising the whole device"
+            );
+        }
+        if overflow.passthrough > 0 {
+            d.counters.passthrough_writes += overflow.passthrough;
+            tracing::warn!(
+                device = %d.dev.path.display(),
+                requests = overflow.passthrough,
+                "a passthrough request sent data to the disk (SG_IO, NVMe or io_uring \
+                 passthrough): capture cannot see which sectors it changed, so the whole \
+                 device is read again (same epoch; no point until it is read)"
             );
         }
         if overflow.whole_device {
