@@ -47,6 +47,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// Create a deployment in `dir`: CA, server certificate for `names` (DNS names or IPs the
 /// agents use to reach this server), a first bootstrap token valid for `token_ttl`, and the
 /// escrow key derived from `passphrase`.
+///
+/// `escrow.json` is written last: a deployment is complete exactly when it exists. An init
+/// cut off before it (a kill, a power cut, a full disk) left pieces no agent can have used
+/// (the server does not open without `escrow.json`), so the next init clears them and
+/// starts over instead of refusing forever. Pieces next to a disk registry or a registered
+/// machine are not an interrupted init, and are refused.
 pub fn init(
     dir: &Path,
     names: &[&str],
@@ -54,9 +60,13 @@ pub fn init(
     params: EscrowParams,
     token_ttl: Duration,
 ) -> anyhow::Result<InitOutput> {
-    if dir.join("ca").exists() {
-        bail!("{} already holds a deployment (ca/ exists)", dir.display());
+    if dir.join("escrow.json").exists() {
+        bail!(
+            "{} already holds a deployment (escrow.json exists)",
+            dir.display()
+        );
     }
+    clear_interrupted_init(dir)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // The deployment holds the CA key and the tokens: root's (or its owner's) alone.
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
@@ -78,6 +88,12 @@ pub fn init(
         )?;
     }
     let secret = EscrowSecret::derive(passphrase, &params)?;
+    let ca = Ca::create(&dir.join("ca"), "ripcord deployment CA")?;
+    let identity = ca.issue_server(names)?;
+    identity.save(&dir.join("server"))?;
+    MachineStore::open(&machines_dir(dir))?;
+    let token =
+        TokenStore::open_or_create(&tokens_dir(dir))?.add(token_ttl, 1, SystemTime::now())?;
     let escrow = EscrowFile {
         public_key: secret.public_key(),
         params,
@@ -86,17 +102,44 @@ pub fn init(
         &dir.join("escrow.json"),
         &serde_json::to_vec_pretty(&escrow)?,
     )?;
-
-    let ca = Ca::create(&dir.join("ca"), "ripcord deployment CA")?;
-    let identity = ca.issue_server(names)?;
-    identity.save(&dir.join("server"))?;
-    MachineStore::open(&machines_dir(dir))?;
-    let token =
-        TokenStore::open_or_create(&tokens_dir(dir))?.add(token_ttl, 1, SystemTime::now())?;
     Ok(InitOutput {
         token,
         ca_hash: ca.hash(),
     })
+}
+
+/// The pieces an init writes before `escrow.json`, cleared when an earlier init was cut off.
+const INIT_PIECES: [&str; 4] = ["ca", "server", "tokens", "machines"];
+
+/// Removes what an interrupted init left in `dir` (no `escrow.json`); refuses when the
+/// directory also holds what only a running deployment writes.
+fn clear_interrupted_init(dir: &Path) -> anyhow::Result<()> {
+    let present: Vec<&str> = INIT_PIECES
+        .into_iter()
+        .filter(|p| dir.join(p).exists())
+        .collect();
+    if present.is_empty() {
+        return Ok(());
+    }
+    let registered = machines_dir(dir).exists()
+        && !MachineStore::open(&machines_dir(dir))
+            .and_then(|store| store.list())
+            .with_context(|| format!("reading the machines of {}", dir.display()))?
+            .is_empty();
+    if dir.join("disks.json").exists() || registered {
+        bail!(
+            "{} holds a deployment's disks or machines but no escrow.json: it was damaged, \
+             not left by an interrupted init. Restore escrow.json from a backup (the target \
+             store holds a copy) rather than creating a new deployment over it",
+            dir.display()
+        );
+    }
+    for piece in present {
+        let path = dir.join(piece);
+        std::fs::remove_dir_all(&path)
+            .with_context(|| format!("clearing {} left by an interrupted init", path.display()))?;
+    }
+    ripcord_crashsafe::sync_dir(dir).with_context(|| format!("syncing {}", dir.display()))
 }
 
 /// Open an existing deployment.
@@ -177,5 +220,82 @@ pub async fn claim_store_escrow(
             )
         }
         Err(e) => Err(e).with_context(|| format!("writing escrow metadata to {url}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ripcord_seal::KdfParams;
+
+    fn init_in(dir: &Path) -> anyhow::Result<InitOutput> {
+        let kdf = KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        init(
+            dir,
+            &["localhost"],
+            b"a passphrase",
+            EscrowParams::generate(kdf)?,
+            Duration::from_secs(60),
+        )
+    }
+
+    #[test]
+    fn an_init_cut_off_before_escrow_json_is_redone_by_the_next_init() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ps");
+        let first = init_in(&dir).unwrap();
+        // What a kill between the CA and the last write leaves: every piece but escrow.json.
+        std::fs::remove_file(dir.join("escrow.json")).unwrap();
+        let err = open(&dir)
+            .err()
+            .expect("a deployment without escrow.json opened");
+        assert!(format!("{err:#}").contains("escrow.json"), "{err:#}");
+
+        let second = init_in(&dir).expect("the next init after an interrupted one");
+        assert_ne!(first.ca_hash, second.ca_hash, "the old CA was kept");
+        let deployment = open(&dir).expect("the redone deployment opens");
+        assert_eq!(deployment.ca.hash(), second.ca_hash);
+        let tokens = std::fs::read_dir(tokens_dir(&dir)).unwrap().count();
+        assert!(tokens >= 1, "no token store");
+    }
+
+    #[test]
+    fn a_complete_deployment_is_never_initialised_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ps");
+        let first = init_in(&dir).unwrap();
+        let err = init_in(&dir).err().expect("a second init went ahead");
+        assert!(
+            format!("{err:#}").contains("already holds a deployment"),
+            "{err:#}"
+        );
+        assert_eq!(open(&dir).unwrap().ca.hash(), first.ca_hash);
+    }
+
+    #[test]
+    fn a_damaged_deployment_with_disks_is_not_taken_for_an_interrupted_init() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ps");
+        let first = init_in(&dir).unwrap();
+        std::fs::write(dir.join("disks.json"), b"{}").unwrap();
+        std::fs::remove_file(dir.join("escrow.json")).unwrap();
+        let err = init_in(&dir)
+            .err()
+            .expect("init replaced a damaged deployment");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("no escrow.json") && msg.contains("damaged"),
+            "{msg}"
+        );
+        // Nothing was cleared: the CA is the one the agents trust.
+        assert_eq!(
+            Ca::load(&dir.join("ca")).unwrap().hash(),
+            first.ca_hash,
+            "the CA was replaced"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask deploy` (issue 18) against three hosts simulated on this machine. Each host
 //! is a network namespace with its own sshd, running in its own mount namespace where
 //! /usr/local, /etc/ripcord, /etc/systemd/system, /var/lib and /run/ripcord are directories
-//! of that host alone: a process server host and two agent hosts protecting loop devices.
+//! of that host alone: a process server host that also protects a disk of its own, and two
+//! agent hosts, each protecting a loop device.
 //! systemd is not PID 1 here, so the inventory asks for `service-manager = "exec"`: deploy
 //! starts the exact ExecStart lines of the units it installed (which `systemd-analyze
 //! verify` checked on each host).
@@ -199,30 +200,6 @@ fn run(program: &str, args: &[&str]) {
 
 /// The mount points of [`OWN_DIRS`] this machine lacked (/etc/ripcord, say), made for the
 /// test and removed after it (if still empty).
-struct MountPoints(Vec<&'static str>);
-
-impl MountPoints {
-    fn make() -> MountPoints {
-        let missing: Vec<_> = OWN_DIRS
-            .iter()
-            .map(|(_, at)| *at)
-            .filter(|at| !Path::new(at).exists())
-            .collect();
-        for at in &missing {
-            std::fs::create_dir_all(at).unwrap();
-        }
-        MountPoints(missing)
-    }
-}
-
-impl Drop for MountPoints {
-    fn drop(&mut self) {
-        for at in &self.0 {
-            let _ = std::fs::remove_dir(at);
-        }
-    }
-}
-
 /// IPv4 forwarding on for the test (the namespaces talk through the host), restored after.
 struct Forwarding(String);
 
@@ -293,7 +270,7 @@ fn deploy_from(inventory: &Path, bins: &Path, extra: &[&str]) -> (bool, String) 
 }
 
 /// After new writes on `disks` (from `seed`), a recovery point of each in the process
-/// server's (`hosts[0]`) target store equals its device; `hosts[1..]` protect `disks`.
+/// server's (`hosts[0]`) target store equals its device; `hosts[n]` protects `disks[n]`.
 fn replicas_follow(
     hosts: &[SimHost],
     disks: &[LoopDevice],
@@ -308,7 +285,7 @@ fn replicas_follow(
         "file://{}",
         hosts[0].root.join("var-lib/ripcord-target").display()
     );
-    for (host, disk) in hosts[1..].iter().zip(disks) {
+    for (host, disk) in hosts.iter().zip(disks) {
         let state: serde_json::Value = serde_json::from_slice(
             &std::fs::read(host.root.join("var-lib/ripcord/agent/state.json")).unwrap(),
         )
@@ -346,7 +323,8 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
     let client_key = scratch.path.join("id_ed25519");
     keygen(&client_key);
     let _forwarding = Forwarding::on();
-    let _mount_points = MountPoints::make();
+    let _mount_points =
+        testkit::sys::MountPoints::make(OWN_DIRS.iter().map(|(_, at)| *at)).unwrap();
     let hosts = [("rc-ps", 41), ("rc-db", 42), ("rc-app", 43)]
         .map(|(name, net)| SimHost::start(&scratch.path, name, net, &client_key));
     let known_hosts = scratch.path.join("known_hosts");
@@ -370,42 +348,43 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
             .write_all(PASSPHRASE.as_bytes())
             .unwrap();
     }
-    let disks = [
-        LoopDevice::create(&scratch.path.join("db.img"), 32 * MIB).unwrap(),
-        LoopDevice::create(&scratch.path.join("app.img"), 32 * MIB).unwrap(),
-    ];
+    let disks = ["ps", "db", "app"].map(|name| {
+        LoopDevice::create(&scratch.path.join(format!("{name}.img")), 32 * MIB).unwrap()
+    });
     for (n, d) in disks.iter().enumerate() {
         write_random_at(&d.path, 0, 8, n as u64);
     }
-    let inventory = |devices: [&str; 2], min_free_mib: u64| {
+    let inventory = |devices: [&str; 3], min_free_mib: u64| {
         format!(
             "[deployment]\npassphrase-file = \"{}\"\ntarget = \"file:///var/lib/ripcord-target\"\n\
              known-hosts = \"{}\"\nidentity = \"{}\"\nservice-manager = \"exec\"\n\
              min-free-mib = {min_free_mib}\nkdf-memory-mib = 8\n\n\
-             [[host]]\nname = \"rc-ps\"\nssh = \"root@{}\"\nroles = [\"config\", \"process\"]\n\n\
+             [[host]]\nname = \"rc-ps\"\nssh = \"root@{}\"\nroles = [\"config\", \"process\", \"agent\"]\n\
+             devices = [\"{}\"]\n\n\
              [[host]]\nname = \"rc-db\"\nssh = \"root@{}\"\nroles = [\"agent\"]\ndevices = [\"{}\"]\n\n\
              [[host]]\nname = \"rc-app\"\nssh = \"root@{}\"\nroles = [\"agent\"]\ndevices = [\"{}\"]\n",
             passphrase.display(),
             known_hosts.display(),
             client_key.display(),
             hosts[0].netns.addr,
-            hosts[1].netns.addr,
             devices[0],
-            hosts[2].netns.addr,
+            hosts[1].netns.addr,
             devices[1],
+            hosts[2].netns.addr,
+            devices[2],
         )
     };
-    let devices = [
-        disks[0].path.to_str().unwrap(),
-        disks[1].path.to_str().unwrap(),
-    ];
+    let devices = disks.each_ref().map(|d| d.path.to_str().unwrap());
     let inv = scratch.path.join("deploy.toml");
 
     // A host with a missing device and hosts short of space: every problem is named, and
     // no host is changed.
     std::fs::write(
         &inv,
-        inventory([devices[0], "/dev/ripcord-no-such-disk"], 1 << 30),
+        inventory(
+            [devices[0], devices[1], "/dev/ripcord-no-such-disk"],
+            1 << 30,
+        ),
     )
     .unwrap();
     let (ok, out) = deploy(&inv, &[]);
@@ -453,19 +432,21 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
     );
     assert_eq!(
         out.matches("synced, recovery point acknowledged").count(),
-        2,
+        3,
         "{out}"
     );
     assert!(
         !out.contains(PASSPHRASE),
         "the passphrase is in the output:\n{out}"
     );
+    let running = |h: &SimHost, binary: &str| h.processes().iter().any(|p| p.contains(binary));
+    assert!(
+        running(&hosts[0], "ripcord-ps") && running(&hosts[0], "ripcord-agent"),
+        "rc-ps does not run both its services: {:?}",
+        hosts[0].processes()
+    );
     for h in &hosts {
-        assert!(
-            h.processes().iter().any(|p| p.contains("ripcord")),
-            "{}: no ripcord service runs",
-            h.name
-        );
+        assert!(running(h, "ripcord-agent"), "{}: no agent runs", h.name);
         for p in h.processes() {
             assert!(
                 !p.contains("--token "),
@@ -513,7 +494,8 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
             .unwrap_or_else(|| panic!("{what:?} not in:\n{out}"))
     };
     assert!(
-        at("rc-ps: restarting") < at("rc-db: restarting")
+        at("rc-ps: restarting ripcord-ps") < at("rc-ps: restarting ripcord-agent")
+            && at("rc-ps: restarting ripcord-agent") < at("rc-db: restarting")
             && at("rc-db: restarting") < at("rc-app: restarting"),
         "not in the seeds' order:\n{out}"
     );
@@ -537,8 +519,8 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
         }
     }
     replicas_follow(&hosts, &disks, &scratch.path, &passphrase, 20);
-    // A broken agent build stops the upgrade at the first agent host; the next keeps the
-    // version it runs.
+    // A broken agent build stops the upgrade at the first agent host (the process server's);
+    // the next keeps the version it runs, and the process server keeps serving.
     let broken = version(
         &scratch.path.join("v3"),
         b"ripcord v2",
@@ -548,19 +530,24 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
     assert!(!ok, "a broken agent was rolled out:\n{out}");
     // Whichever check meets it first (the service gone, or its status command failing),
     // the cause is the broken build's own message.
-    for expected in ["upgrade stopped at rc-db", "this agent build is broken"] {
+    for expected in ["upgrade stopped at rc-ps", "this agent build is broken"] {
         assert!(out.contains(expected), "{expected:?} not in:\n{out}");
     }
     assert_eq!(
-        std::fs::read(hosts[2].root.join("usr-local/bin/ripcord-agent")).unwrap(),
+        std::fs::read(hosts[1].root.join("usr-local/bin/ripcord-agent")).unwrap(),
         std::fs::read(v2.join("ripcord-agent")).unwrap(),
-        "rc-app was upgraded after rc-db failed"
+        "rc-db was upgraded after rc-ps's agent failed"
+    );
+    assert!(
+        running(&hosts[0], "ripcord-ps"),
+        "the broken agent took the process server down"
     );
     let (ok, out) = deploy_from(&inv, &v2, &["--upgrade"]);
     assert!(ok, "rolling back to v2 failed:\n{out}");
     replicas_follow(&hosts, &disks, &scratch.path, &passphrase, 30);
 
-    // Uninstall: no service, no file left but the target store.
+    // Uninstall: no service, no file left but the target store, on the host with both roles
+    // too.
     let (ok, out) = deploy(&inv, &["--uninstall"]);
     assert!(ok, "uninstall failed:\n{out}");
     for h in &hosts {

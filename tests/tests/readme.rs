@@ -187,10 +187,9 @@ fn the_readme_by_hand_commands_work_as_written() {
     let script_path = lab.path().join("readme.sh");
     std::fs::write(&script_path, &script).unwrap();
 
-    // Mount points for the private tmpfs mounts (empty directories; made if missing).
-    for dir in ["/var/lib/ripcord", "/etc/ripcord"] {
-        std::fs::create_dir_all(dir).unwrap();
-    }
+    // Mount points for the private tmpfs mounts (made if missing, removed after).
+    let _mount_points =
+        testkit::sys::MountPoints::make(["/var/lib/ripcord", "/etc/ripcord"]).unwrap();
     let path = format!(
         "{}:{}",
         bin.display(),

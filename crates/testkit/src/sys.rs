@@ -288,7 +288,34 @@ impl Drop for Frozen {
     }
 }
 
-/// Read a whole block device or file.
+/// Empty directories made as mount points for a test (only those that were missing) and
+/// removed on drop, so a test that mounts over `/etc/ripcord` in its own namespace leaves
+/// no `/etc/ripcord` behind.
+pub struct MountPoints(Vec<PathBuf>);
+
+impl MountPoints {
+    pub fn make<'a>(dirs: impl IntoIterator<Item = &'a str>) -> anyhow::Result<MountPoints> {
+        let mut made = MountPoints(Vec::new());
+        for dir in dirs {
+            let dir = Path::new(dir);
+            if !dir.exists() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("making the mount point {}", dir.display()))?;
+                made.0.push(dir.to_owned());
+            }
+        }
+        Ok(made)
+    }
+}
+
+impl Drop for MountPoints {
+    fn drop(&mut self) {
+        for dir in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 /// A block-queue limit (`/sys/block/<dev>/queue/<name>`) set for a test and put back on
 /// drop, whatever happens: the limit outlives the loop device's attachment, and the next
 /// test on the same device number would inherit it.
@@ -332,6 +359,7 @@ impl Drop for QueueLimit {
     }
 }
 
+/// Read a whole block device or file.
 pub fn read_all(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }

@@ -119,8 +119,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let ps_host = inv.process_host();
     let ps = &ssh[ps_host.name.as_str()];
     let mut files = role_files(&binaries, PS_BINARIES, Service::ProcessServer)?;
+    // A deployment is complete exactly when its escrow.json exists (init writes it last,
+    // and redoes an init cut off before it).
     let fresh = ps.run(&format!(
-        "test -f {}/ps.toml && echo no || echo yes",
+        "test -f {}/escrow.json && echo no || echo yes",
         layout::PS_DIR
     ))?;
     if fresh.trim() == "yes" {
@@ -481,47 +483,55 @@ fn ensure_running(
     );
 }
 
-/// Stops and removes what deploy installed: agents first (each stops only once what it
-/// sent is durable), then the process server. The target store and protected disks stay.
+/// Stops and removes what deploy installed: every agent first (each stops only once what
+/// it sent is durable), then the process server, then each host's configuration and state.
+/// A host with both roles loses both. The target store and protected disks stay.
 fn uninstall(inv: &Inventory, ssh: &BTreeMap<&str, Ssh>) -> anyhow::Result<()> {
     let manager = inv.deployment.service_manager;
-    let hosts = inv
+    let services = inv
         .agent_hosts()
-        .chain(inv.hosts.iter().filter(|h| h.has(Role::Process)));
-    for host in hosts {
+        .map(|h| (h, Service::Agent, AGENT_BINARIES))
+        .chain(
+            inv.hosts
+                .iter()
+                .filter(|h| h.has(Role::Process))
+                .map(|h| (h, Service::ProcessServer, PS_BINARIES)),
+        );
+    for (host, service, bins) in services {
         let s = &ssh[host.name.as_str()];
-        let (service, bins) = if host.has(Role::Process) {
-            (Service::ProcessServer, PS_BINARIES)
-        } else {
-            (Service::Agent, AGENT_BINARIES)
-        };
         service.stop(s, manager, 150)?;
         let mut paths: Vec<String> = bins
             .iter()
             .map(|b| quote(&format!("{}/{b}", layout::BIN_DIR)))
             .collect();
         paths.push(quote(&service.unit_path()));
-        // A file:// target store under the state directory is data, not installed: kept.
-        let keep = inv
-            .deployment
-            .target
-            .strip_prefix(&format!("file://{}/", layout::STATE_ROOT))
-            .and_then(|rest| rest.split('/').next())
-            .filter(|_| host.has(Role::Process))
-            .unwrap_or("");
-        s.run(&format!(
-            "rm -rf {} {} {}; test -d {root} && find {root} -mindepth 1 -maxdepth 1 ! -name {} \
-             -exec rm -rf {{}} + ; rmdir {root} 2>/dev/null; true",
-            paths.join(" "),
-            layout::CONF_DIR,
-            layout::RUN_DIR,
-            quote(if keep.is_empty() { "." } else { keep }),
-            root = layout::STATE_ROOT,
-        ))?;
+        s.run(&format!("rm -f {}", paths.join(" ")))?;
         if manager == inventory::ServiceManager::Systemd {
             s.run("systemctl daemon-reload")?;
         }
         say(&format!("{}: removed {}", host.name, service.unit_name()));
+    }
+    // A file:// target store under the state directory is data, not installed: kept.
+    let kept_store = inv
+        .deployment
+        .target
+        .strip_prefix(&format!("file://{}/", layout::STATE_ROOT))
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or(".");
+    for host in &inv.hosts {
+        let keep = if host.has(Role::Process) {
+            kept_store
+        } else {
+            "."
+        };
+        ssh[host.name.as_str()].run(&format!(
+            "rm -rf {} {}; test -d {root} && find {root} -mindepth 1 -maxdepth 1 ! -name {} \
+             -exec rm -rf {{}} + ; rmdir {root} 2>/dev/null; true",
+            layout::CONF_DIR,
+            layout::RUN_DIR,
+            quote(keep),
+            root = layout::STATE_ROOT,
+        ))?;
     }
     say(&format!(
         "uninstalled; the target store ({}) and the protected disks were left as they are",
