@@ -13,6 +13,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct PsConfig {
+    /// The roles this server runs: `process` (receive, journal and upload replication
+    /// streams) and `config` (keep the deployment's configuration database,
+    /// `<deployment>/control.db`: process servers, machines, disks, health, alerts and the
+    /// operators' audit log; `ripcord status` reads it). Default `["config", "process"]`:
+    /// the first server runs both. Every server runs `process` today.
+    pub roles: Vec<Role>,
     /// QUIC endpoint for replication traffic (mutual TLS): the IP address and port to bind
     /// (`[::]:9443` for IPv6), not a host name. Default `0.0.0.0:9443`.
     #[serde(deserialize_with = "bind_address::required")]
@@ -69,6 +75,7 @@ pub struct PsConfig {
 impl Default for PsConfig {
     fn default() -> Self {
         PsConfig {
+            roles: vec![Role::Config, Role::Process],
             listen: "0.0.0.0:9443".parse().expect("literal"),
             register_listen: "0.0.0.0:9442".parse().expect("literal"),
             metrics_listen: Some("127.0.0.1:9444".parse().expect("literal")),
@@ -116,6 +123,11 @@ impl PsConfig {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         ensure!(
+            self.roles.contains(&Role::Process),
+            "roles must include \"process\" (a server running only the config role is not \
+             supported yet)"
+        );
+        ensure!(
             (1..=1024).contains(&self.segment_mib),
             "segment-mib must be 1..=1024"
         );
@@ -147,11 +159,23 @@ impl PsConfig {
         Ok(())
     }
 
+    pub fn runs(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
     pub fn cache_dir(&self, deployment: &Path) -> PathBuf {
         self.cache_dir
             .clone()
             .unwrap_or_else(|| deployment.join("cache"))
     }
+}
+
+/// A role of a process server (see [`PsConfig::roles`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Config,
+    Process,
 }
 
 /// Bind addresses in `ps.toml`: an IP address and a port, with an error that says so.
@@ -243,5 +267,17 @@ mod tests {
                 && err.contains("host names are not accepted"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn roles_default_to_both_and_a_config_only_server_is_refused() {
+        assert!(PsConfig::default().runs(Role::Config) && PsConfig::default().runs(Role::Process));
+        let process_only: PsConfig = toml::from_str("roles = [\"process\"]").unwrap();
+        process_only.validate().unwrap();
+        assert!(!process_only.runs(Role::Config));
+        let config_only: PsConfig = toml::from_str("roles = [\"config\"]").unwrap();
+        let err = config_only.validate().unwrap_err().to_string();
+        assert!(err.contains("must include \"process\""), "{err}");
+        assert!(toml::from_str::<PsConfig>("roles = [\"web\"]").is_err());
     }
 }

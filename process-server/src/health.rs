@@ -87,24 +87,8 @@ impl HealthConfig {
     }
 }
 
-/// A health level; the order is the severity.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    Green = 0,
-    Orange = 1,
-    Red = 2,
-}
-
-impl std::fmt::Display for Level {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Level::Green => "green",
-            Level::Orange => "orange",
-            Level::Red => "red",
-        })
-    }
-}
+/// A health level; the order is the severity (one type with the configuration role's).
+pub use ripcord_control::Health as Level;
 
 /// One sample of the raw signals.
 #[derive(Clone, Copy, Debug, PartialEq)]

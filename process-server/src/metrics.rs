@@ -75,6 +75,20 @@ pub struct Metrics {
     uploads: Mutex<HashMap<DiskLabel, WatchedUpload>>,
 }
 
+/// A disk as [`Metrics::disk_states`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskState {
+    pub disk: String,
+    pub machine: String,
+    /// The owner's name for it (`?` when it never said).
+    pub device: String,
+    pub epoch: u64,
+    /// Newest batch durable in the journal.
+    pub durable_seq: u64,
+    /// When the newest recovery point was committed in the store, if one was.
+    pub newest_point_at: Option<SystemTime>,
+}
+
 /// A disk's upload status and how many of its errors the counter already holds.
 type WatchedUpload = (Arc<Mutex<UploadStatus>>, u64);
 
@@ -182,7 +196,6 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Names `disk`'s device in `ripcord_ps_disk_info` (replacing the name it had).
     /// The gauge a disk sets while it holds acknowledgements for cache space.
     pub fn space_held(&self, disk: &str, machine: &str) -> Gauge {
         self.space_held
@@ -193,6 +206,7 @@ impl Metrics {
             .clone()
     }
 
+    /// Names `disk`'s device in `ripcord_ps_disk_info` (replacing the name it had).
     pub fn disk_info(&self, disk: &str, machine: &str, device: Option<&str>) {
         let label = DiskInfoLabel {
             disk: disk.to_owned(),
@@ -255,6 +269,44 @@ impl Metrics {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.last_durable.get_or_create(&label).set(now as i64);
+    }
+
+    /// Every disk this server holds, as its metrics show it now (for the configuration
+    /// role's database).
+    pub fn disk_states(&self) -> Vec<DiskState> {
+        let labels: Vec<DiskInfoLabel> = self
+            .info_labels
+            .lock()
+            .expect("metrics lock")
+            .values()
+            .cloned()
+            .collect();
+        let uploads = self.uploads.lock().expect("metrics lock");
+        labels
+            .into_iter()
+            .map(|info| {
+                let label = DiskLabel {
+                    disk: info.disk.clone(),
+                    machine: info.machine.clone(),
+                };
+                let gauge = |f: &Family<DiskLabel, Gauge>| {
+                    f.get(&label)
+                        .map_or(0, |g| u64::try_from(g.get()).unwrap_or(0))
+                };
+                let newest_point_at = uploads.get(&label).and_then(|(status, _)| {
+                    let st = status.lock().expect("status lock");
+                    st.point_seen.then_some(st.newest_point_at)
+                });
+                DiskState {
+                    epoch: gauge(&self.epoch),
+                    durable_seq: gauge(&self.durable_seq),
+                    newest_point_at,
+                    disk: info.disk,
+                    machine: info.machine,
+                    device: info.device,
+                }
+            })
+            .collect()
     }
 
     /// Publishes a health report.

@@ -18,6 +18,8 @@ use ripcord_transport::{
 };
 
 use crate::{
+    config::Role,
+    control::{ControlLink, Event},
     deploy::{Deployment, machines_dir, tokens_dir},
     disk::{DiskCore, SharedDisk, journal_config},
     metrics::Metrics,
@@ -58,6 +60,8 @@ pub struct State {
     pub metrics: Metrics,
     /// Set when the server stops (see [`DiskCore::stop_waiting_when`]).
     pub(crate) stopping: Arc<AtomicBool>,
+    /// The configuration database, when this server runs the config role.
+    pub(crate) control: Option<ControlLink>,
 }
 
 impl State {
@@ -138,10 +142,90 @@ async fn watch_health(state: Arc<State>) {
         crate::health::log_change(level, &report);
         level = Some(report.level);
         state.metrics.set_health(&report);
+        if let Some(control) = &state.control {
+            control.send(Event::Health(report.clone()));
+            control.send(Event::Disks(disk_reports(&state)));
+        }
         if let Err(e) = crate::health::write_report(&state.dep.dir, &report) {
             tracing::warn!("health: {e:#}");
         }
     }
+}
+
+/// The disks this server holds, for the configuration database: what the metrics show,
+/// with each disk's size from the registry.
+fn disk_reports(state: &State) -> Vec<ripcord_control::Disk> {
+    let now = std::time::SystemTime::now();
+    let registry = state.registry.lock().expect("registry lock");
+    state
+        .metrics
+        .disk_states()
+        .into_iter()
+        .map(|d| {
+            let size_bytes = d
+                .disk
+                .parse::<DiskId>()
+                .ok()
+                .and_then(|id| registry.get(&id).map(|r| r.size_bytes))
+                .unwrap_or(0);
+            let unix = |t: std::time::SystemTime| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64)
+            };
+            ripcord_control::Disk {
+                lag_ms: d.newest_point_at.map(|t| {
+                    now.duration_since(t)
+                        .map_or(0, |age| age.as_millis() as u64)
+                }),
+                last_point_at: d.newest_point_at.map(unix),
+                id: d.disk,
+                machine: d.machine,
+                device: d.device,
+                size_bytes,
+                epoch: d.epoch,
+                acked_seq: d.durable_seq,
+            }
+        })
+        .collect()
+}
+
+/// Opens the configuration database if this server runs the config role.
+fn start_control(
+    dep: &Deployment,
+    machines: &MachineStore,
+    data_addr: std::net::SocketAddr,
+) -> anyhow::Result<Option<ControlLink>> {
+    if !dep.config.runs(Role::Config) {
+        return Ok(None);
+    }
+    let known = machines
+        .list()
+        .context("listing the registered machines for the configuration database")?
+        .into_iter()
+        .map(|m| (m.machine_id.to_string(), hex::encode(m.cert_sha256)))
+        .collect();
+    let cert = dep
+        .identity
+        .cert_chain()
+        .first()
+        .context("the server identity has no certificate")?;
+    let link = ControlLink::start(
+        &dep.dir,
+        crate::control::Identity {
+            server_id: &dep.config.server_id,
+            address: format!(
+                "{}:{}",
+                dep.identity
+                    .names()
+                    .first()
+                    .map_or(dep.config.server_id.as_str(), String::as_str),
+                data_addr.port()
+            ),
+            cert_sha256: hex::encode(ripcord_transport::pki::sha256(cert)),
+            machines: known,
+        },
+    )?;
+    Ok(Some(link))
 }
 
 /// Run until `shutdown` resolves.
@@ -188,7 +272,9 @@ pub async fn serve(
             Some((disk, rec.owner.clone(), rec.device.clone()))
         })
         .collect();
+    let control = start_control(&dep, &machines, data.local_addr()?)?;
     let state = Arc::new(State {
+        control,
         escrow_key,
         registry: Mutex::new(registry),
         disks: tokio::sync::Mutex::new(HashMap::new()),
@@ -269,7 +355,16 @@ pub async fn serve(
                         client_validity: Duration::from_secs(state.dep.config.client_cert_secs),
                     };
                     // serve_registration logs the outcome.
-                    let _ = serve_registration(incoming, &registrar).await;
+                    if let Ok(registered) = serve_registration(incoming, &registrar).await
+                        && let Some(control) = &state.control
+                    {
+                        control.send(Event::Machine {
+                            id: registered.machine_id.to_string(),
+                            cert_sha256: hex::encode(ripcord_transport::pki::sha256(
+                                &registered.certificate,
+                            )),
+                        });
+                    }
                 });
             }
             () = &mut shutdown => break,
@@ -278,6 +373,14 @@ pub async fn serve(
     stop(&state, &data, &register).await;
     watcher.abort();
     health.abort();
+    let st = Arc::clone(&state);
+    tokio::task::spawn_blocking(move || {
+        if let Some(control) = &st.control {
+            control.stop();
+        }
+    })
+    .await
+    .context("stopping the configuration database thread")?;
     Ok(())
 }
 

@@ -137,3 +137,20 @@ pub fn metric(text: &str, name: &str, label: &str) -> f64 {
         .next()
         .unwrap_or_else(|| panic!("no metric {name} {label} in:\n{text}"))
 }
+
+/// `ripcord status --json --deployment <deployment>` (the configuration role's view),
+/// parsed; panics with its error if it fails.
+pub fn ripcord_status(deployment: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(testkit::binary("ripcord"))
+        .args(["status", "--json", "--deployment"])
+        .arg(deployment)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ripcord status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}

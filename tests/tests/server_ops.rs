@@ -461,9 +461,27 @@ fn a_filling_cache_turns_the_server_orange_then_red_then_green_again() {
         2.0,
         "{metrics}"
     );
+    // The configuration role holds the alert while the signal is red.
+    let status = ripcord_tests::ripcord_status(&site.ps.dir);
+    let alerts = status["alerts"].as_array().unwrap();
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a["kind"] == "health-cache" && a["severity"] == "critical"),
+        "no critical cache alert in the configuration database: {status:#}"
+    );
     std::fs::remove_file(cache_dir.join("filler")).unwrap();
     std::fs::remove_file(cache_dir.join("more")).unwrap();
     level(0, "green");
+    wait_for("the cache alert to clear", Duration::from_secs(20), || {
+        let status = ripcord_tests::ripcord_status(&site.ps.dir);
+        Ok(!status["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "health-cache"))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {:#}", ripcord_tests::ripcord_status(&site.ps.dir)));
     let logs = site.ps.logs();
     for said in [
         "health is orange: cache",

@@ -1,17 +1,20 @@
 //! `ripcord`: the operator's tool. Lists recovery points and fails disks over (or
 //! test-fails them over) from the target store alone, with the deployment passphrase: no
-//! process server, configuration or agent is needed.
+//! process server, configuration or agent is needed. `ripcord status` shows the running
+//! deployment from the configuration role's database.
 //!
 //! Modules: [`points`] (listing), [`verify`], [`run_failover`] (failover and test
 //! failover), [`failover`] (materialising a point), [`ripcord_restore::output_guard`]
 //! (what failover may overwrite), [`plan`] (recovery plans: ordered groups of machines
-//! failed over, started and checked together). The passphrase is read by
+//! failed over, started and checked together), [`status`] (the configuration role's view
+//! of the deployment). The passphrase is read by
 //! [`ripcord_seal::read_passphrase`].
 
 mod failover;
 mod plan;
 mod points;
 mod run_failover;
+mod status;
 mod verify;
 
 use std::path::PathBuf;
@@ -81,6 +84,19 @@ enum Command {
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
         /// One JSON object (counts, damaged objects) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The deployment as the configuration role sees it: process servers (health,
+    /// heartbeat), machines and the server each replicates to, every disk (epoch,
+    /// acknowledged batch, newest recovery point, lag), and the open alerts. Reads the
+    /// configuration database of the server that runs the config role; a server whose
+    /// heartbeat is older than a minute shows red.
+    Status {
+        /// That server's deployment directory (holding control.db).
+        #[arg(long, default_value = "/var/lib/ripcord/ps")]
+        deployment: PathBuf,
+        /// One JSON object instead of tables.
         #[arg(long)]
         json: bool,
     },
@@ -335,6 +351,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => verify::verify(&target, disk.as_deref(), passphrase_file.as_deref(), json).await,
         Command::Plan { command } => run_plan(command).await,
+        Command::Status { deployment, json } => status::status(&deployment, json),
     }
 }
 

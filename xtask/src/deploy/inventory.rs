@@ -82,9 +82,10 @@ pub enum ServiceManager {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
-    /// Holds the deployment (CA, escrow key, machine registry) and serves QUIC: today the
-    /// configuration role is the process server's deployment, so `config` and `process`
-    /// go together on one host.
+    /// The configuration role: the process server on this host also keeps the
+    /// configuration database (`roles = ["config", "process"]` in its ps.toml; `ripcord
+    /// status` reads it). It runs inside a process server, so `config` needs `process` on
+    /// the same host.
     Config,
     Process,
     Agent,

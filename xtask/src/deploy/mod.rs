@@ -328,9 +328,15 @@ fn converge_service(
 
 fn ps_toml(inv: &Inventory) -> String {
     let d = &inv.deployment;
+    let roles = if inv.process_host().has(Role::Config) {
+        "[\"config\", \"process\"]"
+    } else {
+        "[\"process\"]"
+    };
     format!(
         "# Written by `cargo xtask deploy` from the inventory; changes are overwritten.\n\
-         listen = \"0.0.0.0:{}\"\nregister-listen = \"0.0.0.0:{}\"\ntarget = \"{}\"\n",
+         roles = {roles}\nlisten = \"0.0.0.0:{}\"\nregister-listen = \"0.0.0.0:{}\"\n\
+         target = \"{}\"\n",
         d.data_port, d.register_port, d.target
     )
 }

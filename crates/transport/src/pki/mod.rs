@@ -147,7 +147,8 @@ pub fn parse_ca_hash(s: &str) -> Result<[u8; 32], PkiError> {
     Ok(out)
 }
 
-pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
+/// SHA-256 of `data`: how certificates are named (machine records, the CA hash).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, data);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());

@@ -1,0 +1,666 @@
+//! The configuration role's state (issue 15): one SQLite database, `control.db` in the
+//! deployment directory of the server that runs the `config` role. It holds the process
+//! servers, the machines and which process server each is assigned to, their disks,
+//! policies, alerts, and the audit log of operator actions.
+//!
+//! # Invariants
+//! - **Durable when a call returns.** WAL journal with `synchronous = FULL`: a change
+//!   acknowledged to a caller survives a crash or power cut.
+//! - **An operator action and its audit entry commit together**: every method that takes
+//!   an `actor` writes both in one transaction, or neither. The audit log is append-only
+//!   (triggers refuse UPDATE and DELETE).
+//! - **References hold**: foreign keys are on, so a machine names an existing process
+//!   server and policy, and a disk an existing machine. A process server with machines
+//!   cannot be removed (they must be moved first).
+//! - **One open alert per subject and kind**: raising it again is a no-op until cleared.
+//! - **Never newer than the code**: a database migrated by a newer release is refused at
+//!   open rather than misread (migrations: [`schema`]).
+//! - The data path never waits for this database: replication goes on while the config
+//!   role is down (callers keep it off their hot paths).
+
+pub mod schema;
+
+use std::{path::Path, time::Duration};
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+
+/// Errors of the configuration database, each naming what it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("opening the configuration database {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("migrating the configuration database {path}: {source}")]
+    Migrate {
+        path: String,
+        source: rusqlite_migration::Error,
+    },
+    #[error(
+        "no configuration database at {path}: give the deployment directory of the process \
+         server that runs the config role (`roles` in its ps.toml)"
+    )]
+    Missing { path: String },
+    #[error(
+        "the configuration database {path} is at schema version {found}, this program reads \
+         version {expected}: use the `ripcord` of the same release as the server"
+    )]
+    SchemaMismatch {
+        path: String,
+        found: u32,
+        expected: u32,
+    },
+    #[error("configuration database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("no process server {0:?} is registered")]
+    UnknownProcessServer(String),
+    #[error("no machine {0:?} is registered")]
+    UnknownMachine(String),
+    #[error("no policy {0:?} exists")]
+    UnknownPolicy(String),
+    #[error(
+        "process server {server:?} still serves {machines} machine(s); move them first \
+         (`ripcord move-machine --machine M --to <server>`)"
+    )]
+    ServerHasMachines { server: String, machines: u64 },
+    #[error("{value:?} is not a health colour (green, orange or red)")]
+    BadHealth { value: String },
+}
+
+pub type Result<T, E = ControlError> = std::result::Result<T, E>;
+
+/// A process server's health colour (DESIGN.md section 3); the order is the severity, and
+/// the discriminant is the value of the `ripcord_ps_health` metric.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Green = 0,
+    Orange = 1,
+    Red = 2,
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Green => "green",
+            Health::Orange => "orange",
+            Health::Red => "red",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Health> {
+        match value {
+            "green" => Ok(Health::Green),
+            "orange" => Ok(Health::Orange),
+            "red" => Ok(Health::Red),
+            _ => Err(ControlError::BadHealth {
+                value: value.to_owned(),
+            }),
+        }
+    }
+}
+
+/// A registered process server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessServer {
+    pub id: String,
+    /// Where agents reach it (host:port of its data endpoint).
+    pub address: String,
+    pub version: String,
+    /// SHA-256 of its certificate (hex): a second server with the same id and another
+    /// certificate is a clone.
+    pub cert_sha256: String,
+    /// Whether it also runs the configuration role.
+    pub config_role: bool,
+    pub registered_at: i64,
+    pub last_heartbeat: Option<i64>,
+    pub health: Health,
+}
+
+/// A registered machine and where it replicates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Machine {
+    pub id: String,
+    pub cert_sha256: String,
+    pub registered_at: i64,
+    pub process_server: Option<String>,
+    pub policy: Option<String>,
+}
+
+/// A protected disk, as its process server last reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub id: String,
+    pub machine: String,
+    pub device: String,
+    pub size_bytes: u64,
+    pub epoch: u64,
+    pub acked_seq: u64,
+    pub last_point_at: Option<i64>,
+    pub lag_ms: Option<u64>,
+}
+
+/// A replication policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    /// Alert when a disk's lag exceeds this.
+    pub rpo_threshold_secs: u64,
+    pub retention_secs: u64,
+    /// Application-consistent points this often (0: none).
+    pub app_interval_secs: u64,
+}
+
+/// How bad an alert is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// An open or cleared alert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alert {
+    pub subject: String,
+    pub kind: String,
+    pub severity: String,
+    pub message: String,
+    pub raised_at: i64,
+    pub cleared_at: Option<i64>,
+}
+
+/// One entry of the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub detail: String,
+}
+
+/// The open configuration database.
+pub struct ControlDb {
+    conn: Connection,
+}
+
+impl ControlDb {
+    /// Opens (creating if missing) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<ControlDb> {
+        let name = path.display().to_string();
+        let open_err = |source| ControlError::Open {
+            path: name.clone(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        schema::MIGRATIONS
+            .to_latest(&mut conn)
+            .map_err(|source| ControlError::Migrate {
+                path: name.clone(),
+                source,
+            })?;
+        Ok(ControlDb { conn })
+    }
+
+    /// Opens an existing database for reading only (`ripcord status`): never creates or
+    /// migrates it (its server owns that), and refuses a schema other than this code's.
+    pub fn open_read_only(path: &Path) -> Result<ControlDb> {
+        let name = path.display().to_string();
+        if !path.exists() {
+            return Err(ControlError::Missing { path: name });
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| ControlError::Open {
+            path: name.clone(),
+            source,
+        })?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let db = ControlDb { conn };
+        let found = db.schema_version().map_err(|e| match e {
+            ControlError::Sql(source) => ControlError::Open {
+                path: name.clone(),
+                source,
+            },
+            other => other,
+        })?;
+        let expected = schema::version();
+        if found != expected {
+            return Err(ControlError::SchemaMismatch {
+                path: name,
+                found,
+                expected,
+            });
+        }
+        Ok(db)
+    }
+
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<u32> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    /// Adds a process server, or updates the one with its id (address, version,
+    /// certificate, role) keeping its registration time and machines.
+    pub fn upsert_process_server(&mut self, ps: &ProcessServer) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO process_servers
+                 (id, address, version, cert_sha256, config_role, registered_at,
+                  last_heartbeat, health)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(id) DO UPDATE SET address = excluded.address,
+                 version = excluded.version, cert_sha256 = excluded.cert_sha256,
+                 config_role = excluded.config_role",
+            params![
+                ps.id,
+                ps.address,
+                ps.version,
+                ps.cert_sha256,
+                ps.config_role,
+                ps.registered_at,
+                ps.last_heartbeat,
+                ps.health.as_str()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records a heartbeat of process server `id` at `at` with its health colour.
+    pub fn heartbeat(&mut self, id: &str, at: i64, health: Health) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE process_servers SET last_heartbeat = ?2, health = ?3 WHERE id = ?1",
+            params![id, at, health.as_str()],
+        )?;
+        if n == 0 {
+            return Err(ControlError::UnknownProcessServer(id.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Every process server, by id.
+    pub fn process_servers(&self) -> Result<Vec<ProcessServer>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, address, version, cert_sha256, config_role, registered_at,
+                    last_heartbeat, health
+             FROM process_servers ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                ProcessServer {
+                    id: r.get(0)?,
+                    address: r.get(1)?,
+                    version: r.get(2)?,
+                    cert_sha256: r.get(3)?,
+                    config_role: r.get(4)?,
+                    registered_at: r.get(5)?,
+                    last_heartbeat: r.get(6)?,
+                    health: Health::Red,
+                },
+                r.get::<_, String>(7)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (mut ps, health) = row?;
+            ps.health = Health::parse(&health)?;
+            Ok(ps)
+        })
+        .collect()
+    }
+
+    /// Removes process server `id` (an operator action), refused while machines are
+    /// assigned to it.
+    pub fn remove_process_server(&mut self, id: &str, actor: &str, at: i64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let machines: u64 = tx.query_row(
+            "SELECT count(*) FROM machines WHERE process_server = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        if machines > 0 {
+            return Err(ControlError::ServerHasMachines {
+                server: id.to_owned(),
+                machines,
+            });
+        }
+        if tx.execute("DELETE FROM process_servers WHERE id = ?1", [id])? == 0 {
+            return Err(ControlError::UnknownProcessServer(id.to_owned()));
+        }
+        audit(&tx, at, actor, "remove-process-server", id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Registers machine `id` (or records its new certificate) on `process_server`.
+    pub fn register_machine(
+        &mut self,
+        id: &str,
+        cert_sha256: &str,
+        at: i64,
+        process_server: &str,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        require_server(&tx, process_server)?;
+        tx.execute(
+            "INSERT INTO machines (id, cert_sha256, registered_at, process_server)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET cert_sha256 = excluded.cert_sha256",
+            params![id, cert_sha256, at, process_server],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every machine, by id.
+    pub fn machines(&self) -> Result<Vec<Machine>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, cert_sha256, registered_at, process_server, policy
+             FROM machines ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(Machine {
+                id: r.get(0)?,
+                cert_sha256: r.get(1)?,
+                registered_at: r.get(2)?,
+                process_server: r.get(3)?,
+                policy: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Assigns `machine` to process server `to` (an operator action).
+    pub fn move_machine(&mut self, machine: &str, to: &str, actor: &str, at: i64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        require_server(&tx, to)?;
+        let from: Option<Option<String>> = tx
+            .query_row(
+                "SELECT process_server FROM machines WHERE id = ?1",
+                [machine],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(from) = from else {
+            return Err(ControlError::UnknownMachine(machine.to_owned()));
+        };
+        tx.execute(
+            "UPDATE machines SET process_server = ?2 WHERE id = ?1",
+            params![machine, to],
+        )?;
+        let detail = format!("{machine}: {} -> {to}", from.as_deref().unwrap_or("none"));
+        audit(&tx, at, actor, "move-machine", &detail)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Adds or replaces the records of `disks` (their process server's latest report), in
+    /// one transaction: all of them or none.
+    pub fn record_disks(&mut self, disks: &[Disk]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for disk in disks {
+            require_machine(&tx, &disk.machine)?;
+            tx.execute(
+                "INSERT INTO disks (id, machine, device, size_bytes, epoch, acked_seq,
+                                    last_point_at, lag_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(id) DO UPDATE SET machine = excluded.machine,
+                     device = excluded.device, size_bytes = excluded.size_bytes,
+                     epoch = excluded.epoch, acked_seq = excluded.acked_seq,
+                     last_point_at = excluded.last_point_at, lag_ms = excluded.lag_ms",
+                params![
+                    disk.id,
+                    disk.machine,
+                    disk.device,
+                    disk.size_bytes,
+                    disk.epoch,
+                    disk.acked_seq,
+                    disk.last_point_at,
+                    disk.lag_ms
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every disk, by machine and id.
+    pub fn disks(&self) -> Result<Vec<Disk>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, machine, device, size_bytes, epoch, acked_seq, last_point_at, lag_ms
+             FROM disks ORDER BY machine, id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(Disk {
+                id: r.get(0)?,
+                machine: r.get(1)?,
+                device: r.get(2)?,
+                size_bytes: r.get(3)?,
+                epoch: r.get(4)?,
+                acked_seq: r.get(5)?,
+                last_point_at: r.get(6)?,
+                lag_ms: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Creates or changes a policy (an operator action).
+    pub fn set_policy(&mut self, policy: &Policy, actor: &str, at: i64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO policies (name, rpo_threshold_secs, retention_secs, app_interval_secs)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET rpo_threshold_secs = excluded.rpo_threshold_secs,
+                 retention_secs = excluded.retention_secs,
+                 app_interval_secs = excluded.app_interval_secs",
+            params![
+                policy.name,
+                policy.rpo_threshold_secs,
+                policy.retention_secs,
+                policy.app_interval_secs
+            ],
+        )?;
+        let detail = format!(
+            "{}: rpo-threshold {} s, retention {} s, app points every {} s",
+            policy.name, policy.rpo_threshold_secs, policy.retention_secs, policy.app_interval_secs
+        );
+        audit(&tx, at, actor, "set-policy", &detail)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every policy, by name.
+    pub fn policies(&self) -> Result<Vec<Policy>> {
+        let mut st = self.conn.prepare(
+            "SELECT name, rpo_threshold_secs, retention_secs, app_interval_secs
+             FROM policies ORDER BY name",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(Policy {
+                name: r.get(0)?,
+                rpo_threshold_secs: r.get(1)?,
+                retention_secs: r.get(2)?,
+                app_interval_secs: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Gives `machine` policy `policy` (an operator action).
+    pub fn assign_policy(
+        &mut self,
+        machine: &str,
+        policy: &str,
+        actor: &str,
+        at: i64,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let known: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM policies WHERE name = ?1)",
+            [policy],
+            |r| r.get(0),
+        )?;
+        if !known {
+            return Err(ControlError::UnknownPolicy(policy.to_owned()));
+        }
+        if tx.execute(
+            "UPDATE machines SET policy = ?2 WHERE id = ?1",
+            params![machine, policy],
+        )? == 0
+        {
+            return Err(ControlError::UnknownMachine(machine.to_owned()));
+        }
+        audit(
+            &tx,
+            at,
+            actor,
+            "assign-policy",
+            &format!("{machine}: {policy}"),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Raises alert `kind` on `subject`; returns false if it was already open (nothing
+    /// changes then, not even its message).
+    pub fn raise_alert(
+        &mut self,
+        subject: &str,
+        kind: &str,
+        severity: Severity,
+        message: &str,
+        at: i64,
+    ) -> Result<bool> {
+        let n = self.conn.execute(
+            "INSERT INTO alerts (subject, kind, severity, message, raised_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT DO NOTHING",
+            params![subject, kind, severity.as_str(), message, at],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Clears the open alert `kind` on `subject`, if any; returns whether one was open.
+    pub fn clear_alert(&mut self, subject: &str, kind: &str, at: i64) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE alerts SET cleared_at = ?3
+             WHERE subject = ?1 AND kind = ?2 AND cleared_at IS NULL",
+            params![subject, kind, at],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// The open alerts, oldest first.
+    pub fn open_alerts(&self) -> Result<Vec<Alert>> {
+        self.alerts_where("cleared_at IS NULL")
+    }
+
+    /// Every alert, open or cleared, oldest first.
+    pub fn all_alerts(&self) -> Result<Vec<Alert>> {
+        self.alerts_where("1")
+    }
+
+    fn alerts_where(&self, condition: &str) -> Result<Vec<Alert>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT subject, kind, severity, message, raised_at, cleared_at
+             FROM alerts WHERE {condition} ORDER BY raised_at, id"
+        ))?;
+        let rows = st.query_map([], |r| {
+            Ok(Alert {
+                subject: r.get(0)?,
+                kind: r.get(1)?,
+                severity: r.get(2)?,
+                message: r.get(3)?,
+                raised_at: r.get(4)?,
+                cleared_at: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records an operator action that changes nothing in this database (a token
+    /// created, a failover started).
+    pub fn audit(&mut self, actor: &str, action: &str, detail: &str, at: i64) -> Result<()> {
+        audit(&self.conn, at, actor, action, detail)
+    }
+
+    /// The newest `limit` audit entries, oldest first.
+    pub fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>> {
+        let mut st = self.conn.prepare(
+            "SELECT at, actor, action, detail FROM
+                 (SELECT id, at, actor, action, detail FROM audit ORDER BY id DESC LIMIT ?1)
+             ORDER BY id",
+        )?;
+        let rows = st.query_map([limit], |r| {
+            Ok(AuditEntry {
+                at: r.get(0)?,
+                actor: r.get(1)?,
+                action: r.get(2)?,
+                detail: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+fn audit(conn: &Connection, at: i64, actor: &str, action: &str, detail: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO audit (at, actor, action, detail) VALUES (?1, ?2, ?3, ?4)",
+        params![at, actor, action, detail],
+    )?;
+    Ok(())
+}
+
+fn require_server(conn: &Connection, id: &str) -> Result<()> {
+    let known: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM process_servers WHERE id = ?1)",
+        [id],
+        |r| r.get(0),
+    )?;
+    if known {
+        Ok(())
+    } else {
+        Err(ControlError::UnknownProcessServer(id.to_owned()))
+    }
+}
+
+fn require_machine(conn: &Connection, id: &str) -> Result<()> {
+    let known: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM machines WHERE id = ?1)",
+        [id],
+        |r| r.get(0),
+    )?;
+    if known {
+        Ok(())
+    } else {
+        Err(ControlError::UnknownMachine(id.to_owned()))
+    }
+}

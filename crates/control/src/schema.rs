@@ -1,0 +1,93 @@
+//! The configuration database's schema, as an ordered list of migrations. A migration is
+//! never edited once released: a change is a new migration at the end. The version lives
+//! in SQLite's `user_version`; a database newer than this list is refused at open.
+
+use rusqlite_migration::{M, Migrations};
+
+/// Every migration, oldest first.
+const ALL: &[M<'static>] = &[M::up(V1)];
+
+/// The migrations, for `rusqlite_migration`.
+pub const MIGRATIONS: Migrations<'static> = Migrations::from_slice(ALL);
+
+/// The schema version this code writes and reads (the number of migrations).
+pub fn version() -> u32 {
+    ALL.len() as u32
+}
+
+/// Version 1: process servers, machines (each assigned to one process server), disks,
+/// policies, alerts, and the append-only audit log of operator actions. Times are Unix
+/// seconds. Names are checked where the database can check them (health colours,
+/// severities, non-empty identifiers).
+const V1: &str = "
+CREATE TABLE process_servers (
+    id             TEXT PRIMARY KEY CHECK (length(id) BETWEEN 1 AND 255),
+    address        TEXT NOT NULL,
+    version        TEXT NOT NULL,
+    cert_sha256    TEXT NOT NULL,
+    config_role    INTEGER NOT NULL DEFAULT 0 CHECK (config_role IN (0, 1)),
+    registered_at  INTEGER NOT NULL,
+    last_heartbeat INTEGER,
+    health         TEXT NOT NULL DEFAULT 'red' CHECK (health IN ('green', 'orange', 'red'))
+);
+
+CREATE TABLE policies (
+    name                TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 255),
+    rpo_threshold_secs  INTEGER NOT NULL CHECK (rpo_threshold_secs > 0),
+    retention_secs      INTEGER NOT NULL CHECK (retention_secs > 0),
+    app_interval_secs   INTEGER NOT NULL CHECK (app_interval_secs >= 0)
+);
+
+CREATE TABLE machines (
+    id             TEXT PRIMARY KEY CHECK (length(id) BETWEEN 1 AND 255),
+    cert_sha256    TEXT NOT NULL,
+    registered_at  INTEGER NOT NULL,
+    process_server TEXT REFERENCES process_servers(id),
+    policy         TEXT REFERENCES policies(name)
+);
+CREATE INDEX machines_by_server ON machines(process_server);
+
+CREATE TABLE disks (
+    id             TEXT PRIMARY KEY CHECK (length(id) BETWEEN 1 AND 255),
+    machine        TEXT NOT NULL REFERENCES machines(id),
+    device         TEXT NOT NULL,
+    size_bytes     INTEGER NOT NULL CHECK (size_bytes >= 0),
+    epoch          INTEGER NOT NULL DEFAULT 0,
+    acked_seq      INTEGER NOT NULL DEFAULT 0,
+    last_point_at  INTEGER,
+    lag_ms         INTEGER
+);
+CREATE INDEX disks_by_machine ON disks(machine);
+
+CREATE TABLE alerts (
+    id         INTEGER PRIMARY KEY,
+    subject    TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    severity   TEXT NOT NULL CHECK (severity IN ('warning', 'critical')),
+    message    TEXT NOT NULL,
+    raised_at  INTEGER NOT NULL,
+    cleared_at INTEGER
+);
+-- At most one open alert per subject and kind: raising it again updates nothing.
+CREATE UNIQUE INDEX one_open_alert ON alerts(subject, kind) WHERE cleared_at IS NULL;
+
+CREATE TABLE audit (
+    id     INTEGER PRIMARY KEY,
+    at     INTEGER NOT NULL,
+    actor  TEXT NOT NULL CHECK (length(actor) >= 1),
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TRIGGER audit_is_append_only_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_is_append_only_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_migrations_are_valid() {
+        super::MIGRATIONS.validate().unwrap();
+    }
+}

@@ -1,0 +1,296 @@
+//! The configuration database on a real SQLite file: state survives reopening, operator
+//! actions and their audit entries commit together, references and the audit log's
+//! append-only rule hold even against SQL run beside the library, and a database from a
+//! newer release is refused.
+
+use std::path::Path;
+
+use ripcord_control::{ControlDb, ControlError, Disk, Health, Policy, ProcessServer, Severity};
+
+fn server(id: &str, config_role: bool) -> ProcessServer {
+    ProcessServer {
+        id: id.to_owned(),
+        address: format!("{id}.example:4433"),
+        version: "0.1.0".to_owned(),
+        cert_sha256: format!("{id}-cert"),
+        config_role,
+        registered_at: 100,
+        last_heartbeat: None,
+        health: Health::Red,
+    }
+}
+
+fn disk(id: &str, machine: &str) -> Disk {
+    Disk {
+        id: id.to_owned(),
+        machine: machine.to_owned(),
+        device: "/dev/sdb".to_owned(),
+        size_bytes: 1 << 30,
+        epoch: 2,
+        acked_seq: 41,
+        last_point_at: Some(300),
+        lag_ms: Some(120),
+    }
+}
+
+fn deployment(path: &Path) -> ControlDb {
+    let mut db = ControlDb::open(path).unwrap();
+    db.upsert_process_server(&server("ps1", true)).unwrap();
+    db.upsert_process_server(&server("ps2", false)).unwrap();
+    db.register_machine("db01", "db01-cert", 200, "ps1")
+        .unwrap();
+    db.record_disks(&[disk("d-1", "db01")]).unwrap();
+    db
+}
+
+#[test]
+fn state_survives_reopening_and_the_schema_is_current() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("control.db");
+    {
+        let mut db = deployment(&path);
+        db.heartbeat("ps1", 400, Health::Green).unwrap();
+        assert_eq!(db.schema_version().unwrap(), 1);
+    }
+    let db = ControlDb::open(&path).unwrap();
+    let servers = db.process_servers().unwrap();
+    assert_eq!(servers.len(), 2);
+    assert_eq!(servers[0].health, Health::Green);
+    assert_eq!(servers[0].last_heartbeat, Some(400));
+    assert!(servers[0].config_role && !servers[1].config_role);
+    assert_eq!(servers[1].health, Health::Red, "no heartbeat yet: red");
+    let disks = db.disks().unwrap();
+    assert_eq!((disks[0].epoch, disks[0].acked_seq), (2, 41));
+    assert_eq!(
+        db.machines().unwrap()[0].process_server.as_deref(),
+        Some("ps1")
+    );
+}
+
+#[test]
+fn an_operator_action_and_its_audit_entry_commit_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = deployment(&tmp.path().join("control.db"));
+
+    let err = db.move_machine("db01", "ps9", "alice", 500).unwrap_err();
+    assert!(
+        matches!(err, ControlError::UnknownProcessServer(ref s) if s == "ps9"),
+        "{err}"
+    );
+    let err = db.move_machine("nobody", "ps2", "alice", 500).unwrap_err();
+    assert!(matches!(err, ControlError::UnknownMachine(_)), "{err}");
+    assert!(
+        db.audit_log(10).unwrap().is_empty(),
+        "a refused action was audited"
+    );
+
+    db.move_machine("db01", "ps2", "alice", 501).unwrap();
+    assert_eq!(
+        db.machines().unwrap()[0].process_server.as_deref(),
+        Some("ps2")
+    );
+    let policy = Policy {
+        name: "gold".to_owned(),
+        rpo_threshold_secs: 30,
+        retention_secs: 72 * 3600,
+        app_interval_secs: 3600,
+    };
+    db.set_policy(&policy, "bob", 502).unwrap();
+    db.assign_policy("db01", "gold", "bob", 503).unwrap();
+    let err = db.assign_policy("db01", "silver", "bob", 504).unwrap_err();
+    assert!(matches!(err, ControlError::UnknownPolicy(_)), "{err}");
+    db.audit("carol", "create-token", "1 use, 24 h", 505)
+        .unwrap();
+
+    let log = db.audit_log(10).unwrap();
+    let actions: Vec<_> = log
+        .iter()
+        .map(|e| (e.actor.as_str(), e.action.as_str(), e.detail.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("alice", "move-machine", "db01: ps1 -> ps2"),
+            (
+                "bob",
+                "set-policy",
+                "gold: rpo-threshold 30 s, retention 259200 s, app points every 3600 s"
+            ),
+            ("bob", "assign-policy", "db01: gold"),
+            ("carol", "create-token", "1 use, 24 h"),
+        ]
+    );
+    assert_eq!(
+        db.audit_log(2).unwrap()[0].action,
+        "assign-policy",
+        "newest two"
+    );
+    assert_eq!(db.policies().unwrap(), [policy]);
+    assert_eq!(db.machines().unwrap()[0].policy.as_deref(), Some("gold"));
+}
+
+#[test]
+fn a_server_with_machines_is_not_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = deployment(&tmp.path().join("control.db"));
+    let err = db.remove_process_server("ps1", "alice", 600).unwrap_err();
+    assert!(
+        matches!(err, ControlError::ServerHasMachines { machines: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("move them first"), "{err}");
+    db.move_machine("db01", "ps2", "alice", 601).unwrap();
+    db.remove_process_server("ps1", "alice", 602).unwrap();
+    assert_eq!(db.process_servers().unwrap().len(), 1);
+    let err = db.remove_process_server("ps1", "alice", 603).unwrap_err();
+    assert!(
+        matches!(err, ControlError::UnknownProcessServer(_)),
+        "{err}"
+    );
+    let err = db.heartbeat("ps1", 604, Health::Green).unwrap_err();
+    assert!(
+        matches!(err, ControlError::UnknownProcessServer(_)),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_report_with_a_disk_of_an_unknown_machine_is_refused_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = deployment(&tmp.path().join("control.db"));
+    let mut newer = disk("d-1", "db01");
+    newer.acked_seq = 99;
+    // One report holds a disk of an unknown machine: none of it is recorded.
+    let err = db
+        .record_disks(&[newer.clone(), disk("d-2", "ghost")])
+        .unwrap_err();
+    assert!(
+        matches!(err, ControlError::UnknownMachine(ref m) if m == "ghost"),
+        "{err}"
+    );
+    assert_eq!(db.disks().unwrap(), [disk("d-1", "db01")]);
+    db.record_disks(&[newer.clone()]).unwrap();
+    assert_eq!(db.disks().unwrap(), [newer]);
+}
+
+#[test]
+fn one_open_alert_per_subject_and_kind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = deployment(&tmp.path().join("control.db"));
+    assert!(
+        db.raise_alert("ps1", "cache-space", Severity::Warning, "29% free", 700)
+            .unwrap()
+    );
+    assert!(
+        !db.raise_alert("ps1", "cache-space", Severity::Critical, "20% free", 701)
+            .unwrap(),
+        "raised twice while open"
+    );
+    assert!(
+        db.raise_alert("d-1", "rpo", Severity::Warning, "lag 40 s", 702)
+            .unwrap()
+    );
+    let open = db.open_alerts().unwrap();
+    assert_eq!(open.len(), 2);
+    assert_eq!(open[0].message, "29% free", "the open alert was rewritten");
+    assert!(db.clear_alert("ps1", "cache-space", 710).unwrap());
+    assert!(!db.clear_alert("ps1", "cache-space", 711).unwrap());
+    assert!(
+        db.raise_alert("ps1", "cache-space", Severity::Critical, "20% free", 720)
+            .unwrap()
+    );
+    let all = db.all_alerts().unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[0].cleared_at, Some(710));
+    assert_eq!(db.open_alerts().unwrap().len(), 2);
+}
+
+/// The attacker is anyone who runs SQL against the file beside the library (a careless
+/// script, a compromised tool): the audit log still cannot be rewritten or trimmed, and
+/// references still hold.
+#[test]
+fn the_audit_log_and_references_hold_against_sql_beside_the_library() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("control.db");
+    let mut db = deployment(&path);
+    db.move_machine("db01", "ps2", "alice", 800).unwrap();
+    drop(db);
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    for sql in ["UPDATE audit SET actor = 'mallory'", "DELETE FROM audit"] {
+        let err = raw.execute(sql, []).unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    raw.pragma_update(None, "foreign_keys", "ON").unwrap();
+    let err = raw
+        .execute("UPDATE machines SET process_server = 'ps9'", [])
+        .unwrap_err();
+    assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
+    let err = raw
+        .execute("UPDATE process_servers SET health = 'purple'", [])
+        .unwrap_err();
+    assert!(err.to_string().contains("CHECK"), "{err}");
+    drop(raw);
+    let db = ControlDb::open(&path).unwrap();
+    assert_eq!(db.audit_log(10).unwrap()[0].actor, "alice");
+}
+
+#[test]
+fn a_database_from_a_newer_release_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("control.db");
+    drop(deployment(&path));
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.pragma_update(None, "user_version", 99).unwrap();
+    drop(raw);
+    let err = ControlDb::open(&path)
+        .err()
+        .expect("a newer database opened");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, ControlError::Migrate { .. }) && msg.contains("control.db"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("control.db");
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    let err = ControlDb::open(&path).err().expect("garbage opened");
+    assert!(err.to_string().contains("control.db"), "{err}");
+}
+
+#[test]
+fn a_reader_opens_only_a_current_database_and_never_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("control.db");
+    let err = ControlDb::open_read_only(&path)
+        .err()
+        .expect("a missing database opened");
+    assert!(matches!(err, ControlError::Missing { .. }), "{err}");
+    assert!(!path.exists(), "the reader created the database");
+    drop(deployment(&path));
+    let mut reader = ControlDb::open_read_only(&path).unwrap();
+    assert_eq!(reader.machines().unwrap().len(), 1);
+    let err = reader.heartbeat("ps1", 1, Health::Green).unwrap_err();
+    assert!(err.to_string().contains("readonly"), "{err}");
+    drop(reader);
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.pragma_update(None, "user_version", 7).unwrap();
+    drop(raw);
+    let err = ControlDb::open_read_only(&path)
+        .err()
+        .expect("schema 7 opened");
+    assert!(
+        matches!(
+            err,
+            ControlError::SchemaMismatch {
+                found: 7,
+                expected: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}

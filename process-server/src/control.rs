@@ -1,0 +1,373 @@
+//! This server's link to the configuration role (`roles` includes `config`): it keeps
+//! `<deployment>/control.db` ([`ripcord_control`]) up to date with this server's
+//! heartbeat and health, the health alerts, the machines registered here and the state of
+//! their disks.
+//!
+//! # Invariants
+//! - **The data path never waits for the database.** Events go through a bounded queue
+//!   to a thread of their own ([`ControlLink::send`] never blocks); when the queue is full
+//!   (the database is slow or its disk is stuck) events are dropped and counted, and the
+//!   periodic reports repair the state on the next tick. Nothing here is a source of
+//!   truth for replication: the registry, the journals and the store are.
+//! - A database that cannot be opened stops the server at start, with its path named; one
+//!   that fails later is logged once per kind of failure and retried with the next event.
+//! - An alert follows its signal's level: raised when it leaves green, raised again (the
+//!   old one cleared) when its severity changes, cleared when it is green again.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError},
+    },
+    thread::JoinHandle,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use ripcord_control::{ControlDb, Disk, Health, ProcessServer, Severity};
+
+use crate::health::HealthReport;
+
+/// Events queued for the database thread before new ones are dropped.
+const QUEUE: usize = 1024;
+
+/// The configuration database's file in a deployment.
+pub fn db_path(deployment: &Path) -> std::path::PathBuf {
+    deployment.join("control.db")
+}
+
+/// What the server tells the configuration role.
+#[derive(Debug)]
+pub enum Event {
+    /// A health report: the heartbeat, and the alerts of its signals.
+    Health(HealthReport),
+    /// A machine registered (or renewed its certificate) here.
+    Machine { id: String, cert_sha256: String },
+    /// The disks this server holds, as of now.
+    Disks(Vec<Disk>),
+}
+
+/// The queue to the database thread.
+pub struct ControlLink {
+    events: Mutex<Option<SyncSender<Event>>>,
+    dropped: AtomicU64,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Who this server is, for its row in `process_servers`.
+pub struct Identity<'a> {
+    pub server_id: &'a str,
+    pub address: String,
+    pub cert_sha256: String,
+    /// Machines registered before the database existed (or while it was down).
+    pub machines: Vec<(String, String)>,
+}
+
+impl ControlLink {
+    /// Opens the database in `deployment`, records this server and the machines it knows,
+    /// and starts the thread.
+    pub fn start(deployment: &Path, me: Identity<'_>) -> anyhow::Result<ControlLink> {
+        let path = db_path(deployment);
+        let mut db = ControlDb::open(&path)?;
+        let now = unix_now();
+        db.upsert_process_server(&ProcessServer {
+            id: me.server_id.to_owned(),
+            address: me.address,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            cert_sha256: me.cert_sha256,
+            config_role: true,
+            registered_at: now,
+            last_heartbeat: None,
+            health: Health::Red,
+        })
+        .with_context(|| format!("recording this server in {}", path.display()))?;
+        for (id, cert) in &me.machines {
+            db.register_machine(id, cert, now, me.server_id)
+                .with_context(|| format!("recording machine {id} in {}", path.display()))?;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let server_id = me.server_id.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("ripcord-control".into())
+            .spawn(move || apply_events(db, &server_id, rx))
+            .context("starting the configuration database thread")?;
+        tracing::info!(db = %path.display(), "configuration role: keeping the configuration database");
+        Ok(ControlLink {
+            events: Mutex::new(Some(tx)),
+            dropped: AtomicU64::new(0),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues `event`; never blocks (see the module doc).
+    pub fn send(&self, event: Event) {
+        let events = self.events.lock().expect("control queue lock");
+        let Some(tx) = events.as_ref() else {
+            return;
+        };
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        "the configuration database falls behind (its disk is slow or \
+                         stuck): dropping its updates until it catches up; replication is \
+                         not affected"
+                    );
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Applies what is queued and stops the thread.
+    pub fn stop(&self) {
+        drop(self.events.lock().expect("control queue lock").take());
+        if let Some(thread) = self.thread.lock().expect("control thread lock").take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the configuration database thread panicked");
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The database thread: applies events until the link stops.
+fn apply_events(mut db: ControlDb, server_id: &str, events: Receiver<Event>) {
+    // The alerts this server left open before a restart: cleared if their signal is green
+    // now, kept if it is not.
+    let mut alerts: HashMap<String, Health> = match db.open_alerts() {
+        Ok(open) => open
+            .into_iter()
+            .filter(|a| a.subject == server_id)
+            .map(|a| {
+                let level = if a.severity == "critical" {
+                    Health::Red
+                } else {
+                    Health::Orange
+                };
+                (a.kind, level)
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!("configuration database: reading open alerts: {e:#}");
+            HashMap::new()
+        }
+    };
+    let mut failing: Option<&'static str> = None;
+    for event in events {
+        let (what, result) = match event {
+            Event::Health(report) => (
+                "health",
+                record_health(&mut db, server_id, &report, &mut alerts),
+            ),
+            Event::Machine { id, cert_sha256 } => (
+                "machine",
+                db.register_machine(&id, &cert_sha256, unix_now(), server_id)
+                    .map_err(anyhow::Error::from),
+            ),
+            Event::Disks(disks) => (
+                "disks",
+                db.record_disks(&disks).map_err(anyhow::Error::from),
+            ),
+        };
+        match result {
+            Ok(()) if failing == Some(what) => {
+                tracing::info!("configuration database: {what} updates work again");
+                failing = None;
+            }
+            Ok(()) => {}
+            Err(e) if failing != Some(what) => {
+                tracing::warn!("configuration database: recording {what}: {e:#}");
+                failing = Some(what);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// The heartbeat, and each signal's alert following its level.
+fn record_health(
+    db: &mut ControlDb,
+    server_id: &str,
+    report: &HealthReport,
+    alerts: &mut HashMap<String, Health>,
+) -> anyhow::Result<()> {
+    let at = (report.updated_unix_ms / 1000) as i64;
+    db.heartbeat(server_id, at, report.level)?;
+    for signal in &report.signals {
+        let kind = format!("health-{}", signal.signal);
+        let before = alerts.get(&kind).copied().unwrap_or(Health::Green);
+        if before == signal.level {
+            continue;
+        }
+        if before != Health::Green {
+            db.clear_alert(server_id, &kind, at)?;
+        }
+        if signal.level != Health::Green {
+            let severity = if signal.level == Health::Red {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            };
+            db.raise_alert(server_id, &kind, severity, &signal.detail, at)?;
+        }
+        alerts.insert(kind, signal.level);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::SignalReport;
+
+    fn report(at_ms: u64, cache: Health, cpu: Health) -> HealthReport {
+        let signal = |name: &str, level| SignalReport {
+            signal: name.to_owned(),
+            level,
+            detail: format!("{name} is {level}"),
+        };
+        HealthReport {
+            level: cache.max(cpu),
+            signals: vec![signal("cache", cache), signal("cpu", cpu)],
+            updated_unix_ms: at_ms,
+            sample_ms: 1000,
+        }
+    }
+
+    fn db_with_server(dir: &Path) -> ControlDb {
+        let mut db = ControlDb::open(&db_path(dir)).unwrap();
+        db.upsert_process_server(&ProcessServer {
+            id: "ps1".into(),
+            address: "ps1:9443".into(),
+            version: "0".into(),
+            cert_sha256: "00".into(),
+            config_role: true,
+            registered_at: 0,
+            last_heartbeat: None,
+            health: Health::Red,
+        })
+        .unwrap();
+        db
+    }
+
+    #[test]
+    fn an_alert_follows_its_signal_and_survives_a_restart_of_the_server() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut db = db_with_server(tmp.path());
+        let mut alerts = HashMap::new();
+        let open = |db: &ControlDb| -> Vec<(String, String)> {
+            db.open_alerts()
+                .unwrap()
+                .into_iter()
+                .map(|a| (a.kind, a.severity))
+                .collect()
+        };
+        record_health(
+            &mut db,
+            "ps1",
+            &report(1000, Health::Green, Health::Green),
+            &mut alerts,
+        )
+        .unwrap();
+        assert!(open(&db).is_empty());
+        record_health(
+            &mut db,
+            "ps1",
+            &report(2000, Health::Orange, Health::Green),
+            &mut alerts,
+        )
+        .unwrap();
+        assert_eq!(open(&db), [("health-cache".into(), "warning".into())]);
+        record_health(
+            &mut db,
+            "ps1",
+            &report(3000, Health::Red, Health::Orange),
+            &mut alerts,
+        )
+        .unwrap();
+        assert_eq!(
+            open(&db),
+            [
+                ("health-cache".into(), "critical".into()),
+                ("health-cpu".into(), "warning".into())
+            ],
+            "the escalation did not replace the warning"
+        );
+        assert_eq!(db.process_servers().unwrap()[0].health, Health::Red);
+        assert_eq!(db.process_servers().unwrap()[0].last_heartbeat, Some(3));
+        drop(db);
+
+        // A restarted server finds its open alerts and clears them once green.
+        let db = ControlDb::open(&db_path(tmp.path())).unwrap();
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        tx.send(Event::Health(report(4000, Health::Green, Health::Green)))
+            .unwrap();
+        drop(tx);
+        apply_events(db, "ps1", rx);
+        let db = ControlDb::open(&db_path(tmp.path())).unwrap();
+        assert!(open(&db).is_empty(), "{:?}", open(&db));
+        assert_eq!(db.all_alerts().unwrap().len(), 3);
+        assert_eq!(db.process_servers().unwrap()[0].health, Health::Green);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking_the_sender() {
+        // A queue nobody reads: the database thread stuck on a frozen disk.
+        let (tx, _stuck) = std::sync::mpsc::sync_channel(QUEUE);
+        let link = ControlLink {
+            events: Mutex::new(Some(tx)),
+            dropped: AtomicU64::new(0),
+            thread: Mutex::new(None),
+        };
+        for _ in 0..QUEUE + 10 {
+            link.send(Event::Disks(Vec::new()));
+        }
+        assert_eq!(link.dropped.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn the_link_records_this_server_the_known_machines_and_new_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = ControlLink::start(
+            tmp.path(),
+            Identity {
+                server_id: "ps1",
+                address: "ps1:9443".into(),
+                cert_sha256: "00".into(),
+                machines: vec![("m1".into(), "aa".into())],
+            },
+        )
+        .unwrap();
+        link.send(Event::Machine {
+            id: "m2".into(),
+            cert_sha256: "bb".into(),
+        });
+        link.stop();
+        let db = ControlDb::open(&db_path(tmp.path())).unwrap();
+        let servers = db.process_servers().unwrap();
+        assert_eq!((servers.len(), servers[0].config_role), (1, true));
+        let machines: Vec<(String, Option<String>)> = db
+            .machines()
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.id, m.process_server))
+            .collect();
+        assert_eq!(
+            machines,
+            [
+                ("m1".into(), Some("ps1".into())),
+                ("m2".into(), Some("ps1".into()))
+            ]
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! The configuration role (issue 15, first part): a process server running `roles =
+//! ["config", "process"]` (the default) keeps `control.db`, and `ripcord status` shows the
+//! deployment from it: the server with its health and heartbeat, the machine that
+//! registered and the server it replicates to, its disk with the acknowledged batch and
+//! the newest recovery point, and the health alerts, raised and cleared with the signal.
+//! State survives a restart of the server, and a process-only server keeps no database.
+//!
+//! Needs root (loop devices, BPF). Skips loudly without it, and fails under `CI=true`.
+
+use std::time::Duration;
+
+use ripcord_tests::ripcord_status as status;
+use testkit::{Site, replication::wait_for};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn the_config_role_records_the_deployment_and_ripcord_status_shows_it() {
+    let Some(mut site) =
+        Site::builder("the_config_role_records_the_deployment_and_ripcord_status_shows_it")
+            .file_target()
+            .ps_config("[health]\nsample-ms = 200\n")
+            .machine("db01")
+            .start()
+    else {
+        return;
+    };
+    let disk = site.loop_device("disk.img", 32 * MIB);
+    ripcord_tests::write_random_at(&disk.path, 0, 4, 5);
+    let agent = site.replicator(&[&disk.path]);
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let device = disk.path.to_str().unwrap().to_owned();
+    let deployment = site.ps.dir.clone();
+
+    // The machine, its disk with a durable batch and a recovery point, a green server.
+    wait_for(
+        "the configuration database to show the disk with a point",
+        Duration::from_secs(60),
+        || {
+            let s = status(&deployment);
+            let disk = s["disks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["id"] == disk_id.as_str())
+                .cloned();
+            Ok(disk
+                .is_some_and(|d| d["acked_seq"].as_u64() > Some(0) && d["last_point_at"].is_i64())
+                && s["servers"][0]["health"] == "green")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {:#}\n{}", status(&deployment), site.ps.logs()));
+    let s = status(&deployment);
+    let servers = s["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 1, "{s:#}");
+    assert_eq!(servers[0]["config_role"], true);
+    let server_id = servers[0]["id"].as_str().unwrap().to_owned();
+    let machines = s["machines"].as_array().unwrap();
+    assert_eq!(machines.len(), 1, "{s:#}");
+    assert_eq!(machines[0]["id"], "db01");
+    assert_eq!(machines[0]["process_server"], server_id.as_str());
+    let d = &s["disks"][0];
+    assert_eq!(
+        (
+            d["machine"].as_str(),
+            d["device"].as_str(),
+            d["size_bytes"].as_u64()
+        ),
+        (Some("db01"), Some(device.as_str()), Some(32 * MIB)),
+        "{s:#}"
+    );
+    assert!(d["epoch"].as_u64() >= Some(1), "{s:#}");
+
+    // The tables an operator reads.
+    let (ok, text, err) = testkit::replication::ripcord(
+        &["status", "--deployment", deployment.to_str().unwrap()],
+        &site.ps.passphrase_file,
+    )
+    .unwrap();
+    assert!(ok, "{err}");
+    for shown in [
+        "PROCESS SERVERS",
+        "green",
+        "(config role)",
+        "db01",
+        &device,
+        &disk_id,
+        "ALERTS: none",
+    ] {
+        assert!(text.contains(shown), "{shown:?} not in:\n{text}");
+    }
+
+    // A restart of the server: the state is still there, and the heartbeat comes back.
+    let before = s["servers"][0]["last_heartbeat"].as_i64().unwrap();
+    site.ps.stop().unwrap();
+    let s = status(&deployment);
+    assert_eq!(
+        s["machines"][0]["id"], "db01",
+        "the machine was lost: {s:#}"
+    );
+    assert_eq!(s["disks"][0]["id"], disk_id.as_str());
+    site.ps.spawn().unwrap();
+    wait_for(
+        "a heartbeat after the restart",
+        Duration::from_secs(30),
+        || Ok(status(&deployment)["servers"][0]["last_heartbeat"].as_i64() > Some(before)),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", site.ps.logs()));
+    let (ok, _) = agent.stop().unwrap();
+    assert!(ok);
+}
+
+/// A process-only server keeps no configuration database, and `ripcord status` says where
+/// to look instead of showing an empty deployment.
+#[test]
+fn a_process_only_server_keeps_no_configuration_database() {
+    let Some(site) = Site::builder("a_process_only_server_keeps_no_configuration_database")
+        .ps_config("roles = [\"process\"]\n")
+        .start()
+    else {
+        return;
+    };
+    let disk = site.loop_device("disk.img", 16 * MIB);
+    let agent = site.replicator(&[&disk.path]);
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    assert!(
+        !site.ps.dir.join("control.db").exists(),
+        "a process-only server made control.db"
+    );
+    let (ok, _, err) = testkit::replication::ripcord(
+        &["status", "--deployment", site.ps.dir.to_str().unwrap()],
+        &site.ps.passphrase_file,
+    )
+    .unwrap();
+    assert!(
+        !ok && err.contains("no configuration database") && err.contains("config role"),
+        "{err}"
+    );
+    let (ok, _) = agent.stop().unwrap();
+    assert!(ok);
+}
