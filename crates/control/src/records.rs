@@ -1,0 +1,129 @@
+//! The rows of the configuration database, as the library hands them out.
+
+use crate::{ControlError, Result};
+
+/// A process server's health colour (DESIGN.md section 3); the order is the severity, and
+/// the discriminant is the value of the `ripcord_ps_health` metric.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Green = 0,
+    Orange = 1,
+    Red = 2,
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Green => "green",
+            Health::Orange => "orange",
+            Health::Red => "red",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Health> {
+        match value {
+            "green" => Ok(Health::Green),
+            "orange" => Ok(Health::Orange),
+            "red" => Ok(Health::Red),
+            _ => Err(ControlError::BadHealth {
+                value: value.to_owned(),
+            }),
+        }
+    }
+}
+
+/// A registered process server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessServer {
+    pub id: String,
+    /// Where agents reach it (host:port of its data endpoint).
+    pub address: String,
+    pub version: String,
+    /// SHA-256 of its certificate (hex): a second server with the same id and another
+    /// certificate is a clone.
+    pub cert_sha256: String,
+    /// Whether it also runs the configuration role.
+    pub config_role: bool,
+    pub registered_at: i64,
+    pub last_heartbeat: Option<i64>,
+    pub health: Health,
+}
+
+/// A registered machine and where it replicates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Machine {
+    pub id: String,
+    pub cert_sha256: String,
+    pub registered_at: i64,
+    pub process_server: Option<String>,
+    pub policy: Option<String>,
+}
+
+/// A protected disk, as its process server last reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub id: String,
+    pub machine: String,
+    pub device: String,
+    pub size_bytes: u64,
+    pub epoch: u64,
+    pub acked_seq: u64,
+    pub last_point_at: Option<i64>,
+    pub lag_ms: Option<u64>,
+}
+
+/// A replication policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    /// Alert when a disk's lag exceeds this.
+    pub rpo_threshold_secs: u64,
+    pub retention_secs: u64,
+    /// Application-consistent points this often (0: none).
+    pub app_interval_secs: u64,
+}
+
+/// How bad an alert is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// An open or cleared alert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alert {
+    pub subject: String,
+    pub kind: String,
+    pub severity: String,
+    pub message: String,
+    pub raised_at: i64,
+    pub cleared_at: Option<i64>,
+}
+
+/// One entry of the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub detail: String,
+}
