@@ -211,8 +211,11 @@ pub mod control {
     /// ranges where the device allows several discard segments per request): not
     /// reported as zeroes; their bios' entries stay and are re-read as stalled writes.
     pub const SCATTERED_DISCARDS: u32 = 8;
+    /// Runs of the passthrough probe that could not read the kernel's request: which disk
+    /// a passthrough write changed is unknown, so every protected device is read again.
+    pub const PASSTHROUGH_ERRORS: u32 = 9;
     /// Entries of the array.
-    pub const LEN: u32 = 9;
+    pub const LEN: u32 = 10;
 }
 
 /// Per-slot counters, updated atomically by the BPF programs.

@@ -153,8 +153,14 @@ fn bpf_log_level() -> anyhow::Result<u8> {
     })
 }
 
-/// The programs, in attach order (each is a raw tracepoint of the same name).
-const PROGRAMS: [&str; 3] = ["block_rq_complete", "block_bio_complete", "block_bio_queue"];
+/// The programs and the raw tracepoints they attach to, in attach order.
+const PROGRAMS: [(&str, &str); 4] = [
+    ("block_rq_complete", "block_rq_complete"),
+    (PASSTHROUGH_PROBE, "block_rq_complete"),
+    ("block_bio_complete", "block_bio_complete"),
+    ("block_bio_queue", "block_bio_queue"),
+];
+const PASSTHROUGH_PROBE: &str = "block_rq_passthrough";
 const QUEUE_PROBE: &str = "block_bio_queue";
 
 impl Capture {
@@ -248,7 +254,7 @@ impl Capture {
 
         let mut links = Vec::new();
         // Completion probes first, so no in-flight entry is made without them.
-        for name in PROGRAMS {
+        for (name, tracepoint) in PROGRAMS {
             let prog: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the BPF object"))?
@@ -256,8 +262,8 @@ impl Capture {
             prog.load()
                 .with_context(|| format!("loading program {name}"))?;
             let link = prog
-                .attach(name)
-                .with_context(|| format!("attaching to raw tracepoint {name}"))?;
+                .attach(tracepoint)
+                .with_context(|| format!("attaching {name} to raw tracepoint {tracepoint}"))?;
             links.push((name, link));
         }
         Ok(Capture {
@@ -385,12 +391,18 @@ impl Capture {
     /// Queued data bios the probes could not track since they were attached: runs of the
     /// queue probe the kernel skipped (it counts `recursion_misses`, e.g. when the probe
     /// would nest in itself on one CPU), runs that failed to read the kernel's bio, and
-    /// bios that found the in-flight map full. Their completions would go unreported and
-    /// their device is unknown, so the only safe response is to resynchronise every
-    /// protected device. (Skipped *completion* runs need no such response: the bio's
+    /// bios that found the in-flight map full, and skipped or failed runs of the
+    /// passthrough probe. Their completions would go unreported and their device is
+    /// unknown, so the only safe response is to resynchronise every protected device. (Skipped *completion* runs need no such response: the bio's
     /// in-flight entry stays, and [`Capture::inflight`] shows it.)
     pub fn missed_completions(&self) -> u64 {
-        self.missed_queues() + self.control_value(control::UNTRACKED)
+        self.missed_queues() + self.control_value(control::UNTRACKED) + self.missed_passthrough()
+    }
+
+    /// Skipped or failed runs of the passthrough probe: a passthrough write may have
+    /// changed any protected disk.
+    fn missed_passthrough(&self) -> u64 {
+        self.recursion_misses(PASSTHROUGH_PROBE) + self.control_value(control::PASSTHROUGH_ERRORS)
     }
 
     /// Discard completions not reported because their bios were scattered (see
