@@ -27,7 +27,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ripcord_control::{ControlDb, Disk, Health, ProcessServer, Severity};
+use ripcord_control::{ControlDb, DiskReport, Health, ProcessServer, Severity};
 
 use crate::health::HealthReport;
 
@@ -47,7 +47,7 @@ pub enum Event {
     /// A machine registered (or renewed its certificate) here.
     Machine { id: String, cert_sha256: String },
     /// The disks this server holds, as of now.
-    Disks(Vec<Disk>),
+    Disks(Vec<DiskReport>),
 }
 
 /// The queue to the database thread.

@@ -82,9 +82,10 @@ pub struct DiskState {
     pub machine: String,
     /// The owner's name for it (`?` when it never said).
     pub device: String,
-    pub epoch: u64,
-    /// Newest batch durable in the journal.
-    pub durable_seq: u64,
+    /// `None` until this server's first group commit of the disk.
+    pub epoch: Option<u64>,
+    /// Newest batch durable in the journal (`None` as `epoch`).
+    pub durable_seq: Option<u64>,
     /// When the newest recovery point was committed in the store, if one was.
     pub newest_point_at: Option<SystemTime>,
 }
@@ -290,8 +291,7 @@ impl Metrics {
                     machine: info.machine.clone(),
                 };
                 let gauge = |f: &Family<DiskLabel, Gauge>| {
-                    f.get(&label)
-                        .map_or(0, |g| u64::try_from(g.get()).unwrap_or(0))
+                    f.get(&label).and_then(|g| u64::try_from(g.get()).ok())
                 };
                 let newest_point_at = uploads.get(&label).and_then(|(status, _)| {
                     let st = status.lock().expect("status lock");

@@ -154,8 +154,7 @@ async fn watch_health(state: Arc<State>) {
 
 /// The disks this server holds, for the configuration database: what the metrics show,
 /// with each disk's size from the registry.
-fn disk_reports(state: &State) -> Vec<ripcord_control::Disk> {
-    let now = std::time::SystemTime::now();
+fn disk_reports(state: &State) -> Vec<ripcord_control::DiskReport> {
     let registry = state.registry.lock().expect("registry lock");
     state
         .metrics
@@ -172,11 +171,7 @@ fn disk_reports(state: &State) -> Vec<ripcord_control::Disk> {
                 t.duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64)
             };
-            ripcord_control::Disk {
-                lag_ms: d.newest_point_at.map(|t| {
-                    now.duration_since(t)
-                        .map_or(0, |age| age.as_millis() as u64)
-                }),
+            ripcord_control::DiskReport {
                 last_point_at: d.newest_point_at.map(unix),
                 id: d.disk,
                 machine: d.machine,

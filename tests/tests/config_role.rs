@@ -107,6 +107,23 @@ fn the_config_role_records_the_deployment_and_ripcord_status_shows_it() {
         || Ok(status(&deployment)["servers"][0]["last_heartbeat"].as_i64() > Some(before)),
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", site.ps.logs()));
+    // The restarted server has not seen a group commit or a new point yet: what it
+    // reported before stays (it used to be overwritten with zeroes and "never"). A later
+    // heartbeat (a second on) comes after several of its disk reports.
+    let first = status(&deployment)["servers"][0]["last_heartbeat"].as_i64();
+    wait_for(
+        "a second heartbeat after the restart",
+        Duration::from_secs(30),
+        || Ok(status(&deployment)["servers"][0]["last_heartbeat"].as_i64() > first),
+    )
+    .unwrap();
+    let d = &status(&deployment)["disks"][0];
+    assert!(
+        d["acked_seq"].as_u64() > Some(0)
+            && d["last_point_at"].is_i64()
+            && d["epoch"].as_u64() >= Some(1),
+        "the restart erased the disk's state: {d:#}"
+    );
     let (ok, _) = agent.stop().unwrap();
     assert!(ok);
 }

@@ -1,7 +1,8 @@
 //! `ripcord status`: the deployment as the configuration role sees it (its database,
 //! `<deployment>/control.db`, opened read-only): process servers with their health and
 //! heartbeat, machines and the server each replicates to, every disk with its epoch,
-//! acknowledged position, newest recovery point and lag, and the open alerts.
+//! acknowledged position, newest recovery point and lag (the age of that point: it keeps
+//! growing while a server is silent), and the open alerts.
 
 use std::{
     path::Path,
@@ -56,7 +57,7 @@ pub fn status(deployment: &Path, json: bool) -> anyhow::Result<()> {
                 "epoch": d.epoch,
                 "acked_seq": d.acked_seq,
                 "last_point_at": d.last_point_at,
-                "lag_ms": d.lag_ms,
+                "lag_secs": d.last_point_at.map(|t| (now - t).max(0)),
             })).collect::<Vec<_>>(),
             "alerts": alerts.iter().map(|a| serde_json::json!({
                 "subject": a.subject,
@@ -111,8 +112,8 @@ pub fn status(deployment: &Path, json: bool) -> anyhow::Result<()> {
             d.epoch,
             d.acked_seq,
             ago(d.last_point_at),
-            d.lag_ms
-                .map_or("-".to_owned(), |ms| format!("{:.1} s", ms as f64 / 1000.0)),
+            d.last_point_at
+                .map_or("-".to_owned(), |t| format!("{} s", (now - t).max(0))),
         );
     }
     for m in machines

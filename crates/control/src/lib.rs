@@ -25,7 +25,9 @@ pub mod schema;
 use std::{path::Path, time::Duration};
 
 pub use error::{ControlError, Result};
-pub use records::{Alert, AuditEntry, Disk, Health, Machine, Policy, ProcessServer, Severity};
+pub use records::{
+    Alert, AuditEntry, Disk, DiskReport, Health, Machine, Policy, ProcessServer, Severity,
+};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 /// The open configuration database.
@@ -253,20 +255,21 @@ impl ControlDb {
         Ok(())
     }
 
-    /// Adds or replaces the records of `disks` (their process server's latest report), in
-    /// one transaction: all of them or none.
-    pub fn record_disks(&mut self, disks: &[Disk]) -> Result<()> {
+    /// Records `disks` (their process server's latest report; see [`DiskReport`] for what
+    /// `None` means), in one transaction: all of them or none.
+    pub fn record_disks(&mut self, disks: &[DiskReport]) -> Result<()> {
         let tx = self.conn.transaction()?;
         for disk in disks {
             require_machine(&tx, &disk.machine)?;
             tx.execute(
                 "INSERT INTO disks (id, machine, device, size_bytes, epoch, acked_seq,
-                                    last_point_at, lag_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                                    last_point_at)
+                 VALUES (?1, ?2, ?3, ?4, coalesce(?5, 0), coalesce(?6, 0), ?7)
                  ON CONFLICT(id) DO UPDATE SET machine = excluded.machine,
                      device = excluded.device, size_bytes = excluded.size_bytes,
-                     epoch = excluded.epoch, acked_seq = excluded.acked_seq,
-                     last_point_at = excluded.last_point_at, lag_ms = excluded.lag_ms",
+                     epoch = coalesce(?5, disks.epoch),
+                     acked_seq = coalesce(?6, disks.acked_seq),
+                     last_point_at = coalesce(?7, disks.last_point_at)",
                 params![
                     disk.id,
                     disk.machine,
@@ -274,8 +277,7 @@ impl ControlDb {
                     disk.size_bytes,
                     disk.epoch,
                     disk.acked_seq,
-                    disk.last_point_at,
-                    disk.lag_ms
+                    disk.last_point_at
                 ],
             )?;
         }
@@ -286,7 +288,7 @@ impl ControlDb {
     /// Every disk, by machine and id.
     pub fn disks(&self) -> Result<Vec<Disk>> {
         let mut st = self.conn.prepare(
-            "SELECT id, machine, device, size_bytes, epoch, acked_seq, last_point_at, lag_ms
+            "SELECT id, machine, device, size_bytes, epoch, acked_seq, last_point_at
              FROM disks ORDER BY machine, id",
         )?;
         let rows = st.query_map([], |r| {
@@ -298,7 +300,6 @@ impl ControlDb {
                 epoch: r.get(4)?,
                 acked_seq: r.get(5)?,
                 last_point_at: r.get(6)?,
-                lag_ms: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -68,7 +68,8 @@ pub struct Machine {
     pub policy: Option<String>,
 }
 
-/// A protected disk, as its process server last reported it.
+/// A protected disk, as its process server last reported it. A reader computes the lag
+/// from `last_point_at` (it keeps growing when the server goes silent).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Disk {
     pub id: String,
@@ -76,9 +77,24 @@ pub struct Disk {
     pub device: String,
     pub size_bytes: u64,
     pub epoch: u64,
+    /// Newest batch durable on its process server.
     pub acked_seq: u64,
+    /// When its newest recovery point was committed in the store (Unix seconds).
     pub last_point_at: Option<i64>,
-    pub lag_ms: Option<u64>,
+}
+
+/// What a process server reports about a disk. `None` leaves the recorded value as it
+/// is: a server that just started has not seen a group commit or a new point yet, and
+/// must not erase what it reported before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskReport {
+    pub id: String,
+    pub machine: String,
+    pub device: String,
+    pub size_bytes: u64,
+    pub epoch: Option<u64>,
+    pub acked_seq: Option<u64>,
+    pub last_point_at: Option<i64>,
 }
 
 /// A replication policy.

@@ -54,8 +54,7 @@ CREATE TABLE disks (
     size_bytes     INTEGER NOT NULL CHECK (size_bytes >= 0),
     epoch          INTEGER NOT NULL DEFAULT 0,
     acked_seq      INTEGER NOT NULL DEFAULT 0,
-    last_point_at  INTEGER,
-    lag_ms         INTEGER
+    last_point_at  INTEGER
 );
 CREATE INDEX disks_by_machine ON disks(machine);
 

@@ -5,7 +5,9 @@
 
 use std::path::Path;
 
-use ripcord_control::{ControlDb, ControlError, Disk, Health, Policy, ProcessServer, Severity};
+use ripcord_control::{
+    ControlDb, ControlError, Disk, DiskReport, Health, Policy, ProcessServer, Severity,
+};
 
 fn server(id: &str, config_role: bool) -> ProcessServer {
     ProcessServer {
@@ -20,7 +22,20 @@ fn server(id: &str, config_role: bool) -> ProcessServer {
     }
 }
 
-fn disk(id: &str, machine: &str) -> Disk {
+fn disk(id: &str, machine: &str) -> DiskReport {
+    DiskReport {
+        id: id.to_owned(),
+        machine: machine.to_owned(),
+        device: "/dev/sdb".to_owned(),
+        size_bytes: 1 << 30,
+        epoch: Some(2),
+        acked_seq: Some(41),
+        last_point_at: Some(300),
+    }
+}
+
+/// What `disk(id, machine)` reads back as.
+fn recorded(id: &str, machine: &str) -> Disk {
     Disk {
         id: id.to_owned(),
         machine: machine.to_owned(),
@@ -29,7 +44,6 @@ fn disk(id: &str, machine: &str) -> Disk {
         epoch: 2,
         acked_seq: 41,
         last_point_at: Some(300),
-        lag_ms: Some(120),
     }
 }
 
@@ -159,7 +173,7 @@ fn a_report_with_a_disk_of_an_unknown_machine_is_refused_whole() {
     let tmp = tempfile::tempdir().unwrap();
     let mut db = deployment(&tmp.path().join("control.db"));
     let mut newer = disk("d-1", "db01");
-    newer.acked_seq = 99;
+    newer.acked_seq = Some(99);
     // One report holds a disk of an unknown machine: none of it is recorded.
     let err = db
         .record_disks(&[newer.clone(), disk("d-2", "ghost")])
@@ -168,9 +182,33 @@ fn a_report_with_a_disk_of_an_unknown_machine_is_refused_whole() {
         matches!(err, ControlError::UnknownMachine(ref m) if m == "ghost"),
         "{err}"
     );
-    assert_eq!(db.disks().unwrap(), [disk("d-1", "db01")]);
-    db.record_disks(&[newer.clone()]).unwrap();
-    assert_eq!(db.disks().unwrap(), [newer]);
+    assert_eq!(db.disks().unwrap(), [recorded("d-1", "db01")]);
+    db.record_disks(&[newer]).unwrap();
+    assert_eq!(db.disks().unwrap()[0].acked_seq, 99);
+}
+
+/// A server that just restarted knows neither the disk's position nor its newest point
+/// yet: its report keeps what was recorded instead of erasing it.
+#[test]
+fn unknown_values_in_a_report_keep_what_was_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = deployment(&tmp.path().join("control.db"));
+    let mut fresh = disk("d-1", "db01");
+    fresh.epoch = None;
+    fresh.acked_seq = None;
+    fresh.last_point_at = None;
+    fresh.device = "/dev/sdz".to_owned();
+    db.record_disks(&[fresh.clone()]).unwrap();
+    let d = &db.disks().unwrap()[0];
+    assert_eq!(
+        (d.epoch, d.acked_seq, d.last_point_at, d.device.as_str()),
+        (2, 41, Some(300), "/dev/sdz")
+    );
+    // A disk first reported with nothing known starts at zero, with no point.
+    fresh.id = "d-9".to_owned();
+    db.record_disks(&[fresh]).unwrap();
+    let d = &db.disks().unwrap()[1];
+    assert_eq!((d.epoch, d.acked_seq, d.last_point_at), (0, 0, None));
 }
 
 #[test]
