@@ -153,9 +153,13 @@ async fn watch_health(state: Arc<State>) {
 }
 
 /// The disks this server holds, for the configuration database: what the metrics show,
-/// with each disk's size from the registry.
+/// with each disk's size from the registry. Empty while a claim holds the registry (it
+/// may be waiting on a slow or frozen disk, and this runs on a runtime worker); the next
+/// health tick reports again.
 fn disk_reports(state: &State) -> Vec<ripcord_control::DiskReport> {
-    let registry = state.registry.lock().expect("registry lock");
+    let Ok(registry) = state.registry.try_lock() else {
+        return Vec::new();
+    };
     state
         .metrics
         .disk_states()
