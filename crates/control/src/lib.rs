@@ -215,20 +215,20 @@ impl ControlDb {
 
     /// Every machine, by id.
     pub fn machines(&self) -> Result<Vec<Machine>> {
-        let mut st = self.conn.prepare(
+        self.rows(
             "SELECT id, cert_sha256, registered_at, process_server, policy
              FROM machines ORDER BY id",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(Machine {
-                id: r.get(0)?,
-                cert_sha256: r.get(1)?,
-                registered_at: r.get(2)?,
-                process_server: r.get(3)?,
-                policy: r.get(4)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            [],
+            |r| {
+                Ok(Machine {
+                    id: r.get(0)?,
+                    cert_sha256: r.get(1)?,
+                    registered_at: r.get(2)?,
+                    process_server: r.get(3)?,
+                    policy: r.get(4)?,
+                })
+            },
+        )
     }
 
     /// Assigns `machine` to process server `to` (an operator action).
@@ -287,22 +287,22 @@ impl ControlDb {
 
     /// Every disk, by machine and id.
     pub fn disks(&self) -> Result<Vec<Disk>> {
-        let mut st = self.conn.prepare(
+        self.rows(
             "SELECT id, machine, device, size_bytes, epoch, acked_seq, last_point_at
              FROM disks ORDER BY machine, id",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(Disk {
-                id: r.get(0)?,
-                machine: r.get(1)?,
-                device: r.get(2)?,
-                size_bytes: r.get(3)?,
-                epoch: r.get(4)?,
-                acked_seq: r.get(5)?,
-                last_point_at: r.get(6)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            [],
+            |r| {
+                Ok(Disk {
+                    id: r.get(0)?,
+                    machine: r.get(1)?,
+                    device: r.get(2)?,
+                    size_bytes: r.get(3)?,
+                    epoch: r.get(4)?,
+                    acked_seq: r.get(5)?,
+                    last_point_at: r.get(6)?,
+                })
+            },
+        )
     }
 
     /// Creates or changes a policy (an operator action).
@@ -332,19 +332,19 @@ impl ControlDb {
 
     /// Every policy, by name.
     pub fn policies(&self) -> Result<Vec<Policy>> {
-        let mut st = self.conn.prepare(
+        self.rows(
             "SELECT name, rpo_threshold_secs, retention_secs, app_interval_secs
              FROM policies ORDER BY name",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(Policy {
-                name: r.get(0)?,
-                rpo_threshold_secs: r.get(1)?,
-                retention_secs: r.get(2)?,
-                app_interval_secs: r.get(3)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            [],
+            |r| {
+                Ok(Policy {
+                    name: r.get(0)?,
+                    rpo_threshold_secs: r.get(1)?,
+                    retention_secs: r.get(2)?,
+                    app_interval_secs: r.get(3)?,
+                })
+            },
+        )
     }
 
     /// Gives `machine` policy `policy` (an operator action).
@@ -422,21 +422,23 @@ impl ControlDb {
     }
 
     fn alerts_where(&self, condition: &str) -> Result<Vec<Alert>> {
-        let mut st = self.conn.prepare(&format!(
-            "SELECT subject, kind, severity, message, raised_at, cleared_at
+        self.rows(
+            &format!(
+                "SELECT subject, kind, severity, message, raised_at, cleared_at
              FROM alerts WHERE {condition} ORDER BY raised_at, id"
-        ))?;
-        let rows = st.query_map([], |r| {
-            Ok(Alert {
-                subject: r.get(0)?,
-                kind: r.get(1)?,
-                severity: r.get(2)?,
-                message: r.get(3)?,
-                raised_at: r.get(4)?,
-                cleared_at: r.get(5)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            ),
+            [],
+            |r| {
+                Ok(Alert {
+                    subject: r.get(0)?,
+                    kind: r.get(1)?,
+                    severity: r.get(2)?,
+                    message: r.get(3)?,
+                    raised_at: r.get(4)?,
+                    cleared_at: r.get(5)?,
+                })
+            },
+        )
     }
 
     /// Records an operator action that changes nothing in this database (a token
@@ -447,19 +449,33 @@ impl ControlDb {
 
     /// The newest `limit` audit entries, oldest first.
     pub fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>> {
-        let mut st = self.conn.prepare(
+        self.rows(
             "SELECT at, actor, action, detail FROM
                  (SELECT id, at, actor, action, detail FROM audit ORDER BY id DESC LIMIT ?1)
              ORDER BY id",
-        )?;
-        let rows = st.query_map([limit], |r| {
-            Ok(AuditEntry {
-                at: r.get(0)?,
-                actor: r.get(1)?,
-                action: r.get(2)?,
-                detail: r.get(3)?,
-            })
-        })?;
+            [limit],
+            |r| {
+                Ok(AuditEntry {
+                    at: r.get(0)?,
+                    actor: r.get(1)?,
+                    action: r.get(2)?,
+                    detail: r.get(3)?,
+                })
+            },
+        )
+    }
+}
+
+impl ControlDb {
+    /// Every row `sql` selects with `params`, each mapped by `row`.
+    fn rows<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        let mut st = self.conn.prepare(sql)?;
+        let rows = st.query_map(params, row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 }
