@@ -17,8 +17,14 @@ pub struct PsConfig {
     /// streams) and `config` (keep the deployment's configuration database,
     /// `<deployment>/control.db`: process servers, machines, disks, health, alerts and the
     /// operators' audit log; `ripcord status` reads it). Default `["config", "process"]`:
-    /// the first server runs both. Every server runs `process` today.
+    /// the first server runs both. Every server runs `process` today. A server that joined
+    /// with `ripcord-ps join` runs `["process"]` and reports to `config-role`.
     pub roles: Vec<Role>,
+    /// Where a process-only server reports its heartbeat, health and disks: the
+    /// configuration role's registration endpoint, `host:port` (a DNS name or IP address
+    /// in its certificate). Written by `ripcord-ps join`; unset on the configuration
+    /// role's own server. Replication never waits for it.
+    pub config_role: Option<String>,
     /// QUIC endpoint for replication traffic (mutual TLS): the IP address and port to bind
     /// (`[::]:9443` for IPv6), not a host name. Default `0.0.0.0:9443`.
     #[serde(deserialize_with = "bind_address::required")]
@@ -76,6 +82,7 @@ impl Default for PsConfig {
     fn default() -> Self {
         PsConfig {
             roles: vec![Role::Config, Role::Process],
+            config_role: None,
             listen: "0.0.0.0:9443".parse().expect("literal"),
             register_listen: "0.0.0.0:9442".parse().expect("literal"),
             metrics_listen: Some("127.0.0.1:9444".parse().expect("literal")),
@@ -155,6 +162,13 @@ impl PsConfig {
             (60..=3 * 366 * 24 * 3600).contains(&self.client_cert_secs),
             "client-cert-secs must be 60..=94867200 (3 years)"
         );
+        if let Some(addr) = &self.config_role {
+            ensure!(
+                !self.runs(Role::Config),
+                "config-role is for process-only servers: this one runs the config role itself"
+            );
+            config_role_host(addr)?;
+        }
         self.health.validate()?;
         Ok(())
     }
@@ -168,6 +182,19 @@ impl PsConfig {
             .clone()
             .unwrap_or_else(|| deployment.join("cache"))
     }
+}
+
+/// The host of a `config-role` address (`host:port`, `[v6]:port`): the name its
+/// certificate is checked for.
+pub fn config_role_host(addr: &str) -> anyhow::Result<&str> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("config-role {addr:?} is not host:port"))?;
+    ensure!(
+        port.parse::<u16>().is_ok_and(|p| p != 0) && !host.is_empty(),
+        "config-role {addr:?} is not host:port"
+    );
+    Ok(host.trim_start_matches('[').trim_end_matches(']'))
 }
 
 /// A role of a process server (see [`PsConfig::roles`]).
@@ -279,5 +306,20 @@ mod tests {
         let err = config_only.validate().unwrap_err().to_string();
         assert!(err.contains("must include \"process\""), "{err}");
         assert!(toml::from_str::<PsConfig>("roles = [\"web\"]").is_err());
+    }
+
+    #[test]
+    fn config_role_addresses_are_host_and_port_on_process_only_servers() {
+        let joined: PsConfig =
+            toml::from_str("roles = [\"process\"]\nconfig-role = \"ps1.example:9442\"").unwrap();
+        joined.validate().unwrap();
+        assert_eq!(config_role_host("ps1.example:9442").unwrap(), "ps1.example");
+        assert_eq!(config_role_host("[::1]:9442").unwrap(), "::1");
+        for bad in ["ps1.example", "ps1:0", ":9442", "ps1:port"] {
+            assert!(config_role_host(bad).is_err(), "{bad}");
+        }
+        let both: PsConfig = toml::from_str("config-role = \"ps1:9442\"").unwrap();
+        let err = both.validate().unwrap_err().to_string();
+        assert!(err.contains("process-only"), "{err}");
     }
 }

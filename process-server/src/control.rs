@@ -1,6 +1,7 @@
-//! This server's link to the configuration role (`roles` includes `config`): it keeps
-//! `<deployment>/control.db` ([`ripcord_control`]) up to date with this server's
-//! heartbeat and health, the health alerts, the machines registered here and the state of
+//! The configuration role's database writer (`roles` includes `config`): it keeps
+//! `<deployment>/control.db` ([`ripcord_control`]) up to date with the heartbeat and
+//! health of this server and of the process servers that report to it
+//! (`crate::reporting`), the health alerts, the machines registered here and the state of
 //! their disks.
 //!
 //! # Invariants
@@ -52,7 +53,9 @@ pub enum Event {
 
 /// The queue to the database thread.
 pub struct ControlLink {
-    events: Mutex<Option<SyncSender<Event>>>,
+    /// This server's id: the subject of [`ControlLink::send`]'s events.
+    server_id: String,
+    events: Mutex<Option<SyncSender<(String, Event)>>>,
     dropped: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -62,6 +65,8 @@ pub struct Identity<'a> {
     pub server_id: &'a str,
     pub address: String,
     pub cert_sha256: String,
+    /// Where it runs (`crate::join::fingerprint`).
+    pub fingerprint: String,
     /// Machines registered before the database existed (or while it was down).
     pub machines: Vec<(String, String)>,
 }
@@ -82,6 +87,7 @@ impl ControlLink {
             registered_at: now,
             last_heartbeat: None,
             health: Health::Red,
+            fingerprint: me.fingerprint,
         })
         .with_context(|| format!("recording this server in {}", path.display()))?;
         for (id, cert) in &me.machines {
@@ -89,26 +95,31 @@ impl ControlLink {
                 .with_context(|| format!("recording machine {id} in {}", path.display()))?;
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
-        let server_id = me.server_id.to_owned();
         let thread = std::thread::Builder::new()
             .name("ripcord-control".into())
-            .spawn(move || apply_events(db, &server_id, rx))
+            .spawn(move || apply_events(db, rx))
             .context("starting the configuration database thread")?;
         tracing::info!(db = %path.display(), "configuration role: keeping the configuration database");
         Ok(ControlLink {
+            server_id: me.server_id.to_owned(),
             events: Mutex::new(Some(tx)),
             dropped: AtomicU64::new(0),
             thread: Mutex::new(Some(thread)),
         })
     }
 
-    /// Queues `event`; never blocks (see the module doc).
+    /// Queues `event` about this server; never blocks (see the module doc).
     pub fn send(&self, event: Event) {
+        self.send_for(self.server_id.clone(), event);
+    }
+
+    /// Queues `event` about process server `server` (one that reported it); never blocks.
+    pub fn send_for(&self, server: String, event: Event) {
         let events = self.events.lock().expect("control queue lock");
         let Some(tx) = events.as_ref() else {
             return;
         };
-        match tx.try_send(event) {
+        match tx.try_send((server, event)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -134,44 +145,45 @@ impl ControlLink {
     }
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The database thread: applies events until the link stops.
-fn apply_events(mut db: ControlDb, server_id: &str, events: Receiver<Event>) {
-    // The alerts this server left open before a restart: cleared if their signal is green
-    // now, kept if it is not.
-    let mut alerts: HashMap<String, Health> = match db.open_alerts() {
-        Ok(open) => open
-            .into_iter()
-            .filter(|a| a.subject == server_id)
-            .map(|a| {
+fn apply_events(mut db: ControlDb, events: Receiver<(String, Event)>) {
+    // The alerts servers left open before a restart, by server and kind: cleared if their
+    // signal is green now, kept if it is not.
+    let mut alerts: HashMap<String, HashMap<String, Health>> = HashMap::new();
+    match db.open_alerts() {
+        Ok(open) => {
+            for a in open.into_iter().filter(|a| a.kind.starts_with("health-")) {
                 let level = if a.severity == "critical" {
                     Health::Red
                 } else {
                     Health::Orange
                 };
-                (a.kind, level)
-            })
-            .collect(),
-        Err(e) => {
-            tracing::warn!("configuration database: reading open alerts: {e:#}");
-            HashMap::new()
+                alerts.entry(a.subject).or_default().insert(a.kind, level);
+            }
         }
-    };
+        Err(e) => tracing::warn!("configuration database: reading open alerts: {e:#}"),
+    }
     let mut failing: Option<&'static str> = None;
-    for event in events {
+    for (server_id, event) in events {
         let (what, result) = match event {
             Event::Health(report) => (
                 "health",
-                record_health(&mut db, server_id, &report, &mut alerts),
+                record_health(
+                    &mut db,
+                    &server_id,
+                    &report,
+                    alerts.entry(server_id.clone()).or_default(),
+                ),
             ),
             Event::Machine { id, cert_sha256 } => (
                 "machine",
-                db.register_machine(&id, &cert_sha256, unix_now(), server_id)
+                db.register_machine(&id, &cert_sha256, unix_now(), &server_id)
                     .map_err(anyhow::Error::from),
             ),
             Event::Disks(disks) => (
@@ -186,7 +198,7 @@ fn apply_events(mut db: ControlDb, server_id: &str, events: Receiver<Event>) {
             }
             Ok(()) => {}
             Err(e) if failing != Some(what) => {
-                tracing::warn!("configuration database: recording {what}: {e:#}");
+                tracing::warn!("configuration database: recording {what} of {server_id}: {e:#}");
                 failing = Some(what);
             }
             Err(_) => {}
@@ -255,6 +267,7 @@ mod tests {
             registered_at: 0,
             last_heartbeat: None,
             health: Health::Red,
+            fingerprint: String::new(),
         })
         .unwrap();
         db
@@ -310,10 +323,13 @@ mod tests {
         // A restarted server finds its open alerts and clears them once green.
         let db = ControlDb::open(&db_path(tmp.path())).unwrap();
         let (tx, rx) = std::sync::mpsc::sync_channel(4);
-        tx.send(Event::Health(report(4000, Health::Green, Health::Green)))
-            .unwrap();
+        tx.send((
+            "ps1".to_owned(),
+            Event::Health(report(4000, Health::Green, Health::Green)),
+        ))
+        .unwrap();
         drop(tx);
-        apply_events(db, "ps1", rx);
+        apply_events(db, rx);
         let db = ControlDb::open(&db_path(tmp.path())).unwrap();
         assert!(open(&db).is_empty(), "{:?}", open(&db));
         assert_eq!(db.all_alerts().unwrap().len(), 3);
@@ -325,6 +341,7 @@ mod tests {
         // A queue nobody reads: the database thread stuck on a frozen disk.
         let (tx, _stuck) = std::sync::mpsc::sync_channel(QUEUE);
         let link = ControlLink {
+            server_id: "ps1".into(),
             events: Mutex::new(Some(tx)),
             dropped: AtomicU64::new(0),
             thread: Mutex::new(None),
@@ -344,6 +361,7 @@ mod tests {
                 server_id: "ps1",
                 address: "ps1:9443".into(),
                 cert_sha256: "00".into(),
+                fingerprint: String::new(),
                 machines: vec![("m1".into(), "aa".into())],
             },
         )

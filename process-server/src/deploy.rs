@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! <dir>/ps.toml        configuration (optional; defaults documented in config.rs)
-//! <dir>/ca/            deployment CA (ca.crt, ca.key 0600)
+//! <dir>/ca/            deployment CA (ca.crt, ca.key 0600; a joined server has ca.crt only)
 //! <dir>/server/        this server's certificate chain and key
-//! <dir>/tokens/        bootstrap tokens (hashed secrets; single use unless created with more)
+//! <dir>/tokens/        agents' bootstrap tokens (hashed secrets; single use unless created with more)
+//! <dir>/ps-tokens/     process servers' join tokens (config role)
 //! <dir>/machines/      registered machines and their current certificates (by hash)
 //! <dir>/escrow.json    key-escrow public key and the KDF salt/parameters
 //! <dir>/disks.json     disk registry: owner machine, size, wrapped data key
@@ -17,7 +18,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use ripcord_seal::escrow::{EscrowFile, EscrowParams, EscrowSecret};
 use ripcord_transport::{Ca, MachineStore, ServerIdentity, Token, TokenStore};
 
@@ -33,7 +34,9 @@ pub struct InitOutput {
 pub struct Deployment {
     pub dir: PathBuf,
     pub config: PsConfig,
-    pub ca: Ca,
+    /// The CA with its key: `None` on a server that joined a deployment (`config-role` in
+    /// ps.toml), which registers no agents.
+    pub ca: Option<Ca>,
     pub identity: ServerIdentity,
     pub escrow: EscrowFile,
 }
@@ -160,8 +163,13 @@ pub fn open(dir: &Path) -> anyhow::Result<Deployment> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
     }
     let config = PsConfig::load(&dir.join("ps.toml"))?;
-    let ca = Ca::load(&dir.join("ca"))
-        .with_context(|| format!("loading the deployment CA from {}/ca", dir.display()))?;
+    let ca = match config.config_role {
+        Some(_) => None,
+        None => Some(
+            Ca::load(&dir.join("ca"))
+                .with_context(|| format!("loading the deployment CA from {}/ca", dir.display()))?,
+        ),
+    };
     let identity = ServerIdentity::load(&dir.join("server"))?;
     let escrow: EscrowFile = serde_json::from_slice(
         &std::fs::read(dir.join("escrow.json")).context("reading escrow.json")?,
@@ -178,13 +186,36 @@ pub fn open(dir: &Path) -> anyhow::Result<Deployment> {
 
 /// Add a bootstrap token allowing `uses` registrations (safe while the server runs).
 pub fn new_token(dir: &Path, ttl: Duration, uses: u32) -> anyhow::Result<Token> {
-    open(dir)?;
+    ensure!(
+        open(dir)?.ca.is_some(),
+        "{} joined a deployment and registers no agents: create their tokens on the \
+         configuration role's server",
+        dir.display()
+    );
     Ok(TokenStore::open_or_create(&tokens_dir(dir))?.add(ttl, uses, SystemTime::now())?)
 }
 
-/// Where the bootstrap tokens live.
+/// Where the agents' bootstrap tokens live.
 pub fn tokens_dir(dir: &Path) -> PathBuf {
     dir.join("tokens")
+}
+
+/// Where the process servers' join tokens live (a separate store: an agent's token never
+/// joins a server, nor a server's token registers a machine).
+pub fn server_tokens_dir(dir: &Path) -> PathBuf {
+    dir.join("ps-tokens")
+}
+
+/// Add a join token for a process server (on the configuration role's deployment).
+pub fn new_server_token(dir: &Path, ttl: Duration) -> anyhow::Result<Token> {
+    let dep = open(dir)?;
+    ensure!(
+        dep.config.runs(crate::config::Role::Config),
+        "{} does not run the config role: create join tokens on the configuration role's \
+         server",
+        dir.display()
+    );
+    Ok(TokenStore::open_or_create(&server_tokens_dir(dir))?.add(ttl, 1, SystemTime::now())?)
 }
 
 /// Where the registered machines live.
@@ -258,7 +289,7 @@ mod tests {
         let second = init_in(&dir).expect("the next init after an interrupted one");
         assert_ne!(first.ca_hash, second.ca_hash, "the old CA was kept");
         let deployment = open(&dir).expect("the redone deployment opens");
-        assert_eq!(deployment.ca.hash(), second.ca_hash);
+        assert_eq!(deployment.ca.unwrap().hash(), second.ca_hash);
         let tokens = std::fs::read_dir(tokens_dir(&dir)).unwrap().count();
         assert!(tokens >= 1, "no token store");
     }
@@ -273,7 +304,7 @@ mod tests {
             format!("{err:#}").contains("already holds a deployment"),
             "{err:#}"
         );
-        assert_eq!(open(&dir).unwrap().ca.hash(), first.ca_hash);
+        assert_eq!(open(&dir).unwrap().ca.unwrap().hash(), first.ca_hash);
     }
 
     #[test]

@@ -20,6 +20,13 @@ struct Cli {
     command: Command,
 }
 
+/// Who a bootstrap token is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TokenFor {
+    Agent,
+    ProcessServer,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create a deployment: CA, server certificate, key escrow, first bootstrap token.
@@ -65,6 +72,44 @@ enum Command {
         /// Registrations allowed with it (1..=10000).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         uses: u32,
+        /// Who the token is for: `agent` (registers machines) or `process-server` (one
+        /// server joins with `ripcord-ps join`; config role only). Neither kind works as
+        /// the other.
+        #[arg(long = "for", value_enum, default_value_t = TokenFor::Agent)]
+        token_for: TokenFor,
+    },
+    /// Join a deployment as another process server (scale-out): generates this server's
+    /// key, gets its certificate from the configuration role with a process-server token
+    /// (`ripcord-ps token --for process-server` there), and writes <dir> for `serve`.
+    ///
+    /// A process server is never newer than the configuration role (refused); an id that
+    /// is registered already is refused (remove it first: `ripcord ps remove`).
+    Join {
+        /// Deployment directory to create for this server.
+        #[arg(long, default_value = "/var/lib/ripcord/ps")]
+        dir: PathBuf,
+        /// The configuration role's registration endpoint, host:port (as its `init`
+        /// printed it).
+        #[arg(long = "config-role")]
+        config_role: String,
+        /// The deployment CA's hash (sha256:...), as `ripcord-ps token` printed it.
+        #[arg(long)]
+        ca_hash: String,
+        /// The process-server token.
+        #[arg(long)]
+        token: String,
+        /// This server's id. Default: the host name.
+        #[arg(long)]
+        server_id: Option<String>,
+        /// Names (DNS or IP) agents use to reach this server; repeat for several.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Replication endpoint to bind (IP:port). Default 0.0.0.0:9443.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Prometheus endpoint to bind (IP:port), or "" for none. Default 127.0.0.1:9444.
+        #[arg(long)]
+        metrics_listen: Option<String>,
     },
     /// List or remove registered machines (works while the server runs).
     Machines {
@@ -277,20 +322,82 @@ fn run(command: Command) -> anyhow::Result<()> {
             dir,
             name,
             ttl_hours,
+            token_for: TokenFor::ProcessServer,
+            ..
+        } => {
+            let token = deploy::new_server_token(&dir, Duration::from_secs(ttl_hours * 3600))?;
+            let dep = deploy::open(&dir)?;
+            let host = name
+                .or_else(|| dep.identity.names().into_iter().next())
+                .unwrap_or_else(|| "HOST".to_owned());
+            let ca_hash = ripcord_transport::ca_hash(dep.identity.ca_cert());
+            println!("token:   {token}");
+            println!("ca-hash: {ca_hash}");
+            println!(
+                "valid {ttl_hours} h for one process server; on it, run:\n  \
+                 ripcord-ps join --config-role {host}:{} --token {token} --ca-hash {ca_hash} \
+                 --name <its host name or IP>",
+                dep.config.register_listen.port(),
+            );
+            Ok(())
+        }
+        Command::Join {
+            dir,
+            config_role,
+            ca_hash,
+            token,
+            server_id,
+            names,
+            listen,
+            metrics_listen,
+        } => {
+            let metrics_listen = match metrics_listen.as_deref() {
+                None => None,
+                Some("") => Some(None),
+                Some(addr) => Some(Some(addr.parse().with_context(|| {
+                    format!("--metrics-listen {addr:?} is not IP:port or \"\"")
+                })?)),
+            };
+            let opts = ripcord_process_server::join::JoinOptions {
+                dir,
+                config_role,
+                ca_hash,
+                token: token.parse().context("--token")?,
+                server_id: server_id.unwrap_or_else(ripcord_process_server::config::hostname),
+                names,
+                listen,
+                metrics_listen,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let dir = rt.block_on(ripcord_process_server::join::join(opts))?;
+            println!(
+                "joined the deployment; start this server with:\n  ripcord-ps serve --dir {}",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Token {
+            dir,
+            name,
+            ttl_hours,
             uses,
+            token_for: TokenFor::Agent,
         } => {
             let token = deploy::new_token(&dir, Duration::from_secs(ttl_hours * 3600), uses)?;
             let dep = deploy::open(&dir)?;
             let host = name
                 .or_else(|| dep.identity.names().into_iter().next())
                 .unwrap_or_else(|| "HOST".to_owned());
+            let ca_hash = ripcord_transport::ca_hash(dep.identity.ca_cert());
             println!("token:   {token}");
-            println!("ca-hash: {}", dep.ca.hash());
+            println!("ca-hash: {ca_hash}");
             println!(
                 "valid {ttl_hours} h for {uses} registration(s); register an agent with:\n  \
                  ripcord-agent register --server {host}:{} --token {token} --ca-hash {}",
                 dep.config.register_listen.port(),
-                dep.ca.hash()
+                ca_hash
             );
             Ok(())
         }

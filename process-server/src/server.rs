@@ -13,8 +13,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use ripcord_proto::DiskId;
 use ripcord_transport::{
-    MachineStore, Registrar, TokenStore, TransportOptions, endpoint::server_endpoint_with,
-    registration_endpoint, serve_registration,
+    MachineStore, Registrar, TokenStore, TransportOptions,
+    control::CONTROL_ALPN,
+    endpoint::server_endpoint_with,
+    register::{negotiated_alpn, serve_registration_connection},
+    registration_endpoint,
 };
 
 use crate::{
@@ -29,6 +32,17 @@ use crate::{
 
 /// Unauthenticated handshakes in progress at once; more are refused until some finish.
 const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// How long a registration or control handshake may take.
+const REGISTER_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// The next connection of `endpoint`, or never when there is none.
+async fn accept(endpoint: Option<&quinn::Endpoint>) -> Option<quinn::Incoming> {
+    match endpoint {
+        Some(endpoint) => endpoint.accept().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// How long a stopping server waits for its connections to close before it exits anyway
 /// (what they held and was not acknowledged is sent again by their agents).
@@ -62,6 +76,10 @@ pub struct State {
     pub(crate) stopping: Arc<AtomicBool>,
     /// The configuration database, when this server runs the config role.
     pub(crate) control: Option<ControlLink>,
+    /// The live process of each server reporting to this configuration role.
+    pub(crate) instances: crate::reporting::Instances,
+    /// The reporter to the configuration role, when this server joined one.
+    pub(crate) reporter: Option<crate::reporting::Reporter>,
 }
 
 impl State {
@@ -146,6 +164,12 @@ async fn watch_health(state: Arc<State>) {
             control.send(Event::Health(report.clone()));
             control.send(Event::Disks(disk_reports(&state)));
         }
+        if let Some(reporter) = &state.reporter {
+            reporter.send(crate::reporting::ReportBody {
+                health: Some(report.clone()),
+                disks: disk_reports(&state),
+            });
+        }
         if let Err(e) = crate::health::write_report(&state.dep.dir, &report) {
             tracing::warn!("health: {e:#}");
         }
@@ -221,6 +245,7 @@ fn start_control(
                 data_addr.port()
             ),
             cert_sha256: hex::encode(ripcord_transport::pki::sha256(cert)),
+            fingerprint: crate::join::fingerprint(&dep.dir)?,
             machines: known,
         },
     )?;
@@ -246,13 +271,31 @@ pub async fn serve(
     };
     let data = server_endpoint_with(dep.config.listen, &dep.identity, &options)
         .with_context(|| format!("binding the data endpoint on {}", dep.config.listen))?;
-    let register =
-        registration_endpoint(dep.config.register_listen, &dep.identity).with_context(|| {
-            format!(
-                "binding the registration endpoint on {}",
-                dep.config.register_listen
+    // Agents register where the CA key is; a server that joined a deployment has none.
+    let register = match dep.ca {
+        Some(_) => Some(
+            registration_endpoint(dep.config.register_listen, &dep.identity).with_context(
+                || {
+                    format!(
+                        "binding the registration endpoint on {}",
+                        dep.config.register_listen
+                    )
+                },
+            )?,
+        ),
+        None => None,
+    };
+    let reporter = match &dep.config.config_role {
+        Some(config_role) => Some(
+            crate::reporting::start_reporting(
+                config_role,
+                &dep.identity,
+                crate::join::fingerprint(&dep.dir)?,
             )
-        })?;
+            .await?,
+        ),
+        None => None,
+    };
     let store = match &dep.config.target {
         Some(url) => {
             let store = ripcord_store::Store::open(url)
@@ -274,6 +317,8 @@ pub async fn serve(
     let control = start_control(&dep, &machines, data.local_addr()?)?;
     let state = Arc::new(State {
         control,
+        instances: crate::reporting::Instances::default(),
+        reporter,
         escrow_key,
         registry: Mutex::new(registry),
         disks: tokio::sync::Mutex::new(HashMap::new()),
@@ -313,10 +358,15 @@ pub async fn serve(
         crate::metrics::spawn_http(addr, Arc::clone(&state))?;
     }
     let health = tokio::spawn(watch_health(Arc::clone(&state)));
-    tracing::info!(
-        data = %data.local_addr()?, register = %register.local_addr()?,
-        "ripcord-ps serving"
-    );
+    match &register {
+        Some(register) => tracing::info!(
+            data = %data.local_addr()?, register = %register.local_addr()?,
+            "ripcord-ps serving"
+        ),
+        None => {
+            tracing::info!(data = %data.local_addr()?, "ripcord-ps serving (registers no agents: joined a deployment)")
+        }
+    }
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -342,19 +392,42 @@ pub async fn serve(
                     }
                 });
             }
-            Some(incoming) = register.accept() => {
+            Some(incoming) = accept(register.as_ref()) => {
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    let conn = match tokio::time::timeout(REGISTER_HANDSHAKE, incoming).await {
+                        Ok(Ok(conn)) => conn,
+                        Ok(Err(e)) => {
+                            tracing::info!(%remote, "registration handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%remote, "registration handshake timed out");
+                            return;
+                        }
+                    };
+                    if negotiated_alpn(&conn) == CONTROL_ALPN {
+                        if state.control.is_some() {
+                            crate::reporting::serve_control(state, conn).await;
+                        } else {
+                            conn.close(1u32.into(), b"this server does not run the config role");
+                        }
+                        return;
+                    }
+                    let Some(ca) = state.dep.ca.as_ref() else {
+                        return;
+                    };
                     let registrar = Registrar {
-                        ca: &state.dep.ca,
+                        ca,
                         tokens: &state.tokens,
                         machines: &state.machines,
                         escrow_key: state.escrow_key,
                         data_port: state.dep.config.listen.port(),
                         client_validity: Duration::from_secs(state.dep.config.client_cert_secs),
                     };
-                    // serve_registration logs the outcome.
-                    if let Ok(registered) = serve_registration(incoming, &registrar).await
+                    // serve_registration_connection logs the outcome.
+                    if let Ok(registered) = serve_registration_connection(conn, &registrar).await
                         && let Some(control) = &state.control
                     {
                         control.send(Event::Machine {
@@ -369,7 +442,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         }
     }
-    stop(&state, &data, &register).await;
+    stop(&state, &data, register.as_ref()).await;
     watcher.abort();
     health.abort();
     let st = Arc::clone(&state);
@@ -419,7 +492,7 @@ fn check_cache_size(dep: &Deployment) -> anyhow::Result<()> {
 /// Stops within [`SHUTDOWN_GRACE`]: waits for cache space end at once (see
 /// [`DiskCore::stop_waiting_when`]), connections are closed, and what is still in flight
 /// is named in the log. Everything acknowledged is already durable in the journals.
-async fn stop(state: &State, data: &quinn::Endpoint, register: &quinn::Endpoint) {
+async fn stop(state: &State, data: &quinn::Endpoint, register: Option<&quinn::Endpoint>) {
     let in_flight_mib = |state: &State| {
         let max = (state.dep.config.max_inflight_mib as usize) << 20;
         (max - state.inflight.available_permits().min(max)) >> 20
@@ -432,9 +505,15 @@ async fn stop(state: &State, data: &quinn::Endpoint, register: &quinn::Endpoint)
     );
     state.stopping.store(true, Ordering::Relaxed);
     data.close(0u32.into(), b"shutdown");
-    register.close(0u32.into(), b"shutdown");
+    if let Some(register) = register {
+        register.close(0u32.into(), b"shutdown");
+    }
     let idle = async {
-        tokio::join!(data.wait_idle(), register.wait_idle());
+        tokio::join!(data.wait_idle(), async {
+            if let Some(register) = register {
+                register.wait_idle().await;
+            }
+        });
     };
     if tokio::time::timeout(SHUTDOWN_GRACE, idle).await.is_err() {
         tracing::warn!(

@@ -13,6 +13,7 @@
 mod failover;
 mod plan;
 mod points;
+mod ps;
 mod run_failover;
 mod status;
 mod verify;
@@ -99,6 +100,36 @@ enum Command {
         /// One JSON object instead of tables.
         #[arg(long)]
         json: bool,
+    },
+    /// The deployment's process servers: list them, or remove one (run on the server that
+    /// runs the config role). More servers join with `ripcord-ps join`.
+    Ps {
+        #[command(subcommand)]
+        command: PsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PsCommand {
+    /// Every process server: address, version, health (red when its heartbeat is older
+    /// than a minute), machines assigned, last heartbeat, roles.
+    List {
+        /// The config role's deployment directory (holding control.db).
+        #[arg(long, default_value = "/var/lib/ripcord/ps")]
+        deployment: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a process server: refused while machines are assigned to it (move them
+    /// first) and for the config role's own server. Its reports are refused afterwards.
+    Remove {
+        /// The config role's deployment directory (holding control.db).
+        #[arg(long, default_value = "/var/lib/ripcord/ps")]
+        deployment: PathBuf,
+        /// The server's id.
+        #[arg(long)]
+        server: String,
     },
 }
 
@@ -352,6 +383,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => verify::verify(&target, disk.as_deref(), passphrase_file.as_deref(), json).await,
         Command::Plan { command } => run_plan(command).await,
         Command::Status { deployment, json } => status::status(&deployment, json),
+        Command::Ps {
+            command: PsCommand::List { deployment, json },
+        } => ps::list(&deployment, json),
+        Command::Ps {
+            command: PsCommand::Remove { deployment, server },
+        } => ps::remove(&deployment, &server),
     }
 }
 

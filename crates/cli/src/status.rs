@@ -15,6 +15,22 @@ use ripcord_control::{ControlDb, Health};
 /// A heartbeat older than this many sample intervals shows the server as silent.
 const SILENT_AFTER_SECS: i64 = 60;
 
+/// Now, in Unix seconds.
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The colour to show for a server that said `said` at `last`: a server that stopped
+/// reporting is red whatever it said last.
+pub(crate) fn shown_health(last: Option<i64>, said: Health, now: i64) -> Health {
+    match last {
+        Some(t) if now - t <= SILENT_AFTER_SECS => said,
+        _ => Health::Red,
+    }
+}
+
 pub fn status(deployment: &Path, json: bool) -> anyhow::Result<()> {
     let path = deployment.join("control.db");
     let db = ControlDb::open_read_only(&path)?;
@@ -24,14 +40,8 @@ pub fn status(deployment: &Path, json: bool) -> anyhow::Result<()> {
     let machines = db.machines().context("reading the machines")?;
     let disks = db.disks().context("reading the disks")?;
     let alerts = db.open_alerts().context("reading the alerts")?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    // A server that stopped reporting is red whatever it said last.
-    let health = |last: Option<i64>, said: Health| match last {
-        Some(t) if now - t <= SILENT_AFTER_SECS => said,
-        _ => Health::Red,
-    };
+    let now = unix_now();
+    let health = |last, said| shown_health(last, said, now);
     if json {
         let out = serde_json::json!({
             "servers": servers.iter().map(|s| serde_json::json!({

@@ -31,6 +31,11 @@ pub enum ControlError {
     Sql(#[from] rusqlite::Error),
     #[error("no process server {0:?} is registered")]
     UnknownProcessServer(String),
+    #[error(
+        "a process server {0:?} is registered already: remove it first (`ripcord ps remove \
+         --server {0}`) or join with another id"
+    )]
+    ProcessServerExists(String),
     #[error("no machine {0:?} is registered")]
     UnknownMachine(String),
     #[error("no policy {0:?} exists")]

@@ -104,16 +104,16 @@ impl ControlDb {
     }
 
     /// Adds a process server, or updates the one with its id (address, version,
-    /// certificate, role) keeping its registration time and machines.
+    /// certificate, role, fingerprint) keeping its registration time and machines.
     pub fn upsert_process_server(&mut self, ps: &ProcessServer) -> Result<()> {
         self.conn.execute(
             "INSERT INTO process_servers
                  (id, address, version, cert_sha256, config_role, registered_at,
-                  last_heartbeat, health)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                  last_heartbeat, health, fingerprint)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              ON CONFLICT(id) DO UPDATE SET address = excluded.address,
                  version = excluded.version, cert_sha256 = excluded.cert_sha256,
-                 config_role = excluded.config_role",
+                 config_role = excluded.config_role, fingerprint = excluded.fingerprint",
             params![
                 ps.id,
                 ps.address,
@@ -122,8 +122,64 @@ impl ControlDb {
                 ps.config_role,
                 ps.registered_at,
                 ps.last_heartbeat,
-                ps.health.as_str()
+                ps.health.as_str(),
+                ps.fingerprint
             ],
+        )?;
+        Ok(())
+    }
+
+    /// Records a process server that joined with a token (`actor` names the token), with
+    /// its audit entry; refused if one with its id is registered already (a token never
+    /// takes over an existing server: it must be removed first).
+    pub fn join_process_server(&mut self, ps: &ProcessServer, actor: &str) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let exists: Option<i64> = tx
+            .query_row(
+                "SELECT 1 FROM process_servers WHERE id = ?1",
+                [&ps.id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if exists.is_some() {
+            return Err(ControlError::ProcessServerExists(ps.id.clone()));
+        }
+        tx.execute(
+            "INSERT INTO process_servers
+                 (id, address, version, cert_sha256, config_role, registered_at,
+                  last_heartbeat, health, fingerprint)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                ps.id,
+                ps.address,
+                ps.version,
+                ps.cert_sha256,
+                ps.config_role,
+                ps.registered_at,
+                ps.last_heartbeat,
+                ps.health.as_str(),
+                ps.fingerprint
+            ],
+        )?;
+        let detail = format!("{} at {} (version {})", ps.id, ps.address, ps.version);
+        audit(&tx, ps.registered_at, actor, "join-process-server", &detail)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Process server `id`, if registered.
+    pub fn process_server(&self, id: &str) -> Result<Option<ProcessServer>> {
+        Ok(self
+            .process_servers_where("WHERE id = ?1", [id])?
+            .into_iter()
+            .next())
+    }
+
+    /// Records the version a process server reports (it may have been upgraded).
+    pub fn set_process_server_version(&mut self, id: &str, version: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE process_servers SET version = ?2 WHERE id = ?1 AND version != ?2",
+            params![id, version],
         )?;
         Ok(())
     }
@@ -142,32 +198,44 @@ impl ControlDb {
 
     /// Every process server, by id.
     pub fn process_servers(&self) -> Result<Vec<ProcessServer>> {
-        let mut st = self.conn.prepare(
-            "SELECT id, address, version, cert_sha256, config_role, registered_at,
-                    last_heartbeat, health
-             FROM process_servers ORDER BY id",
+        self.process_servers_where("", [])
+    }
+
+    fn process_servers_where(
+        &self,
+        filter: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<ProcessServer>> {
+        let rows = self.rows(
+            &format!(
+                "SELECT id, address, version, cert_sha256, config_role, registered_at,
+                        last_heartbeat, health, fingerprint
+                 FROM process_servers {filter} ORDER BY id"
+            ),
+            args,
+            |r| {
+                Ok((
+                    ProcessServer {
+                        id: r.get(0)?,
+                        address: r.get(1)?,
+                        version: r.get(2)?,
+                        cert_sha256: r.get(3)?,
+                        config_role: r.get(4)?,
+                        registered_at: r.get(5)?,
+                        last_heartbeat: r.get(6)?,
+                        health: Health::Red,
+                        fingerprint: r.get(8)?,
+                    },
+                    r.get::<_, String>(7)?,
+                ))
+            },
         )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                ProcessServer {
-                    id: r.get(0)?,
-                    address: r.get(1)?,
-                    version: r.get(2)?,
-                    cert_sha256: r.get(3)?,
-                    config_role: r.get(4)?,
-                    registered_at: r.get(5)?,
-                    last_heartbeat: r.get(6)?,
-                    health: Health::Red,
-                },
-                r.get::<_, String>(7)?,
-            ))
-        })?;
-        rows.map(|row| {
-            let (mut ps, health) = row?;
-            ps.health = Health::parse(&health)?;
-            Ok(ps)
-        })
-        .collect()
+        rows.into_iter()
+            .map(|(mut ps, health)| {
+                ps.health = Health::parse(&health)?;
+                Ok(ps)
+            })
+            .collect()
     }
 
     /// Removes process server `id` (an operator action), refused while machines are

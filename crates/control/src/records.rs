@@ -56,6 +56,10 @@ pub struct ProcessServer {
     pub registered_at: i64,
     pub last_heartbeat: Option<i64>,
     pub health: Health,
+    /// Where it runs: a hash of its host's machine id and its deployment directory,
+    /// recorded when it joined (empty for the configuration role's own server). A copy of
+    /// the server elsewhere reports another one and is refused as a clone.
+    pub fingerprint: String,
 }
 
 /// A registered machine and where it replicates.
@@ -85,8 +89,9 @@ pub struct Disk {
 
 /// What a process server reports about a disk. `None` leaves the recorded value as it
 /// is: a server that just started has not seen a group commit or a new point yet, and
-/// must not erase what it reported before.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// must not erase what it reported before. Process servers that joined send it to the
+/// configuration role as JSON.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskReport {
     pub id: String,
     pub machine: String,

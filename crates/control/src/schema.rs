@@ -5,7 +5,7 @@
 use rusqlite_migration::{M, Migrations};
 
 /// Every migration, oldest first.
-const ALL: &[M<'static>] = &[M::up(V1)];
+const ALL: &[M<'static>] = &[M::up(V1), M::up(V2)];
 
 /// The migrations, for `rusqlite_migration`.
 pub const MIGRATIONS: Migrations<'static> = Migrations::from_slice(ALL);
@@ -81,6 +81,12 @@ CREATE TRIGGER audit_is_append_only_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER audit_is_append_only_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+";
+
+/// Version 2: where each process server runs (its fingerprint, see
+/// [`crate::ProcessServer::fingerprint`]), so a cloned server is told apart.
+const V2: &str = "
+ALTER TABLE process_servers ADD COLUMN fingerprint TEXT NOT NULL DEFAULT '';
 ";
 
 #[cfg(test)]

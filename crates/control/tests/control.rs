@@ -19,6 +19,7 @@ fn server(id: &str, config_role: bool) -> ProcessServer {
         registered_at: 100,
         last_heartbeat: None,
         health: Health::Red,
+        fingerprint: format!("{id}-host"),
     }
 }
 
@@ -64,7 +65,10 @@ fn state_survives_reopening_and_the_schema_is_current() {
     {
         let mut db = deployment(&path);
         db.heartbeat("ps1", 400, Health::Green).unwrap();
-        assert_eq!(db.schema_version().unwrap(), 1);
+        assert_eq!(
+            db.schema_version().unwrap(),
+            ripcord_control::schema::version()
+        );
     }
     let db = ControlDb::open(&path).unwrap();
     let servers = db.process_servers().unwrap();
@@ -166,6 +170,37 @@ fn a_server_with_machines_is_not_removed() {
         matches!(err, ControlError::UnknownProcessServer(_)),
         "{err}"
     );
+}
+
+#[test]
+fn a_joining_server_never_takes_over_a_registered_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = deployment(&tmp.path().join("control.db"));
+    let ps3 = server("ps3", false);
+    db.join_process_server(&ps3, "token:abc").unwrap();
+    assert_eq!(db.process_server("ps3").unwrap(), Some(ps3.clone()));
+    let thief = ProcessServer {
+        cert_sha256: "thief-cert".to_owned(),
+        fingerprint: "elsewhere".to_owned(),
+        ..ps3.clone()
+    };
+    let err = db.join_process_server(&thief, "token:def").unwrap_err();
+    assert!(matches!(err, ControlError::ProcessServerExists(_)), "{err}");
+    assert!(err.to_string().contains("ripcord ps remove"), "{err}");
+    assert_eq!(
+        db.process_server("ps3").unwrap(),
+        Some(ps3),
+        "the first one stays"
+    );
+    let joins: Vec<_> = db
+        .audit_log(10)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "join-process-server")
+        .collect();
+    assert_eq!(joins.len(), 1, "{joins:?}");
+    assert_eq!(joins[0].actor, "token:abc");
+    assert_eq!(db.process_server("nobody").unwrap(), None);
 }
 
 #[test]
@@ -325,7 +360,7 @@ fn a_reader_opens_only_a_current_database_and_never_writes() {
             err,
             ControlError::SchemaMismatch {
                 found: 7,
-                expected: 1,
+                expected: 2,
                 ..
             }
         ),

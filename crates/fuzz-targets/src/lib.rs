@@ -27,7 +27,9 @@ pub use journal::{journal_entry, journal_record, journal_segment};
 pub use store::{
     DISK, catalog, checkpoint, epoch, gc_marker, index_segment, object_names, pack, pack_record,
 };
-pub use wire::{handshake, register_request, register_response, wire_frame, wire_stream};
+pub use wire::{
+    control_message, handshake, register_request, register_response, wire_frame, wire_stream,
+};
 
 /// A target's body.
 pub type Body = fn(&[u8]);
@@ -39,6 +41,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("handshake", handshake),
     ("register_request", register_request),
     ("register_response", register_response),
+    ("control_message", control_message),
     ("journal_record", journal_record),
     ("journal_segment", journal_segment),
     ("journal_entry", journal_entry),

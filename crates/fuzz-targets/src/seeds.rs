@@ -272,6 +272,46 @@ pub fn valid() -> Vec<Seed> {
         length_prefixed(&[0x03, 200]),
     );
 
+    // The process servers' link to the configuration role.
+    {
+        use ripcord_transport::control::{JoinRequest, Refusal, Reply, ReportRequest, Request};
+        fn to_json(value: &impl serde::Serialize) -> Vec<u8> {
+            serde_json::to_vec(value).expect("a seed encodes")
+        }
+        add(
+            "control_message",
+            "join",
+            to_json(&Request::Join(JoinRequest {
+                token: "abcdef.0123456789abcdef".into(),
+                server_id: "ps-2".into(),
+                version: "0.1.0".into(),
+                fingerprint: "ab".repeat(32),
+                names: vec!["ps2.example".into()],
+                data_port: 9443,
+                csr: vec![0x30, 0x82, 0x01, 0x0a],
+            })),
+        );
+        add(
+            "control_message",
+            "report",
+            to_json(&Request::Report(ReportRequest {
+                version: "0.1.0".into(),
+                fingerprint: "ab".repeat(32),
+                instance: "00112233".into(),
+                body: serde_json::json!({"health": null, "disks": []}),
+            })),
+        );
+        add("control_message", "accepted", to_json(&Reply::Accepted));
+        add(
+            "control_message",
+            "refused",
+            to_json(&Reply::Refused {
+                refusal: Refusal::Cloned,
+                message: "a cloned server?".into(),
+            }),
+        );
+    }
+
     // Journal.
     use ripcord_journal::{RecordType, format as jf};
     let payloads = [

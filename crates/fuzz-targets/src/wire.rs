@@ -127,6 +127,34 @@ pub fn register_response(data: &[u8]) {
     }
 }
 
+/// A message of the process servers' link to the configuration role (a JSON body, its
+/// size bounded before parsing), read both as a request (the configuration role's side)
+/// and as a reply (the server's side): what decodes re-encodes to JSON that decodes to
+/// the same encoding.
+pub fn control_message(data: &[u8]) {
+    use ripcord_transport::control::{decode_reply, decode_request};
+    if let Ok(request) = decode_request(data) {
+        crate::accepted();
+        let again = serde_json::to_vec(&request).expect("a request encodes");
+        let back = decode_request(&again).expect("a re-encoded request decodes");
+        assert_eq!(
+            serde_json::to_vec(&back).unwrap(),
+            again,
+            "request round trip"
+        );
+    }
+    if let Ok(reply) = decode_reply(data) {
+        crate::accepted();
+        let again = serde_json::to_vec(&reply).expect("a reply encodes");
+        let back = decode_reply(&again).expect("a re-encoded reply decodes");
+        assert_eq!(
+            serde_json::to_vec(&back).unwrap(),
+            again,
+            "reply round trip"
+        );
+    }
+}
+
 /// The body of one length-prefixed registration frame, as `read_frame` takes it; `None`
 /// where it would fail (length over the limit, stream too short).
 fn registration_body(data: &[u8]) -> Option<&[u8]> {

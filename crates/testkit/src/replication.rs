@@ -156,6 +156,88 @@ impl ProcessServer {
             .with_context(|| format!("no token: line in the output of ripcord-ps token:\n{text}"))
     }
 
+    /// A process-server join token from this (configuration role) server: `ripcord-ps
+    /// token --for process-server`.
+    pub fn new_server_token(&self) -> anyhow::Result<String> {
+        let out = Command::new(crate::binary("ripcord-ps"))
+            .args(["token", "--for", "process-server", "--dir"])
+            .arg(&self.dir)
+            .output()
+            .context("running ripcord-ps token --for process-server")?;
+        ensure!(
+            out.status.success(),
+            "ripcord-ps token --for process-server failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("token:"))
+            .map(|t| t.trim().to_owned())
+            .with_context(|| format!("no token: line in the output of ripcord-ps token:\n{text}"))
+    }
+
+    /// `ripcord-ps join` of a new server `server_id` into `root/<server_id>` with `token`,
+    /// against this server's configuration role; returns its output (stdout, or the error
+    /// with stderr).
+    pub fn run_join(&self, root: &Path, server_id: &str, token: &str) -> anyhow::Result<String> {
+        let (data_port, metrics_port) = (free_udp_port(), free_tcp_port());
+        let out = Command::new(crate::binary("ripcord-ps"))
+            .args(["join", "--server-id", server_id, "--name", "127.0.0.1"])
+            .arg("--config-role")
+            .arg(format!("127.0.0.1:{}", self.register_port))
+            .args(["--ca-hash", &self.ca_hash, "--token", token])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{data_port}"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .arg("--dir")
+            .arg(root.join(server_id))
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .context("running ripcord-ps join")?;
+        ensure!(
+            out.status.success(),
+            "ripcord-ps join failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A new process server `server_id` joined to this server's configuration role (with a
+    /// fresh process-server token), in `root/<server_id>`, serving.
+    pub fn join(&self, root: &Path, server_id: &str) -> anyhow::Result<ProcessServer> {
+        self.run_join(root, server_id, &self.new_server_token()?)?;
+        let mut ps = ProcessServer::joined(root.join(server_id), &self.passphrase_file)?;
+        ps.spawn()?;
+        Ok(ps)
+    }
+
+    /// A joined server's deployment in `dir`, not started ([`ProcessServer::spawn`]).
+    pub fn joined(dir: PathBuf, passphrase_file: &Path) -> anyhow::Result<ProcessServer> {
+        let config = std::fs::read_to_string(dir.join("ps.toml"))
+            .with_context(|| format!("reading {}/ps.toml", dir.display()))?;
+        let port = |key: &str| -> anyhow::Result<u16> {
+            config
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
+                .and_then(|v| v.trim_end_matches('"').rsplit_once(':'))
+                .and_then(|(_, p)| p.parse().ok())
+                .with_context(|| format!("no {key} in {}/ps.toml", dir.display()))
+        };
+        Ok(ProcessServer {
+            log: dir.with_extension("log"),
+            data_port: port("listen")?,
+            register_port: 0,
+            metrics_port: port("metrics-listen")?,
+            passphrase_file: passphrase_file.to_owned(),
+            token: String::new(),
+            ca_hash: String::new(),
+            dir,
+            child: None,
+            starts: 0,
+        })
+    }
+
     /// (Re)start `ripcord-ps serve`, waiting until it listens.
     pub fn spawn(&mut self) -> anyhow::Result<()> {
         ensure!(self.child.is_none(), "already running");

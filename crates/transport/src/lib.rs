@@ -3,10 +3,13 @@
 //! - [`pki`]: the deployment CA, server/client certificates, bootstrap tokens.
 //! - [`register`](mod@register): kubeadm-join style agent registration (ALPN `ripcord-register/2`).
 //! - [`endpoint`]: mutual-TLS data-path endpoints (ALPN `ripcord/1`).
+//! - [`control`]: process servers joining and reporting to the configuration role
+//!   (ALPN `ripcord-control/1`).
 //!
 //! Only the *ring* crypto provider is used (no aws-lc-rs).
 #![deny(missing_docs)]
 
+pub mod control;
 pub mod endpoint;
 mod fsutil;
 pub mod pki;

@@ -19,9 +19,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::{
-    CA_CERT_FILE, CA_KEY_FILE, CA_VALIDITY, CLOCK_SKEW, LEAF_VALIDITY, MachineId, PkiError,
-    ServerIdentity, ca_hash, cert_pem, generate_key, io_err, read_first_cert, write_public,
-    write_secret,
+    CA_CERT_FILE, CA_KEY_FILE, CA_VALIDITY, CLOCK_SKEW, LEAF_VALIDITY, MachineId,
+    PROCESS_SERVER_URI_PREFIX, PkiError, ServerIdentity, ca_hash, cert_pem, generate_key, io_err,
+    read_first_cert, write_public, write_secret,
 };
 use crate::fsutil;
 
@@ -133,24 +133,7 @@ impl Ca {
     pub fn issue_server(&self, names: &[&str]) -> Result<ServerIdentity, PkiError> {
         let first = names.first().ok_or(PkiError::NoServerNames)?;
         let mut params = CertificateParams::default();
-        for name in names {
-            let san = match name.parse::<IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => {
-                    if !is_dns_name(name) {
-                        return Err(PkiError::InvalidServerName {
-                            name: (*name).to_owned(),
-                        });
-                    }
-                    SanType::DnsName((*name).try_into().map_err(|_| {
-                        PkiError::InvalidServerName {
-                            name: (*name).to_owned(),
-                        }
-                    })?)
-                }
-            };
-            params.subject_alt_names.push(san);
-        }
+        params.subject_alt_names = server_name_sans(names)?;
         params.distinguished_name.push(DnType::CommonName, *first);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -180,13 +163,7 @@ impl Ca {
     ) -> Result<CertificateDer<'static>, PkiError> {
         let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
             .map_err(PkiError::InvalidCsr)?;
-        let alg = csr.public_key.algorithm();
-        if alg != &rcgen::PKCS_ECDSA_P256_SHA256
-            && alg != &rcgen::PKCS_ECDSA_P384_SHA384
-            && alg != &rcgen::PKCS_ED25519
-        {
-            return Err(PkiError::UnsupportedKeyAlgorithm);
-        }
+        check_key_algorithm(&csr)?;
         let mut params = CertificateParams::default();
         params
             .distinguished_name
@@ -205,6 +182,82 @@ impl Ca {
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(cert.der().clone())
     }
+}
+
+impl Ca {
+    /// Issues the certificate of a process server joining the deployment, from its CSR
+    /// (the key never leaves the joining server). CN = `server_id`; SANs: `names` (what
+    /// agents use to reach it) and the URI `ripcord://process-server/<id>`, which the
+    /// configuration role reads to know who reports; EKU serverAuth (agents connect to
+    /// it) and clientAuth (it reports to the configuration role).
+    ///
+    /// The URI is not a machine identity ([`super::machine_id_from_cert`] refuses this
+    /// certificate), so a process server can never pose as a machine on the data path.
+    pub fn issue_process_server(
+        &self,
+        server_id: &MachineId,
+        names: &[&str],
+        csr_der: &[u8],
+        validity: Duration,
+    ) -> Result<CertificateDer<'static>, PkiError> {
+        if names.is_empty() {
+            return Err(PkiError::NoServerNames);
+        }
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
+            .map_err(PkiError::InvalidCsr)?;
+        check_key_algorithm(&csr)?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, server_id.as_str());
+        params.subject_alt_names = server_name_sans(names)?;
+        params.subject_alt_names.push(SanType::URI(
+            format!("{PROCESS_SERVER_URI_PREFIX}{}", server_id.as_str())
+                .try_into()
+                .map_err(|_| PkiError::InconsistentMachineIdentity)?,
+        ));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial()?);
+        set_validity(&mut params, validity);
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(cert.der().clone())
+    }
+}
+
+/// The SANs of a server certificate: each name an IP address or a DNS name.
+fn server_name_sans(names: &[&str]) -> Result<Vec<SanType>, PkiError> {
+    names
+        .iter()
+        .map(|name| {
+            let invalid = || PkiError::InvalidServerName {
+                name: (*name).to_owned(),
+            };
+            match name.parse::<IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) if is_dns_name(name) => {
+                    Ok(SanType::DnsName((*name).try_into().map_err(|_| invalid())?))
+                }
+                Err(_) => Err(invalid()),
+            }
+        })
+        .collect()
+}
+
+/// Only the key algorithms this deployment issues for.
+fn check_key_algorithm(csr: &CertificateSigningRequestParams) -> Result<(), PkiError> {
+    let alg = csr.public_key.algorithm();
+    if alg != &rcgen::PKCS_ECDSA_P256_SHA256
+        && alg != &rcgen::PKCS_ECDSA_P384_SHA384
+        && alg != &rcgen::PKCS_ED25519
+    {
+        return Err(PkiError::UnsupportedKeyAlgorithm);
+    }
+    Ok(())
 }
 
 fn is_dns_name(name: &str) -> bool {

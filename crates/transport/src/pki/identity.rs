@@ -14,9 +14,9 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 use super::{
-    AGENT_CERT_FILE, AGENT_KEY_FILE, CA_CERT_FILE, MACHINE_URI_PREFIX, MachineId, PkiError,
-    SERVER_CERT_FILE, SERVER_KEY_FILE, cert_pem, io_err, read_certs, read_first_cert, read_key,
-    write_public, write_secret,
+    AGENT_CERT_FILE, AGENT_KEY_FILE, CA_CERT_FILE, MACHINE_URI_PREFIX, MachineId,
+    PROCESS_SERVER_URI_PREFIX, PkiError, SERVER_CERT_FILE, SERVER_KEY_FILE, cert_pem, io_err,
+    read_certs, read_first_cert, read_key, write_public, write_secret,
 };
 use crate::fsutil;
 
@@ -38,7 +38,7 @@ impl Clone for ServerIdentity {
 
 impl ServerIdentity {
     /// A freshly issued identity: `leaf` signed by `ca_cert`, with `leaf`'s key.
-    pub(super) fn issued(
+    pub(crate) fn issued(
         leaf: CertificateDer<'static>,
         ca_cert: CertificateDer<'static>,
         key: PrivateKeyDer<'static>,
@@ -238,31 +238,60 @@ pub fn cert_validity(cert_der: &[u8]) -> Result<(SystemTime, SystemTime), PkiErr
 /// Exactly one such URI must be present, and if the subject has a CN it must equal the id.
 /// This does not verify the certificate; call it only on certificates that rustls verified.
 pub fn machine_id_from_cert(cert_der: &[u8]) -> Result<MachineId, PkiError> {
+    uri_identity(cert_der, MACHINE_URI_PREFIX).map_err(|e| match e {
+        UriIdentity::Missing => PkiError::NoMachineIdentity,
+        UriIdentity::Pki(e) => e,
+    })
+}
+
+/// Extracts a joined process server's id from its certificate's
+/// `ripcord://process-server/<id>` URI SAN (same rules as [`machine_id_from_cert`]; ids
+/// follow the machine-id syntax). Call it only on certificates that rustls verified.
+pub fn process_server_id_from_cert(cert_der: &[u8]) -> Result<MachineId, PkiError> {
+    uri_identity(cert_der, PROCESS_SERVER_URI_PREFIX).map_err(|e| match e {
+        UriIdentity::Missing => PkiError::NoProcessServerIdentity,
+        UriIdentity::Pki(e) => e,
+    })
+}
+
+enum UriIdentity {
+    Missing,
+    Pki(PkiError),
+}
+
+impl From<PkiError> for UriIdentity {
+    fn from(e: PkiError) -> Self {
+        UriIdentity::Pki(e)
+    }
+}
+
+/// The one id under `prefix` in the certificate's URI SANs, equal to its CN if it has one.
+fn uri_identity(cert_der: &[u8], prefix: &str) -> Result<MachineId, UriIdentity> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
         .map_err(|_| PkiError::CertificateParse)?;
     let san = cert
         .subject_alternative_name()
         .map_err(|_| PkiError::CertificateParse)?
-        .ok_or(PkiError::NoMachineIdentity)?;
+        .ok_or(UriIdentity::Missing)?;
     let mut found: Option<&str> = None;
     for name in &san.value.general_names {
         if let GeneralName::URI(uri) = name
-            && let Some(id) = uri.strip_prefix(MACHINE_URI_PREFIX)
+            && let Some(id) = uri.strip_prefix(prefix)
         {
             if found.is_some() {
-                return Err(PkiError::InconsistentMachineIdentity);
+                return Err(PkiError::InconsistentMachineIdentity.into());
             }
             found = Some(id);
         }
     }
-    let id = MachineId::new(found.ok_or(PkiError::NoMachineIdentity)?)?;
+    let id = MachineId::new(found.ok_or(UriIdentity::Missing)?).map_err(PkiError::from)?;
     for cn in cert.subject().iter_common_name() {
         if cn
             .as_str()
             .map_err(|_| PkiError::InconsistentMachineIdentity)?
             != id.as_str()
         {
-            return Err(PkiError::InconsistentMachineIdentity);
+            return Err(PkiError::InconsistentMachineIdentity.into());
         }
     }
     Ok(id)

@@ -30,7 +30,9 @@ use crate::fsutil;
 
 pub use ca::Ca;
 pub(crate) use identity::cert_spki;
-pub use identity::{Identity, ServerIdentity, cert_validity, machine_id_from_cert};
+pub use identity::{
+    Identity, ServerIdentity, cert_validity, machine_id_from_cert, process_server_id_from_cert,
+};
 pub use machine_id::{MACHINE_ID_MAX_LEN, MachineId, MachineIdError};
 pub use machines::{
     MACHINE_STORE_FILE, MachineError, MachineRecord, MachineSnapshot, MachineStore,
@@ -39,6 +41,8 @@ pub use token::{TOKEN_ID_LEN, TOKEN_SECRET_LEN, TOKEN_STORE_FILE, Token, TokenEr
 
 /// Prefix of the URI SAN carrying the machine id in client certificates.
 pub const MACHINE_URI_PREFIX: &str = "ripcord://machine/";
+/// Prefix of the URI SAN carrying the server id in a joined process server's certificate.
+pub const PROCESS_SERVER_URI_PREFIX: &str = "ripcord://process-server/";
 /// CA certificate file name (deployment dir and agent state dir).
 pub const CA_CERT_FILE: &str = "ca.crt";
 /// CA private key file name (deployment dir).
@@ -116,6 +120,10 @@ pub enum PkiError {
     /// A certificate is not valid X.509 DER.
     #[error("certificate could not be parsed as X.509")]
     CertificateParse,
+    /// The certificate carries no `ripcord://process-server/<id>` URI SAN: it is not a
+    /// joined process server's.
+    #[error("certificate carries no ripcord process-server identity")]
+    NoProcessServerIdentity,
     /// The certificate carries no `ripcord://machine/<id>` URI SAN.
     #[error("certificate carries no ripcord machine identity")]
     NoMachineIdentity,
@@ -132,6 +140,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Stores a deployment CA certificate (no key) as `ca.crt` in `dir`, crash-safely: what a
+/// server that joined a deployment keeps of its CA.
+pub fn save_ca_cert(dir: &Path, ca: &CertificateDer<'_>) -> Result<(), PkiError> {
+    fsutil::ensure_dir(dir).map_err(io_err(dir))?;
+    write_public(&dir.join(CA_CERT_FILE), cert_pem(ca).as_bytes())
 }
 
 /// `"sha256:<hex>"` of a CA certificate's DER encoding — the value agents pin.

@@ -207,6 +207,28 @@ pub async fn connect_registration(
     ca_hash: &str,
     current: Option<&Identity>,
 ) -> Result<(Endpoint, Connection), RegisterError> {
+    let client_auth = current.map(|id| (vec![id.cert().clone()], id.key().clone_key()));
+    connect_pinned(
+        server_addr,
+        server_name,
+        ca_hash,
+        client_auth,
+        REGISTER_ALPN,
+    )
+    .await
+}
+
+/// Opens a connection with ALPN `alpn` to `server_addr`, accepting the server only if its
+/// certificate (valid for `server_name`) chains to the CA pinned by `ca_hash`, presenting
+/// `client_auth` (chain and key) if given. Nothing is sent yet. Shared by registration
+/// and the process servers' link to the configuration role.
+pub(crate) async fn connect_pinned(
+    server_addr: SocketAddr,
+    server_name: &str,
+    ca_hash: &str,
+    client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    alpn: &[u8],
+) -> Result<(Endpoint, Connection), RegisterError> {
     let pin = parse_ca_hash(ca_hash).map_err(|_| RegisterError::InvalidCaHash)?;
     let outcome = Arc::new(AtomicU8::new(PIN_UNSEEN));
     let verifier = PinnedCaVerifier {
@@ -219,13 +241,13 @@ pub async fn connect_registration(
         .map_err(EndpointError::from)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
-    let mut tls = match current {
-        Some(id) => builder
-            .with_client_auth_cert(vec![id.cert().clone()], id.key().clone_key())
+    let mut tls = match client_auth {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
             .map_err(EndpointError::from)?,
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![REGISTER_ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let mut cfg = quinn::ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(tls).map_err(EndpointError::from)?,
     ));

@@ -165,38 +165,58 @@ pub enum FrameError {
 
 /// Writes one frame (`u32 BE length` + `body`).
 pub(super) async fn write_frame(send: &mut SendStream, body: &[u8]) -> Result<(), FrameError> {
-    if body.len() > MAX_MESSAGE_SIZE {
-        return Err(FrameError::TooLarge {
-            len: body.len() as u64,
-            max: MAX_MESSAGE_SIZE,
-        });
-    }
-    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
-        len: body.len() as u64,
-        max: MAX_MESSAGE_SIZE,
-    })?;
-    send.write_all(&len.to_be_bytes()).await?;
-    send.write_all(body).await?;
-    Ok(())
+    write_frame_bounded(send, body, MAX_MESSAGE_SIZE).await
 }
 
 /// Reads one frame, checking the announced length against [`MAX_MESSAGE_SIZE`] before
 /// allocating the body buffer.
 pub(super) async fn read_frame(recv: &mut RecvStream) -> Result<Vec<u8>, FrameError> {
+    read_frame_bounded(recv, MAX_MESSAGE_SIZE).await
+}
+
+/// Writes one frame of at most `max` bytes (`u32 BE length` + `body`).
+pub(crate) async fn write_frame_bounded(
+    send: &mut SendStream,
+    body: &[u8],
+    max: usize,
+) -> Result<(), FrameError> {
+    let too_large = || FrameError::TooLarge {
+        len: body.len() as u64,
+        max,
+    };
+    if body.len() > max {
+        return Err(too_large());
+    }
+    let len = u32::try_from(body.len()).map_err(|_| too_large())?;
+    send.write_all(&len.to_be_bytes()).await?;
+    send.write_all(body).await?;
+    Ok(())
+}
+
+/// Reads one frame, checking the announced length against `max` before allocating the
+/// body buffer.
+pub(crate) async fn read_frame_bounded(
+    recv: &mut RecvStream,
+    max: usize,
+) -> Result<Vec<u8>, FrameError> {
     let mut hdr = [0u8; 4];
     recv.read_exact(&mut hdr).await?;
     let len = u32::from_be_bytes(hdr);
-    check_len(len)?;
+    check_len_bounded(len, max)?;
     let mut body = vec![0u8; len as usize];
     recv.read_exact(&mut body).await?;
     Ok(body)
 }
 
 fn check_len(len: u32) -> Result<(), FrameError> {
-    if len as usize > MAX_MESSAGE_SIZE {
+    check_len_bounded(len, MAX_MESSAGE_SIZE)
+}
+
+fn check_len_bounded(len: u32, max: usize) -> Result<(), FrameError> {
+    if len as usize > max {
         return Err(FrameError::TooLarge {
             len: u64::from(len),
-            max: MAX_MESSAGE_SIZE,
+            max,
         });
     }
     Ok(())

@@ -27,11 +27,16 @@ mod client;
 mod codec;
 mod server;
 
+pub(crate) use client::connect_pinned;
 pub use client::{Credentials, RegisterError, Registered, connect_registration, register};
 #[doc(hidden)]
 pub use codec::fuzzing;
 pub use codec::{FrameError, MAX_MESSAGE_SIZE, RejectReason};
-pub use server::{Registrar, Registration, ServeError, registration_endpoint, serve_registration};
+pub(crate) use codec::{read_frame_bounded, write_frame_bounded};
+pub use server::{
+    Registrar, Registration, ServeError, negotiated_alpn, registration_endpoint,
+    serve_registration, serve_registration_connection,
+};
 
 /// ALPN protocol id of the registration endpoint.
 /// Version 2: requests may be renewals (no token, the current certificate as the TLS

@@ -120,7 +120,9 @@ impl RejectReason {
     }
 }
 
-/// Binds the registration endpoint (ALPN [`REGISTER_ALPN`]) on `bind_addr`, presenting
+/// Binds the registration endpoint (ALPN [`REGISTER_ALPN`] for agents, and
+/// [`crate::control::CONTROL_ALPN`] for process servers joining and reporting to the
+/// configuration role; see [`negotiated_alpn`]) on `bind_addr`, presenting
 /// the server chain (leaf + CA) so agents can check their pinned CA hash. A client
 /// certificate is optional: a registered machine presents its current one to renew or
 /// re-register; if presented, it must chain to the deployment CA. Must be called inside a
@@ -137,7 +139,10 @@ pub fn registration_endpoint(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(identity.cert_chain().to_vec(), identity.key().clone_key())?;
-    tls.alpn_protocols = vec![REGISTER_ALPN.to_vec()];
+    tls.alpn_protocols = vec![
+        REGISTER_ALPN.to_vec(),
+        crate::control::CONTROL_ALPN.to_vec(),
+    ];
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
     ));
@@ -146,6 +151,14 @@ pub fn registration_endpoint(
         addr: bind_addr,
         source,
     })
+}
+
+/// The ALPN protocol a completed connection negotiated (empty if none).
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Vec<u8> {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .unwrap_or_default()
 }
 
 /// Serves one registration connection: completes the handshake, reads one request,
@@ -169,8 +182,28 @@ async fn serve_inner(
     incoming: quinn::Incoming,
     registrar: &Registrar<'_>,
 ) -> Result<Registration, ServeError> {
-    let remote = incoming.remote_address();
     let conn = incoming.await.map_err(ServeError::Handshake)?;
+    serve_connection(conn, registrar).await
+}
+
+/// Like [`serve_registration`] on a connection whose handshake the caller completed (and
+/// whose ALPN it checked is [`REGISTER_ALPN`]): the registration endpoint also carries the
+/// process servers' link to the configuration role ([`crate::control::CONTROL_ALPN`]).
+pub async fn serve_registration_connection(
+    conn: quinn::Connection,
+    registrar: &Registrar<'_>,
+) -> Result<Registration, ServeError> {
+    match tokio::time::timeout(REGISTER_TIMEOUT, serve_connection(conn, registrar)).await {
+        Ok(r) => r,
+        Err(_) => Err(ServeError::Timeout),
+    }
+}
+
+async fn serve_connection(
+    conn: quinn::Connection,
+    registrar: &Registrar<'_>,
+) -> Result<Registration, ServeError> {
+    let remote = conn.remote_address();
     // Optional here: a renewal presents the machine's current certificate.
     let presented = peer_certificate(&conn).ok();
     let (mut send, mut recv) = conn.accept_bi().await.map_err(ServeError::Connection)?;

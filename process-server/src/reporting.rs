@@ -1,0 +1,402 @@
+//! Process servers that joined a deployment report to its configuration role (issue 15):
+//! this server's reporter (`config-role` in ps.toml), and the configuration role's side of
+//! the link, which authenticates each report and records it.
+//!
+//! # Invariants
+//! - **Replication never waits for the configuration role.** The reporter keeps only the
+//!   latest report (a `watch` channel: a slow or absent role costs no memory and no
+//!   backlog); when the role is unreachable the server goes on and keeps retrying.
+//! - **A refusal that retrying cannot cure stops the server at start** (a clone, a removed
+//!   server, a version newer than the role): its message names the cause and the fix.
+//!   Later refusals are logged as errors (once per kind) and replication goes on.
+//! - **The configuration role believes a report only from its server**: the TLS client
+//!   certificate (verified against the deployment CA) names the server; the certificate
+//!   must be its current one, the version not newer than the role's, the fingerprint the
+//!   one it joined with (else: a clone, refused, with a critical alert), and no other live
+//!   process may report with the same identity at the same time (else: refused while the
+//!   other is seen, with a critical alert). A server's disk reports count only for
+//!   machines assigned to it: a compromised process server cannot rewrite another's.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use ripcord_control::{ControlDb, DiskReport, Severity};
+use ripcord_transport::{
+    ServerIdentity,
+    control::{
+        ControlClient, ControlError, Refusal, Reply, ReportRequest, Request, read_message,
+        write_message,
+    },
+    pki::process_server_id_from_cert,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::{
+    control::{Event, unix_now},
+    health::HealthReport,
+    join::{newer_message, newer_than_ours},
+    server::State,
+};
+
+/// What a joined server reports: its latest health (none yet at start) and its disks.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReportBody {
+    pub health: Option<HealthReport>,
+    pub disks: Vec<DiskReport>,
+}
+
+/// How long the first report may take before the server starts without it.
+const FIRST_REPORT_WAIT: Duration = Duration::from_secs(5);
+
+/// Another process reporting with the same identity within this long is a second live copy.
+const SEEN_TWICE_WINDOW: Duration = Duration::from_secs(10);
+
+/// This server's reporter: hand it the latest report; a task sends it.
+pub(crate) struct Reporter {
+    latest: watch::Sender<ReportBody>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reporter {
+    /// Replaces the report to send with `body` (never blocks).
+    pub(crate) fn send(&self, body: ReportBody) {
+        self.latest.send_replace(body);
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts reporting to the configuration role at `config_role`; sends a first report and
+/// fails if the role refuses this server for good (see the module doc).
+pub(crate) async fn start_reporting(
+    config_role: &str,
+    identity: &ServerIdentity,
+    fingerprint: String,
+) -> anyhow::Result<Reporter> {
+    let host = crate::config::config_role_host(config_role)?.to_owned();
+    let addr = tokio::net::lookup_host(config_role)
+        .await
+        .with_context(|| format!("resolving the configuration role's address {config_role}"))?
+        .next()
+        .with_context(|| format!("{config_role} resolves to no address"))?;
+    let mut client = ControlClient::new(addr, &host, identity.clone());
+    let instance = hex::encode(rand_bytes()?);
+    let request = move |body: &ReportBody| ReportRequest {
+        version: crate::join::VERSION.to_owned(),
+        fingerprint: fingerprint.clone(),
+        instance: instance.clone(),
+        body: serde_json::to_value(body).expect("a report serialises"),
+    };
+    match tokio::time::timeout(
+        FIRST_REPORT_WAIT,
+        client.report(request(&ReportBody::default())),
+    )
+    .await
+    {
+        Ok(Ok(())) => tracing::info!(config_role, "reporting to the configuration role"),
+        Ok(Err(ControlError::Refused { refusal, message })) if refusal.is_final() => {
+            bail!("the configuration role at {config_role} refuses this server: {message}")
+        }
+        Ok(Err(e)) => tracing::warn!(
+            config_role,
+            "the configuration role does not take reports yet ({e}); replication goes on, \
+             retrying"
+        ),
+        Err(_) => tracing::warn!(
+            config_role,
+            "the configuration role did not answer within {}s; replication goes on, retrying",
+            FIRST_REPORT_WAIT.as_secs()
+        ),
+    }
+    let (latest, mut rx) = watch::channel(ReportBody::default());
+    let config_role = config_role.to_owned();
+    let task = tokio::spawn(async move {
+        let mut failing: Option<String> = None;
+        while rx.changed().await.is_ok() {
+            let body = rx.borrow_and_update().clone();
+            let outcome = client.report(request(&body)).await;
+            let kind = match &outcome {
+                Ok(()) => None,
+                Err(ControlError::Refused { refusal, .. }) => Some(format!("{refusal:?}")),
+                Err(_) => Some("unreachable".to_owned()),
+            };
+            if kind == failing {
+                continue;
+            }
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(config_role, "reports to the configuration role work again")
+                }
+                Err(ControlError::Refused { message, .. }) => {
+                    tracing::error!(
+                        config_role,
+                        "the configuration role refuses this server's reports: {message}"
+                    )
+                }
+                Err(e) => tracing::warn!(
+                    config_role,
+                    "reporting to the configuration role: {e}; replication goes on, retrying"
+                ),
+            }
+            failing = kind;
+        }
+    });
+    Ok(Reporter { latest, task })
+}
+
+fn rand_bytes() -> anyhow::Result<[u8; 16]> {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+    Ok(b)
+}
+
+/// The live process of each reporting server, by server id: its instance and when it
+/// last reported.
+#[derive(Default)]
+pub(crate) struct Instances(Mutex<HashMap<String, (String, Instant)>>);
+
+impl Instances {
+    /// Records that `instance` of server `id` reports at `now`; false (and nothing
+    /// recorded) when another instance of it reported within [`SEEN_TWICE_WINDOW`]: two
+    /// live processes with one identity. A restarted server (the old instance silent)
+    /// is admitted once the window has passed.
+    fn admit(&self, id: &str, instance: &str, now: Instant) -> bool {
+        let mut instances = self.0.lock().expect("instances lock");
+        if let Some((other, at)) = instances.get(id)
+            && other != instance
+            && now.saturating_duration_since(*at) < SEEN_TWICE_WINDOW
+        {
+            return false;
+        }
+        instances.insert(id.to_owned(), (instance.to_owned(), now));
+        true
+    }
+}
+
+/// Serves one connection on the control ALPN: join requests and reports, one per stream,
+/// in order, until the peer closes. Runs on the configuration role.
+pub(crate) async fn serve_control(state: Arc<State>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let peer = ripcord_transport::peer_certificate(&conn).ok();
+    let mut db: Option<ControlDb> = None;
+    loop {
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let reply = match read_message::<Request>(&mut recv).await {
+            Err(e) => {
+                tracing::info!(%remote, "control request refused: {e}");
+                Reply::Refused {
+                    refusal: Refusal::Malformed,
+                    message: e.to_string(),
+                }
+            }
+            Ok(Request::Join(join)) => on_blocking_thread(|| join_request(&state, &join)),
+            Ok(Request::Report(report)) => {
+                on_blocking_thread(|| take_report(&state, peer.as_deref(), &mut db, report))
+            }
+        };
+        let refused = matches!(reply, Reply::Refused { .. });
+        if write_message(&mut send, &reply).await.is_err() || refused {
+            // Let the peer read the refusal before the connection goes.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            return;
+        }
+    }
+}
+
+fn on_blocking_thread<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+fn join_request(state: &State, join: &ripcord_transport::control::JoinRequest) -> Reply {
+    let Some(ca) = state.dep.ca.as_ref() else {
+        return Reply::Refused {
+            refusal: Refusal::Internal,
+            message: "this server holds no CA key".into(),
+        };
+    };
+    let tokens = match ripcord_transport::TokenStore::open_or_create(
+        &crate::deploy::server_tokens_dir(&state.dep.dir),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            return Reply::Refused {
+                refusal: Refusal::Internal,
+                message: format!("the join token store: {e}"),
+            };
+        }
+    };
+    let facts = crate::join::DeploymentFacts {
+        escrow: state.dep.escrow.clone(),
+        target: state.dep.config.target.clone(),
+    };
+    crate::join::admit(
+        &crate::join::JoinDesk {
+            ca,
+            tokens: &tokens,
+            db: &crate::control::db_path(&state.dep.dir),
+            facts: &facts,
+            validity: ripcord_transport::pki::LEAF_VALIDITY,
+        },
+        join,
+    )
+}
+
+/// Checks a report (see the module doc) and queues what it says for the database.
+fn take_report(
+    state: &State,
+    peer: Option<&[u8]>,
+    db: &mut Option<ControlDb>,
+    report: ReportRequest,
+) -> Reply {
+    match check_report(state, peer, db, &report) {
+        Ok((server, body)) => {
+            let Some(control) = &state.control else {
+                return refused(
+                    Refusal::Internal,
+                    "this server keeps no configuration database",
+                );
+            };
+            if let Some(health) = body.health {
+                control.send_for(server.clone(), Event::Health(health));
+            }
+            control.send_for(server, Event::Disks(body.disks));
+            Reply::Accepted
+        }
+        Err((refusal, message)) => {
+            tracing::warn!(?refusal, "report refused: {message}");
+            refused(refusal, &message)
+        }
+    }
+}
+
+fn refused(refusal: Refusal, message: &str) -> Reply {
+    Reply::Refused {
+        refusal,
+        message: message.to_owned(),
+    }
+}
+
+fn check_report(
+    state: &State,
+    peer: Option<&[u8]>,
+    db: &mut Option<ControlDb>,
+    report: &ReportRequest,
+) -> Result<(String, ReportBody), (Refusal, String)> {
+    let internal = |e: &dyn std::fmt::Display| (Refusal::Internal, e.to_string());
+    let cert = peer.ok_or((
+        Refusal::NotAuthenticated,
+        "a report needs the process server's certificate".to_owned(),
+    ))?;
+    let id = process_server_id_from_cert(cert)
+        .map_err(|e| (Refusal::NotAuthenticated, e.to_string()))?
+        .into_string();
+    if db.is_none() {
+        *db = Some(
+            ControlDb::open(&crate::control::db_path(&state.dep.dir)).map_err(|e| internal(&e))?,
+        );
+    }
+    let db = db.as_mut().expect("opened above");
+    let Some(row) = db.process_server(&id).map_err(|e| internal(&e))? else {
+        return Err((
+            Refusal::NotRegistered,
+            format!(
+                "process server {id} is not registered with the configuration role (removed \
+                 by an operator?): join again with a new token"
+            ),
+        ));
+    };
+    if row.cert_sha256 != hex::encode(ripcord_transport::pki::sha256(cert)) {
+        return Err((
+            Refusal::CertificateSuperseded,
+            format!("this certificate is not process server {id}'s current one"),
+        ));
+    }
+    if newer_than_ours(&report.version).map_err(|e| (Refusal::Malformed, e.to_string()))? {
+        return Err((Refusal::NewerThanConfigRole, newer_message(&report.version)));
+    }
+    let now = unix_now();
+    if row.fingerprint != report.fingerprint {
+        let message = format!(
+            "process server {id} reports from another host or directory than it joined from \
+             (a cloned server?): refused. If it moved, remove it (`ripcord ps remove --server \
+             {id}`) and join it again"
+        );
+        db.raise_alert(&id, "cloned", Severity::Critical, &message, now)
+            .map_err(|e| internal(&e))?;
+        return Err((Refusal::Cloned, message));
+    }
+    if !state.instances.admit(&id, &report.instance, Instant::now()) {
+        let message = format!(
+            "another process reports as process server {id} right now (a cloned server?): \
+             refused while the other one is seen"
+        );
+        db.raise_alert(&id, "seen-twice", Severity::Critical, &message, now)
+            .map_err(|e| internal(&e))?;
+        return Err((Refusal::SeenTwice, message));
+    }
+    db.set_process_server_version(&id, &report.version)
+        .map_err(|e| internal(&e))?;
+    let mut body: ReportBody = serde_json::from_value(report.body.clone())
+        .map_err(|e| (Refusal::Malformed, format!("report body: {e}")))?;
+    let assigned: std::collections::HashSet<String> = db
+        .machines()
+        .map_err(|e| internal(&e))?
+        .into_iter()
+        .filter(|m| m.process_server.as_deref() == Some(id.as_str()))
+        .map(|m| m.id)
+        .collect();
+    let before = body.disks.len();
+    body.disks.retain(|d| assigned.contains(&d.machine));
+    if body.disks.len() != before {
+        tracing::warn!(
+            server = id,
+            ignored = before - body.disks.len(),
+            "a process server reported disks of machines not assigned to it; ignored"
+        );
+    }
+    Ok((id, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_live_instance_is_refused_and_a_restart_is_admitted_after_the_window() {
+        let instances = Instances::default();
+        let t0 = Instant::now();
+        assert!(instances.admit("ps2", "a", t0));
+        assert!(instances.admit("ps2", "a", t0 + Duration::from_secs(1)));
+        assert!(
+            !instances.admit("ps2", "b", t0 + Duration::from_secs(2)),
+            "a copy reporting while the first one does"
+        );
+        assert!(
+            instances.admit("ps2", "a", t0 + Duration::from_secs(3)),
+            "the first goes on"
+        );
+        assert!(
+            instances.admit("ps3", "b", t0 + Duration::from_secs(3)),
+            "ids are apart"
+        );
+        assert!(
+            instances.admit("ps2", "b", t0 + Duration::from_secs(3) + SEEN_TWICE_WINDOW),
+            "a restart, once the old process is silent"
+        );
+        assert!(!instances.admit("ps2", "a", t0 + Duration::from_secs(4) + SEEN_TWICE_WINDOW));
+    }
+}
