@@ -35,6 +35,11 @@ use crate::health::HealthReport;
 /// Events queued for the database thread before new ones are dropped.
 const QUEUE: usize = 1024;
 
+/// Each disk's lag is sampled at most this often for the status page's chart ...
+pub const LAG_SAMPLE_SECS: i64 = 5;
+/// ... and kept this long (the chart's span).
+pub const LAG_KEEP_SECS: i64 = 3600;
+
 /// The configuration database's file in a deployment.
 pub fn db_path(deployment: &Path) -> std::path::PathBuf {
     deployment.join("control.db")
@@ -188,7 +193,9 @@ fn apply_events(mut db: ControlDb, events: Receiver<(String, Event)>) {
             ),
             Event::Disks(disks) => (
                 "disks",
-                db.record_disks(&disks).map_err(anyhow::Error::from),
+                db.record_disks(&disks)
+                    .and_then(|()| db.sample_lag(unix_now(), LAG_SAMPLE_SECS, LAG_KEEP_SECS))
+                    .map_err(anyhow::Error::from),
             ),
         };
         match result {

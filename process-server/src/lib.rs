@@ -16,4 +16,5 @@ pub mod replay;
 pub mod reporting;
 pub mod server;
 mod session;
+pub mod status_page;
 pub mod uploader;

@@ -361,7 +361,23 @@ impl Default for Metrics {
     }
 }
 
-/// Serve `GET /metrics` on `addr` from a thread.
+/// Serve `GET /metrics` on `addr` from a thread, and on the configuration role its status
+/// page on `/` and `/status` ([`crate::status_page`]).
 pub fn spawn_http(addr: SocketAddr, state: Arc<State>) -> anyhow::Result<()> {
-    ripcord_metrics_http::serve(addr, move || state.metrics.render())
+    // The configuration role also serves its status page there.
+    let db = state
+        .control
+        .is_some()
+        .then(|| crate::control::db_path(&state.dep.dir));
+    ripcord_metrics_http::serve_with_pages(
+        addr,
+        move || state.metrics.render(),
+        move |path| match (&db, path) {
+            (Some(db), "/" | "/status") => Some(ripcord_metrics_http::Page {
+                content_type: "text/html; charset=utf-8",
+                body: crate::status_page::render(db),
+            }),
+            _ => None,
+        },
+    )
 }

@@ -15,7 +15,9 @@ const GARAGE_VERSION: &str = "2.5.0";
 
 /// Debian packages the tests, demo and benchmarks use.
 /// iproute2 and nftables: the network-namespace tests (`tests/tests/faults/netns.rs`);
-/// openssh-server: the deploy test (`tests/tests/deploy.rs`, an sshd per simulated host).
+/// openssh-server: the deploy test (`tests/tests/deploy.rs`, an sshd per simulated host);
+/// chromium: the status page test renders the page in a real headless browser
+/// (`tests/tests/status_page.rs`).
 const APT_PACKAGES: &[&str] = &[
     "fio",
     "e2fsprogs",
@@ -25,6 +27,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
     "openssh-server",
+    "chromium",
 ];
 
 /// What a task needs beyond the BPF toolchain and the Debian packages.
@@ -74,7 +77,7 @@ fn announce(needs: Needs) {
     if !APT_PACKAGES.iter().all(|p| dpkg_installed(p)) {
         plan.push(
             "Debian packages: fio, e2fsprogs, xfsprogs, util-linux, fdisk, iproute2, nftables, \
-             openssh-server (under a minute)",
+             openssh-server, chromium (a minute or two)",
         );
     }
     if needs == Needs::Everything

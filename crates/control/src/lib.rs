@@ -373,6 +373,34 @@ impl ControlDb {
         )
     }
 
+    /// Samples the lag of every disk with a recovery point at `now` (Unix seconds): at
+    /// most one sample per disk every `every` seconds, and samples older than `keep`
+    /// seconds are deleted.
+    pub fn sample_lag(&mut self, now: i64, every: i64, keep: i64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO lag_samples (disk, at, lag_secs)
+             SELECT id, ?1, max(0, ?1 - last_point_at) FROM disks
+             WHERE last_point_at IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM lag_samples s
+                               WHERE s.disk = disks.id AND s.at > ?1 - ?2)",
+            params![now, every],
+        )?;
+        tx.execute("DELETE FROM lag_samples WHERE at < ?1", params![now - keep])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The lag samples of every disk since `since`: (disk, at, lag seconds), by disk and
+    /// time.
+    pub fn lag_history(&self, since: i64) -> Result<Vec<(String, i64, i64)>> {
+        self.rows(
+            "SELECT disk, at, lag_secs FROM lag_samples WHERE at >= ?1 ORDER BY disk, at",
+            [since],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+    }
+
     /// Creates or changes a policy (an operator action).
     pub fn set_policy(&mut self, policy: &Policy, actor: &str, at: i64) -> Result<()> {
         let tx = self.conn.transaction()?;

@@ -5,7 +5,7 @@
 use rusqlite_migration::{M, Migrations};
 
 /// Every migration, oldest first.
-const ALL: &[M<'static>] = &[M::up(V1), M::up(V2)];
+const ALL: &[M<'static>] = &[M::up(V1), M::up(V2), M::up(V3)];
 
 /// The migrations, for `rusqlite_migration`.
 pub const MIGRATIONS: Migrations<'static> = Migrations::from_slice(ALL);
@@ -87,6 +87,17 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 /// [`crate::ProcessServer::fingerprint`]), so a cloned server is told apart.
 const V2: &str = "
 ALTER TABLE process_servers ADD COLUMN fingerprint TEXT NOT NULL DEFAULT '';
+";
+
+/// Version 3: each disk's lag (the age of its newest recovery point) sampled over time,
+/// for the status page's charts. Samples go with their disk.
+const V3: &str = "
+CREATE TABLE lag_samples (
+    disk     TEXT NOT NULL REFERENCES disks(id) ON DELETE CASCADE,
+    at       INTEGER NOT NULL,
+    lag_secs INTEGER NOT NULL CHECK (lag_secs >= 0),
+    PRIMARY KEY (disk, at)
+) WITHOUT ROWID;
 ";
 
 #[cfg(test)]

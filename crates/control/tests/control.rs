@@ -173,6 +173,27 @@ fn a_server_with_machines_is_not_removed() {
 }
 
 #[test]
+fn lag_is_sampled_at_most_every_interval_and_old_samples_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = deployment(&tmp.path().join("control.db"));
+    // disk d-1 of db01 has its newest point at 300 (see `disk`).
+    db.sample_lag(310, 5, 100).unwrap();
+    db.sample_lag(312, 5, 100).unwrap(); // within the interval: no sample
+    db.sample_lag(316, 5, 100).unwrap();
+    assert_eq!(
+        db.lag_history(0).unwrap(),
+        [("d-1".to_owned(), 310, 10), ("d-1".to_owned(), 316, 16)]
+    );
+    db.sample_lag(415, 5, 100).unwrap();
+    assert_eq!(
+        db.lag_history(0).unwrap(),
+        [("d-1".to_owned(), 316, 16), ("d-1".to_owned(), 415, 115)],
+        "the sample older than 100 s went"
+    );
+    assert_eq!(db.lag_history(400).unwrap().len(), 1);
+}
+
+#[test]
 fn a_joining_server_never_takes_over_a_registered_id() {
     let tmp = tempfile::tempdir().unwrap();
     let mut db = deployment(&tmp.path().join("control.db"));
@@ -360,7 +381,7 @@ fn a_reader_opens_only_a_current_database_and_never_writes() {
             err,
             ControlError::SchemaMismatch {
                 found: 7,
-                expected: 2,
+                expected: 3,
                 ..
             }
         ),

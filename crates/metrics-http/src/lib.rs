@@ -1,6 +1,8 @@
 //! The Prometheus scrape endpoint of every ripcord daemon: `GET /metrics` answered from a
 //! thread of its own with whatever `render` returns (OpenMetrics text, as
-//! `prometheus-client` encodes it); any other path gets a 404 naming `/metrics`.
+//! `prometheus-client` encodes it); a daemon may serve pages on other paths
+//! ([`serve_with_pages`]: the configuration role's status page); any other path gets a 404
+//! naming `/metrics`.
 //!
 //! Binding happens before this returns, so a bad or busy address is an error at start,
 //! naming the address, never a silent missing endpoint.
@@ -15,6 +17,21 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// Serves `GET /metrics` on `addr` from a thread named `metrics`; each scrape calls
 /// `render`.
 pub fn serve(addr: SocketAddr, render: impl Fn() -> String + Send + 'static) -> anyhow::Result<()> {
+    serve_with_pages(addr, render, |_| None)
+}
+
+/// A page: its content type and body.
+pub struct Page {
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+/// Like [`serve`], answering other paths with `page(path)` when it has one.
+pub fn serve_with_pages(
+    addr: SocketAddr,
+    render: impl Fn() -> String + Send + 'static,
+    page: impl Fn(&str) -> Option<Page> + Send + 'static,
+) -> anyhow::Result<()> {
     let server = tiny_http::Server::http(addr)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
@@ -27,6 +44,14 @@ pub fn serve(addr: SocketAddr, render: impl Fn() -> String + Send + 'static) -> 
             for request in server.incoming_requests() {
                 let response = if request.url() == "/metrics" {
                     tiny_http::Response::from_string(render()).with_header(header.clone())
+                } else if let Some(page) = page(request.url()) {
+                    let mut response = tiny_http::Response::from_string(page.body);
+                    if let Ok(h) =
+                        format!("Content-Type: {}", page.content_type).parse::<tiny_http::Header>()
+                    {
+                        response = response.with_header(h);
+                    }
+                    response
                 } else {
                     tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
                 };
