@@ -2,6 +2,7 @@
 //! QUIC, journals them durably on the cache disk, and acknowledges only what is durable.
 
 pub mod config;
+pub mod config_metrics;
 pub mod control;
 pub mod deploy;
 pub mod disk;

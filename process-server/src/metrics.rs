@@ -362,16 +362,27 @@ impl Default for Metrics {
 }
 
 /// Serve `GET /metrics` on `addr` from a thread, and on the configuration role its status
-/// page on `/` and `/status` ([`crate::status_page`]).
+/// page on `/` and `/status` ([`crate::status_page`]) and the deployment's metrics
+/// ([`crate::config_metrics`]).
 pub fn spawn_http(addr: SocketAddr, state: Arc<State>) -> anyhow::Result<()> {
     // The configuration role also serves its status page there.
     let db = state
         .control
         .is_some()
         .then(|| crate::control::db_path(&state.dep.dir));
+    let metrics_db = db.clone();
     ripcord_metrics_http::serve_with_pages(
         addr,
-        move || state.metrics.render(),
+        move || {
+            let own = state.metrics.render();
+            match &metrics_db {
+                Some(db) => {
+                    let body = own.strip_suffix("# EOF\n").unwrap_or(&own);
+                    format!("{body}{}# EOF\n", crate::config_metrics::render(db))
+                }
+                None => own,
+            }
+        },
         move |path| match (&db, path) {
             (Some(db), "/" | "/status") => Some(ripcord_metrics_http::Page {
                 content_type: "text/html; charset=utf-8",

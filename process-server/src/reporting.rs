@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use ripcord_control::{ControlDb, DiskReport, Severity};
 use ripcord_transport::{
     ServerIdentity,
@@ -75,6 +75,44 @@ impl Drop for Reporter {
     }
 }
 
+/// What one report came to.
+enum Outcome {
+    Accepted,
+    Refused(Refusal, String),
+    /// Not resolved, not answering, or broken in transit: retried.
+    Unreachable(String),
+}
+
+/// The link to the configuration role: its address is resolved again until it resolves
+/// (a name server down at start must not stop replication).
+struct Link {
+    config_role: String,
+    host: String,
+    identity: ServerIdentity,
+    client: Option<ControlClient>,
+}
+
+impl Link {
+    async fn report(&mut self, request: ReportRequest) -> Outcome {
+        if self.client.is_none() {
+            let resolved = tokio::net::lookup_host(&self.config_role).await;
+            match resolved.map(|mut addrs| addrs.next()) {
+                Ok(Some(addr)) => {
+                    self.client = Some(ControlClient::new(addr, &self.host, self.identity.clone()))
+                }
+                Ok(None) => return Outcome::Unreachable("its name resolves to no address".into()),
+                Err(e) => return Outcome::Unreachable(format!("resolving its name: {e}")),
+            }
+        }
+        let client = self.client.as_mut().expect("resolved above");
+        match client.report(request).await {
+            Ok(()) => Outcome::Accepted,
+            Err(ControlError::Refused { refusal, message }) => Outcome::Refused(refusal, message),
+            Err(e) => Outcome::Unreachable(e.to_string()),
+        }
+    }
+}
+
 /// Starts reporting to the configuration role at `config_role`; sends a first report and
 /// fails if the role refuses this server for good (see the module doc).
 pub(crate) async fn start_reporting(
@@ -82,13 +120,12 @@ pub(crate) async fn start_reporting(
     identity: &ServerIdentity,
     fingerprint: String,
 ) -> anyhow::Result<Reporter> {
-    let host = crate::config::config_role_host(config_role)?.to_owned();
-    let addr = tokio::net::lookup_host(config_role)
-        .await
-        .with_context(|| format!("resolving the configuration role's address {config_role}"))?
-        .next()
-        .with_context(|| format!("{config_role} resolves to no address"))?;
-    let mut client = ControlClient::new(addr, &host, identity.clone());
+    let mut link = Link {
+        config_role: config_role.to_owned(),
+        host: crate::config::config_role_host(config_role)?.to_owned(),
+        identity: identity.clone(),
+        client: None,
+    };
     let instance = hex::encode(rand_bytes()?);
     let request = move |body: &ReportBody| ReportRequest {
         version: crate::join::VERSION.to_owned(),
@@ -96,17 +133,16 @@ pub(crate) async fn start_reporting(
         instance: instance.clone(),
         body: serde_json::to_value(body).expect("a report serialises"),
     };
-    match tokio::time::timeout(
+    let first = tokio::time::timeout(
         FIRST_REPORT_WAIT,
-        client.report(request(&ReportBody::default())),
-    )
-    .await
-    {
-        Ok(Ok(())) => tracing::info!(config_role, "reporting to the configuration role"),
-        Ok(Err(ControlError::Refused { refusal, message })) if refusal.is_final() => {
+        link.report(request(&ReportBody::default())),
+    );
+    match first.await {
+        Ok(Outcome::Accepted) => tracing::info!(config_role, "reporting to the configuration role"),
+        Ok(Outcome::Refused(refusal, message)) if refusal.is_final() => {
             bail!("the configuration role at {config_role} refuses this server: {message}")
         }
-        Ok(Err(e)) => tracing::warn!(
+        Ok(Outcome::Refused(_, e) | Outcome::Unreachable(e)) => tracing::warn!(
             config_role,
             "the configuration role does not take reports yet ({e}); replication goes on, \
              retrying"
@@ -123,26 +159,24 @@ pub(crate) async fn start_reporting(
         let mut failing: Option<String> = None;
         while rx.changed().await.is_ok() {
             let body = rx.borrow_and_update().clone();
-            let outcome = client.report(request(&body)).await;
+            let outcome = link.report(request(&body)).await;
             let kind = match &outcome {
-                Ok(()) => None,
-                Err(ControlError::Refused { refusal, .. }) => Some(format!("{refusal:?}")),
-                Err(_) => Some("unreachable".to_owned()),
+                Outcome::Accepted => None,
+                Outcome::Refused(refusal, _) => Some(format!("{refusal:?}")),
+                Outcome::Unreachable(_) => Some("unreachable".to_owned()),
             };
             if kind == failing {
                 continue;
             }
             match outcome {
-                Ok(()) => {
+                Outcome::Accepted => {
                     tracing::info!(config_role, "reports to the configuration role work again")
                 }
-                Err(ControlError::Refused { message, .. }) => {
-                    tracing::error!(
-                        config_role,
-                        "the configuration role refuses this server's reports: {message}"
-                    )
-                }
-                Err(e) => tracing::warn!(
+                Outcome::Refused(_, message) => tracing::error!(
+                    config_role,
+                    "the configuration role refuses this server's reports: {message}"
+                ),
+                Outcome::Unreachable(e) => tracing::warn!(
                     config_role,
                     "reporting to the configuration role: {e}; replication goes on, retrying"
                 ),

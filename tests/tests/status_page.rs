@@ -136,6 +136,26 @@ fn the_status_page_shows_every_machine_its_health_and_its_lag_chart_in_a_browser
         "no chart line:\n{dom}"
     );
 
+    // Every figure shown is also a Prometheus series, next to the server's own.
+    let metrics = ripcord_tests::http_get(site.ps.metrics_port, "/metrics");
+    use ripcord_tests::metric;
+    assert_eq!(metric(&metrics, "ripcord_config_up", ""), 1.0);
+    assert_eq!(
+        metric(&metrics, "ripcord_config_server_health", "server=\"ps2\""),
+        0.0
+    );
+    for (disk, machine) in [(&db_id, "db01"), (&web_id, "web01")] {
+        let label = format!("disk=\"{disk}\",machine=\"{machine}\"");
+        assert!(metric(&metrics, "ripcord_config_disk_lag_seconds", &label) >= 0.0);
+        assert!(metric(&metrics, "ripcord_config_disk_acked_seq", &label) >= 1.0);
+    }
+    assert!(metric(&metrics, "ripcord_ps_connections", "") >= 0.0);
+    assert_eq!(
+        metrics.matches("# EOF").count(),
+        1,
+        "one OpenMetrics document:\n{metrics}"
+    );
+
     // A screenshot of the rendered page: a real PNG of the whole view.
     let shot = site.path().join("status.png");
     let out = chromium(
