@@ -53,8 +53,9 @@ enum Command {
         /// This machine's id (letters, digits, . _ -). Default: the host name.
         #[arg(long)]
         machine_id: Option<String>,
-        /// Replication endpoint to use afterwards. Default: the same host, at the port the
-        /// server reports.
+        /// Replication endpoint to use afterwards (e.g. this server's address behind NAT).
+        /// Default: the same host, at the port the server reports. A machine the
+        /// configuration role places on another process server uses that server instead.
         #[arg(long)]
         data_server: Option<String>,
         /// Where the identity and state live (created with mode 0700).
@@ -330,14 +331,32 @@ fn register(
         0 => 9443,
         p => p,
     };
-    state.server = Some(data_server.unwrap_or_else(|| {
-        if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
+    // A machine the configuration role placed on another process server replicates
+    // there (its certificate names that server); else to this one, at --data-server if
+    // given (e.g. behind NAT).
+    let (data, data_name) = match registered.data_server {
+        Some(placed) => {
+            let name = placed
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+                .with_context(|| {
+                    format!("the configuration role placed us on {placed:?}, not HOST:PORT")
+                })?;
+            (placed, name)
         }
-    }));
-    state.server_name = Some(host);
+        None => (
+            data_server.unwrap_or_else(|| {
+                if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                }
+            }),
+            host,
+        ),
+    };
+    state.server = Some(data);
+    state.server_name = Some(data_name);
     state.register_server = Some(server.to_owned());
     state.escrow_key = Some(hex::encode(registered.escrow_key));
     state.save(state_dir)?;

@@ -172,6 +172,7 @@ mod tests {
                     last_heartbeat: None,
                     health: Health::Red,
                     fingerprint: String::new(),
+                    load: None,
                 })
                 .unwrap();
                 if let Some(at) = beat {

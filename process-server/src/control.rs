@@ -93,6 +93,7 @@ impl ControlLink {
             last_heartbeat: None,
             health: Health::Red,
             fingerprint: me.fingerprint,
+            load: None,
         })
         .with_context(|| format!("recording this server in {}", path.display()))?;
         for (id, cert) in &me.machines {
@@ -222,6 +223,16 @@ fn record_health(
 ) -> anyhow::Result<()> {
     let at = (report.updated_unix_ms / 1000) as i64;
     db.heartbeat(server_id, at, report.level)?;
+    if let Some(load) = report.load {
+        db.record_load(
+            server_id,
+            &ripcord_control::ServerLoad {
+                cpu_percent: load.cpu_percent,
+                memory_percent: load.memory_percent,
+                cache_free_percent: load.cache_free_percent,
+            },
+        )?;
+    }
     for signal in &report.signals {
         let kind = format!("health-{}", signal.signal);
         let before = alerts.get(&kind).copied().unwrap_or(Health::Green);
@@ -260,6 +271,7 @@ mod tests {
             signals: vec![signal("cache", cache), signal("cpu", cpu)],
             updated_unix_ms: at_ms,
             sample_ms: 1000,
+            load: None,
         }
     }
 
@@ -275,6 +287,7 @@ mod tests {
             last_heartbeat: None,
             health: Health::Red,
             fingerprint: String::new(),
+            load: None,
         })
         .unwrap();
         db

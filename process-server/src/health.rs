@@ -120,6 +120,17 @@ pub struct HealthReport {
     pub updated_unix_ms: u64,
     /// The sampling interval, so a reader can tell a stale report (the server stopped).
     pub sample_ms: u64,
+    /// The load measured over the window: what placement compares servers by.
+    #[serde(default)]
+    pub load: Option<Load>,
+}
+
+/// A server's load, each figure averaged over the health window.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    pub cpu_percent: f64,
+    pub memory_percent: f64,
+    pub cache_free_percent: f64,
 }
 
 /// The signal names, in report order.
@@ -181,6 +192,23 @@ impl Monitor {
             .map(|(_, s)| level_of(s))
             .min()
             .unwrap_or(Level::Green)
+    }
+
+    /// The mean of the samples of the last `window`.
+    fn load(&self, now: Instant, window: Duration) -> Load {
+        let recent: Vec<&Sample> = self
+            .samples
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= window)
+            .map(|(_, s)| s)
+            .collect();
+        let n = recent.len().max(1) as f64;
+        let mean = |f: fn(&Sample) -> f64| recent.iter().map(|s| f(s)).sum::<f64>() / n;
+        Load {
+            cpu_percent: mean(|s| s.cpu_percent),
+            memory_percent: mean(|s| s.memory_percent),
+            cache_free_percent: mean(|s| s.cache_free_percent),
+        }
     }
 
     /// Adds a sample taken at `now` and reports.
@@ -256,6 +284,7 @@ impl Monitor {
             signals,
             updated_unix_ms: unix_ms(),
             sample_ms: self.cfg.sample_ms,
+            load: Some(self.load(now, window)),
         }
     }
 }
@@ -441,6 +470,14 @@ mod tests {
         assert_eq!(level(&r, "cpu"), Level::Orange);
         let r = m.push(at(12), sample(10.0, 50.0));
         assert_eq!(level(&r, "cpu"), Level::Green);
+        // The load placement reads is the window's mean, not the last sample.
+        let load = r.load.unwrap();
+        assert!(
+            (load.cpu_percent - (9.0 * 99.0 + 85.0 + 10.0) / 11.0).abs() < 1e-9,
+            "{load:?}"
+        );
+        assert!((load.memory_percent - 10.0).abs() < 1e-9);
+        assert!((load.cache_free_percent - 50.0).abs() < 1e-9);
     }
 
     #[test]

@@ -249,6 +249,7 @@ fn try_admit(desk: &JoinDesk<'_>, req: &JoinRequest) -> Result<Reply, (Refusal, 
         last_heartbeat: None,
         health: Health::Red,
         fingerprint: req.fingerprint.clone(),
+        load: None,
     };
     db.join_process_server(&row, &format!("token:{}", token.id()))
         .map_err(|e| match e {

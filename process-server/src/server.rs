@@ -425,6 +425,7 @@ pub async fn serve(
                         escrow_key: state.escrow_key,
                         data_port: state.dep.config.listen.port(),
                         client_validity: Duration::from_secs(state.dep.config.client_cert_secs),
+                        placement: None,
                     };
                     // serve_registration_connection logs the outcome.
                     if let Ok(registered) = serve_registration_connection(conn, &registrar).await

@@ -26,7 +26,8 @@ use std::{path::Path, time::Duration};
 
 pub use error::{ControlError, Result};
 pub use records::{
-    Alert, AuditEntry, Disk, DiskReport, Health, Machine, Policy, ProcessServer, Severity,
+    Alert, AuditEntry, Disk, DiskReport, Health, Machine, Policy, ProcessServer, ServerLoad,
+    Severity,
 };
 use rusqlite::{Connection, OptionalExtension as _, params};
 
@@ -196,6 +197,21 @@ impl ControlDb {
         Ok(())
     }
 
+    /// Records the load process server `id` reported.
+    pub fn record_load(&mut self, id: &str, load: &ServerLoad) -> Result<()> {
+        self.conn.execute(
+            "UPDATE process_servers SET cpu_percent = ?2, memory_percent = ?3,
+                 cache_free_percent = ?4 WHERE id = ?1",
+            params![
+                id,
+                load.cpu_percent,
+                load.memory_percent,
+                load.cache_free_percent
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Every process server, by id.
     pub fn process_servers(&self) -> Result<Vec<ProcessServer>> {
         self.process_servers_where("", [])
@@ -209,7 +225,8 @@ impl ControlDb {
         let rows = self.rows(
             &format!(
                 "SELECT id, address, version, cert_sha256, config_role, registered_at,
-                        last_heartbeat, health, fingerprint
+                        last_heartbeat, health, fingerprint, cpu_percent, memory_percent,
+                        cache_free_percent
                  FROM process_servers {filter} ORDER BY id"
             ),
             args,
@@ -225,6 +242,16 @@ impl ControlDb {
                         last_heartbeat: r.get(6)?,
                         health: Health::Red,
                         fingerprint: r.get(8)?,
+                        load: match (r.get(9)?, r.get(10)?, r.get(11)?) {
+                            (Some(cpu_percent), Some(memory_percent), Some(cache_free_percent)) => {
+                                Some(ServerLoad {
+                                    cpu_percent,
+                                    memory_percent,
+                                    cache_free_percent,
+                                })
+                            }
+                            _ => None,
+                        },
                     },
                     r.get::<_, String>(7)?,
                 ))

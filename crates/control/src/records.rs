@@ -42,7 +42,7 @@ impl Health {
 }
 
 /// A registered process server.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ProcessServer {
     pub id: String,
     /// Where agents reach it (host:port of its data endpoint).
@@ -60,6 +60,16 @@ pub struct ProcessServer {
     /// recorded when it joined (empty for the configuration role's own server). A copy of
     /// the server elsewhere reports another one and is refused as a clone.
     pub fingerprint: String,
+    /// Its load as last reported (placement compares servers by it).
+    pub load: Option<ServerLoad>,
+}
+
+/// A process server's load, each figure averaged over its health window.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ServerLoad {
+    pub cpu_percent: f64,
+    pub memory_percent: f64,
+    pub cache_free_percent: f64,
 }
 
 /// A registered machine and where it replicates.

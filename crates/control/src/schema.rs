@@ -5,7 +5,7 @@
 use rusqlite_migration::{M, Migrations};
 
 /// Every migration, oldest first.
-const ALL: &[M<'static>] = &[M::up(V1), M::up(V2), M::up(V3)];
+const ALL: &[M<'static>] = &[M::up(V1), M::up(V2), M::up(V3), M::up(V4)];
 
 /// The migrations, for `rusqlite_migration`.
 pub const MIGRATIONS: Migrations<'static> = Migrations::from_slice(ALL);
@@ -98,6 +98,13 @@ CREATE TABLE lag_samples (
     lag_secs INTEGER NOT NULL CHECK (lag_secs >= 0),
     PRIMARY KEY (disk, at)
 ) WITHOUT ROWID;
+";
+
+/// Version 4: each process server's load as last reported, for placement.
+const V4: &str = "
+ALTER TABLE process_servers ADD COLUMN cpu_percent REAL;
+ALTER TABLE process_servers ADD COLUMN memory_percent REAL;
+ALTER TABLE process_servers ADD COLUMN cache_free_percent REAL;
 ";
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ fn server(id: &str, config_role: bool) -> ProcessServer {
         last_heartbeat: None,
         health: Health::Red,
         fingerprint: format!("{id}-host"),
+        load: None,
     }
 }
 
@@ -222,6 +223,13 @@ fn a_joining_server_never_takes_over_a_registered_id() {
     assert_eq!(joins.len(), 1, "{joins:?}");
     assert_eq!(joins[0].actor, "token:abc");
     assert_eq!(db.process_server("nobody").unwrap(), None);
+    let load = ripcord_control::ServerLoad {
+        cpu_percent: 12.5,
+        memory_percent: 40.0,
+        cache_free_percent: 71.0,
+    };
+    db.record_load("ps3", &load).unwrap();
+    assert_eq!(db.process_server("ps3").unwrap().unwrap().load, Some(load));
 }
 
 #[test]
@@ -381,7 +389,7 @@ fn a_reader_opens_only_a_current_database_and_never_writes() {
             err,
             ControlError::SchemaMismatch {
                 found: 7,
-                expected: 3,
+                expected: 4,
                 ..
             }
         ),

@@ -44,6 +44,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             escrow_key: [0; 32],
             data_port: 0,
             client_validity: pki::LEAF_VALIDITY,
+            placement: None,
         };
         register::serve_registration(inc, &registrar)
             .await

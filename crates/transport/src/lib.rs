@@ -24,6 +24,6 @@ pub use pki::{
     TokenError, TokenStore, ca_hash,
 };
 pub use register::{
-    Credentials, REGISTER_ALPN, RegisterError, Registered, Registrar, Registration, ServeError,
-    register, registration_endpoint, serve_registration,
+    Credentials, Placed, Placement, REGISTER_ALPN, RegisterError, Registered, Registrar,
+    Registration, ServeError, register, registration_endpoint, serve_registration,
 };

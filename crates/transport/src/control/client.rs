@@ -65,7 +65,7 @@ pub async fn join(params: &JoinParams<'_>, identity_dir: &Path) -> Result<Joined
             params.config_name,
             params.ca_hash,
             None,
-            CONTROL_ALPN,
+            &[CONTROL_ALPN],
         )
         .await?;
         let key = generate_key()?;
@@ -215,7 +215,7 @@ impl ControlClient {
                     &self.config_name,
                     &self.ca_hash,
                     Some(client_auth),
-                    CONTROL_ALPN,
+                    &[CONTROL_ALPN],
                 )
                 .await?,
             );

@@ -23,7 +23,10 @@ use super::codec::{
     FrameError, Granted, RejectReason, Response, decode_response, encode_request, read_frame,
     write_frame,
 };
-use super::{REGISTER_ALPN, REGISTER_IDLE_TIMEOUT, REGISTER_TIMEOUT, registration_transport};
+use super::{
+    REGISTER_ALPN, REGISTER_ALPN_V2, REGISTER_IDLE_TIMEOUT, REGISTER_TIMEOUT,
+    registration_transport,
+};
 use crate::endpoint::{EndpointError, any_addr_for, bind_client, provider, roots_with};
 use crate::pki::{
     Identity, MachineId, PkiError, Token, cert_spki, generate_key, machine_id_from_cert, make_csr,
@@ -112,6 +115,9 @@ pub struct Registered {
     pub escrow_key: [u8; 32],
     /// The port of the server's replication endpoint (0: the server did not say).
     pub data_port: u16,
+    /// The process server the configuration role placed the machine on (`host:port`),
+    /// when it is not the one it registered with.
+    pub data_server: Option<String>,
 }
 const PIN_OK: u8 = 0;
 const PIN_NOT_FOUND: u8 = 1;
@@ -213,7 +219,7 @@ pub async fn connect_registration(
         server_name,
         ca_hash,
         client_auth,
-        REGISTER_ALPN,
+        &[REGISTER_ALPN, REGISTER_ALPN_V2],
     )
     .await
 }
@@ -227,7 +233,7 @@ pub(crate) async fn connect_pinned(
     server_name: &str,
     ca_hash: &str,
     client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-    alpn: &[u8],
+    alpns: &[&[u8]],
 ) -> Result<(Endpoint, Connection), RegisterError> {
     let pin = parse_ca_hash(ca_hash).map_err(|_| RegisterError::InvalidCaHash)?;
     let outcome = Arc::new(AtomicU8::new(PIN_UNSEEN));
@@ -247,7 +253,7 @@ pub(crate) async fn connect_pinned(
             .map_err(EndpointError::from)?,
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     let mut cfg = quinn::ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(tls).map_err(EndpointError::from)?,
     ));
@@ -307,6 +313,7 @@ pub async fn register(
         .await?;
         send.finish().map_err(FrameError::from)?;
         let body = read_frame(&mut recv).await?;
+        let v3 = super::negotiated_alpn(&conn) == REGISTER_ALPN;
         conn.close(VarInt::from_u32(0), b"done");
         endpoint.close(VarInt::from_u32(0), b"done");
         let Granted {
@@ -314,7 +321,8 @@ pub async fn register(
             ca,
             escrow_key,
             data_port,
-        } = match decode_response(&body)? {
+            data_server,
+        } = match decode_response(&body, v3)? {
             Response::Reject(reason) => return Err(RegisterError::Rejected(reason)),
             Response::Ok(granted) => granted,
         };
@@ -329,6 +337,7 @@ pub async fn register(
             identity,
             escrow_key,
             data_port,
+            data_server: Some(data_server).filter(|s| !s.is_empty()),
         })
     };
     tokio::time::timeout(REGISTER_TIMEOUT, fut)

@@ -8,6 +8,8 @@
 //! request   0x01 | field token ("id.secret", or empty: renewal) | field machine id | field CSR (DER)
 //! success   0x02 | field client certificate (DER) | field CA certificate (DER)
 //!                | field escrow public key (32 bytes) | field data port (u16 BE, 0: unknown)
+//!                | field data server (ALPN ripcord-register/3 only: `host:port` of the
+//!                  process server the machine is placed on; empty: this one)
 //! refusal   0x03 | u8 RejectReason code
 //! field     u32 BE length | bytes
 //! ```
@@ -21,7 +23,7 @@
 //!   [`FrameError::Malformed`];
 //! * field contents are not interpreted here (the token, machine id and CSR are
 //!   validated by the server, the certificates by the agent);
-//! * refusal codes are stable on the wire: [`RejectReason`] maps 1..=12 both ways and
+//! * refusal codes are stable on the wire: [`RejectReason`] maps 1..=13 both ways and
 //!   carries any other code as [`RejectReason::Unrecognized`].
 
 use quinn::{RecvStream, SendStream};
@@ -65,6 +67,9 @@ pub enum RejectReason {
     /// A renewal (no token) whose client certificate is not the machine's current one, or
     /// for a machine that is not registered (removed by an operator).
     RenewalRefused,
+    /// No process server can take a new machine now (all red, silent, or without
+    /// headroom); the configuration role's log and `ripcord ps list` say which and why.
+    NoServerAvailable,
     /// A code this version does not know.
     Unrecognized(u8),
 }
@@ -84,6 +89,7 @@ impl RejectReason {
             Self::Internal => 10,
             Self::MachineAlreadyRegistered => 11,
             Self::RenewalRefused => 12,
+            Self::NoServerAvailable => 13,
             Self::Unrecognized(c) => c,
         }
     }
@@ -102,6 +108,7 @@ impl RejectReason {
             10 => Self::Internal,
             11 => Self::MachineAlreadyRegistered,
             12 => Self::RenewalRefused,
+            13 => Self::NoServerAvailable,
             c => Self::Unrecognized(c),
         }
     }
@@ -128,6 +135,11 @@ impl std::fmt::Display for RejectReason {
             Self::RenewalRefused => {
                 "renewal refused: the certificate presented is not this machine's current one, \
                  or the machine was removed; register with a new bootstrap token"
+            }
+            Self::NoServerAvailable => {
+                "no process server can take a new machine now (each is red, silent or without \
+                 headroom: see `ripcord ps list` on the configuration role); retry later or add \
+                 a process server"
             }
             Self::Unrecognized(c) => return write!(f, "unrecognized refusal code {c}"),
         };
@@ -310,6 +322,9 @@ pub(super) struct Granted {
     pub escrow_key: [u8; 32],
     /// The port of the server's replication endpoint (0: not known to the server).
     pub data_port: u16,
+    /// Where the machine replicates when placed on another process server (`host:port`);
+    /// empty: the server it registered with. Sent only on `ripcord-register/3`.
+    pub data_server: String,
 }
 
 /// Decoded reply to a request.
@@ -318,12 +333,16 @@ pub(super) enum Response {
     Reject(RejectReason),
 }
 
-pub(super) fn encode_ok(granted: &Granted) -> Vec<u8> {
+/// Encodes a success; `v3` (ALPN `ripcord-register/3`) adds the data server.
+pub(super) fn encode_ok(granted: &Granted, v3: bool) -> Vec<u8> {
     let mut out = vec![MSG_OK];
     put_field(&mut out, &granted.cert);
     put_field(&mut out, &granted.ca);
     put_field(&mut out, &granted.escrow_key);
     put_field(&mut out, &granted.data_port.to_be_bytes());
+    if v3 {
+        put_field(&mut out, granted.data_server.as_bytes());
+    }
     out
 }
 
@@ -332,7 +351,8 @@ pub(super) fn encode_reject(reason: RejectReason) -> Vec<u8> {
     vec![MSG_REJECT, reason.code()]
 }
 
-pub(super) fn decode_response(body: &[u8]) -> Result<Response, FrameError> {
+/// Decodes a reply; `v3` as on ALPN `ripcord-register/3` (with the data server).
+pub(super) fn decode_response(body: &[u8], v3: bool) -> Result<Response, FrameError> {
     match body {
         [MSG_REJECT, code] => Ok(Response::Reject(RejectReason::from_code(*code))),
         [MSG_OK, rest @ ..] => {
@@ -351,12 +371,26 @@ pub(super) fn decode_response(body: &[u8]) -> Result<Response, FrameError> {
                 .map_err(|_| FrameError::Malformed {
                     what: "data port is not 2 bytes",
                 })?;
+            let data_server = if v3 {
+                let raw = f.next("data server")?;
+                if raw.len() > 300 {
+                    return Err(FrameError::Malformed {
+                        what: "data server longer than 300 bytes",
+                    });
+                }
+                String::from_utf8(raw.to_vec()).map_err(|_| FrameError::Malformed {
+                    what: "data server is not UTF-8",
+                })?
+            } else {
+                String::new()
+            };
             f.end()?;
             Ok(Response::Ok(Granted {
                 cert: cert.into(),
                 ca: ca.into(),
                 escrow_key,
                 data_port: u16::from_be_bytes(data_port),
+                data_server,
             }))
         }
         _ => Err(FrameError::Malformed {
@@ -395,10 +429,15 @@ pub mod fuzzing {
         Ok(Some(encode_request(token.as_ref(), &machine, raw.csr)))
     }
 
-    /// Decodes a response body as the agent does and re-encodes it.
+    /// Decodes a response body as the agent does (on `ripcord-register/3`, else `/2`)
+    /// and re-encodes it the same way.
     pub fn reencode_response(body: &[u8]) -> Result<Vec<u8>, FrameError> {
-        Ok(match decode_response(body)? {
-            Response::Ok(granted) => encode_ok(&granted),
+        let (response, v3) = match decode_response(body, true) {
+            Ok(r) => (r, true),
+            Err(_) => (decode_response(body, false)?, false),
+        };
+        Ok(match response {
+            Response::Ok(granted) => encode_ok(&granted, v3),
             Response::Reject(reason) => encode_reject(reason),
         })
     }
@@ -442,26 +481,38 @@ mod tests {
     #[test]
     fn response_roundtrip() {
         assert!(matches!(
-            decode_response(&[MSG_REJECT, 5]).unwrap(),
+            decode_response(&[MSG_REJECT, 5], true).unwrap(),
             Response::Reject(RejectReason::TokenExpired)
         ));
-        let granted = Granted {
-            cert: b"cert".to_vec().into(),
-            ca: b"ca".to_vec().into(),
-            escrow_key: [7; 32],
-            data_port: 9443,
-        };
-        let ok = encode_ok(&granted);
-        match decode_response(&ok).unwrap() {
-            Response::Ok(got) => assert_eq!(got, granted),
-            Response::Reject(_) => panic!("expected ok"),
+        for v3 in [true, false] {
+            let granted = Granted {
+                cert: b"cert".to_vec().into(),
+                ca: b"ca".to_vec().into(),
+                escrow_key: [7; 32],
+                data_port: 9443,
+                data_server: if v3 {
+                    "ps2.example:9443".into()
+                } else {
+                    String::new()
+                },
+            };
+            let ok = encode_ok(&granted, v3);
+            match decode_response(&ok, v3).unwrap() {
+                Response::Ok(got) => assert_eq!(got, granted),
+                Response::Reject(_) => panic!("expected ok"),
+            }
+            assert!(
+                decode_response(&ok, !v3).is_err(),
+                "a v{} reply read as the other",
+                if v3 { 3 } else { 2 }
+            );
+            for n in 1..ok.len() {
+                assert!(decode_response(&ok[..n], v3).is_err(), "prefix {n}");
+            }
         }
-        for n in 1..ok.len() {
-            assert!(decode_response(&ok[..n]).is_err(), "prefix {n}");
-        }
-        assert!(decode_response(&[]).is_err());
-        assert!(decode_response(&[MSG_REJECT]).is_err());
-        for c in 1..=12 {
+        assert!(decode_response(&[], true).is_err());
+        assert!(decode_response(&[MSG_REJECT], true).is_err());
+        for c in 1..=13 {
             assert_eq!(RejectReason::from_code(c).code(), c);
         }
     }

@@ -1,4 +1,5 @@
-//! Agent registration (kubeadm-join style) over QUIC, ALPN `ripcord-register/2`.
+//! Agent registration (kubeadm-join style) over QUIC, ALPN `ripcord-register/3` (and
+//! `/2`, whose replies do not name a placement).
 //!
 //! The agent pins the deployment CA by its hash ([`crate::pki::ca_hash`]); the server
 //! authenticates the agent with a bootstrap [`Token`](crate::pki::Token). The agent's
@@ -34,14 +35,16 @@ pub use codec::fuzzing;
 pub use codec::{FrameError, MAX_MESSAGE_SIZE, RejectReason};
 pub(crate) use codec::{read_frame_bounded, write_frame_bounded};
 pub use server::{
-    Registrar, Registration, ServeError, negotiated_alpn, registration_endpoint,
+    Placed, Placement, Registrar, Registration, ServeError, negotiated_alpn, registration_endpoint,
     serve_registration, serve_registration_connection,
 };
 
 /// ALPN protocol id of the registration endpoint.
-/// Version 2: requests may be renewals (no token, the current certificate as the TLS
-/// client certificate) and replies carry the escrow key and the data port.
-pub const REGISTER_ALPN: &[u8] = b"ripcord-register/2";
+/// Version 3: replies also name the process server the machine is placed on.
+pub const REGISTER_ALPN: &[u8] = b"ripcord-register/3";
+/// Version 2 (still served): requests may be renewals (no token, the current certificate
+/// as the TLS client certificate) and replies carry the escrow key and the data port.
+pub const REGISTER_ALPN_V2: &[u8] = b"ripcord-register/2";
 /// Overall time limit for one registration exchange (handshake included).
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// A registration handshake that hears nothing for this long fails

@@ -26,7 +26,7 @@ use super::codec::{
     FrameError, Granted, RejectReason, decode_request, encode_ok, encode_reject, read_frame,
     write_frame,
 };
-use super::{REGISTER_ALPN, REGISTER_TIMEOUT, registration_transport};
+use super::{REGISTER_ALPN, REGISTER_ALPN_V2, REGISTER_TIMEOUT, registration_transport};
 use crate::endpoint::{EndpointError, peer_certificate, provider, roots_with};
 use crate::pki::{
     Ca, MachineError, MachineId, MachineIdError, MachineRecord, MachineStore, PkiError,
@@ -49,6 +49,35 @@ pub struct Registrar<'a> {
     pub data_port: u16,
     /// Validity of issued client certificates.
     pub client_validity: Duration,
+    /// Where machines replicate, when the configuration role decides it (else: here).
+    pub placement: Option<&'a dyn Placement>,
+}
+
+/// Where a registering machine replicates, decided by the configuration role (see
+/// `ripcord-ps`'s placement).
+pub trait Placement: Send + Sync + std::fmt::Debug {
+    /// The process server for `machine`. `redirect`: the agent can be told another
+    /// server (`ripcord-register/3`); without it, only this server will do. `Err` refuses
+    /// the registration with [`RejectReason::NoServerAvailable`]; the message says why.
+    fn place(&self, machine: &MachineId, redirect: bool) -> Result<Placed, String>;
+    /// Records, before the agent is answered, that `machine` (certificate `cert_sha256`)
+    /// replicates to `placed`.
+    fn record(
+        &self,
+        machine: &MachineId,
+        cert_sha256: &[u8; 32],
+        placed: &Placed,
+    ) -> Result<(), String>;
+}
+
+/// A placement decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// The process server's id.
+    pub server_id: String,
+    /// Where agents reach its data endpoint (`host:port`); `None`: the server the machine
+    /// registers with.
+    pub data_server: Option<String>,
 }
 
 /// Server-side errors while serving one registration connection.
@@ -80,6 +109,22 @@ pub enum ServeError {
     /// A renewal request (no token) without a client certificate of the machine.
     #[error("renewal of machine {0} without its current certificate")]
     RenewalUnauthenticated(MachineId),
+    /// No process server can take the machine.
+    #[error("no process server can take machine {machine}: {why}")]
+    NoServerAvailable {
+        /// The machine.
+        machine: MachineId,
+        /// Why, server by server.
+        why: String,
+    },
+    /// The placement could not be recorded.
+    #[error("recording where machine {machine} replicates: {why}")]
+    Placement {
+        /// The machine.
+        machine: MachineId,
+        /// What failed.
+        why: String,
+    },
     /// The exchange did not complete within [`REGISTER_TIMEOUT`].
     #[error("registration timed out")]
     Timeout,
@@ -97,6 +142,8 @@ pub struct Registration {
     pub certificate: CertificateDer<'static>,
     /// Remote address of the agent.
     pub remote: SocketAddr,
+    /// Where it replicates, when a [`Placement`] decided it.
+    pub placed: Option<Placed>,
 }
 
 impl RejectReason {
@@ -141,6 +188,7 @@ pub fn registration_endpoint(
         .with_single_cert(identity.cert_chain().to_vec(), identity.key().clone_key())?;
     tls.alpn_protocols = vec![
         REGISTER_ALPN.to_vec(),
+        REGISTER_ALPN_V2.to_vec(),
         crate::control::CONTROL_ALPN.to_vec(),
     ];
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(
@@ -204,17 +252,26 @@ async fn serve_connection(
     registrar: &Registrar<'_>,
 ) -> Result<Registration, ServeError> {
     let remote = conn.remote_address();
+    let v3 = negotiated_alpn(&conn) == REGISTER_ALPN;
     // Optional here: a renewal presents the machine's current certificate.
     let presented = peer_certificate(&conn).ok();
     let (mut send, mut recv) = conn.accept_bi().await.map_err(ServeError::Connection)?;
-    let result = handle_request(&mut recv, registrar, presented.as_ref(), remote).await;
+    let result = handle_request(&mut recv, registrar, presented.as_ref(), remote, v3).await;
     let reply = match &result {
-        Ok(issued) => encode_ok(&Granted {
-            cert: issued.certificate.clone(),
-            ca: registrar.ca.cert_der().clone(),
-            escrow_key: registrar.escrow_key,
-            data_port: registrar.data_port,
-        }),
+        Ok(issued) => encode_ok(
+            &Granted {
+                cert: issued.certificate.clone(),
+                ca: registrar.ca.cert_der().clone(),
+                escrow_key: registrar.escrow_key,
+                data_port: registrar.data_port,
+                data_server: issued
+                    .placed
+                    .as_ref()
+                    .and_then(|p| p.data_server.clone())
+                    .unwrap_or_default(),
+            },
+            v3,
+        ),
         Err(Refusal(reason, _)) => encode_reject(*reason),
     };
     let sent = async {
@@ -262,6 +319,7 @@ async fn handle_request(
     registrar: &Registrar<'_>,
     presented: Option<&CertificateDer<'static>>,
     remote: SocketAddr,
+    v3: bool,
 ) -> Result<Registration, Refusal> {
     let body = read_frame(recv).await.map_err(|e| {
         let reason = match e {
@@ -272,7 +330,7 @@ async fn handle_request(
     })?;
     // The stores read and fsync files: off the runtime's workers where it can hand their
     // other tasks over, so a slow or frozen deployment disk stalls this registration only.
-    on_blocking_thread(|| decide(&body, registrar, presented, remote))
+    on_blocking_thread(|| decide(&body, registrar, presented, remote, v3))
 }
 
 /// Runs `f`, which blocks on the file system, in `block_in_place` on a multi-threaded
@@ -291,6 +349,7 @@ fn decide(
     registrar: &Registrar<'_>,
     presented: Option<&CertificateDer<'static>>,
     remote: SocketAddr,
+    v3: bool,
 ) -> Result<Registration, Refusal> {
     let req =
         decode_request(body).map_err(|e| Refusal(RejectReason::MalformedRequest, e.into()))?;
@@ -340,6 +399,18 @@ fn decide(
         registrar.tokens.verify(token, now).map_err(token_err)?;
     }
     tracing::debug!(%remote, token_id = by_token.map(Token::id), %machine_id, "request authenticated, issuing");
+    let placed = match registrar.placement {
+        Some(placement) => Some(placement.place(&machine_id, v3).map_err(|why| {
+            Refusal(
+                RejectReason::NoServerAvailable,
+                ServeError::NoServerAvailable {
+                    machine: machine_id.clone(),
+                    why,
+                },
+            )
+        })?),
+        None => None,
+    };
     let cert = registrar
         .ca
         .issue_client(&machine_id, req.csr, registrar.client_validity)
@@ -349,6 +420,19 @@ fn decide(
         registrar.tokens.redeem(token, now).map_err(token_err)?;
     }
     let token_id = by_token.map(|t| t.id().to_owned());
+    if let (Some(placement), Some(placed)) = (registrar.placement, &placed) {
+        placement
+            .record(&machine_id, &sha256(&cert), placed)
+            .map_err(|why| {
+                Refusal(
+                    RejectReason::Internal,
+                    ServeError::Placement {
+                        machine: machine_id.clone(),
+                        why,
+                    },
+                )
+            })?;
+    }
     registrar.machines.replace(
         MachineRecord::new(
             machine_id.clone(),
@@ -363,5 +447,6 @@ fn decide(
         token_id,
         certificate: cert,
         remote,
+        placed,
     })
 }

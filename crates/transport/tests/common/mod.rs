@@ -76,6 +76,7 @@ impl Server {
                 escrow_key: ESCROW_KEY,
                 data_port: 9443,
                 client_validity: pki::LEAF_VALIDITY,
+                placement: None,
             };
             register::serve_registration(incoming, &registrar).await
         })
