@@ -214,8 +214,13 @@ pub mod control {
     /// Runs of the passthrough probe that could not read the kernel's request: which disk
     /// a passthrough write changed is unknown, so every protected device is read again.
     pub const PASSTHROUGH_ERRORS: u32 = 9;
+    /// Completed bios whose in-flight entry the completion probe left in the table, to be
+    /// reported lost and re-read: a request with more than one bio whose entry is wider
+    /// than the piece that completed (split or partly completed bios; the probe reports
+    /// one per request).
+    pub const LEFT_IN_FLIGHT: u32 = 10;
     /// Entries of the array.
-    pub const LEN: u32 = 10;
+    pub const LEN: u32 = 11;
 }
 
 /// Per-slot counters, updated atomically by the BPF programs.

@@ -76,7 +76,7 @@ use aya_log_ebpf::{debug, warn};
 use crate::{
     atomic::fetch_inc,
     emit::{bump, clip, emit_on_disk, mark_every_range_changed},
-    inflight::{inflight_put, inflight_take},
+    inflight::{Exact, inflight_peek, inflight_put, inflight_take, inflight_take_exact},
     kernel::{Bio, Window, bdev_disk_dev, disk_dev, kread, read_bio},
 };
 
@@ -224,16 +224,47 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
     // Every other request's bios are contiguous, and the tracepoint gives the start of the
     // completed piece.
     emit_on_disk(disk, sector, nr, flags, error, now);
-    take_completed_bios(&layout, first_bio, nr_bytes)
+    let other = take_completed_bios(&layout, first_bio, nr_bytes)?;
+    if other == 0 {
+        return Ok(());
+    }
+    // The piece of it that completed (its iterator is not advanced yet).
+    let piece = read_bio(&layout, other)?;
+    let piece_start = piece.sector;
+    let piece_end = piece.sector.saturating_add(u64::from(piece.size >> 9));
+    // A bio whose entry is not the piece that ended it. Either the bio was split, and the
+    // pieces the kernel cut off it completed in requests of their own, any of which this
+    // program may have missed (a skipped run leaves no trace but `recursion_misses`): its
+    // whole queued range is reported. Or the entry is a stale one of an earlier bio at this
+    // address whose completion went unseen: reported lost, as the queue probe does on
+    // address reuse. Reported before the entry is freed, as every completion is (a reader
+    // always finds a write in the table or in the ring).
+    if let Some(entry) = inflight_peek(other) {
+        // SAFETY: the value is only read in this program run.
+        if let Some(owner) = unsafe { PROTECTED.get(entry.dev) } {
+            let within = entry.sector <= piece_start
+                && piece_end <= entry.sector.saturating_add(u64::from(entry.sectors));
+            let op = if within { entry.op } else { op::LOST };
+            emit_on_disk(owner, entry.sector, entry.sectors, op, 0, now);
+        }
+        let _ = inflight_take(other);
+    }
+    Ok(())
 }
 
 /// Free the in-flight entries of the bios a completion of `nr_bytes` ends (the
 /// tracepoint fires before the kernel unlinks them). A completion that ends inside a bio
 /// (a request completed in pieces) keeps that bio's entry: it is still in flight.
+///
+/// Only an entry that is exactly the piece that completed is freed here. Returns the first
+/// bio whose entry is another range (0: none), for the caller to report and free; more of
+/// them in one request (rare) stay in the table (counted in `control::LEFT_IN_FLIGHT`),
+/// and are reported lost and read back.
 #[inline(always)]
-fn take_completed_bios(layout: &BlockLayout, first_bio: u64, nr_bytes: u32) -> Result<(), i32> {
+fn take_completed_bios(layout: &BlockLayout, first_bio: u64, nr_bytes: u32) -> Result<u64, i32> {
     let mut remaining = nr_bytes as u64;
     let mut bio = first_bio;
+    let mut other = 0u64;
     for _ in 0..MAX_BIOS_PER_REQUEST {
         if bio == 0 || remaining == 0 {
             break;
@@ -244,10 +275,17 @@ fn take_completed_bios(layout: &BlockLayout, first_bio: u64, nr_bytes: u32) -> R
             break;
         }
         remaining -= bio_bytes;
-        let _ = inflight_take(bio);
+        let end = b.sector.saturating_add(bio_bytes >> 9);
+        if let Exact::Other = inflight_take_exact(bio, b.sector, end) {
+            if other == 0 {
+                other = bio;
+            } else {
+                bump(control::LEFT_IN_FLIGHT);
+            }
+        }
         bio = b.next;
     }
-    Ok(())
+    Ok(other)
 }
 
 /// Whether the bios a completion of `nr_bytes` at `sector` ends are one contiguous run

@@ -182,6 +182,7 @@ pub fn run(opts: &WatchOptions) -> anyhow::Result<()> {
                         "dropped": stats.dropped,
                         "overflow_all": stats.overflow_all,
                         "missed": capture.missed_completions(),
+                        "completion_misses": capture.completion_misses(),
                     });
                     writeln!(out, "{line}").context("writing to stdout")?;
                 }

@@ -12,6 +12,7 @@ pub mod ingest;
 pub mod join;
 pub mod metrics;
 pub mod peers;
+pub mod placement;
 pub mod registry;
 pub mod replay;
 pub mod reporting;

@@ -26,10 +26,10 @@ use std::{
 use anyhow::bail;
 use ripcord_control::{ControlDb, DiskReport, Severity};
 use ripcord_transport::{
-    ServerIdentity,
+    MachineId, MachineStore, ServerIdentity,
     control::{
-        ControlClient, ControlError, Refusal, Reply, ReportRequest, Request, read_message,
-        write_message,
+        AssignedMachine, ControlClient, ControlError, Refusal, Reply, ReportRequest, Request,
+        read_message, write_message,
     },
     pki::process_server_id_from_cert,
 };
@@ -77,7 +77,7 @@ impl Drop for Reporter {
 
 /// What one report came to.
 enum Outcome {
-    Accepted,
+    Accepted(Vec<AssignedMachine>),
     Refused(Refusal, String),
     /// Not resolved, not answering, or broken in transit: retried.
     Unreachable(String),
@@ -106,7 +106,7 @@ impl Link {
         }
         let client = self.client.as_mut().expect("resolved above");
         match client.report(request).await {
-            Ok(()) => Outcome::Accepted,
+            Ok(machines) => Outcome::Accepted(machines),
             Err(ControlError::Refused { refusal, message }) => Outcome::Refused(refusal, message),
             Err(e) => Outcome::Unreachable(e.to_string()),
         }
@@ -119,6 +119,7 @@ pub(crate) async fn start_reporting(
     config_role: &str,
     identity: &ServerIdentity,
     fingerprint: String,
+    machines: MachineStore,
 ) -> anyhow::Result<Reporter> {
     let mut link = Link {
         config_role: config_role.to_owned(),
@@ -138,7 +139,10 @@ pub(crate) async fn start_reporting(
         link.report(request(&ReportBody::default())),
     );
     match first.await {
-        Ok(Outcome::Accepted) => tracing::info!(config_role, "reporting to the configuration role"),
+        Ok(Outcome::Accepted(assigned)) => {
+            tracing::info!(config_role, "reporting to the configuration role");
+            sync_machines(&machines, &assigned).await;
+        }
         Ok(Outcome::Refused(refusal, message)) if refusal.is_final() => {
             bail!("the configuration role at {config_role} refuses this server: {message}")
         }
@@ -161,15 +165,18 @@ pub(crate) async fn start_reporting(
             let body = rx.borrow_and_update().clone();
             let outcome = link.report(request(&body)).await;
             let kind = match &outcome {
-                Outcome::Accepted => None,
+                Outcome::Accepted(_) => None,
                 Outcome::Refused(refusal, _) => Some(format!("{refusal:?}")),
                 Outcome::Unreachable(_) => Some("unreachable".to_owned()),
             };
+            if let Outcome::Accepted(assigned) = &outcome {
+                sync_machines(&machines, assigned).await;
+            }
             if kind == failing {
                 continue;
             }
             match outcome {
-                Outcome::Accepted => {
+                Outcome::Accepted(_) => {
                     tracing::info!(config_role, "reports to the configuration role work again")
                 }
                 Outcome::Refused(_, message) => tracing::error!(
@@ -185,6 +192,37 @@ pub(crate) async fn start_reporting(
         }
     });
     Ok(Reporter { latest, task })
+}
+
+/// Makes this server's machine store hold exactly the machines the configuration role
+/// assigns it (off the runtime's workers: the store fsyncs). Malformed entries are
+/// skipped and logged; a store that cannot be written keeps what it held (the next report
+/// tries again).
+async fn sync_machines(store: &MachineStore, assigned: &[AssignedMachine]) {
+    let mut wanted = Vec::with_capacity(assigned.len());
+    for m in assigned {
+        let hash = hex::decode(&m.cert_sha256)
+            .ok()
+            .and_then(|h| <[u8; 32]>::try_from(h).ok());
+        match (MachineId::new(&m.id), hash) {
+            (Ok(id), Some(hash)) => wanted.push((id, hash)),
+            _ => tracing::warn!(
+                machine = m.id,
+                "the configuration role assigned a machine with a malformed id or certificate \
+                 hash; ignored"
+            ),
+        }
+    }
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || store.sync(&wanted)).await {
+        Ok(Ok(true)) => tracing::info!(
+            machines = assigned.len(),
+            "the machines assigned by the configuration role changed"
+        ),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!("recording the assigned machines: {e}"),
+        Err(e) => tracing::warn!("recording the assigned machines: {e}"),
+    }
 }
 
 fn rand_bytes() -> anyhow::Result<[u8; 16]> {
@@ -297,7 +335,7 @@ fn take_report(
     report: ReportRequest,
 ) -> Reply {
     match check_report(state, peer, db, &report) {
-        Ok((server, body)) => {
+        Ok((server, body, machines)) => {
             let Some(control) = &state.control else {
                 return refused(
                     Refusal::Internal,
@@ -308,7 +346,7 @@ fn take_report(
                 control.send_for(server.clone(), Event::Health(health));
             }
             control.send_for(server, Event::Disks(body.disks));
-            Reply::Accepted
+            Reply::Accepted { machines }
         }
         Err((refusal, message)) => {
             tracing::warn!(?refusal, "report refused: {message}");
@@ -329,7 +367,7 @@ fn check_report(
     peer: Option<&[u8]>,
     db: &mut Option<ControlDb>,
     report: &ReportRequest,
-) -> Result<(String, ReportBody), (Refusal, String)> {
+) -> Result<(String, ReportBody, Vec<AssignedMachine>), (Refusal, String)> {
     let internal = |e: &dyn std::fmt::Display| (Refusal::Internal, e.to_string());
     let cert = peer.ok_or((
         Refusal::NotAuthenticated,
@@ -386,15 +424,19 @@ fn check_report(
         .map_err(|e| internal(&e))?;
     let mut body: ReportBody = serde_json::from_value(report.body.clone())
         .map_err(|e| (Refusal::Malformed, format!("report body: {e}")))?;
-    let assigned: std::collections::HashSet<String> = db
+    let assigned: Vec<AssignedMachine> = db
         .machines()
         .map_err(|e| internal(&e))?
         .into_iter()
         .filter(|m| m.process_server.as_deref() == Some(id.as_str()))
-        .map(|m| m.id)
+        .map(|m| AssignedMachine {
+            id: m.id,
+            cert_sha256: m.cert_sha256,
+        })
         .collect();
     let before = body.disks.len();
-    body.disks.retain(|d| assigned.contains(&d.machine));
+    body.disks
+        .retain(|d| assigned.iter().any(|m| m.id == d.machine));
     if body.disks.len() != before {
         tracing::warn!(
             server = id,
@@ -402,7 +444,7 @@ fn check_report(
             "a process server reported disks of machines not assigned to it; ignored"
         );
     }
-    Ok((id, body))
+    Ok((id, body, assigned))
 }
 
 #[cfg(test)]

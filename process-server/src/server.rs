@@ -291,6 +291,7 @@ pub async fn serve(
                 config_role,
                 &dep.identity,
                 crate::join::fingerprint(&dep.dir)?,
+                machines.clone(),
             )
             .await?,
         ),
@@ -418,6 +419,12 @@ pub async fn serve(
                     let Some(ca) = state.dep.ca.as_ref() else {
                         return;
                     };
+                    // The configuration role places each machine (and records it before
+                    // the agent is answered); a server without it keeps its machines.
+                    let placer = state.control.is_some().then(|| crate::placement::Placer {
+                        db: crate::control::db_path(&state.dep.dir),
+                        own_id: state.dep.config.server_id.clone(),
+                    });
                     let registrar = Registrar {
                         ca,
                         tokens: &state.tokens,
@@ -425,18 +432,17 @@ pub async fn serve(
                         escrow_key: state.escrow_key,
                         data_port: state.dep.config.listen.port(),
                         client_validity: Duration::from_secs(state.dep.config.client_cert_secs),
-                        placement: None,
+                        placement: placer.as_ref().map(|p| p as &dyn ripcord_transport::Placement),
                     };
                     // serve_registration_connection logs the outcome.
                     if let Ok(registered) = serve_registration_connection(conn, &registrar).await
-                        && let Some(control) = &state.control
+                        && let Some(placed) = &registered.placed
+                        && placed.data_server.is_some()
                     {
-                        control.send(Event::Machine {
-                            id: registered.machine_id.to_string(),
-                            cert_sha256: hex::encode(ripcord_transport::pki::sha256(
-                                &registered.certificate,
-                            )),
-                        });
+                        tracing::info!(
+                            machine = %registered.machine_id, server = placed.server_id,
+                            "machine placed on another process server"
+                        );
                     }
                 });
             }

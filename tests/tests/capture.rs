@@ -392,14 +392,30 @@ fn hidden_completions_are_reported_for_resync() {
 
 /// Panic if the agent reported any of `what` lost: an in-flight entry that was never
 /// freed (re-read after `LOST_AFTER`).
+/// No write was reported lost, unless the kernel skipped runs of the completion probes
+/// (a run nested in itself on one CPU is skipped, and counted): the entries a skipped run
+/// would have freed are then reported lost and read back, as designed.
 fn assert_none_lost(run: &testkit::AgentRun, what: &str) {
     let lost: Vec<_> = run.overflow.iter().filter(|e| e.op == "lost").collect();
+    let misses: u64 = run
+        .stats
+        .iter()
+        .map(|s| s.completion_misses)
+        .max()
+        .unwrap_or(0);
     assert!(
-        lost.is_empty(),
-        "{} {what} reported lost (in-flight entries not freed), first {:?}",
+        lost.is_empty() || misses > 0,
+        "{} {what} reported lost (in-flight entries not freed) while the kernel skipped no \
+         completion probe run, first {:?}",
         lost.len(),
         &lost[..lost.len().min(3)]
     );
+    if misses > 0 {
+        eprintln!(
+            "{what}: the kernel skipped {misses} completion probe run(s); {} lost report(s)",
+            lost.len()
+        );
+    }
 }
 
 /// Write merges (field 7 of `/sys/block/NAME/stat`) of a loop device so far.

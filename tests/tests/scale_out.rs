@@ -16,7 +16,7 @@ use std::time::Duration;
 use ripcord_tests::ripcord_status as status;
 use testkit::{
     Site,
-    replication::{ProcessServer, ripcord, wait_for},
+    replication::{AgentIdentity, ProcessServer, Replicator, ripcord, wait_for},
 };
 
 const MIB: u64 = 1 << 20;
@@ -200,4 +200,158 @@ fn process_servers_join_report_and_are_refused_when_they_should_be() {
     .unwrap();
     let (ok, _) = agent.stop().unwrap();
     assert!(ok);
+}
+
+/// Placement (issue 15, item 4): new machines go to green servers with headroom, the
+/// fewest machines first, and a machine placed on a joined server replicates through it:
+/// the agent is told that server at registration, the server accepts the machine's
+/// certificate because the configuration role told it so, its disk reports reach the
+/// configuration role, and a failover from the shared target store equals the device.
+#[test]
+fn new_machines_are_placed_on_green_servers_and_replicate_through_them() {
+    let Some(site) =
+        Site::builder("new_machines_are_placed_on_green_servers_and_replicate_through_them")
+            .file_target()
+            .ps_config("[health]\nsample-ms = 200\n")
+            .machine("db01")
+            .start()
+    else {
+        return;
+    };
+    let deployment = site.ps.dir.clone();
+    let ps2 = site.ps.join(&site.subdir("servers"), "ps2").unwrap();
+    // Both servers green with a measured load: placement has a choice.
+    let listed = || -> serde_json::Value {
+        let (ok, out, err) = ripcord(
+            &[
+                "ps",
+                "list",
+                "--json",
+                "--deployment",
+                deployment.to_str().unwrap(),
+            ],
+            &site.ps.passphrase_file,
+        )
+        .unwrap();
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    // (Both run on this host, so both see its CPU: wait until it has room.)
+    wait_for(
+        "both servers green with room for 30% more load",
+        Duration::from_secs(60),
+        || {
+            let servers = listed();
+            let servers = servers.as_array().unwrap();
+            Ok(servers.len() == 2
+                && servers.iter().all(|s| {
+                    s["health"] == "green"
+                        && s["load"]["cpu_percent"].as_f64().is_some_and(|c| c < 50.0)
+                }))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{:#}\n{}", listed(), ps2.logs()));
+
+    // db01 registered at the start, on the config role's server; three more spread. A
+    // registration refused because this busy host left neither server room is retried.
+    let register = |machine: &str| {
+        let mut identity = None;
+        wait_for(
+            &format!("{machine} to be placed"),
+            Duration::from_secs(60),
+            || match AgentIdentity::register(&site.ps, site.path(), machine) {
+                Ok(id) => {
+                    identity = Some(id);
+                    Ok(true)
+                }
+                Err(e) if format!("{e:#}").contains("no process server can take") => Ok(false),
+                Err(e) => Err(e),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{:#}", listed()));
+        identity.unwrap()
+    };
+    let new: Vec<_> = ["m1", "m2", "m3"].iter().map(|m| register(m)).collect();
+    let placed = |machine: &str| -> String {
+        status(&deployment)["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == machine)
+            .unwrap_or_else(|| panic!("{machine} not recorded"))["process_server"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let on_ps2: Vec<&str> = ["m1", "m2", "m3"]
+        .into_iter()
+        .filter(|m| placed(m) == "ps2")
+        .collect();
+    let counts: Vec<u64> = listed()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["machines"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts.iter().sum::<u64>(), 4, "{:#}", listed());
+    assert!(
+        counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1 && !on_ps2.is_empty(),
+        "machines not spread: {:#}",
+        listed()
+    );
+
+    // A machine placed on ps2 replicates through it.
+    let machine = on_ps2[0];
+    let identity = &new[["m1", "m2", "m3"]
+        .iter()
+        .position(|m| *m == machine)
+        .unwrap()];
+    let disk = site.loop_device("placed.img", 16 * MIB);
+    ripcord_tests::write_random_at(&disk.path, 0, 4, 11);
+    let agent = Replicator::start(identity, &[&disk.path], &[]).unwrap();
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    ripcord_tests::write_random_at(&disk.path, 6, 3, 12);
+    let disk_id = identity.disk_id(&disk.path).unwrap();
+    wait_for(
+        "ps2 to report the disk to the configuration role",
+        Duration::from_secs(60),
+        || {
+            Ok(status(&deployment)["disks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["id"] == disk_id.as_str() && d["acked_seq"].as_u64() > Some(0)))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{:#}\n{}", status(&deployment), ps2.logs()));
+    let served = |logs: String| {
+        logs.lines()
+            .any(|l| l.contains("disk stream open") && l.contains(&disk_id))
+    };
+    assert!(
+        served(ps2.logs()),
+        "ps2 did not serve {machine}:\n{}",
+        ps2.logs()
+    );
+    assert!(
+        !served(site.ps.logs()),
+        "the config role's server served the disk placed on ps2:\n{}",
+        site.ps.logs()
+    );
+    site.final_point(agent, &disk_id);
+    let image = site.path().join("placed-failover.img");
+    let (ok, _, err) = testkit::replication::failover(
+        site.target(),
+        &disk_id,
+        "latest",
+        &image,
+        &site.ps.passphrase_file,
+    )
+    .unwrap();
+    assert!(ok, "{err}");
+    ripcord_tests::assert_same(
+        &image,
+        &disk.path,
+        "failover of a disk replicated through ps2",
+    );
 }

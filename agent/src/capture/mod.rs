@@ -155,11 +155,13 @@ fn bpf_log_level() -> anyhow::Result<u8> {
 
 /// The programs and the raw tracepoints they attach to, in attach order.
 const PROGRAMS: [(&str, &str); 4] = [
-    ("block_rq_complete", "block_rq_complete"),
+    (COMPLETE_PROBE, "block_rq_complete"),
     (PASSTHROUGH_PROBE, "block_rq_complete"),
-    ("block_bio_complete", "block_bio_complete"),
-    ("block_bio_queue", "block_bio_queue"),
+    (BIO_COMPLETE_PROBE, "block_bio_complete"),
+    (QUEUE_PROBE, "block_bio_queue"),
 ];
+const COMPLETE_PROBE: &str = "block_rq_complete";
+const BIO_COMPLETE_PROBE: &str = "block_bio_complete";
 const PASSTHROUGH_PROBE: &str = "block_rq_passthrough";
 const QUEUE_PROBE: &str = "block_bio_queue";
 
@@ -397,6 +399,18 @@ impl Capture {
     /// in-flight entry stays, and [`Capture::inflight`] shows it.)
     pub fn missed_completions(&self) -> u64 {
         self.missed_queues() + self.control_value(control::UNTRACKED) + self.missed_passthrough()
+    }
+
+    /// Runs of the completion probes the kernel skipped or that failed, and completed
+    /// bios whose entries the probe left in flight (`control::LEFT_IN_FLIGHT`). Nothing
+    /// to resync for them: those entries stay in the table and are read back, reported
+    /// lost. Counted so that a lost report can be told from a probe that failed to free
+    /// an entry it should have.
+    pub fn completion_misses(&self) -> u64 {
+        self.recursion_misses(COMPLETE_PROBE)
+            + self.recursion_misses(BIO_COMPLETE_PROBE)
+            + self.control_value(control::COMPLETE_ERRORS)
+            + self.control_value(control::LEFT_IN_FLIGHT)
     }
 
     /// Skipped or failed runs of the passthrough probe: a passthrough write may have

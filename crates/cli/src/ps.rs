@@ -37,6 +37,7 @@ pub fn list(deployment: &Path, json: bool) -> anyhow::Result<()> {
                     "last_heartbeat": s.last_heartbeat,
                     "registered_at": s.registered_at,
                     "machines": count(&s.id),
+                    "load": s.load,
                 })
             })
             .collect();

@@ -274,7 +274,9 @@ pub fn valid() -> Vec<Seed> {
 
     // The process servers' link to the configuration role.
     {
-        use ripcord_transport::control::{JoinRequest, Refusal, Reply, ReportRequest, Request};
+        use ripcord_transport::control::{
+            AssignedMachine, JoinRequest, Refusal, Reply, ReportRequest, Request,
+        };
         fn to_json(value: &impl serde::Serialize) -> Vec<u8> {
             serde_json::to_vec(value).expect("a seed encodes")
         }
@@ -301,7 +303,16 @@ pub fn valid() -> Vec<Seed> {
                 body: serde_json::json!({"health": null, "disks": []}),
             })),
         );
-        add("control_message", "accepted", to_json(&Reply::Accepted));
+        add(
+            "control_message",
+            "accepted",
+            to_json(&Reply::Accepted {
+                machines: vec![AssignedMachine {
+                    id: "host-01.example".into(),
+                    cert_sha256: "ab".repeat(32),
+                }],
+            }),
+        );
         add(
             "control_message",
             "refused",

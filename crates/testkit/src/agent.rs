@@ -29,6 +29,8 @@ pub struct AgentEvent {
     pub dropped: u64,
     #[serde(default)]
     pub overflow_all: u64,
+    #[serde(default)]
+    pub completion_misses: u64,
 }
 
 /// Final counters of one device (`"op":"stats"` lines).
@@ -38,6 +40,9 @@ pub struct AgentStats {
     pub events: u64,
     pub dropped: u64,
     pub overflow_all: u64,
+    /// Runs of the completion probes the kernel skipped or that failed: each may leave an
+    /// in-flight entry to be reported lost.
+    pub completion_misses: u64,
 }
 
 /// Everything one agent run printed.
@@ -190,6 +195,7 @@ impl AgentProcess {
                     events: e.events,
                     dropped: e.dropped,
                     overflow_all: e.overflow_all,
+                    completion_misses: e.completion_misses,
                 }),
                 other => bail!("unknown op {other:?} in agent output line {}", i + 1),
             }

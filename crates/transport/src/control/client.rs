@@ -11,8 +11,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixT
 use rustls::server::WebPkiClientVerifier;
 
 use super::{
-    CONTROL_ALPN, CONTROL_TIMEOUT, ControlError, JoinRequest, Reply, ReportRequest, Request,
-    read_message, write_message,
+    AssignedMachine, CONTROL_ALPN, CONTROL_TIMEOUT, ControlError, JoinRequest, Reply,
+    ReportRequest, Request, read_message, write_message,
 };
 use crate::endpoint::{provider, roots_with};
 use crate::pki::{
@@ -98,7 +98,7 @@ pub async fn join(params: &JoinParams<'_>, identity_dir: &Path) -> Result<Joined
             Reply::Refused { refusal, message } => {
                 return Err(ControlError::Refused { refusal, message });
             }
-            Reply::Accepted => return Err(ControlError::UnexpectedReply("accepted")),
+            Reply::Accepted { .. } => return Err(ControlError::UnexpectedReply("accepted")),
         };
         check_issued(&certificate, &ca, &pin, params.server_id, &key)?;
         let identity = ServerIdentity::issued(
@@ -178,10 +178,13 @@ impl ControlClient {
         }
     }
 
-    /// Sends one report and returns the reply ([`Reply::Refused`] as
-    /// [`ControlError::Refused`]). A broken connection is dropped, so the next call
-    /// reconnects.
-    pub async fn report(&mut self, report: ReportRequest) -> Result<(), ControlError> {
+    /// Sends one report and returns the machines assigned to this server
+    /// ([`Reply::Refused`] as [`ControlError::Refused`]). A broken connection is dropped,
+    /// so the next call reconnects.
+    pub async fn report(
+        &mut self,
+        report: ReportRequest,
+    ) -> Result<Vec<AssignedMachine>, ControlError> {
         let result = tokio::time::timeout(CONTROL_TIMEOUT, self.report_inner(report))
             .await
             .unwrap_or(Err(ControlError::Timeout));
@@ -199,7 +202,10 @@ impl ControlClient {
         result
     }
 
-    async fn report_inner(&mut self, report: ReportRequest) -> Result<(), ControlError> {
+    async fn report_inner(
+        &mut self,
+        report: ReportRequest,
+    ) -> Result<Vec<AssignedMachine>, ControlError> {
         if self
             .conn
             .as_ref()
@@ -222,7 +228,7 @@ impl ControlClient {
         }
         let (_, conn) = self.conn.as_ref().expect("connected above");
         match exchange(conn, &Request::Report(report)).await? {
-            Reply::Accepted => Ok(()),
+            Reply::Accepted { machines } => Ok(machines),
             Reply::Refused { refusal, message } => Err(ControlError::Refused { refusal, message }),
             Reply::Joined { .. } => Err(ControlError::UnexpectedReply("joined")),
         }

@@ -98,7 +98,12 @@ pub enum Reply {
         deployment: serde_json::Value,
     },
     /// The report was taken.
-    Accepted,
+    Accepted {
+        /// The machines assigned to the server now, with their current certificates: the
+        /// only ones its data endpoint accepts.
+        #[serde(default)]
+        machines: Vec<AssignedMachine>,
+    },
     /// Refused; `message` says what to do.
     Refused {
         /// Why.
@@ -106,6 +111,17 @@ pub enum Reply {
         /// For the operator.
         message: String,
     },
+}
+
+/// A machine assigned to a process server, and the SHA-256 (hex) of its current
+/// certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AssignedMachine {
+    /// The machine id.
+    pub id: String,
+    /// SHA-256 of its current certificate, hex.
+    pub cert_sha256: String,
 }
 
 /// Why the configuration role refused a request.
@@ -257,6 +273,8 @@ mod tests {
         }
         assert!(decode_request(br#"{"type":"join"}"#).is_err());
         assert!(decode_request(&vec![b' '; MAX_CONTROL_MESSAGE + 1]).is_err());
+        let accepted: Reply = serde_json::from_slice(br#"{"type":"accepted"}"#).unwrap();
+        assert!(matches!(accepted, Reply::Accepted { machines } if machines.is_empty()));
         let reply = Reply::Refused {
             refusal: Refusal::Cloned,
             message: "m".into(),

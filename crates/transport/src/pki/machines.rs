@@ -190,6 +190,45 @@ impl MachineStore {
         })
     }
 
+    /// Makes the store hold exactly `assigned` (machine, SHA-256 of its current
+    /// certificate): what a process server that joined a deployment is told by its
+    /// configuration role. A record whose certificate is unchanged keeps its times; a new
+    /// one has no known expiry (0). Writes only when something changed; returns whether it
+    /// did.
+    pub fn sync(&self, assigned: &[(MachineId, [u8; 32])]) -> Result<bool, MachineError> {
+        let current = self.read()?;
+        let same = current.len() == assigned.len()
+            && assigned.iter().all(|(id, hash)| {
+                current
+                    .get(id.as_str())
+                    .is_some_and(|r| &r.cert_sha256 == hash)
+            });
+        if same {
+            return Ok(false);
+        }
+        let now = unix_secs(SystemTime::now());
+        self.update(|records| {
+            let mut next = Records::new();
+            for (id, hash) in assigned {
+                let record = records
+                    .get(id.as_str())
+                    .filter(|r| &r.cert_sha256 == hash)
+                    .cloned()
+                    .unwrap_or_else(|| MachineRecord {
+                        machine_id: id.clone(),
+                        cert_sha256: *hash,
+                        registered_at: now,
+                        expires_at: 0,
+                        token_id: None,
+                    });
+                next.insert(id.as_str().to_owned(), record);
+            }
+            *records = next;
+            Ok(())
+        })?;
+        Ok(true)
+    }
+
     /// Removes a machine: its certificate is refused from now on. Returns whether it was
     /// registered.
     pub fn remove(&self, machine: &MachineId) -> Result<bool, MachineError> {
@@ -333,6 +372,46 @@ mod tests {
         store
             .replace(record("db1", b"cert-4", Some("tok003")), None)
             .unwrap();
+    }
+
+    /// A joined process server holds exactly the machines its configuration role assigns.
+    #[test]
+    fn sync_holds_exactly_the_assigned_machines() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MachineStore::open(dir.path()).unwrap();
+        store
+            .replace(record("gone", b"cert-g", Some("tok001")), None)
+            .unwrap();
+        store
+            .replace(record("kept", b"cert-k", Some("tok002")), None)
+            .unwrap();
+        let before = store.get(&id("kept")).unwrap().unwrap();
+        let assigned = [
+            (id("kept"), sha256(b"cert-k")),
+            (id("new"), sha256(b"cert-n")),
+        ];
+        assert!(store.sync(&assigned).unwrap());
+        assert!(
+            !store.sync(&assigned).unwrap(),
+            "nothing changed: nothing written"
+        );
+        store.check_current(&id("new"), b"cert-n").unwrap();
+        assert_eq!(
+            store.get(&id("kept")).unwrap().unwrap(),
+            before,
+            "times kept"
+        );
+        assert!(matches!(
+            store.check_current(&id("gone"), b"cert-g"),
+            Err(MachineError::NotRegistered(_))
+        ));
+        // A renewal seen by the configuration role supersedes the old certificate here.
+        assert!(store.sync(&[(id("new"), sha256(b"cert-n2"))]).unwrap());
+        assert!(matches!(
+            store.check_current(&id("new"), b"cert-n"),
+            Err(MachineError::Superseded(_))
+        ));
+        assert_eq!(store.list().unwrap().len(), 1);
     }
 
     #[test]
