@@ -94,6 +94,8 @@ pub struct JoinOptions {
     pub names: Vec<String>,
     pub listen: Option<SocketAddr>,
     pub metrics_listen: Option<Option<SocketAddr>>,
+    /// The journals' directory (the cache disk); default `<dir>/cache`.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Joins the deployment whose configuration role is at `opts.config_role` and writes this
@@ -130,6 +132,7 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<PathBuf> {
     if let Some(metrics) = opts.metrics_listen {
         config.metrics_listen = metrics;
     }
+    config.cache_dir = opts.cache_dir.clone();
     let joined = ripcord_transport::control::join(
         &JoinParams {
             config_addr,

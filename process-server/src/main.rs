@@ -110,6 +110,9 @@ enum Command {
         /// Prometheus endpoint to bind (IP:port), or "" for none. Default 127.0.0.1:9444.
         #[arg(long)]
         metrics_listen: Option<String>,
+        /// Directory for the journals (the cache disk). Default <dir>/cache.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
     },
     /// List or remove registered machines (works while the server runs).
     Machines {
@@ -350,6 +353,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             names,
             listen,
             metrics_listen,
+            cache_dir,
         } => {
             let metrics_listen = match metrics_listen.as_deref() {
                 None => None,
@@ -367,6 +371,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 names,
                 listen,
                 metrics_listen,
+                cache_dir,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -73,6 +73,14 @@ impl Peers {
 
     /// Admits `conn` if its certificate is its machine's current one; otherwise closes it
     /// with the reason and returns the error.
+    /// Whether the peer's certificate is its machine's current one now (nothing refused).
+    pub fn is_current(&self, conn: &Connection) -> bool {
+        let (Ok(machine), Ok(cert)) = (peer_machine_id(conn), peer_certificate(conn)) else {
+            return false;
+        };
+        self.machines.check_current(&machine, &cert).is_ok()
+    }
+
     pub fn admit(&self, conn: &Connection) -> anyhow::Result<Admitted<'_>> {
         let machine = peer_machine_id(conn)?;
         let cert = peer_certificate(conn)?.to_vec();

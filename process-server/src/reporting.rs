@@ -59,6 +59,10 @@ const SEEN_TWICE_WINDOW: Duration = Duration::from_secs(10);
 /// This server's reporter: hand it the latest report; a task sends it.
 pub(crate) struct Reporter {
     latest: watch::Sender<ReportBody>,
+    /// Asks the task to report now.
+    refresh: Arc<tokio::sync::Notify>,
+    /// Told after each report's reply was handled (the machines synced).
+    reported: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -66,6 +70,16 @@ impl Reporter {
     /// Replaces the report to send with `body` (never blocks).
     pub(crate) fn send(&self, body: ReportBody) {
         self.latest.send_replace(body);
+    }
+
+    /// Reports now and waits (at most `wait`) until the reply was handled: the machines
+    /// assigned to this server are then current.
+    pub(crate) async fn refresh(&self, wait: Duration) {
+        let reported = self.reported.notified();
+        tokio::pin!(reported);
+        reported.as_mut().enable();
+        self.refresh.notify_one();
+        let _ = tokio::time::timeout(wait, reported).await;
     }
 }
 
@@ -159,9 +173,16 @@ pub(crate) async fn start_reporting(
     }
     let (latest, mut rx) = watch::channel(ReportBody::default());
     let config_role = config_role.to_owned();
+    let refresh = Arc::new(tokio::sync::Notify::new());
+    let reported = Arc::new(tokio::sync::Notify::new());
+    let (refresh_rx, reported_tx) = (Arc::clone(&refresh), Arc::clone(&reported));
     let task = tokio::spawn(async move {
         let mut failing: Option<String> = None;
-        while rx.changed().await.is_ok() {
+        loop {
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { break },
+                () = refresh_rx.notified() => {}
+            }
             let body = rx.borrow_and_update().clone();
             let outcome = link.report(request(&body)).await;
             let kind = match &outcome {
@@ -172,6 +193,7 @@ pub(crate) async fn start_reporting(
             if let Outcome::Accepted(assigned) = &outcome {
                 sync_machines(&machines, assigned).await;
             }
+            reported_tx.notify_waiters();
             if kind == failing {
                 continue;
             }
@@ -191,7 +213,12 @@ pub(crate) async fn start_reporting(
             failing = kind;
         }
     });
-    Ok(Reporter { latest, task })
+    Ok(Reporter {
+        latest,
+        refresh,
+        reported,
+        task,
+    })
 }
 
 /// Makes this server's machine store hold exactly the machines the configuration role

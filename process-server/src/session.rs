@@ -47,6 +47,13 @@ pub(crate) async fn connection(
     let conn = incoming.await.context("TLS handshake");
     drop(handshake);
     let conn = conn?;
+    // A machine unknown to a joined server may have been placed here moments ago: the
+    // configuration role is asked now rather than at the next report.
+    if let Some(reporter) = &state.reporter
+        && !state.peers.is_current(&conn)
+    {
+        reporter.refresh(Duration::from_secs(5)).await;
+    }
     let admitted = state.peers.admit(&conn).context("refused")?;
     let budget = Budget::for_connection(&state.inflight);
     let machine = admitted.machine.as_str().to_owned();

@@ -15,11 +15,20 @@ use std::time::Duration;
 
 use ripcord_tests::ripcord_status as status;
 use testkit::{
-    Site,
+    Mount, Scratch, Site,
     replication::{AgentIdentity, ProcessServer, Replicator, ripcord, wait_for},
 };
 
 const MIB: u64 = 1 << 20;
+
+fn tmpfs(dir: &std::path::Path, mib: u64) -> Mount {
+    Mount::new(
+        std::path::Path::new("tmpfs"),
+        dir,
+        &["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700")],
+    )
+    .expect("mounting a tmpfs")
+}
 
 /// The row of server `id` in `ripcord status --json`.
 fn server(deployment: &std::path::Path, id: &str) -> Option<serde_json::Value> {
@@ -209,17 +218,35 @@ fn process_servers_join_report_and_are_refused_when_they_should_be() {
 /// configuration role, and a failover from the shared target store equals the device.
 #[test]
 fn new_machines_are_placed_on_green_servers_and_replicate_through_them() {
-    let Some(site) =
-        Site::builder("new_machines_are_placed_on_green_servers_and_replicate_through_them")
-            .file_target()
-            .ps_config("[health]\nsample-ms = 200\n")
-            .machine("db01")
-            .start()
+    let test = "new_machines_are_placed_on_green_servers_and_replicate_through_them";
+    if !testkit::require_root(test) {
+        return;
+    }
+    // Each server's cache on a file system of its own, so its free space is its own (the
+    // host's disk may be fuller than a green server's cache is allowed to be).
+    let caches = Scratch::new("placement-caches");
+    let (cache1, cache2) = (caches.path.join("ps1"), caches.path.join("ps2"));
+    let _mounts = [tmpfs(&cache1, 512), tmpfs(&cache2, 512)];
+    let Some(site) = Site::builder(test)
+        .file_target()
+        .ps_config(&format!(
+            "cache-dir = \"{}\"\n[health]\nsample-ms = 200\n",
+            cache1.display()
+        ))
+        .machine("db01")
+        .start()
     else {
         return;
     };
     let deployment = site.ps.dir.clone();
-    let ps2 = site.ps.join(&site.subdir("servers"), "ps2").unwrap();
+    let ps2 = site
+        .ps
+        .join_with(
+            &site.subdir("servers"),
+            "ps2",
+            &["--cache-dir", cache2.to_str().unwrap()],
+        )
+        .unwrap();
     // Both servers green with a measured load: placement has a choice.
     let listed = || -> serde_json::Value {
         let (ok, out, err) = ripcord(

@@ -180,6 +180,17 @@ impl ProcessServer {
     /// against this server's configuration role; returns its output (stdout, or the error
     /// with stderr).
     pub fn run_join(&self, root: &Path, server_id: &str, token: &str) -> anyhow::Result<String> {
+        self.run_join_with(root, server_id, token, &[])
+    }
+
+    /// Like [`ProcessServer::run_join`], with more `ripcord-ps join` arguments.
+    pub fn run_join_with(
+        &self,
+        root: &Path,
+        server_id: &str,
+        token: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<String> {
         let (data_port, metrics_port) = (free_udp_port(), free_tcp_port());
         let out = Command::new(crate::binary("ripcord-ps"))
             .args(["join", "--server-id", server_id, "--name", "127.0.0.1"])
@@ -192,6 +203,7 @@ impl ProcessServer {
             .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--dir")
             .arg(root.join(server_id))
+            .args(extra)
             .env("RUST_BACKTRACE", "0")
             .output()
             .context("running ripcord-ps join")?;
@@ -206,7 +218,17 @@ impl ProcessServer {
     /// A new process server `server_id` joined to this server's configuration role (with a
     /// fresh process-server token), in `root/<server_id>`, serving.
     pub fn join(&self, root: &Path, server_id: &str) -> anyhow::Result<ProcessServer> {
-        self.run_join(root, server_id, &self.new_server_token()?)?;
+        self.join_with(root, server_id, &[])
+    }
+
+    /// Like [`ProcessServer::join`], with more `ripcord-ps join` arguments.
+    pub fn join_with(
+        &self,
+        root: &Path,
+        server_id: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<ProcessServer> {
+        self.run_join_with(root, server_id, &self.new_server_token()?, extra)?;
         let mut ps = ProcessServer::joined(root.join(server_id), &self.passphrase_file)?;
         ps.spawn()?;
         Ok(ps)
