@@ -56,8 +56,9 @@ enum Command {
     },
     /// Create another bootstrap token (works while the server runs).
     ///
-    /// A token registers new machines only: it can never take over a machine id that is
-    /// already registered.
+    /// An agent's token registers new machines only: it can never take over a machine id
+    /// that is already registered. `--for process-server` makes a join token instead (one
+    /// new process server, `ripcord-ps join`), which registers no machine.
     Token {
         /// Deployment directory made by `init`.
         #[arg(long, default_value = "/var/lib/ripcord/ps")]
@@ -325,23 +326,34 @@ fn run(command: Command) -> anyhow::Result<()> {
             dir,
             name,
             ttl_hours,
-            token_for: TokenFor::ProcessServer,
-            ..
+            uses,
+            token_for,
         } => {
-            let token = deploy::new_server_token(&dir, Duration::from_secs(ttl_hours * 3600))?;
+            let ttl = Duration::from_secs(ttl_hours * 3600);
+            let token = match token_for {
+                TokenFor::Agent => deploy::new_token(&dir, ttl, uses)?,
+                TokenFor::ProcessServer => deploy::new_server_token(&dir, ttl)?,
+            };
             let dep = deploy::open(&dir)?;
             let host = name
                 .or_else(|| dep.identity.names().into_iter().next())
                 .unwrap_or_else(|| "HOST".to_owned());
+            let port = dep.config.register_listen.port();
             let ca_hash = ripcord_transport::ca_hash(dep.identity.ca_cert());
             println!("token:   {token}");
             println!("ca-hash: {ca_hash}");
-            println!(
-                "valid {ttl_hours} h for one process server; on it, run:\n  \
-                 ripcord-ps join --config-role {host}:{} --token {token} --ca-hash {ca_hash} \
-                 --name <its host name or IP>",
-                dep.config.register_listen.port(),
-            );
+            match token_for {
+                TokenFor::Agent => println!(
+                    "valid {ttl_hours} h for {uses} registration(s); register an agent with:\n  \
+                     ripcord-agent register --server {host}:{port} --token {token} --ca-hash \
+                     {ca_hash}"
+                ),
+                TokenFor::ProcessServer => println!(
+                    "valid {ttl_hours} h for one process server; on it, run:\n  \
+                     ripcord-ps join --config-role {host}:{port} --token {token} --ca-hash \
+                     {ca_hash} --name <its host name or IP>"
+                ),
+            }
             Ok(())
         }
         Command::Join {
@@ -380,29 +392,6 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "joined the deployment; start this server with:\n  ripcord-ps serve --dir {}",
                 dir.display()
-            );
-            Ok(())
-        }
-        Command::Token {
-            dir,
-            name,
-            ttl_hours,
-            uses,
-            token_for: TokenFor::Agent,
-        } => {
-            let token = deploy::new_token(&dir, Duration::from_secs(ttl_hours * 3600), uses)?;
-            let dep = deploy::open(&dir)?;
-            let host = name
-                .or_else(|| dep.identity.names().into_iter().next())
-                .unwrap_or_else(|| "HOST".to_owned());
-            let ca_hash = ripcord_transport::ca_hash(dep.identity.ca_cert());
-            println!("token:   {token}");
-            println!("ca-hash: {ca_hash}");
-            println!(
-                "valid {ttl_hours} h for {uses} registration(s); register an agent with:\n  \
-                 ripcord-agent register --server {host}:{} --token {token} --ca-hash {}",
-                dep.config.register_listen.port(),
-                ca_hash
             );
             Ok(())
         }

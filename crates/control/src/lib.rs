@@ -107,27 +107,13 @@ impl ControlDb {
     /// Adds a process server, or updates the one with its id (address, version,
     /// certificate, role, fingerprint) keeping its registration time and machines.
     pub fn upsert_process_server(&mut self, ps: &ProcessServer) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO process_servers
-                 (id, address, version, cert_sha256, config_role, registered_at,
-                  last_heartbeat, health, fingerprint)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             ON CONFLICT(id) DO UPDATE SET address = excluded.address,
+        insert_process_server(
+            &self.conn,
+            ps,
+            "ON CONFLICT(id) DO UPDATE SET address = excluded.address,
                  version = excluded.version, cert_sha256 = excluded.cert_sha256,
                  config_role = excluded.config_role, fingerprint = excluded.fingerprint",
-            params![
-                ps.id,
-                ps.address,
-                ps.version,
-                ps.cert_sha256,
-                ps.config_role,
-                ps.registered_at,
-                ps.last_heartbeat,
-                ps.health.as_str(),
-                ps.fingerprint
-            ],
-        )?;
-        Ok(())
+        )
     }
 
     /// Records a process server that joined with a token (`actor` names the token), with
@@ -145,23 +131,7 @@ impl ControlDb {
         if exists.is_some() {
             return Err(ControlError::ProcessServerExists(ps.id.clone()));
         }
-        tx.execute(
-            "INSERT INTO process_servers
-                 (id, address, version, cert_sha256, config_role, registered_at,
-                  last_heartbeat, health, fingerprint)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                ps.id,
-                ps.address,
-                ps.version,
-                ps.cert_sha256,
-                ps.config_role,
-                ps.registered_at,
-                ps.last_heartbeat,
-                ps.health.as_str(),
-                ps.fingerprint
-            ],
-        )?;
+        insert_process_server(&tx, ps, "")?;
         let detail = format!("{} at {} (version {})", ps.id, ps.address, ps.version);
         audit(&tx, ps.registered_at, actor, "join-process-server", &detail)?;
         tx.commit()?;
@@ -601,6 +571,30 @@ impl ControlDb {
         let rows = st.query_map(params, row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// Inserts `ps` (its load is recorded with heartbeats), with `on_conflict` appended.
+fn insert_process_server(conn: &Connection, ps: &ProcessServer, on_conflict: &str) -> Result<()> {
+    conn.execute(
+        &format!(
+            "INSERT INTO process_servers
+                 (id, address, version, cert_sha256, config_role, registered_at,
+                  last_heartbeat, health, fingerprint)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) {on_conflict}"
+        ),
+        params![
+            ps.id,
+            ps.address,
+            ps.version,
+            ps.cert_sha256,
+            ps.config_role,
+            ps.registered_at,
+            ps.last_heartbeat,
+            ps.health.as_str(),
+            ps.fingerprint
+        ],
+    )?;
+    Ok(())
 }
 
 fn audit(conn: &Connection, at: i64, actor: &str, action: &str, detail: &str) -> Result<()> {

@@ -139,34 +139,28 @@ impl ProcessServer {
 
     /// A new single-use bootstrap token (`ripcord-ps token`).
     pub fn new_token(&self) -> anyhow::Result<String> {
-        let out = Command::new(crate::binary("ripcord-ps"))
-            .args(["token", "--uses", "1", "--dir"])
-            .arg(&self.dir)
-            .output()
-            .context("running ripcord-ps token")?;
-        ensure!(
-            out.status.success(),
-            "ripcord-ps token failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| l.strip_prefix("token:"))
-            .map(|t| t.trim().to_owned())
-            .with_context(|| format!("no token: line in the output of ripcord-ps token:\n{text}"))
+        self.token_with(&["--uses", "1"])
     }
 
     /// A process-server join token from this (configuration role) server: `ripcord-ps
     /// token --for process-server`.
     pub fn new_server_token(&self) -> anyhow::Result<String> {
+        self.token_with(&["--for", "process-server"])
+    }
+
+    /// The token `ripcord-ps token <args>` prints.
+    fn token_with(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(crate::binary("ripcord-ps"))
-            .args(["token", "--for", "process-server", "--dir"])
+            .arg("token")
+            .args(args)
+            .arg("--dir")
             .arg(&self.dir)
             .output()
-            .context("running ripcord-ps token --for process-server")?;
+            .context("running ripcord-ps token")?;
         ensure!(
             out.status.success(),
-            "ripcord-ps token --for process-server failed: {}",
+            "ripcord-ps token {} failed: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
         let text = String::from_utf8_lossy(&out.stdout);

@@ -214,7 +214,7 @@ pub async fn read_message<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<T, ControlError> {
     let body = crate::register::read_frame_bounded(recv, MAX_CONTROL_MESSAGE).await?;
-    Ok(serde_json::from_slice(&body)?)
+    decode(&body)
 }
 
 /// Writes one request or reply to `send` and finishes the stream.
@@ -231,19 +231,17 @@ pub async fn write_message<T: Serialize>(
 /// Decodes a body as the configuration role does (for the fuzz target).
 #[doc(hidden)]
 pub fn decode_request(body: &[u8]) -> Result<Request, ControlError> {
-    if body.len() > MAX_CONTROL_MESSAGE {
-        return Err(FrameError::TooLarge {
-            len: body.len() as u64,
-            max: MAX_CONTROL_MESSAGE,
-        }
-        .into());
-    }
-    Ok(serde_json::from_slice(body)?)
+    decode(body)
 }
 
 /// Decodes a body as a joining or reporting server does (for the fuzz target).
 #[doc(hidden)]
 pub fn decode_reply(body: &[u8]) -> Result<Reply, ControlError> {
+    decode(body)
+}
+
+/// A message from `body`, its size checked against [`MAX_CONTROL_MESSAGE`] first.
+fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ControlError> {
     if body.len() > MAX_CONTROL_MESSAGE {
         return Err(FrameError::TooLarge {
             len: body.len() as u64,
