@@ -16,6 +16,9 @@
 //!   process may report with the same identity at the same time (else: refused while the
 //!   other is seen, with a critical alert). A server's disk reports count only for
 //!   machines assigned to it: a compromised process server cannot rewrite another's.
+//! - **A joined server admits exactly the machines assigned to it**, with the certificate
+//!   the configuration role's machine store holds now (so a removal or a renewal there
+//!   reaches it with its next report).
 
 use std::{
     collections::HashMap,
@@ -451,14 +454,26 @@ fn check_report(
         .map_err(|e| internal(&e))?;
     let mut body: ReportBody = serde_json::from_value(report.body.clone())
         .map_err(|e| (Refusal::Malformed, format!("report body: {e}")))?;
+    // The machine store is the truth about certificates: a machine removed by an operator
+    // (`ripcord-ps machines remove`) or renewed is sent as the store has it, so the joined
+    // server refuses it as this one does.
+    let current: std::collections::HashMap<String, String> = state
+        .machines
+        .list()
+        .map_err(|e| internal(&e))?
+        .into_iter()
+        .map(|m| (m.machine_id.into_string(), hex::encode(m.cert_sha256)))
+        .collect();
     let assigned: Vec<AssignedMachine> = db
         .machines()
         .map_err(|e| internal(&e))?
         .into_iter()
         .filter(|m| m.process_server.as_deref() == Some(id.as_str()))
-        .map(|m| AssignedMachine {
-            id: m.id,
-            cert_sha256: m.cert_sha256,
+        .filter_map(|m| {
+            Some(AssignedMachine {
+                cert_sha256: current.get(&m.id)?.clone(),
+                id: m.id,
+            })
         })
         .collect();
     let before = body.disks.len();

@@ -381,4 +381,38 @@ fn new_machines_are_placed_on_green_servers_and_replicate_through_them() {
         &disk.path,
         "failover of a disk replicated through ps2",
     );
+
+    // The operator removes the machine on the configuration role: ps2 stops admitting it
+    // with its next report.
+    let listed_on = |dir: &std::path::Path| -> String {
+        let out = std::process::Command::new(testkit::binary("ripcord-ps"))
+            .args(["machines", "list", "--dir"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        listed_on(&ps2.dir).contains(machine),
+        "{}",
+        listed_on(&ps2.dir)
+    );
+    let removed = std::process::Command::new(testkit::binary("ripcord-ps"))
+        .args(["machines", "remove", "--dir"])
+        .arg(&site.ps.dir)
+        .arg(machine)
+        .status()
+        .unwrap();
+    assert!(removed.success());
+    wait_for(
+        "ps2 to drop the removed machine",
+        Duration::from_secs(30),
+        || Ok(!listed_on(&ps2.dir).contains(machine)),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", ps2.logs()));
 }
