@@ -8,6 +8,9 @@
 //! - **Only a process-server token joins**, from `<deployment>/ps-tokens` (`ripcord-ps
 //!   token --for process-server`): an agent's bootstrap token is refused, so a host given
 //!   a token to protect itself cannot add a server that machines would be sent to.
+//! - **Nothing is told to a peer without a valid join token**: the token is checked first,
+//!   so a request without one learns neither the configuration role's version nor which
+//!   server ids are taken.
 //! - **A token never takes over a registered id**: an id registered already is refused
 //!   before the token is consumed; the operator removes the old server first.
 //! - **Never newer than the configuration role** (the seeds' rule): a server whose version
@@ -212,7 +215,11 @@ fn try_admit(desk: &JoinDesk<'_>, req: &JoinRequest) -> Result<Reply, (Refusal, 
             ),
         )
     };
+    // Nothing about this deployment (its version, its servers) is told to a peer without
+    // a valid join token.
     let token = Token::parse(&req.token).map_err(token_refused)?;
+    let now = SystemTime::now();
+    desk.tokens.verify(&token, now).map_err(token_refused)?;
     let server_id = MachineId::new(&req.server_id).map_err(|e| invalid(&e))?;
     if newer_than_ours(&req.version).map_err(|e| invalid(&e))? {
         return Err((Refusal::NewerThanConfigRole, newer_message(&req.version)));
@@ -231,8 +238,6 @@ fn try_admit(desk: &JoinDesk<'_>, req: &JoinRequest) -> Result<Reply, (Refusal, 
             ControlError::ProcessServerExists(server_id.to_string()).to_string(),
         ));
     }
-    let now = SystemTime::now();
-    desk.tokens.verify(&token, now).map_err(token_refused)?;
     let cert = desk
         .ca
         .issue_process_server(&server_id, &names, &req.csr, desk.validity)

@@ -106,37 +106,47 @@ fn process_servers_join_report_and_are_refused_when_they_should_be() {
     assert!(err.contains("registered already"), "{err}");
     site.ps.run_join(&root, "ps3", &token).unwrap();
 
-    // A server newer than the configuration role is refused, saying what to do.
-    let token: ripcord_transport::Token = site.ps.new_server_token().unwrap().parse().unwrap();
-    let newer = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(ripcord_transport::control::join(
-            &ripcord_transport::control::JoinParams {
-                config_addr: ([127, 0, 0, 1], site.ps.register_port).into(),
-                config_name: "127.0.0.1",
-                ca_hash: &site.ps.ca_hash,
-                token: &token,
-                server_id: &ripcord_transport::MachineId::new("ps-next").unwrap(),
-                names: &["127.0.0.1".to_owned()],
-                version: "99.0.0",
-                fingerprint: &"ab".repeat(32),
-                data_port: 9443,
-            },
-            &site.subdir("ps-next"),
-        ));
-    match newer {
+    // A server newer than the configuration role is refused, saying what to do; a peer
+    // without a valid join token learns not even that (nor which ids are taken).
+    let attempt = |token: &ripcord_transport::Token, id: &str, version: &str| {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(ripcord_transport::control::join(
+                &ripcord_transport::control::JoinParams {
+                    config_addr: ([127, 0, 0, 1], site.ps.register_port).into(),
+                    config_name: "127.0.0.1",
+                    ca_hash: &site.ps.ca_hash,
+                    token,
+                    server_id: &ripcord_transport::MachineId::new(id).unwrap(),
+                    names: &["127.0.0.1".to_owned()],
+                    version,
+                    fingerprint: &"ab".repeat(32),
+                    data_port: 9443,
+                },
+                &site.subdir(id),
+            ))
+    };
+    let refusal = |r: Result<_, ripcord_transport::control::ControlError>| match r {
         Err(ripcord_transport::control::ControlError::Refused { refusal, message }) => {
-            assert_eq!(
-                refusal,
-                ripcord_transport::control::Refusal::NewerThanConfigRole
-            );
-            assert!(
-                message.contains("upgrade the configuration role first"),
-                "{message}"
-            );
+            (refusal, message)
         }
-        other => panic!("a newer server was not refused: {other:?}"),
+        other => panic!("not refused: {other:?}"),
+    };
+    let forged: ripcord_transport::Token = "abcdef.0123456789abcdef".parse().unwrap();
+    for (id, version) in [("ps-next", "99.0.0"), ("ps2", env!("CARGO_PKG_VERSION"))] {
+        let (why, message) = refusal(attempt(&forged, id, version));
+        assert_eq!(why, ripcord_transport::control::Refusal::Token, "{message}");
     }
+    let token: ripcord_transport::Token = site.ps.new_server_token().unwrap().parse().unwrap();
+    let (why, message) = refusal(attempt(&token, "ps-next", "99.0.0"));
+    assert_eq!(
+        why,
+        ripcord_transport::control::Refusal::NewerThanConfigRole
+    );
+    assert!(
+        message.contains("upgrade the configuration role first"),
+        "{message}"
+    );
     assert!(server(&deployment, "ps-next").is_none());
 
     // A copy of ps2's directory started elsewhere is a clone: refused at start, with a
