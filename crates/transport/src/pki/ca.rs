@@ -161,30 +161,21 @@ impl Ca {
         csr_der: &[u8],
         validity: Duration,
     ) -> Result<CertificateDer<'static>, PkiError> {
-        let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
-            .map_err(PkiError::InvalidCsr)?;
-        check_key_algorithm(&csr)?;
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, machine_id.as_str());
-        params.subject_alt_names = vec![SanType::URI(
+        let uri = SanType::URI(
             machine_id
                 .uri()
                 .try_into()
                 .map_err(|_| PkiError::InconsistentMachineIdentity)?,
-        )];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial()?);
-        set_validity(&mut params, validity);
-        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
-        Ok(cert.der().clone())
+        );
+        self.issue_from_csr(
+            csr_der,
+            machine_id,
+            vec![uri],
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+            validity,
+        )
     }
-}
 
-impl Ca {
     /// Issues the certificate of a process server joining the deployment, from its CSR
     /// (the key never leaves the joining server). CN = `server_id`; SANs: `names` (what
     /// agents use to reach it) and the URI `ripcord://process-server/<id>`, which the
@@ -203,24 +194,44 @@ impl Ca {
         if names.is_empty() {
             return Err(PkiError::NoServerNames);
         }
+        let mut sans = server_name_sans(names)?;
+        sans.push(SanType::URI(
+            format!("{PROCESS_SERVER_URI_PREFIX}{}", server_id.as_str())
+                .try_into()
+                .map_err(|_| PkiError::InconsistentMachineIdentity)?,
+        ));
+        self.issue_from_csr(
+            csr_der,
+            server_id,
+            sans,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            validity,
+        )
+    }
+
+    /// A leaf for the verified public key of `csr_der` only: CN `id`, SANs `sans`, EKUs
+    /// `ekus`, chosen here (nothing else is copied from the CSR), valid for `validity`.
+    fn issue_from_csr(
+        &self,
+        csr_der: &[u8],
+        id: &MachineId,
+        sans: Vec<SanType>,
+        ekus: Vec<ExtendedKeyUsagePurpose>,
+        validity: Duration,
+    ) -> Result<CertificateDer<'static>, PkiError> {
         let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
             .map_err(PkiError::InvalidCsr)?;
         check_key_algorithm(&csr)?;
         let mut params = CertificateParams::default();
         params
             .distinguished_name
-            .push(DnType::CommonName, server_id.as_str());
-        params.subject_alt_names = server_name_sans(names)?;
-        params.subject_alt_names.push(SanType::URI(
-            format!("{PROCESS_SERVER_URI_PREFIX}{}", server_id.as_str())
-                .try_into()
-                .map_err(|_| PkiError::InconsistentMachineIdentity)?,
-        ));
+            .push(DnType::CommonName, id.as_str());
+        params.subject_alt_names = sans;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = ekus;
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial()?);
         set_validity(&mut params, validity);
