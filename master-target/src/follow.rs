@@ -53,6 +53,9 @@ pub struct FollowArgs {
 
 /// The longest wait between retries of a failing step.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a device held exclusively (and for no other reason) is waited for at start:
+/// after a `kill -9` the predecessor's io_uring writes keep its claim for a moment.
+const PREDECESSOR_GRACE: Duration = Duration::from_secs(30);
 
 /// Returns the final state (for `--once` and failback: what the device holds).
 pub async fn follow(a: FollowArgs, stop: &AtomicBool) -> anyhow::Result<ApplyState> {
@@ -284,7 +287,8 @@ fn open_device(
 ) -> anyhow::Result<(Device, String)> {
     let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
     let file = if is_block {
-        match output_guard::check_output(path, force, Path::new(AGENT_LOCK_DIR))? {
+        match output_guard::check_output(path, force, Path::new(AGENT_LOCK_DIR), PREDECESSOR_GRACE)?
+        {
             Destination::Device { file, .. } => file,
             Destination::Image { .. } => bail!("{} is not a block device", path.display()),
         }

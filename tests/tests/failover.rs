@@ -12,9 +12,10 @@ use std::{
     time::Duration,
 };
 
+use ripcord_restore::output_guard::{self, Destination};
 use ripcord_tests::{assert_same, disaster_drill, replicated_ext4, verify_store};
 use testkit::{
-    LoopDevice, Mount, Site, Workload,
+    Lab, LoopDevice, Mount, Site, Workload,
     fixture::FILE_TARGET_DIR,
     replication::{failover, ripcord, wait_for_point},
 };
@@ -480,4 +481,55 @@ fn app_points_equal_the_frozen_source(test: &str, fs: &str) {
         out.contains(newest),
         "latest-app chose another point: {out}"
     );
+}
+
+/// A device open exclusively elsewhere is refused at once without a grace, waited for
+/// within one (a `kill -9`ed master target's io_uring writes keep its claim for a moment
+/// after the process is reaped: CI saw a restart refused so), and refused once the grace
+/// runs out, naming the cause.
+#[test]
+fn a_device_held_exclusively_is_waited_for_only_within_the_grace() {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let Some(lab) = Lab::new("a_device_held_exclusively_is_waited_for_only_within_the_grace")
+    else {
+        return;
+    };
+    let dev = lab.loop_device("held.img", 8 * MIB);
+    let locks = lab.subdir("locks");
+    let hold = |for_: Duration| {
+        let held = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&dev.path)
+            .expect("holding the device exclusively");
+        std::thread::spawn(move || {
+            std::thread::sleep(for_);
+            drop(held);
+        })
+    };
+    let check = |grace| output_guard::check_output(&dev.path, false, &locks, grace);
+
+    let holder = hold(Duration::from_secs(2));
+    let e = check(Duration::ZERO).expect_err("a held device without a grace");
+    assert!(format!("{e:#}").contains("open exclusively"), "{e:#}");
+    let started = std::time::Instant::now();
+    match check(Duration::from_secs(20)).expect("released within the grace") {
+        Destination::Device { .. } => {}
+        d => panic!("{d:?}"),
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "it was never held"
+    );
+    holder.join().unwrap();
+
+    let holder = hold(Duration::from_secs(4));
+    let started = std::time::Instant::now();
+    let e = check(Duration::from_secs(1)).expect_err("held past the grace");
+    assert!(format!("{e:#}").contains("open exclusively"), "{e:#}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the grace was not waited"
+    );
+    holder.join().unwrap();
 }

@@ -5,6 +5,7 @@ use std::{
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     process::Command as Process,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail, ensure};
@@ -104,7 +105,7 @@ async fn failover_to(
 ) -> anyhow::Result<()> {
     let spec: PointSpec = point.parse()?;
     // Before any work: what the output is and whether it may be overwritten.
-    output_guard::check_output(output, force, Path::new(AGENT_LOCK_DIR))?;
+    output_guard::check_output(output, force, Path::new(AGENT_LOCK_DIR), Duration::ZERO)?;
     let store = open_store(target).await?;
     let disk = known_disk(&store, target, disk).await?;
     let pass = ripcord_seal::read_passphrase(passphrase_file)?;
@@ -148,7 +149,8 @@ pub async fn write_point(
     pass: &[u8],
     progress: bool,
 ) -> anyhow::Result<Materialized> {
-    let dest = output_guard::check_output(output, force, Path::new(AGENT_LOCK_DIR))?;
+    let dest =
+        output_guard::check_output(output, force, Path::new(AGENT_LOCK_DIR), Duration::ZERO)?;
     let point = find_point(store, disk, spec)
         .await
         .with_context(|| format!("finding the recovery point of disk {disk}"))?;

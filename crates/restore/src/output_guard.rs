@@ -13,7 +13,10 @@
 //!   fails with `EWOULDBLOCK` means protected (a stale file with no holder does not);
 //! - it is **open exclusively by someone else**: it is opened with `O_EXCL`, which for a
 //!   block device fails with `EBUSY` while it is mounted or held. The exclusive open is
-//!   kept for the whole failover, so nobody can mount it meanwhile.
+//!   kept for the whole failover, so nobody can mount it meanwhile. When that is the only
+//!   reason, the open is retried for the caller's `busy_grace`: a writer killed with
+//!   `kill -9` keeps its exclusive claim until the kernel has torn down its io_uring
+//!   rings, which finish their in-flight writes after the process is reaped.
 //!
 //! An **image file** that already exists is refused (and left untouched); the image is
 //! written under `<output>.partial` (mode 0600, created new) and moved into place only if
@@ -28,6 +31,7 @@ use std::{
     fs::{File, OpenOptions},
     os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -71,8 +75,14 @@ impl DevNum {
     }
 }
 
-/// Checks `path` against the rule of the module doc (agent locks under `lock_dir`).
-pub fn check_output(path: &Path, force: bool, lock_dir: &Path) -> anyhow::Result<Destination> {
+/// Checks `path` against the rule of the module doc (agent locks under `lock_dir`); a
+/// device busy for no other reason is retried for `busy_grace`.
+pub fn check_output(
+    path: &Path,
+    force: bool,
+    lock_dir: &Path,
+    busy_grace: Duration,
+) -> anyhow::Result<Destination> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -89,7 +99,7 @@ pub fn check_output(path: &Path, force: bool, lock_dir: &Path) -> anyhow::Result
             major: nix::sys::stat::major(rdev),
             minor: nix::sys::stat::minor(rdev),
         };
-        return check_device(path, dev, force, lock_dir);
+        return check_device(path, dev, force, lock_dir, busy_grace);
     }
     if !meta.is_file() {
         bail!(
@@ -120,6 +130,7 @@ fn check_device(
     dev: DevNum,
     force: bool,
     lock_dir: &Path,
+    busy_grace: Duration,
 ) -> anyhow::Result<Destination> {
     let shown = path.display();
     let parts = partitions(dev);
@@ -166,10 +177,19 @@ fn check_device(
             ));
         }
     }
-    let exclusive = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_EXCL)
-        .open(path);
+    let deadline = Instant::now() + busy_grace;
+    let mut exclusive = open_exclusive(path);
+    if reasons.is_empty() && is_busy(&exclusive) && !busy_grace.is_zero() {
+        eprintln!(
+            "{shown} is open exclusively elsewhere; waiting up to {} s for it to be \
+             released (a writer killed moments ago holds it until its in-flight writes end)",
+            busy_grace.as_secs()
+        );
+        while is_busy(&exclusive) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            exclusive = open_exclusive(path);
+        }
+    }
     let file = match exclusive {
         Ok(file) if reasons.is_empty() => Some(file),
         Ok(_) => None,
@@ -245,6 +265,17 @@ fn parent(dev: DevNum) -> Option<DevNum> {
     }
     let whole = std::fs::canonicalize(&sys).ok()?.parent()?.join("dev");
     DevNum::parse(&std::fs::read_to_string(whole).ok()?)
+}
+
+fn open_exclusive(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+}
+
+fn is_busy(open: &std::io::Result<File>) -> bool {
+    matches!(open, Err(e) if e.raw_os_error() == Some(libc::EBUSY))
 }
 
 /// The lock file a running agent holds while it protects `dev`.
@@ -379,18 +410,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let lock_dir = dir.path().join("locks");
         let img = dir.path().join("disk.img");
-        match check_output(&img, false, &lock_dir).expect("a new file") {
+        match check_output(&img, false, &lock_dir, Duration::ZERO).expect("a new file") {
             Destination::Image { replace, .. } => assert!(!replace),
             d => panic!("{d:?}"),
         }
         std::fs::write(&img, b"precious").expect("writing");
-        let e = check_output(&img, false, &lock_dir).expect_err("an existing file");
+        let e = check_output(&img, false, &lock_dir, Duration::ZERO).expect_err("an existing file");
         assert!(e.to_string().contains("already exists"), "{e}");
-        match check_output(&img, true, &lock_dir).expect("--force") {
+        match check_output(&img, true, &lock_dir, Duration::ZERO).expect("--force") {
             Destination::Image { replace, .. } => assert!(replace),
             d => panic!("{d:?}"),
         }
-        let e = check_output(dir.path(), true, &lock_dir).expect_err("a directory");
+        let e = check_output(dir.path(), true, &lock_dir, Duration::ZERO).expect_err("a directory");
         assert!(e.to_string().contains("neither"), "{e}");
     }
 }
