@@ -14,6 +14,10 @@
 //!   that fails later is logged once per kind of failure and retried with the next event.
 //! - An alert follows its signal's level: raised when it leaves green, raised again (the
 //!   old one cleared) when its severity changes, cleared when it is green again.
+//! - A process server silent for the heartbeat window (`health.heartbeat-window-secs`) is
+//!   disconnected: marked red with a critical `health-heartbeat` alert, which its next
+//!   report clears. Nobody is marked before this role has run for a window itself, so a
+//!   restart of the configuration role does not find every server silent.
 
 use std::{
     collections::HashMap,
@@ -21,10 +25,10 @@ use std::{
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
-        mpsc::{Receiver, SyncSender, TrySendError},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError},
     },
     thread::JoinHandle,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
@@ -34,6 +38,12 @@ use crate::health::HealthReport;
 
 /// Events queued for the database thread before new ones are dropped.
 const QUEUE: usize = 1024;
+
+/// How often the database thread looks for silent process servers.
+const SILENCE_CHECK: Duration = Duration::from_secs(1);
+
+/// The alert of a process server silent for the heartbeat window.
+const HEARTBEAT_ALERT: &str = "health-heartbeat";
 
 /// Each disk's lag is sampled at most this often for the status page's chart ...
 pub const LAG_SAMPLE_SECS: i64 = 5;
@@ -78,8 +88,12 @@ pub struct Identity<'a> {
 
 impl ControlLink {
     /// Opens the database in `deployment`, records this server and the machines it knows,
-    /// and starts the thread.
-    pub fn start(deployment: &Path, me: Identity<'_>) -> anyhow::Result<ControlLink> {
+    /// and starts the thread; servers silent for `heartbeat_window` are disconnected.
+    pub fn start(
+        deployment: &Path,
+        me: Identity<'_>,
+        heartbeat_window: Duration,
+    ) -> anyhow::Result<ControlLink> {
         let path = db_path(deployment);
         let mut db = ControlDb::open(&path)?;
         let now = unix_now();
@@ -103,7 +117,7 @@ impl ControlLink {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let thread = std::thread::Builder::new()
             .name("ripcord-control".into())
-            .spawn(move || apply_events(db, rx))
+            .spawn(move || apply_events(db, rx, heartbeat_window))
             .context("starting the configuration database thread")?;
         tracing::info!(db = %path.display(), "configuration role: keeping the configuration database");
         Ok(ControlLink {
@@ -157,8 +171,8 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// The database thread: applies events until the link stops.
-fn apply_events(mut db: ControlDb, events: Receiver<(String, Event)>) {
+/// The database thread: applies events until the link stops, and marks silent servers.
+fn apply_events(mut db: ControlDb, events: Receiver<(String, Event)>, heartbeat_window: Duration) {
     // The alerts servers left open before a restart, by server and kind: cleared if their
     // signal is green now, kept if it is not.
     let mut alerts: HashMap<String, HashMap<String, Health>> = HashMap::new();
@@ -176,28 +190,25 @@ fn apply_events(mut db: ControlDb, events: Receiver<(String, Event)>) {
         Err(e) => tracing::warn!("configuration database: reading open alerts: {e:#}"),
     }
     let mut failing: Option<&'static str> = None;
-    for (server_id, event) in events {
-        let (what, result) = match event {
-            Event::Health(report) => (
-                "health",
-                record_health(
-                    &mut db,
-                    &server_id,
-                    &report,
-                    alerts.entry(server_id.clone()).or_default(),
-                ),
-            ),
-            Event::Machine { id, cert_sha256 } => (
-                "machine",
-                db.register_machine(&id, &cert_sha256, unix_now(), &server_id)
-                    .map_err(anyhow::Error::from),
-            ),
-            Event::Disks(disks) => (
-                "disks",
-                db.record_disks(&disks)
-                    .and_then(|()| db.sample_lag(unix_now(), LAG_SAMPLE_SECS, LAG_KEEP_SECS))
-                    .map_err(anyhow::Error::from),
-            ),
+    let mut next_silence_check = Instant::now() + heartbeat_window;
+    loop {
+        let (what, result) = match events.recv_timeout(SILENCE_CHECK) {
+            Ok((server_id, event)) => {
+                let (what, result) = apply_event(&mut db, &server_id, event, &mut alerts);
+                (what, result.with_context(|| format!("from {server_id}")))
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => ("silence", Ok(())),
+        };
+        let (what, result) = match (result, Instant::now() >= next_silence_check) {
+            (Ok(()), true) => {
+                next_silence_check = Instant::now() + SILENCE_CHECK;
+                (
+                    "silence",
+                    mark_silent(&mut db, heartbeat_window.as_secs() as i64, &mut alerts),
+                )
+            }
+            (result, _) => (what, result),
         };
         match result {
             Ok(()) if failing == Some(what) => {
@@ -206,12 +217,66 @@ fn apply_events(mut db: ControlDb, events: Receiver<(String, Event)>) {
             }
             Ok(()) => {}
             Err(e) if failing != Some(what) => {
-                tracing::warn!("configuration database: recording {what} of {server_id}: {e:#}");
+                tracing::warn!("configuration database: recording {what}: {e:#}");
                 failing = Some(what);
             }
             Err(_) => {}
         }
     }
+}
+
+/// Applies one event about process server `server_id`.
+fn apply_event(
+    db: &mut ControlDb,
+    server_id: &str,
+    event: Event,
+    alerts: &mut HashMap<String, HashMap<String, Health>>,
+) -> (&'static str, anyhow::Result<()>) {
+    match event {
+        Event::Health(report) => {
+            let open = alerts.entry(server_id.to_owned()).or_default();
+            ("health", record_health(db, server_id, &report, open))
+        }
+        Event::Machine { id, cert_sha256 } => (
+            "machine",
+            db.register_machine(&id, &cert_sha256, unix_now(), server_id)
+                .map_err(anyhow::Error::from),
+        ),
+        Event::Disks(disks) => (
+            "disks",
+            db.record_disks(&disks)
+                .and_then(|()| db.sample_lag(unix_now(), LAG_SAMPLE_SECS, LAG_KEEP_SECS))
+                .map_err(anyhow::Error::from),
+        ),
+    }
+}
+
+/// Marks every process server silent for longer than `window` seconds red, with a
+/// critical alert, once (its next report clears both).
+fn mark_silent(
+    db: &mut ControlDb,
+    window: i64,
+    alerts: &mut HashMap<String, HashMap<String, Health>>,
+) -> anyhow::Result<()> {
+    let now = unix_now();
+    for s in db.process_servers()? {
+        let Some(last) = s.last_heartbeat.filter(|_| s.silent(now, window)) else {
+            continue;
+        };
+        let open = alerts.entry(s.id.clone()).or_default();
+        if open.get(HEARTBEAT_ALERT) == Some(&Health::Red) {
+            continue;
+        }
+        let detail = format!(
+            "disconnected: no heartbeat for {} s (the window is {window} s)",
+            now - last
+        );
+        tracing::warn!(server = %s.id, "process server {detail}; it takes no new machines");
+        db.mark_red(&s.id)?;
+        db.raise_alert(&s.id, HEARTBEAT_ALERT, Severity::Critical, &detail, now)?;
+        open.insert(HEARTBEAT_ALERT.to_owned(), Health::Red);
+    }
+    Ok(())
 }
 
 /// The heartbeat, and each signal's alert following its level.
@@ -223,6 +288,14 @@ fn record_health(
 ) -> anyhow::Result<()> {
     let at = (report.updated_unix_ms / 1000) as i64;
     db.heartbeat(server_id, at, report.level)?;
+    if alerts
+        .get(HEARTBEAT_ALERT)
+        .is_some_and(|&h| h != Health::Green)
+    {
+        tracing::info!(server = %server_id, "process server reports again");
+        db.clear_alert(server_id, HEARTBEAT_ALERT, at)?;
+        alerts.insert(HEARTBEAT_ALERT.to_owned(), Health::Green);
+    }
     if let Some(load) = report.load {
         db.record_load(
             server_id,
@@ -349,11 +422,89 @@ mod tests {
         ))
         .unwrap();
         drop(tx);
-        apply_events(db, rx);
+        apply_events(db, rx, Duration::from_secs(60));
         let db = ControlDb::open(&db_path(tmp.path())).unwrap();
         assert!(open(&db).is_empty(), "{:?}", open(&db));
         assert_eq!(db.all_alerts().unwrap().len(), 3);
         assert_eq!(db.process_servers().unwrap()[0].health, Health::Green);
+    }
+
+    #[test]
+    fn a_silent_server_is_marked_red_once_and_cleared_by_its_next_report() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut db = db_with_server(tmp.path());
+        let mut alerts = HashMap::new();
+        let now = unix_now();
+        let fresh = report((now as u64 - 5) * 1000, Health::Green, Health::Green);
+        record_health(
+            &mut db,
+            "ps1",
+            &fresh,
+            alerts.entry("ps1".into()).or_default(),
+        )
+        .unwrap();
+        mark_silent(&mut db, 10, &mut alerts).unwrap();
+        assert_eq!(db.process_servers().unwrap()[0].health, Health::Green);
+        assert!(db.open_alerts().unwrap().is_empty(), "within the window");
+
+        let old = report((now as u64 - 30) * 1000, Health::Green, Health::Green);
+        record_health(
+            &mut db,
+            "ps1",
+            &old,
+            alerts.entry("ps1".into()).or_default(),
+        )
+        .unwrap();
+        mark_silent(&mut db, 10, &mut alerts).unwrap();
+        mark_silent(&mut db, 10, &mut alerts).unwrap();
+        assert_eq!(db.process_servers().unwrap()[0].health, Health::Red);
+        let open = db.open_alerts().unwrap();
+        assert_eq!(open.len(), 1, "raised once: {open:?}");
+        assert_eq!(
+            (open[0].kind.as_str(), open[0].severity.as_str()),
+            (HEARTBEAT_ALERT, "critical")
+        );
+        assert!(
+            open[0].message.contains("disconnected"),
+            "{}",
+            open[0].message
+        );
+
+        record_health(
+            &mut db,
+            "ps1",
+            &fresh,
+            alerts.entry("ps1".into()).or_default(),
+        )
+        .unwrap();
+        assert_eq!(db.process_servers().unwrap()[0].health, Health::Green);
+        assert!(db.open_alerts().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_restarted_configuration_role_waits_a_window_before_calling_anyone_silent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut db = db_with_server(tmp.path());
+        let long_ago = report(1000, Health::Green, Health::Green);
+        record_health(&mut db, "ps1", &long_ago, &mut HashMap::new()).unwrap();
+        drop(db);
+        let path = db_path(tmp.path());
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Event)>(4);
+        let db = ControlDb::open(&path).unwrap();
+        let thread = std::thread::spawn(move || apply_events(db, rx, Duration::from_secs(3)));
+        let health = || {
+            ControlDb::open_read_only(&path)
+                .unwrap()
+                .process_servers()
+                .unwrap()[0]
+                .health
+        };
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(health(), Health::Green, "marked before a window had passed");
+        std::thread::sleep(Duration::from_millis(3000));
+        assert_eq!(health(), Health::Red, "not marked after the window");
+        drop(tx);
+        thread.join().unwrap();
     }
 
     #[test]
@@ -384,6 +535,7 @@ mod tests {
                 fingerprint: String::new(),
                 machines: vec![("m1".into(), "aa".into())],
             },
+            Duration::from_secs(60),
         )
         .unwrap();
         link.send(Event::Machine {

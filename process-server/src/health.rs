@@ -53,6 +53,10 @@ pub struct HealthConfig {
     /// Uploads failing this long turn it red, in seconds (more than
     /// `upload-warn-secs`). Default 2700.
     pub upload_critical_secs: u64,
+    /// On the configuration role: a process server whose newest heartbeat is older than
+    /// this is disconnected, marked red with a critical alert, and takes no new machines,
+    /// in seconds (2..=3600, at least two sample intervals). Default 60.
+    pub heartbeat_window_secs: u64,
 }
 
 impl Default for HealthConfig {
@@ -63,6 +67,7 @@ impl Default for HealthConfig {
             cache_window_secs: 60,
             upload_warn_secs: 1800,
             upload_critical_secs: 2700,
+            heartbeat_window_secs: ripcord_control::HEARTBEAT_WINDOW_SECS as u64,
         }
     }
 }
@@ -82,6 +87,12 @@ impl HealthConfig {
         anyhow::ensure!(
             self.upload_warn_secs >= 1 && self.upload_critical_secs > self.upload_warn_secs,
             "health.upload-critical-secs must be more than health.upload-warn-secs (>= 1)"
+        );
+        anyhow::ensure!(
+            (2..=3600).contains(&self.heartbeat_window_secs)
+                && self.heartbeat_window_secs * 1000 >= 2 * self.sample_ms,
+            "health.heartbeat-window-secs must be 2..=3600 and cover two sample intervals \
+             (health.sample-ms)"
         );
         Ok(())
     }
@@ -443,6 +454,7 @@ mod tests {
             cache_window_secs: 3,
             upload_warn_secs: 60,
             upload_critical_secs: 90,
+            heartbeat_window_secs: 5,
         }
     }
 

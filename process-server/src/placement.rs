@@ -5,7 +5,7 @@
 //! # Rules
 //! - A machine registered already keeps its server (a renewal or re-registration never
 //!   moves it; moving is an operator's decision).
-//! - A candidate has reported within [`FRESH_SECS`], is green, and stays green with 30%
+//! - A candidate has reported within the heartbeat window, is green, and stays green with 30%
 //!   more load: its window's mean CPU and memory use times 1.3 stay under the orange
 //!   threshold (80%), and its cache has more than 30% free. Among candidates, the one with
 //!   the fewest machines, then the least CPU, then the id.
@@ -24,8 +24,6 @@ use std::path::PathBuf;
 use ripcord_control::{ControlDb, Health, Machine, ProcessServer};
 use ripcord_transport::{MachineId, Placed, Placement};
 
-/// A report older than this many seconds makes a server silent (as `ripcord status`).
-pub const FRESH_SECS: i64 = 60;
 /// Load a candidate must absorb: 30% more (the seeds' rule).
 const HEADROOM: f64 = 1.3;
 /// The CPU and memory level where orange begins (DESIGN.md section 3).
@@ -39,6 +37,8 @@ pub struct Placer {
     pub db: PathBuf,
     /// This (configuration role's) server.
     pub own_id: String,
+    /// A server silent for longer is disconnected (`health.heartbeat-window-secs`).
+    pub heartbeat_window_secs: i64,
 }
 
 impl Placement for Placer {
@@ -54,6 +54,7 @@ impl Placement for Placer {
             machine.as_str(),
             redirect,
             now,
+            self.heartbeat_window_secs,
         )
     }
 
@@ -82,6 +83,7 @@ pub fn choose(
     machine: &str,
     redirect: bool,
     now: i64,
+    window: i64,
 ) -> Result<Placed, String> {
     let placed = |s: &ProcessServer| Placed {
         server_id: s.id.clone(),
@@ -96,7 +98,7 @@ pub fn choose(
     {
         return Ok(placed(s));
     }
-    let fresh = |s: &ProcessServer| s.last_heartbeat.is_some_and(|t| now - t <= FRESH_SECS);
+    let fresh = |s: &ProcessServer| s.last_heartbeat.is_some() && !s.silent(now, window);
     let red = |s: &ProcessServer| fresh(s) && s.health == Health::Red;
     let own = servers.iter().find(|s| s.id == own_id);
     if !redirect {
@@ -115,7 +117,7 @@ pub fn choose(
     let mut why = Vec::new();
     let mut candidates: Vec<&ProcessServer> = Vec::new();
     for s in servers {
-        match unfit(s, fresh(s)) {
+        match unfit(s, fresh(s), window) {
             Some(reason) => why.push(format!("{}: {reason}", s.id)),
             None => candidates.push(s),
         }
@@ -139,10 +141,10 @@ pub fn choose(
 }
 
 /// Why server `s` cannot take a new machine, if it cannot.
-fn unfit(s: &ProcessServer, fresh: bool) -> Option<String> {
+fn unfit(s: &ProcessServer, fresh: bool, window: i64) -> Option<String> {
     if !fresh {
         return Some(match s.last_heartbeat {
-            Some(_) => format!("silent for more than {FRESH_SECS} s"),
+            Some(_) => format!("silent for more than {window} s"),
             None => "has not reported yet".to_owned(),
         });
     }
@@ -179,6 +181,7 @@ mod tests {
     use ripcord_control::ServerLoad;
 
     const NOW: i64 = 10_000;
+    const WINDOW: i64 = ripcord_control::HEARTBEAT_WINDOW_SECS;
 
     fn server(id: &str, health: Health, beat: Option<i64>, cpu: f64) -> ProcessServer {
         ProcessServer {
@@ -210,7 +213,7 @@ mod tests {
     }
 
     fn pick(servers: &[ProcessServer], machines: &[Machine]) -> Result<String, String> {
-        choose(servers, machines, "ps1", "new", true, NOW).map(|p| p.server_id)
+        choose(servers, machines, "ps1", "new", true, NOW, WINDOW).map(|p| p.server_id)
     }
 
     #[test]
@@ -225,9 +228,9 @@ mod tests {
             "ps2",
             "then fewest machines"
         );
-        let placed = choose(&servers, &[on("a", "ps1")], "ps1", "new", true, NOW).unwrap();
+        let placed = choose(&servers, &[on("a", "ps1")], "ps1", "new", true, NOW, WINDOW).unwrap();
         assert_eq!(placed.data_server.as_deref(), Some("ps2.example:9443"));
-        let placed = choose(&servers, &[], "ps1", "new", true, NOW).unwrap();
+        let placed = choose(&servers, &[], "ps1", "new", true, NOW, WINDOW).unwrap();
         assert_eq!(
             placed.data_server, None,
             "the config role's own server: no redirect"
@@ -239,7 +242,7 @@ mod tests {
         let servers = [
             server("ps1", Health::Orange, Some(NOW), 10.0),
             server("ps2", Health::Red, Some(NOW), 10.0),
-            server("ps3", Health::Green, Some(NOW - FRESH_SECS - 1), 10.0),
+            server("ps3", Health::Green, Some(NOW - WINDOW - 1), 10.0),
             server("ps4", Health::Green, Some(NOW), 62.0),
             server("ps5", Health::Green, None, 1.0),
         ];
@@ -275,11 +278,11 @@ mod tests {
             server("ps1", Health::Green, Some(NOW), 1.0),
             server("ps2", Health::Red, Some(NOW), 99.0),
         ];
-        let kept = choose(&servers, &[on("m", "ps2")], "ps1", "m", true, NOW).unwrap();
+        let kept = choose(&servers, &[on("m", "ps2")], "ps1", "m", true, NOW, WINDOW).unwrap();
         assert_eq!(kept.server_id, "ps2");
         // An agent that cannot be redirected stays on this server unless it is red.
-        let old = choose(&servers, &[], "ps1", "old", false, NOW).unwrap();
+        let old = choose(&servers, &[], "ps1", "old", false, NOW, WINDOW).unwrap();
         assert_eq!((old.server_id.as_str(), old.data_server), ("ps1", None));
-        assert!(choose(&red, &[], "ps1", "old", false, NOW).is_err());
+        assert!(choose(&red, &[], "ps1", "old", false, NOW, WINDOW).is_err());
     }
 }

@@ -248,6 +248,7 @@ fn start_control(
             fingerprint: crate::join::fingerprint(&dep.dir)?,
             machines: known,
         },
+        Duration::from_secs(dep.config.health.heartbeat_window_secs),
     )?;
     Ok(Some(link))
 }
@@ -424,6 +425,8 @@ pub async fn serve(
                     let placer = state.control.is_some().then(|| crate::placement::Placer {
                         db: crate::control::db_path(&state.dep.dir),
                         own_id: state.dep.config.server_id.clone(),
+                        heartbeat_window_secs: state.dep.config.health.heartbeat_window_secs
+                            as i64,
                     });
                     let registrar = Registrar {
                         ca,

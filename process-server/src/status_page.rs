@@ -11,13 +11,10 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use ripcord_control::{ControlDb, Disk, Health};
+use ripcord_control::{ControlDb, Disk};
 
 /// Seconds between the page's refreshes.
 const REFRESH_SECS: u32 = 5;
-
-/// A heartbeat older than this shows the server red (as `ripcord status` does).
-const SILENT_AFTER_SECS: i64 = 60;
 
 /// Chart size (SVG user units).
 const CHART_W: f64 = 600.0;
@@ -45,10 +42,6 @@ fn render_inner(db: &Path) -> anyhow::Result<String> {
     let alerts = db.open_alerts()?;
     let now = crate::control::unix_now();
     let history = db.lag_history(now - crate::control::LAG_KEEP_SECS)?;
-    let shown = |last: Option<i64>, said: Health| match last {
-        Some(t) if now - t <= SILENT_AFTER_SECS => said,
-        _ => Health::Red,
-    };
     let ago = |t: Option<i64>| {
         t.map_or("never".to_owned(), |t| {
             format!("{} s ago", (now - t).max(0))
@@ -70,7 +63,7 @@ fn render_inner(db: &Path) -> anyhow::Result<String> {
          <th>Roles</th></tr></thead><tbody>",
     );
     for s in &servers {
-        let health = shown(s.last_heartbeat, s.health).as_str();
+        let health = s.shown_health(now).as_str();
         let count = machines
             .iter()
             .filter(|m| m.process_server.as_deref() == Some(s.id.as_str()))
@@ -97,7 +90,7 @@ fn render_inner(db: &Path) -> anyhow::Result<String> {
         let health = servers
             .iter()
             .find(|s| s.id == server)
-            .map_or("red", |s| shown(s.last_heartbeat, s.health).as_str());
+            .map_or("red", |s| s.shown_health(now).as_str());
         let _ = write!(
             body,
             "<article class=\"machine\" id=\"machine-{id}\" data-server=\"{server}\" \

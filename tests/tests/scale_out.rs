@@ -45,7 +45,7 @@ fn process_servers_join_report_and_are_refused_when_they_should_be() {
     let Some(site) =
         Site::builder("process_servers_join_report_and_are_refused_when_they_should_be")
             .file_target()
-            .ps_config("[health]\nsample-ms = 200\n")
+            .ps_config("[health]\nsample-ms = 200\nheartbeat-window-secs = 3\n")
             .machine("db01")
             .start()
     else {
@@ -149,9 +149,44 @@ fn process_servers_join_report_and_are_refused_when_they_should_be() {
     );
     assert!(server(&deployment, "ps-next").is_none());
 
+    // A stopped server is disconnected once the heartbeat window has passed: red, with a
+    // critical alert (placement passes such a server by: its unit tests).
+    ps2.stop().unwrap();
+    let heartbeat_alert = |deployment: &std::path::Path| {
+        status(deployment)["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["subject"] == "ps2" && a["kind"] == "health-heartbeat")
+            .cloned()
+    };
+    wait_for(
+        "the stopped ps2 to turn red",
+        Duration::from_secs(30),
+        || Ok(heartbeat_alert(&deployment).is_some()),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{:#}", status(&deployment)));
+    let alert = heartbeat_alert(&deployment).unwrap();
+    assert_eq!(alert["severity"], "critical", "{alert:#}");
+    assert!(
+        alert["message"].as_str().unwrap().contains("disconnected"),
+        "{alert:#}"
+    );
+    assert_eq!(server(&deployment, "ps2").unwrap()["health"], "red");
+    assert_eq!(
+        server(&deployment, "ps2").unwrap()["reported_health"],
+        "red"
+    );
+    let (ok, text, err) = ps(&["list"]);
+    assert!(ok, "{err}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ps2 ") && l.contains("red")),
+        "{text}"
+    );
+
     // A copy of ps2's directory started elsewhere is a clone: refused at start, with a
     // critical alert; ps2 itself goes on reporting.
-    ps2.stop().unwrap();
     let clone_dir = site.subdir("clone").join("ps2");
     let copied = std::process::Command::new("cp")
         .arg("-a")
@@ -180,6 +215,12 @@ fn process_servers_join_report_and_are_refused_when_they_should_be() {
         || Ok(server(&deployment, "ps2").unwrap()["last_heartbeat"].as_i64() > before),
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", ps2.logs()));
+    // Reporting again clears the disconnection.
+    wait_for("ps2 to be green again", Duration::from_secs(30), || {
+        Ok(server(&deployment, "ps2").unwrap()["health"] == "green"
+            && heartbeat_alert(&deployment).is_none())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{:#}", status(&deployment)));
 
     // Removal: the configuration role's own server never; ps2 yes. Its reports are refused
     // from then on, and a restart of it is refused.

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context as _, ensure};
 use ripcord_control::ControlDb;
 
-use crate::status::{shown_health, unix_now};
+use crate::status::unix_now;
 
 pub fn list(deployment: &Path, json: bool) -> anyhow::Result<()> {
     let db = ControlDb::open_read_only(&deployment.join("control.db"))?;
@@ -33,7 +33,7 @@ pub fn list(deployment: &Path, json: bool) -> anyhow::Result<()> {
                     "address": s.address,
                     "version": s.version,
                     "config_role": s.config_role,
-                    "health": shown_health(s.last_heartbeat, s.health, now),
+                    "health": s.shown_health(now),
                     "last_heartbeat": s.last_heartbeat,
                     "registered_at": s.registered_at,
                     "machines": count(&s.id),
@@ -54,7 +54,7 @@ pub fn list(deployment: &Path, json: bool) -> anyhow::Result<()> {
             s.id,
             s.address,
             s.version,
-            shown_health(s.last_heartbeat, s.health, now).as_str(),
+            s.shown_health(now).as_str(),
             count(&s.id),
             s.last_heartbeat.map_or("never".to_owned(), |t| format!(
                 "{} s ago",

@@ -10,25 +10,13 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ripcord_control::{ControlDb, Health};
-
-/// A heartbeat older than this many sample intervals shows the server as silent.
-const SILENT_AFTER_SECS: i64 = 60;
+use ripcord_control::ControlDb;
 
 /// Now, in Unix seconds.
 pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// The colour to show for a server that said `said` at `last`: a server that stopped
-/// reporting is red whatever it said last.
-pub(crate) fn shown_health(last: Option<i64>, said: Health, now: i64) -> Health {
-    match last {
-        Some(t) if now - t <= SILENT_AFTER_SECS => said,
-        _ => Health::Red,
-    }
 }
 
 pub fn status(deployment: &Path, json: bool) -> anyhow::Result<()> {
@@ -41,7 +29,6 @@ pub fn status(deployment: &Path, json: bool) -> anyhow::Result<()> {
     let disks = db.disks().context("reading the disks")?;
     let alerts = db.open_alerts().context("reading the alerts")?;
     let now = unix_now();
-    let health = |last, said| shown_health(last, said, now);
     if json {
         let out = serde_json::json!({
             "servers": servers.iter().map(|s| serde_json::json!({
@@ -49,7 +36,7 @@ pub fn status(deployment: &Path, json: bool) -> anyhow::Result<()> {
                 "address": s.address,
                 "version": s.version,
                 "config_role": s.config_role,
-                "health": health(s.last_heartbeat, s.health),
+                "health": s.shown_health(now),
                 "reported_health": s.health,
                 "last_heartbeat": s.last_heartbeat,
             })).collect::<Vec<_>>(),
@@ -90,7 +77,7 @@ pub fn status(deployment: &Path, json: bool) -> anyhow::Result<()> {
         "ID", "ADDRESS", "VERSION", "HEALTH", "HEARTBEAT"
     );
     for s in &servers {
-        let shown = health(s.last_heartbeat, s.health);
+        let shown = s.shown_health(now);
         println!(
             "{:<20} {:<28} {:<8} {:<7} {:<16}{}",
             s.id,

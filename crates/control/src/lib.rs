@@ -27,8 +27,8 @@ use std::{path::Path, time::Duration};
 
 pub use error::{ControlError, Result};
 pub use records::{
-    Alert, AuditEntry, Disk, DiskReport, Health, Machine, Policy, ProcessServer, ServerLoad,
-    Severity,
+    Alert, AuditEntry, Disk, DiskReport, HEARTBEAT_WINDOW_SECS, Health, Machine, Policy,
+    ProcessServer, ServerLoad, Severity,
 };
 use rusqlite::{Connection, OptionalExtension as _, params};
 

@@ -64,6 +64,30 @@ pub struct ProcessServer {
     pub load: Option<ServerLoad>,
 }
 
+/// A process server whose newest heartbeat is older than this many seconds is
+/// disconnected: red whatever it said last (the seeds' "disconnected" row). The
+/// configuration role's default `health.heartbeat-window-secs`; readers that do not know
+/// the configured window (`ripcord status`, the status page) apply this one.
+pub const HEARTBEAT_WINDOW_SECS: i64 = 60;
+
+impl ProcessServer {
+    /// Whether its newest heartbeat is older than `window` seconds at `now` (one that
+    /// never reported is not silent: it may have just joined).
+    pub fn silent(&self, now: i64, window: i64) -> bool {
+        self.last_heartbeat.is_some_and(|t| now - t > window)
+    }
+
+    /// The colour to show at `now`: what it reported, red once silent for
+    /// [`HEARTBEAT_WINDOW_SECS`], and red if it never reported.
+    pub fn shown_health(&self, now: i64) -> Health {
+        if self.last_heartbeat.is_none() || self.silent(now, HEARTBEAT_WINDOW_SECS) {
+            Health::Red
+        } else {
+            self.health
+        }
+    }
+}
+
 /// A process server's load, each figure averaged over its health window.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ServerLoad {

@@ -69,6 +69,16 @@ impl ControlDb {
         Ok(())
     }
 
+    /// Marks process server `id` red without a heartbeat: the configuration role found it
+    /// silent (its next report sets the colour it reports again).
+    pub fn mark_red(&mut self, id: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE process_servers SET health = ?2 WHERE id = ?1",
+            params![id, Health::Red.as_str()],
+        )?;
+        Ok(())
+    }
+
     /// Records the load process server `id` reported.
     pub fn record_load(&mut self, id: &str, load: &ServerLoad) -> Result<()> {
         self.conn.execute(
