@@ -31,7 +31,7 @@ use std::{
 use anyhow::{Context as _, anyhow, ensure};
 use futures::{StreamExt as _, TryStreamExt as _};
 use ripcord_journal::{Engine, EngineChoice, SyncEngine, SyncKind, select_engine};
-use ripcord_seal::DataKey;
+use ripcord_seal::KeyRing;
 use ripcord_store::{DiskId, Plan, RecoveryPoint, Run, RunSource, Store};
 
 use crate::state::{ApplyState, PointRef};
@@ -170,14 +170,14 @@ async fn write_batches(
     store: &Store,
     disk: &DiskId,
     plan: &Plan,
-    key: &DataKey,
+    key: &KeyRing,
     seqs: &BTreeSet<u64>,
     device: &mut Device,
     stop: &AtomicBool,
     progress: &mut Progress,
 ) -> Result<(), StepError> {
     let placement = Arc::new(plan.placement());
-    let key = Arc::new(DataKey::from_bytes(*key.expose_bytes()));
+    let key = Arc::new(key.clone());
     let machine: Arc<str> = Arc::from(plan.epoch.machine_id.as_str());
     let locations = seqs
         .iter()

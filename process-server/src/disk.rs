@@ -24,12 +24,46 @@ use ripcord_proto::{
 pub enum Entry {
     /// A new epoch began (full resync); the frame carries the wrapped data key.
     EpochStart(ProtectDisk),
+    /// The agent restarted and continues its epoch under a new data key (the frame's)
+    /// from sequence `from_seq` on: every batch before it is sealed with an older key.
+    KeyRotation {
+        from_seq: u64,
+        pd: ProtectDisk,
+    },
     Batch(ripcord_proto::Batch),
     Cut(ripcord_proto::Cut),
 }
 
+impl Entry {
+    /// The epoch the record belongs to.
+    pub fn epoch(&self) -> u64 {
+        match self {
+            Entry::EpochStart(pd) | Entry::KeyRotation { pd, .. } => pd.epoch,
+            Entry::Batch(b) => b.epoch,
+            Entry::Cut(c) => c.epoch,
+        }
+    }
+}
+
+/// A key rotation record's payload: `from_seq` (u64 LE), then the `ProtectDisk` frame.
+pub fn key_rotation_payload(from_seq: u64, frame: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(8 + frame.len());
+    payload.extend_from_slice(&from_seq.to_le_bytes());
+    payload.extend_from_slice(frame);
+    payload
+}
+
 /// Decode one journal record's payload (an encoded protocol frame).
 pub fn decode_entry(kind: RecordType, payload: &[u8]) -> anyhow::Result<Entry> {
+    let (from_seq, payload) = match kind {
+        RecordType::KeyRotation => {
+            let (seq, frame) = payload
+                .split_first_chunk::<8>()
+                .context("key rotation record shorter than its sequence")?;
+            (Some(u64::from_le_bytes(*seq)), frame)
+        }
+        _ => (None, payload),
+    };
     let (msg, used) = decode_frame(payload)?.context("journal record holds a truncated frame")?;
     if used != payload.len() {
         bail!(
@@ -39,6 +73,10 @@ pub fn decode_entry(kind: RecordType, payload: &[u8]) -> anyhow::Result<Entry> {
     }
     Ok(match (kind, msg) {
         (RecordType::EpochStart, Message::ProtectDisk(p)) => Entry::EpochStart(p),
+        (RecordType::KeyRotation, Message::ProtectDisk(pd)) => match from_seq {
+            Some(from_seq @ 1..) => Entry::KeyRotation { from_seq, pd },
+            _ => bail!("key rotation record from sequence 0"),
+        },
         (RecordType::Batch, Message::Batch(b)) => Entry::Batch(b),
         (RecordType::Cut, Message::Cut(c)) => Entry::Cut(c),
         (kind, msg) => bail!(
@@ -86,6 +124,10 @@ pub struct DiskCore {
     receiver: Receiver,
     /// Set by the stream's `ProtectDisk`; batches are checked against it.
     geometry: Option<Geometry>,
+    /// The wrapped data key the current epoch's newest batches are sealed with (`None`:
+    /// not known, e.g. no epoch yet). A `ProtectDisk` of the current epoch with another
+    /// key is a restarted agent continuing it: a key rotation.
+    wrapped_key: Option<Vec<u8>>,
     pub counters: DiskCounters,
     /// The device path the owner last said it protects the disk as (its claim, for
     /// people: logs, metrics, the store's epoch descriptions).
@@ -160,7 +202,8 @@ impl DiskCore {
                 "journal recovery truncated a torn tail (never acknowledged)"
             );
         }
-        let state = scan(&journal, load_state(&dir)?)?;
+        let (saved, saved_key) = load_state(&dir)?;
+        let (state, wrapped_key) = scan(&journal, saved, saved_key)?;
         tracing::info!(
             disk = %disk, epoch = state.epoch, durable_seq = state.durable_seq,
             engine = ?journal.engine_kind(), "journal opened"
@@ -171,6 +214,7 @@ impl DiskCore {
             journal,
             receiver: Receiver::restore(disk, state),
             geometry: None,
+            wrapped_key,
             counters: DiskCounters::default(),
             device: None,
             stopping: Arc::new(AtomicBool::new(false)),
@@ -205,7 +249,11 @@ impl DiskCore {
     /// Drop journal records through `seq` (uploaded). The receiver's durable position is
     /// saved first, so it survives its records leaving the journal.
     pub fn trim_through(&mut self, seq: u64) -> anyhow::Result<()> {
-        save_state(&self.dir, &self.receiver.durable_state())?;
+        save_state(
+            &self.dir,
+            &self.receiver.durable_state(),
+            self.wrapped_key.as_deref(),
+        )?;
         self.journal.trim_through(seq)?;
         Ok(())
     }
@@ -221,6 +269,7 @@ impl DiskCore {
             Err(why) => return Ok(Err(error(ErrorCode::BadFrame, self.disk, &why))),
         };
         let durable = self.receiver.durable_state();
+        let key = self.wrapped_key.clone();
         let outcome = self.receiver.handle_protect(pd);
         if matches!(
             outcome,
@@ -233,6 +282,7 @@ impl DiskCore {
             // The epoch start is not durable: the receiver must not be in it.
             self.receiver = Receiver::restore(self.disk, durable);
             self.geometry = None;
+            self.wrapped_key = key;
         }
         result
     }
@@ -244,7 +294,31 @@ impl DiskCore {
         outcome: ProtectOutcome,
     ) -> anyhow::Result<Result<DiskAccepted, ErrorMessage>> {
         match outcome {
-            ProtectOutcome::Resume(a) => Ok(Ok(a)),
+            ProtectOutcome::Resume(a) if self.wrapped_key.as_deref() == Some(&pd.wrapped_key) => {
+                Ok(Ok(a))
+            }
+            ProtectOutcome::Resume(a) => {
+                // Another key for the current epoch: the agent restarted and continues it.
+                // What was received is durable (every group is synced before the core is
+                // released), so the new key begins right after it.
+                anyhow::ensure!(
+                    self.receiver.received_seq() + 1 == a.resume_from_seq,
+                    "disk {}: received {} but durable {} at a key rotation",
+                    self.disk,
+                    self.receiver.received_seq(),
+                    a.resume_from_seq - 1
+                );
+                self.wait_for_space()?;
+                let payload = key_rotation_payload(a.resume_from_seq, raw);
+                self.journal.append(RecordType::KeyRotation, &payload)?;
+                self.journal.sync()?;
+                self.wrapped_key = Some(pd.wrapped_key.clone());
+                tracing::info!(
+                    disk = %self.disk, epoch = pd.epoch, from_seq = a.resume_from_seq,
+                    "the agent continues its epoch with a new data key (no full resync)"
+                );
+                Ok(Ok(a))
+            }
             ProtectOutcome::NewEpoch {
                 previous_epoch,
                 accepted,
@@ -252,6 +326,7 @@ impl DiskCore {
                 self.wait_for_space()?;
                 self.journal.append(RecordType::EpochStart, raw)?;
                 self.journal.sync()?;
+                self.wrapped_key = Some(pd.wrapped_key.clone());
                 tracing::info!(
                     disk = %self.disk, previous_epoch, epoch = pd.epoch,
                     "new epoch: full resync"
@@ -422,20 +497,22 @@ fn error(code: ErrorCode, disk: DiskId, message: &str) -> ErrorMessage {
 
 const STATE_FILE: &str = "receiver-state.json";
 
-fn save_state(dir: &Path, st: &DurableState) -> anyhow::Result<()> {
+fn save_state(dir: &Path, st: &DurableState, wrapped_key: Option<&[u8]>) -> anyhow::Result<()> {
     let v = serde_json::json!({
         "epoch": st.epoch,
         "durable_seq": st.durable_seq,
         "last_cut": st.last_cut.map(|c| [c.id, c.seq]),
+        "wrapped_key": wrapped_key.map(hex::encode),
     });
     crate::deploy::write_atomic(&dir.join(STATE_FILE), v.to_string().as_bytes())
 }
 
-fn load_state(dir: &Path) -> anyhow::Result<Option<DurableState>> {
+/// The saved durable state and current epoch's key (`None` before the first trim).
+fn load_state(dir: &Path) -> anyhow::Result<(Option<DurableState>, Option<Vec<u8>>)> {
     let path = dir.join(STATE_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, None)),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     let v: serde_json::Value =
@@ -450,16 +527,30 @@ fn load_state(dir: &Path) -> anyhow::Result<Option<DurableState>> {
             seq: a.get(1)?.as_u64()?,
         })
     });
-    Ok(Some(DurableState {
-        epoch: num("epoch")?,
-        durable_seq: num("durable_seq")?,
-        last_cut,
-    }))
+    let wrapped_key = match v["wrapped_key"].as_str() {
+        Some(h) => {
+            Some(hex::decode(h).with_context(|| format!("{}: wrapped_key", path.display()))?)
+        }
+        None => None,
+    };
+    Ok((
+        Some(DurableState {
+            epoch: num("epoch")?,
+            durable_seq: num("durable_seq")?,
+            last_cut,
+        }),
+        wrapped_key,
+    ))
 }
 
-/// Rebuild the receiver's durable state: the saved state (from before the last trim), then
-/// every record still in the journal (all durable: recovery dropped any torn tail).
-fn scan(journal: &Journal, saved: Option<DurableState>) -> anyhow::Result<DurableState> {
+/// Rebuild the receiver's durable state and the current key: the saved ones (from before
+/// the last trim), then every record still in the journal (all durable: recovery dropped
+/// any torn tail).
+fn scan(
+    journal: &Journal,
+    saved: Option<DurableState>,
+    mut wrapped_key: Option<Vec<u8>>,
+) -> anyhow::Result<(DurableState, Option<Vec<u8>>)> {
     let mut state = saved.unwrap_or(DurableState {
         epoch: 0,
         durable_seq: 0,
@@ -470,7 +561,7 @@ fn scan(journal: &Journal, saved: Option<DurableState>) -> anyhow::Result<Durabl
         let entry = decode_entry(record.kind, &record.payload)
             .with_context(|| format!("journal record {}", record.seq))?;
         let (epoch, batch, cut) = match &entry {
-            Entry::EpochStart(p) => (p.epoch, None, None),
+            Entry::EpochStart(p) | Entry::KeyRotation { pd: p, .. } => (p.epoch, None, None),
             Entry::Batch(b) => (b.epoch, Some(b.last_seq), None),
             Entry::Cut(c) => (
                 c.epoch,
@@ -490,6 +581,10 @@ fn scan(journal: &Journal, saved: Option<DurableState>) -> anyhow::Result<Durabl
                 durable_seq: 0,
                 last_cut: None,
             };
+            wrapped_key = None;
+        }
+        if let Entry::EpochStart(p) | Entry::KeyRotation { pd: p, .. } = entry {
+            wrapped_key = Some(p.wrapped_key);
         }
         if let Some(seq) = batch {
             state.durable_seq = state.durable_seq.max(seq);
@@ -500,5 +595,5 @@ fn scan(journal: &Journal, saved: Option<DurableState>) -> anyhow::Result<Durabl
             state.last_cut = Some(c);
         }
     }
-    Ok(state)
+    Ok((state, wrapped_key))
 }

@@ -409,7 +409,8 @@ impl Uploader {
     /// Hands one record to the store writer; returns what to wait for before trimming it.
     async fn upload(&mut self, entry: Entry) -> anyhow::Result<Pending> {
         let pending = match &entry {
-            Entry::EpochStart(pd) => Pending::Epoch(pd.epoch),
+            // A rotation's key is stored before `upload` returns: done once its epoch is.
+            Entry::EpochStart(pd) | Entry::KeyRotation { pd, .. } => Pending::Epoch(pd.epoch),
             Entry::Batch(b) => Pending::Batch {
                 epoch: b.epoch,
                 seq: b.first_seq,
@@ -437,6 +438,15 @@ impl Uploader {
                 // A new epoch flushes the previous one; its records are trimmed as done
                 // (older epoch) by the next flush.
                 self.writer.begin_epoch(&info).await?;
+            }
+            Entry::KeyRotation { from_seq, pd } => {
+                self.writer
+                    .rotate_key(&ripcord_store::KeyRotation {
+                        epoch: pd.epoch,
+                        from_seq,
+                        wrapped_key: pd.wrapped_key,
+                    })
+                    .await?;
             }
             Entry::Batch(b) => {
                 self.writer.add_batch(to_store(b)).await?;

@@ -129,3 +129,83 @@ fn a_journal_never_trimmed_replays_without_the_store() {
         "replay to the cut",
     );
 }
+
+/// An agent that restarts continues its epoch under a fresh data key: the server journals
+/// a key rotation (once: a reconnection with the same key is no rotation, also after the
+/// server restarted with the rotation trimmed), the uploader stores it, and replay opens
+/// each batch with its generation's key, from the journal and from the store.
+#[test]
+fn an_epoch_continued_under_rotated_keys_replays_from_the_journal_and_the_store() {
+    let mut f = Fixture::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upload_all = |f: &Fixture| {
+        rt.block_on(async {
+            let store = Store::open(&f.target_url()).await.unwrap();
+            let mut u = Uploader::open(
+                store,
+                DISK,
+                MACHINE.to_owned(),
+                f.core.clone(),
+                upload_config(),
+            )
+            .await
+            .unwrap();
+            loop {
+                let step = u.step().await.unwrap();
+                if step.records == 0 && step.trimmed_through.is_none() {
+                    break;
+                }
+            }
+        })
+    };
+    for i in 0..10u64 {
+        f.write((i * 1543 * 8) % (SIZE / 512 - 256), 128);
+    }
+    let first_cut = f.cut();
+    let image_at_first_cut = f.image.clone();
+    assert_eq!(f.restart_agent(), 11);
+    assert_eq!(f.rotations_in_journal(), 1);
+    assert_eq!(f.announce(), 11, "a reconnection with the same key");
+    assert_eq!(f.rotations_in_journal(), 1, "a reconnection is no rotation");
+    // Enough to fill journal segments past the rotation, so the upload trims it.
+    for i in 0..24u64 {
+        f.write((i * 2003 * 8) % (SIZE / 512 - 256), 128);
+    }
+    f.zero(64, 64);
+    f.cut();
+    upload_all(&f);
+    assert_eq!(f.rotations_in_journal(), 0, "the rotation was trimmed");
+    let rotations = rt.block_on(async {
+        let store = Store::open(&f.target_url()).await.unwrap();
+        store.key_rotations(&DISK, 1).await.unwrap()
+    });
+    assert_eq!(
+        rotations.iter().map(|r| r.from_seq).collect::<Vec<_>>(),
+        [11]
+    );
+    // The server restarts with the rotation trimmed: the key it knew survives, and the
+    // agent reconnecting with it is no rotation.
+    f.restart_server();
+    let next = f.announce();
+    assert_eq!(f.rotations_in_journal(), 0, "a spurious rotation at {next}");
+    // A second restart of the agent.
+    let second = f.restart_agent();
+    assert_eq!(f.rotations_in_journal(), 1);
+    f.write(512, 64);
+    f.cut();
+    let image_at_last_cut = f.image.clone();
+    f.write(9000, 32);
+    let image_at_end = f.image.clone();
+    let stopped = f.stop();
+    assert_same(&replayed(&stopped, Until::End), &image_at_end, "to the end");
+    assert_same(
+        &replayed(&stopped, Until::LastCut),
+        &image_at_last_cut,
+        &format!("to the last cut (the third key, from batch {second})"),
+    );
+    assert_same(
+        &replayed(&stopped, Until::Cut(first_cut)),
+        &image_at_first_cut,
+        "to the first cut (from the store, the first key)",
+    );
+}

@@ -25,7 +25,7 @@ use ripcord_restore::{
     output_guard::{self, Destination},
     resolve_authentic,
 };
-use ripcord_seal::DataKey;
+use ripcord_seal::KeyRing;
 use ripcord_store::{CutKind, DiskId, Plan, RecoveryPoint, RunSource, Store};
 
 /// Which recovery point.
@@ -276,14 +276,14 @@ async fn copy_plan(
     store: &Store,
     disk: &DiskId,
     plan: &Plan,
-    key: &DataKey,
+    key: &KeyRing,
     target: &Target,
     bar: &ProgressBar,
 ) -> anyhow::Result<usize> {
     use futures::TryStreamExt as _;
     let batches = plan.batches();
     let placement = std::sync::Arc::new(plan.placement());
-    let key = std::sync::Arc::new(DataKey::from_bytes(*key.expose_bytes()));
+    let key = std::sync::Arc::new(key.clone());
     let file = std::sync::Arc::new(target.file.try_clone()?);
     let is_block = target.is_block;
     let machine = std::sync::Arc::new(plan.epoch.machine_id.clone());

@@ -69,6 +69,7 @@ async fn damaged_objects_are_found_named_and_never_restored_as_data() {
         "index/",
         "checkpoints/",
         "catalog/",
+        "keys/",
     ] {
         assert!(
             objects.iter().any(|o| o.contains(kind)),

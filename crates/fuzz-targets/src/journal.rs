@@ -126,10 +126,16 @@ pub fn journal_entry(data: &[u8]) {
         return;
     };
     crate::accepted();
-    let msg = match entry {
-        Entry::EpochStart(p) => Message::ProtectDisk(p),
-        Entry::Batch(b) => Message::Batch(b),
-        Entry::Cut(c) => Message::Cut(c),
+    let (msg, prefix) = match entry {
+        Entry::EpochStart(p) => (Message::ProtectDisk(p), None),
+        Entry::KeyRotation { from_seq, pd } => (Message::ProtectDisk(pd), Some(from_seq)),
+        Entry::Batch(b) => (Message::Batch(b), None),
+        Entry::Cut(c) => (Message::Cut(c), None),
     };
-    assert_eq!(msg.to_frame().expect("a decoded frame is valid"), payload);
+    let frame = msg.to_frame().expect("a decoded frame is valid");
+    let encoded = match prefix {
+        Some(from_seq) => ripcord_process_server::disk::key_rotation_payload(from_seq, &frame),
+        None => frame,
+    };
+    assert_eq!(encoded, payload);
 }

@@ -74,6 +74,9 @@ pub enum RecordType {
     Cut = 2,
     /// Start of a new replication epoch (e.g. after a resync).
     EpochStart = 3,
+    /// A new data key for the current epoch from a sequence on (an agent restarted and
+    /// continues its epoch): the sequence, u64 LE, then the agent's `ProtectDisk` frame.
+    KeyRotation = 4,
 }
 
 impl RecordType {
@@ -84,6 +87,7 @@ impl RecordType {
             1 => Some(RecordType::Batch),
             2 => Some(RecordType::Cut),
             3 => Some(RecordType::EpochStart),
+            4 => Some(RecordType::KeyRotation),
             _ => None,
         }
     }

@@ -1,5 +1,6 @@
 //! Reading a recovery point so that nothing unauthenticated is placed: unwrap the disk's
-//! data key with the deployment passphrase, check the point's MAC (the agent's, over cut
+//! data keys with the deployment passphrase (the epoch's own, and one per key rotation:
+//! an agent that restarted continues its epoch under a fresh key), check the point's MAC (the agent's, over cut
 //! id, seq, time and kind), resolve the point to batch locations, and authenticate and
 //! decrypt each batch before its runs are checked against its authenticated extent list
 //! ([`ripcord_store::Placement::check`]).
@@ -13,18 +14,19 @@
 use anyhow::{Context as _, ensure};
 use ripcord_proto::{FLAG_COMPRESSED, aead};
 use ripcord_seal::{
-    DataKey, Flags, Sealer,
+    Flags, KeyRing, Sealer,
     escrow::{EscrowFile, unwrap_data_key},
 };
 use ripcord_store::{DiskId, EpochInfo, Plan, RecoveryPoint, SealedBatch, Store};
 
-/// The disk's data key for `epoch`, from the passphrase and the store's escrow file.
-pub async fn data_key(
+/// The disk's data keys for `epoch` (its own and its rotations'), from the passphrase and
+/// the store's escrow file.
+pub async fn data_keys(
     store: &Store,
     disk: &DiskId,
     epoch: &EpochInfo,
     passphrase: &[u8],
-) -> anyhow::Result<DataKey> {
+) -> anyhow::Result<KeyRing> {
     let escrow: EscrowFile = serde_json::from_slice(
         &store
             .get_escrow()
@@ -36,19 +38,33 @@ pub async fn data_key(
         .unlock(passphrase)
         .context("unlocking the deployment's escrow key (the store's escrow.json)")?;
     let ctx = aead::key_context(&epoch.machine_id, disk);
-    unwrap_data_key(&epoch.wrapped_key, &secret, &ctx).with_context(|| {
+    let own = unwrap_data_key(&epoch.wrapped_key, &secret, &ctx).with_context(|| {
         format!(
             "unwrapping the data key of epoch {} (`{}`)",
             epoch.epoch,
             ripcord_store::format::epoch_name(disk, epoch.epoch)
         )
-    })
+    })?;
+    let mut ring = KeyRing::new(own);
+    for r in store
+        .key_rotations(disk, epoch.epoch)
+        .await
+        .with_context(|| format!("reading the key rotations of epoch {}", epoch.epoch))?
+    {
+        let object = ripcord_store::format::key_rotation_name(disk, r.epoch, r.from_seq);
+        let key = unwrap_data_key(&r.wrapped_key, &secret, &ctx)
+            .with_context(|| format!("unwrapping the rotated data key `{object}`"))?;
+        ring.rotate(r.from_seq, key)
+            .with_context(|| format!("key rotation `{object}`"))?;
+    }
+    Ok(ring)
 }
 
-/// Checks the agent's MAC over `point` with the disk's data key: a point whose cut id,
-/// seq, time or kind was changed in the store (or that the agent never made) is refused,
-/// naming its catalog object.
-pub fn check_point(key: &DataKey, disk: &DiskId, point: &RecoveryPoint) -> anyhow::Result<()> {
+/// Checks the agent's MAC over `point` with one of the epoch's data keys (the agent
+/// process that cut it held one of them): a point whose cut id, seq, time or kind was
+/// changed in the store (or that no agent of the epoch made) is refused, naming its
+/// catalog object.
+pub fn check_point(keys: &KeyRing, disk: &DiskId, point: &RecoveryPoint) -> anyhow::Result<()> {
     let message = aead::cut_aad(
         disk,
         point.epoch,
@@ -58,40 +74,46 @@ pub fn check_point(key: &DataKey, disk: &DiskId, point: &RecoveryPoint) -> anyho
         point.mono_ns,
         point.kind,
     );
-    ripcord_seal::check_point_mac(key, &message, &point.mac).with_context(|| {
+    let authentic = keys
+        .newest_first()
+        .any(|key| ripcord_seal::check_point_mac(key, &message, &point.mac).is_ok());
+    ensure!(authentic, {
         format!(
             "recovery point {} (`{}`) is not authentic: its fields were changed in the store \
              by someone who can write it, or it is damaged; refusing to use it",
             point.id, point.catalog_object
         )
-    })
+    });
+    Ok(())
 }
 
-/// Resolves an authenticated point: the epoch's data key, the point's MAC checked with it,
-/// then the plan. Nothing of the plan is trusted yet (see [`ripcord_store::Placement::check`]).
+/// Resolves an authenticated point: the epoch's data keys, the point's MAC checked with
+/// them, then the plan. Nothing of the plan is trusted yet (see
+/// [`ripcord_store::Placement::check`]).
 pub async fn resolve_authentic(
     store: &Store,
     disk: &DiskId,
     point: &RecoveryPoint,
     passphrase: &[u8],
-) -> anyhow::Result<(DataKey, Plan)> {
+) -> anyhow::Result<(KeyRing, Plan)> {
     let epoch = store
         .epoch_info(disk, point.epoch)
         .await
         .with_context(|| format!("reading epoch {} of point {}", point.epoch, point.id))?;
-    let key = data_key(store, disk, &epoch, passphrase).await?;
-    check_point(&key, disk, point)?;
+    let keys = data_keys(store, disk, &epoch, passphrase).await?;
+    check_point(&keys, disk, point)?;
     let plan = store
         .resolve(disk, point)
         .await
         .with_context(|| format!("resolving point {}", point.id))?;
-    Ok((key, plan))
+    Ok((keys, plan))
 }
 
-/// Authenticate and decrypt one batch; `object` names it in errors.
+/// Authenticate and decrypt one batch with the key of its sequence; `object` names it in
+/// errors.
 pub fn open_batch(
     sealer: &mut Sealer,
-    key: &DataKey,
+    keys: &KeyRing,
     machine: &str,
     disk: &DiskId,
     b: &SealedBatch,
@@ -113,7 +135,15 @@ pub fn open_batch(
         Flags::Stored
     };
     sealer
-        .open_into(key, &aad, nonce, flags, &b.sealed, data as usize, out)
+        .open_into(
+            keys.for_seq(b.seq),
+            &aad,
+            nonce,
+            flags,
+            &b.sealed,
+            data as usize,
+            out,
+        )
         .with_context(|| {
             format!(
                 "batch {} of epoch {} in {object} failed authentication: damaged or tampered",
@@ -133,7 +163,7 @@ pub fn open_batch(
 /// puts its runs exactly where its authenticated extent list says; returns the plaintext.
 /// Nothing of a batch may be placed before this returns `Ok`.
 pub fn open_placed(
-    key: &DataKey,
+    keys: &KeyRing,
     machine: &str,
     disk: &DiskId,
     b: &SealedBatch,
@@ -143,7 +173,7 @@ pub fn open_placed(
     let mut plain = Vec::new();
     open_batch(
         &mut Sealer::new(),
-        key,
+        keys,
         machine,
         disk,
         b,

@@ -11,4 +11,4 @@ pub mod output_guard;
 pub mod testing;
 pub mod zero;
 
-pub use authentic::{check_point, data_key, open_batch, open_placed, resolve_authentic};
+pub use authentic::{check_point, data_keys, open_batch, open_placed, resolve_authentic};

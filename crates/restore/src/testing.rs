@@ -14,7 +14,8 @@ use ripcord_seal::{
 };
 use ripcord_store::format::{self, RunTarget};
 use ripcord_store::{
-    CutInfo, CutKind, DiskId, EpochInfo, Extent, ExtentKind, SealedBatch, Store, WriterConfig,
+    CutInfo, CutKind, DiskId, EpochInfo, Extent, ExtentKind, KeyRotation, SealedBatch, Store,
+    WriterConfig,
 };
 
 pub const PASSPHRASE: &str = "a long test passphrase";
@@ -23,9 +24,12 @@ pub const DISK: DiskId = DiskId([0x3c; 16]);
 pub const SECTORS: u64 = 4096;
 pub const SIZE: u64 = SECTORS * 512;
 pub const EPOCH: u64 = 1;
+/// The first batch sealed with the second data key.
+pub const ROTATED_AT: u64 = 5;
 
-/// A store with one disk: batches 1..=4, checkpoint at 4, cut 1 at 4; batches 5..=6,
-/// cut 2 at 6. `images[i]` is the disk at cut `i + 1`.
+/// A store with one disk: batches 1..=4, checkpoint at 4, cut 1 at 4; then the agent
+/// restarts and continues the epoch under a new data key (a key rotation at 5): batches
+/// 5..=6, cut 2 at 6. `images[i]` is the disk at cut `i + 1`.
 pub struct Fixture {
     pub tmp: tempfile::TempDir,
     pub images: Vec<Vec<u8>>,
@@ -86,7 +90,7 @@ impl Fixture {
             .put_escrow(&serde_json::to_vec(&escrow).expect("escrow json"))
             .await
             .expect("storing escrow.json");
-        let key = DataKey::generate().expect("data key");
+        let mut key = DataKey::generate().expect("data key");
         let wrapped_key =
             wrap_data_key(&key, &escrow.public_key, &aead::key_context(MACHINE, &DISK))
                 .expect("wrapping the data key");
@@ -115,6 +119,21 @@ impl Fixture {
         let mut sealer = Sealer::new();
         for (i, extents) in batches().into_iter().enumerate() {
             let seq = i as u64 + 1;
+            if seq == ROTATED_AT {
+                key = DataKey::generate().expect("data key");
+                w.rotate_key(&KeyRotation {
+                    epoch: EPOCH,
+                    from_seq: seq,
+                    wrapped_key: wrap_data_key(
+                        &key,
+                        &escrow.public_key,
+                        &aead::key_context(MACHINE, &DISK),
+                    )
+                    .expect("wrapping the rotated data key"),
+                })
+                .await
+                .expect("storing the key rotation");
+            }
             let mut plain = Vec::new();
             for (j, e) in extents.iter().enumerate() {
                 let at =

@@ -99,6 +99,15 @@ pub enum KeyError {
          passphrase, or a damaged escrow file"
     )]
     EscrowPassphrase,
+    /// A key rotation does not come after the rotations before it (a damaged or
+    /// reordered list of an epoch's keys).
+    #[error("a key rotation at sequence {from_seq} does not follow the one at {last}")]
+    RotationOrder {
+        /// The rotation's first sequence.
+        from_seq: u64,
+        /// The first sequence of the newest key before it.
+        last: u64,
+    },
     /// The envelope's checksum does not match: the file is damaged.
     #[error("key envelope is damaged (checksum mismatch); restore it from another escrow copy")]
     Damaged,
@@ -477,4 +486,83 @@ pub fn unwrap_key(wrapped: &WrappedKey, passphrase: &[u8]) -> Result<DataKey, Ke
             key_id: wrapped.key_id.clone(),
         })?;
     Ok(key)
+}
+
+/// The data keys of one epoch, each for the batches from its first sequence on: the
+/// epoch's own key from sequence 1, then one per key rotation (an agent that restarted
+/// and continued the epoch under a fresh key).
+///
+/// Invariant: non-empty, first sequences strictly increasing from 1.
+#[derive(Clone)]
+pub struct KeyRing {
+    generations: Vec<(u64, DataKey)>,
+}
+
+impl KeyRing {
+    /// A ring of the epoch's own key (every batch from sequence 1).
+    pub fn new(epoch_key: DataKey) -> KeyRing {
+        KeyRing {
+            generations: vec![(1, epoch_key)],
+        }
+    }
+
+    /// Adds the key of a rotation at `from_seq`; refused unless it comes after every
+    /// rotation added before.
+    pub fn rotate(&mut self, from_seq: u64, key: DataKey) -> Result<(), KeyError> {
+        let last = self.generations.last().map_or(0, |g| g.0);
+        if from_seq <= last {
+            return Err(KeyError::RotationOrder { from_seq, last });
+        }
+        self.generations.push((from_seq, key));
+        Ok(())
+    }
+
+    /// The key batch `seq` is sealed with.
+    pub fn for_seq(&self, seq: u64) -> &DataKey {
+        let at = self.generations.partition_point(|g| g.0 <= seq);
+        &self.generations[at.saturating_sub(1)].1
+    }
+
+    /// Every key, newest first (a recovery point's MAC is made with the key of the agent
+    /// process that cut it, which its position alone does not tell).
+    pub fn newest_first(&self) -> impl Iterator<Item = &DataKey> {
+        self.generations.iter().rev().map(|g| &g.1)
+    }
+
+    /// How many keys (1 + rotations).
+    pub fn len(&self) -> usize {
+        self.generations.len()
+    }
+
+    /// Never empty (see the invariant); for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let from: Vec<u64> = self.generations.iter().map(|g| g.0).collect();
+        f.debug_struct("KeyRing").field("from_seqs", &from).finish()
+    }
+}
+
+#[cfg(test)]
+mod ring_tests {
+    use super::*;
+
+    #[test]
+    fn each_sequence_gets_the_key_of_its_generation() {
+        let k = |b: u8| DataKey::from_bytes([b; KEY_LEN]);
+        let mut ring = KeyRing::new(k(1));
+        ring.rotate(10, k(2)).unwrap();
+        ring.rotate(25, k(3)).unwrap();
+        for (seq, want) in [(1, 1), (9, 1), (10, 2), (24, 2), (25, 3), (u64::MAX, 3)] {
+            assert_eq!(ring.for_seq(seq).expose_bytes()[0], want, "seq {seq}");
+        }
+        assert!(ring.rotate(25, k(4)).is_err());
+        assert!(ring.rotate(1, k(4)).is_err());
+        let order: Vec<u8> = ring.newest_first().map(|k| k.expose_bytes()[0]).collect();
+        assert_eq!(order, [3, 2, 1]);
+    }
 }

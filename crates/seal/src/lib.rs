@@ -38,7 +38,7 @@ pub mod passphrase;
 pub mod point_mac;
 pub mod seal;
 
-pub use keys::{DataKey, KdfParams, KeyError, WrappedKey, unwrap_key, wrap_key};
+pub use keys::{DataKey, KdfParams, KeyError, KeyRing, WrappedKey, unwrap_key, wrap_key};
 pub use passphrase::{PassphraseError, read_passphrase};
 pub use point_mac::{POINT_MAC_LEN, PointMacMismatch, check_point_mac, point_mac};
 pub use seal::{Flags, SealError, Sealed, Sealer, open, seal, seal_encoded};

@@ -255,11 +255,11 @@ impl Store {
         let dd = format::disk_dir(disk);
         let pre = format!("{e:020}-");
         let base = |n: &str| n.rsplit('/').next().unwrap_or("").starts_with(&pre);
-        for dir in ["catalog", "index", "checkpoints"] {
+        for dir in ["catalog", "index", "checkpoints", "keys"] {
             for l in self.list(&format!("{dd}/{dir}")).await? {
                 if base(&l.name) {
                     self.delete(&l.name).await?;
-                    if dir != "catalog" {
+                    if !matches!(dir, "catalog" | "keys") {
                         rep.index_deleted += 1;
                     }
                 }

@@ -93,7 +93,7 @@ pub use gc::{GcConfig, GcReport};
 pub use placement::Placement;
 pub use store::{ESCROW_OBJECT, Store};
 pub use types::{
-    BatchLocation, Committed, CutInfo, CutKind, DiskId, EpochInfo, Extent, ExtentKind,
+    BatchLocation, Committed, CutInfo, CutKind, DiskId, EpochInfo, Extent, ExtentKind, KeyRotation,
     POINT_MAC_LEN, Plan, RecoveryPoint, Run, RunSource, SECTOR_BYTES, SealedBatch,
 };
 pub use verify::{Damage, VerifyReport};

@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::format::{self, named};
 use crate::local::{DurableLocal, OsSync};
-use crate::types::{DiskId, EpochInfo};
+use crate::types::{DiskId, EpochInfo, KeyRotation};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -292,6 +292,27 @@ impl Store {
                 v.push(self.epoch_info(disk, e).await?);
             }
         }
+        Ok(v)
+    }
+
+    /// The key rotations of `epoch` of `disk`, by `from_seq` ascending (empty: every
+    /// batch of the epoch is sealed with the epoch description's key).
+    pub async fn key_rotations(&self, disk: &DiskId, epoch: u64) -> Result<Vec<KeyRotation>> {
+        let dir = format!("{}/keys", format::disk_dir(disk));
+        let mut v = Vec::new();
+        for l in self.list(&dir).await? {
+            let Some((e, from_seq)) = format::parse_key_rotation(&l.name) else {
+                continue;
+            };
+            if e == epoch {
+                let bytes = self.get(&l.name).await?;
+                v.push(named(
+                    format::decode_key_rotation(&bytes, e, from_seq),
+                    &l.name,
+                )?);
+            }
+        }
+        v.sort_by_key(|k| k.from_seq);
         Ok(v)
     }
 

@@ -69,6 +69,18 @@ pub struct EpochInfo {
     pub device: Option<String>,
 }
 
+/// A newer data key for an epoch's batches from `from_seq` on (an agent restarted and
+/// continued the epoch; see `format::key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRotation {
+    /// The epoch whose key rotates.
+    pub epoch: u64,
+    /// The first batch sealed with this key.
+    pub from_seq: u64,
+    /// The data key sealed to the deployment escrow key; opaque to the store.
+    pub wrapped_key: Vec<u8>,
+}
+
 /// A committed recovery point (a cut whose batches are all durable).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RecoveryPoint {

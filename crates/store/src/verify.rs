@@ -92,6 +92,31 @@ impl Store {
                 Err(err) => rep.damage(&l.name, err),
             }
         }
+        // Key rotations: each decodes under its name and belongs to a stored epoch.
+        for l in self.list(&format!("{dd}/keys")).await? {
+            let Some((e, from_seq)) = format::parse_key_rotation(&l.name) else {
+                continue;
+            };
+            rep.objects_checked += 1;
+            rep.bytes_read += l.size;
+            let decoded = match self.get(&l.name).await {
+                Ok(b) => format::decode_key_rotation(&b, e, from_seq)
+                    .map_err(|c| Error::corrupt(&l.name, c)),
+                Err(err) => Err(err),
+            };
+            match decoded {
+                Err(err) => rep.damage(&l.name, err),
+                Ok(_) if !epochs.contains(&e) => rep.damage(
+                    &l.name,
+                    Error::UnknownEpoch {
+                        disk: disk.to_string(),
+                        epoch: e,
+                        object: format::epoch_name(disk, e),
+                    },
+                ),
+                Ok(_) => {}
+            }
+        }
         // Packs: read whole, check every record and the footer.
         let mut packs: HashMap<String, Option<PackRecords>> = HashMap::new();
         for l in self.list(&format!("{dd}/packs")).await? {

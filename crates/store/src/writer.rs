@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::format::CatalogEntry;
 use crate::format::{self, Checkpoint, DirEntry, IndexEntry, Segment};
 use crate::store::Store;
-use crate::types::{BatchLocation, Committed, CutInfo, DiskId, EpochInfo, ExtentKind, SealedBatch};
+use crate::types::{
+    BatchLocation, Committed, CutInfo, DiskId, EpochInfo, ExtentKind, KeyRotation, SealedBatch,
+};
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -212,6 +214,22 @@ impl DiskWriter {
         self.reported.clear();
         self.last_ckpt = 0;
         Ok(flushed)
+    }
+
+    /// Stores a key rotation of the current epoch (see `format::key`): before any batch
+    /// sealed with its key is added. Storing one again is harmless (same name, same
+    /// bytes: a journal replayed after a restart).
+    pub async fn rotate_key(&mut self, rotation: &KeyRotation) -> Result<()> {
+        self.check_epoch(rotation.epoch)?;
+        self.store
+            .put(
+                &format::key_rotation_name(&self.disk, rotation.epoch, rotation.from_seq),
+                format::encode_key_rotation(rotation),
+            )
+            .await?;
+        tracing::info!(disk = %self.disk, epoch = rotation.epoch, from_seq = rotation.from_seq,
+            "key rotation stored");
+        Ok(())
     }
 
     fn check_epoch(&self, epoch: u64) -> Result<()> {

@@ -11,8 +11,10 @@
 //!    batches after that, through `T`. The two must join without a gap: replay refuses
 //!    (naming both positions) rather than write an image that skips a batch.
 //!
-//! Every batch, from either source, is authenticated with the epoch's data key (unwrapped
-//! with the passphrase) before any of its bytes is written.
+//! Every batch, from either source, is authenticated with the epoch's data key of its
+//! sequence (the epoch's own, or a key rotation's: from the journal's rotation records and
+//! the store's rotation objects), unwrapped with the passphrase, before any of its bytes
+//! is written.
 
 mod output;
 
@@ -21,7 +23,7 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{Context as _, bail, ensure};
 use ripcord_journal::Journal;
 use ripcord_proto::{DiskId, Extent, ExtentKind, FLAG_COMPRESSED, ProtectDisk, aead};
-use ripcord_seal::{DataKey, Flags, Sealer, escrow::unwrap_data_key};
+use ripcord_seal::{Flags, KeyRing, Sealer, escrow::unwrap_data_key};
 use ripcord_store::{RunSource, Store};
 
 use crate::{
@@ -65,6 +67,8 @@ struct JournalScan {
     start: Option<ProtectDisk>,
     /// Cut id -> seq.
     cuts: BTreeMap<u64, u64>,
+    /// Key rotations: first seq -> wrapped key.
+    rotations: BTreeMap<u64, Vec<u8>>,
 }
 
 fn scan(journal: &Journal) -> anyhow::Result<JournalScan> {
@@ -73,11 +77,7 @@ fn scan(journal: &Journal) -> anyhow::Result<JournalScan> {
         let r = r?;
         let entry = decode_entry(r.kind, &r.payload)
             .with_context(|| format!("journal record {}", r.seq))?;
-        let epoch = match &entry {
-            Entry::EpochStart(pd) => pd.epoch,
-            Entry::Batch(b) => b.epoch,
-            Entry::Cut(c) => c.epoch,
-        };
+        let epoch = entry.epoch();
         if s.epoch.is_none_or(|e| epoch > e) {
             s = JournalScan {
                 epoch: Some(epoch),
@@ -86,6 +86,9 @@ fn scan(journal: &Journal) -> anyhow::Result<JournalScan> {
         }
         match entry {
             Entry::EpochStart(pd) => s.start = Some(pd),
+            Entry::KeyRotation { from_seq, pd } => {
+                s.rotations.insert(from_seq, pd.wrapped_key);
+            }
             Entry::Cut(c) => {
                 s.cuts.insert(c.id, c.seq);
             }
@@ -97,7 +100,7 @@ fn scan(journal: &Journal) -> anyhow::Result<JournalScan> {
 
 /// Unseals batches of one epoch.
 struct Opener {
-    key: DataKey,
+    keys: KeyRing,
     machine: String,
     disk: DiskId,
     sealer: Sealer,
@@ -137,7 +140,7 @@ impl Opener {
         };
         self.sealer
             .open_into(
-                &self.key,
+                self.keys.for_seq(first_seq),
                 &aad,
                 nonce,
                 flags,
@@ -160,6 +163,8 @@ struct Base {
     epoch: u64,
     size_bytes: u64,
     wrapped_key: Vec<u8>,
+    /// Key rotations (first seq -> wrapped key), from every source.
+    rotations: BTreeMap<u64, Vec<u8>>,
     /// Cut id -> seq, from every source.
     cuts: BTreeMap<u64, u64>,
     /// The store, when the journal no longer holds the epoch's start.
@@ -204,6 +209,7 @@ pub fn replay(
             epoch: pd.epoch,
             size_bytes: pd.size_bytes,
             wrapped_key: pd.wrapped_key,
+            rotations: scan.rotations,
             cuts: scan.cuts,
             store: None,
         },
@@ -219,7 +225,7 @@ pub fn replay(
                     ),
                 }
             };
-            rt.block_on(store_base(url, &disk, scan.epoch, scan.cuts, until))
+            rt.block_on(store_base(url, &disk, &scan, until))
                 .with_context(|| {
                     format!(
                         "the journal's start of the epoch was trimmed after upload; reading \
@@ -248,8 +254,18 @@ pub fn replay(
     let context = aead::key_context(&machine, &disk);
     let key = unwrap_data_key(&base.wrapped_key, &secret, &context)
         .with_context(|| format!("unwrapping the data key of epoch {}", base.epoch))?;
+    let mut keys = KeyRing::new(key);
+    for (&from_seq, wrapped) in &base.rotations {
+        let key = unwrap_data_key(wrapped, &secret, &context).with_context(|| {
+            format!(
+                "unwrapping the data key of epoch {} from batch {from_seq}",
+                base.epoch
+            )
+        })?;
+        keys.rotate(from_seq, key)?;
+    }
     let mut opener = Opener {
-        key,
+        keys,
         machine,
         disk,
         sealer: Sealer::new(),
@@ -358,10 +374,10 @@ pub fn replay(
 async fn store_base(
     url: &str,
     disk: &DiskId,
-    journal_epoch: Option<u64>,
-    journal_cuts: BTreeMap<u64, u64>,
+    scan: &JournalScan,
     until: Until,
 ) -> anyhow::Result<Base> {
+    let (journal_epoch, journal_cuts) = (scan.epoch, &scan.cuts);
     let store = Store::open(url).await?;
     let epoch = match journal_epoch {
         Some(e) => e,
@@ -387,10 +403,20 @@ async fn store_base(
     };
     let mut cuts: BTreeMap<u64, u64> = point.map(|p| (p.cut_id, p.seq)).into_iter().collect();
     cuts.extend(journal_cuts);
+    let mut rotations: BTreeMap<u64, Vec<u8>> = store
+        .key_rotations(disk, epoch)
+        .await?
+        .into_iter()
+        .map(|r| (r.from_seq, r.wrapped_key))
+        .collect();
+    if journal_epoch == Some(epoch) {
+        rotations.extend(scan.rotations.clone());
+    }
     Ok(Base {
         epoch,
         size_bytes: info.size_bytes,
         wrapped_key: info.wrapped_key,
+        rotations,
         cuts,
         store: Some((store, durable)),
     })

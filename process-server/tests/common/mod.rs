@@ -38,6 +38,9 @@ pub struct Fixture {
     pub image: Vec<u8>,
     pub epoch: u64,
     key: DataKey,
+    /// `key` wrapped to the escrow key, once per key (an agent wraps its key once per
+    /// process: the server tells a reconnection from a restart by these bytes).
+    wrapped_key: Option<Vec<u8>>,
     sealer: Sealer,
     next_seq: u64,
     next_cut: u64,
@@ -90,6 +93,7 @@ impl Fixture {
             image: vec![0; SIZE as usize],
             epoch: 0,
             key: DataKey::generate().expect("data key"),
+            wrapped_key: None,
             sealer: Sealer::new(),
             next_seq: 1,
             next_cut: 1,
@@ -109,20 +113,7 @@ impl Fixture {
         self.next_seq = 1;
         self.next_cut = 1;
         self.image.fill(0);
-        let dep = deploy::open(&self.deployment).expect("opening the deployment");
-        let wrapped_key = ripcord_seal::escrow::wrap_data_key(
-            &self.key,
-            &dep.escrow.public_key,
-            &aead::key_context(MACHINE, &DISK),
-        )
-        .expect("wrapping the data key");
-        let pd = ProtectDisk {
-            disk_id: DISK,
-            size_bytes: SIZE,
-            sector_size: 512,
-            epoch: self.epoch,
-            wrapped_key,
-        };
+        let pd = self.protect_disk();
         Registry::open(&self.deployment.join("disks.json"))
             .expect("registry")
             .claim(MACHINE, &pd, None)
@@ -133,6 +124,56 @@ impl Fixture {
             .protect(&pd, &raw)
             .expect("journaling the epoch start")
             .expect("epoch accepted");
+    }
+
+    /// The agent restarts and continues the epoch under a fresh data key (no resync: the
+    /// image goes on from what was acknowledged). Returns the seq the new key starts at.
+    pub fn restart_agent(&mut self) -> u64 {
+        self.key = DataKey::generate().expect("data key");
+        self.wrapped_key = None;
+        let resumed = self.announce();
+        assert_eq!(
+            resumed, self.next_seq,
+            "the server resumes right after what it holds"
+        );
+        resumed
+    }
+
+    /// Sends this agent's `ProtectDisk` for the current epoch again (a reconnection, or a
+    /// restart with a new key); returns where the server resumes.
+    pub fn announce(&mut self) -> u64 {
+        let pd = self.protect_disk();
+        let raw = encode(&Message::ProtectDisk(pd.clone()));
+        self.core
+            .lock_blocking()
+            .protect(&pd, &raw)
+            .expect("journaling the ProtectDisk")
+            .expect("ProtectDisk accepted")
+            .resume_from_seq
+    }
+
+    fn protect_disk(&mut self) -> ProtectDisk {
+        let wrapped_key = match &self.wrapped_key {
+            Some(w) => w.clone(),
+            None => {
+                let dep = deploy::open(&self.deployment).expect("opening the deployment");
+                let w = ripcord_seal::escrow::wrap_data_key(
+                    &self.key,
+                    &dep.escrow.public_key,
+                    &aead::key_context(MACHINE, &DISK),
+                )
+                .expect("wrapping the data key");
+                self.wrapped_key = Some(w.clone());
+                w
+            }
+        };
+        ProtectDisk {
+            disk_id: DISK,
+            size_bytes: SIZE,
+            sector_size: 512,
+            epoch: self.epoch,
+            wrapped_key,
+        }
     }
 
     fn random_bytes(&mut self, n: usize) -> Vec<u8> {
@@ -257,6 +298,47 @@ impl Fixture {
             !applied.acks.is_empty(),
             "a journaled frame was not acknowledged"
         );
+    }
+
+    /// The server restarts: the disk's journal is closed and opened again (every uploader
+    /// of it must be dropped first).
+    pub fn restart_server(&mut self) {
+        let cfg = deploy::open(&self.deployment)
+            .expect("opening the deployment")
+            .config;
+        let old = std::mem::replace(
+            &mut self.core,
+            SharedDisk::new(
+                DiskCore::open(
+                    &self.deployment.join("restart-scratch"),
+                    DiskId([0; 16]),
+                    journal_config(&cfg),
+                )
+                .expect("a scratch journal"),
+            ),
+        );
+        drop(
+            old.into_core()
+                .unwrap_or_else(|_| panic!("an uploader still holds the disk journal")),
+        );
+        self.core = SharedDisk::new(
+            DiskCore::open(&cache_dir(&self.deployment), DISK, journal_config(&cfg))
+                .expect("reopening the disk journal"),
+        );
+    }
+
+    /// Key rotation records in the journal.
+    pub fn rotations_in_journal(&self) -> usize {
+        let core = self.core.lock_blocking();
+        let journal = core.journal();
+        journal
+            .read_from(journal.first_seq())
+            .expect("reading the journal")
+            .filter(|r| {
+                r.as_ref().expect("a journal record").kind
+                    == ripcord_journal::RecordType::KeyRotation
+            })
+            .count()
     }
 
     /// Bytes of journal segments on the cache disk.

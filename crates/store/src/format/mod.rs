@@ -34,6 +34,7 @@
 //! | `catalog` | `.cat`: catalog segments of committed recovery points (and the legacy one-point `.cut`) |
 //! | `gc_marker` | `.doomed`: packs pending deletion |
 //! | `epoch` | `.json`: epoch descriptions |
+//! | `key` | `.json`: key rotations of an epoch |
 
 use crate::error::{Corruption, Error, Result};
 
@@ -42,6 +43,7 @@ mod checkpoint;
 mod epoch;
 mod gc_marker;
 mod index;
+mod key;
 mod names;
 mod pack;
 mod primitives;
@@ -54,10 +56,12 @@ pub use checkpoint::{Checkpoint, RunTarget, decode_checkpoint, encode_checkpoint
 pub use epoch::{decode_epoch, encode_epoch};
 pub use gc_marker::{decode_pending_delete, encode_pending_delete};
 pub use index::{IndexEntry, Segment, decode_segment, encode_segment};
+pub use key::{decode_key_rotation, encode_key_rotation};
 pub use names::{
     CatName, CkptName, SegName, catalog_name, checkpoint_name, cut_name, disk_dir, epoch_name,
-    index_name, pack_name, parse_catalog, parse_checkpoint, parse_cut, parse_epoch, parse_index,
-    parse_pack, parse_pending_delete, pending_delete_name,
+    index_name, key_rotation_name, pack_name, parse_catalog, parse_checkpoint, parse_cut,
+    parse_epoch, parse_index, parse_key_rotation, parse_pack, parse_pending_delete,
+    pending_delete_name,
 };
 pub use pack::{
     DirEntry, MAX_EXTENTS, MAX_SEALED, PACK_HEADER_LEN, ParsedPack, REC_FIXED_LEN, Record,

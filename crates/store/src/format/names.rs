@@ -7,6 +7,7 @@
 //! | object | name |
 //! |---|---|
 //! | epoch | `disks/<disk>/epochs/<E>.json` |
+//! | key rotation | `disks/<disk>/keys/<E>-<from_seq>.json` |
 //! | pack | `disks/<disk>/packs/<E>-<first_seq>-<rand64hex>.pack` |
 //! | index segment | `disks/<disk>/index/<E>-<last>-<first>-<gen:08>.idx` |
 //! | checkpoint | `disks/<disk>/checkpoints/<E>-<seq>-<gen:08>.ckpt` |
@@ -44,6 +45,10 @@ pub fn disk_dir(disk: &DiskId) -> String {
 /// Name of the epoch description object.
 pub fn epoch_name(disk: &DiskId, epoch: u64) -> String {
     format!("{}/epochs/{epoch:020}.json", disk_dir(disk))
+}
+/// Name of the key rotation of `epoch` from `from_seq` on.
+pub fn key_rotation_name(disk: &DiskId, epoch: u64, from_seq: u64) -> String {
+    format!("{}/keys/{epoch:020}-{from_seq:020}.json", disk_dir(disk))
 }
 /// Name of a new pack (random suffix: never collides, sorts by epoch/seq).
 pub fn pack_name(disk: &DiskId, epoch: u64, first_seq: u64) -> String {
@@ -166,6 +171,13 @@ pub fn parse_cut(name: &str) -> Option<(u64, u64)> {
 /// Parses an epoch object name.
 pub fn parse_epoch(name: &str) -> Option<u64> {
     file_stem(name, ".json")?.parse().ok()
+}
+/// Parsed key rotation name: (epoch, from_seq).
+pub fn parse_key_rotation(name: &str) -> Option<(u64, u64)> {
+    match nums(file_stem(name, ".json")?)?[..] {
+        [epoch, from_seq] => Some((epoch, from_seq)),
+        _ => None,
+    }
 }
 /// Parses a GC pending-delete marker name: its creation time.
 pub fn parse_pending_delete(name: &str) -> Option<u64> {
