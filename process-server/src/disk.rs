@@ -16,8 +16,8 @@ use anyhow::{Context as _, bail};
 use crate::ingest::{Geometry, check_batch, check_protect};
 use ripcord_journal::{Journal, JournalConfig, JournalError, RecordType, SpaceThresholds};
 use ripcord_proto::{
-    Ack, BatchAction, CutAction, DiskAccepted, DiskId, DurableState, ErrorCode, ErrorMessage,
-    Message, ProtectDisk, ProtectOutcome, Receiver, decode_frame, receiver::CutPos,
+    Ack, BatchAction, CutAction, DiskAccepted, DiskId, DurableState, EpochContinued, ErrorCode,
+    ErrorMessage, Message, ProtectDisk, ProtectOutcome, Receiver, decode_frame, receiver::CutPos,
 };
 
 /// What a journaled record holds, decoded.
@@ -41,6 +41,33 @@ impl Entry {
             Entry::EpochStart(pd) | Entry::KeyRotation { pd, .. } => pd.epoch,
             Entry::Batch(b) => b.epoch,
             Entry::Cut(c) => c.epoch,
+        }
+    }
+}
+
+/// How a disk stream opened: the reply to its `ProtectDisk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Opened {
+    /// A new epoch, or the same one resumed (a reconnection).
+    Accepted(DiskAccepted),
+    /// A restarted agent's epoch continued (the stream opened with `ContinueEpoch`).
+    Continued(EpochContinued),
+}
+
+impl Opened {
+    /// The first sequence the agent sends.
+    pub fn resume_from_seq(&self) -> u64 {
+        match self {
+            Opened::Accepted(a) => a.resume_from_seq,
+            Opened::Continued(c) => c.resume_from_seq,
+        }
+    }
+
+    /// The reply frame.
+    pub fn message(self) -> Message {
+        match self {
+            Opened::Accepted(a) => Message::DiskAccepted(a),
+            Opened::Continued(c) => Message::EpochContinued(c),
         }
     }
 }
@@ -258,17 +285,53 @@ impl DiskCore {
         Ok(())
     }
 
-    /// Handle `ProtectDisk` (frame `raw`): resume, or durably start a new epoch.
+    /// Handle `ProtectDisk` (frame `raw`): resume, durably start a new epoch, or (when
+    /// `continues`: the stream opened with `ContinueEpoch`) continue the current epoch
+    /// under the agent's new key (a key rotation), never starting it anew.
     pub fn protect(
         &mut self,
         pd: &ProtectDisk,
         raw: &[u8],
-    ) -> anyhow::Result<Result<DiskAccepted, ErrorMessage>> {
+        continues: bool,
+    ) -> anyhow::Result<Result<Opened, ErrorMessage>> {
         let geometry = match check_protect(pd) {
             Ok(g) => g,
             Err(why) => return Ok(Err(error(ErrorCode::BadFrame, self.disk, &why))),
         };
-        let durable = self.receiver.durable_state();
+        let held = self.receiver.durable_state();
+        if continues && held.epoch != pd.epoch {
+            let holds = match held.epoch {
+                0 => "no epoch".to_owned(),
+                e => format!("epoch {e} (through batch {})", held.durable_seq),
+            };
+            return Ok(Err(error(
+                ErrorCode::CannotContinue,
+                self.disk,
+                &format!(
+                    "this server holds {holds} of the disk, so epoch {} cannot be continued \
+                     here: start a new epoch",
+                    pd.epoch
+                ),
+            )));
+        }
+        // A key this server does not know yet (none recorded: journals from before keys
+        // were kept) is a rotation only when the agent says it continues.
+        let rotates = held.epoch == pd.epoch
+            && self
+                .wrapped_key
+                .as_ref()
+                .map_or(continues, |k| *k != pd.wrapped_key);
+        if rotates && !continues {
+            return Ok(Err(error(
+                ErrorCode::StaleEpoch,
+                self.disk,
+                &format!(
+                    "epoch {} is held with another data key: an agent that restarted \
+                     continues it (ContinueEpoch, protocol 4) or starts a new epoch",
+                    pd.epoch
+                ),
+            )));
+        }
         let key = self.wrapped_key.clone();
         let outcome = self.receiver.handle_protect(pd);
         if matches!(
@@ -277,14 +340,25 @@ impl DiskCore {
         ) {
             self.geometry = Some(geometry);
         }
-        let result = self.start_epoch(pd, raw, outcome);
+        let result = self.start_epoch(pd, raw, outcome, rotates);
         if result.is_err() {
             // The epoch start is not durable: the receiver must not be in it.
-            self.receiver = Receiver::restore(self.disk, durable);
+            self.receiver = Receiver::restore(self.disk, held);
             self.geometry = None;
             self.wrapped_key = key;
         }
-        result
+        Ok(result?.map(|accepted| {
+            if continues {
+                Opened::Continued(EpochContinued {
+                    disk_id: accepted.disk_id,
+                    epoch: accepted.epoch,
+                    resume_from_seq: accepted.resume_from_seq,
+                    next_cut_id: self.receiver.next_cut_id(),
+                })
+            } else {
+                Opened::Accepted(accepted)
+            }
+        }))
     }
 
     fn start_epoch(
@@ -292,14 +366,13 @@ impl DiskCore {
         pd: &ProtectDisk,
         raw: &[u8],
         outcome: ProtectOutcome,
+        rotates: bool,
     ) -> anyhow::Result<Result<DiskAccepted, ErrorMessage>> {
         match outcome {
-            ProtectOutcome::Resume(a) if self.wrapped_key.as_deref() == Some(&pd.wrapped_key) => {
-                Ok(Ok(a))
-            }
+            ProtectOutcome::Resume(a) if !rotates => Ok(Ok(a)),
             ProtectOutcome::Resume(a) => {
-                // Another key for the current epoch: the agent restarted and continues it.
-                // What was received is durable (every group is synced before the core is
+                // The agent restarted and continues the epoch under a new key. What was
+                // received is durable (every group is synced before the core is
                 // released), so the new key begins right after it.
                 anyhow::ensure!(
                     self.receiver.received_seq() + 1 == a.resume_from_seq,

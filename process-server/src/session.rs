@@ -165,21 +165,52 @@ async fn disk_stream(
         device = Some(name.clone());
         first = reader.next().await?;
     }
+    // Protocol 4 on: a restarted agent continues its epoch (under a new key).
+    let mut continues = None;
+    if let Some(Received {
+        msg: Message::ContinueEpoch(c),
+        ..
+    }) = &first
+    {
+        if version < 4 {
+            refuse(
+                &mut send,
+                ErrorCode::BadFrame,
+                Some(c.disk_id),
+                format!("ContinueEpoch needs protocol version 4; this session speaks {version}"),
+            )
+            .await;
+            bail!("ContinueEpoch on a protocol {version} session");
+        }
+        continues = Some(*c);
+        first = reader.next().await?;
+    }
     let (pd, raw) = match first {
         Some(Received {
             msg: Message::ProtectDisk(pd),
             raw,
             ..
-        }) if device.as_ref().is_none_or(|n| n.disk_id == pd.disk_id) => (pd, raw),
+        }) if device.as_ref().is_none_or(|n| n.disk_id == pd.disk_id)
+            && continues.is_none_or(|c| (c.disk_id, c.epoch) == (pd.disk_id, pd.epoch)) =>
+        {
+            (pd, raw)
+        }
         Some(Received {
             msg: Message::ProtectDisk(pd),
             ..
         }) => {
-            let named = device.map(|n| n.disk_id.to_string()).unwrap_or_default();
-            let why = format!(
-                "DiskName names disk {named} but ProtectDisk announces disk {}",
-                pd.disk_id
-            );
+            let why = match (&device, continues) {
+                (Some(n), _) if n.disk_id != pd.disk_id => format!(
+                    "DiskName names disk {} but ProtectDisk announces disk {}",
+                    n.disk_id, pd.disk_id
+                ),
+                (_, Some(c)) => format!(
+                    "ContinueEpoch continues epoch {} of disk {} but ProtectDisk announces \
+                     epoch {} of disk {}",
+                    c.epoch, c.disk_id, pd.epoch, pd.disk_id
+                ),
+                _ => "the stream's opening frames disagree".to_owned(),
+            };
             state.metrics.errors.inc();
             refuse(
                 &mut send,
@@ -272,10 +303,12 @@ async fn disk_stream(
 
     let reply = {
         let pd = pd.clone();
-        core.with(move |core| core.protect(&pd, &raw)).await??
+        let continues = continues.is_some();
+        core.with(move |core| core.protect(&pd, &raw, continues))
+            .await??
     };
     match reply {
-        Ok(accepted) => send_message(&mut send, &Message::DiskAccepted(accepted)).await?,
+        Ok(opened) => send_message(&mut send, &opened.message()).await?,
         Err(err) => {
             let _ = send_message(&mut send, &Message::Error(err)).await;
             bail!("ProtectDisk refused");

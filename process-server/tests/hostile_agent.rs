@@ -66,7 +66,7 @@ fn frames_the_store_would_refuse_are_refused_at_ingest_and_never_journaled() {
         wrapped_key: vec![1; 48],
     };
     let raw = Message::ProtectDisk(pd.clone()).to_frame().unwrap();
-    core.protect(&pd, &raw).unwrap().unwrap();
+    core.protect(&pd, &raw, false).unwrap().unwrap();
     let applied = core
         .apply(&[framed(batch(1, 1, 1, FLAG_SEALED, vec![data(0, 8)]))])
         .unwrap();
@@ -127,7 +127,7 @@ fn a_malformed_protect_disk_starts_no_epoch() {
         wrapped_key: vec![1; 48],
     };
     let raw = Message::ProtectDisk(pd.clone()).to_frame().unwrap();
-    let err = core.protect(&pd, &raw).unwrap().unwrap_err();
+    let err = core.protect(&pd, &raw, false).unwrap().unwrap_err();
     assert!(
         err.message.contains("multiple of its sector size"),
         "{}",
@@ -141,4 +141,48 @@ fn a_malformed_protect_disk_starts_no_epoch() {
         .unwrap();
     assert!(applied.error.is_some());
     assert_eq!(journal_records(&core), 0);
+}
+
+/// Attacker (or a confused agent): a stream that asks to continue an epoch the server
+/// does not hold is refused with `CannotContinue` (never started anew: the store may hold
+/// that epoch already), and a `ProtectDisk` of the current epoch with another data key
+/// but no `ContinueEpoch` is refused; neither reaches the journal.
+#[test]
+fn epochs_are_continued_only_when_held_and_asked_for() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut core = DiskCore::open(cache.path(), DISK, journal_config()).unwrap();
+    let pd = |epoch: u64, key: u8| ProtectDisk {
+        disk_id: DISK,
+        size_bytes: 1 << 20,
+        sector_size: 512,
+        epoch,
+        wrapped_key: vec![key; 48],
+    };
+    let open = |core: &mut DiskCore, pd: &ProtectDisk, continues: bool| {
+        let raw = Message::ProtectDisk(pd.clone()).to_frame().unwrap();
+        core.protect(pd, &raw, continues).unwrap()
+    };
+    let err = open(&mut core, &pd(3, 1), true).unwrap_err();
+    assert_eq!(err.code, ErrorCode::CannotContinue, "{}", err.message);
+    assert!(err.message.contains("no epoch"), "{}", err.message);
+    assert_eq!(journal_records(&core), 0);
+
+    open(&mut core, &pd(3, 1), false).unwrap();
+    let records = journal_records(&core);
+    let err = open(&mut core, &pd(4, 2), true).unwrap_err();
+    assert_eq!(err.code, ErrorCode::CannotContinue, "{}", err.message);
+    assert!(err.message.contains("epoch 3"), "{}", err.message);
+    let err = open(&mut core, &pd(3, 2), false).unwrap_err();
+    assert_eq!(err.code, ErrorCode::StaleEpoch, "{}", err.message);
+    assert!(err.message.contains("another data key"), "{}", err.message);
+    assert_eq!(journal_records(&core), records, "a refusal was journaled");
+
+    // Asked for, with the epoch held: a rotation, answered with where it continues.
+    match open(&mut core, &pd(3, 2), true).unwrap() {
+        ripcord_process_server::disk::Opened::Continued(c) => {
+            assert_eq!((c.epoch, c.resume_from_seq, c.next_cut_id), (3, 1, 1));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(journal_records(&core), records + 1);
 }

@@ -165,7 +165,11 @@ fn an_epoch_continued_under_rotated_keys_replays_from_the_journal_and_the_store(
     let image_at_first_cut = f.image.clone();
     assert_eq!(f.restart_agent(), 11);
     assert_eq!(f.rotations_in_journal(), 1);
-    assert_eq!(f.announce(), 11, "a reconnection with the same key");
+    assert_eq!(
+        f.announce(false),
+        Ok(11),
+        "a reconnection with the same key"
+    );
     assert_eq!(f.rotations_in_journal(), 1, "a reconnection is no rotation");
     // Enough to fill journal segments past the rotation, so the upload trims it.
     for i in 0..24u64 {
@@ -186,7 +190,7 @@ fn an_epoch_continued_under_rotated_keys_replays_from_the_journal_and_the_store(
     // The server restarts with the rotation trimmed: the key it knew survives, and the
     // agent reconnecting with it is no rotation.
     f.restart_server();
-    let next = f.announce();
+    let next = f.announce(true).unwrap();
     assert_eq!(f.rotations_in_journal(), 0, "a spurious rotation at {next}");
     // A second restart of the agent.
     let second = f.restart_agent();

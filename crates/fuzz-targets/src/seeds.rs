@@ -79,6 +79,22 @@ fn messages() -> Vec<(&'static str, Message)> {
                 device: "/dev/disk/by-id/nvme-Samsung_SSD_980_PRO_1TB".into(),
             }),
         ),
+        (
+            "continue_epoch",
+            Message::ContinueEpoch(ContinueEpoch {
+                disk_id: disk,
+                epoch: 3,
+            }),
+        ),
+        (
+            "epoch_continued",
+            Message::EpochContinued(EpochContinued {
+                disk_id: disk,
+                epoch: 3,
+                resume_from_seq: 4097,
+                next_cut_id: 212,
+            }),
+        ),
     ]
 }
 
@@ -332,6 +348,13 @@ pub fn valid() -> Vec<Seed> {
         ),
         (RecordType::Batch, frame(&Message::Batch(batch(disk)))),
         (RecordType::Cut, frame(&Message::Cut(cut(disk)))),
+        (
+            RecordType::KeyRotation,
+            ripcord_process_server::disk::key_rotation_payload(
+                4097,
+                &frame(&Message::ProtectDisk(protect(disk))),
+            ),
+        ),
     ];
     let segment = |number: u64, first: u64, recs: &[(RecordType, Vec<u8>)]| {
         let mut b = jf::encode_segment_header(number, first).to_vec();

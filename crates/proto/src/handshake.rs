@@ -15,8 +15,11 @@ use thiserror::Error;
 /// [`crate::wire::StoreStatus`] (server -> agent); a server sends it only on sessions
 /// that negotiated 2 or more. Version 3 adds [`crate::wire::DiskName`] (agent -> server,
 /// before a disk stream's `ProtectDisk`); an agent sends it only on sessions that
-/// negotiated 3 or more, and a server refuses it on older ones.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// negotiated 3 or more, and a server refuses it on older ones. Version 4 adds
+/// [`crate::wire::ContinueEpoch`] (agent -> server, before `ProtectDisk`: a restarted
+/// agent continues its epoch under a new key) and its reply
+/// [`crate::wire::EpochContinued`]; likewise sent only on sessions of 4 or more.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Lowest protocol version this crate still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 

@@ -34,8 +34,8 @@ pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, VersionError};
 pub use receiver::{BatchAction, CutAction, DurableState, ProtectOutcome, Receiver};
 pub use sender::{PushError, Sender, SenderConfig, SenderEvent, Transmit};
 pub use wire::{
-    Ack, Batch, Cut, CutKind, DecodeError, DiskAccepted, DiskId, DiskName, ErrorCode, ErrorMessage,
-    Extent, ExtentKind, FrameDecoder, Hello, HelloAck, InvalidMessage, Message, Ping, Pong,
-    ProtectDisk, StoreStatus, decode_frame, describe_received,
+    Ack, Batch, ContinueEpoch, Cut, CutKind, DecodeError, DiskAccepted, DiskId, DiskName,
+    EpochContinued, ErrorCode, ErrorMessage, Extent, ExtentKind, FrameDecoder, Hello, HelloAck,
+    InvalidMessage, Message, Ping, Pong, ProtectDisk, StoreStatus, decode_frame, describe_received,
 };
 pub use wire::{FLAG_COMPRESSED, FLAG_SEALED, MAX_EXTENTS_PER_BATCH, MAX_PAYLOAD_LEN};

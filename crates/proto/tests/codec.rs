@@ -56,7 +56,7 @@ fn arb_batch() -> impl Strategy<Value = Batch> {
 }
 
 fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
-    (1u16..=8).prop_map(|c| ErrorCode::from_u16(c).unwrap())
+    (1u16..=9).prop_map(|c| ErrorCode::from_u16(c).unwrap())
 }
 
 fn arb_message() -> impl Strategy<Value = Message> {
@@ -177,6 +177,18 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }
             Message::DiskName(DiskName { disk_id, device })
         }),
+        (arb_disk(), any::<u64>())
+            .prop_map(|(disk_id, epoch)| Message::ContinueEpoch(ContinueEpoch { disk_id, epoch })),
+        (arb_disk(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+            |(disk_id, epoch, resume_from_seq, next_cut_id)| {
+                Message::EpochContinued(EpochContinued {
+                    disk_id,
+                    epoch,
+                    resume_from_seq,
+                    next_cut_id,
+                })
+            }
+        ),
     ]
 }
 

@@ -121,7 +121,7 @@ impl Fixture {
         let raw = encode(&Message::ProtectDisk(pd.clone()));
         self.core
             .lock_blocking()
-            .protect(&pd, &raw)
+            .protect(&pd, &raw, false)
             .expect("journaling the epoch start")
             .expect("epoch accepted");
     }
@@ -131,7 +131,7 @@ impl Fixture {
     pub fn restart_agent(&mut self) -> u64 {
         self.key = DataKey::generate().expect("data key");
         self.wrapped_key = None;
-        let resumed = self.announce();
+        let resumed = self.announce(true).expect("the epoch continues");
         assert_eq!(
             resumed, self.next_seq,
             "the server resumes right after what it holds"
@@ -140,16 +140,22 @@ impl Fixture {
     }
 
     /// Sends this agent's `ProtectDisk` for the current epoch again (a reconnection, or a
-    /// restart with a new key); returns where the server resumes.
-    pub fn announce(&mut self) -> u64 {
+    /// restart with a new key), `continues` as after a `ContinueEpoch`; returns where the
+    /// server resumes, or its refusal.
+    pub fn announce(&mut self, continues: bool) -> Result<u64, ripcord_proto::ErrorMessage> {
         let pd = self.protect_disk();
         let raw = encode(&Message::ProtectDisk(pd.clone()));
         self.core
             .lock_blocking()
-            .protect(&pd, &raw)
+            .protect(&pd, &raw, continues)
             .expect("journaling the ProtectDisk")
-            .expect("ProtectDisk accepted")
-            .resume_from_seq
+            .map(|opened| opened.resume_from_seq())
+    }
+
+    /// A new data key, as a restarted agent has, without telling the server.
+    pub fn new_key(&mut self) {
+        self.key = DataKey::generate().expect("data key");
+        self.wrapped_key = None;
     }
 
     fn protect_disk(&mut self) -> ProtectDisk {

@@ -293,6 +293,11 @@ impl Receiver {
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
+    /// The id the next cut must carry (the newest recorded cut's + 1).
+    pub fn next_cut_id(&self) -> u64 {
+        self.last_cut.map_or(0, |l| l.id) + 1
+    }
+
     /// Highest sequence appended (possibly not yet durable).
     pub fn received_seq(&self) -> u64 {
         self.received_seq

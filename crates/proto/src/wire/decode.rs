@@ -9,11 +9,11 @@
 
 use super::encode::check_len;
 use super::{
-    Ack, Batch, Cut, CutKind, DecodeError, DiskAccepted, DiskId, DiskName, EXTENT_LEN, ErrorCode,
-    ErrorMessage, Extent, ExtentKind, HEADER_LEN, Hello, HelloAck, MAGIC, MAX_AGENT_VERSION_LEN,
-    MAX_DEVICE_NAME_LEN, MAX_ERROR_MESSAGE_LEN, MAX_EXTENTS_PER_BATCH, MAX_MACHINE_ID_LEN,
-    MAX_PAYLOAD_LEN, MAX_SERVER_ID_LEN, MAX_WRAPPED_KEY_LEN, Message, MessageType, Ping, Pong,
-    ProtectDisk, StoreStatus, WIRE_VERSION,
+    Ack, Batch, ContinueEpoch, Cut, CutKind, DecodeError, DiskAccepted, DiskId, DiskName,
+    EXTENT_LEN, EpochContinued, ErrorCode, ErrorMessage, Extent, ExtentKind, HEADER_LEN, Hello,
+    HelloAck, MAGIC, MAX_AGENT_VERSION_LEN, MAX_DEVICE_NAME_LEN, MAX_ERROR_MESSAGE_LEN,
+    MAX_EXTENTS_PER_BATCH, MAX_MACHINE_ID_LEN, MAX_PAYLOAD_LEN, MAX_SERVER_ID_LEN,
+    MAX_WRAPPED_KEY_LEN, Message, MessageType, Ping, Pong, ProtectDisk, StoreStatus, WIRE_VERSION,
 };
 
 struct Reader<'a> {
@@ -221,6 +221,16 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
         MessageType::DiskName => Message::DiskName(DiskName {
             disk_id: r.disk_id("disk_name.disk_id")?,
             device: r.string(MAX_DEVICE_NAME_LEN, "disk_name.device")?,
+        }),
+        MessageType::ContinueEpoch => Message::ContinueEpoch(ContinueEpoch {
+            disk_id: r.disk_id("continue_epoch.disk_id")?,
+            epoch: r.u64("continue_epoch.epoch")?,
+        }),
+        MessageType::EpochContinued => Message::EpochContinued(EpochContinued {
+            disk_id: r.disk_id("epoch_continued.disk_id")?,
+            epoch: r.u64("epoch_continued.epoch")?,
+            resume_from_seq: r.u64("epoch_continued.resume_from_seq")?,
+            next_cut_id: r.u64("epoch_continued.next_cut_id")?,
         }),
     };
     r.finish()?;

@@ -119,6 +119,8 @@ impl Message {
             Self::Pong(_) => MessageType::Pong,
             Self::StoreStatus(_) => MessageType::StoreStatus,
             Self::DiskName(_) => MessageType::DiskName,
+            Self::ContinueEpoch(_) => MessageType::ContinueEpoch,
+            Self::EpochContinued(_) => MessageType::EpochContinued,
         }
     }
 
@@ -152,9 +154,13 @@ impl Message {
                 MAX_ERROR_MESSAGE_LEN,
             ),
             Self::DiskName(m) => super::check_device_name(&m.device),
-            Self::DiskAccepted(_) | Self::Cut(_) | Self::Ack(_) | Self::Ping(_) | Self::Pong(_) => {
-                Ok(())
-            }
+            Self::DiskAccepted(_)
+            | Self::Cut(_)
+            | Self::Ack(_)
+            | Self::Ping(_)
+            | Self::Pong(_)
+            | Self::ContinueEpoch(_)
+            | Self::EpochContinued(_) => Ok(()),
         }
     }
 
@@ -231,6 +237,16 @@ impl Message {
             Self::DiskName(m) => {
                 out.extend_from_slice(&m.disk_id.0);
                 put_str(out, &m.device);
+            }
+            Self::ContinueEpoch(m) => {
+                out.extend_from_slice(&m.disk_id.0);
+                put_u64(out, m.epoch);
+            }
+            Self::EpochContinued(m) => {
+                out.extend_from_slice(&m.disk_id.0);
+                put_u64(out, m.epoch);
+                put_u64(out, m.resume_from_seq);
+                put_u64(out, m.next_cut_id);
             }
         }
         let total = out.len() - start;

@@ -48,6 +48,8 @@
 //! | 0x000A | [`Pong`]         | nonce u64                                                                                                 |
 //! | 0x000B | [`StoreStatus`]  | disk_id `[u8; 16]`, epoch u64, committed_cut_id u64, point_age_secs u64, failure str (`<=` [`MAX_ERROR_MESSAGE_LEN`]) |
 //! | 0x000C | [`DiskName`]     | disk_id `[u8; 16]`, device str (1..=[`MAX_DEVICE_NAME_LEN`] bytes, printable: no control characters) |
+//! | 0x000D | [`ContinueEpoch`] | disk_id `[u8; 16]`, epoch u64                                                                           |
+//! | 0x000E | [`EpochContinued`] | disk_id `[u8; 16]`, epoch u64, resume_from_seq u64, next_cut_id u64                                   |
 //!
 //! Enum values: [`ExtentKind`] Data=0, Zero=1, Discard=2; [`CutKind`]
 //! Crash=0, App=1; [`ErrorCode`] see its docs. Batch flags: bit 0
@@ -173,6 +175,12 @@ pub enum MessageType {
     /// Agent -> server: the device path the agent protects a disk as, for people
     /// (protocol version 3 on).
     DiskName = 0x000C,
+    /// Agent -> server: the stream's `ProtectDisk` continues an epoch after the agent
+    /// restarted (protocol version 4 on).
+    ContinueEpoch = 0x000D,
+    /// Server -> agent: the epoch continues, from this sequence and cut id (protocol
+    /// version 4 on; the reply to a continued stream's `ProtectDisk`).
+    EpochContinued = 0x000E,
 }
 
 impl std::fmt::Display for MessageType {
@@ -207,6 +215,8 @@ impl MessageType {
             0x000A => Self::Pong,
             0x000B => Self::StoreStatus,
             0x000C => Self::DiskName,
+            0x000D => Self::ContinueEpoch,
+            0x000E => Self::EpochContinued,
             _ => return None,
         })
     }
@@ -225,6 +235,8 @@ impl MessageType {
             Self::Ping | Self::Pong => 8,
             Self::StoreStatus => DISK_ID_LEN + 8 + 8 + 8 + 2 + MAX_ERROR_MESSAGE_LEN,
             Self::DiskName => DISK_ID_LEN + 2 + MAX_DEVICE_NAME_LEN,
+            Self::ContinueEpoch => DISK_ID_LEN + 8,
+            Self::EpochContinued => DISK_ID_LEN + 8 + 8 + 8,
         }
     }
 }
@@ -249,6 +261,9 @@ pub enum ErrorCode {
     StaleEpoch = 7,
     /// The disk is not known / not protected on this server.
     UnknownDisk = 8,
+    /// The server cannot continue the epoch a restarted agent asked to continue (it does
+    /// not hold it, or holds a newer one): start a new epoch (full resync).
+    CannotContinue = 9,
 }
 
 impl ErrorCode {
@@ -263,6 +278,7 @@ impl ErrorCode {
             6 => Self::OutOfOrder,
             7 => Self::StaleEpoch,
             8 => Self::UnknownDisk,
+            9 => Self::CannotContinue,
             _ => return None,
         })
     }
@@ -388,6 +404,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::OutOfOrder => "out of order",
             ErrorCode::StaleEpoch => "stale epoch",
             ErrorCode::UnknownDisk => "unknown disk",
+            ErrorCode::CannotContinue => "cannot continue the epoch",
         })
     }
 }
@@ -434,6 +451,35 @@ pub fn check_device_name(device: &str) -> Result<(), InvalidMessage> {
     Ok(())
 }
 
+/// Agent -> server, protocol version 4 on: sent on a disk's stream just before its
+/// [`ProtectDisk`] (after any [`DiskName`]), by an agent that restarted and continues
+/// `epoch` instead of starting a new one: its `ProtectDisk` carries the same epoch and a
+/// fresh data key (a key rotation). The server answers [`EpochContinued`], or refuses
+/// with [`ErrorCode::CannotContinue`] if it does not hold the epoch; it never starts the
+/// epoch anew for such a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContinueEpoch {
+    /// Disk continued; must be the disk of the stream's [`ProtectDisk`].
+    pub disk_id: DiskId,
+    /// Epoch continued; must be the epoch of the stream's [`ProtectDisk`].
+    pub epoch: u64,
+}
+
+/// Server -> agent, protocol version 4 on: the reply to a continued stream's
+/// [`ProtectDisk`] (in place of [`DiskAccepted`]): the first sequence the new key seals
+/// and the id the agent's next cut must carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochContinued {
+    /// Disk continued.
+    pub disk_id: DiskId,
+    /// Epoch continued.
+    pub epoch: u64,
+    /// The server holds every batch before it durably.
+    pub resume_from_seq: u64,
+    /// The id of the agent's next cut (the server's newest cut id + 1).
+    pub next_cut_id: u64,
+}
+
 /// Refusal or failure report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorMessage {
@@ -475,6 +521,8 @@ pub enum Message {
     Pong(Pong),
     StoreStatus(StoreStatus),
     DiskName(DiskName),
+    ContinueEpoch(ContinueEpoch),
+    EpochContinued(EpochContinued),
 }
 
 /// A message whose contents violate a bound or invariant of the wire format.
