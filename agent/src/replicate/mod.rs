@@ -5,7 +5,9 @@
 //! - `pipeline`: readback rounds and crash-consistent cuts (the argument for why a cut is
 //!   a crash state is its module doc); `read_log`: when a discard may be sent as zeroes;
 //!   `readback`: O_DIRECT reads of the device.
-//! - `batch`: zero detection, compression and sealing into batches.
+//! - `batch`: zero detection, compression and sealing into batches; `acked_map`: what the
+//!   server holds of each block, so a restarted agent continues its epoch and sends only
+//!   what differs.
 //! - `points`: forced and application-consistent points; `freeze`: FIFREEZE/FITHAW with a
 //!   watchdog.
 //! - `net`: the QUIC sender with its window and acknowledgements.
@@ -15,6 +17,7 @@
 //!   what the agent says about it; `status`: the status file, progress lines and
 //!   `ripcord-agent status`.
 
+pub mod acked_map;
 pub mod batch;
 pub mod config;
 pub mod freeze;
