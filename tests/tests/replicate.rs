@@ -180,32 +180,113 @@ fn process_server_kill9_loses_nothing_acknowledged() {
     eprintln!("acked sequence at each kill: {acked_before_kill:?}");
 }
 
+/// Issue 14, item 4: an agent killed with `kill -9` in the middle of writes, and one
+/// stopped cleanly, come back in the same epoch (a key rotation) and send only what the
+/// process server may lack: the blocks written while no agent ran, and those in flight at
+/// the kill. The disk holds 128 MiB of data, so a full resync would send all of it again.
 #[test]
-fn agent_kill9_resyncs_to_an_equal_image() {
-    let Some(mut site) = Site::new("agent_kill9_resyncs_to_an_equal_image") else {
+fn a_restarted_agent_continues_its_epoch_and_sends_only_what_changed() {
+    let Some(mut site) =
+        Site::builder("a_restarted_agent_continues_its_epoch_and_sends_only_what_changed")
+            .file_target()
+            .start()
+    else {
         return;
     };
     let disk = site.loop_device("disk.img", 256 * MIB);
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = background_writer(&disk.path, 9, Arc::clone(&stop));
-    let mut agent = site.replicator(&[&disk.path]);
-    std::thread::sleep(Duration::from_millis(1500));
-    agent.kill9();
-    // Writes continue while no agent runs: the restart must resync them.
-    std::thread::sleep(Duration::from_millis(500));
-    let agent = site.replicator(&[&disk.path]);
-    std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
-    agent.wait_synced(Duration::from_secs(120)).unwrap();
-    let (ok, log) = agent.stop().unwrap();
-    assert!(ok, "agent did not stop cleanly:\n{log}");
-    assert!(
-        log.contains("epoch=2"),
-        "the restarted agent did not start a new epoch:\n{log}"
-    );
-    site.ps.stop().unwrap();
+    ripcord_tests::write_random_at(&disk.path, 0, 128, 1);
+    let mut first = site.replicator(&[&disk.path]);
+    first.wait_synced(Duration::from_secs(120)).unwrap();
     let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let stat = |agent: &Replicator, key: &str| -> u64 {
+        agent.stats().unwrap()["disks"][0][key]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let epoch = stat(&first, "epoch");
+
+    // kill -9 while 20 MiB are being written at random places (some of them in flight),
+    // then 4 MiB more while no agent runs.
+    let churn_mib = 20;
+    let writer = {
+        let dev = disk.path.clone();
+        std::thread::spawn(move || {
+            for i in 0..churn_mib {
+                ripcord_tests::write_random_at(&dev, (i * 37) % 250, 1, 100 + i);
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(400));
+    first.kill9();
+    writer.join().unwrap();
+    let down_mib = 4;
+    ripcord_tests::write_random_at(&disk.path, 200, down_mib, 7);
+
+    let second = site.replicator(&[&disk.path]);
+    second.wait_synced(Duration::from_secs(120)).unwrap();
+    let sent = stat(&second, "data_bytes");
+    let skipped = stat(&second, "delta_skipped_bytes");
+    eprintln!("after the kill: sent {sent} B, skipped {skipped} B");
+    assert_eq!(
+        stat(&second, "epoch"),
+        epoch,
+        "the restart began a new epoch"
+    );
+    assert!(
+        sent <= (churn_mib + down_mib + 2) * MIB,
+        "after a kill the agent sent {sent} B for {churn_mib} MiB written around the kill \
+         and {down_mib} MiB while down"
+    );
+    assert!(
+        skipped >= 100 * MIB,
+        "the continued sync skipped only {skipped} B of the 128 MiB the server held"
+    );
+
+    // A clean stop, 4 MiB written, a start: about those 4 MiB go.
+    let (ok, log) = second.stop().unwrap();
+    assert!(ok, "{log}");
+    ripcord_tests::write_random_at(&disk.path, 100, down_mib, 8);
+    let third = site.replicator(&[&disk.path]);
+    third.wait_synced(Duration::from_secs(120)).unwrap();
+    let sent = stat(&third, "data_bytes");
+    eprintln!(
+        "after the clean stop: sent {sent} B, skipped {} B",
+        stat(&third, "delta_skipped_bytes")
+    );
+    assert_eq!(stat(&third, "epoch"), epoch);
+    assert!(
+        sent <= (down_mib + 1) * MIB,
+        "after a clean stop the agent sent {sent} B for {down_mib} MiB written while down"
+    );
+    let (log, point) = site.final_point(third, &disk_id);
+    assert!(
+        log.contains("continuing the epoch"),
+        "the agent did not say it continues its epoch:\n{log}"
+    );
+    assert_eq!(point["epoch"].as_u64(), Some(epoch), "{point}");
+    // The point is the device, through every key rotation.
+    let image = site.path().join("point.img");
+    let (ok, _, err) = testkit::replication::failover(
+        site.target(),
+        &disk_id,
+        point["id"].as_str().unwrap(),
+        &image,
+        &site.ps.passphrase_file,
+    )
+    .unwrap();
+    assert!(ok, "{err}");
+    ripcord_tests::assert_same(&image, &disk.path, "the newest point after two restarts");
+    site.ps.stop().unwrap();
+    assert_eq!(
+        site.ps
+            .logs()
+            .matches("continues its epoch with a new data key")
+            .count(),
+        2,
+        "{}",
+        site.ps.logs()
+    );
     assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), false);
 }
 

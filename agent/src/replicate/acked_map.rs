@@ -64,6 +64,9 @@ fn encode(d: Digest) -> [u8; 16] {
     if d.is_zero() { ZERO_BLOCK } else { d.0 }
 }
 
+/// A map shared by a disk's producer (intents) and network side (acknowledgements).
+pub type SharedAckedMap = std::sync::Arc<std::sync::Mutex<AckedMap>>;
+
 /// A disk epoch's acknowledged-digest map (see the module doc).
 pub struct AckedMap {
     path: PathBuf,

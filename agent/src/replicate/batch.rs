@@ -9,6 +9,8 @@ use ripcord_proto::{
 };
 use ripcord_seal::{DataKey, Flags, Sealer};
 
+use super::acked_map::SharedAckedMap;
+
 /// Zero detection granularity, in sectors (64 KiB).
 const ZERO_GRAIN: u64 = 128;
 
@@ -24,6 +26,8 @@ pub struct BatchBuilder {
     extents: Vec<Extent>,
     plain: Vec<u8>,
     sealer: Sealer,
+    /// Told every batch before it leaves (see `acked_map`).
+    acked: Option<SharedAckedMap>,
 }
 
 impl BatchBuilder {
@@ -46,6 +50,35 @@ impl BatchBuilder {
             extents: Vec::new(),
             plain: Vec::with_capacity(max_plain),
             sealer: Sealer::new(),
+            acked: None,
+        }
+    }
+
+    /// Records every batch's blocks in `map` before the batch is sealed (its intent; see
+    /// `acked_map`); [`BatchBuilder::sync_intents`] makes them durable.
+    pub fn with_acked_map(mut self, map: SharedAckedMap) -> Self {
+        self.acked = Some(map);
+        self
+    }
+
+    /// The acknowledged-digest map batches are recorded in, if any.
+    pub fn acked_map(&self) -> Option<&SharedAckedMap> {
+        self.acked.as_ref()
+    }
+
+    /// Where a continued epoch goes on: the first sequence this process seals (nothing
+    /// may have been sealed yet).
+    pub fn continue_at(&mut self, seq: u64) {
+        debug_assert!(self.next_seq == 1 && self.extents.is_empty());
+        self.next_seq = seq;
+    }
+
+    /// Makes the intents of the batches sealed so far durable: call before any of them
+    /// is handed to the network side.
+    pub fn sync_intents(&self) -> anyhow::Result<()> {
+        match &self.acked {
+            Some(m) => m.lock().expect("acked map lock").sync(),
+            None => Ok(()),
         }
     }
 
@@ -127,6 +160,11 @@ impl BatchBuilder {
         }
         let seq = self.next_seq;
         let extents = std::mem::take(&mut self.extents);
+        if let Some(m) = &self.acked {
+            m.lock()
+                .expect("acked map lock")
+                .intent(seq, &extents, &self.plain)?;
+        }
         let aad = aead::batch_aad(&self.machine, &self.disk, self.epoch, seq, seq, &extents);
         let nonce = aead::nonce(self.epoch, seq)?;
         let mut payload = Vec::with_capacity(self.plain.len() / 2 + 64);

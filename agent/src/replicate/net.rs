@@ -16,8 +16,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use quinn::{Connection, RecvStream, SendStream};
 use ripcord_proto::{
-    DiskId, ErrorCode, Hello, Message, PROTOCOL_VERSION, ProtectDisk, PushError, Sender,
-    SenderConfig, SenderEvent, aead, decode_frame, describe_received, handshake::check_hello_ack,
+    ContinueEpoch, DiskId, ErrorCode, Hello, Message, PROTOCOL_VERSION, ProtectDisk, PushError,
+    Sender, SenderConfig, SenderEvent, aead, decode_frame, describe_received,
+    handshake::check_hello_ack,
 };
 use ripcord_seal::{DataKey, escrow::wrap_data_key};
 use ripcord_transport::{
@@ -25,7 +26,7 @@ use ripcord_transport::{
 };
 use tokio::sync::mpsc;
 
-use super::{pipeline::Outgoing, renew::MachineIdentity};
+use super::{acked_map::SharedAckedMap, pipeline::Outgoing, renew::MachineIdentity};
 use crate::clock::now_mono_ns;
 
 /// A refusal that reconnecting will not fix (the agent stops).
@@ -106,6 +107,16 @@ impl LinkStats {
     }
 }
 
+/// How a continued epoch's stream opened, shared with the producer side: it seals
+/// nothing before the server says where the epoch goes on.
+#[derive(Debug, Default)]
+pub struct Continuation {
+    /// The first sequence this process seals (the server's `EpochContinued`).
+    pub start: std::sync::OnceLock<u64>,
+    /// Why the server cannot continue the epoch (a new epoch must start).
+    pub refused: std::sync::OnceLock<String>,
+}
+
 /// One disk's stream state, kept across reconnects.
 pub struct DiskLink {
     pub disk: DiskId,
@@ -118,6 +129,12 @@ pub struct DiskLink {
     key: Arc<DataKey>,
     wrapped_key: Option<Vec<u8>>,
     sender: Sender,
+    sender_config: SenderConfig,
+    /// Set when this process continues the epoch (the agent restarted): the stream opens
+    /// with `ContinueEpoch`, and the sender starts where the server is.
+    pub continuation: Option<Arc<Continuation>>,
+    /// Told every acknowledgement (see `acked_map`).
+    pub acked: Option<SharedAckedMap>,
     rx: mpsc::Receiver<Outgoing>,
     pending: Option<Outgoing>,
     rx_closed: bool,
@@ -152,7 +169,10 @@ impl DiskLink {
             sector_size,
             key,
             wrapped_key: None,
-            sender: Sender::new(disk, epoch, config),
+            sender: Sender::new(disk, epoch, config.clone()),
+            sender_config: config,
+            continuation: None,
+            acked: None,
             rx,
             pending: None,
             rx_closed: false,
@@ -218,7 +238,10 @@ impl DiskLink {
 
     /// Batches up to `seq` are durable on the server: they no longer count as
     /// unacknowledged.
-    fn acked_through(&mut self, seq: u64) {
+    fn acked_through(&mut self, seq: u64) -> anyhow::Result<()> {
+        if let Some(m) = &self.acked {
+            m.lock().expect("acked map lock").acked_through(seq)?;
+        }
         while let Some(&(last, bytes)) = self.unacked.front() {
             if last > seq {
                 break;
@@ -226,6 +249,7 @@ impl DiskLink {
             self.stats.unacked_bytes.fetch_sub(bytes, Ordering::Relaxed);
             self.unacked.pop_front();
         }
+        Ok(())
     }
 
     /// Done: the producer finished and everything is acknowledged.
@@ -481,6 +505,25 @@ async fn drive(conn: &Connection, version: u16, l: &mut DiskLink) -> anyhow::Res
         };
         send_msg(&mut send, &Message::DiskName(name)).await?;
     }
+    if let Some(c) = &l.continuation {
+        if version < 4 {
+            let why = format!(
+                "the process server speaks protocol {version}, and continuing an epoch needs 4"
+            );
+            let _ = c.refused.set(why.clone());
+            return Err(Refused {
+                disk: disk_hex,
+                code: ErrorCode::CannotContinue,
+                message: why,
+            }
+            .into());
+        }
+        let cont = ContinueEpoch {
+            disk_id: l.disk,
+            epoch: l.epoch,
+        };
+        send_msg(&mut send, &Message::ContinueEpoch(cont)).await?;
+    }
     let pd = ProtectDisk {
         disk_id: l.disk,
         size_bytes: l.size_bytes,
@@ -489,14 +532,31 @@ async fn drive(conn: &Connection, version: u16, l: &mut DiskLink) -> anyhow::Res
         wrapped_key: l.wrapped_key.clone().unwrap_or_default(),
     };
     send_msg(&mut send, &Message::ProtectDisk(pd)).await?;
-    match reader.next().await? {
-        Some(Message::DiskAccepted(a)) => {
-            l.sender
-                .handle_connected(Instant::now(), a.resume_from_seq)
-                .map_err(|e| anyhow::anyhow!("resume from {} refused: {e}", a.resume_from_seq))?;
-            tracing::info!(disk = %disk_hex, epoch = l.epoch, resume_from = a.resume_from_seq, "disk stream accepted");
+    let resume_from = match (reader.next().await?, &l.continuation) {
+        (Some(Message::DiskAccepted(a)), None) => a.resume_from_seq,
+        (Some(Message::EpochContinued(c)), Some(cont)) => {
+            if cont.start.get().is_none() {
+                // This process has sealed nothing yet: it begins where the server is.
+                let durable = c.resume_from_seq.checked_sub(1).context("resume from 0")?;
+                l.sender = Sender::continuing(
+                    l.disk,
+                    l.epoch,
+                    l.sender_config.clone(),
+                    durable,
+                    c.next_cut_id,
+                );
+                let _ = cont.start.set(c.resume_from_seq);
+                tracing::info!(
+                    disk = %disk_hex, epoch = l.epoch, from_seq = c.resume_from_seq,
+                    next_cut = c.next_cut_id, "the epoch continues under a new data key"
+                );
+            }
+            c.resume_from_seq
         }
-        Some(Message::Error(e)) => {
+        (Some(Message::Error(e)), cont) => {
+            if let (ErrorCode::CannotContinue, Some(c)) = (e.code, cont) {
+                let _ = c.refused.set(e.message.clone());
+            }
             return Err(Refused {
                 disk: disk_hex,
                 code: e.code,
@@ -504,11 +564,20 @@ async fn drive(conn: &Connection, version: u16, l: &mut DiskLink) -> anyhow::Res
             }
             .into());
         }
-        other => bail!(
-            "expected DiskAccepted, got {}",
+        (other, _) => bail!(
+            "expected {}, got {}",
+            if l.continuation.is_some() {
+                "EpochContinued"
+            } else {
+                "DiskAccepted"
+            },
             describe_received(other.as_ref().map(Message::message_type))
         ),
-    }
+    };
+    l.sender
+        .handle_connected(Instant::now(), resume_from)
+        .map_err(|e| anyhow::anyhow!("resume from {resume_from} refused: {e}"))?;
+    tracing::info!(disk = %disk_hex, epoch = l.epoch, resume_from, "disk stream accepted");
     let mut buf = Vec::with_capacity(8 << 20);
     loop {
         // Take what the window allows.
@@ -556,7 +625,7 @@ async fn drive(conn: &Connection, version: u16, l: &mut DiskLink) -> anyhow::Res
                 Some(Message::Ack(ack)) => {
                     l.sender.handle_ack(Instant::now(), &ack).map_err(|e| anyhow::anyhow!("bad ack: {e}"))?;
                     l.stats.acked_seq.store(ack.durable_seq, Ordering::Relaxed);
-                    l.acked_through(ack.durable_seq);
+                    l.acked_through(ack.durable_seq)?;
                     l.stats.acked_cuts.store(ack.durable_cut_id, Ordering::Relaxed);
                     let now = now_mono_ns();
                     let mut samples = l.stats.lag_us.lock().expect("lag lock");

@@ -2,8 +2,12 @@
 //! the process server until SIGINT/SIGTERM, then flush everything and wait for it to be
 //! durable on the server.
 //!
-//! Every start is a new epoch per disk with a full initial sync (zero regions skipped): the
-//! agent was not tracking while it was down, so nothing else would be safe. A protected
+//! A start **continues** a disk's epoch when its acknowledged-digest map (`acked_map`)
+//! vouches for what the server holds: under a new data key (a key rotation, decision
+//! 0025), from where the server is, with a sync that reads the whole device but sends only
+//! the blocks that differ (written while the agent was down, or in flight when it died).
+//! Otherwise (no map, another size, a server that does not hold the epoch) it starts a
+//! new epoch with a full initial sync (zero regions skipped). A protected
 //! device that changes size (checked every second, and when a round's read fails) ends
 //! the epoch at once and starts a new one at the new size: writes to a grown range were
 //! not captured before, and the new epoch's sync reads every sector after its capture is
@@ -28,10 +32,11 @@ use ripcord_transport::Identity;
 use tokio::sync::mpsc;
 
 use super::{
+    acked_map::AckedMap,
     batch::BatchBuilder,
     config::AgentConfig,
     metrics::AgentMetrics,
-    net::{self, DiskLink, LinkStats, NetConfig},
+    net::{self, Continuation, DiskLink, LinkStats, NetConfig},
     outcome::{self, EpochEnd},
     pipeline::{CutRequest, DiskProducer, Outgoing, RoundConfig, round},
     points::{self, FreezeStats, GapPolicy, GapState},
@@ -77,14 +82,20 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
             Err(e) => tracing::error!("no metrics endpoint: {e:#}"),
         }
     }
+    let mut may_continue = true;
     loop {
-        match run_epoch(&opts, &stop, &metrics)? {
+        match run_epoch(&opts, &stop, &metrics, may_continue)? {
             Ended::Stopped => return Ok(()),
             Ended::Resized(why) => tracing::warn!(
                 "{why}: protecting the new size in a new epoch (full sync of the disk; \
                  recovery points taken before keep the old size)"
             ),
+            Ended::CannotContinue(why) => tracing::warn!(
+                "the process server cannot continue the epoch ({why}): starting a new epoch \
+                 (full sync)"
+            ),
         }
+        may_continue = false;
     }
 }
 
@@ -95,6 +106,9 @@ pub(crate) enum Ended {
     /// A protected device changed size (what happened, for the log). The old epoch's
     /// points stand; a new epoch protects the new size.
     Resized(String),
+    /// The server cannot continue an epoch this start tried to continue (why): a new
+    /// epoch starts.
+    CannotContinue(String),
 }
 
 /// The devices to protect: from the command line, else the config file.
@@ -128,6 +142,7 @@ fn run_epoch(
     opts: &ProtectOptions,
     stop: &Stop,
     metrics: &Arc<AgentMetrics>,
+    may_continue: bool,
 ) -> anyhow::Result<Ended> {
     let cfg = &opts.config;
     let identity = Identity::load(&cfg.state_dir).with_context(|| {
@@ -174,11 +189,28 @@ fn run_epoch(
     let mut senders = Vec::new();
     let mut link_stats: Vec<Arc<LinkStats>> = Vec::new();
     let mut ids = Vec::new();
+    let mut continuations = Vec::new();
     for dev in &devs {
-        let (id, epoch) = state.next_epoch(&dev.path, &cfg.state_dir)?;
+        let size = dev.sectors * 512;
+        let continued = match state.current_epoch(&dev.path)? {
+            Some((id, epoch)) if may_continue => {
+                AckedMap::open(&cfg.state_dir, &DiskId(id), epoch, size)?.map(|m| (id, epoch, m))
+            }
+            _ => None,
+        };
+        let continues = continued.is_some();
+        let (id, epoch, map) = match continued {
+            Some(c) => c,
+            None => {
+                let (id, epoch) = state.next_epoch(&dev.path, &cfg.state_dir)?;
+                let map = AckedMap::create(&cfg.state_dir, &DiskId(id), epoch, size)?;
+                (id, epoch, map)
+            }
+        };
+        let map = Arc::new(std::sync::Mutex::new(map));
         let disk = DiskId(id);
         ids.push((disk, epoch));
-        // A fresh data key per epoch: nonces (epoch, seq) never repeat under one key.
+        // A fresh data key per process: nonces (epoch, seq) never repeat under one key.
         let key = DataKey::generate()?;
         let builder = BatchBuilder::new(
             &machine,
@@ -187,9 +219,11 @@ fn run_epoch(
             DataKey::from_bytes(*key.expose_bytes()),
             cfg.zstd_level,
             cfg.batch_kib << 10,
-        );
+        )
+        .with_acked_map(Arc::clone(&map));
         let mut producer = DiskProducer::new(dev.clone(), builder)?;
         producer.discards_read_zero = cfg.discards_read_zero.for_device(dev);
+        producer.delta = continues.then(|| Arc::clone(&map));
         tracing::info!(
             device = %dev.path.display(),
             "discards are {}",
@@ -200,20 +234,32 @@ fn run_epoch(
         let mut link = DiskLink::new(
             disk,
             epoch,
-            dev.sectors * 512,
+            size,
             dev.logical_block_size,
             Arc::new(key),
             (cfg.window_mib << 20) / 2,
             rx,
         );
         link.device = dev.path.display().to_string();
+        link.acked = Some(map);
+        let continuation = continues.then(|| Arc::new(Continuation::default()));
+        link.continuation = continuation.clone();
+        continuations.push(continuation);
         link_stats.push(Arc::clone(&link.stats));
         links.push(link);
         senders.push(tx);
-        tracing::info!(
-            device = %dev.path.display(), disk = %disk, epoch,
-            size = dev.sectors * 512, "protecting (full initial sync)"
-        );
+        if continues {
+            tracing::info!(
+                device = %dev.path.display(), disk = %disk, epoch, size,
+                "protecting: continuing the epoch (the sync sends only blocks the server \
+                 does not hold)"
+            );
+        } else {
+            tracing::info!(
+                device = %dev.path.display(), disk = %disk, epoch, size,
+                "protecting (full initial sync)"
+            );
+        }
     }
 
     let identity = Arc::new(MachineIdentity::new(identity));
@@ -248,6 +294,35 @@ fn run_epoch(
 
     if let Some(path) = &opts.ready_file {
         std::fs::write(path, b"ready\n")?;
+    }
+    // A continued epoch goes on from where the server is: nothing is sealed before its
+    // stream opened (capture runs meanwhile; what it sees waits in the ring buffer).
+    while continuations
+        .iter()
+        .flatten()
+        .any(|c| c.start.get().is_none())
+    {
+        if let Some(why) = continuations.iter().flatten().find_map(|c| c.refused.get()) {
+            return Ok(Ended::CannotContinue(why.clone()));
+        }
+        if stop.requested() {
+            tracing::info!("stopped before the process server answered");
+            return Ok(Ended::Stopped);
+        }
+        if net.is_finished() {
+            // A refusal is set before the network side ends; any other failure is
+            // reported below.
+            if let Some(why) = continuations.iter().flatten().find_map(|c| c.refused.get()) {
+                return Ok(Ended::CannotContinue(why.clone()));
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (p, c) in producers.iter_mut().zip(&continuations) {
+        if let Some(seq) = c.as_ref().and_then(|c| c.start.get()) {
+            p.builder.continue_at(*seq);
+        }
     }
     let round_cfg = RoundConfig {
         round_sectors: cfg.round_mib << 11,

@@ -110,6 +110,24 @@ impl AgentState {
         .with_context(|| format!("writing {}", path.display()))
     }
 
+    /// The disk id of `device` and its newest epoch, if it was protected before.
+    pub fn current_epoch(&self, device: &Path) -> anyhow::Result<Option<([u8; 16], u64)>> {
+        let Some(entry) = self.disks.get(device).filter(|e| e.epoch > 0) else {
+            return Ok(None);
+        };
+        let id: [u8; 16] = hex::decode(&entry.disk_id)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .with_context(|| {
+                format!(
+                    "bad disk id {:?} in state for {}",
+                    entry.disk_id,
+                    device.display()
+                )
+            })?;
+        Ok(Some((id, entry.epoch)))
+    }
+
     /// The disk id of `device` (new if unknown) and a fresh epoch for it, persisted.
     pub fn next_epoch(
         &mut self,

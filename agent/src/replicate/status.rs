@@ -97,6 +97,8 @@ impl StatsView<'_> {
                     "dirty_bytes": sample.dirty_bytes,
                     "next_seq": p.builder.next_seq(),
                     "bytes_read": c.bytes_read,
+                    "continued": p.delta.is_some(),
+                    "delta_skipped_bytes": c.delta_skipped_bytes,
                     "read_errors": c.read_errors,
                     "passthrough_writes": c.passthrough_writes,
                     "data_bytes": c.data_bytes,

@@ -148,6 +148,9 @@ pub struct DiskCounters {
     pub blocked_us: u64,
     /// Change events the kernel could not queue (their regions were resynchronised).
     pub dropped: u64,
+    /// Bytes a continued epoch's sync read but did not send: the server holds them
+    /// already (the acknowledged-digest map vouches for them).
+    pub delta_skipped_bytes: u64,
     /// Queued writes capture could not follow (the queue probe skipped or failed, or the
     /// in-flight map was full); each resynchronised the whole device.
     pub missed: u64,
@@ -192,6 +195,9 @@ pub struct DiskProducer {
     /// Whether a discard on this device reads as zeroes (sent as zeroes without a read);
     /// otherwise its range is read back. See `AgentConfig::discards_read_zero`.
     pub discards_read_zero: bool,
+    /// Set when this process continues the epoch: its sync sends only the blocks this
+    /// map does not vouch the server holds.
+    pub delta: Option<crate::replicate::acked_map::SharedAckedMap>,
 }
 
 impl DiskProducer {
@@ -217,6 +223,7 @@ impl DiskProducer {
             round_complete: true,
             counters: DiskCounters::default(),
             discards_read_zero: false,
+            delta: None,
         })
     }
 

@@ -182,7 +182,12 @@ pub fn round(
                     d.counters.raced_reads += 1;
                     d.dirty.insert(ps, pl);
                 }
-                out.extend(d.builder.add(ps, data)?);
+                match d.delta.clone() {
+                    Some(map) => {
+                        add_differing(&mut d.builder, &mut d.counters, &map, ps, data, &mut out)?
+                    }
+                    None => out.extend(d.builder.add(ps, data)?),
+                }
                 worked = true;
                 for b in out.drain(..) {
                     send_batch(d, slot, b, None, send)?;
@@ -255,6 +260,46 @@ pub fn round(
     Ok(worked)
 }
 
+/// A continued epoch's sync: adds the blocks of `data` (read at `sector`) that the
+/// acknowledged-digest map does not vouch the server holds; sectors outside whole 4 KiB
+/// blocks always go.
+fn add_differing(
+    builder: &mut BatchBuilder,
+    counters: &mut DiskCounters,
+    map: &crate::replicate::acked_map::SharedAckedMap,
+    sector: u64,
+    data: &[u8],
+    out: &mut Vec<Batch>,
+) -> anyhow::Result<()> {
+    use crate::replicate::acked_map::BLOCK;
+    let per_block = BLOCK / 512;
+    let sectors = data.len() as u64 / 512;
+    let mut s = 0;
+    while s < sectors {
+        let at = sector + s;
+        let bytes_at =
+            |from: u64, n: u64| &data[(from * 512) as usize..((from + n) * 512) as usize];
+        if !at.is_multiple_of(per_block) || s + per_block > sectors {
+            let n = (per_block - at % per_block).min(sectors - s);
+            out.extend(builder.add(at, bytes_at(s, n))?);
+            s += n;
+            continue;
+        }
+        let block = bytes_at(s, per_block);
+        let held = map
+            .lock()
+            .expect("acked map lock")
+            .matches(at / per_block, block)?;
+        if held {
+            counters.delta_skipped_bytes += BLOCK;
+        } else {
+            out.extend(builder.add(at, block)?);
+        }
+        s += per_block;
+    }
+    Ok(())
+}
+
 fn send_batch(
     d: &mut DiskProducer,
     slot: usize,
@@ -271,6 +316,8 @@ fn send_batch(
         }
     }
     d.uncut = true;
+    // Its blocks are unknown in the acknowledged-digest map, durably, before it leaves.
+    d.builder.sync_intents()?;
     let started = Instant::now();
     let sent = send(slot, Outgoing::Batch(b, oldest));
     d.counters.blocked_us += started.elapsed().as_micros() as u64;

@@ -130,12 +130,25 @@ impl Sender {
     /// New stream for `disk_id` in a new `epoch`: the first batch must start
     /// at sequence 1 and cut ids start at 1. Starts disconnected.
     ///
-    /// There is deliberately no way to continue an epoch with a fresh
-    /// `Sender`: an agent that lost its sender state (restart, crash) cannot
-    /// prove it would re-seal identical bytes for the same sequences (see
-    /// [`crate::aead`]), so it starts a new epoch (full resync).
-    /// Zero limits in `config` are treated as 1 so the stream cannot stall.
-    pub fn new(disk_id: DiskId, epoch: u64, mut config: SenderConfig) -> Self {
+    /// An agent that lost its sender state (restart, crash) cannot re-seal identical
+    /// bytes for the same sequences (see [`crate::aead`]): it starts a new epoch, or
+    /// continues this one under a new key from where the server is
+    /// ([`Sender::continuing`]). Zero limits in `config` are treated as 1 so the stream
+    /// cannot stall.
+    pub fn new(disk_id: DiskId, epoch: u64, config: SenderConfig) -> Self {
+        Self::continuing(disk_id, epoch, config, 0, 1)
+    }
+
+    /// Stream of a continued `epoch` (the server's `EpochContinued`): it holds every
+    /// batch through `durable_seq` and the next cut is `next_cut_id`. The caller seals
+    /// with a new data key from `durable_seq + 1` on. Starts disconnected.
+    pub fn continuing(
+        disk_id: DiskId,
+        epoch: u64,
+        mut config: SenderConfig,
+        durable_seq: u64,
+        next_cut_id: u64,
+    ) -> Self {
         for v in [
             &mut config.max_inflight_batches,
             &mut config.max_inflight_bytes,
@@ -144,7 +157,8 @@ impl Sender {
         ] {
             *v = (*v).max(1);
         }
-        let base = 0;
+        let base = durable_seq;
+        let last_cut_id = next_cut_id.saturating_sub(1);
         Self {
             disk_id,
             epoch,
@@ -156,10 +170,10 @@ impl Sender {
             inflight_bytes: 0,
             buffered_bytes: 0,
             last_pushed_seq: base,
-            last_cut_id: 0,
-            last_cut_seq: 0,
+            last_cut_id,
+            last_cut_seq: base,
             acked_seq: base,
-            acked_cut_id: 0,
+            acked_cut_id: last_cut_id,
             connected: false,
             progress_at: None,
             events: VecDeque::new(),
