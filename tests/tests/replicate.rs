@@ -290,6 +290,55 @@ fn a_restarted_agent_continues_its_epoch_and_sends_only_what_changed() {
     assert_replica_equals(&site.ps, &disk_id, &disk.path, site.path(), false);
 }
 
+/// A process server that lost a disk's journal (its cache was wiped) cannot continue the
+/// epoch: the restarted agent is told so (`CannotContinue`) and starts a new epoch with a
+/// full sync, and its points equal the device.
+#[test]
+fn a_server_that_lost_the_epoch_makes_a_restarted_agent_start_a_new_one() {
+    let Some(mut site) =
+        Site::builder("a_server_that_lost_the_epoch_makes_a_restarted_agent_start_a_new_one")
+            .file_target()
+            .start()
+    else {
+        return;
+    };
+    let disk = site.loop_device("disk.img", 32 * MIB);
+    ripcord_tests::write_random_at(&disk.path, 0, 8, 3);
+    let agent = site.replicator(&[&disk.path]);
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let (ok, log) = agent.stop().unwrap();
+    assert!(ok, "{log}");
+    site.ps.stop().unwrap();
+    let journal = site.ps.dir.join("cache").join(&disk_id);
+    assert!(journal.is_dir(), "no journal at {}", journal.display());
+    std::fs::remove_dir_all(&journal).unwrap();
+    site.ps.spawn().unwrap();
+    ripcord_tests::write_random_at(&disk.path, 16, 2, 4);
+
+    let agent = site.replicator(&[&disk.path]);
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let epoch = agent.stats().unwrap()["disks"][0]["epoch"].as_u64();
+    let (log, point) = site.final_point(agent, &disk_id);
+    assert!(
+        log.contains("cannot continue the epoch"),
+        "the agent did not say why it began a new epoch:\n{log}"
+    );
+    assert_eq!(epoch, Some(2), "{log}");
+    assert_eq!(point["epoch"].as_u64(), Some(2), "{point}");
+    let image = site.path().join("point.img");
+    let (ok, _, err) = testkit::replication::failover(
+        site.target(),
+        &disk_id,
+        point["id"].as_str().unwrap(),
+        &image,
+        &site.ps.passphrase_file,
+    )
+    .unwrap();
+    assert!(ok, "{err}");
+    ripcord_tests::assert_same(&image, &disk.path, "the new epoch's point");
+}
+
 #[test]
 fn foreign_peers_and_foreign_disks_are_refused() {
     // The site's agent is the disk's owner; it runs only in the second part.
