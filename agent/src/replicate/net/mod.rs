@@ -16,9 +16,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use quinn::{Connection, RecvStream, SendStream};
 use ripcord_proto::{
-    ContinueEpoch, DiskId, ErrorCode, Hello, Message, PROTOCOL_VERSION, ProtectDisk, PushError,
-    Sender, SenderConfig, SenderEvent, aead, decode_frame, describe_received,
-    handshake::check_hello_ack,
+    DiskId, ErrorCode, Hello, Message, PROTOCOL_VERSION, PushError, Sender, SenderConfig,
+    SenderEvent, aead, decode_frame, describe_received, handshake::check_hello_ack,
 };
 use ripcord_seal::{DataKey, escrow::wrap_data_key};
 use ripcord_transport::{
@@ -27,6 +26,8 @@ use ripcord_transport::{
 use tokio::sync::mpsc;
 
 use super::{acked_map::SharedAckedMap, pipeline::Outgoing, renew::MachineIdentity};
+
+mod open;
 use crate::clock::now_mono_ns;
 
 /// A refusal that reconnecting will not fix (the agent stops).
@@ -496,87 +497,7 @@ async fn drive(conn: &Connection, version: u16, l: &mut DiskLink) -> anyhow::Res
         recv,
         buf: Vec::new(),
     };
-    // Protocol 3 on: the device name goes first, so the server's log line about the new
-    // stream already carries it. A name the wire cannot carry is left out.
-    if version >= 3 && ripcord_proto::wire::check_device_name(&l.device).is_ok() {
-        let name = ripcord_proto::DiskName {
-            disk_id: l.disk,
-            device: l.device.clone(),
-        };
-        send_msg(&mut send, &Message::DiskName(name)).await?;
-    }
-    if let Some(c) = &l.continuation {
-        if version < 4 {
-            let why = format!(
-                "the process server speaks protocol {version}, and continuing an epoch needs 4"
-            );
-            let _ = c.refused.set(why.clone());
-            return Err(Refused {
-                disk: disk_hex,
-                code: ErrorCode::CannotContinue,
-                message: why,
-            }
-            .into());
-        }
-        let cont = ContinueEpoch {
-            disk_id: l.disk,
-            epoch: l.epoch,
-        };
-        send_msg(&mut send, &Message::ContinueEpoch(cont)).await?;
-    }
-    let pd = ProtectDisk {
-        disk_id: l.disk,
-        size_bytes: l.size_bytes,
-        sector_size: l.sector_size,
-        epoch: l.epoch,
-        wrapped_key: l.wrapped_key.clone().unwrap_or_default(),
-    };
-    send_msg(&mut send, &Message::ProtectDisk(pd)).await?;
-    let resume_from = match (reader.next().await?, &l.continuation) {
-        (Some(Message::DiskAccepted(a)), None) => a.resume_from_seq,
-        (Some(Message::EpochContinued(c)), Some(cont)) => {
-            if cont.start.get().is_none() {
-                // This process has sealed nothing yet: it begins where the server is.
-                let durable = c.resume_from_seq.checked_sub(1).context("resume from 0")?;
-                l.sender = Sender::continuing(
-                    l.disk,
-                    l.epoch,
-                    l.sender_config.clone(),
-                    durable,
-                    c.next_cut_id,
-                );
-                let _ = cont.start.set(c.resume_from_seq);
-                tracing::info!(
-                    disk = %disk_hex, epoch = l.epoch, from_seq = c.resume_from_seq,
-                    next_cut = c.next_cut_id, "the epoch continues under a new data key"
-                );
-            }
-            c.resume_from_seq
-        }
-        (Some(Message::Error(e)), cont) => {
-            if let (ErrorCode::CannotContinue, Some(c)) = (e.code, cont) {
-                let _ = c.refused.set(e.message.clone());
-            }
-            return Err(Refused {
-                disk: disk_hex,
-                code: e.code,
-                message: e.message,
-            }
-            .into());
-        }
-        (other, _) => bail!(
-            "expected {}, got {}",
-            if l.continuation.is_some() {
-                "EpochContinued"
-            } else {
-                "DiskAccepted"
-            },
-            describe_received(other.as_ref().map(Message::message_type))
-        ),
-    };
-    l.sender
-        .handle_connected(Instant::now(), resume_from)
-        .map_err(|e| anyhow::anyhow!("resume from {resume_from} refused: {e}"))?;
+    let resume_from = open::open_stream(&mut send, &mut reader, version, l).await?;
     tracing::info!(disk = %disk_hex, epoch = l.epoch, resume_from, "disk stream accepted");
     let mut buf = Vec::with_capacity(8 << 20);
     loop {
