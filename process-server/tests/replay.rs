@@ -18,6 +18,28 @@ fn replayed(stopped: &Stopped, until: Until) -> Vec<u8> {
     std::fs::read(&out).unwrap()
 }
 
+/// Uploads everything the journal holds and trims it.
+fn upload_all(rt: &tokio::runtime::Runtime, f: &Fixture) {
+    rt.block_on(async {
+        let store = Store::open(&f.target_url()).await.unwrap();
+        let mut u = Uploader::open(
+            store,
+            DISK,
+            MACHINE.to_owned(),
+            f.core.clone(),
+            upload_config(),
+        )
+        .await
+        .unwrap();
+        loop {
+            let step = u.step().await.unwrap();
+            if step.records == 0 && step.trimmed_through.is_none() {
+                break;
+            }
+        }
+    });
+}
+
 fn assert_same(got: &[u8], want: &[u8], what: &str) {
     if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
         panic!(
@@ -44,24 +66,7 @@ fn a_journal_trimmed_past_its_epoch_start_replays_to_the_right_image() {
     let image_at_early_cut = f.image.clone();
     f.write(4096, 64);
     f.cut();
-    rt.block_on(async {
-        let store = Store::open(&f.target_url()).await.unwrap();
-        let mut u = Uploader::open(
-            store,
-            DISK,
-            MACHINE.to_owned(),
-            f.core.clone(),
-            upload_config(),
-        )
-        .await
-        .unwrap();
-        loop {
-            let step = u.step().await.unwrap();
-            if step.records == 0 && step.trimmed_through.is_none() {
-                break;
-            }
-        }
-    });
+    upload_all(&rt, &f);
     {
         let core = f.core.lock_blocking();
         let journal = core.journal();
@@ -138,26 +143,6 @@ fn a_journal_never_trimmed_replays_without_the_store() {
 fn an_epoch_continued_under_rotated_keys_replays_from_the_journal_and_the_store() {
     let mut f = Fixture::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let upload_all = |f: &Fixture| {
-        rt.block_on(async {
-            let store = Store::open(&f.target_url()).await.unwrap();
-            let mut u = Uploader::open(
-                store,
-                DISK,
-                MACHINE.to_owned(),
-                f.core.clone(),
-                upload_config(),
-            )
-            .await
-            .unwrap();
-            loop {
-                let step = u.step().await.unwrap();
-                if step.records == 0 && step.trimmed_through.is_none() {
-                    break;
-                }
-            }
-        })
-    };
     for i in 0..10u64 {
         f.write((i * 1543 * 8) % (SIZE / 512 - 256), 128);
     }
@@ -177,7 +162,7 @@ fn an_epoch_continued_under_rotated_keys_replays_from_the_journal_and_the_store(
     }
     f.zero(64, 64);
     f.cut();
-    upload_all(&f);
+    upload_all(&rt, &f);
     assert_eq!(f.rotations_in_journal(), 0, "the rotation was trimmed");
     let rotations = rt.block_on(async {
         let store = Store::open(&f.target_url()).await.unwrap();

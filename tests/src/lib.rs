@@ -35,6 +35,25 @@ pub fn write_random_at(device: &Path, offset_mib: u64, mib: u64, seed: u64) {
     f.sync_all().unwrap();
 }
 
+/// Fails recovery point `point` (a `points list --json` row) of `disk` over into a scratch
+/// image and panics unless it equals `device`.
+pub fn assert_point_equals(
+    site: &Site,
+    disk: &str,
+    point: &serde_json::Value,
+    device: &Path,
+    what: &str,
+) {
+    let image = site.path().join("point.img");
+    let id = point["id"].as_str().expect("a point id");
+    let (ok, _, err) =
+        testkit::replication::failover(site.target(), disk, id, &image, &site.ps.passphrase_file)
+            .expect("running failover");
+    assert!(ok, "failover to {id} failed: {err}");
+    assert_same(&image, device, what);
+    std::fs::remove_file(&image).expect("removing the image");
+}
+
 /// Panic unless the files or devices `a` and `b` are equal, naming the differing sectors.
 pub fn assert_same(a: &Path, b: &Path, what: &str) {
     let diff = testkit::sys::diff_sectors(a, b).expect("compare");

@@ -266,17 +266,13 @@ fn a_restarted_agent_continues_its_epoch_and_sends_only_what_changed() {
     );
     assert_eq!(point["epoch"].as_u64(), Some(epoch), "{point}");
     // The point is the device, through every key rotation.
-    let image = site.path().join("point.img");
-    let (ok, _, err) = testkit::replication::failover(
-        site.target(),
+    ripcord_tests::assert_point_equals(
+        &site,
         &disk_id,
-        point["id"].as_str().unwrap(),
-        &image,
-        &site.ps.passphrase_file,
-    )
-    .unwrap();
-    assert!(ok, "{err}");
-    ripcord_tests::assert_same(&image, &disk.path, "the newest point after two restarts");
+        &point,
+        &disk.path,
+        "the newest point after two restarts",
+    );
     site.ps.stop().unwrap();
     assert_eq!(
         site.ps
@@ -326,17 +322,13 @@ fn a_server_that_lost_the_epoch_makes_a_restarted_agent_start_a_new_one() {
     );
     assert_eq!(epoch, Some(2), "{log}");
     assert_eq!(point["epoch"].as_u64(), Some(2), "{point}");
-    let image = site.path().join("point.img");
-    let (ok, _, err) = testkit::replication::failover(
-        site.target(),
+    ripcord_tests::assert_point_equals(
+        &site,
         &disk_id,
-        point["id"].as_str().unwrap(),
-        &image,
-        &site.ps.passphrase_file,
-    )
-    .unwrap();
-    assert!(ok, "{err}");
-    ripcord_tests::assert_same(&image, &disk.path, "the new epoch's point");
+        &point,
+        &disk.path,
+        "the new epoch's point",
+    );
 }
 
 #[test]

@@ -170,7 +170,11 @@ impl AckedMap {
         std::fs::rename(&tmp, &path)
             .and_then(|()| ripcord_crashsafe::sync_dir(&dir(state_dir)))
             .with_context(|| format!("installing {}", path.display()))?;
-        Ok(AckedMap {
+        Ok(AckedMap::new(path, file, key, blocks))
+    }
+
+    fn new(path: PathBuf, file: File, key: DigestKey, blocks: u64) -> AckedMap {
+        AckedMap {
             path,
             file,
             key,
@@ -178,7 +182,7 @@ impl AckedMap {
             last_sent: HashMap::new(),
             pending: BTreeMap::new(),
             dirty: false,
-        })
+        }
     }
 
     /// The map of `epoch` of `disk` (`size` bytes), if one exists and its header matches
@@ -209,15 +213,7 @@ impl AckedMap {
             );
             return Ok(None);
         }
-        Ok(Some(AckedMap {
-            path,
-            file,
-            key,
-            blocks,
-            last_sent: HashMap::new(),
-            pending: BTreeMap::new(),
-            dirty: false,
-        }))
+        Ok(Some(AckedMap::new(path, file, key, blocks)))
     }
 
     /// The map's digest key.

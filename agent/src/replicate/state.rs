@@ -115,17 +115,7 @@ impl AgentState {
         let Some(entry) = self.disks.get(device).filter(|e| e.epoch > 0) else {
             return Ok(None);
         };
-        let id: [u8; 16] = hex::decode(&entry.disk_id)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .with_context(|| {
-                format!(
-                    "bad disk id {:?} in state for {}",
-                    entry.disk_id,
-                    device.display()
-                )
-            })?;
-        Ok(Some((id, entry.epoch)))
+        Ok(Some((entry.id(device)?, entry.epoch)))
     }
 
     /// The disk id of `device` (new if unknown) and a fresh epoch for it, persisted.
@@ -147,18 +137,25 @@ impl AgentState {
         };
         entry.epoch += 1;
         let epoch = entry.epoch;
-        let id: [u8; 16] = hex::decode(&entry.disk_id)
+        let id = entry.id(device)?;
+        self.save(state_dir)?;
+        Ok((id, epoch))
+    }
+}
+
+impl DiskState {
+    /// The disk id, parsed (`device` names the entry in the error).
+    fn id(&self, device: &Path) -> anyhow::Result<[u8; 16]> {
+        hex::decode(&self.disk_id)
             .ok()
             .and_then(|b| b.try_into().ok())
             .with_context(|| {
                 format!(
                     "bad disk id {:?} in state for {}",
-                    entry.disk_id,
+                    self.disk_id,
                     device.display()
                 )
-            })?;
-        self.save(state_dir)?;
-        Ok((id, epoch))
+            })
     }
 }
 
