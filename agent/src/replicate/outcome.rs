@@ -8,8 +8,9 @@
 //! - everything durable on the server, with the last acknowledged sequence and cut (or
 //!   that no recovery point was acknowledged);
 //! - stopped during the initial sync at N %: no recovery point of this epoch exists, and
-//!   the next start syncs again (exit status 0: the stop was asked for and nothing that
-//!   existed was lost);
+//!   the next start continues the sync, sending what the server has not acknowledged (exit
+//!   status 0: the stop was asked for and nothing that existed was lost); stopped during a
+//!   continued epoch's sync: the points from before the restart stand;
 //! - abandoned (second signal, drain timeout): what was not acknowledged, and an error
 //!   (non-zero exit status).
 
@@ -244,11 +245,21 @@ fn sync_percent(p: &DiskProducer) -> u64 {
 /// Say, per disk, what a stop left behind.
 fn report_stopped(producers: &[DiskProducer], links: &[Arc<LinkStats>], server: &str) {
     for (p, l) in producers.iter().zip(links) {
+        if p.syncing() && p.delta.is_some() {
+            tracing::warn!(
+                "stopped during the sync of {} at {}% after a restart: the epoch's points \
+                 from before the restart stand, none after it exists yet; the next start \
+                 continues, sending what the server has not acknowledged",
+                p.dev.path.display(),
+                sync_percent(p)
+            );
+            continue;
+        }
         if p.syncing() {
             tracing::warn!(
                 "stopped during the initial sync of {} at {}%: no recovery point of this \
                  epoch exists yet (points of earlier epochs, if any, stand); the next start \
-                 restarts the sync",
+                 continues the sync, sending what the server has not acknowledged",
                 p.dev.path.display(),
                 sync_percent(p)
             );
