@@ -204,6 +204,17 @@ fn a_restarted_agent_continues_its_epoch_and_sends_only_what_changed() {
             .unwrap_or(0)
     };
     let epoch = stat(&first, "epoch");
+    // The sync acknowledged, and its digests checkpointed (at most a second later).
+    testkit::replication::wait_for(
+        "the initial sync's acknowledgements",
+        Duration::from_secs(60),
+        || {
+            Ok(stat(&first, "acked_seq") > 0
+                && stat(&first, "acked_seq") == stat(&first, "pushed_seq"))
+        },
+    )
+    .unwrap();
+    std::thread::sleep(ripcord_agent::replicate::acked_map::CHECKPOINT_EVERY * 2);
 
     // kill -9 while 20 MiB are being written at random places (some of them in flight),
     // then 4 MiB more while no agent runs.

@@ -19,10 +19,20 @@
 //!   never leaves an entry claiming older content for a block a later batch changed.
 //! - **Digests after the acknowledgement.** When the server acknowledges a batch as
 //!   durable ([`AckedMap::acked_through`]), the digests of the whole blocks it carried
-//!   are written, but only for blocks no later batch has touched since (those stay
-//!   unknown until their own acknowledgement). These writes need no fsync: a lost one
-//!   leaves the block unknown, which only sends it again.
+//!   become due, but only for blocks no later batch has touched since (those stay unknown
+//!   until their own acknowledgement; a later intent cancels a due digest). Due digests
+//!   are written at most once a [`CHECKPOINT_EVERY`] ([`AckedMap::checkpoint`], and at a
+//!   clean stop). These writes need no fsync: a lost one leaves the block unknown, which
+//!   only sends it again.
 //! - Blocks a batch covers only partly (writes smaller than 4 KiB) stay unknown.
+//!
+//! # Writing the map does not feed itself
+//! The map usually lives on a protected disk (the root file system), so its own writes
+//! are captured and replicated, and replicating them records intents. Two rules keep that
+//! from becoming a loop of tiny rounds: an intent writes (and syncs) only entries that are
+//! not already unknown, and digests are written at most once a checkpoint interval. A
+//! block the agent keeps rewriting (the map's own pages among them) stays unknown between
+//! checkpoints, at the cost of sending it again after a crash.
 //!
 //! A map whose header does not match the disk, epoch, size or key is not used: the agent
 //! then starts a new epoch with a full sync, as it did before maps existed.
@@ -40,6 +50,8 @@ use ripcord_proto::{DiskId, Extent, ExtentKind};
 
 /// Bytes per block the map describes.
 pub const BLOCK: u64 = 4096;
+/// Acknowledged digests are written at most this often (see the module doc).
+pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 const SECTORS_PER_BLOCK: u64 = BLOCK / 512;
 const ENTRY: u64 = 16;
 const HEADER: u64 = 4096;
@@ -78,6 +90,9 @@ pub struct AckedMap {
     /// Per unacknowledged batch: the block ranges it touched, and the whole blocks it
     /// carried with their entries.
     pending: BTreeMap<u64, Touched>,
+    /// Acknowledged entries not written yet (see [`AckedMap::checkpoint`]).
+    due: BTreeMap<u64, [u8; 16]>,
+    last_checkpoint: std::time::Instant,
     /// Unknown entries written since the last sync.
     dirty: bool,
 }
@@ -181,6 +196,8 @@ impl AckedMap {
             blocks,
             last_sent: HashMap::new(),
             pending: BTreeMap::new(),
+            due: BTreeMap::new(),
+            last_checkpoint: std::time::Instant::now(),
             dirty: false,
         }
     }
@@ -241,10 +258,14 @@ impl AckedMap {
                 ExtentKind::Zero | ExtentKind::Discard => None,
             };
             let (first, last) = (start / SECTORS_PER_BLOCK, (end - 1) / SECTORS_PER_BLOCK);
-            self.write_run(first, &vec![UNKNOWN; (last - first + 1) as usize])?;
+            if !self.all_unknown(first, last)? {
+                self.write_run(first, &vec![UNKNOWN; (last - first + 1) as usize])?;
+                self.dirty = true;
+            }
             touched.ranges.push((first, last));
             for b in first..=last {
                 self.last_sent.insert(b, seq);
+                self.due.remove(&b);
                 let (bs, be) = (b * SECTORS_PER_BLOCK, (b + 1) * SECTORS_PER_BLOCK);
                 if bs < start || be > end {
                     continue; // partly covered: stays unknown
@@ -260,8 +281,16 @@ impl AckedMap {
             }
         }
         self.pending.insert(seq, touched);
-        self.dirty = true;
         Ok(())
+    }
+
+    /// Whether the entries of blocks `first..=last` are all unknown already.
+    fn all_unknown(&self, first: u64, last: u64) -> anyhow::Result<bool> {
+        let mut entries = vec![0u8; ((last - first + 1) * ENTRY) as usize];
+        self.file
+            .read_exact_at(&mut entries, HEADER + first * ENTRY)
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        Ok(entries.iter().all(|&b| b == 0))
     }
 
     /// Makes the unknown entries written by [`AckedMap::intent`] durable (nothing to do
@@ -276,15 +305,16 @@ impl AckedMap {
         Ok(())
     }
 
-    /// The server holds every batch through `seq` durably: their blocks' digests are
-    /// recorded, except where a later batch touched the block since.
+    /// The server holds every batch through `seq` durably: their blocks' digests become
+    /// due, except where a later batch touched the block since; due digests are written
+    /// if the last checkpoint is older than [`CHECKPOINT_EVERY`].
     pub fn acked_through(&mut self, seq: u64) -> anyhow::Result<()> {
         let done: Vec<u64> = self.pending.range(..=seq).map(|(&s, _)| s).collect();
         for s in done {
             let touched = self.pending.remove(&s).unwrap_or_default();
             for (b, entry) in touched.whole {
                 if self.last_sent.get(&b) == Some(&s) {
-                    self.write_run(b, &[entry])?;
+                    self.due.insert(b, entry);
                 }
             }
             for (first, last) in touched.ranges {
@@ -295,6 +325,47 @@ impl AckedMap {
                 }
             }
         }
+        self.checkpoint_if_due()
+    }
+
+    /// [`AckedMap::checkpoint`] if the last one is older than [`CHECKPOINT_EVERY`].
+    pub fn checkpoint_if_due(&mut self) -> anyhow::Result<()> {
+        if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// At a clean stop: every due digest written and made durable, so the next start
+    /// sends only what changes until then.
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        self.checkpoint()?;
+        self.file
+            .sync_data()
+            .with_context(|| format!("syncing {}", self.path.display()))?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Writes every due digest (runs of consecutive blocks in one write each).
+    pub fn checkpoint(&mut self) -> anyhow::Result<()> {
+        let due = std::mem::take(&mut self.due);
+        let mut run: Vec<[u8; 16]> = Vec::new();
+        let mut run_start = 0;
+        for (b, entry) in due {
+            if !run.is_empty() && b != run_start + run.len() as u64 {
+                self.write_run(run_start, &run)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_start = b;
+            }
+            run.push(entry);
+        }
+        if !run.is_empty() {
+            self.write_run(run_start, &run)?;
+        }
+        self.last_checkpoint = std::time::Instant::now();
         Ok(())
     }
 
@@ -360,12 +431,14 @@ mod tests {
         m.intent(2, &[data(8, 8), data(40, 4)], &plain2).unwrap();
         m.sync().unwrap();
         m.acked_through(1).unwrap();
+        m.checkpoint().unwrap();
         assert!(m.matches(0, &block(1)).unwrap());
         assert!(
             !m.matches(1, &block(1)).unwrap(),
             "block 1 was sent again by batch 2: unknown until that is acknowledged"
         );
         m.acked_through(2).unwrap();
+        m.checkpoint().unwrap();
         assert!(m.matches(1, &block(2)).unwrap());
         assert!(!m.matches(1, &block(1)).unwrap());
         assert!(
@@ -384,8 +457,26 @@ mod tests {
         )
         .unwrap();
         m.acked_through(3).unwrap();
+        m.checkpoint().unwrap();
         assert!(m.matches(2, &block(0)).unwrap());
         assert!(!m.matches(2, &block(1)).unwrap());
+    }
+
+    #[test]
+    fn an_intent_over_unknown_blocks_writes_nothing_and_a_later_intent_cancels_a_due_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = AckedMap::create(dir.path(), &DISK, 3, SIZE).unwrap();
+        m.intent(1, &[data(0, 16)], &[block(1), block(1)].concat())
+            .unwrap();
+        assert!(!m.dirty, "the blocks were unknown already: nothing to sync");
+        m.acked_through(1).unwrap();
+        // Block 1 is sent again before the checkpoint: its digest must not be written.
+        m.intent(2, &[data(8, 8)], &block(2)).unwrap();
+        m.checkpoint().unwrap();
+        assert!(m.matches(0, &block(1)).unwrap());
+        assert!(!m.matches(1, &block(1)).unwrap() && !m.matches(1, &block(2)).unwrap());
+        m.intent(3, &[data(0, 8)], &block(3)).unwrap();
+        assert!(m.dirty, "a known entry becomes unknown: it must be synced");
     }
 
     #[test]
@@ -395,6 +486,7 @@ mod tests {
         m.intent(1, &[data(0, 8)], &block(1)).unwrap();
         m.sync().unwrap();
         m.acked_through(1).unwrap();
+        m.checkpoint().unwrap();
         // Batch 2 rewrites block 0 (B), is sent, and the agent dies before its ack: the
         // device may hold 1s again by the restart, while the server holds B.
         m.intent(2, &[data(0, 8)], &block(2)).unwrap();

@@ -105,10 +105,12 @@ pub(crate) fn finish(e: EpochEnd<'_>) -> anyhow::Result<Ended> {
     if stopped_in_sync && net_failed.is_none() && resize.is_none() {
         // Nothing this epoch sent can become a recovery point: do not wait for it.
         rt.shutdown_background();
+        flush_maps(producers);
         report_stopped(producers, links, server);
         return Ok(Ended::Stopped);
     }
     let waited = wait_for_acks(&rt, net, server, stop, producers, links);
+    flush_maps(producers);
     let result = match waited {
         Ok(result) => result,
         Err(why) => {
@@ -116,8 +118,8 @@ pub(crate) fn finish(e: EpochEnd<'_>) -> anyhow::Result<Ended> {
             bail!(
                 "stopped before the process server at {server} acknowledged everything ({why}): \
                  {}. What it acknowledged stays durable and the recovery points up to the last \
-                 acknowledged cut stand; the next start begins a new epoch with a full \
-                 initial sync",
+                 acknowledged cut stand; the next start continues the epoch, sending what the \
+                 server has not acknowledged",
                 unacknowledged(producers, links)
             );
         }
@@ -236,6 +238,21 @@ fn unacknowledged(producers: &[DiskProducer], links: &[Arc<LinkStats>]) -> Strin
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Every acknowledged-digest map written and made durable, so the next start sends only
+/// what changes after this. A failure only makes that start send more: it is logged.
+fn flush_maps(producers: &[DiskProducer]) {
+    for p in producers {
+        if let Some(m) = p.builder.acked_map()
+            && let Err(e) = m.lock().expect("acked map lock").flush()
+        {
+            tracing::warn!(
+                device = %p.dev.path.display(),
+                "{e:#}: the next start may send more of this disk than changed"
+            );
+        }
+    }
 }
 
 fn sync_percent(p: &DiskProducer) -> u64 {

@@ -481,6 +481,11 @@ fn run_epoch(
             }
             continue;
         }
+        for p in &producers {
+            if let Some(m) = p.builder.acked_map() {
+                m.lock().expect("acked map lock").checkpoint_if_due()?;
+            }
+        }
         if !worked {
             capture.wait(Duration::from_millis(50))?;
         }
