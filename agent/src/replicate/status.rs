@@ -396,8 +396,14 @@ impl SyncProgress {
             } else {
                 "unknown".to_owned()
             };
+            // A continued epoch's sync reads everything but sends only what differs.
+            let what = if p.delta.is_some() {
+                "sync after a restart (sending only what the server lacks)"
+            } else {
+                "initial sync"
+            };
             tracing::info!(
-                "initial sync {}: {} of {} ({}%), {}/s, eta {eta}",
+                "{what} {}: {} of {} ({}%), {}/s, eta {eta}",
                 p.dev.path.display(),
                 human_bytes(done),
                 human_bytes(total),
