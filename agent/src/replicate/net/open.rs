@@ -70,6 +70,15 @@ pub(super) async fn open_stream(
                     c.next_cut_id,
                 );
                 let _ = cont.start.set(c.resume_from_seq);
+                // What the server holds is acknowledged already: status shows it (and a
+                // disk nothing changed on has its point without sending anything).
+                l.stats
+                    .acked_seq
+                    .store(durable, std::sync::atomic::Ordering::Relaxed);
+                l.stats.acked_cuts.store(
+                    c.next_cut_id.saturating_sub(1),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 tracing::info!(
                     disk = %disk_hex, epoch = l.epoch, from_seq = c.resume_from_seq,
                     next_cut = c.next_cut_id, "the epoch continues under a new data key"
