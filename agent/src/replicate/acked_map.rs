@@ -24,7 +24,9 @@
 //!   are written at most once a [`CHECKPOINT_EVERY`] ([`AckedMap::checkpoint`], and at a
 //!   clean stop). These writes need no fsync: a lost one leaves the block unknown, which
 //!   only sends it again.
-//! - Blocks a batch covers only partly (writes smaller than 4 KiB) stay unknown.
+//! - Blocks a batch covers only partly (writes smaller than 4 KiB) stay unknown, and so
+//!   do zeroed and discarded ranges: sending them again costs a zero extent, no data, and
+//!   a discard of a whole large disk then costs no memory per block.
 //!
 //! # Writing the map does not feed itself
 //! The map usually lives on a protected disk (the root file system), so its own writes
@@ -246,37 +248,33 @@ impl AckedMap {
         let mut at = 0usize;
         for e in extents {
             let (start, end) = (e.sector, e.sector + u64::from(e.sectors));
-            let data = match e.kind {
-                ExtentKind::Data => {
-                    let len = (u64::from(e.sectors) * 512) as usize;
-                    let d = plain
-                        .get(at..at + len)
-                        .context("a batch's data is shorter than its extents")?;
-                    at += len;
-                    Some(d)
-                }
-                ExtentKind::Zero | ExtentKind::Discard => None,
-            };
             let (first, last) = (start / SECTORS_PER_BLOCK, (end - 1) / SECTORS_PER_BLOCK);
-            if !self.all_unknown(first, last)? {
-                self.write_run(first, &vec![UNKNOWN; (last - first + 1) as usize])?;
-                self.dirty = true;
+            self.mark_unknown(first, last)?;
+            // Due digests of these blocks are stale now.
+            let stale: Vec<u64> = self.due.range(first..=last).map(|(&b, _)| b).collect();
+            for b in stale {
+                self.due.remove(&b);
             }
+            if e.kind != ExtentKind::Data {
+                // Zeroed or discarded: stays unknown (any range size, no memory per block);
+                // no earlier batch may record a digest for these blocks either.
+                self.last_sent.retain(|&b, _| b < first || b > last);
+                continue;
+            }
+            let len = (u64::from(e.sectors) * 512) as usize;
+            let data = plain
+                .get(at..at + len)
+                .context("a batch's data is shorter than its extents")?;
+            at += len;
             touched.ranges.push((first, last));
             for b in first..=last {
                 self.last_sent.insert(b, seq);
-                self.due.remove(&b);
                 let (bs, be) = (b * SECTORS_PER_BLOCK, (b + 1) * SECTORS_PER_BLOCK);
                 if bs < start || be > end {
                     continue; // partly covered: stays unknown
                 }
-                let entry = match data {
-                    Some(d) => {
-                        let off = ((bs - start) * 512) as usize;
-                        encode(self.key.block(&d[off..off + BLOCK as usize]))
-                    }
-                    None => ZERO_BLOCK,
-                };
+                let off = ((bs - start) * 512) as usize;
+                let entry = encode(self.key.block(&data[off..off + BLOCK as usize]));
                 touched.whole.push((b, entry));
             }
         }
@@ -284,13 +282,26 @@ impl AckedMap {
         Ok(())
     }
 
-    /// Whether the entries of blocks `first..=last` are all unknown already.
-    fn all_unknown(&self, first: u64, last: u64) -> anyhow::Result<bool> {
-        let mut entries = vec![0u8; ((last - first + 1) * ENTRY) as usize];
-        self.file
-            .read_exact_at(&mut entries, HEADER + first * ENTRY)
-            .with_context(|| format!("reading {}", self.path.display()))?;
-        Ok(entries.iter().all(|&b| b == 0))
+    /// Writes blocks `first..=last` unknown, a chunk at a time, skipping chunks that are
+    /// unknown already (so an intent over unknown blocks writes, and syncs, nothing).
+    fn mark_unknown(&mut self, first: u64, last: u64) -> anyhow::Result<()> {
+        const CHUNK: u64 = 64 << 10; // entries (1 MiB)
+        let mut b = first;
+        let mut buf = Vec::new();
+        while b <= last {
+            let n = (last - b + 1).min(CHUNK);
+            buf.resize((n * ENTRY) as usize, 0);
+            self.file
+                .read_exact_at(&mut buf, HEADER + b * ENTRY)
+                .with_context(|| format!("reading {}", self.path.display()))?;
+            if buf.iter().any(|&x| x != 0) {
+                buf.fill(0);
+                self.write_entries(b, &buf)?;
+                self.dirty = true;
+            }
+            b += n;
+        }
+        Ok(())
     }
 
     /// Makes the unknown entries written by [`AckedMap::intent`] durable (nothing to do
@@ -385,15 +396,21 @@ impl AckedMap {
     }
 
     fn write_run(&self, first: u64, entries: &[[u8; 16]]) -> anyhow::Result<()> {
+        let bytes: Vec<u8> = entries.iter().flatten().copied().collect();
+        self.write_entries(first, &bytes)
+    }
+
+    /// Writes encoded entries (16 bytes each) from block `first` on.
+    fn write_entries(&self, first: u64, bytes: &[u8]) -> anyhow::Result<()> {
+        let n = bytes.len() as u64 / ENTRY;
         ensure!(
-            first + entries.len() as u64 <= self.blocks,
+            first + n <= self.blocks,
             "block {} is beyond the map's {} blocks",
-            first + entries.len() as u64 - 1,
+            first + n - 1,
             self.blocks
         );
-        let bytes: Vec<u8> = entries.iter().flatten().copied().collect();
         self.file
-            .write_all_at(&bytes, HEADER + first * ENTRY)
+            .write_all_at(bytes, HEADER + first * ENTRY)
             .with_context(|| format!("writing {}", self.path.display()))
     }
 }
@@ -458,8 +475,25 @@ mod tests {
         .unwrap();
         m.acked_through(3).unwrap();
         m.checkpoint().unwrap();
-        assert!(m.matches(2, &block(0)).unwrap());
-        assert!(!m.matches(2, &block(1)).unwrap());
+        assert!(
+            !m.matches(2, &block(0)).unwrap() && !m.matches(2, &block(1)).unwrap(),
+            "a zeroed block stays unknown"
+        );
+        // A data batch sent before a zeroing is acknowledged after it: no digest.
+        m.intent(4, &[data(24, 8)], &block(4)).unwrap();
+        m.intent(
+            5,
+            &[Extent {
+                sector: 24,
+                sectors: 8,
+                kind: ExtentKind::Discard,
+            }],
+            &[],
+        )
+        .unwrap();
+        m.acked_through(5).unwrap();
+        m.checkpoint().unwrap();
+        assert!(!m.matches(3, &block(4)).unwrap());
     }
 
     #[test]
