@@ -178,7 +178,10 @@ fn main() -> anyhow::Result<()> {
         } => register(
             &server,
             match token_file {
-                Some(file) => Some(read_token(&file)?),
+                Some(file) => Some(
+                    ripcord_transport::Token::read_file(&file)
+                        .with_context(|| format!("reading the token from {}", file.display()))?,
+                ),
                 None => token,
             }
             .as_deref(),
@@ -254,22 +257,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The bootstrap token in `file` (`-`: standard input), trimmed.
-fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
-    use std::io::Read as _;
-    let mut text = String::new();
-    if file == std::path::Path::new("-") {
-        std::io::stdin()
-            .take(4096)
-            .read_to_string(&mut text)
-            .context("reading the token from standard input")?;
-    } else {
-        std::fs::File::open(file)
-            .and_then(|f| f.take(4096).read_to_string(&mut text))
-            .with_context(|| format!("reading the token from {}", file.display()))?;
-    }
-    Ok(text.trim().to_owned())
-}
-
 fn register(
     server: &str,
     token: Option<&str>,

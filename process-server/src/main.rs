@@ -97,8 +97,12 @@ enum Command {
         #[arg(long)]
         ca_hash: String,
         /// The process-server token.
-        #[arg(long)]
-        token: String,
+        #[arg(long, required_unless_present = "token_file")]
+        token: Option<String>,
+        /// Read the token from this file (`-`: standard input) instead: a token on a
+        /// command line is visible to every user of the host (`ps`, /proc).
+        #[arg(long, conflicts_with = "token", value_name = "FILE")]
+        token_file: Option<PathBuf>,
         /// This server's id. Default: the host name.
         #[arg(long)]
         server_id: Option<String>,
@@ -361,12 +365,18 @@ fn run(command: Command) -> anyhow::Result<()> {
             config_role,
             ca_hash,
             token,
+            token_file,
             server_id,
             names,
             listen,
             metrics_listen,
             cache_dir,
         } => {
+            let token = match token_file {
+                Some(file) => ripcord_transport::Token::read_file(&file)
+                    .with_context(|| format!("reading the token from {}", file.display()))?,
+                None => token.expect("clap: --token or --token-file"),
+            };
             let metrics_listen = match metrics_listen.as_deref() {
                 None => None,
                 Some("") => Some(None),
@@ -378,7 +388,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 dir,
                 config_role,
                 ca_hash,
-                token: token.parse().context("--token")?,
+                token: token.parse().context("the process-server token")?,
                 server_id: server_id.unwrap_or_else(ripcord_process_server::config::hostname),
                 names,
                 listen,

@@ -4,10 +4,7 @@ mod common;
 
 use common::*;
 use ripcord_journal::RecordType;
-use ripcord_process_server::{
-    replay::{Until, replay},
-    uploader::Uploader,
-};
+use ripcord_process_server::replay::{Until, replay};
 use ripcord_store::Store;
 
 fn replayed(stopped: &Stopped, until: Until) -> Vec<u8> {
@@ -22,21 +19,7 @@ fn replayed(stopped: &Stopped, until: Until) -> Vec<u8> {
 fn upload_all(rt: &tokio::runtime::Runtime, f: &Fixture) {
     rt.block_on(async {
         let store = Store::open(&f.target_url()).await.unwrap();
-        let mut u = Uploader::open(
-            store,
-            DISK,
-            MACHINE.to_owned(),
-            f.core.clone(),
-            upload_config(),
-        )
-        .await
-        .unwrap();
-        loop {
-            let step = u.step().await.unwrap();
-            if step.records == 0 && step.trimmed_through.is_none() {
-                break;
-            }
-        }
+        drain(&mut open_uploader(f, store).await).await;
     });
 }
 

@@ -6,35 +6,11 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use ripcord_process_server::uploader::Uploader;
 use ripcord_store::{
     Store, WriterConfig,
     local::DurableLocal,
     testing::{Faults, FaultyStore, PowerCut},
 };
-
-/// Steps `u` until a step neither reads nor trims anything.
-async fn drain(u: &mut Uploader) {
-    for _ in 0..10_000 {
-        let step = u.step().await.expect("uploader step");
-        if step.records == 0 && step.trimmed_through.is_none() {
-            return;
-        }
-    }
-    panic!("the uploader never went idle");
-}
-
-async fn open_uploader(f: &Fixture, store: Store) -> Uploader {
-    Uploader::open(
-        store,
-        DISK,
-        MACHINE.to_owned(),
-        f.core.clone(),
-        upload_config(),
-    )
-    .await
-    .expect("opening the uploader")
-}
 
 /// Writes `batches` batches of 128 KiB (1 MiB journal segments hold 7) at spread sectors,
 /// with a cut after every third.

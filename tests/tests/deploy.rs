@@ -1,8 +1,10 @@
-//! `cargo xtask deploy` (issue 18) against three hosts simulated on this machine. Each host
+//! `cargo xtask deploy` (issue 18) against four hosts simulated on this machine. Each host
 //! is a network namespace with its own sshd, running in its own mount namespace where
 //! /usr/local, /etc/ripcord, /etc/systemd/system, /var/lib and /run/ripcord are directories
-//! of that host alone: a process server host that also protects a disk of its own, and two
-//! agent hosts, each protecting a loop device.
+//! of that host alone: the primary process server (with the configuration role) that also
+//! protects a disk of its own, a second process server that joins it (scale-out), and two
+//! agent hosts, each protecting a loop device. Each process server keeps its target store
+//! on its own host.
 //! systemd is not PID 1 here, so the inventory asks for `service-manager = "exec"`: deploy
 //! starts the exact ExecStart lines of the units it installed (which `systemd-analyze
 //! verify` checked on each host).
@@ -23,6 +25,9 @@ const MIB: u64 = 1 << 20;
 const PASSPHRASE: &str = "a deployment passphrase for the deploy test";
 
 /// The host directories each simulated host has of its own (its root's name for them).
+/// The process servers' cache directory (under each host's own /var/lib).
+const CACHE_DIR: &str = "/var/lib/ripcord-cache";
+
 const OWN_DIRS: &[(&str, &str)] = &[
     ("usr-local", "/usr/local"),
     ("etc-ripcord", "/etc/ripcord"),
@@ -81,7 +86,7 @@ impl SimHost {
         .unwrap();
         let binds: String = OWN_DIRS
             .iter()
-            .map(|(dir, at)| format!("mount --bind {} {at} && ", root.join(dir).display()))
+            .map(|(dir, at)| format!("mount --rbind {} {at} && ", root.join(dir).display()))
             .collect();
         let sshd = netns
             .exec("unshare")
@@ -269,31 +274,67 @@ fn deploy_from(inventory: &Path, bins: &Path, extra: &[&str]) -> (bool, String) 
     (out.status.success(), text)
 }
 
-/// After new writes on `disks` (from `seed`), a recovery point of each in the process
-/// server's (`hosts[0]`) target store equals its device; `hosts[n]` protects `disks[n]`.
+/// What `host`'s agent recorded about `disk` in its state file (disk id, epoch).
+fn disk_state(host: &SimHost, disk: &LoopDevice) -> serde_json::Value {
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(host.root.join("var-lib/ripcord/agent/state.json")).unwrap(),
+    )
+    .unwrap();
+    let entry = state["disks"][disk.path.to_str().unwrap()].clone();
+    assert!(
+        entry.is_object(),
+        "{}: no {} in {state}",
+        host.name,
+        disk.path.display()
+    );
+    entry
+}
+
+/// Each disk's epoch (`hosts[n]` protects `disks[n]`): a new epoch is a full resync.
+fn epochs(hosts: &[SimHost], disks: &[LoopDevice]) -> Vec<u64> {
+    hosts
+        .iter()
+        .zip(disks)
+        .map(|(host, disk)| disk_state(host, disk)["epoch"].as_u64().unwrap())
+        .collect()
+}
+
+/// After new writes on `disks` (from `seed`), a recovery point of each equals its device;
+/// `hosts[n]` protects `disks[n]`. Each process server (`servers`) has its own target store
+/// (a directory on its host): a disk's points are in the store of the server it was placed
+/// on. Returns, per disk, the index in `servers` of the one holding it.
 fn replicas_follow(
     hosts: &[SimHost],
+    servers: &[&SimHost],
     disks: &[LoopDevice],
     scratch: &Path,
     passphrase: &Path,
     seed: u64,
-) {
+) -> Vec<usize> {
     for (n, d) in disks.iter().enumerate() {
         write_random_at(&d.path, 12, 4, seed + n as u64);
     }
-    let target = format!(
-        "file://{}",
-        hosts[0].root.join("var-lib/ripcord-target").display()
-    );
+    let mut placed = Vec::new();
     for (host, disk) in hosts.iter().zip(disks) {
-        let state: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(host.root.join("var-lib/ripcord/agent/state.json")).unwrap(),
-        )
-        .unwrap();
-        let disk_id = state["disks"][disk.path.to_str().unwrap()]["disk_id"]
+        let disk_id = disk_state(host, disk)["disk_id"]
             .as_str()
-            .unwrap_or_else(|| panic!("no disk id in {state}"))
+            .expect("a disk id")
             .to_owned();
+        let stores: Vec<_> = servers
+            .iter()
+            .map(|s| s.root.join("var-lib/ripcord-target"))
+            .collect();
+        let holding: Vec<usize> = (0..servers.len())
+            .filter(|&i| stores[i].join("disks").join(&disk_id).is_dir())
+            .collect();
+        assert_eq!(
+            holding.len(),
+            1,
+            "{}: disk {disk_id} is in the stores of servers {holding:?}",
+            host.name
+        );
+        let target = format!("file://{}", stores[holding[0]].display());
+        placed.push(holding[0]);
         let image = scratch.join(format!("{}.img", host.name));
         testkit::replication::wait_for(
             "a recovery point equal to the device",
@@ -311,11 +352,13 @@ fn replicas_follow(
         )
         .unwrap_or_else(|e| panic!("{}: {e:#}", host.name));
     }
+    placed
 }
 
 #[test]
-fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_uninstalls() {
-    let test = "deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_uninstalls";
+fn deploy_installs_two_servers_and_their_agents_changes_nothing_twice_upgrades_without_resync_and_uninstalls()
+ {
+    let test = "deploy_installs_two_servers_and_their_agents_changes_nothing_twice_upgrades_without_resync_and_uninstalls";
     if !testkit::require_root(test) {
         return;
     }
@@ -325,8 +368,25 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
     let _forwarding = Forwarding::on();
     let _mount_points =
         testkit::sys::MountPoints::make(OWN_DIRS.iter().map(|(_, at)| *at)).unwrap();
-    let hosts = [("rc-ps", 41), ("rc-db", 42), ("rc-app", 43)]
+    // Each process server's cache is a disk of its own (a tmpfs), as placement needs more
+    // than 30% free, which this machine's root file system may not have. Mounted before
+    // the hosts start (their /var/lib binds take it along), unmounted after they stop.
+    let _caches = ["rc-ps", "rc-ps2"].map(|name| {
+        testkit::Mount::new(
+            Path::new("tmpfs"),
+            &scratch
+                .path
+                .join(name)
+                .join("var-lib")
+                .join(CACHE_DIR.trim_start_matches("/var/lib/")),
+            &["-t", "tmpfs", "-o", "size=512m,mode=0700"],
+        )
+        .expect("mounting a cache tmpfs")
+    });
+    // hosts[n] protects disks[n]; rc-ps2 is a process server only, and joins rc-ps.
+    let hosts = [("rc-ps", 41), ("rc-db", 42), ("rc-app", 43), ("rc-ps2", 44)]
         .map(|(name, net)| SimHost::start(&scratch.path, name, net, &client_key));
+    let servers = [&hosts[0], &hosts[3]];
     let known_hosts = scratch.path.join("known_hosts");
     std::fs::write(
         &known_hosts,
@@ -358,11 +418,15 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
         format!(
             "[deployment]\npassphrase-file = \"{}\"\ntarget = \"file:///var/lib/ripcord-target\"\n\
              known-hosts = \"{}\"\nidentity = \"{}\"\nservice-manager = \"exec\"\n\
-             min-free-mib = {min_free_mib}\nkdf-memory-mib = 8\n\n\
+             min-free-mib = {min_free_mib}\nkdf-memory-mib = 8\nretention-hours = 48\n\n\
+             [policy.databases]\nmax-point-gap-secs = 5\napp-consistent-every-secs = 0\n\n\
              [[host]]\nname = \"rc-ps\"\nssh = \"root@{}\"\nroles = [\"config\", \"process\", \"agent\"]\n\
-             devices = [\"{}\"]\n\n\
-             [[host]]\nname = \"rc-db\"\nssh = \"root@{}\"\nroles = [\"agent\"]\ndevices = [\"{}\"]\n\n\
-             [[host]]\nname = \"rc-app\"\nssh = \"root@{}\"\nroles = [\"agent\"]\ndevices = [\"{}\"]\n",
+             devices = [\"{}\"]\ncache-dir = \"{CACHE_DIR}\"\n\n\
+             [[host]]\nname = \"rc-db\"\nssh = \"root@{}\"\nroles = [\"agent\"]\ndevices = [\"{}\"]\n\
+             policy = \"databases\"\n\n\
+             [[host]]\nname = \"rc-app\"\nssh = \"root@{}\"\nroles = [\"agent\"]\ndevices = [\"{}\"]\n\n\
+             [[host]]\nname = \"rc-ps2\"\nssh = \"root@{}\"\nroles = [\"process\"]\n\
+             cache-dir = \"{CACHE_DIR}\"\n",
             passphrase.display(),
             known_hosts.display(),
             client_key.display(),
@@ -372,6 +436,7 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
             devices[1],
             hosts[2].netns.addr,
             devices[2],
+            hosts[3].netns.addr,
         )
     };
     let devices = disks.each_ref().map(|d| d.path.to_str().unwrap());
@@ -412,7 +477,7 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
     // --check on a good inventory: every host ready, still nothing changed.
     std::fs::write(&inv, inventory(devices, 256)).unwrap();
     let (ok, out) = deploy(&inv, &["--check"]);
-    assert!(ok && out.contains("preflight: 3 host(s) ready"), "{out}");
+    assert!(ok && out.contains("preflight: 4 host(s) ready"), "{out}");
     for h in &hosts {
         assert_eq!(
             h.files(),
@@ -445,8 +510,17 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
         "rc-ps does not run both its services: {:?}",
         hosts[0].processes()
     );
+    assert!(
+        running(&hosts[3], "ripcord-ps") && !running(&hosts[3], "ripcord-agent"),
+        "rc-ps2 does not run exactly its process server: {:?}",
+        hosts[3].processes()
+    );
     for h in &hosts {
-        assert!(running(h, "ripcord-agent"), "{}: no agent runs", h.name);
+        assert!(
+            running(h, "ripcord-agent") || h.name == "rc-ps2",
+            "{}: no agent runs",
+            h.name
+        );
         for p in h.processes() {
             assert!(
                 !p.contains("--token "),
@@ -456,8 +530,57 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
         }
     }
 
-    // Changes after the deployment reach the target store: a failover equals the device.
-    replicas_follow(&hosts, &disks, &scratch.path, &passphrase, 10);
+    // The policies and the retention reached the hosts' configurations.
+    let config = |h: &SimHost, file: &str| std::fs::read_to_string(h.root.join(file)).unwrap();
+    for (h, gap_ms, app_secs) in [(&hosts[1], 5000, 0), (&hosts[2], 15_000, 3600)] {
+        let agent = config(h, "etc-ripcord/agent.toml");
+        assert!(
+            agent.contains(&format!("max-point-gap-ms = {gap_ms}\n"))
+                && agent.contains(&format!("app-interval-secs = {app_secs}\n")),
+            "{}: not its policy:\n{agent}",
+            h.name
+        );
+    }
+    for h in servers {
+        let ps = config(h, "var-lib/ripcord/ps/ps.toml");
+        assert!(
+            ps.contains("retention-secs = 172800\n"),
+            "{}: not 48 h:\n{ps}",
+            h.name
+        );
+    }
+
+    // The configuration role shows both servers green, and placed machines on each.
+    let status = ripcord_tests::ripcord_status(&hosts[0].root.join("var-lib/ripcord/ps"));
+    let shown: Vec<_> = status["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap().to_owned(), s["health"].clone()))
+        .collect();
+    assert_eq!(shown.len(), 2, "{status}");
+    assert!(shown.iter().all(|(_, h)| h == "green"), "{status}");
+    assert!(shown.iter().any(|(id, _)| id == "rc-ps2"), "{status}");
+
+    // Changes after the deployment reach the target stores: a failover equals the device.
+    let placed = replicas_follow(&hosts, &servers, &disks, &scratch.path, &passphrase, 10);
+    assert!(
+        placed.contains(&0) && placed.contains(&1),
+        "every disk is on one server (index in [rc-ps, rc-ps2] per disk: {placed:?}):\n{status}"
+    );
+    for h in servers {
+        let mut journals = Vec::new();
+        walk(
+            &h.root.join("var-lib/ripcord-cache"),
+            &h.root,
+            &mut journals,
+        );
+        assert!(
+            !journals.is_empty(),
+            "{}: its cache-dir is not used",
+            h.name
+        );
+    }
 
     // A second run changes nothing, and says so; the services keep running.
     let pids: Vec<_> = hosts.iter().map(SimHost::processes).collect();
@@ -485,8 +608,10 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
         pids,
         hosts.iter().map(SimHost::processes).collect::<Vec<_>>()
     );
-    // --upgrade: the process server, then each agent host, each running again before the
-    // next is touched.
+    // --upgrade: the process servers (the primary first), then each agent host, each
+    // running again before the
+    // next is touched; every agent continues its epoch (no full resync).
+    let epochs_before = epochs(&hosts, &disks);
     let (ok, out) = deploy_from(&inv, &v2, &["--upgrade"]);
     assert!(ok, "the upgrade failed:\n{out}");
     let at = |what: &str| {
@@ -494,7 +619,8 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
             .unwrap_or_else(|| panic!("{what:?} not in:\n{out}"))
     };
     assert!(
-        at("rc-ps: restarting ripcord-ps") < at("rc-ps: restarting ripcord-agent")
+        at("rc-ps: restarting ripcord-ps") < at("rc-ps2: restarting ripcord-ps")
+            && at("rc-ps2: restarting ripcord-ps") < at("rc-ps: restarting ripcord-agent")
             && at("rc-ps: restarting ripcord-agent") < at("rc-db: restarting")
             && at("rc-db: restarting") < at("rc-app: restarting"),
         "not in the seeds' order:\n{out}"
@@ -518,7 +644,16 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
             }
         }
     }
-    replicas_follow(&hosts, &disks, &scratch.path, &passphrase, 20);
+    assert_eq!(
+        replicas_follow(&hosts, &servers, &disks, &scratch.path, &passphrase, 20),
+        placed,
+        "the upgrade moved disks between servers"
+    );
+    assert_eq!(
+        epochs(&hosts, &disks),
+        epochs_before,
+        "the upgrade started new epochs (a full resync)"
+    );
     // A broken agent build stops the upgrade at the first agent host (the process server's);
     // the next keeps the version it runs, and the process server keeps serving.
     let broken = version(
@@ -544,7 +679,12 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
     );
     let (ok, out) = deploy_from(&inv, &v2, &["--upgrade"]);
     assert!(ok, "rolling back to v2 failed:\n{out}");
-    replicas_follow(&hosts, &disks, &scratch.path, &passphrase, 30);
+    replicas_follow(&hosts, &servers, &disks, &scratch.path, &passphrase, 30);
+    assert_eq!(
+        epochs(&hosts, &disks),
+        epochs_before,
+        "rolling back started new epochs (a full resync)"
+    );
 
     // Uninstall: no service, no file left but the target store, on the host with both roles
     // too.
@@ -564,8 +704,11 @@ fn deploy_installs_three_hosts_changes_nothing_twice_upgrades_in_order_and_unins
             .collect();
         assert_eq!(left, Vec::<String>::new(), "{}: files left:\n{out}", h.name);
     }
-    assert!(
-        hosts[0].root.join("var-lib/ripcord-target").is_dir(),
-        "uninstall removed the target store"
-    );
+    for h in servers {
+        assert!(
+            h.root.join("var-lib/ripcord-target").is_dir(),
+            "{}: uninstall removed the target store",
+            h.name
+        );
+    }
 }

@@ -421,13 +421,25 @@ impl DiskCore {
         }
     }
 
-    /// Back-pressure: wait (never drop) until the cache has room again.
+    /// Until the cache has space (above its floor): acknowledgements are held meanwhile.
     fn wait_for_space(&mut self) -> anyhow::Result<()> {
+        self.retry_while_full(|journal| journal.check_space().map(drop))
+    }
+
+    /// Runs `attempt` until it stops failing for lack of cache space (a back-pressure
+    /// error: below the floor, or ENOSPC, after which the journal rolled the record back,
+    /// so nothing is lost). Meanwhile acknowledgements are held: the hold is counted, shown
+    /// by the `acks_held_for_space` gauge and logged once, and its end is logged. Stops
+    /// early, with an error, when the server is stopping.
+    fn retry_while_full<T>(
+        &mut self,
+        mut attempt: impl FnMut(&mut Journal) -> Result<T, JournalError>,
+    ) -> anyhow::Result<T> {
         let mut held = false;
         let result = loop {
-            match self.journal.check_space() {
-                Ok(_) => break Ok(()),
-                Err(e @ JournalError::LowSpace { .. }) => {
+            match attempt(&mut self.journal) {
+                Ok(v) => break Ok(v),
+                Err(e) if e.is_back_pressure() => {
                     if !held {
                         tracing::warn!(disk = %self.disk, "{e}; holding acknowledgements");
                         held = true;
@@ -539,31 +551,9 @@ impl DiskCore {
         Ok(out)
     }
 
+    /// Appends a record, holding acknowledgements while the cache disk is full.
     fn append_retrying(&mut self, kind: RecordType, raw: &[u8]) -> anyhow::Result<()> {
-        let mut held = false;
-        let result = loop {
-            match self.journal.append(kind, raw) {
-                Ok(_) => break Ok(()),
-                Err(JournalError::NoSpace { .. }) => {
-                    // Rolled back by the journal: wait for space, retry. Nothing is lost.
-                    if !held {
-                        tracing::warn!(disk = %self.disk, "cache disk full; holding");
-                        held = true;
-                        self.counters.backpressure_waits += 1;
-                        self.space_held.set(1);
-                    }
-                    if let Err(e) = self.check_stopping() {
-                        break Err(e);
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => break Err(e.into()),
-            }
-        };
-        if held {
-            self.space_held.set(0);
-        }
-        result
+        self.retry_while_full(|journal| journal.append(kind, raw).map(drop))
     }
 }
 

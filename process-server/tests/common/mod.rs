@@ -14,7 +14,7 @@ use ripcord_process_server::{
     deploy,
     disk::{DiskCore, SharedDisk, journal_config},
     registry::Registry,
-    uploader::UploadConfig,
+    uploader::{UploadConfig, Uploader},
 };
 use ripcord_proto::{
     Batch, Cut, CutKind, DiskId, Extent, ExtentKind, FLAG_COMPRESSED, FLAG_SEALED, Message,
@@ -386,6 +386,30 @@ impl Fixture {
 
 pub fn cache_dir(deployment: &Path) -> PathBuf {
     deployment.join("cache")
+}
+
+/// An uploader of the fixture's disk to `store`, configured by [`upload_config`].
+pub async fn open_uploader(f: &Fixture, store: ripcord_store::Store) -> Uploader {
+    Uploader::open(
+        store,
+        DISK,
+        MACHINE.to_owned(),
+        f.core.clone(),
+        upload_config(),
+    )
+    .await
+    .expect("opening the uploader")
+}
+
+/// Steps `u` until a step neither reads nor trims anything.
+pub async fn drain(u: &mut Uploader) {
+    for _ in 0..10_000 {
+        let step = u.step().await.expect("uploader step");
+        if step.records == 0 && step.trimmed_through.is_none() {
+            return;
+        }
+    }
+    panic!("the uploader never went idle");
 }
 
 /// Upload as soon as anything is pending; no retention during the test.

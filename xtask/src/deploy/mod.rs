@@ -7,17 +7,21 @@
 //!    (release) or taken from `--binaries`;
 //! 2. every host is checked ([`preflight`]) and every problem reported before any host is
 //!    changed;
-//! 3. the process server's host: binaries, unit, deployment (`ripcord-ps init`, the
-//!    passphrase on standard input) and `ps.toml`; the service started and healthy;
-//! 4. each agent host in turn: binaries, unit, `agent.toml`; registered with a fresh
-//!    single-use token (on standard input, never a command line); started;
+//! 3. the primary process server's host: binaries, unit, deployment (`ripcord-ps init`,
+//!    the passphrase on standard input) and `ps.toml`; the service started and healthy;
+//!    then each other process server, joined to the primary's configuration role
+//!    ([`servers`]);
+//! 4. each agent host in turn: binaries, unit, `agent.toml`; registered at the primary
+//!    (whose configuration role places it on a server) with a fresh single-use token (on
+//!    standard input, never a command line); started;
 //! 5. wait until every disk finished its initial sync and has a recovery point, with a
 //!    progress line per disk.
 //!
 //! Idempotent: a file is written only when its SHA-256 differs, a service restarted only
 //! when one of its files changed, and a run that changes nothing says so. A host already
 //! running another version is refused unless `--upgrade`, which goes in the seeds' order
-//! (process server, then agents, one host at a time, each healthy before the next).
+//! (the primary process server, the others, then agents, one host at a time, each healthy
+//! before the next).
 //! `--uninstall` stops and removes everything deploy installed (agents first, each waiting
 //! until what it sent is durable); protected disks and the target store stay. The choices
 //! behind this (the system's ssh client, secrets on standard input, convergence by hash)
@@ -26,7 +30,9 @@
 mod inventory;
 mod preflight;
 mod progress;
+mod servers;
 mod ssh;
+mod uninstall;
 mod units;
 
 use std::{
@@ -36,7 +42,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use inventory::{Host, Inventory, Role};
+use inventory::{Host, Inventory};
 use ssh::{Ssh, quote};
 use units::Service;
 
@@ -79,7 +85,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .map(|h| (h.name.as_str(), Ssh::new(&inv.deployment, h)))
         .collect();
     if opts.uninstall {
-        return uninstall(&inv, &ssh);
+        return uninstall::uninstall(&inv, &ssh);
     }
     let passphrase = read_passphrase(&inv.deployment.passphrase_file)?;
     let binaries = binaries(opts.binaries.as_deref())?;
@@ -115,46 +121,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
     let manager = inv.deployment.service_manager;
     let mut changed = 0;
-    // The process server (and the deployment it holds) first.
-    let ps_host = inv.process_host();
-    let ps = &ssh[ps_host.name.as_str()];
-    let mut files = role_files(&binaries, PS_BINARIES, Service::ProcessServer)?;
-    // A deployment is complete exactly when its escrow.json exists (init writes it last,
-    // and redoes an init cut off before it).
-    let fresh = ps.run(&format!(
-        "test -f {}/escrow.json && echo no || echo yes",
-        layout::PS_DIR
-    ))?;
-    if fresh.trim() == "yes" {
-        install(ps, &files, opts.upgrade, &mut changed)?;
-        say(&format!("{}: creating the deployment", ps_host.name));
-        // The passphrase arrives on standard input into a private file on /run (memory,
-        // never the disk), which init reads (it refuses files others can read) and which
-        // goes right after, whatever init did.
-        ps.run_with_input(
-            &format!(
-                "umask 077; f=$(mktemp /run/ripcord-passphrase.XXXXXX) || exit 1; cat > \"$f\"; \
-                 {}/ripcord-ps init --dir {} --name {} --kdf-memory-mib {} --passphrase-file \
-                 \"$f\"; rc=$?; rm -f \"$f\"; exit $rc",
-                layout::BIN_DIR,
-                layout::PS_DIR,
-                quote(ps_host.address()),
-                inv.deployment.kdf_memory_mib
-            ),
-            &passphrase,
-        )
-        .context("ripcord-ps init")?;
-        changed += 1;
+    // The process servers first: the one holding the deployment (and the configuration
+    // role), then each that joins it.
+    let primary = &ssh[inv.primary_host().name.as_str()];
+    servers::converge_primary(&inv, primary, &binaries, &passphrase, opts, &mut changed)?;
+    for host in inv.joining_hosts() {
+        let joining = &ssh[host.name.as_str()];
+        servers::converge_joining(&inv, primary, joining, host, &binaries, opts, &mut changed)?;
     }
-    files.push(File {
-        path: format!("{}/ps.toml", layout::PS_DIR),
-        content: ps_toml(&inv).into_bytes(),
-        mode: 0o600,
-    });
-    let touched = install(ps, &files, opts.upgrade, &mut changed)?;
-    converge_service(ps, Service::ProcessServer, manager, touched, &mut changed)?;
-    wait_healthy(ps, manager, opts.timeout)
-        .context("the agents were not touched (the process server comes first)")?;
 
     // Then each agent host, one at a time.
     for host in inv.agent_hosts() {
@@ -162,7 +136,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let mut files = role_files(&binaries, AGENT_BINARIES, Service::Agent)?;
         files.push(File {
             path: layout::AGENT_CONFIG.to_owned(),
-            content: agent_toml(host).into_bytes(),
+            content: agent_toml(&inv, host).into_bytes(),
             mode: 0o600,
         });
         let touched = install(agent, &files, opts.upgrade, &mut changed)?;
@@ -171,7 +145,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             layout::AGENT_DIR
         ))?;
         if registered.trim() != "yes" {
-            register(ps, ps_host, agent, host, &inv)?;
+            register(primary, agent, host, &inv)?;
             changed += 1;
         }
         converge_service(agent, Service::Agent, manager, touched, &mut changed)?;
@@ -326,44 +300,34 @@ fn converge_service(
     Ok(())
 }
 
-fn ps_toml(inv: &Inventory) -> String {
-    let d = &inv.deployment;
-    let roles = if inv.process_host().has(Role::Config) {
-        "[\"config\", \"process\"]"
-    } else {
-        "[\"process\"]"
-    };
-    format!(
-        "# Written by `cargo xtask deploy` from the inventory; changes are overwritten.\n\
-         roles = {roles}\nlisten = \"0.0.0.0:{}\"\nregister-listen = \"0.0.0.0:{}\"\n\
-         target = \"{}\"\n",
-        d.data_port, d.register_port, d.target
-    )
+/// `s` as a TOML string (quoted and escaped).
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
 }
 
-fn agent_toml(host: &Host) -> String {
+/// The agent's configuration: its devices, and its policy (named in the comment).
+fn agent_toml(inv: &Inventory, host: &Host) -> String {
     let devices: Vec<String> = host
         .devices
         .iter()
-        .map(|d| format!("{:?}", d.to_string_lossy()))
+        .map(|d| toml_string(&d.to_string_lossy()))
         .collect();
+    let policy = inv.policy_of(host);
     format!(
         "# Written by `cargo xtask deploy` from the inventory; changes are overwritten.\n\
-         devices = [{}]\n",
-        devices.join(", ")
+         devices = [{}]\n# policy {}\nmax-point-gap-ms = {}\napp-interval-secs = {}\n",
+        devices.join(", "),
+        toml_string(host.policy.as_deref().unwrap_or("default")),
+        policy.max_point_gap_secs * 1000,
+        policy.app_consistent_every_secs,
     )
 }
 
-/// Registers the agent of `host` with a fresh single-use token from the process server.
-fn register(
-    ps: &Ssh,
-    ps_host: &Host,
-    agent: &Ssh,
-    host: &Host,
-    inv: &Inventory,
-) -> anyhow::Result<()> {
-    let out = ps.run(&format!(
-        "{}/ripcord-ps token --uses 1 --dir {}",
+/// A fresh single-use token from the primary process server, and the CA hash: `kind` is
+/// `agent` or `process-server` (`ripcord-ps token --for`).
+fn fresh_token(primary: &Ssh, kind: &str) -> anyhow::Result<(String, String)> {
+    let out = primary.run(&format!(
+        "{}/ripcord-ps token --uses 1 --for {kind} --dir {}",
         layout::BIN_DIR,
         layout::PS_DIR
     ))?;
@@ -371,17 +335,23 @@ fn register(
         out.lines()
             .find_map(|l| l.strip_prefix(name))
             .map(|v| v.trim().to_owned())
-            .with_context(|| format!("{}: no {name} line from ripcord-ps token", ps.host))
+            .with_context(|| format!("{}: no {name} line from ripcord-ps token", primary.host))
     };
-    let (token, ca_hash) = (field("token:")?, field("ca-hash:")?);
-    say(&format!("{}: registering with {}", host.name, ps_host.name));
+    Ok((field("token:")?, field("ca-hash:")?))
+}
+
+/// Registers the agent of `host` with a fresh single-use token, at the primary process
+/// server (with a configuration role, it places the machine on a server).
+fn register(primary: &Ssh, agent: &Ssh, host: &Host, inv: &Inventory) -> anyhow::Result<()> {
+    let (token, ca_hash) = fresh_token(primary, "agent")?;
+    say(&format!("{}: registering with {}", host.name, primary.host));
     agent
         .run_with_input(
             &format!(
                 "{}/ripcord-agent register --server {}:{} --token-file - --ca-hash {} \
                  --machine-id {} --state-dir {}",
                 layout::BIN_DIR,
-                quote(ps_host.address()),
+                quote(inv.primary_host().address()),
                 inv.deployment.register_port,
                 quote(&ca_hash),
                 quote(&host.name),
@@ -391,34 +361,6 @@ fn register(
         )
         .context("ripcord-agent register")?;
     Ok(())
-}
-
-/// Until `ripcord-ps health` says green; fails at once if the service stopped running.
-fn wait_healthy(
-    ps: &Ssh,
-    manager: inventory::ServiceManager,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        ensure_running(ps, Service::ProcessServer, manager)?;
-        let out = ps.run(&format!(
-            "{}/ripcord-ps health --dir {}; echo exit=$?",
-            layout::BIN_DIR,
-            layout::PS_DIR
-        ))?;
-        if out.contains("exit=0") {
-            say(&format!("{}: process server healthy", ps.host));
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{}: the process server is not healthy after {timeout:?}:\n{}",
-            ps.host,
-            out.trim()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// Until every disk of every agent finished its initial sync and has a recovery point
@@ -487,61 +429,4 @@ fn ensure_running(
         service.unit_name(),
         log.trim()
     );
-}
-
-/// Stops and removes what deploy installed: every agent first (each stops only once what
-/// it sent is durable), then the process server, then each host's configuration and state.
-/// A host with both roles loses both. The target store and protected disks stay.
-fn uninstall(inv: &Inventory, ssh: &BTreeMap<&str, Ssh>) -> anyhow::Result<()> {
-    let manager = inv.deployment.service_manager;
-    let services = inv
-        .agent_hosts()
-        .map(|h| (h, Service::Agent, AGENT_BINARIES))
-        .chain(
-            inv.hosts
-                .iter()
-                .filter(|h| h.has(Role::Process))
-                .map(|h| (h, Service::ProcessServer, PS_BINARIES)),
-        );
-    for (host, service, bins) in services {
-        let s = &ssh[host.name.as_str()];
-        service.stop(s, manager, 150)?;
-        let mut paths: Vec<String> = bins
-            .iter()
-            .map(|b| quote(&format!("{}/{b}", layout::BIN_DIR)))
-            .collect();
-        paths.push(quote(&service.unit_path()));
-        s.run(&format!("rm -f {}", paths.join(" ")))?;
-        if manager == inventory::ServiceManager::Systemd {
-            s.run("systemctl daemon-reload")?;
-        }
-        say(&format!("{}: removed {}", host.name, service.unit_name()));
-    }
-    // A file:// target store under the state directory is data, not installed: kept.
-    let kept_store = inv
-        .deployment
-        .target
-        .strip_prefix(&format!("file://{}/", layout::STATE_ROOT))
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or(".");
-    for host in &inv.hosts {
-        let keep = if host.has(Role::Process) {
-            kept_store
-        } else {
-            "."
-        };
-        ssh[host.name.as_str()].run(&format!(
-            "rm -rf {} {}; test -d {root} && find {root} -mindepth 1 -maxdepth 1 ! -name {} \
-             -exec rm -rf {{}} + ; rmdir {root} 2>/dev/null; true",
-            layout::CONF_DIR,
-            layout::RUN_DIR,
-            quote(keep),
-            root = layout::STATE_ROOT,
-        ))?;
-    }
-    say(&format!(
-        "uninstalled; the target store ({}) and the protected disks were left as they are",
-        inv.deployment.target
-    ));
-    Ok(())
 }

@@ -137,13 +137,17 @@ mod tests {
         toml::from_str(include_str!("../../../deploy.example.toml")).unwrap()
     }
 
+    fn host<'i>(inv: &'i crate::deploy::inventory::Inventory, name: &str) -> &'i Host {
+        inv.hosts.iter().find(|h| h.name == name).unwrap()
+    }
+
     const READY: &str = "uid=0\nkernel=6.18.44-fc-v1272\nbtf=yes\nfree /usr/local 4194304\n\
                          free /var/lib 4194304\nclock=1000.0\ndevice ok /dev/sdb\n";
 
     #[test]
     fn a_ready_host_has_no_problem() {
         let inv = inventory();
-        let db1 = &inv.hosts[1];
+        let db1 = host(&inv, "db1");
         assert_eq!(
             evaluate(&inv.deployment, db1, READY, 1000.2, 100),
             Vec::<String>::new()
@@ -153,7 +157,7 @@ mod tests {
     #[test]
     fn every_missing_prerequisite_is_named() {
         let inv = inventory();
-        let db1 = &inv.hosts[1];
+        let db1 = host(&inv, "db1");
         let out = "uid=1000\nkernel=5.4.0-150-generic\nbtf=no\nfree /usr/local 10240\n\
                    free /var/lib 4194304\nclock=1003.5\ndevice missing /dev/sdb\n";
         let p = evaluate(&inv.deployment, db1, out, 1000.0, 100).join("\n");
@@ -169,7 +173,7 @@ mod tests {
         }
         assert!(!p.contains("/var/lib"), "{p}");
         // A process-only host needs no BTF and no particular kernel.
-        let ps1 = &inv.hosts[0];
+        let ps1 = host(&inv, "ps1");
         let p = evaluate(
             &inv.deployment,
             ps1,

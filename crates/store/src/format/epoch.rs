@@ -1,8 +1,8 @@
 //! Epoch descriptions (`.json`): what an epoch is a full resync of, and the
 //! wrapped key its batches are sealed with.
 //!
-//! Encoding: pretty-printed JSON, the only object of the format that is not
-//! binary.
+//! Encoding: pretty-printed JSON in the store's checked framing
+//! (`super::checked_json`):
 //!
 //! ```text
 //! {
@@ -18,10 +18,6 @@
 //!   "device": string (optional)
 //! }
 //! ```
-//!
-//! `crc32c` is the CRC32C of the compact JSON encoding of `info` (fields in
-//! the order above), not of the bytes as stored, so the object stays
-//! checkable whatever whitespace it is stored with.
 //!
 //! `device` (added after format 3, without a version change) is the device path the
 //! machine said it protects the disk as: the agent's unauthenticated claim, shown to
@@ -40,7 +36,7 @@
 //! and GC deletes it last when it drops a whole epoch. The JSON keys are
 //! on-store strings and do not change.
 
-use super::FORMAT_VERSION;
+use super::checked_json::{self, Kind, hex, unhex};
 use crate::error::Corruption;
 use crate::types::EpochInfo;
 use serde::{Deserialize, Serialize};
@@ -54,16 +50,19 @@ struct EpochBody {
     wrapped_key_hex: String,
 }
 
+/// Outside `info` and its CRC (see the module doc).
 #[derive(Serialize, Deserialize)]
-struct EpochDoc {
-    format_version: u32,
-    info: EpochBody,
-    /// CRC32C of the compact JSON encoding of `info`.
-    crc32c: u32,
-    /// The agent's name for the disk's device (not covered by `crc32c`, see above).
+struct EpochExtra {
+    /// The agent's name for the disk's device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     device: Option<String>,
 }
+
+const EPOCH: Kind = Kind {
+    max_len: 1 << 20,
+    size: "epoch object size",
+    checksum: "epoch info",
+};
 
 /// Longest device name kept (the wire's bound).
 const MAX_DEVICE_LEN: usize = 255;
@@ -75,19 +74,6 @@ fn printable(device: String) -> Option<String> {
     ok.then_some(device)
 }
 
-pub(super) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-pub(super) fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect()
-}
-
 /// Encodes an epoch description as JSON.
 pub fn encode_epoch(info: &EpochInfo) -> Vec<u8> {
     let body = EpochBody {
@@ -97,49 +83,31 @@ pub fn encode_epoch(info: &EpochInfo) -> Vec<u8> {
         sector_size: info.sector_size,
         wrapped_key_hex: hex(&info.wrapped_key),
     };
-    let crc = crc32c::crc32c(&serde_json::to_vec(&body).expect("serialize"));
-    let doc = EpochDoc {
-        format_version: FORMAT_VERSION,
-        info: body,
-        crc32c: crc,
-        device: info.device.clone().and_then(printable),
-    };
-    serde_json::to_vec_pretty(&doc).expect("serialize")
+    checked_json::encode(
+        body,
+        EpochExtra {
+            device: info.device.clone().and_then(printable),
+        },
+    )
 }
 
 /// Decodes an epoch description.
 pub fn decode_epoch(buf: &[u8], epoch: u64) -> Result<EpochInfo, Corruption> {
-    if buf.len() > 1 << 20 {
-        return Err(Corruption::Length {
-            what: "epoch object size",
-            value: buf.len() as u64,
-            max: 1 << 20,
-        });
-    }
-    let doc: EpochDoc = serde_json::from_slice(buf).map_err(Corruption::Json)?;
-    super::check_version(doc.format_version)?;
-    let computed = crc32c::crc32c(&serde_json::to_vec(&doc.info).expect("serialize"));
-    if computed != doc.crc32c {
-        return Err(Corruption::Checksum {
-            what: "epoch info",
-            stored: doc.crc32c,
-            computed,
-        });
-    }
-    if doc.info.epoch != epoch {
+    let (info, extra): (EpochBody, EpochExtra) = checked_json::decode(buf, &EPOCH)?;
+    if info.epoch != epoch {
         return Err(Corruption::Mismatch {
             what: "object name (epoch)",
         });
     }
     Ok(EpochInfo {
-        epoch: doc.info.epoch,
-        machine_id: doc.info.machine_id,
-        size_bytes: doc.info.size_bytes,
-        sector_size: doc.info.sector_size,
-        wrapped_key: unhex(&doc.info.wrapped_key_hex).ok_or(Corruption::Invalid {
+        epoch: info.epoch,
+        machine_id: info.machine_id,
+        size_bytes: info.size_bytes,
+        sector_size: info.sector_size,
+        wrapped_key: unhex(&info.wrapped_key_hex).ok_or(Corruption::Invalid {
             what: "wrapped_key_hex",
         })?,
-        device: doc.device.and_then(printable),
+        device: extra.device.and_then(printable),
     })
 }
 

@@ -6,7 +6,8 @@
 //! `seq >= from_seq` (up to the next rotation) are sealed with this object's key; those
 //! before the first rotation with the epoch description's.
 //!
-//! Encoding: pretty-printed JSON, like the epoch description.
+//! Encoding: pretty-printed JSON in the store's checked framing
+//! (`super::checked_json`), like the epoch description.
 //!
 //! ```text
 //! {
@@ -15,8 +16,6 @@
 //!   "crc32c": u32
 //! }
 //! ```
-//!
-//! `crc32c` is the CRC32C of the compact JSON encoding of `info`.
 //!
 //! Invariants, checked by [`decode_key_rotation`]:
 //!
@@ -29,8 +28,7 @@
 //! GC deletes it with its epoch. Like the epoch description, it carries only a CRC: the
 //! wrapped key is no more trusted than the epoch's (see `ripcord_restore::authentic`).
 
-use super::FORMAT_VERSION;
-use super::epoch::{hex, unhex};
+use super::checked_json::{self, Kind, NoExtra, hex, unhex};
 use crate::error::Corruption;
 use crate::types::KeyRotation;
 use serde::{Deserialize, Serialize};
@@ -38,18 +36,17 @@ use serde::{Deserialize, Serialize};
 /// Largest key rotation object read.
 const MAX_LEN: usize = 64 << 10;
 
+const KEY_ROTATION: Kind = Kind {
+    max_len: MAX_LEN,
+    size: "key rotation object size",
+    checksum: "key rotation",
+};
+
 #[derive(Serialize, Deserialize)]
 struct KeyBody {
     epoch: u64,
     from_seq: u64,
     wrapped_key_hex: String,
-}
-
-#[derive(Serialize, Deserialize)]
-struct KeyDoc {
-    format_version: u32,
-    info: KeyBody,
-    crc32c: u32,
 }
 
 /// Encodes a key rotation as JSON.
@@ -59,13 +56,7 @@ pub fn encode_key_rotation(k: &KeyRotation) -> Vec<u8> {
         from_seq: k.from_seq,
         wrapped_key_hex: hex(&k.wrapped_key),
     };
-    let crc = crc32c::crc32c(&serde_json::to_vec(&body).expect("serialize"));
-    let doc = KeyDoc {
-        format_version: FORMAT_VERSION,
-        info: body,
-        crc32c: crc,
-    };
-    serde_json::to_vec_pretty(&doc).expect("serialize")
+    checked_json::encode(body, NoExtra {})
 }
 
 /// Decodes a key rotation named `(epoch, from_seq)`.
@@ -74,29 +65,13 @@ pub fn decode_key_rotation(
     epoch: u64,
     from_seq: u64,
 ) -> Result<KeyRotation, Corruption> {
-    if buf.len() > MAX_LEN {
-        return Err(Corruption::Length {
-            what: "key rotation object size",
-            value: buf.len() as u64,
-            max: MAX_LEN as u64,
-        });
-    }
-    let doc: KeyDoc = serde_json::from_slice(buf).map_err(Corruption::Json)?;
-    super::check_version(doc.format_version)?;
-    let computed = crc32c::crc32c(&serde_json::to_vec(&doc.info).expect("serialize"));
-    if computed != doc.crc32c {
-        return Err(Corruption::Checksum {
-            what: "key rotation",
-            stored: doc.crc32c,
-            computed,
-        });
-    }
-    if (doc.info.epoch, doc.info.from_seq) != (epoch, from_seq) || from_seq == 0 {
+    let (info, NoExtra {}): (KeyBody, NoExtra) = checked_json::decode(buf, &KEY_ROTATION)?;
+    if (info.epoch, info.from_seq) != (epoch, from_seq) || from_seq == 0 {
         return Err(Corruption::Mismatch {
             what: "object name (epoch, from_seq)",
         });
     }
-    let wrapped_key = unhex(&doc.info.wrapped_key_hex)
+    let wrapped_key = unhex(&info.wrapped_key_hex)
         .filter(|k| !k.is_empty())
         .ok_or(Corruption::Invalid {
             what: "wrapped_key_hex",

@@ -39,6 +39,7 @@
 use crate::error::{Corruption, Error, Result};
 
 mod catalog;
+mod checked_json;
 mod checkpoint;
 mod epoch;
 mod gc_marker;

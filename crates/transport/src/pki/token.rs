@@ -113,6 +113,22 @@ impl Token {
         })
     }
 
+    /// The token text in `file` (`-`: standard input), trimmed, at most 4 KiB read.
+    /// Commands take tokens this way because a token on a command line is visible to
+    /// every user of the host (`ps`, /proc). The text is not parsed here.
+    pub fn read_file(file: &Path) -> io::Result<String> {
+        use std::io::Read as _;
+        let mut text = String::new();
+        if file == Path::new("-") {
+            io::stdin().take(4096).read_to_string(&mut text)?;
+        } else {
+            std::fs::File::open(file)?
+                .take(4096)
+                .read_to_string(&mut text)?;
+        }
+        Ok(text.trim().to_owned())
+    }
+
     /// The public id part.
     pub fn id(&self) -> &str {
         &self.id
