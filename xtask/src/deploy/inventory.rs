@@ -113,6 +113,9 @@ fn default_max_clock_offset_ms() -> u64 {
 fn default_kdf_memory_mib() -> u32 {
     64
 }
+/// Ten years.
+const MAX_RETENTION_HOURS: u64 = 10 * 365 * 24;
+
 fn default_retention_hours() -> u64 {
     72
 }
@@ -220,8 +223,11 @@ impl Inventory {
                  (the others join it)"
             ));
         }
-        if self.deployment.retention_hours == 0 {
-            problems.push("retention-hours must be at least 1".to_owned());
+        if !(1..=MAX_RETENTION_HOURS).contains(&self.deployment.retention_hours) {
+            problems.push(format!(
+                "retention-hours must be 1..={MAX_RETENTION_HOURS}, not {}",
+                self.deployment.retention_hours
+            ));
         }
         for (name, p) in &self.policy {
             if !(1..=3600).contains(&p.max_point_gap_secs) {
@@ -237,10 +243,15 @@ impl Inventory {
                     problems.push(format!("host {}: `policy` without the agent role", h.name));
                 }
                 Some(p) if p != "default" && !self.policy.contains_key(p) => {
+                    let known: Vec<_> = self.policy.keys().map(String::as_str).collect();
                     problems.push(format!(
-                        "host {}: no [policy.{p}] in the inventory (it has: {})",
+                        "host {}: no [policy.{p}] in the inventory (it has {})",
                         h.name,
-                        self.policy.keys().cloned().collect::<Vec<_>>().join(", ")
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
                     ));
                 }
                 _ => {}
@@ -434,6 +445,7 @@ known-hosts = "/root/.ssh/known_hosts"
 name = "a b"
 ssh = "root@10.0.0.1"
 roles = ["agent"]
+policy = "gold"
 
 [[host]]
 name = "c"
@@ -457,6 +469,7 @@ max-point-gap-secs = 0
             "host c: ssh = \"10.0.0.2\" is not user@host",
             "host c: device dev/sdb is not an absolute path",
             "host c: `policy` without the agent role",
+            "host a b: no [policy.gold] in the inventory (it has fast)",
             "host c: `cache-dir` without the process role",
             "host c: cache-dir cache is not an absolute path",
             "policy fast: max-point-gap-secs must be 1..=3600, not 0",

@@ -359,7 +359,22 @@ fn register(primary: &Ssh, agent: &Ssh, host: &Host, inv: &Inventory) -> anyhow:
             ),
             token.as_bytes(),
         )
-        .context("ripcord-agent register")?;
+        .with_context(|| {
+            // The machine is told only that no server can take it; the operator running
+            // deploy may see why.
+            let servers = primary
+                .run(&format!(
+                    "{}/ripcord ps list --deployment {} 2>&1; true",
+                    layout::BIN_DIR,
+                    layout::PS_DIR
+                ))
+                .unwrap_or_default();
+            format!(
+                "ripcord-agent register (the process servers, as {} sees them:\n{})",
+                primary.host,
+                servers.trim_end()
+            )
+        })?;
     Ok(())
 }
 
