@@ -140,11 +140,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             mode: 0o600,
         });
         let touched = install(agent, &files, opts.upgrade, &mut changed)?;
-        let registered = agent.run(&format!(
-            "test -f {}/state.json && echo yes || echo no",
-            layout::AGENT_DIR
-        ))?;
-        if registered.trim() != "yes" {
+        let registered = agent.holds(&format!("test -f {}/state.json", layout::AGENT_DIR))?;
+        if !registered {
             register(primary, agent, host, &inv)?;
             changed += 1;
         }

@@ -31,11 +31,7 @@ const DEPLOY_HEADER: &str =
 
 /// Whether the host holds a complete deployment directory.
 fn holds_deployment(ssh: &Ssh) -> anyhow::Result<bool> {
-    let out = ssh.run(&format!(
-        "test -f {}/escrow.json && echo yes || echo no",
-        layout::PS_DIR
-    ))?;
-    Ok(out.trim() == "yes")
+    ssh.holds(&format!("test -f {}/escrow.json", layout::PS_DIR))
 }
 
 /// Installs and starts the primary process server, creating the deployment on a fresh

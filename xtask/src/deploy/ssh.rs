@@ -63,6 +63,11 @@ impl Ssh {
         self.run_with_input(script, &[])
     }
 
+    /// Whether the shell condition `test` (e.g. `test -f /path`) holds on the host.
+    pub fn holds(&self, test: &str) -> anyhow::Result<bool> {
+        Ok(self.run(&format!("{test} && echo yes || echo no"))?.trim() == "yes")
+    }
+
     /// Like [`Ssh::run`], with `input` on the command's standard input (secrets).
     pub fn run_with_input(&self, script: &str, input: &[u8]) -> anyhow::Result<String> {
         let mut child = self

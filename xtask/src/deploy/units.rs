@@ -133,17 +133,15 @@ impl Service {
 
     /// Whether the service runs.
     pub fn running(self, ssh: &Ssh, manager: ServiceManager) -> anyhow::Result<bool> {
-        let out = match manager {
-            ServiceManager::Systemd => ssh.run(&format!(
-                "systemctl is-active --quiet {} && echo yes || echo no",
-                self.unit_name()
-            ))?,
-            ServiceManager::Exec => ssh.run(&format!(
-                "test -f {p} && kill -0 $(cat {p}) 2>/dev/null && echo yes || echo no",
+        match manager {
+            ServiceManager::Systemd => {
+                ssh.holds(&format!("systemctl is-active --quiet {}", self.unit_name()))
+            }
+            ServiceManager::Exec => ssh.holds(&format!(
+                "test -f {p} && kill -0 $(cat {p}) 2>/dev/null",
                 p = self.pid_file()
-            ))?,
-        };
-        Ok(out.trim() == "yes")
+            )),
+        }
     }
 
     /// Stops the service (SIGTERM; it finishes what it must) and waits up to `secs`.
