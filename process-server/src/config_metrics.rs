@@ -99,8 +99,8 @@ fn fill(registry: &mut Registry, db: &Path) -> anyhow::Result<()> {
             disk: d.id.clone(),
             machine: d.machine.clone(),
         };
-        if let Some(t) = d.last_point_at {
-            lag.get_or_create(&label).set((now - t).max(0));
+        if let Some(l) = d.lag_secs(now) {
+            lag.get_or_create(&label).set(l);
         }
         acked
             .get_or_create(&label)
@@ -188,6 +188,7 @@ mod tests {
                 epoch: Some(1),
                 acked_seq: Some(7),
                 last_point_at: Some(now - 12),
+                current_at: None,
             }])
             .unwrap();
             db.raise_alert(

@@ -58,6 +58,7 @@ pub struct Metrics {
     upload_errors: Family<DiskLabel, Counter>,
     uploads_failing: Family<DiskLabel, Gauge>,
     point_age: Family<DiskLabel, Gauge>,
+    lag: Family<DiskLabel, Gauge>,
     /// 1 while a disk's acknowledgements are held for cache space (set by the disk itself,
     /// live: no group commit happens while it is held).
     space_held: Family<DiskLabel, Gauge>,
@@ -88,6 +89,9 @@ pub struct DiskState {
     pub durable_seq: Option<u64>,
     /// When the newest recovery point was committed in the store, if one was.
     pub newest_point_at: Option<SystemTime>,
+    /// Up to when that point holds every write of the disk
+    /// ([`UploadStatus::current_as_of`]).
+    pub current_as_of: Option<SystemTime>,
 }
 
 /// A disk's upload status and how many of its errors the counter already holds.
@@ -112,6 +116,7 @@ impl Metrics {
             upload_errors: Family::default(),
             uploads_failing: Family::default(),
             point_age: Family::default(),
+            lag: Family::default(),
             space_held: Family::default(),
             health: Gauge::default(),
             health_signal: Family::default(),
@@ -187,6 +192,13 @@ impl Metrics {
             "Seconds since the disk's newest recovery point was committed (or since this \
              server started, if none was)",
             m.point_age.clone(),
+        );
+        registry.register(
+            "lag_seconds",
+            "Seconds of the disk's writes a failover to its newest recovery point could \
+             lose: 0 while that point holds every batch this server made durable and the \
+             disk's stream is open (an idle disk), else the time since it last did",
+            m.lag.clone(),
         );
         registry.register(
             "disk_info",
@@ -293,11 +305,16 @@ impl Metrics {
                 let gauge = |f: &Family<DiskLabel, Gauge>| {
                     f.get(&label).and_then(|g| u64::try_from(g.get()).ok())
                 };
-                let newest_point_at = uploads.get(&label).and_then(|(status, _)| {
-                    let st = status.lock().expect("status lock");
-                    st.point_seen.then_some(st.newest_point_at)
-                });
+                let (newest_point_at, current_as_of) =
+                    uploads.get(&label).map_or((None, None), |(status, _)| {
+                        let st = status.lock().expect("status lock");
+                        (
+                            st.point_seen.then_some(st.newest_point_at),
+                            st.current_as_of(),
+                        )
+                    });
                 DiskState {
+                    current_as_of,
                     epoch: gauge(&self.epoch),
                     durable_seq: gauge(&self.durable_seq),
                     newest_point_at,
@@ -348,6 +365,7 @@ impl Metrics {
             self.point_age
                 .get_or_create(label)
                 .set(st.point_age().as_secs() as i64);
+            self.lag.get_or_create(label).set(st.lag().as_secs() as i64);
         }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");

@@ -201,6 +201,7 @@ fn disk_reports(state: &State) -> Vec<ripcord_control::DiskReport> {
             };
             ripcord_control::DiskReport {
                 last_point_at: d.newest_point_at.map(unix),
+                current_at: d.current_as_of.map(unix),
                 id: d.disk,
                 machine: d.machine,
                 device: d.device,

@@ -19,6 +19,7 @@ use crate::{
     frames::{Budget, FrameReader, Received},
     registry::ClaimError,
     server::State,
+    uploader::UploadStatus,
 };
 
 async fn send_message(send: &mut SendStream, msg: &Message) -> anyhow::Result<()> {
@@ -315,6 +316,11 @@ async fn disk_stream(
         }
     }
     tracing::info!(disk = %disk_hex, device = shown, %machine, epoch = pd.epoch, "disk stream open");
+    // While this is held, the disk's newest point can be current (its owner is here).
+    let _open = state
+        .store
+        .is_some()
+        .then(|| UploadStatus::stream_open(&state.metrics.upload_status(&disk_hex, &machine)));
 
     // Worker: journals groups of frames, one fdatasync per group, emits acks.
     // Frames wait here with their memory reserved (see `frames`): bounded in bytes.

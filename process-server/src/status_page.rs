@@ -104,7 +104,7 @@ fn render_inner(db: &Path) -> anyhow::Result<String> {
             body.push_str("<p>no disk reported yet</p>");
         }
         for d in mine {
-            let lag = d.last_point_at.map(|t| (now - t).max(0));
+            let lag = d.lag_secs(now);
             let _ = write!(
                 body,
                 "<div class=\"disk\" id=\"disk-{id}\"><p><b>{device}</b> {id} · epoch {epoch} · \

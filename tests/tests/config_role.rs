@@ -72,6 +72,33 @@ fn the_config_role_records_the_deployment_and_ripcord_status_shows_it() {
     );
     assert!(d["epoch"].as_u64() >= Some(1), "{s:#}");
 
+    // An idle disk whose agent is connected: its newest point holds every write, so its
+    // lag stays near zero while the point itself ages (the lag used to be the point's age).
+    let idle_secs = 8;
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let s = status(&deployment);
+    let d = &s["disks"][0];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        now - d["last_point_at"].as_i64().unwrap() >= idle_secs as i64,
+        "the disk was not idle: {s:#}"
+    );
+    assert!(
+        d["lag_secs"].as_i64().is_some_and(|l| l <= 2),
+        "an idle disk with its agent connected lags: {s:#}"
+    );
+    let metrics = ripcord_tests::http_get(site.ps.metrics_port, "/metrics");
+    let label = format!("disk=\"{disk_id}\"");
+    assert_eq!(
+        ripcord_tests::metric(&metrics, "ripcord_ps_lag_seconds", &label),
+        0.0,
+        "{metrics}"
+    );
+    assert!(ripcord_tests::metric(&metrics, "ripcord_ps_newest_point_age_seconds", &label) >= 8.0);
+
     // The tables an operator reads.
     let (ok, text, err) = testkit::replication::ripcord(
         &["status", "--deployment", deployment.to_str().unwrap()],
@@ -126,6 +153,13 @@ fn the_config_role_records_the_deployment_and_ripcord_status_shows_it() {
     );
     let (ok, _) = agent.stop().unwrap();
     assert!(ok);
+    // Its agent gone, the disk's writes are unknown here: the lag grows again.
+    wait_for(
+        "the lag to grow once the agent stopped",
+        Duration::from_secs(30),
+        || Ok(status(&deployment)["disks"][0]["lag_secs"].as_i64() >= Some(3)),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {:#}", status(&deployment)));
 }
 
 /// A process-only server keeps no configuration database, and `ripcord status` says where

@@ -54,7 +54,8 @@ pub fn status(deployment: &Path, json: bool) -> anyhow::Result<()> {
                 "epoch": d.epoch,
                 "acked_seq": d.acked_seq,
                 "last_point_at": d.last_point_at,
-                "lag_secs": d.last_point_at.map(|t| (now - t).max(0)),
+                "current_at": d.current_at,
+                "lag_secs": d.lag_secs(now),
             })).collect::<Vec<_>>(),
             "alerts": alerts.iter().map(|a| serde_json::json!({
                 "subject": a.subject,
@@ -109,8 +110,7 @@ pub fn status(deployment: &Path, json: bool) -> anyhow::Result<()> {
             d.epoch,
             d.acked_seq,
             ago(d.last_point_at),
-            d.last_point_at
-                .map_or("-".to_owned(), |t| format!("{} s", (now - t).max(0))),
+            d.lag_secs(now).map_or("-".to_owned(), |l| format!("{l} s")),
         );
     }
     for m in machines

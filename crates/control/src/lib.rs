@@ -175,13 +175,15 @@ impl ControlDb {
             require_machine(&tx, &disk.machine)?;
             tx.execute(
                 "INSERT INTO disks (id, machine, device, size_bytes, epoch, acked_seq,
-                                    last_point_at)
-                 VALUES (?1, ?2, ?3, ?4, coalesce(?5, 0), coalesce(?6, 0), ?7)
+                                    last_point_at, current_at)
+                 VALUES (?1, ?2, ?3, ?4, coalesce(?5, 0), coalesce(?6, 0), ?7, ?8)
                  ON CONFLICT(id) DO UPDATE SET machine = excluded.machine,
                      device = excluded.device, size_bytes = excluded.size_bytes,
                      epoch = coalesce(?5, disks.epoch),
                      acked_seq = coalesce(?6, disks.acked_seq),
-                     last_point_at = coalesce(?7, disks.last_point_at)",
+                     last_point_at = coalesce(?7, disks.last_point_at),
+                     current_at = max(coalesce(?8, disks.current_at),
+                                      coalesce(disks.current_at, ?8))",
                 params![
                     disk.id,
                     disk.machine,
@@ -189,7 +191,8 @@ impl ControlDb {
                     disk.size_bytes,
                     disk.epoch,
                     disk.acked_seq,
-                    disk.last_point_at
+                    disk.last_point_at,
+                    disk.current_at
                 ],
             )?;
         }
@@ -200,7 +203,8 @@ impl ControlDb {
     /// Every disk, by machine and id.
     pub fn disks(&self) -> Result<Vec<Disk>> {
         self.rows(
-            "SELECT id, machine, device, size_bytes, epoch, acked_seq, last_point_at
+            "SELECT id, machine, device, size_bytes, epoch, acked_seq, last_point_at,
+                    current_at
              FROM disks ORDER BY machine, id",
             [],
             |r| {
@@ -212,19 +216,22 @@ impl ControlDb {
                     epoch: r.get(4)?,
                     acked_seq: r.get(5)?,
                     last_point_at: r.get(6)?,
+                    current_at: r.get(7)?,
                 })
             },
         )
     }
 
-    /// Samples the lag of every disk with a recovery point at `now` (Unix seconds): at
+    /// Samples the lag ([`Disk::lag_secs`]) of every disk with a recovery point at `now`
+    /// (Unix seconds): at
     /// most one sample per disk every `every` seconds, and samples older than `keep`
     /// seconds are deleted.
     pub fn sample_lag(&mut self, now: i64, every: i64, keep: i64) -> Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO lag_samples (disk, at, lag_secs)
-             SELECT id, ?1, max(0, ?1 - last_point_at) FROM disks
+             SELECT id, ?1, max(0, ?1 - max(last_point_at, coalesce(current_at, last_point_at)))
+             FROM disks
              WHERE last_point_at IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM lag_samples s
                                WHERE s.disk = disks.id AND s.at > ?1 - ?2)",

@@ -107,7 +107,7 @@ pub struct Machine {
 }
 
 /// A protected disk, as its process server last reported it. A reader computes the lag
-/// from `last_point_at` (it keeps growing when the server goes silent).
+/// with [`Disk::lag_secs`] (it keeps growing when the server goes silent).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Disk {
     pub id: String,
@@ -119,6 +119,20 @@ pub struct Disk {
     pub acked_seq: u64,
     /// When its newest recovery point was committed in the store (Unix seconds).
     pub last_point_at: Option<i64>,
+    /// Up to when that point held every write of the disk (Unix seconds): its process
+    /// server saw it hold every durable batch while the machine's stream was open. An
+    /// idle disk's point stays current; `None` from servers that do not report it.
+    pub current_at: Option<i64>,
+}
+
+impl Disk {
+    /// Seconds of writes a failover to the newest point could lose, at `now` (Unix
+    /// seconds): since the later of its commit and the last time it was current. `None`
+    /// while the disk has no point.
+    pub fn lag_secs(&self, now: i64) -> Option<i64> {
+        let since = self.last_point_at?.max(self.current_at.unwrap_or(i64::MIN));
+        Some((now - since).max(0))
+    }
 }
 
 /// What a process server reports about a disk. `None` leaves the recorded value as it
@@ -134,6 +148,9 @@ pub struct DiskReport {
     pub epoch: Option<u64>,
     pub acked_seq: Option<u64>,
     pub last_point_at: Option<i64>,
+    /// See [`Disk::current_at`]; absent from servers older than it.
+    #[serde(default)]
+    pub current_at: Option<i64>,
 }
 
 /// A replication policy.

@@ -5,7 +5,7 @@
 use rusqlite_migration::{M, Migrations};
 
 /// Every migration, oldest first.
-const ALL: &[M<'static>] = &[M::up(V1), M::up(V2), M::up(V3), M::up(V4)];
+const ALL: &[M<'static>] = &[M::up(V1), M::up(V2), M::up(V3), M::up(V4), M::up(V5)];
 
 /// The migrations, for `rusqlite_migration`.
 pub const MIGRATIONS: Migrations<'static> = Migrations::from_slice(ALL);
@@ -105,6 +105,12 @@ const V4: &str = "
 ALTER TABLE process_servers ADD COLUMN cpu_percent REAL;
 ALTER TABLE process_servers ADD COLUMN memory_percent REAL;
 ALTER TABLE process_servers ADD COLUMN cache_free_percent REAL;
+";
+
+/// Version 5: up to when each disk's newest point held every write (an idle disk's point
+/// stays current, so its lag does not grow; see `Disk::current_at`).
+const V5: &str = "
+ALTER TABLE disks ADD COLUMN current_at INTEGER;
 ";
 
 #[cfg(test)]

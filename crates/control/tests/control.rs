@@ -33,6 +33,7 @@ fn disk(id: &str, machine: &str) -> DiskReport {
         epoch: Some(2),
         acked_seq: Some(41),
         last_point_at: Some(300),
+        current_at: None,
     }
 }
 
@@ -46,6 +47,7 @@ fn recorded(id: &str, machine: &str) -> Disk {
         epoch: 2,
         acked_seq: 41,
         last_point_at: Some(300),
+        current_at: None,
     }
 }
 
@@ -192,6 +194,46 @@ fn lag_is_sampled_at_most_every_interval_and_old_samples_go() {
         "the sample older than 100 s went"
     );
     assert_eq!(db.lag_history(400).unwrap().len(), 1);
+}
+
+/// An idle disk's point stays current: its lag runs from the last time its server saw the
+/// point hold every write, not from the point's commit. A report without that time (an
+/// older server, or a server that restarted) keeps the recorded one, and it never moves
+/// back.
+#[test]
+fn the_lag_runs_from_when_the_newest_point_was_last_current() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = deployment(&tmp.path().join("control.db"));
+    let lag = |db: &ControlDb, now| db.disks().unwrap()[0].lag_secs(now);
+    assert_eq!(
+        lag(&db, 330),
+        Some(30),
+        "no currency reported: the point's age"
+    );
+    let mut report = disk("d-1", "db01");
+    report.current_at = Some(325);
+    db.record_disks(&[report.clone()]).unwrap();
+    assert_eq!(lag(&db, 330), Some(5));
+    db.sample_lag(330, 5, 100).unwrap();
+    assert_eq!(db.lag_history(0).unwrap(), [("d-1".to_owned(), 330, 5)]);
+    for (current_at, why) in [(None, "a report without it"), (Some(310), "an older time")] {
+        report.current_at = current_at;
+        db.record_disks(&[report.clone()]).unwrap();
+        assert_eq!(db.disks().unwrap()[0].current_at, Some(325), "{why}");
+    }
+    // A newer point than the last currency: the lag runs from the point.
+    report.last_point_at = Some(328);
+    db.record_disks(&[report]).unwrap();
+    assert_eq!(lag(&db, 330), Some(2));
+    assert_eq!(
+        Disk {
+            last_point_at: None,
+            ..recorded("d-2", "db01")
+        }
+        .lag_secs(330),
+        None,
+        "no point, no lag"
+    );
 }
 
 #[test]
@@ -389,7 +431,7 @@ fn a_reader_opens_only_a_current_database_and_never_writes() {
             err,
             ControlError::SchemaMismatch {
                 found: 7,
-                expected: 4,
+                expected: 5,
                 ..
             }
         ),

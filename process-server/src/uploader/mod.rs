@@ -23,7 +23,7 @@
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -32,6 +32,9 @@ use ripcord_store::{
 };
 
 use crate::disk::{Entry, SharedDisk, decode_entry};
+
+mod status;
+pub use status::{OpenStream, UploadStatus};
 
 /// Upload cadence.
 #[derive(Clone, Copy, Debug)]
@@ -46,164 +49,6 @@ pub struct UploadConfig {
     pub gc_interval: Duration,
     /// Warn when the journal holds data and the newest recovery point is older than this.
     pub point_age_warn: Duration,
-}
-
-/// How a disk's uploads are going (shared with the metrics endpoint).
-#[derive(Debug)]
-pub struct UploadStatus {
-    /// Failed upload attempts since the server started.
-    pub errors: u64,
-    /// While uploads fail: since when, and the latest failure.
-    pub failing: Option<(Instant, String)>,
-    /// The innermost cause of the latest failure (object names vary between attempts;
-    /// the cause is what tells whether the problem changed).
-    failing_cause: String,
-    /// When (this server's clock) the newest recovery point was committed, or when this
-    /// server started uploading the disk if none was committed since.
-    pub newest_point_at: SystemTime,
-    /// Whether `newest_point_at` is a committed point (else the start time).
-    pub point_seen: bool,
-    /// (epoch, cut id) of the newest point committed in the store, as far as this
-    /// server knows (from the store at the uploader's start, then from its flushes).
-    pub newest_point: Option<(u64, u64)>,
-    /// When the stale-point warning was last logged.
-    warned_stale: Option<Instant>,
-    /// When the failure was last logged.
-    logged_failure: Option<Instant>,
-}
-
-impl Default for UploadStatus {
-    fn default() -> Self {
-        UploadStatus {
-            errors: 0,
-            failing: None,
-            failing_cause: String::new(),
-            newest_point_at: SystemTime::now(),
-            point_seen: false,
-            newest_point: None,
-            warned_stale: None,
-            logged_failure: None,
-        }
-    }
-}
-
-impl UploadStatus {
-    /// What the agent of the disk is told (see [`ripcord_proto::StoreStatus`]).
-    pub fn for_agent(&self, disk: DiskId) -> ripcord_proto::StoreStatus {
-        let (epoch, committed_cut_id) = self.newest_point.unwrap_or_default();
-        ripcord_proto::StoreStatus {
-            disk_id: disk,
-            epoch,
-            committed_cut_id,
-            point_age_secs: self.point_age().as_secs(),
-            failure: self
-                .failing
-                .as_ref()
-                .map(|(_, m)| ripcord_proto::wire::clip_message(m))
-                .unwrap_or_default(),
-        }
-    }
-
-    /// Seconds since the newest recovery point (or since the start, see `point_seen`).
-    pub fn point_age(&self) -> Duration {
-        SystemTime::now()
-            .duration_since(self.newest_point_at)
-            .unwrap_or_default()
-    }
-
-    /// A failed attempt: counted, and logged when new, when its cause changed, or a
-    /// minute after the last log line.
-    fn failed(
-        &mut self,
-        disk: &DiskId,
-        (owner, device): (&str, &str),
-        error: &anyhow::Error,
-        retry_in: Duration,
-    ) {
-        self.errors += 1;
-        let message = ripcord_types::report(error.as_ref());
-        let cause = error.root_cause().to_string();
-        let changed = self.failing.is_none() || self.failing_cause != cause;
-        self.failing_cause = cause;
-        let since = self.failing.as_ref().map_or_else(Instant::now, |(t, _)| *t);
-        let quiet = self
-            .logged_failure
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(60));
-        if changed || !quiet {
-            if self.failing.is_none() {
-                tracing::warn!(
-                    disk = %disk, device, machine = owner,
-                    "uploading to the target store failed: {message}. No recovery points are \
-                     made until this is fixed; the journal keeps every acknowledged write. \
-                     Retrying in {} s", retry_in.as_secs()
-                );
-            } else {
-                tracing::warn!(
-                    disk = %disk, device, machine = owner,
-                    "uploads still failing after {} attempts over {}: {message}",
-                    self.errors,
-                    humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
-                );
-            }
-            self.logged_failure = Some(Instant::now());
-        }
-        self.failing = Some((since, message));
-    }
-
-    /// A successful flush: clears the failure (logging the recovery) and notes a new
-    /// recovery point.
-    fn flushed(&mut self, disk: &DiskId, (owner, device): (&str, &str), committed: &Committed) {
-        let new_points = !committed.cuts_committed.is_empty();
-        if committed.cuts_through > 0 {
-            self.newest_point = Some((committed.epoch, committed.cuts_through));
-        }
-        if let Some((since, _)) = self.failing.take() {
-            tracing::info!(
-                disk = %disk, device, machine = owner,
-                "uploads work again after failing for {}",
-                humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
-            );
-            self.logged_failure = None;
-        }
-        if new_points {
-            self.newest_point_at = SystemTime::now();
-            self.point_seen = true;
-            self.warned_stale = None;
-        }
-    }
-
-    /// Warns (at most once per `limit`) when data waits and the newest point is older
-    /// than `limit`.
-    fn check_stale(
-        &mut self,
-        disk: &DiskId,
-        (owner, device): (&str, &str),
-        data_waiting: bool,
-        limit: Duration,
-    ) {
-        let age = self.point_age();
-        if !data_waiting || age < limit || self.warned_stale.is_some_and(|t| t.elapsed() < limit) {
-            return;
-        }
-        self.warned_stale = Some(Instant::now());
-        let age = humantime::format_duration(Duration::from_secs(age.as_secs()));
-        let why = self
-            .failing
-            .as_ref()
-            .map_or_else(String::new, |(_, m)| format!(" (uploads fail: {m})"));
-        if self.point_seen {
-            tracing::warn!(
-                disk = %disk, device, machine = owner,
-                "the newest recovery point is {age} old while new data waits in the journal{why}"
-            );
-        } else {
-            tracing::warn!(
-                disk = %disk, device, machine = owner,
-                "no recovery point committed in the {age} since this server started, while \
-                 data waits in the journal{why}"
-            );
-        }
-    }
 }
 
 /// What a record was, for deciding how far the journal may be trimmed.
@@ -378,7 +223,11 @@ impl Uploader {
             step.trimmed_through = self.trim(&c).await?;
             tracing::debug!(disk = %hex, durable_seq = c.durable_seq, "uploaded");
         }
-        let (waiting, device) = disk_summary(&self.core).await?;
+        let DiskSummary {
+            waiting,
+            device,
+            durable,
+        } = disk_summary(&self.core).await?;
         if self.last_gc.elapsed() >= self.cfg.gc_interval {
             self.last_gc = Instant::now();
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
@@ -397,7 +246,9 @@ impl Uploader {
                 ),
             }
         }
-        self.status.lock().expect("status lock").check_stale(
+        let mut st = self.status.lock().expect("status lock");
+        st.note_durable(&durable);
+        st.check_stale(
             &self.disk,
             (&self.owner, &device),
             waiting,
@@ -488,19 +339,27 @@ impl Uploader {
 
 /// The owner's name for the disk, for log lines ("?" if it gave none).
 async fn device_of(core: &SharedDisk) -> anyhow::Result<String> {
-    Ok(disk_summary(core).await?.1)
+    Ok(disk_summary(core).await?.device)
 }
 
-/// Whether the journal holds records not yet trimmed (data no point covers yet), and the
-/// owner's name for the disk.
-async fn disk_summary(core: &SharedDisk) -> anyhow::Result<(bool, String)> {
+/// What the uploader's status needs of a disk's core, read in one lock.
+struct DiskSummary {
+    /// Whether the journal holds records not yet trimmed (data no point covers yet).
+    waiting: bool,
+    /// The owner's name for the disk.
+    device: String,
+    /// The receiver's durable position.
+    durable: ripcord_proto::DurableState,
+}
+
+async fn disk_summary(core: &SharedDisk) -> anyhow::Result<DiskSummary> {
     core.with(|core| {
         let journal = core.journal();
-        let waiting = journal.first_seq() < journal.durable().next_seq;
-        (
-            waiting,
-            core.device.clone().unwrap_or_else(|| "?".to_owned()),
-        )
+        DiskSummary {
+            waiting: journal.first_seq() < journal.durable().next_seq,
+            device: core.device.clone().unwrap_or_else(|| "?".to_owned()),
+            durable: core.durable_state(),
+        }
     })
     .await
 }
@@ -536,11 +395,16 @@ pub async fn supervise(
         }
         .await;
         let Err(e) = result;
-        let (waiting, device) = disk_summary(&core)
-            .await
-            .unwrap_or_else(|_| (true, "?".to_owned()));
+        let summary = disk_summary(&core).await;
         {
             let mut st = status.lock().expect("status lock");
+            // Whether the newest point holds every durable batch does not depend on
+            // uploads working.
+            if let Ok(s) = &summary {
+                st.note_durable(&s.durable);
+            }
+            let (waiting, device) =
+                summary.map_or((true, "?".to_owned()), |s| (s.waiting, s.device));
             st.failed(&disk, (&owner, &device), &e, delay);
             st.check_stale(&disk, (&owner, &device), waiting, cfg.point_age_warn);
         }
