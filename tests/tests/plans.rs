@@ -175,6 +175,17 @@ ready = {{ tcp = "127.0.0.1:{port}", timeout-secs = 10 }}
         "a paused run was started over: {said}"
     );
 
+    // The plan file changed during the pause: going on would run steps the run never
+    // recorded, so it is refused; put back, it resumes.
+    std::fs::write(&plan_file, format!("{text}\n# edited during the pause\n")).unwrap();
+    let (ok, said) = plan(&site, &["resume", "--plan", p, "--state-dir", s]);
+    assert!(
+        !ok && said.contains("changed since run") && said.contains("Put the file back"),
+        "{said}"
+    );
+    assert!(!out(1).exists(), "a changed plan ran");
+    std::fs::write(&plan_file, &text).unwrap();
+
     // Resume: group app fails over, its post script fails; the plan stops and says how
     // to go on.
     let (ok, said) = plan(&site, &["resume", "--plan", p, "--state-dir", s]);

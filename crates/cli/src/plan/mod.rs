@@ -58,6 +58,10 @@ pub struct Plan {
     pub target: String,
     #[serde(rename = "group")]
     pub groups: Vec<Group>,
+    /// SHA-256 (hex) of the file it was loaded from: a run records it, and going on with
+    /// a run after the file changed is refused.
+    #[serde(skip)]
+    pub sha256: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -151,8 +155,9 @@ impl Plan {
         );
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let plan: Plan =
+        let mut plan: Plan =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        plan.sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()));
         plan.validate()
             .with_context(|| format!("{} is not a valid plan", path.display()))?;
         Ok(plan)

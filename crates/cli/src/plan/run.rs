@@ -169,6 +169,19 @@ pub async fn execute(plan_path: &Path, o: RunOptions) -> anyhow::Result<()> {
             ))
         ),
     };
+    if let Some(then) = state.plan_sha256.as_deref()
+        && then != plan.sha256
+    {
+        bail!(
+            "{} changed since run {} began (sha256 {then} then, {} now): the steps it recorded \
+             may no longer be the plan's. Put the file back as it was to go on, or abandon the \
+             run (`ripcord plan cleanup` after a test failover, or remove {})",
+            plan_path.display(),
+            state.run_id,
+            plan.sha256,
+            state_path(&o.state_dir, &plan.name).display()
+        );
+    }
     ensure!(
         state.next <= steps.len(),
         "the state of plan {:?} is past its last step: was the plan changed?",
@@ -348,6 +361,7 @@ async fn new_run(
         run_id,
         mode: o.mode,
         point: o.point.clone(),
+        plan_sha256: Some(plan.sha256.clone()),
         status: Status::Running,
         points,
         steps: Vec::new(),

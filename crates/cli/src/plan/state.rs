@@ -73,6 +73,10 @@ pub struct RunState {
     pub mode: Mode,
     /// The `--point` given.
     pub point: String,
+    /// SHA-256 of the plan file when the run began (`None` in states written before it was
+    /// recorded).
+    #[serde(default)]
+    pub plan_sha256: Option<String>,
     pub status: Status,
     /// By disk id.
     pub points: BTreeMap<String, ChosenPoint>,

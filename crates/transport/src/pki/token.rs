@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::rand::{SecureRandom, SystemRandom};
 
+use super::sha256;
 use crate::fsutil;
 
 /// Length of the public token id.
@@ -172,13 +173,6 @@ fn random_chars(rng: &SystemRandom, n: usize) -> Result<String, TokenError> {
         }
     }
     Ok(out)
-}
-
-fn sha256(data: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, data);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 /// Constant-time equality of two 32-byte values.
