@@ -18,6 +18,10 @@
 //!   disconnected: marked red with a critical `health-heartbeat` alert, which its next
 //!   report clears. Nobody is marked before this role has run for a window itself, so a
 //!   restart of the configuration role does not find every server silent.
+//! - A disk whose lag ([`ripcord_control::Disk::lag_secs`]) exceeds its RPO threshold (its
+//!   machine's policy, else [`ripcord_control::DEFAULT_RPO_THRESHOLD_SECS`]) has an `rpo`
+//!   alert: a warning over the threshold, critical over twice it, cleared once under it.
+//!   An idle disk whose agent is connected has no lag, so only data at risk alerts.
 
 use std::{
     collections::HashMap,
@@ -39,11 +43,17 @@ use crate::health::HealthReport;
 /// Events queued for the database thread before new ones are dropped.
 const QUEUE: usize = 1024;
 
-/// How often the database thread looks for silent process servers.
-const SILENCE_CHECK: Duration = Duration::from_secs(1);
+/// How often the database thread looks for silent process servers and lagging disks.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The alert of a process server silent for the heartbeat window.
 const HEARTBEAT_ALERT: &str = "health-heartbeat";
+/// The alert of a disk lagging past its RPO threshold (the subject is the disk).
+const RPO_ALERT: &str = "rpo";
+/// Lags are judged only this long after the role starts: by then every live server has
+/// reported its disks (every health tick, 5 s by default), so a restart does not alert on
+/// the currency recorded before it.
+const RPO_START_GRACE: Duration = Duration::from_secs(15);
 
 /// Each disk's lag is sampled at most this often for the status page's chart ...
 pub const LAG_SAMPLE_SECS: i64 = 5;
@@ -171,14 +181,18 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// The database thread: applies events until the link stops, and marks silent servers.
+/// The database thread: applies events until the link stops, marks silent servers and
+/// alerts on lagging disks.
 fn apply_events(mut db: ControlDb, events: Receiver<(String, Event)>, heartbeat_window: Duration) {
     // The alerts servers left open before a restart, by server and kind: cleared if their
     // signal is green now, kept if it is not.
     let mut alerts: HashMap<String, HashMap<String, Health>> = HashMap::new();
     match db.open_alerts() {
         Ok(open) => {
-            for a in open.into_iter().filter(|a| a.kind.starts_with("health-")) {
+            for a in open
+                .into_iter()
+                .filter(|a| a.kind.starts_with("health-") || a.kind == RPO_ALERT)
+            {
                 let level = if a.severity == "critical" {
                     Health::Red
                 } else {
@@ -190,37 +204,40 @@ fn apply_events(mut db: ControlDb, events: Receiver<(String, Event)>, heartbeat_
         Err(e) => tracing::warn!("configuration database: reading open alerts: {e:#}"),
     }
     let mut failing: Option<&'static str> = None;
-    let mut next_silence_check = Instant::now() + heartbeat_window;
+    // Logs a failure once per kind, and its end.
+    let mut note = |what: &'static str, result: anyhow::Result<()>| match result {
+        Ok(()) if failing == Some(what) => {
+            tracing::info!("configuration database: {what} updates work again");
+            failing = None;
+        }
+        Ok(()) => {}
+        Err(e) if failing != Some(what) => {
+            tracing::warn!("configuration database: recording {what}: {e:#}");
+            failing = Some(what);
+        }
+        Err(_) => {}
+    };
+    let started = Instant::now();
+    let mut next_check = started + CHECK_EVERY;
     loop {
-        let (what, result) = match events.recv_timeout(SILENCE_CHECK) {
+        match events.recv_timeout(next_check.saturating_duration_since(Instant::now())) {
             Ok((server_id, event)) => {
                 let (what, result) = apply_event(&mut db, &server_id, event, &mut alerts);
-                (what, result.with_context(|| format!("from {server_id}")))
+                note(what, result.with_context(|| format!("from {server_id}")));
             }
             Err(RecvTimeoutError::Disconnected) => break,
-            Err(RecvTimeoutError::Timeout) => ("silence", Ok(())),
-        };
-        let (what, result) = match (result, Instant::now() >= next_silence_check) {
-            (Ok(()), true) => {
-                next_silence_check = Instant::now() + SILENCE_CHECK;
-                (
-                    "silence",
-                    mark_silent(&mut db, heartbeat_window.as_secs() as i64, &mut alerts),
-                )
-            }
-            (result, _) => (what, result),
-        };
-        match result {
-            Ok(()) if failing == Some(what) => {
-                tracing::info!("configuration database: {what} updates work again");
-                failing = None;
-            }
-            Ok(()) => {}
-            Err(e) if failing != Some(what) => {
-                tracing::warn!("configuration database: recording {what}: {e:#}");
-                failing = Some(what);
-            }
-            Err(_) => {}
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() < next_check {
+            continue;
+        }
+        next_check = Instant::now() + CHECK_EVERY;
+        if started.elapsed() >= heartbeat_window {
+            let window = heartbeat_window.as_secs() as i64;
+            note("silence", mark_silent(&mut db, window, &mut alerts));
+        }
+        if started.elapsed() >= RPO_START_GRACE {
+            note("rpo", check_rpo(&mut db, unix_now(), &mut alerts));
         }
     }
 }
@@ -275,6 +292,54 @@ fn mark_silent(
         db.mark_red(&s.id)?;
         db.raise_alert(&s.id, HEARTBEAT_ALERT, Severity::Critical, &detail, now)?;
         open.insert(HEARTBEAT_ALERT.to_owned(), Health::Red);
+    }
+    Ok(())
+}
+
+/// Raises, escalates and clears each disk's RPO alert at `now` (see the module doc).
+fn check_rpo(
+    db: &mut ControlDb,
+    now: i64,
+    alerts: &mut HashMap<String, HashMap<String, Health>>,
+) -> anyhow::Result<()> {
+    for (disk, threshold, policy) in db.disks_with_rpo_threshold()? {
+        let Some(lag) = disk.lag_secs(now) else {
+            continue;
+        };
+        let threshold_i = i64::try_from(threshold).unwrap_or(i64::MAX);
+        let level = if lag > threshold_i.saturating_mul(2) {
+            Health::Red
+        } else if lag > threshold_i {
+            Health::Orange
+        } else {
+            Health::Green
+        };
+        let open = alerts.entry(disk.id.clone()).or_default();
+        let before = open.get(RPO_ALERT).copied().unwrap_or(Health::Green);
+        if before == level {
+            continue;
+        }
+        if before != Health::Green {
+            db.clear_alert(&disk.id, RPO_ALERT, now)?;
+        }
+        if level != Health::Green {
+            let (severity, over) = if level == Health::Red {
+                (Severity::Critical, "twice ")
+            } else {
+                (Severity::Warning, "")
+            };
+            let detail = format!(
+                "{} ({}): lag {lag} s, over {over}the RPO threshold of {threshold} s ({})",
+                disk.device,
+                disk.machine,
+                policy.map_or_else(|| "the default".to_owned(), |p| format!("policy {p}"))
+            );
+            tracing::warn!(disk = %disk.id, "{detail}");
+            db.raise_alert(&disk.id, RPO_ALERT, severity, &detail, now)?;
+        } else {
+            tracing::info!(disk = %disk.id, device = disk.device, "lag back under the RPO threshold");
+        }
+        open.insert(RPO_ALERT.to_owned(), level);
     }
     Ok(())
 }
@@ -427,6 +492,71 @@ mod tests {
         assert!(open(&db).is_empty(), "{:?}", open(&db));
         assert_eq!(db.all_alerts().unwrap().len(), 3);
         assert_eq!(db.process_servers().unwrap()[0].health, Health::Green);
+    }
+
+    #[test]
+    fn a_lagging_disk_is_warned_then_critical_then_cleared_by_its_policy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut db = db_with_server(tmp.path());
+        db.register_machine("db01", "aa", 0, "ps1").unwrap();
+        let report = |last_point_at, current_at| ripcord_control::DiskReport {
+            id: "d1".into(),
+            machine: "db01".into(),
+            device: "/dev/sdb".into(),
+            size_bytes: 1,
+            epoch: Some(1),
+            acked_seq: Some(7),
+            last_point_at: Some(last_point_at),
+            current_at,
+        };
+        let mut alerts = HashMap::new();
+        let rpo = |db: &ControlDb| -> Vec<(String, String)> {
+            db.open_alerts()
+                .unwrap()
+                .into_iter()
+                .filter(|a| a.kind == RPO_ALERT)
+                .map(|a| (a.severity, a.message))
+                .collect()
+        };
+        // The default threshold (900 s): a point 1000 s old is a warning, unless the
+        // point has been current since (an idle disk).
+        db.record_disks(&[report(0, None)]).unwrap();
+        check_rpo(&mut db, 1000, &mut alerts).unwrap();
+        let open = rpo(&db);
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!(open[0].0, "warning");
+        assert!(
+            open[0].1.contains("lag 1000 s") && open[0].1.contains("900 s (the default)"),
+            "{}",
+            open[0].1
+        );
+        check_rpo(&mut db, 1001, &mut alerts).unwrap();
+        assert_eq!(db.open_alerts().unwrap().len(), 1, "raised once");
+        db.record_disks(&[report(0, Some(995))]).unwrap();
+        check_rpo(&mut db, 1000, &mut alerts).unwrap();
+        assert!(rpo(&db).is_empty(), "an idle disk's point is current");
+
+        // A policy of 60 s: 200 s is over twice it, critical.
+        db.set_policy(
+            &ripcord_control::Policy {
+                name: "gold".into(),
+                rpo_threshold_secs: 60,
+                retention_secs: 3600,
+                app_interval_secs: 600,
+            },
+            "test",
+            0,
+        )
+        .unwrap();
+        db.assign_policy("db01", "gold", "test", 0).unwrap();
+        check_rpo(&mut db, 1195, &mut alerts).unwrap();
+        let open = rpo(&db);
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!(open[0].0, "critical");
+        assert!(open[0].1.contains("policy gold"), "{}", open[0].1);
+        check_rpo(&mut db, 1000, &mut alerts).unwrap();
+        assert!(rpo(&db).is_empty(), "cleared under the threshold");
+        assert_eq!(db.all_alerts().unwrap().len(), 2);
     }
 
     #[test]

@@ -151,15 +151,64 @@ fn the_config_role_records_the_deployment_and_ripcord_status_shows_it() {
             && d["epoch"].as_u64() >= Some(1),
         "the restart erased the disk's state: {d:#}"
     );
+    // A policy with a 10 s RPO threshold, given to the machine while it replicates: no
+    // alert while its idle disk's point is current.
+    let dep = deployment.to_str().unwrap();
+    let policy = |args: &[&str]| {
+        testkit::replication::ripcord(
+            &[&["policy"], args, &["--deployment", dep]].concat(),
+            &site.ps.passphrase_file,
+        )
+        .unwrap()
+    };
+    let (ok, _, err) = policy(&["assign", "--machine", "db01", "--policy", "gold"]);
+    assert!(!ok && err.contains("none yet"), "{err}");
+    let (ok, _, err) = policy(&["set", "--name", "gold", "--rpo-threshold-secs", "10"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = policy(&["set", "--name", "x", "--rpo-threshold-secs", "1"]);
+    assert!(!ok && err.contains("outside 10 s"), "{err}");
+    let (ok, _, err) = policy(&["assign", "--machine", "db01", "--policy", "gold"]);
+    assert!(ok, "{err}");
+    let (ok, text, err) = policy(&["list"]);
+    assert!(
+        ok && text.contains("gold") && text.contains("db01"),
+        "{text}{err}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let rpo_alerts = || -> Vec<serde_json::Value> {
+        status(&deployment)["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["kind"] == "rpo")
+            .cloned()
+            .collect()
+    };
+    assert!(rpo_alerts().is_empty(), "{:#}", status(&deployment));
+
     let (ok, _) = agent.stop().unwrap();
     assert!(ok);
-    // Its agent gone, the disk's writes are unknown here: the lag grows again.
+    // Its agent gone, the disk's writes are unknown here: the lag grows again, and passes
+    // the policy's threshold.
     wait_for(
         "the lag to grow once the agent stopped",
         Duration::from_secs(30),
         || Ok(status(&deployment)["disks"][0]["lag_secs"].as_i64() >= Some(3)),
     )
     .unwrap_or_else(|e| panic!("{e:#}: {:#}", status(&deployment)));
+    wait_for(
+        "an RPO alert past the policy's threshold",
+        Duration::from_secs(30),
+        || Ok(!rpo_alerts().is_empty()),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {:#}", status(&deployment)));
+    let alert = &rpo_alerts()[0];
+    assert_eq!(alert["subject"], disk_id.as_str());
+    let message = alert["message"].as_str().unwrap();
+    assert!(
+        message.contains("policy gold") && message.contains("10 s"),
+        "{message}"
+    );
 }
 
 /// A process-only server keeps no configuration database, and `ripcord status` says where

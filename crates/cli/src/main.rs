@@ -13,6 +13,7 @@
 mod failover;
 mod plan;
 mod points;
+mod policy;
 mod ps;
 mod run_failover;
 mod status;
@@ -106,6 +107,13 @@ enum Command {
     Ps {
         #[command(subcommand)]
         command: PsCommand,
+    },
+    /// Replication policies (RPO alert threshold, retention, app-consistent interval) and
+    /// the machines given each, in the configuration role's database. A machine without
+    /// one is alerted on past 15 minutes of lag.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
     },
 }
 
@@ -389,6 +397,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ps {
             command: PsCommand::Remove { deployment, server },
         } => ps::remove(&deployment, &server),
+        Command::Policy { command } => policy::run(command),
     }
 }
 

@@ -27,8 +27,8 @@ use std::{path::Path, time::Duration};
 
 pub use error::{ControlError, Result};
 pub use records::{
-    Alert, AuditEntry, Disk, DiskReport, HEARTBEAT_WINDOW_SECS, Health, Machine, Policy,
-    ProcessServer, ServerLoad, Severity,
+    Alert, AuditEntry, DEFAULT_RPO_THRESHOLD_SECS, Disk, DiskReport, HEARTBEAT_WINDOW_SECS, Health,
+    Machine, Policy, ProcessServer, ServerLoad, Severity,
 };
 use rusqlite::{Connection, OptionalExtension as _, params};
 
@@ -207,17 +207,27 @@ impl ControlDb {
                     current_at
              FROM disks ORDER BY machine, id",
             [],
+            disk_row,
+        )
+    }
+
+    /// Every disk with the RPO threshold that applies to it, and the policy it comes from:
+    /// its machine's policy's, else [`DEFAULT_RPO_THRESHOLD_SECS`] (policy `None`).
+    pub fn disks_with_rpo_threshold(&self) -> Result<Vec<(Disk, u64, Option<String>)>> {
+        self.rows(
+            "SELECT d.id, d.machine, d.device, d.size_bytes, d.epoch, d.acked_seq,
+                    d.last_point_at, d.current_at, p.rpo_threshold_secs, p.name
+             FROM disks d JOIN machines m ON m.id = d.machine
+             LEFT JOIN policies p ON p.name = m.policy
+             ORDER BY d.machine, d.id",
+            [],
             |r| {
-                Ok(Disk {
-                    id: r.get(0)?,
-                    machine: r.get(1)?,
-                    device: r.get(2)?,
-                    size_bytes: r.get(3)?,
-                    epoch: r.get(4)?,
-                    acked_seq: r.get(5)?,
-                    last_point_at: r.get(6)?,
-                    current_at: r.get(7)?,
-                })
+                Ok((
+                    disk_row(r)?,
+                    r.get::<_, Option<u64>>(8)?
+                        .unwrap_or(DEFAULT_RPO_THRESHOLD_SECS),
+                    r.get(9)?,
+                ))
             },
         )
     }
@@ -425,6 +435,21 @@ impl ControlDb {
         let rows = st.query_map(params, row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// A [`Disk`] from the first eight columns of a row (`id, machine, device, size_bytes,
+/// epoch, acked_seq, last_point_at, current_at`).
+fn disk_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Disk> {
+    Ok(Disk {
+        id: r.get(0)?,
+        machine: r.get(1)?,
+        device: r.get(2)?,
+        size_bytes: r.get(3)?,
+        epoch: r.get(4)?,
+        acked_seq: r.get(5)?,
+        last_point_at: r.get(6)?,
+        current_at: r.get(7)?,
+    })
 }
 
 fn audit(conn: &Connection, at: i64, actor: &str, action: &str, detail: &str) -> Result<()> {

@@ -153,6 +153,10 @@ pub struct DiskReport {
     pub current_at: Option<i64>,
 }
 
+/// The RPO threshold of a machine without a policy (the seeds' default: 15 minutes). A
+/// disk lagging more is warned about; twice as much is critical.
+pub const DEFAULT_RPO_THRESHOLD_SECS: u64 = 900;
+
 /// A replication policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
