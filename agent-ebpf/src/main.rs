@@ -244,8 +244,13 @@ fn try_rq_complete(ctx: &RawTracePointContext) -> Result<(), i32> {
         if let Some(owner) = unsafe { PROTECTED.get(entry.dev) } {
             let within = entry.sector <= piece_start
                 && piece_end <= entry.sector.saturating_add(u64::from(entry.sectors));
-            let op = if within { entry.op } else { op::LOST };
-            emit_on_disk(owner, entry.sector, entry.sectors, op, 0, now);
+            // A lost report carries the lost bio's queue time, as the queue probe's does.
+            let (op, at) = if within {
+                (entry.op, now)
+            } else {
+                (op::LOST, entry.queued_ns)
+            };
+            emit_on_disk(owner, entry.sector, entry.sectors, op, 0, at);
         }
         let _ = inflight_take(other);
     }

@@ -390,12 +390,21 @@ fn hidden_completions_are_reported_for_resync() {
     );
 }
 
-/// Panic if the agent reported any of `what` lost: an in-flight entry that was never
-/// freed (re-read after `LOST_AFTER`).
-/// No write was reported lost, unless the kernel skipped runs of the completion probes
-/// (a run nested in itself on one CPU is skipped, and counted): the entries a skipped run
-/// would have freed are then reported lost and read back, as designed.
-fn assert_none_lost(run: &testkit::AgentRun, what: &str) {
+/// No write was reported lost while its completion was reported: that would be an
+/// in-flight entry the completion probe failed to free (read back after `LOST_AFTER`, or
+/// at address reuse). Two causes of lost reports are expected and allowed:
+/// - the kernel skipped runs of the completion probes (a run nested in itself on one CPU
+///   is skipped, and counted): the entries a skipped run would have freed are reported
+///   lost and read back, as designed;
+/// - the kernel completed the write without firing `block_rq_complete` or
+///   `block_bio_complete` at all (seen on 6.18 with `perf record` beside the agent: split
+///   O_DIRECT writes, some io_uring writes retried from io-wq after `EAGAIN`, whose pieces
+///   never appear in either tracepoint although the write succeeded; decision 0024). No
+///   completion was reported for its range after it was queued: only its in-flight entry
+///   knew of it, and the lost report is what reads it back.
+///
+/// Returns the ranges reported lost (the test's captured set must include them).
+fn assert_none_lost(run: &testkit::AgentRun, what: &str) -> Vec<(u64, u64)> {
     let lost: Vec<_> = run.overflow.iter().filter(|e| e.op == "lost").collect();
     let misses: u64 = run
         .stats
@@ -403,19 +412,35 @@ fn assert_none_lost(run: &testkit::AgentRun, what: &str) {
         .map(|s| s.completion_misses)
         .max()
         .unwrap_or(0);
+    // A lost report carries its bio's queue time (a report at exit carries 0 and no seq:
+    // every completion counts against it). A completion reported for its range after that
+    // and before the report means the probe saw it and still left the entry.
+    let seen_completing = |l: &testkit::AgentEvent| {
+        run.changes.iter().any(|e| {
+            e.dev == l.dev
+                && e.sector < l.sector + l.sectors
+                && l.sector < e.sector + e.sectors
+                && e.time_ns >= l.time_ns
+                && l.seq.is_none_or(|ls| e.seq.is_some_and(|es| es < ls))
+        })
+    };
+    let unfreed: Vec<_> = lost.iter().filter(|l| seen_completing(l)).collect();
     assert!(
-        lost.is_empty() || misses > 0,
-        "{} {what} reported lost (in-flight entries not freed) while the kernel skipped no \
-         completion probe run, first {:?}",
-        lost.len(),
-        &lost[..lost.len().min(3)]
+        unfreed.is_empty() || misses > 0,
+        "{} {what} reported lost although their completion was reported (in-flight entries \
+         not freed) while the kernel skipped no completion probe run, first {:?}",
+        unfreed.len(),
+        &unfreed[..unfreed.len().min(3)]
     );
-    if misses > 0 {
+    if !lost.is_empty() {
         eprintln!(
-            "{what}: the kernel skipped {misses} completion probe run(s); {} lost report(s)",
-            lost.len()
+            "{what}: {} lost report(s) ({} of writes whose completion was never reported), \
+             {misses} completion probe run(s) skipped",
+            lost.len(),
+            lost.len() - unfreed.len()
         );
     }
+    lost.iter().map(|e| (e.sector, e.sectors)).collect()
 }
 
 /// Write merges (field 7 of `/sys/block/NAME/stat`) of a loop device so far.
@@ -534,9 +559,13 @@ fn split_writes_are_captured_exactly() {
         0,
         "drops with the default ring"
     );
-    assert_none_lost(&run, "split writes");
-    assert!(run.overflow.is_empty(), "resync lines: {:?}", run.overflow);
-    assert_same(&union(&run.ranges(&dev, false)), &union(&w.report.changed));
+    let lost = assert_none_lost(&run, "split writes");
+    let resync: Vec<_> = run.overflow.iter().filter(|e| e.op != "lost").collect();
+    assert!(resync.is_empty(), "resync lines: {resync:?}");
+    // Captured: every completion reported, and every write the in-flight entries caught.
+    let mut captured = run.ranges(&dev, false);
+    captured.extend(lost);
+    assert_same(&union(&captured), &union(&w.report.changed));
     // The writes were split: more write events than writes issued.
     let writes = run.changes.iter().filter(|e| e.op == "write").count() as u64;
     let issued = w.report.direct_writes + w.report.uring_writes;
