@@ -16,7 +16,10 @@ use anyhow::{Context as _, ensure};
 use clap::Subcommand;
 use ripcord_control::{ControlDb, DEFAULT_RPO_THRESHOLD_SECS, Policy};
 
-use crate::{ps::operator, status::unix_now};
+use crate::{
+    ps::{open_for_writing, operator},
+    status::unix_now,
+};
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
@@ -79,7 +82,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
                 app_interval_secs: app_consistent_every_secs,
             };
             check(&policy)?;
-            open(&deployment)?.set_policy(&policy, &operator(), unix_now())?;
+            open_for_writing(&deployment)?.set_policy(&policy, &operator(), unix_now())?;
             println!(
                 "policy {}: RPO threshold {} s, retention {} h, app-consistent points every {} s",
                 policy.name, rpo_threshold_secs, retention_hours, app_consistent_every_secs
@@ -92,7 +95,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
             machine,
             policy,
         } => {
-            let mut db = open(&deployment)?;
+            let mut db = open_for_writing(&deployment)?;
             db.assign_policy(&machine, &policy, &operator(), unix_now())
                 .with_context(|| {
                     let known: Vec<String> = db
@@ -141,17 +144,6 @@ fn check(p: &Policy) -> anyhow::Result<()> {
         p.app_interval_secs
     );
     Ok(())
-}
-
-fn open(deployment: &Path) -> anyhow::Result<ControlDb> {
-    let path = deployment.join("control.db");
-    ensure!(
-        path.exists(),
-        "no configuration database at {}: give the deployment directory of the server that \
-         runs the config role",
-        path.display()
-    );
-    Ok(ControlDb::open(&path)?)
 }
 
 fn list(deployment: &Path, json: bool) -> anyhow::Result<()> {

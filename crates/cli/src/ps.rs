@@ -71,14 +71,7 @@ pub fn list(deployment: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 pub fn remove(deployment: &Path, server: &str) -> anyhow::Result<()> {
-    let path = deployment.join("control.db");
-    ensure!(
-        path.exists(),
-        "no configuration database at {}: give the deployment directory of the server that \
-         runs the config role",
-        path.display()
-    );
-    let mut db = ControlDb::open(&path)?;
+    let mut db = open_for_writing(deployment)?;
     if let Some(row) = db.process_server(server)? {
         ensure!(
             !row.config_role,
@@ -91,6 +84,19 @@ pub fn remove(deployment: &Path, server: &str) -> anyhow::Result<()> {
          clear its directory (`cargo xtask deploy --uninstall` for deployed hosts)"
     );
     Ok(())
+}
+
+/// The configuration database of `deployment`, for an operator action (never created
+/// here: a wrong directory is named).
+pub(crate) fn open_for_writing(deployment: &Path) -> anyhow::Result<ControlDb> {
+    let path = deployment.join("control.db");
+    ensure!(
+        path.exists(),
+        "no configuration database at {}: give the deployment directory of the server that \
+         runs the config role",
+        path.display()
+    );
+    Ok(ControlDb::open(&path)?)
 }
 
 /// Who runs this command, for the audit log.
