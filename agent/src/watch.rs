@@ -131,11 +131,14 @@ pub fn run(opts: &WatchOptions) -> anyhow::Result<()> {
                 for (i, sector, sectors) in lost.ranges {
                     slots[i].dirty.insert(sector, sectors);
                     if opts.json {
+                        // As on the probes' lost reports, the time is the write's queue
+                        // time; no seq (the agent, not a probe, reports it).
                         let line = serde_json::json!({
                             "dev": devices[i].dev.to_string(),
                             "sector": sector,
                             "sectors": sectors,
                             "op": "lost",
+                            "time_ns": lost.id.1,
                         });
                         writeln!(out, "{line}").context("writing to stdout")?;
                     }

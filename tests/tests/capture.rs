@@ -412,9 +412,10 @@ fn assert_none_lost(run: &testkit::AgentRun, what: &str) -> Vec<(u64, u64)> {
         .map(|s| s.completion_misses)
         .max()
         .unwrap_or(0);
-    // A lost report carries its bio's queue time (a report at exit carries 0 and no seq:
-    // every completion counts against it). A completion reported for its range after that
-    // and before the report means the probe saw it and still left the entry.
+    // A lost report carries its bio's queue time. A completion reported for its range
+    // after that (and before the report, where its seq tells: the agent's own reports of
+    // writes in flight too long have none) means the probe saw it and still left the
+    // entry.
     let seen_completing = |l: &testkit::AgentEvent| {
         run.changes.iter().any(|e| {
             e.dev == l.dev

@@ -20,7 +20,8 @@ pub struct AgentEvent {
     pub op: String,
     #[serde(default)]
     pub seq: Option<u64>,
-    /// Completion time (CLOCK_MONOTONIC ns); 0 on overflow and stats lines.
+    /// Completion time (CLOCK_MONOTONIC ns); the write's queue time on `lost` lines; 0 on
+    /// overflow and stats lines.
     #[serde(default)]
     pub time_ns: u64,
     #[serde(default)]
