@@ -403,8 +403,12 @@ fn hidden_completions_are_reported_for_resync() {
 ///   completion was reported for its range after it was queued: only its in-flight entry
 ///   knew of it, and the lost report is what reads it back.
 ///
+/// The second kind stays rare (at most a few writes of a batch of 32 io_uring writes in
+/// any run seen): more than a quarter of the `issued` writes lost would be the probes
+/// missing a whole class of completions, and fails.
+///
 /// Returns the ranges reported lost (the test's captured set must include them).
-fn assert_none_lost(run: &testkit::AgentRun, what: &str) -> Vec<(u64, u64)> {
+fn assert_none_lost(run: &testkit::AgentRun, what: &str, issued: u64) -> Vec<(u64, u64)> {
     let lost: Vec<_> = run.overflow.iter().filter(|e| e.op == "lost").collect();
     let misses: u64 = run
         .stats
@@ -432,6 +436,13 @@ fn assert_none_lost(run: &testkit::AgentRun, what: &str) -> Vec<(u64, u64)> {
          not freed) while the kernel skipped no completion probe run, first {:?}",
         unfreed.len(),
         &unfreed[..unfreed.len().min(3)]
+    );
+    let untraced = (lost.len() - unfreed.len()) as u64;
+    assert!(
+        untraced * 4 <= issued,
+        "{untraced} of {issued} {what} reported lost with no completion reported: the probes \
+         miss a whole class of completions, first {:?}",
+        &lost[..lost.len().min(3)]
     );
     if !lost.is_empty() {
         eprintln!(
@@ -501,7 +512,7 @@ fn requests_merged_from_many_bios_free_every_entry() {
         bios / requests > 64,
         "{bios} bios made {requests} requests: the workload did not build large ones"
     );
-    assert_none_lost(&run, "writes of merged requests");
+    assert_none_lost(&run, "writes of merged requests", bios);
     let written: ExtentSet = [(0, 64 * MIB / 512)].into_iter().collect();
     assert_same(&union(&run.ranges(&dev, true)), &written);
 }
@@ -560,7 +571,8 @@ fn split_writes_are_captured_exactly() {
         0,
         "drops with the default ring"
     );
-    let lost = assert_none_lost(&run, "split writes");
+    let issued = w.report.direct_writes + w.report.uring_writes;
+    let lost = assert_none_lost(&run, "split writes", issued);
     let resync: Vec<_> = run.overflow.iter().filter(|e| e.op != "lost").collect();
     assert!(resync.is_empty(), "resync lines: {resync:?}");
     // Captured: every completion reported, and every write the in-flight entries caught.
@@ -569,7 +581,6 @@ fn split_writes_are_captured_exactly() {
     assert_same(&union(&captured), &union(&w.report.changed));
     // The writes were split: more write events than writes issued.
     let writes = run.changes.iter().filter(|e| e.op == "write").count() as u64;
-    let issued = w.report.direct_writes + w.report.uring_writes;
     assert!(
         writes > issued,
         "{writes} write events for {issued} writes: nothing was split"
