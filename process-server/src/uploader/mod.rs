@@ -18,7 +18,9 @@
 //! `ripcord_ps_upload_errors_total`; the log says once what failed and what to do, then
 //! again only when the cause changes or a minute has passed; recovery is logged; and a
 //! disk whose journal holds data while its newest recovery point is older than
-//! `point-age-warn-secs` gets a warning (the age is a metric too).
+//! `point-age-warn-secs` gets a warning (the age is a metric too). How current the newest
+//! point is (the lag: what a failover to it could lose, docs/decisions/0026) is kept in
+//! the same status (`status.rs`).
 
 use std::{
     collections::VecDeque,
