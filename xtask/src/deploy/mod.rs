@@ -337,13 +337,25 @@ fn fresh_token(primary: &Ssh, kind: &str) -> anyhow::Result<(String, String)> {
     Ok((field("token:")?, field("ca-hash:")?))
 }
 
+/// How long a registration waits for a process server that can take the machine. A server
+/// that just started measures its load over its first samples, which deploy's own work
+/// (copying binaries, starting services) dominates; idle samples bring it down within a
+/// minute or two.
+const PLACEMENT_WAIT: Duration = Duration::from_secs(180);
+
+/// What the configuration role answers when no process server can take a machine now.
+const NO_SERVER_NOW: &str = "no process server can take a new machine now";
+
 /// Registers the agent of `host` with a fresh single-use token, at the primary process
-/// server (with a configuration role, it places the machine on a server).
+/// server (with a configuration role, it places the machine on a server). While no server
+/// can take the machine now, it asks again (a new token each time) for up to
+/// [`PLACEMENT_WAIT`], saying so; any other refusal ends it at once.
 fn register(primary: &Ssh, agent: &Ssh, host: &Host, inv: &Inventory) -> anyhow::Result<()> {
-    let (token, ca_hash) = fresh_token(primary, "agent")?;
+    let deadline = Instant::now() + PLACEMENT_WAIT;
     say(&format!("{}: registering with {}", host.name, primary.host));
-    agent
-        .run_with_input(
+    loop {
+        let (token, ca_hash) = fresh_token(primary, "agent")?;
+        let result = agent.run_with_input(
             &format!(
                 "{}/ripcord-agent register --server {}:{} --token-file - --ca-hash {} \
                  --machine-id {} --state-dir {}",
@@ -355,24 +367,37 @@ fn register(primary: &Ssh, agent: &Ssh, host: &Host, inv: &Inventory) -> anyhow:
                 layout::AGENT_DIR
             ),
             token.as_bytes(),
-        )
-        .with_context(|| {
-            // The machine is told only that no server can take it; the operator running
-            // deploy may see why.
-            let servers = primary
-                .run(&format!(
-                    "{}/ripcord ps list --deployment {} 2>&1; true",
-                    layout::BIN_DIR,
-                    layout::PS_DIR
-                ))
-                .unwrap_or_default();
+        );
+        let Err(e) = result else {
+            return Ok(());
+        };
+        // The machine is told only that no server can take it; the operator running
+        // deploy may see why.
+        let servers = primary
+            .run(&format!(
+                "{}/ripcord ps list --json --deployment {} 2>&1; true",
+                layout::BIN_DIR,
+                layout::PS_DIR
+            ))
+            .unwrap_or_default();
+        if format!("{e:#}").contains(NO_SERVER_NOW) && Instant::now() < deadline {
+            say(&format!(
+                "{}: no process server can take it yet (servers and their load: {}); \
+                 asking again in 10 s",
+                host.name,
+                servers.split_whitespace().collect::<Vec<_>>().join(" ")
+            ));
+            std::thread::sleep(Duration::from_secs(10));
+            continue;
+        }
+        return Err(e).with_context(|| {
             format!(
                 "ripcord-agent register (the process servers, as {} sees them:\n{})",
                 primary.host,
                 servers.trim_end()
             )
-        })?;
-    Ok(())
+        });
+    }
 }
 
 /// Until every disk of every agent finished its initial sync and has a recovery point
