@@ -7,7 +7,8 @@
 //!   moves it; moving is an operator's decision).
 //! - A candidate has reported within the heartbeat window, is green, and stays green with 30%
 //!   more load: its window's mean CPU and memory use times 1.3 stay under the orange
-//!   threshold (80%), and its cache has more than 30% free. Among candidates, the one with
+//!   threshold (80%; judged once it registered two minutes ago, see `LOAD_SETTLED_SECS`),
+//!   and its cache has more than 30% free. Among candidates, the one with
 //!   the fewest machines, then the least CPU, then the id.
 //! - No candidate: a lone server (the deployment has no other) takes the machine unless
 //!   it reported red (nowhere else to put it; a server that has not reported yet, just
@@ -30,6 +31,12 @@ const HEADROOM: f64 = 1.3;
 const ORANGE_PERCENT: f64 = 80.0;
 /// Cache free space a green server keeps.
 const GREEN_CACHE_FREE: f64 = 30.0;
+/// CPU and memory headroom are judged only on a server registered at least this long
+/// ago. Over its first samples a server's load is mostly its own start-up (and, under
+/// `cargo xtask deploy`, the copying of binaries and the starting of services beside it),
+/// which the health model itself never calls orange: a signal must be sustained over its
+/// window. Cache space is judged at once.
+const LOAD_SETTLED_SECS: i64 = 120;
 
 /// The configuration role's placement (see the module doc).
 #[derive(Debug)]
@@ -117,7 +124,7 @@ pub fn choose(
     let mut why = Vec::new();
     let mut candidates: Vec<&ProcessServer> = Vec::new();
     for s in servers {
-        match unfit(s, fresh(s), window) {
+        match unfit(s, fresh(s), window, now) {
             Some(reason) => why.push(format!("{}: {reason}", s.id)),
             None => candidates.push(s),
         }
@@ -140,8 +147,8 @@ pub fn choose(
     Err(why.join("; "))
 }
 
-/// Why server `s` cannot take a new machine, if it cannot.
-fn unfit(s: &ProcessServer, fresh: bool, window: i64) -> Option<String> {
+/// Why server `s` cannot take a new machine at `now`, if it cannot.
+fn unfit(s: &ProcessServer, fresh: bool, window: i64, now: i64) -> Option<String> {
     if !fresh {
         return Some(match s.last_heartbeat {
             Some(_) => format!("silent for more than {window} s"),
@@ -154,13 +161,14 @@ fn unfit(s: &ProcessServer, fresh: bool, window: i64) -> Option<String> {
     let Some(load) = s.load else {
         return Some("has not reported its load".to_owned());
     };
-    if load.cpu_percent * HEADROOM >= ORANGE_PERCENT {
+    let settled = now - s.registered_at >= LOAD_SETTLED_SECS;
+    if settled && load.cpu_percent * HEADROOM >= ORANGE_PERCENT {
         return Some(format!(
             "CPU {:.0}% busy cannot absorb 30% more",
             load.cpu_percent
         ));
     }
-    if load.memory_percent * HEADROOM >= ORANGE_PERCENT {
+    if settled && load.memory_percent * HEADROOM >= ORANGE_PERCENT {
         return Some(format!(
             "memory {:.0}% used cannot absorb 30% more",
             load.memory_percent
@@ -214,6 +222,32 @@ mod tests {
 
     fn pick(servers: &[ProcessServer], machines: &[Machine]) -> Result<String, String> {
         choose(servers, machines, "ps1", "new", true, NOW, WINDOW).map(|p| p.server_id)
+    }
+
+    #[test]
+    fn a_server_that_just_registered_is_not_judged_by_its_start_up_load() {
+        let young = ProcessServer {
+            registered_at: NOW - 30,
+            ..server("ps2", Health::Green, Some(NOW), 90.0)
+        };
+        let servers = [server("ps1", Health::Green, Some(NOW), 90.0), young.clone()];
+        assert_eq!(
+            pick(&servers, &[]).unwrap(),
+            "ps2",
+            "ps1 (registered long ago) is too busy; ps2's load is its start-up"
+        );
+        let full = ProcessServer {
+            load: Some(ServerLoad {
+                cache_free_percent: 20.0,
+                ..young.load.unwrap()
+            }),
+            ..young
+        };
+        let err = pick(&[server("ps1", Health::Green, Some(NOW), 90.0), full], &[]).unwrap_err();
+        assert!(
+            err.contains("ps2: cache 20% free"),
+            "cache is judged at once: {err}"
+        );
     }
 
     #[test]
