@@ -7,6 +7,7 @@ pub mod control;
 pub mod deploy;
 pub mod disk;
 pub mod frames;
+pub mod groups;
 pub mod health;
 pub mod ingest;
 pub mod join;

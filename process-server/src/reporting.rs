@@ -31,8 +31,8 @@ use ripcord_control::{ControlDb, DiskReport, Severity};
 use ripcord_transport::{
     MachineId, MachineStore, ServerIdentity,
     control::{
-        AssignedMachine, ControlClient, ControlError, Refusal, Reply, ReportRequest, Request,
-        read_message, write_message,
+        AssignedMachine, ClockReading, ControlClient, ControlError, Refusal, Reply, ReportAccepted,
+        ReportRequest, Request, read_message, write_message,
     },
     pki::process_server_id_from_cert,
 };
@@ -67,6 +67,9 @@ pub(crate) struct Reporter {
     /// Told after each report's reply was handled (the machines synced).
     reported: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
+    /// The group schedules the configuration role relays for this server's machines,
+    /// with this server's clock offset to the coordinator (`crate::groups::Relay`).
+    pub(crate) groups: watch::Receiver<crate::groups::Schedules>,
 }
 
 impl Reporter {
@@ -94,7 +97,7 @@ impl Drop for Reporter {
 
 /// What one report came to.
 enum Outcome {
-    Accepted(Vec<AssignedMachine>),
+    Accepted(ReportAccepted),
     Refused(Refusal, String),
     /// Not resolved, not answering, or broken in transit: retried.
     Unreachable(String),
@@ -123,7 +126,7 @@ impl Link {
         }
         let client = self.client.as_mut().expect("resolved above");
         match client.report(request).await {
-            Ok(machines) => Outcome::Accepted(machines),
+            Ok(accepted) => Outcome::Accepted(accepted),
             Err(ControlError::Refused { refusal, message }) => Outcome::Refused(refusal, message),
             Err(e) => Outcome::Unreachable(e.to_string()),
         }
@@ -138,6 +141,7 @@ pub(crate) async fn start_reporting(
     fingerprint: String,
     machines: MachineStore,
 ) -> anyhow::Result<Reporter> {
+    let mut relay = crate::groups::Relay::default();
     let mut link = Link {
         config_role: config_role.to_owned(),
         host: crate::config::config_role_host(config_role)?.to_owned(),
@@ -156,9 +160,10 @@ pub(crate) async fn start_reporting(
         link.report(request(&ReportBody::default())),
     );
     match first.await {
-        Ok(Outcome::Accepted(assigned)) => {
+        Ok(Outcome::Accepted(accepted)) => {
             tracing::info!(config_role, "reporting to the configuration role");
-            sync_machines(&machines, &assigned).await;
+            sync_machines(&machines, &accepted.machines).await;
+            relay.update(&accepted);
         }
         Ok(Outcome::Refused(refusal, message)) if refusal.is_final() => {
             bail!("the configuration role at {config_role} refuses this server: {message}")
@@ -174,6 +179,7 @@ pub(crate) async fn start_reporting(
             FIRST_REPORT_WAIT.as_secs()
         ),
     }
+    let groups_rx = relay.subscribe();
     let (latest, mut rx) = watch::channel(ReportBody::default());
     let config_role = config_role.to_owned();
     let refresh = Arc::new(tokio::sync::Notify::new());
@@ -193,8 +199,9 @@ pub(crate) async fn start_reporting(
                 Outcome::Refused(refusal, _) => Some(format!("{refusal:?}")),
                 Outcome::Unreachable(_) => Some("unreachable".to_owned()),
             };
-            if let Outcome::Accepted(assigned) = &outcome {
-                sync_machines(&machines, assigned).await;
+            if let Outcome::Accepted(accepted) = &outcome {
+                sync_machines(&machines, &accepted.machines).await;
+                relay.update(accepted);
             }
             reported_tx.notify_waiters();
             if kind == failing {
@@ -221,6 +228,7 @@ pub(crate) async fn start_reporting(
         refresh,
         reported,
         task,
+        groups: groups_rx,
     })
 }
 
@@ -307,7 +315,16 @@ pub(crate) async fn serve_control(state: Arc<State>, conn: quinn::Connection) {
             }
             Ok(Request::Join(join)) => on_blocking_thread(|| join_request(&state, &join)),
             Ok(Request::Report(report)) => {
-                on_blocking_thread(|| take_report(&state, peer.as_deref(), &mut db, report))
+                let received_ns = crate::groups::now_wall_ns();
+                let mut reply =
+                    on_blocking_thread(|| take_report(&state, peer.as_deref(), &mut db, report));
+                if let Reply::Accepted { clock, .. } = &mut reply {
+                    *clock = Some(ClockReading {
+                        received_ns,
+                        sent_ns: crate::groups::now_wall_ns().max(received_ns),
+                    });
+                }
+                reply
             }
         };
         let refused = matches!(reply, Reply::Refused { .. });
@@ -376,7 +393,12 @@ fn take_report(
                 control.send_for(server.clone(), Event::Health(health));
             }
             control.send_for(server, Event::Disks(body.disks));
-            Reply::Accepted { machines }
+            let groups = crate::groups::relayed(&state.groups.borrow(), &machines);
+            Reply::Accepted {
+                machines,
+                groups,
+                clock: None,
+            }
         }
         Err((refusal, message)) => {
             tracing::warn!(?refusal, "report refused: {message}");

@@ -80,6 +80,8 @@ pub struct State {
     pub(crate) instances: crate::reporting::Instances,
     /// The reporter to the configuration role, when this server joined one.
     pub(crate) reporter: Option<crate::reporting::Reporter>,
+    /// Each machine's consistency-group schedule (`crate::groups`).
+    pub(crate) groups: tokio::sync::watch::Receiver<crate::groups::Schedules>,
 }
 
 impl State {
@@ -318,7 +320,15 @@ pub async fn serve(
         })
         .collect();
     let control = start_control(&dep, &machines, data.local_addr()?)?;
+    let groups = if control.is_some() {
+        crate::groups::watch_control_db(&crate::control::db_path(&dep.dir))
+    } else if let Some(reporter) = &reporter {
+        reporter.groups.clone()
+    } else {
+        crate::groups::unscheduled()
+    };
     let state = Arc::new(State {
+        groups,
         control,
         instances: crate::reporting::Instances::default(),
         reporter,

@@ -99,6 +99,17 @@ pub(crate) async fn connection(
             }
         };
         tracing::info!(%machine, agent = %hello.agent_version, "agent connected");
+        // Protocol 5 on, the control stream carries clock probes and the machine's group
+        // schedule; it lives as long as the connection.
+        let _control = (version >= 5).then(|| {
+            let groups = state.groups.clone();
+            let machine = machine.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                if let Err(e) = control_stream(send, reader, groups, &machine).await {
+                    tracing::info!(%machine, "control stream ended: {e:#}");
+                }
+            }))
+        });
         loop {
             let (send, recv) = conn.accept_bi().await?;
             let state = Arc::clone(&state);
@@ -119,6 +130,60 @@ pub(crate) async fn connection(
     .await;
     state.metrics.connections.dec();
     result
+}
+
+/// Aborts a task when dropped (the connection's control stream ends with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The control stream after the hello (protocol 5 on): answers clock probes with this
+/// server's clock, and sends the machine's group schedule at once and whenever it
+/// changes (`crate::groups`).
+async fn control_stream(
+    mut send: SendStream,
+    mut reader: FrameReader,
+    mut groups: tokio::sync::watch::Receiver<crate::groups::Schedules>,
+    machine: &str,
+) -> anyhow::Result<()> {
+    let mut current = crate::groups::schedule_for(&groups.borrow_and_update(), machine);
+    send_message(&mut send, &Message::GroupSchedule(current)).await?;
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            msg = reader.next() => match msg? {
+                Some(Received { msg: Message::TimeProbe(probe), .. }) => {
+                    let received_ns = crate::groups::now_wall_ns();
+                    let reply = ripcord_proto::TimeReply {
+                        nonce: probe.nonce,
+                        received_ns,
+                        sent_ns: crate::groups::now_wall_ns().max(received_ns),
+                    };
+                    send_message(&mut send, &Message::TimeReply(reply)).await?;
+                }
+                Some(other) => bail!(
+                    "unexpected {} frame on the control stream",
+                    other.msg.message_type()
+                ),
+                None => return Ok(()),
+            },
+            changed = groups.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false; // no source of groups on this server
+                    continue;
+                }
+                let next = crate::groups::schedule_for(&groups.borrow_and_update(), machine);
+                if next != current {
+                    current = next;
+                    send_message(&mut send, &Message::GroupSchedule(current)).await?;
+                }
+            }
+        }
+    }
 }
 
 /// The disk and device of a stream, for the line that logs its end ("?" until known).

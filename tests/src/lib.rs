@@ -4,6 +4,8 @@
 //! the disaster drill on a local directory (`failover.rs`) and on S3 (`s3.rs`) are the same
 //! drill.
 
+pub mod causal;
+
 use std::{
     path::{Path, PathBuf},
     time::Duration,

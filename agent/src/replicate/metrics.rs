@@ -57,6 +57,8 @@ pub struct AgentMetrics {
     points: Counters,
     forced_points: Counters,
     app_points: Counters,
+    group_points: Counters,
+    group_misses: Counters,
     rounds: Counters,
     clean_rounds: Counters,
     raced_reads: Counters,
@@ -95,6 +97,8 @@ impl AgentMetrics {
             points: Counters::default(),
             forced_points: Counters::default(),
             app_points: Counters::default(),
+            group_points: Counters::default(),
+            group_misses: Counters::default(),
             rounds: Counters::default(),
             clean_rounds: Counters::default(),
             raced_reads: Counters::default(),
@@ -119,6 +123,17 @@ impl AgentMetrics {
             "Crash-consistent points taken with the file systems frozen because no clean \
              round came within half of max-point-gap",
             m.forced_points.clone(),
+        );
+        registry.register(
+            "group_points",
+            "Cuts stamped as members of a consistency group's point",
+            m.group_points.clone(),
+        );
+        registry.register(
+            "group_misses",
+            "Group instants with no stamped cut (the round at the instant was not clean, \
+             or its clock error passed half the group's max-error)",
+            m.group_misses.clone(),
         );
         registry.register(
             "app_points",
@@ -224,6 +239,8 @@ impl AgentMetrics {
             inc(&self.points, c.cuts, prev.cuts);
             inc(&self.forced_points, c.forced_cuts, prev.forced_cuts);
             inc(&self.app_points, c.app_cuts, prev.app_cuts);
+            inc(&self.group_points, c.group_cuts, prev.group_cuts);
+            inc(&self.group_misses, c.group_misses, prev.group_misses);
             inc(&self.rounds, c.rounds, prev.rounds);
             inc(&self.clean_rounds, c.clean_rounds, prev.clean_rounds);
             inc(&self.raced_reads, c.raced_reads, prev.raced_reads);

@@ -21,6 +21,7 @@ pub mod acked_map;
 pub mod batch;
 pub mod config;
 pub mod freeze;
+pub mod group;
 pub mod lock;
 pub mod metrics;
 pub mod net;

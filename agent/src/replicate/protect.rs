@@ -35,6 +35,7 @@ use super::{
     acked_map::AckedMap,
     batch::BatchBuilder,
     config::AgentConfig,
+    group::{self, SharedGroupClock},
     metrics::AgentMetrics,
     net::{self, Continuation, DiskLink, LinkStats, NetConfig},
     outcome::{self, EpochEnd},
@@ -62,8 +63,13 @@ pub struct ProtectOptions {
 /// Items buffered between the producer and the network side, per disk.
 const CHANNEL_DEPTH: usize = 2;
 
+/// A group cut due within this much takes the next round (which then waits for its
+/// instant): longer than an idle wait plus a typical round, so instants are not missed.
+const GROUP_LEAD: Duration = Duration::from_millis(150);
+
 pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
     preflight::require()?;
+    crate::clock::check_skew()?;
     let cfg = &opts.config;
     let stop = Stop::install(Duration::from_secs(cfg.drain_timeout_secs))?;
     super::state::ensure_state_dir(&cfg.state_dir)?;
@@ -274,6 +280,7 @@ fn run_epoch(
              certificate will not renew by itself; run `ripcord-agent register` once"
         );
     }
+    let group_clock = SharedGroupClock::default();
     let net_cfg = NetConfig {
         server: server_addr,
         server_name,
@@ -281,6 +288,7 @@ fn run_epoch(
         escrow_key,
         window_bytes: cfg.window_mib << 20,
         congestion: cfg.congestion.into(),
+        group_clock: Arc::clone(&group_clock),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -390,7 +398,18 @@ fn run_epoch(
         let mut send = |slot: usize, item: Outgoing| -> anyhow::Result<()> {
             send_or_stop(&rt, &senders[slot], &link_stats[slot], item, stop, in_sync)
         };
-        let worked = match round(&mut capture, &mut producers, &round_cfg, &mut send) {
+        // A group cut due soon takes this round: it waits for the instant (decision 0027).
+        let this_round = match (!in_sync)
+            .then(|| group::next_target(&group_clock, GROUP_LEAD))
+            .flatten()
+        {
+            Some(target) => RoundConfig {
+                cut: CutRequest::Group(target),
+                ..round_cfg
+            },
+            None => round_cfg,
+        };
+        let worked = match round(&mut capture, &mut producers, &this_round, &mut send) {
             Ok(w) => w,
             Err(e) if e.downcast_ref::<Abandoned>().is_some() => {
                 abandoned = true;

@@ -117,6 +117,8 @@ impl StatsView<'_> {
                     "lost_completions": c.lost_completions,
                     "app_cuts": c.app_cuts,
                     "forced_cuts": c.forced_cuts,
+                    "group_cuts": c.group_cuts,
+                    "group_misses": c.group_misses,
                     "point_gap_ms": sample.point_gap.map(|g| g.as_millis() as u64),
                     "point_age_ms": sample.point_age.map(|g| g.as_millis() as u64),
                     "largest_point_gap_ms": p.largest_gap.as_millis() as u64,

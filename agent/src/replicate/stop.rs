@@ -200,6 +200,7 @@ mod tests {
             mono_ns: 0,
             seq: 0,
             app: false,
+            group: None,
         };
         send_or_stop(&rt, &tx, &LinkStats::default(), cut(), &stop, false).unwrap();
         assert_eq!(stop.abandon(), None);

@@ -33,6 +33,8 @@ use ripcord_store::{CutKind, DiskId, Plan, RecoveryPoint, RunSource, Store};
 pub enum PointSpec {
     Latest,
     LatestApp,
+    /// The disk's point in the newest complete point of its consistency group.
+    LatestGroup,
     /// The newest point at or before this wall-clock time (unix ns).
     At(u64),
     /// A point id, `<epoch>-<cut>`.
@@ -40,7 +42,8 @@ pub enum PointSpec {
 }
 
 /// The accepted forms of `--point`, for help and errors.
-pub const POINT_FORMS: &str = "latest, latest-app, an RFC 3339 time such as \
+pub const POINT_FORMS: &str = "latest, latest-app, latest-group (the newest point of the \
+                               disk's consistency group), an RFC 3339 time such as \
                                2024-05-01T12:00:00Z (the newest point at or before it), or a \
                                point id <epoch>-<cut> such as 3-17 (`ripcord points list` \
                                shows them)";
@@ -52,6 +55,7 @@ impl std::str::FromStr for PointSpec {
         Ok(match s {
             "latest" => PointSpec::Latest,
             "latest-app" => PointSpec::LatestApp,
+            "latest-group" => PointSpec::LatestGroup,
             s if s.contains('T') && s.contains(':') => {
                 let t = humantime::parse_rfc3339_weak(s).map_err(|_| bad())?;
                 let ns = t
@@ -77,6 +81,9 @@ impl std::fmt::Display for PointSpec {
         match self {
             PointSpec::Latest => f.write_str("latest"),
             PointSpec::LatestApp => f.write_str("latest-app (the newest app-consistent point)"),
+            PointSpec::LatestGroup => {
+                f.write_str("latest-group (in the newest point of its consistency group)")
+            }
             PointSpec::At(ns) => write!(f, "at or before {}", crate::rfc3339(*ns)),
             PointSpec::Id(id) => write!(f, "with id {id}"),
         }
@@ -100,6 +107,8 @@ pub fn select(
             .filter(|p| p.time_ns <= *t)
             .max_by_key(|p| (p.time_ns, p.epoch, p.cut_id)),
         PointSpec::Id(id) => points.iter().find(|p| &p.id == id),
+        // A group point is a property of several disks' catalogs: see `find_point`.
+        PointSpec::LatestGroup => None,
     };
     found.cloned().with_context(|| {
         format!(
@@ -131,6 +140,16 @@ pub async fn find_point(
             _ => None,
         },
         PointSpec::At(_) => return select(&store.points(disk).await?, spec, disk),
+        PointSpec::LatestGroup => {
+            let chosen = crate::group_points::latest_group_points(store).await?;
+            let id = chosen.get(disk).with_context(|| {
+                format!(
+                    "disk {disk} is in no complete group point (`ripcord group points` lists \
+                     a group's points)"
+                )
+            })?;
+            return Box::pin(find_point(store, disk, &PointSpec::Id(id.clone()))).await;
+        }
     };
     found.with_context(|| {
         format!("disk {disk} has no recovery point {spec}; `ripcord points list` lists them")

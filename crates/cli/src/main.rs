@@ -11,6 +11,8 @@
 //! [`ripcord_seal::read_passphrase`].
 
 mod failover;
+mod group;
+mod group_points;
 mod plan;
 mod points;
 mod policy;
@@ -114,6 +116,13 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: policy::PolicyCommand,
+    },
+    /// Consistency groups: machines whose disks get recovery points at common instants
+    /// (group points), every interval, offered only within the group's max clock error.
+    /// A machine is in at most one group.
+    Group {
+        #[command(subcommand)]
+        command: group::GroupCommand,
     },
 }
 
@@ -398,6 +407,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: PsCommand::Remove { deployment, server },
         } => ps::remove(&deployment, &server),
         Command::Policy { command } => policy::run(command),
+        Command::Group {
+            command: group::GroupCommand::Points(args),
+        } => group_points::list(args).await,
+        Command::Group { command } => group::run(command),
     }
 }
 

@@ -47,6 +47,53 @@ pub enum ControlError {
     ServerHasMachines { server: String, machines: u64 },
     #[error("{value:?} is not a health colour (green, orange or red)")]
     BadHealth { value: String },
+    #[error("group name {0:?}: use 1 to 64 letters, digits, '-' or '_'")]
+    BadGroupName(String),
+    #[error(
+        "group interval {interval_ms} ms is outside {}..={} ms (1 s to 1 hour)",
+        crate::GROUP_INTERVAL_MS.start(),
+        crate::GROUP_INTERVAL_MS.end()
+    )]
+    GroupIntervalOutOfRange { interval_ms: u64 },
+    #[error(
+        "group max error {max_error_us} us is outside {}..={} us (0.1 ms to 10 s)",
+        crate::GROUP_MAX_ERROR_US.start(),
+        crate::GROUP_MAX_ERROR_US.end()
+    )]
+    GroupMaxErrorOutOfRange { max_error_us: u64 },
+    #[error(
+        "a group {0:?} exists already: change its timing with `ripcord group set --name {0}`, \
+         or delete it first"
+    )]
+    GroupExists(String),
+    #[error("no group {0:?} exists (`ripcord group list` lists them)")]
+    UnknownGroup(String),
+    #[error(
+        "machine {machine:?} is in group {group:?} already, and a machine is in at most one \
+         group: `ripcord group remove --name {group} --machine {machine}` first"
+    )]
+    MachineInOtherGroup { machine: String, group: String },
+    #[error("machine {machine:?} is not in group {group:?} (`ripcord group list` shows them)")]
+    NotInGroup { machine: String, group: String },
+    #[error(
+        "group {group:?} has {max} machines, the most a group may have: machine {machine:?} \
+         was not added"
+    )]
+    GroupFull {
+        group: String,
+        machine: String,
+        max: usize,
+    },
+    #[error(
+        "group {group:?} with machine {machine:?} would span {disks} disks, more than the {max} \
+         a group point may hold: it was not added"
+    )]
+    GroupTooManyDisks {
+        group: String,
+        machine: String,
+        disks: u64,
+        max: u16,
+    },
 }
 
 pub type Result<T, E = ControlError> = std::result::Result<T, E>;

@@ -1,7 +1,7 @@
 //! The configuration role's state (issue 15): one SQLite database, `control.db` in the
 //! deployment directory of the server that runs the `config` role. It holds the process
 //! servers, the machines and which process server each is assigned to, their disks,
-//! policies, alerts, and the audit log of operator actions.
+//! policies, consistency groups ([`Group`]), alerts, and the audit log of operator actions.
 //!
 //! # Invariants
 //! - **Durable when a call returns.** WAL journal with `synchronous = FULL`: a change
@@ -10,8 +10,12 @@
 //!   an `actor` writes both in one transaction, or neither. The audit log is append-only
 //!   (triggers refuse UPDATE and DELETE).
 //! - **References hold**: foreign keys are on, so a machine names an existing process
-//!   server and policy, and a disk an existing machine. A process server with machines
-//!   cannot be removed (they must be moved first).
+//!   server and policy, a disk an existing machine, and a group member an existing
+//!   machine and group. A process server with machines cannot be removed (they must be
+//!   moved first).
+//! - **A machine is in at most one consistency group**, a group holds at most
+//!   [`MAX_GROUP_MACHINES`] machines, and its timing stays within [`GROUP_INTERVAL_MS`] and
+//!   [`GROUP_MAX_ERROR_US`]; a group's id is random and never reused (see `groups.rs`).
 //! - **One open alert per subject and kind**: raising it again is a no-op until cleared.
 //! - **Never newer than the code**: a database migrated by a newer release is refused at
 //!   open rather than misread (migrations: [`schema`]).
@@ -19,6 +23,7 @@
 //!   role is down (callers keep it off their hot paths).
 
 mod error;
+mod groups;
 mod records;
 pub mod schema;
 mod servers;
@@ -26,9 +31,10 @@ mod servers;
 use std::{path::Path, time::Duration};
 
 pub use error::{ControlError, Result};
+pub use groups::{GROUP_INTERVAL_MS, GROUP_MAX_ERROR_US, MAX_GROUP_MACHINES, is_valid_name};
 pub use records::{
-    Alert, AuditEntry, DEFAULT_RPO_THRESHOLD_SECS, Disk, DiskReport, HEARTBEAT_WINDOW_SECS, Health,
-    Machine, Policy, ProcessServer, ServerLoad, Severity,
+    Alert, AuditEntry, DEFAULT_RPO_THRESHOLD_SECS, Disk, DiskReport, Group, HEARTBEAT_WINDOW_SECS,
+    Health, Machine, Policy, ProcessServer, ServerLoad, Severity,
 };
 use rusqlite::{Connection, OptionalExtension as _, params};
 

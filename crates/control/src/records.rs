@@ -1,5 +1,7 @@
 //! The rows of the configuration database, as the library hands them out.
 
+use ripcord_types::GroupId;
+
 use crate::{ControlError, Result};
 
 /// A process server's health colour (DESIGN.md section 3); the order is the severity, and
@@ -166,6 +168,27 @@ pub struct Policy {
     pub retention_secs: u64,
     /// Application-consistent points this often (0: none).
     pub app_interval_secs: u64,
+}
+
+/// A consistency group (issue 16): machines whose disks share group recovery points, cut
+/// at common instants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    /// 1 to 64 letters, digits, `-` or `_`.
+    pub name: String,
+    /// Chosen at random when the group was created; a group made again under the same name
+    /// gets another.
+    pub id: GroupId,
+    /// A group point is scheduled at every instant of the coordinator's clock that is a
+    /// multiple of this many milliseconds ([`crate::GROUP_INTERVAL_MS`]).
+    pub interval_ms: u64,
+    /// A group point whose clock-error bound exceeds this many microseconds is not offered
+    /// ([`crate::GROUP_MAX_ERROR_US`]).
+    pub max_error_us: u64,
+    /// Its member machines' ids, sorted (at most [`crate::MAX_GROUP_MACHINES`]).
+    pub machines: Vec<String>,
+    /// When it was created (Unix seconds).
+    pub created_at: i64,
 }
 
 /// How bad an alert is.

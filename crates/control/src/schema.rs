@@ -5,7 +5,14 @@
 use rusqlite_migration::{M, Migrations};
 
 /// Every migration, oldest first.
-const ALL: &[M<'static>] = &[M::up(V1), M::up(V2), M::up(V3), M::up(V4), M::up(V5)];
+const ALL: &[M<'static>] = &[
+    M::up(V1),
+    M::up(V2),
+    M::up(V3),
+    M::up(V4),
+    M::up(V5),
+    M::up(V6),
+];
 
 /// The migrations, for `rusqlite_migration`.
 pub const MIGRATIONS: Migrations<'static> = Migrations::from_slice(ALL);
@@ -111,6 +118,30 @@ ALTER TABLE process_servers ADD COLUMN cache_free_percent REAL;
 /// stays current, so its lag does not grow; see `Disk::current_at`).
 const V5: &str = "
 ALTER TABLE disks ADD COLUMN current_at INTEGER;
+";
+
+/// Version 6: consistency groups (issue 16) and their member machines. A group's id is 16
+/// random bytes, never reused; its name is checked here as the library checks it. A machine
+/// is in at most one group (the members' key is the machine); its membership goes with the
+/// machine or the group. The timing bounds are the library's (`GROUP_INTERVAL_MS`,
+/// `GROUP_MAX_ERROR_US`): here only their sign, so a later release may widen them without
+/// rebuilding the table.
+const V6: &str = "
+CREATE TABLE groups (
+    name         TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 64
+                                         AND name NOT GLOB '*[^A-Za-z0-9_-]*'),
+    id           BLOB NOT NULL UNIQUE CHECK (typeof(id) = 'blob' AND length(id) = 16),
+    interval_ms  INTEGER NOT NULL CHECK (interval_ms > 0),
+    max_error_us INTEGER NOT NULL CHECK (max_error_us > 0),
+    created_at   INTEGER NOT NULL
+);
+
+CREATE TABLE group_members (
+    machine    TEXT PRIMARY KEY REFERENCES machines(id) ON DELETE CASCADE,
+    group_name TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+    added_at   INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX group_members_by_group ON group_members(group_name);
 ";
 
 #[cfg(test)]

@@ -1,12 +1,13 @@
 //! The configuration database on a real SQLite file: state survives reopening, operator
 //! actions and their audit entries commit together, references and the audit log's
-//! append-only rule hold even against SQL run beside the library, and a database from a
-//! newer release is refused.
+//! append-only rule hold even against SQL run beside the library, a database from a
+//! newer release is refused, and consistency groups keep their bounds.
 
 use std::path::Path;
 
 use ripcord_control::{
-    ControlDb, ControlError, Disk, DiskReport, Health, Policy, ProcessServer, Severity,
+    ControlDb, ControlError, Disk, DiskReport, Group, Health, MAX_GROUP_MACHINES, Policy,
+    ProcessServer, Severity,
 };
 
 fn server(id: &str, config_role: bool) -> ProcessServer {
@@ -431,10 +432,372 @@ fn a_reader_opens_only_a_current_database_and_never_writes() {
             err,
             ControlError::SchemaMismatch {
                 found: 7,
-                expected: 5,
+                expected: 6,
                 ..
             }
         ),
         "{err}"
+    );
+}
+
+/// `deployment` with machines `names` registered beside db01 (on ps1, no disks).
+fn with_machines(path: &Path, names: &[&str]) -> ControlDb {
+    let mut db = deployment(path);
+    for name in names {
+        db.register_machine(name, &format!("{name}-cert"), 200, "ps1")
+            .unwrap();
+    }
+    db
+}
+
+#[test]
+fn a_group_is_created_filled_and_listed_with_its_machines_sorted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = with_machines(&tmp.path().join("control.db"), &["web02", "app01"]);
+    let id = db
+        .create_group("shop", 5_000, 50_000, "alice", 900)
+        .unwrap();
+    assert_eq!(id.to_string().len(), 32);
+    for machine in ["web02", "db01", "app01"] {
+        assert!(db.add_to_group("shop", machine, "alice", 901).unwrap());
+    }
+    assert!(
+        !db.add_to_group("shop", "db01", "alice", 902).unwrap(),
+        "a member added again changes nothing"
+    );
+    let shop = Group {
+        name: "shop".to_owned(),
+        id,
+        interval_ms: 5_000,
+        max_error_us: 50_000,
+        machines: vec!["app01".to_owned(), "db01".to_owned(), "web02".to_owned()],
+        created_at: 900,
+    };
+    assert_eq!(db.groups().unwrap(), std::slice::from_ref(&shop));
+    assert_eq!(db.group_of("web02").unwrap(), Some(shop.clone()));
+    assert_eq!(db.group_of("nobody").unwrap(), None);
+
+    db.create_group("empty", 60_000, 1_000, "alice", 903)
+        .unwrap();
+    db.set_group_timing("shop", 10_000, 20_000, "bob", 904)
+        .unwrap();
+    let groups = db.groups().unwrap();
+    assert_eq!(groups.len(), 2);
+    assert_eq!(
+        (groups[0].name.as_str(), groups[0].machines.len()),
+        ("empty", 0),
+        "a group without machines is listed"
+    );
+    assert_eq!(
+        groups[1],
+        Group {
+            interval_ms: 10_000,
+            max_error_us: 20_000,
+            ..shop
+        }
+    );
+
+    let err = db
+        .create_group("shop", 5_000, 50_000, "alice", 905)
+        .unwrap_err();
+    assert!(
+        matches!(err, ControlError::GroupExists(ref g) if g == "shop"),
+        "{err}"
+    );
+    // Made again under its old name, a group has another id.
+    db.delete_group("shop", "alice", 906).unwrap();
+    let again = db
+        .create_group("shop", 5_000, 50_000, "alice", 907)
+        .unwrap();
+    assert_ne!(again, id);
+
+    // The state survives reopening.
+    drop(db);
+    let db = ControlDb::open(&tmp.path().join("control.db")).unwrap();
+    assert_eq!(db.groups().unwrap()[1].id, again);
+}
+
+#[test]
+fn a_machine_is_in_at_most_one_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = deployment(&tmp.path().join("control.db"));
+    db.create_group("g1", 5_000, 50_000, "alice", 900).unwrap();
+    db.create_group("g2", 5_000, 50_000, "alice", 900).unwrap();
+    db.add_to_group("g1", "db01", "alice", 901).unwrap();
+    let err = db.add_to_group("g2", "db01", "alice", 902).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ControlError::MachineInOtherGroup { ref machine, ref group }
+                if machine == "db01" && group == "g1"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("ripcord group remove --name g1 --machine db01"),
+        "{err}"
+    );
+    let err = db
+        .remove_from_group("g2", "db01", "alice", 903)
+        .unwrap_err();
+    assert!(
+        matches!(err, ControlError::NotInGroup { ref group, .. } if group == "g2"),
+        "{err}"
+    );
+    db.remove_from_group("g1", "db01", "alice", 904).unwrap();
+    assert_eq!(db.group_of("db01").unwrap(), None);
+    db.add_to_group("g2", "db01", "alice", 905).unwrap();
+    assert_eq!(db.group_of("db01").unwrap().unwrap().name, "g2");
+    assert!(db.groups().unwrap()[0].machines.is_empty());
+}
+
+#[test]
+fn a_group_holds_at_most_64_machines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..MAX_GROUP_MACHINES)
+        .map(|i| format!("m{i:02}"))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut db = with_machines(&tmp.path().join("control.db"), &refs);
+    db.create_group("big", 5_000, 50_000, "alice", 900).unwrap();
+    for name in &refs {
+        db.add_to_group("big", name, "alice", 901).unwrap();
+    }
+    // db01 would be the 65th.
+    let err = db.add_to_group("big", "db01", "alice", 902).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ControlError::GroupFull { ref machine, max: 64, .. } if machine == "db01"
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("\"db01\" was not added"), "{err}");
+    assert_eq!(db.groups().unwrap()[0].machines.len(), MAX_GROUP_MACHINES);
+    assert_eq!(db.group_of("db01").unwrap(), None);
+}
+
+#[test]
+fn a_group_spans_at_most_256_disks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = with_machines(&tmp.path().join("control.db"), &["big"]);
+    // db01 has one disk (see `deployment`); big gets 256.
+    let disks: Vec<DiskReport> = (0..256).map(|i| disk(&format!("b-{i}"), "big")).collect();
+    db.record_disks(&disks).unwrap();
+    db.create_group("g", 5_000, 50_000, "alice", 900).unwrap();
+    db.add_to_group("g", "big", "alice", 901).unwrap();
+    let err = db.add_to_group("g", "db01", "alice", 902).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ControlError::GroupTooManyDisks { disks: 257, max: 256, ref machine, .. }
+                if machine == "db01"
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("257 disks"), "{err}");
+}
+
+#[test]
+fn deleting_a_group_removes_its_memberships_not_its_machines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("control.db");
+    let mut db = with_machines(&path, &["web01"]);
+    db.create_group("g1", 5_000, 50_000, "alice", 900).unwrap();
+    db.add_to_group("g1", "db01", "alice", 901).unwrap();
+    db.add_to_group("g1", "web01", "alice", 901).unwrap();
+    db.delete_group("g1", "alice", 902).unwrap();
+    assert!(db.groups().unwrap().is_empty());
+    assert_eq!(db.group_of("db01").unwrap(), None);
+    assert_eq!(db.machines().unwrap().len(), 2, "the machines stay");
+    let err = db.delete_group("g1", "alice", 903).unwrap_err();
+    assert!(
+        matches!(err, ControlError::UnknownGroup(ref g) if g == "g1"),
+        "{err}"
+    );
+    // The members' rows went with the group, so the machines are free to join another.
+    db.create_group("g2", 5_000, 50_000, "alice", 904).unwrap();
+    db.add_to_group("g2", "db01", "alice", 905).unwrap();
+    drop(db);
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let rows: i64 = raw
+        .query_row("SELECT count(*) FROM group_members", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
+#[test]
+fn group_changes_are_audited_and_refusals_are_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = deployment(&tmp.path().join("control.db"));
+    let id = db.create_group("g1", 5_000, 50_000, "alice", 900).unwrap();
+    db.set_group_timing("g1", 2_000, 10_000, "bob", 901)
+        .unwrap();
+    db.add_to_group("g1", "db01", "bob", 902).unwrap();
+    db.add_to_group("g1", "db01", "bob", 903).unwrap(); // a member already: nothing
+    assert!(db.add_to_group("g1", "ghost", "bob", 904).is_err());
+    assert!(db.set_group_timing("g1", 1, 10_000, "bob", 905).is_err());
+    db.remove_from_group("g1", "db01", "carol", 906).unwrap();
+    db.add_to_group("g1", "db01", "carol", 907).unwrap();
+    db.delete_group("g1", "dave", 908).unwrap();
+    let log: Vec<_> = db
+        .audit_log(20)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.at, e.actor, e.action, e.detail))
+        .collect();
+    let entry = |at: i64, actor: &str, action: &str, detail: &str| {
+        (at, actor.to_owned(), action.to_owned(), detail.to_owned())
+    };
+    assert_eq!(
+        log,
+        [
+            entry(
+                900,
+                "alice",
+                "create-group",
+                &format!("g1 ({id}): every 5000 ms, max error 50000 us")
+            ),
+            entry(
+                901,
+                "bob",
+                "set-group-timing",
+                "g1: every 5000 -> 2000 ms, max error 50000 -> 10000 us"
+            ),
+            entry(902, "bob", "add-to-group", "g1: db01"),
+            entry(906, "carol", "remove-from-group", "g1: db01"),
+            entry(907, "carol", "add-to-group", "g1: db01"),
+            entry(908, "dave", "delete-group", "g1 (machines: db01)"),
+        ]
+    );
+}
+
+#[test]
+fn group_bounds_and_unknown_names_are_refused_naming_the_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut db = deployment(&tmp.path().join("control.db"));
+    let long = "x".repeat(65);
+    for (name, interval_ms, max_error_us, named) in [
+        ("g", 999, 50_000, "999 ms"),
+        ("g", 3_600_001, 50_000, "3600001 ms"),
+        ("g", 5_000, 99, "99 us"),
+        ("g", 5_000, 10_000_001, "10000001 us"),
+        ("", 5_000, 50_000, "\"\""),
+        ("a b", 5_000, 50_000, "\"a b\""),
+        ("g/1", 5_000, 50_000, "\"g/1\""),
+        (long.as_str(), 5_000, 50_000, long.as_str()),
+    ] {
+        let err = db
+            .create_group(name, interval_ms, max_error_us, "alice", 900)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains(named),
+            "{name:?} {interval_ms} {max_error_us}: {err}"
+        );
+    }
+    // The bounds themselves are allowed.
+    db.create_group("lo", 1_000, 100, "alice", 900).unwrap();
+    db.create_group(&"x".repeat(64), 3_600_000, 10_000_000, "alice", 900)
+        .unwrap();
+    let err = db
+        .set_group_timing("lo", 5_000, 0, "alice", 901)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ControlError::GroupMaxErrorOutOfRange { max_error_us: 0 }
+        ),
+        "{err}"
+    );
+
+    let err = db.add_to_group("nope", "db01", "alice", 902).unwrap_err();
+    assert!(
+        matches!(err, ControlError::UnknownGroup(ref g) if g == "nope"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("\"nope\""), "{err}");
+    let err = db.add_to_group("lo", "ghost", "alice", 902).unwrap_err();
+    assert!(
+        matches!(err, ControlError::UnknownMachine(ref m) if m == "ghost"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("\"ghost\""), "{err}");
+    let err = db
+        .set_group_timing("nope", 5_000, 50_000, "alice", 903)
+        .unwrap_err();
+    assert!(matches!(err, ControlError::UnknownGroup(_)), "{err}");
+    let err = db
+        .remove_from_group("lo", "ghost", "alice", 903)
+        .unwrap_err();
+    assert!(matches!(err, ControlError::UnknownMachine(_)), "{err}");
+
+    let actions: Vec<_> = db
+        .audit_log(20)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(
+        actions,
+        ["create-group", "create-group"],
+        "refusals audited"
+    );
+    assert_eq!(db.groups().unwrap().len(), 2);
+}
+
+/// SQL run beside the library still cannot make a group the library would refuse to read
+/// (a short id, a name with other characters) or a member that is no registered machine.
+#[test]
+fn group_rows_hold_against_sql_beside_the_library() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("control.db");
+    let mut db = deployment(&path);
+    db.create_group("g1", 5_000, 50_000, "alice", 900).unwrap();
+    drop(db);
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.pragma_update(None, "foreign_keys", "ON").unwrap();
+    for (sql, why) in [
+        (
+            "INSERT INTO groups VALUES ('g2', zeroblob(15), 5000, 50000, 1)",
+            "CHECK",
+        ),
+        (
+            "INSERT INTO groups VALUES ('g 2', zeroblob(16), 5000, 50000, 1)",
+            "CHECK",
+        ),
+        (
+            "INSERT INTO groups VALUES ('g2', '0123456789abcdef', 5000, 50000, 1)",
+            "CHECK",
+        ),
+        (
+            "INSERT INTO groups SELECT 'g2', id, 5000, 50000, 1 FROM groups",
+            "UNIQUE",
+        ),
+        (
+            "INSERT INTO group_members VALUES ('ghost', 'g1', 1)",
+            "FOREIGN KEY",
+        ),
+        (
+            "INSERT INTO group_members VALUES ('db01', 'nope', 1)",
+            "FOREIGN KEY",
+        ),
+    ] {
+        let err = raw.execute(sql, []).unwrap_err();
+        assert!(err.to_string().contains(why), "{sql}: {err}");
+    }
+    raw.execute(
+        "INSERT INTO groups VALUES ('a-b_9', zeroblob(16), 5000, 50000, 1)",
+        [],
+    )
+    .unwrap();
+    raw.execute("INSERT INTO group_members VALUES ('db01', 'g1', 1)", [])
+        .unwrap();
+    let err = raw
+        .execute("INSERT INTO group_members VALUES ('db01', 'a-b_9', 1)", [])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("UNIQUE"),
+        "one group per machine: {err}"
     );
 }

@@ -43,6 +43,7 @@ fn messages() -> Vec<(&'static str, Message)> {
         ),
         ("batch", Message::Batch(batch(disk))),
         ("cut", Message::Cut(cut(disk))),
+        ("group_cut", Message::Cut(group_cut(disk))),
         (
             "ack",
             Message::Ack(Ack {
@@ -149,7 +150,18 @@ fn cut(disk: DiskId) -> Cut {
         time_ns: 1_700_000_000_000_000_000,
         kind: CutKind::App,
         id: 5,
+        group: None,
         mac: *b"corpus-cut-mac-0123456789abcdef!",
+    }
+}
+
+/// A crash-consistent cut that is its disk's member of a consistency group's point.
+fn group_cut(disk: DiskId) -> Cut {
+    Cut {
+        kind: CutKind::Crash,
+        id: 6,
+        group: Some(group_stamp(6)),
+        ..cut(disk)
     }
 }
 
@@ -196,7 +208,19 @@ fn cut_info(cut_id: u64, seq: u64) -> CutInfo {
         time_ns: 1_700_000_000_000_000_000 + cut_id,
         mono_ns: 5_000 + cut_id,
         kind: ripcord_store::CutKind::Crash,
+        group: None,
         mac: [cut_id as u8; ripcord_store::POINT_MAC_LEN],
+    }
+}
+
+/// A consistency group's stamp of cut `cut_id`.
+fn group_stamp(cut_id: u64) -> GroupStamp {
+    GroupStamp {
+        group: GroupId(*b"corpus-group-001"),
+        instant_ns: 1_700_000_000_000_000_000 + cut_id * 60_000_000_000,
+        members: 3,
+        offset_ns: -125_000,
+        error_ns: 2_500_000,
     }
 }
 
@@ -291,7 +315,8 @@ pub fn valid() -> Vec<Seed> {
     // The process servers' link to the configuration role.
     {
         use ripcord_transport::control::{
-            AssignedMachine, JoinRequest, Refusal, Reply, ReportRequest, Request,
+            AssignedMachine, ClockReading, JoinRequest, MachineGroup, Refusal, Reply,
+            ReportRequest, Request,
         };
         fn to_json(value: &impl serde::Serialize) -> Vec<u8> {
             serde_json::to_vec(value).expect("a seed encodes")
@@ -327,6 +352,17 @@ pub fn valid() -> Vec<Seed> {
                     id: "host-01.example".into(),
                     cert_sha256: "ab".repeat(32),
                 }],
+                groups: vec![MachineGroup {
+                    machine: "host-01.example".into(),
+                    group: "6b".repeat(16),
+                    interval_ms: 5_000,
+                    members: 3,
+                    max_error_ns: 50_000_000,
+                }],
+                clock: Some(ClockReading {
+                    received_ns: 1_700_000_000_000_000_000,
+                    sent_ns: 1_700_000_000_000_250_000,
+                }),
             }),
         );
         add(
@@ -439,10 +475,24 @@ pub fn valid() -> Vec<Seed> {
         "checkpoint",
         named(&ckpt_name, &sf::encode_checkpoint(&DISK, &ckpt)),
     );
+    // Cut 6 is a member of a consistency group's point (stamped), 5 and 7 are not.
     let entries: Vec<_> = (5..=7)
         .map(|id| sf::CatalogEntry {
-            cut: cut_info(id, 40 + id),
+            cut: ripcord_store::CutInfo {
+                group: (id == 6).then(|| group_stamp(id)),
+                ..cut_info(id, 40 + id)
+            },
             committed_ns: 1_700_000_001_000_000_000 + id,
+        })
+        .collect();
+    let unstamped: Vec<_> = entries
+        .iter()
+        .map(|x| sf::CatalogEntry {
+            cut: ripcord_store::CutInfo {
+                group: None,
+                ..x.cut
+            },
+            ..*x
         })
         .collect();
     let cat_name = sf::catalog_name(&DISK, 3, 5, 7, 1);
@@ -456,6 +506,11 @@ pub fn valid() -> Vec<Seed> {
         "catalog",
         "segment",
         named(&cat_name, &sf::encode_catalog(&DISK, 3, 1, &entries)),
+    );
+    add(
+        "catalog",
+        "segment-v3",
+        named(&cat_name, &sf::encode_catalog_v3(&DISK, 3, 1, &unstamped)),
     );
     add(
         "catalog",

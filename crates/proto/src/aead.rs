@@ -131,6 +131,11 @@ pub const CUT_DOMAIN: &[u8; 16] = b"ripcord/cut/v1\0\0";
 /// another sequence, time or kind by anyone without the data key. The machine is bound
 /// through the key itself (one data key per machine, disk and epoch, wrapped under
 /// [`key_context`]).
+///
+/// A group cut's stamp ([`GroupStamp::to_bytes`](crate::wire::GroupStamp::to_bytes),
+/// fixed-size) follows the kind; a cut without one ends there, so its bytes are those
+/// every earlier build MACed, and the two forms differ in length: still injective.
+#[allow(clippy::too_many_arguments)]
 pub fn cut_aad(
     disk_id: &DiskId,
     epoch: u64,
@@ -139,21 +144,32 @@ pub fn cut_aad(
     time_ns: u64,
     mono_ns: u64,
     kind: crate::wire::CutKind,
+    group: Option<&crate::wire::GroupStamp>,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + 16 + 5 * 8 + 1);
+    let mut out = Vec::with_capacity(16 + 16 + 5 * 8 + 1 + crate::wire::GROUP_STAMP_LEN);
     out.extend_from_slice(CUT_DOMAIN);
     out.extend_from_slice(&disk_id.0);
     for v in [epoch, cut_id, seq, time_ns, mono_ns] {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out.push(kind as u8);
+    if let Some(g) = group {
+        out.extend_from_slice(&g.to_bytes());
+    }
     out
 }
 
 /// The canonical bytes [`cut_aad`] of a wire [`Cut`](crate::wire::Cut).
 pub fn cut_message(c: &crate::wire::Cut) -> Vec<u8> {
     cut_aad(
-        &c.disk_id, c.epoch, c.id, c.seq, c.time_ns, c.mono_ns, c.kind,
+        &c.disk_id,
+        c.epoch,
+        c.id,
+        c.seq,
+        c.time_ns,
+        c.mono_ns,
+        c.kind,
+        c.group.as_ref(),
     )
 }
 
@@ -200,7 +216,7 @@ mod tests {
     #[test]
     fn cut_aad_layout_is_exact_and_covers_every_field() {
         let d = DiskId([7; 16]);
-        let a = cut_aad(&d, 1, 2, 3, 4, 5, crate::wire::CutKind::App);
+        let a = cut_aad(&d, 1, 2, 3, 4, 5, crate::wire::CutKind::App, None);
         let mut want = b"ripcord/cut/v1\0\0".to_vec();
         want.extend_from_slice(&[7; 16]);
         for v in [1u64, 2, 3, 4, 5] {
@@ -209,17 +225,33 @@ mod tests {
         want.push(1);
         assert_eq!(a, want);
         let crash = crate::wire::CutKind::Crash;
-        let base = cut_aad(&d, 1, 2, 3, 4, 5, crash);
+        let base = cut_aad(&d, 1, 2, 3, 4, 5, crash, None);
         for other in [
-            cut_aad(&DiskId([8; 16]), 1, 2, 3, 4, 5, crash),
-            cut_aad(&d, 9, 2, 3, 4, 5, crash),
-            cut_aad(&d, 1, 9, 3, 4, 5, crash),
-            cut_aad(&d, 1, 2, 9, 4, 5, crash),
-            cut_aad(&d, 1, 2, 3, 9, 5, crash),
-            cut_aad(&d, 1, 2, 3, 4, 9, crash),
+            cut_aad(&DiskId([8; 16]), 1, 2, 3, 4, 5, crash, None),
+            cut_aad(&d, 9, 2, 3, 4, 5, crash, None),
+            cut_aad(&d, 1, 9, 3, 4, 5, crash, None),
+            cut_aad(&d, 1, 2, 9, 4, 5, crash, None),
+            cut_aad(&d, 1, 2, 3, 9, 5, crash, None),
+            cut_aad(&d, 1, 2, 3, 4, 9, crash, None),
         ] {
             assert_ne!(base, other);
         }
+        // A stamp changes the bytes, and every field of the stamp counts.
+        let stamp = crate::wire::GroupStamp {
+            group: crate::wire::GroupId([1; 16]),
+            instant_ns: 2,
+            members: 3,
+            offset_ns: -4,
+            error_ns: 5,
+        };
+        let stamped = cut_aad(&d, 1, 2, 3, 4, 5, crash, Some(&stamp));
+        assert_eq!(&stamped[..base.len()], &base[..]);
+        assert_eq!(&stamped[base.len()..], &stamp.to_bytes()[..]);
+        let moved = crate::wire::GroupStamp {
+            instant_ns: 3,
+            ..stamp
+        };
+        assert_ne!(stamped, cut_aad(&d, 1, 2, 3, 4, 5, crash, Some(&moved)));
     }
 
     #[test]

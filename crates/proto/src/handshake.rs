@@ -19,7 +19,12 @@ use thiserror::Error;
 /// [`crate::wire::ContinueEpoch`] (agent -> server, before `ProtectDisk`: a restarted
 /// agent continues its epoch under a new key) and its reply
 /// [`crate::wire::EpochContinued`]; likewise sent only on sessions of 4 or more.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// Version 5 adds consistency groups: [`crate::wire::TimeProbe`] and
+/// [`crate::wire::TimeReply`] (the agent measures its clock against the server's) and
+/// [`crate::wire::GroupSchedule`] (server -> agent) on the control stream, and the group
+/// stamp of a [`crate::wire::Cut`] (an agent stamps cuts only on a session of 5 or more,
+/// the only sessions on which it learns a schedule).
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Lowest protocol version this crate still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
@@ -65,6 +70,9 @@ pub fn negotiate(offered: u16) -> Result<u16, VersionError> {
 
 /// Server side: the reply to a [`Hello`]. `Ok(HelloAck)` to proceed, or
 /// `Err((error, Message::Error))`: send the message, then close.
+// Called once per session; the refusal travels as the message to send, whose size is that
+// of the largest message (a group cut).
+#[allow(clippy::result_large_err)]
 pub fn answer_hello(
     hello: &Hello,
     server_id: &str,

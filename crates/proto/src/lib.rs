@@ -39,3 +39,7 @@ pub use wire::{
     InvalidMessage, Message, Ping, Pong, ProtectDisk, StoreStatus, decode_frame, describe_received,
 };
 pub use wire::{FLAG_COMPRESSED, FLAG_SEALED, MAX_EXTENTS_PER_BATCH, MAX_PAYLOAD_LEN};
+pub use wire::{
+    GroupId, GroupSchedule, GroupStamp, MAX_GROUP_INTERVAL_MS, MAX_GROUP_MEMBERS,
+    MIN_GROUP_INTERVAL_MS, TimeProbe, TimeReply,
+};

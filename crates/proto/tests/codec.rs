@@ -6,6 +6,25 @@ use ripcord_proto::wire::*;
 
 // ------------------------------------------------------------ strategies --
 
+fn arb_stamp() -> impl Strategy<Value = GroupStamp> {
+    (
+        any::<[u8; 16]>(),
+        any::<u64>(),
+        1..=MAX_GROUP_MEMBERS,
+        any::<i64>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(group, instant_ns, members, offset_ns, error_ns)| GroupStamp {
+                group: GroupId(group),
+                instant_ns,
+                members,
+                offset_ns,
+                error_ns,
+            },
+        )
+}
+
 fn arb_disk() -> impl Strategy<Value = DiskId> {
     any::<[u8; 16]>().prop_map(DiskId)
 }
@@ -117,20 +136,53 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<bool>(),
             any::<u64>(),
             any::<u64>(),
-            any::<[u8; 32]>()
+            any::<[u8; 32]>(),
+            proptest::option::of(arb_stamp())
         )
             .prop_map(
-                |(disk_id, epoch, seq, time_ns, app, id, mono_ns, mac)| Message::Cut(Cut {
+                |(disk_id, epoch, seq, time_ns, app, id, mono_ns, mac, group)| Message::Cut(Cut {
                     disk_id,
                     epoch,
                     seq,
                     time_ns,
                     mono_ns,
-                    kind: if app { CutKind::App } else { CutKind::Crash },
+                    // Group points are crash-consistent: a stamp rides only on those.
+                    kind: if app && group.is_none() {
+                        CutKind::App
+                    } else {
+                        CutKind::Crash
+                    },
                     id,
-                    mac
+                    mac,
+                    group,
                 })
             ),
+        any::<u64>().prop_map(|nonce| Message::TimeProbe(TimeProbe { nonce })),
+        (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(nonce, received_ns, held)| {
+            Message::TimeReply(TimeReply {
+                nonce,
+                received_ns,
+                sent_ns: received_ns.saturating_add(held.into()),
+            })
+        }),
+        (
+            any::<[u8; 16]>(),
+            MIN_GROUP_INTERVAL_MS..=MAX_GROUP_INTERVAL_MS,
+            0..=MAX_GROUP_MEMBERS,
+            any::<u64>(),
+            any::<i64>(),
+            any::<u64>()
+        )
+            .prop_map(|(group, interval_ms, members, max_error_ns, off, err)| {
+                Message::GroupSchedule(GroupSchedule {
+                    group: GroupId(group),
+                    interval_ms,
+                    members,
+                    max_error_ns,
+                    coordinator_offset_ns: off,
+                    coordinator_error_ns: err,
+                })
+            }),
         (arb_disk(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
             |(disk_id, epoch, durable_seq, durable_cut_id)| Message::Ack(Ack {
                 disk_id,
@@ -672,4 +724,85 @@ fn decoder_waits_for_body_of_valid_header() {
     assert_eq!(d.next_message(), Ok(None));
     d.push(&f[HEADER_LEN..]);
     assert_eq!(d.next_message(), Ok(Some(Message::Ping(Ping { nonce: 5 }))));
+}
+
+fn stamped_cut() -> Cut {
+    Cut {
+        disk_id: DiskId([1; 16]),
+        epoch: 2,
+        seq: 3,
+        time_ns: 4,
+        mono_ns: 5,
+        kind: CutKind::Crash,
+        id: 6,
+        mac: [7; 32],
+        group: Some(GroupStamp {
+            group: GroupId([8; 16]),
+            instant_ns: 9_000_000_000,
+            members: 2,
+            offset_ns: -10,
+            error_ns: 11,
+        }),
+    }
+}
+
+#[test]
+fn a_group_stamp_that_is_cut_short_or_names_no_member_is_refused() {
+    let frame = Message::Cut(stamped_cut()).to_frame().unwrap();
+    assert!(matches!(
+        decode_frame(&frame),
+        Ok(Some((Message::Cut(Cut { group: Some(_), .. }), _)))
+    ));
+    // A body one byte short of the stamp: the stamp is truncated, not ignored.
+    let mut short = frame[..frame.len() - 1].to_vec();
+    let len = (short.len() - HEADER_LEN) as u32;
+    short[4..8].copy_from_slice(&len.to_le_bytes());
+    assert!(matches!(
+        decode_frame(&short),
+        Err(DecodeError::TruncatedBody {
+            field: "cut.group",
+            ..
+        })
+    ));
+    // members = 0 (offset 24 of the stamp, which starts after the 89 fixed bytes).
+    let mut none = frame.clone();
+    let at = HEADER_LEN + 89 + 24;
+    none[at..at + 2].copy_from_slice(&0u16.to_le_bytes());
+    assert_eq!(
+        decode_frame(&none),
+        Err(DecodeError::Invalid(InvalidMessage::GroupMembers {
+            members: 0
+        }))
+    );
+}
+
+#[test]
+fn an_app_cut_cannot_carry_a_group_stamp_and_a_reply_cannot_leave_before_it_arrived() {
+    let mut cut = stamped_cut();
+    cut.kind = CutKind::App;
+    assert_eq!(
+        Message::Cut(cut).to_frame(),
+        Err(InvalidMessage::GroupStampOnAppCut)
+    );
+    let reply = TimeReply {
+        nonce: 1,
+        received_ns: 10,
+        sent_ns: 9,
+    };
+    assert!(matches!(
+        Message::TimeReply(reply).to_frame(),
+        Err(InvalidMessage::TimeReplyOrder { .. })
+    ));
+    let schedule = GroupSchedule {
+        group: GroupId([1; 16]),
+        interval_ms: 999,
+        members: 2,
+        max_error_ns: 1,
+        coordinator_offset_ns: 0,
+        coordinator_error_ns: 0,
+    };
+    assert!(matches!(
+        Message::GroupSchedule(schedule).to_frame(),
+        Err(InvalidMessage::GroupInterval { interval_ms: 999 })
+    ));
 }

@@ -1,9 +1,9 @@
 //! Reading a recovery point so that nothing unauthenticated is placed: unwrap the disk's
 //! data keys with the deployment passphrase (the epoch's own, and one per key rotation:
-//! an agent that restarted continues its epoch under a fresh key), check the point's MAC (the agent's, over cut
-//! id, seq, time and kind), resolve the point to batch locations, and authenticate and
-//! decrypt each batch before its runs are checked against its authenticated extent list
-//! ([`ripcord_store::Placement::check`]).
+//! an agent that restarted continues its epoch under a fresh key), check the point's MAC
+//! (the agent's, over cut id, seq, time, kind and consistency-group stamp), resolve the
+//! point to batch locations, and authenticate and decrypt each batch before its runs are
+//! checked against its authenticated extent list ([`ripcord_store::Placement::check`]).
 //!
 //! Trust: the store's metadata (catalog, index, checkpoints) carries only CRCs, so
 //! someone who can write the bucket can rewrite it. Nothing is placed on the strength of
@@ -61,9 +61,9 @@ pub async fn data_keys(
 }
 
 /// Checks the agent's MAC over `point` with one of the epoch's data keys (the agent
-/// process that cut it held one of them): a point whose cut id, seq, time or kind was
-/// changed in the store (or that no agent of the epoch made) is refused, naming its
-/// catalog object.
+/// process that cut it held one of them): a point whose cut id, seq, time, kind or group
+/// stamp was changed in the store (a stamp added, removed, or moved to another group or
+/// instant; or that no agent of the epoch made) is refused, naming its catalog object.
 pub fn check_point(keys: &KeyRing, disk: &DiskId, point: &RecoveryPoint) -> anyhow::Result<()> {
     let message = aead::cut_aad(
         disk,
@@ -73,6 +73,7 @@ pub fn check_point(keys: &KeyRing, disk: &DiskId, point: &RecoveryPoint) -> anyh
         point.time_ns,
         point.mono_ns,
         point.kind,
+        point.group.as_ref(),
     );
     let authentic = keys
         .newest_first()
@@ -183,4 +184,113 @@ pub fn open_placed(
     // The extents just authenticated are the only placement trusted.
     placement.check(b.seq, &b.extents)?;
     Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ripcord_seal::DataKey;
+    use ripcord_store::format::{self, CatalogEntry};
+    use ripcord_store::{CutInfo, CutKind, GroupId, GroupStamp};
+
+    const DISK: DiskId = DiskId([0x5e; 16]);
+
+    /// A group cut as the agent makes it: stamped, and MACed with the data key.
+    fn stamped_cut(key: &DataKey) -> CutInfo {
+        let group = Some(GroupStamp {
+            group: GroupId([3; 16]),
+            instant_ns: 1_800_000_000_000_000_000,
+            members: 2,
+            offset_ns: -40_000,
+            error_ns: 3_000_000,
+        });
+        let (epoch, cut_id, seq, time_ns, mono_ns, kind) =
+            (1, 4, 90, 1_800_000_000_001_000_000, 77, CutKind::Crash);
+        let m = aead::cut_aad(
+            &DISK,
+            epoch,
+            cut_id,
+            seq,
+            time_ns,
+            mono_ns,
+            kind,
+            group.as_ref(),
+        );
+        CutInfo {
+            epoch,
+            cut_id,
+            seq,
+            time_ns,
+            mono_ns,
+            kind,
+            group,
+            mac: ripcord_seal::point_mac(key, &m),
+        }
+    }
+
+    /// The point as the catalog lists it, once someone who can write the bucket has
+    /// rewritten its segment through `edit` (CRC recomputed by the encoder).
+    fn stored(cut: CutInfo, edit: impl FnOnce(&mut CutInfo)) -> RecoveryPoint {
+        let name = format::catalog_name(&DISK, 1, 4, 4, 0);
+        let parsed = format::parse_catalog(&name).expect("a catalog name");
+        let entry = CatalogEntry {
+            cut,
+            committed_ns: 5,
+        };
+        let mut v = format::decode_catalog(
+            &format::encode_catalog(&DISK, 1, 0, &[entry]),
+            &DISK,
+            &parsed,
+        )
+        .expect("the segment decodes");
+        edit(&mut v[0].cut);
+        let v = format::decode_catalog(&format::encode_catalog(&DISK, 1, 0, &v), &DISK, &parsed)
+            .expect("the rewritten segment decodes");
+        let mut p = RecoveryPoint::from_cut(&v[0].cut);
+        p.catalog_object = name.as_str().into();
+        p
+    }
+
+    #[test]
+    fn a_group_stamp_changed_in_the_store_makes_the_point_not_authentic() {
+        let key = DataKey::generate().expect("a data key");
+        let keys = KeyRing::new(DataKey::from_bytes(*key.expose_bytes()));
+        let cut = stamped_cut(&key);
+        check_point(&keys, &DISK, &stored(cut, |_| {})).expect("the agent's point is authentic");
+
+        type Edit = fn(&mut CutInfo);
+        let edits: [(&str, Edit); 4] = [
+            ("instant moved", |c| {
+                c.group.as_mut().expect("stamped").instant_ns ^= 1;
+            }),
+            ("group changed", |c| {
+                c.group.as_mut().expect("stamped").group.0[0] ^= 1;
+            }),
+            ("members changed", |c| {
+                c.group.as_mut().expect("stamped").members = 1;
+            }),
+            ("stamp removed", |c| c.group = None),
+        ];
+        for (what, edit) in edits {
+            let p = stored(cut, edit);
+            let e = check_point(&keys, &DISK, &p).expect_err(what).to_string();
+            assert!(e.contains("not authentic"), "{what}: {e}");
+            assert!(e.contains(p.catalog_object.as_ref()), "{what}: {e}");
+        }
+        // And a stamp added to a cut the agent made without one.
+        let plain = CutInfo {
+            group: None,
+            mac: {
+                let m = aead::cut_aad(&DISK, 1, 4, 90, 1, 2, CutKind::App, None);
+                ripcord_seal::point_mac(&key, &m)
+            },
+            time_ns: 1,
+            mono_ns: 2,
+            kind: CutKind::App,
+            ..cut
+        };
+        check_point(&keys, &DISK, &stored(plain, |_| {})).expect("an unstamped point");
+        let e = check_point(&keys, &DISK, &stored(plain, |c| c.group = cut.group));
+        assert!(e.is_err(), "a stamp added in the store is refused");
+    }
 }

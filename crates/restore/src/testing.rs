@@ -264,7 +264,7 @@ impl Fixture {
 /// A cut as the agent makes it: MACed with the disk's data key.
 pub fn cut_info(key: &DataKey, cut_id: u64, seq: u64) -> CutInfo {
     let (time_ns, mono_ns, kind) = (1_700_000_000_000_000_000 + cut_id, cut_id, CutKind::Crash);
-    let message = aead::cut_aad(&DISK, EPOCH, cut_id, seq, time_ns, mono_ns, kind);
+    let message = aead::cut_aad(&DISK, EPOCH, cut_id, seq, time_ns, mono_ns, kind, None);
     CutInfo {
         epoch: EPOCH,
         cut_id,
@@ -272,6 +272,7 @@ pub fn cut_info(key: &DataKey, cut_id: u64, seq: u64) -> CutInfo {
         time_ns,
         mono_ns,
         kind,
+        group: None,
         mac: ripcord_seal::point_mac(key, &message),
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! * **Segments** `catalog/<E>-<first>-<last>-<level:02>-<rand>.cat` (layout in
 //!   [`format`](crate::format), `catalog.rs`): every committed cut of epoch `E` with an id
-//!   in `first..=last` that the object holds, each with the agent's fields and MAC verbatim
-//!   and `committed_ns`, the writer's clock at the flush that committed it.
+//!   in `first..=last` that the object holds, each with the agent's fields (its group stamp
+//!   included) and MAC verbatim and `committed_ns`, the writer's clock at the flush that
+//!   committed it.
 //! * **Legacy entries** `catalog/<E>-<cut>.cut` (format 2): read as one-entry level-0
 //!   segments whose commit time is the agent's `time_ns`; compaction folds those of the
 //!   epoch being written into segments.

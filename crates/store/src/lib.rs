@@ -24,7 +24,7 @@
 //! | `disks/<disk>/packs/<E>-<first_seq>-<rand64hex>.pack` | header, batch records back to back, footer directory (binary, below) | writer; GC rewrites | GC after grace |
 //! | `disks/<disk>/index/<E>-<last>-<first>-<gen:08>.idx` | index segment: every batch of `first..=last` with pack name, offset, length, CRC, flags, extents | writer (gen 0) after its packs; GC (gen+1) | GC |
 //! | `disks/<disk>/checkpoints/<E>-<seq>-<gen:08>.ckpt` | extent map of `E` as of `seq`: sector runs -> (batch, plaintext offset) or zero/discard (of a batch), batch locations | writer every N batches; GC (gen+1) | GC |
-//! | `disks/<disk>/catalog/<E>-<first>-<last>-<level:02>-<rand64hex>.cat` | catalog segment: committed recovery points `first..=last` of `E` ([`CutInfo`] with the agent's MAC, and the server's commit time) | writer (one per flush, level 0; compaction merges 16 of a level into one of the next) | compaction (after its merge is stored); GC (retention rewrites) |
+//! | `disks/<disk>/catalog/<E>-<first>-<last>-<level:02>-<rand64hex>.cat` | catalog segment: committed recovery points `first..=last` of `E` ([`CutInfo`] with the agent's MAC and group stamp, and the server's commit time) | writer (one per flush, level 0; compaction merges 16 of a level into one of the next) | compaction (after its merge is stored); GC (retention rewrites) |
 //! | `disks/<disk>/catalog/<E>-<cut_id>.cut` | one recovery point, format 2 (read, never written) | writers before format 3 | compaction, GC |
 //! | `disks/<disk>/catalog/retention-<K>-<E>-<C>.ret` | empty: points committed before `K` and older than `(E, C)` are expired | GC | GC (when superseded) |
 //! | `disks/<disk>/gc/<time_ns>-<rand>.doomed` | packs found unreferenced and when first seen | GC | GC |
@@ -67,7 +67,8 @@
 //! ## Writing, retention, verification
 //!
 //! See [`writer`] for the commit protocol and crash behaviour, [`catalog`] for the
-//! catalog's segments, their compaction and its crash-safety invariants, [`gc`] for the
+//! catalog's segments, their compaction and its crash-safety invariants, [`groups`] for
+//! consistency-group points derived from the catalogs of several disks, [`gc`] for the
 //! retention/GC protocol and its safety against a concurrent writer, and
 //! [`Store::verify`] for the offline check.
 
@@ -77,6 +78,7 @@ pub mod catalog;
 mod error;
 pub mod format;
 pub mod gc;
+pub mod groups;
 pub mod local;
 mod placement;
 mod resolve;
@@ -90,11 +92,13 @@ pub mod writer;
 pub use catalog::CATALOG_FANOUT;
 pub use error::{Corruption, Error, PlacementProblem, Result};
 pub use gc::{GcConfig, GcReport};
+pub use groups::GroupPoint;
 pub use placement::Placement;
 pub use store::{ESCROW_OBJECT, Store};
 pub use types::{
-    BatchLocation, Committed, CutInfo, CutKind, DiskId, EpochInfo, Extent, ExtentKind, KeyRotation,
-    POINT_MAC_LEN, Plan, RecoveryPoint, Run, RunSource, SECTOR_BYTES, SealedBatch,
+    BatchLocation, Committed, CutInfo, CutKind, DiskId, EpochInfo, Extent, ExtentKind,
+    GROUP_STAMP_LEN, GroupId, GroupStamp, KeyRotation, MAX_GROUP_MEMBERS, POINT_MAC_LEN, Plan,
+    RecoveryPoint, Run, RunSource, SECTOR_BYTES, SealedBatch,
 };
 pub use verify::{Damage, VerifyReport};
 pub use writer::{DiskWriter, WriterConfig};

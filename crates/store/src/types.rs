@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub use ripcord_types::{CutKind, DiskId, Extent, ExtentKind, SECTOR_BYTES};
+pub use ripcord_types::{
+    CutKind, DiskId, Extent, ExtentKind, GROUP_STAMP_LEN, GroupId, GroupStamp, MAX_GROUP_MEMBERS,
+    SECTOR_BYTES,
+};
 
 /// One sealed batch exactly as received from the agent. The store never sees
 /// plaintext: `sealed` is opaque. Once unsealed, the plaintext is the
@@ -41,6 +44,11 @@ pub struct CutInfo {
     pub mono_ns: u64,
     /// Crash- or application-consistent.
     pub kind: CutKind,
+    /// Set when the cut is its disk's member of a consistency group's point: the group,
+    /// the coordinator's instant, how many disks the group point must have, and the
+    /// clock-error bound (see [`GroupStamp`] and [`crate::groups`]). `None` for a cut the
+    /// agent placed on its own schedule. Covered by the MAC like the fields above.
+    pub group: Option<GroupStamp>,
     /// The agent's MAC over the fields above, under a key derived from the disk's data
     /// key (`ripcord_seal::point_mac` over `ripcord_proto::aead::cut_aad`). Opaque to the
     /// store, which cannot forge it; failover checks it before using the point.
@@ -98,6 +106,9 @@ pub struct RecoveryPoint {
     pub mono_ns: u64,
     /// Crash- or application-consistent.
     pub kind: CutKind,
+    /// The cut's consistency-group stamp ([`CutInfo::group`]), if it is a member of a
+    /// group point.
+    pub group: Option<GroupStamp>,
     /// The agent's MAC over the point ([`CutInfo::mac`]): check it with the disk's data
     /// key before trusting any field above.
     pub mac: [u8; POINT_MAC_LEN],
@@ -119,6 +130,7 @@ impl RecoveryPoint {
             time_ns: self.time_ns,
             mono_ns: self.mono_ns,
             kind: self.kind,
+            group: self.group,
             mac: self.mac,
         }
     }
@@ -134,6 +146,7 @@ impl RecoveryPoint {
             time_ns: c.time_ns,
             mono_ns: c.mono_ns,
             kind: c.kind,
+            group: c.group,
             mac: c.mac,
             committed_ns: 0,
             catalog_object: Arc::from(""),

@@ -15,11 +15,25 @@ fn server(i: u64) -> u64 {
 }
 
 /// A cut whose agent time runs *backwards* against the server clock, so that a
-/// retention on the agent's time would pick the opposite points.
+/// retention on the agent's time would pick the opposite points. Even cut ids are members
+/// of a consistency group's points (stamped), odd ones are not, so every test here also
+/// checks that stamps come back exactly.
 fn skewed_cut(cut_id: u64, seq: u64) -> CutInfo {
     CutInfo {
         time_ns: T0 + 1_000_000_000_000 - cut_id * 1_000_000,
+        group: cut_id.is_multiple_of(2).then(|| stamp(cut_id)),
         ..cut(1, cut_id, seq)
+    }
+}
+
+/// The group stamp of cut `cut_id` (every field differs per cut).
+fn stamp(cut_id: u64) -> GroupStamp {
+    GroupStamp {
+        group: GroupId([0x6b; 16]),
+        instant_ns: 60_000_000_000 * cut_id,
+        members: (cut_id % 7 + 1) as u16,
+        offset_ns: -(cut_id as i64) * 1_000,
+        error_ns: 1_000_000 + cut_id,
     }
 }
 
@@ -234,6 +248,61 @@ async fn retention_uses_the_writers_commit_time_rewrites_segments_and_keeps_the_
         assert!(store.verify(Some(&DISK)).await.unwrap().is_ok(), "{name}");
         let w = store.disk_writer(DISK, small_cfg()).await.unwrap();
         assert_eq!(w.last_cut_id(), 80, "{name}");
+    }
+}
+
+/// The entries of catalog object `n`, read as stored.
+async fn stored_entries(
+    os: &Arc<dyn object_store::ObjectStore>,
+    n: &format::CatName,
+) -> Vec<format::CatalogEntry> {
+    let b = os.get(&n.name.as_str().into()).await.unwrap();
+    format::decode_catalog(&b.bytes().await.unwrap(), &DISK, n).unwrap()
+}
+
+#[tokio::test]
+async fn group_stamps_survive_a_merge_and_a_retention_rewrite_verbatim() {
+    for (name, os, _dir) in backends() {
+        let store = Store::new(os.clone(), "");
+        // 20 flushes of 4 cuts: flushes 1..=16 merged into one level-1 segment.
+        let written = write_flushes(&store, 20, 4).await;
+        let stamped = |v: &[format::CatalogEntry]| {
+            v.iter()
+                .map(|x| (x.cut.cut_id, x.cut.group))
+                .collect::<Vec<_>>()
+        };
+        let want = |ids: std::ops::RangeInclusive<u64>| {
+            ids.map(|id| (id, (id % 2 == 0).then(|| stamp(id))))
+                .collect::<Vec<_>>()
+        };
+        let merged = catalog_objects(&os)
+            .await
+            .into_iter()
+            .find(|n| n.level == 1)
+            .expect("a merged segment");
+        assert_eq!((merged.first, merged.last), (1, 64), "{name}");
+        let entries = stored_entries(&os, &merged).await;
+        assert_eq!(stamped(&entries), want(1..=64), "{name}: merged");
+
+        store
+            .apply_retention_with(&DISK, server(10), &GcConfig::default(), SystemTime::now())
+            .await
+            .unwrap();
+        let rewritten = catalog_objects(&os)
+            .await
+            .into_iter()
+            .find(|n| n.level == 1)
+            .expect("the rewritten segment");
+        assert_eq!((rewritten.first, rewritten.last), (37, 64), "{name}");
+        let entries = stored_entries(&os, &rewritten).await;
+        assert_eq!(stamped(&entries), want(37..=64), "{name}: rewritten");
+        // Every listed point carries its cut's stamp, through the public reader too.
+        let pts = store.points(&DISK).await.unwrap();
+        assert_eq!(pts.len(), 44, "{name}");
+        for p in &pts {
+            let (c, _) = written.iter().find(|(c, _)| c.cut_id == p.cut_id).unwrap();
+            assert_eq!((p.group, p.cut()), (c.group, *c), "{name}: {}", p.id);
+        }
     }
 }
 

@@ -315,6 +315,8 @@ impl Uploader {
                     kind: c.kind,
                     // The agent's MAC, carried verbatim: this server holds no data key.
                     mac: c.mac,
+                    // Covered by that MAC: the cut's place in a group point.
+                    group: c.group,
                 })?;
                 self.dirty = true;
             }

@@ -281,6 +281,7 @@ impl Fixture {
             kind: CutKind::Crash,
             id,
             mac: [0; 32],
+            group: None,
         };
         c.mac = ripcord_seal::point_mac(&self.key, &aead::cut_message(&c));
         self.apply(Message::Cut(c));

@@ -25,10 +25,15 @@ use ripcord_transport::{
 };
 use tokio::sync::mpsc;
 
-use super::{acked_map::SharedAckedMap, pipeline::Outgoing, renew::MachineIdentity};
+use super::{
+    acked_map::SharedAckedMap, group::SharedGroupClock, pipeline::Outgoing, renew::MachineIdentity,
+};
 
 mod open;
-use crate::clock::now_mono_ns;
+use crate::clock::{now_mono_ns, now_wall_ns};
+
+/// How often the control stream probes the server's clock (protocol 5 on).
+const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// A refusal that reconnecting will not fix (the agent stops).
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +215,7 @@ impl DiskLink {
                 mono_ns,
                 seq,
                 app,
+                group,
             } => {
                 let kind = if app {
                     ripcord_proto::CutKind::App
@@ -223,7 +229,7 @@ impl DiskLink {
                     |c: &ripcord_proto::Cut| ripcord_seal::point_mac(key, &aead::cut_message(c));
                 match self
                     .sender
-                    .push_cut_at(kind, time_ns, mono_ns, seq, authenticate)
+                    .push_cut_at(kind, time_ns, mono_ns, seq, group, authenticate)
                 {
                     Ok(_) => {}
                     Err(PushError::CutBufferFull) => {
@@ -272,6 +278,8 @@ pub struct NetConfig {
     pub window_bytes: usize,
     /// Congestion controller of the connection (agent config `congestion`).
     pub congestion: ripcord_transport::endpoint::Congestion,
+    /// Where the group's coordinator clock is, fed by the control stream (protocol 5 on).
+    pub group_clock: SharedGroupClock,
 }
 
 /// Frame reader over a QUIC receive stream.
@@ -449,12 +457,62 @@ async fn serve_links(
             l.wrapped_key = Some(wrap_data_key(&l.key, &escrow, &ctx)?);
         }
     }
-    let drivers = links.iter_mut().map(|l| drive(conn, version, l));
-    let results = futures_join_all(drivers).await;
+    let drivers = futures_join_all(links.iter_mut().map(|l| drive(conn, version, l)));
+    let results = if version >= 5 {
+        tokio::select! {
+            results = drivers => results,
+            failed = control(send, reader, &cfg.group_clock) => return failed,
+        }
+    } else {
+        drivers.await
+    };
     for r in results {
         r?;
     }
     Ok(())
+}
+
+/// The control stream after the hello (protocol 5 on): clock probes every
+/// [`PROBE_EVERY`], and the server's group schedule, both into `clock`. Returns only on
+/// failure (the disk streams end the session).
+async fn control(
+    mut send: SendStream,
+    mut reader: FrameReader,
+    clock: &SharedGroupClock,
+) -> anyhow::Result<()> {
+    let mut nonce = 0u64;
+    let mut outstanding: Option<(u64, u64)> = None;
+    let mut ticker = tokio::time::interval(PROBE_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                nonce += 1;
+                let sent = now_wall_ns();
+                let probe = Message::TimeProbe(ripcord_proto::TimeProbe { nonce });
+                send_msg(&mut send, &probe).await?;
+                outstanding = Some((nonce, sent));
+            }
+            msg = reader.next() => match msg? {
+                Some(Message::TimeReply(reply)) => {
+                    let (received, mono) = (now_wall_ns(), now_mono_ns());
+                    // Only the answer to the latest probe: an older one's send time is gone.
+                    if let Some((n, sent)) = outstanding.take_if(|(n, _)| *n == reply.nonce) {
+                        debug_assert_eq!(n, reply.nonce);
+                        clock
+                            .lock()
+                            .expect("group clock lock")
+                            .add_sample(sent, &reply, received, mono);
+                    }
+                }
+                Some(Message::GroupSchedule(schedule)) => {
+                    clock.lock().expect("group clock lock").set_schedule(schedule);
+                }
+                Some(other) => bail!("unexpected {} frame on the control stream", other.message_type()),
+                None => bail!("the process server closed the control stream"),
+            },
+        }
+    }
 }
 
 /// Join futures without an extra dependency: spawn-free, polls all concurrently.

@@ -81,6 +81,8 @@ pub enum Outgoing {
         seq: u64,
         /// Application-consistent (taken with the file systems frozen and hooks run).
         app: bool,
+        /// A member of a group point: the stamp its MAC covers (see `group.rs`).
+        group: Option<ripcord_proto::GroupStamp>,
     },
 }
 
@@ -103,6 +105,11 @@ pub enum CutRequest {
     /// An application-consistent cut if the round is clean (file systems frozen, hooks
     /// run), whatever the interval and even if nothing changed.
     App,
+    /// A group cut: the round takes its instant at the target's local time (after the
+    /// page-cache write-back, so nothing slow lies between the wait and the instant),
+    /// and a clean round's cut carries the stamp if the cut's total clock error stays
+    /// within the target's limit (else it is an ordinary crash-consistent cut).
+    Group(super::group::GroupTarget),
 }
 
 /// Tuning of rounds.
@@ -130,6 +137,11 @@ pub struct DiskCounters {
     /// Crash-consistent cuts taken while the agent held the file systems frozen because
     /// no clean round came within half the point-gap bound.
     pub forced_cuts: u64,
+    /// Cuts stamped as members of a group point.
+    pub group_cuts: u64,
+    /// Group instants this disk has no stamped cut for: the round at the instant was not
+    /// clean, or the cut's clock error passed the group's limit.
+    pub group_misses: u64,
     /// Queued writes whose completion was never reported (their ranges were re-read).
     pub lost_completions: u64,
     /// Reads that failed every attempt (their ranges stayed dirty).

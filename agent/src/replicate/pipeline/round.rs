@@ -40,10 +40,35 @@ pub fn round(
     for d in disks.iter_mut() {
         d.write_back_page_cache(cfg);
     }
-    // 1. Generations first, then everything completed so far.
+    // 1. Generations first, then everything completed so far. A group round takes this
+    // instant at its target, bracketed by wall-clock readings: the cut is a crash state at
+    // the snapshot, which lies between them.
+    let mut stamp = None;
+    if let CutRequest::Group(target) = cfg.cut {
+        wait_until_wall(target.local_ns);
+    }
+    let before = now_wall_ns();
     let snap = capture.gen_snapshot();
     let t_mono = now_mono_ns();
     let t_wall = now_wall_ns();
+    if let CutRequest::Group(target) = cfg.cut {
+        // |cut − instant| ≤ (after − target) + the offset's error (decision 0027).
+        let late = t_wall.saturating_sub(target.local_ns.min(before));
+        let error_ns = target.stamp.error_ns.saturating_add(late);
+        if error_ns <= target.max_error_ns {
+            stamp = Some(ripcord_proto::GroupStamp {
+                error_ns,
+                ..target.stamp
+            });
+        } else {
+            tracing::debug!(
+                instant_ns = target.stamp.instant_ns,
+                error_us = error_ns / 1000,
+                limit_us = target.max_error_ns / 1000,
+                "group cut not stamped: its clock error passes half the group's limit"
+            );
+        }
+    }
     for d in disks.iter_mut() {
         d.read_log.forget_old(t_mono);
     }
@@ -217,7 +242,11 @@ pub fn round(
         let due = cfg.cut != CutRequest::Interval
             || d.last_cut.is_none_or(|t| t.elapsed() >= cfg.cut_interval);
         let wanted = d.uncut || cfg.cut != CutRequest::Interval;
-        if clean && drained_all && !d.syncing() && wanted && due {
+        let placed = clean && drained_all && !d.syncing() && wanted && due;
+        if matches!(cfg.cut, CutRequest::Group(_)) && !(placed && stamp.is_some()) {
+            d.counters.group_misses += 1;
+        }
+        if placed {
             let app = cfg.cut == CutRequest::App;
             send(
                 slot,
@@ -226,13 +255,15 @@ pub fn round(
                     mono_ns: t_mono,
                     seq: d.builder.next_seq() - 1,
                     app,
+                    group: stamp,
                 },
             )?;
             d.counters.cuts += 1;
             match cfg.cut {
                 CutRequest::App => d.counters.app_cuts += 1,
                 CutRequest::Forced => d.counters.forced_cuts += 1,
-                CutRequest::Interval => {}
+                CutRequest::Group(_) if stamp.is_some() => d.counters.group_cuts += 1,
+                CutRequest::Interval | CutRequest::Group(_) => {}
             }
             if let Some(since) = d.gap_since {
                 d.largest_gap = d.largest_gap.max(since.elapsed());
@@ -258,6 +289,24 @@ pub fn round(
         }
     }
     Ok(worked)
+}
+
+/// Sleeps until the local wall clock reads `target_ns`: most of the way with the
+/// scheduler, the last stretch spinning (a sleep can oversleep by a scheduler tick).
+fn wait_until_wall(target_ns: u64) {
+    const SPIN_NS: u64 = 300_000;
+    loop {
+        let now = now_wall_ns();
+        if now >= target_ns {
+            return;
+        }
+        let left = target_ns - now;
+        if left > SPIN_NS {
+            std::thread::sleep(Duration::from_nanos(left - SPIN_NS));
+        } else {
+            std::hint::spin_loop();
+        }
+    }
 }
 
 /// A continued epoch's sync: adds the blocks of `data` (read at `sector`) that the

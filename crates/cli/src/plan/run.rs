@@ -323,11 +323,30 @@ async fn new_run(
     let run_id = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
         .to_string()
         .replace(':', "");
+    // The group points are read once, so every disk of a group gets the same instant.
+    let group_points = match spec {
+        PointSpec::LatestGroup => Some(crate::group_points::latest_group_points(store).await?),
+        _ => None,
+    };
     let mut points = BTreeMap::new();
     for (m, d) in plan.disks() {
         let disk = crate::known_disk(store, &plan.target, &d.disk)
             .await
             .with_context(|| format!("machine {:?}", m.name))?;
+        let spec = match &group_points {
+            Some(chosen) => PointSpec::Id(
+                chosen
+                    .get(&disk)
+                    .with_context(|| {
+                        format!(
+                            "machine {:?}: disk {disk} is in no complete group point",
+                            m.name
+                        )
+                    })?
+                    .clone(),
+            ),
+            None => spec.clone(),
+        };
         let p = crate::failover::find_point(store, &disk, &spec)
             .await
             .with_context(|| format!("machine {:?}: the recovery point of disk {disk}", m.name))?;

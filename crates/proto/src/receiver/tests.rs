@@ -27,6 +27,7 @@ fn cut(seq: u64, id: u64) -> Cut {
         kind: CutKind::Crash,
         id,
         mac: [0; 32],
+        group: None,
     }
 }
 

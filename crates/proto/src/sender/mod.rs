@@ -268,7 +268,14 @@ impl Sender {
         mono_ns: u64,
         authenticate: impl FnOnce(&Cut) -> [u8; CUT_MAC_LEN],
     ) -> Result<Cut, PushError> {
-        self.push_cut_at(kind, time_ns, mono_ns, self.last_pushed_seq, authenticate)
+        self.push_cut_at(
+            kind,
+            time_ns,
+            mono_ns,
+            self.last_pushed_seq,
+            None,
+            authenticate,
+        )
     }
 
     /// Queues a consistency point after batch `seq`, which may be behind the last pushed
@@ -280,6 +287,7 @@ impl Sender {
         time_ns: u64,
         mono_ns: u64,
         seq: u64,
+        group: Option<crate::wire::GroupStamp>,
         authenticate: impl FnOnce(&Cut) -> [u8; CUT_MAC_LEN],
     ) -> Result<Cut, PushError> {
         let id = self.last_cut_id + 1;
@@ -302,6 +310,7 @@ impl Sender {
             kind,
             id,
             mac: [0; CUT_MAC_LEN],
+            group,
         };
         cut.mac = authenticate(&cut);
         self.last_cut_id = id;

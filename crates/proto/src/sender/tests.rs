@@ -145,7 +145,7 @@ fn push_rejects_bad_sequences() {
     // A late cut may sit behind the last pushed batch, not ahead of it nor behind
     // the previous cut.
     assert!(matches!(
-        s.push_cut_at(CutKind::Crash, 0, 0, s.last_pushed_seq + 1, no_mac),
+        s.push_cut_at(CutKind::Crash, 0, 0, s.last_pushed_seq + 1, None, no_mac),
         Err(PushError::CutPosition { .. })
     ));
     assert_eq!(s.push_cut(CutKind::App, 0, 0, no_mac).unwrap().id, 2);

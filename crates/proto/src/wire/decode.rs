@@ -10,10 +10,11 @@
 use super::encode::check_len;
 use super::{
     Ack, Batch, ContinueEpoch, Cut, CutKind, DecodeError, DiskAccepted, DiskId, DiskName,
-    EXTENT_LEN, EpochContinued, ErrorCode, ErrorMessage, Extent, ExtentKind, HEADER_LEN, Hello,
-    HelloAck, MAGIC, MAX_AGENT_VERSION_LEN, MAX_DEVICE_NAME_LEN, MAX_ERROR_MESSAGE_LEN,
-    MAX_EXTENTS_PER_BATCH, MAX_MACHINE_ID_LEN, MAX_PAYLOAD_LEN, MAX_SERVER_ID_LEN,
-    MAX_WRAPPED_KEY_LEN, Message, MessageType, Ping, Pong, ProtectDisk, StoreStatus, WIRE_VERSION,
+    EXTENT_LEN, EpochContinued, ErrorCode, ErrorMessage, Extent, ExtentKind, GROUP_STAMP_LEN,
+    GroupId, GroupSchedule, GroupStamp, HEADER_LEN, Hello, HelloAck, InvalidMessage, MAGIC,
+    MAX_AGENT_VERSION_LEN, MAX_DEVICE_NAME_LEN, MAX_ERROR_MESSAGE_LEN, MAX_EXTENTS_PER_BATCH,
+    MAX_MACHINE_ID_LEN, MAX_PAYLOAD_LEN, MAX_SERVER_ID_LEN, MAX_WRAPPED_KEY_LEN, Message,
+    MessageType, Ping, Pong, ProtectDisk, StoreStatus, TimeProbe, TimeReply, WIRE_VERSION,
 };
 
 struct Reader<'a> {
@@ -165,6 +166,16 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
             })?;
             let id = r.u64("cut.id")?;
             let mac = r.array("cut.mac")?;
+            // A group stamp follows only in a group cut; anything else is trailing bytes.
+            let group = if r.buf.is_empty() {
+                None
+            } else {
+                let raw: [u8; GROUP_STAMP_LEN] = r.array("cut.group")?;
+                let members = u16::from_le_bytes([raw[24], raw[25]]);
+                Some(GroupStamp::from_bytes(&raw).ok_or(DecodeError::Invalid(
+                    InvalidMessage::GroupMembers { members },
+                ))?)
+            };
             Message::Cut(Cut {
                 disk_id,
                 epoch,
@@ -174,6 +185,7 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
                 kind,
                 id,
                 mac,
+                group,
             })
         }
         MessageType::Ack => Message::Ack(Ack {
@@ -210,6 +222,22 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
         }),
         MessageType::Pong => Message::Pong(Pong {
             nonce: r.u64("pong.nonce")?,
+        }),
+        MessageType::TimeProbe => Message::TimeProbe(TimeProbe {
+            nonce: r.u64("time_probe.nonce")?,
+        }),
+        MessageType::TimeReply => Message::TimeReply(TimeReply {
+            nonce: r.u64("time_reply.nonce")?,
+            received_ns: r.u64("time_reply.received_ns")?,
+            sent_ns: r.u64("time_reply.sent_ns")?,
+        }),
+        MessageType::GroupSchedule => Message::GroupSchedule(GroupSchedule {
+            group: GroupId(r.array("group_schedule.group")?),
+            interval_ms: r.u64("group_schedule.interval_ms")?,
+            members: r.u16("group_schedule.members")?,
+            max_error_ns: r.u64("group_schedule.max_error_ns")?,
+            coordinator_offset_ns: r.u64("group_schedule.coordinator_offset_ns")? as i64,
+            coordinator_error_ns: r.u64("group_schedule.coordinator_error_ns")?,
         }),
         MessageType::StoreStatus => Message::StoreStatus(StoreStatus {
             disk_id: r.disk_id("store_status.disk_id")?,

@@ -40,6 +40,13 @@ pub(super) fn check_len(field: &'static str, len: usize, max: usize) -> Result<(
     }
 }
 
+fn check_members(members: u16) -> Result<(), InvalidMessage> {
+    if members == 0 || members > super::MAX_GROUP_MEMBERS {
+        return Err(InvalidMessage::GroupMembers { members });
+    }
+    Ok(())
+}
+
 fn check_sector_size(sector_size: u32) -> Result<(), InvalidMessage> {
     if sector_size.is_power_of_two() && (MIN_SECTOR_SIZE..=MAX_SECTOR_SIZE).contains(&sector_size) {
         Ok(())
@@ -121,6 +128,9 @@ impl Message {
             Self::DiskName(_) => MessageType::DiskName,
             Self::ContinueEpoch(_) => MessageType::ContinueEpoch,
             Self::EpochContinued(_) => MessageType::EpochContinued,
+            Self::TimeProbe(_) => MessageType::TimeProbe,
+            Self::TimeReply(_) => MessageType::TimeReply,
+            Self::GroupSchedule(_) => MessageType::GroupSchedule,
         }
     }
 
@@ -154,8 +164,34 @@ impl Message {
                 MAX_ERROR_MESSAGE_LEN,
             ),
             Self::DiskName(m) => super::check_device_name(&m.device),
+            Self::Cut(m) => match &m.group {
+                None => Ok(()),
+                Some(_) if m.kind != super::CutKind::Crash => {
+                    Err(InvalidMessage::GroupStampOnAppCut)
+                }
+                Some(g) => check_members(g.members),
+            },
+            Self::TimeReply(m) if m.sent_ns < m.received_ns => {
+                Err(InvalidMessage::TimeReplyOrder {
+                    received_ns: m.received_ns,
+                    sent_ns: m.sent_ns,
+                })
+            }
+            Self::GroupSchedule(m) if m.members > 0 => {
+                check_members(m.members)?;
+                if !(super::MIN_GROUP_INTERVAL_MS..=super::MAX_GROUP_INTERVAL_MS)
+                    .contains(&m.interval_ms)
+                {
+                    return Err(InvalidMessage::GroupInterval {
+                        interval_ms: m.interval_ms,
+                    });
+                }
+                Ok(())
+            }
             Self::DiskAccepted(_)
-            | Self::Cut(_)
+            | Self::TimeProbe(_)
+            | Self::TimeReply(_)
+            | Self::GroupSchedule(_)
             | Self::Ack(_)
             | Self::Ping(_)
             | Self::Pong(_)
@@ -207,6 +243,9 @@ impl Message {
                 out.push(m.kind as u8);
                 put_u64(out, m.id);
                 out.extend_from_slice(&m.mac);
+                if let Some(g) = &m.group {
+                    out.extend_from_slice(&g.to_bytes());
+                }
             }
             Self::Ack(m) => {
                 out.extend_from_slice(&m.disk_id.0);
@@ -227,6 +266,20 @@ impl Message {
             }
             Self::Ping(m) => put_u64(out, m.nonce),
             Self::Pong(m) => put_u64(out, m.nonce),
+            Self::TimeProbe(m) => put_u64(out, m.nonce),
+            Self::TimeReply(m) => {
+                put_u64(out, m.nonce);
+                put_u64(out, m.received_ns);
+                put_u64(out, m.sent_ns);
+            }
+            Self::GroupSchedule(m) => {
+                out.extend_from_slice(&m.group.0);
+                put_u64(out, m.interval_ms);
+                put_u16(out, m.members);
+                put_u64(out, m.max_error_ns);
+                put_u64(out, m.coordinator_offset_ns as u64);
+                put_u64(out, m.coordinator_error_ns);
+            }
             Self::StoreStatus(m) => {
                 out.extend_from_slice(&m.disk_id.0);
                 put_u64(out, m.epoch);

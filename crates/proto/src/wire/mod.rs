@@ -41,7 +41,7 @@
 //! | 0x0003 | [`ProtectDisk`]  | disk_id `[u8; 16]`, size_bytes u64, sector_size u32 (power of two, 512..=65536), epoch u64, wrapped_key u16-len bytes (`<=` [`MAX_WRAPPED_KEY_LEN`]) |
 //! | 0x0004 | [`DiskAccepted`] | disk_id `[u8; 16]`, epoch u64, resume_from_seq u64                                                              |
 //! | 0x0005 | [`Batch`]        | disk_id `[u8; 16]`, epoch u64, first_seq u64, last_seq u64, flags u32, extent_count u32 (`<=` [`MAX_EXTENTS_PER_BATCH`]), extent_count x { sector u64, sectors u32, kind u8 }, payload_len u32 (`<=` [`MAX_PAYLOAD_LEN`]), payload bytes |
-//! | 0x0006 | [`Cut`]          | disk_id `[u8; 16]`, epoch u64, seq u64, time_ns u64, mono_ns u64, kind u8, id u64, mac `[u8; 32]` ([`CUT_MAC_LEN`]) |
+//! | 0x0006 | [`Cut`]          | disk_id `[u8; 16]`, epoch u64, seq u64, time_ns u64, mono_ns u64, kind u8, id u64, mac `[u8; 32]` ([`CUT_MAC_LEN`]), then, only for a group cut (protocol 5 on), its stamp: group `[u8; 16]`, instant_ns u64, members u16 (1..=[`MAX_GROUP_MEMBERS`]), offset_ns i64, error_ns u64 ([`GROUP_STAMP_LEN`] bytes) |
 //! | 0x0007 | [`Ack`]          | disk_id `[u8; 16]`, epoch u64, durable_seq u64, durable_cut_id u64                                              |
 //! | 0x0008 | [`ErrorMessage`] | code u16, has_disk u8 (0 or 1), disk_id `[u8; 16]` (only if has_disk = 1), message str (`<=` [`MAX_ERROR_MESSAGE_LEN`]) |
 //! | 0x0009 | [`Ping`]         | nonce u64                                                                                                 |
@@ -50,6 +50,9 @@
 //! | 0x000C | [`DiskName`]     | disk_id `[u8; 16]`, device str (1..=[`MAX_DEVICE_NAME_LEN`] bytes, printable: no control characters) |
 //! | 0x000D | [`ContinueEpoch`] | disk_id `[u8; 16]`, epoch u64                                                                           |
 //! | 0x000E | [`EpochContinued`] | disk_id `[u8; 16]`, epoch u64, resume_from_seq u64, next_cut_id u64                                   |
+//! | 0x000F | [`TimeProbe`]    | nonce u64                                                                                                 |
+//! | 0x0010 | [`TimeReply`]    | nonce u64, received_ns u64, sent_ns u64                                                                   |
+//! | 0x0011 | [`GroupSchedule`] | group `[u8; 16]`, interval_ms u64, members u16 (0: no group), max_error_ns u64, coordinator_offset_ns i64, coordinator_error_ns u64 |
 //!
 //! Enum values: [`ExtentKind`] Data=0, Zero=1, Discard=2; [`CutKind`]
 //! Crash=0, App=1; [`ErrorCode`] see its docs. Batch flags: bit 0
@@ -139,7 +142,9 @@ pub const MAX_BODY_LEN: usize =
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_BODY_LEN;
 const _: () = assert!(MAX_BODY_LEN <= u32::MAX as usize);
 
-pub use ripcord_types::{CutKind, DiskId, Extent, ExtentKind};
+pub use ripcord_types::{
+    CutKind, DiskId, Extent, ExtentKind, GROUP_STAMP_LEN, GroupId, GroupStamp, MAX_GROUP_MEMBERS,
+};
 /// Batch flag: the payload was zstd-compressed before sealing.
 pub const FLAG_COMPRESSED: u32 = 1 << 0;
 /// Batch flag: the payload is AES-256-GCM sealed (see [`crate::aead`]).
@@ -183,6 +188,14 @@ pub enum MessageType {
     /// Server -> agent: the epoch continues, from this sequence and cut id (protocol
     /// version 4 on; the reply to a continued stream's `ProtectDisk`).
     EpochContinued = 0x000E,
+    /// Agent -> server, control stream (protocol version 5 on): a clock probe.
+    TimeProbe = 0x000F,
+    /// Server -> agent, control stream (protocol version 5 on): the server's clock at
+    /// the probe's arrival and at the reply's departure.
+    TimeReply = 0x0010,
+    /// Server -> agent, control stream (protocol version 5 on): the consistency group the
+    /// machine belongs to (or none), and where the coordinator's clock is.
+    GroupSchedule = 0x0011,
 }
 
 impl std::fmt::Display for MessageType {
@@ -219,6 +232,9 @@ impl MessageType {
             0x000C => Self::DiskName,
             0x000D => Self::ContinueEpoch,
             0x000E => Self::EpochContinued,
+            0x000F => Self::TimeProbe,
+            0x0010 => Self::TimeReply,
+            0x0011 => Self::GroupSchedule,
             _ => return None,
         })
     }
@@ -231,7 +247,7 @@ impl MessageType {
             Self::ProtectDisk => DISK_ID_LEN + 8 + 4 + 8 + 2 + MAX_WRAPPED_KEY_LEN,
             Self::DiskAccepted => DISK_ID_LEN + 8 + 8,
             Self::Batch => MAX_BODY_LEN,
-            Self::Cut => DISK_ID_LEN + 8 + 8 + 8 + 8 + 1 + 8 + CUT_MAC_LEN,
+            Self::Cut => DISK_ID_LEN + 8 + 8 + 8 + 8 + 1 + 8 + CUT_MAC_LEN + GROUP_STAMP_LEN,
             Self::Ack => DISK_ID_LEN + 8 + 8 + 8,
             Self::Error => 2 + 1 + DISK_ID_LEN + 2 + MAX_ERROR_MESSAGE_LEN,
             Self::Ping | Self::Pong => 8,
@@ -239,6 +255,9 @@ impl MessageType {
             Self::DiskName => DISK_ID_LEN + 2 + MAX_DEVICE_NAME_LEN,
             Self::ContinueEpoch => DISK_ID_LEN + 8,
             Self::EpochContinued => DISK_ID_LEN + 8 + 8 + 8,
+            Self::TimeProbe => 8,
+            Self::TimeReply => 8 + 8 + 8,
+            Self::GroupSchedule => 16 + 8 + 2 + 8 + 8 + 8,
         }
     }
 }
@@ -332,10 +351,14 @@ pub struct Cut {
     pub kind: CutKind,
     /// Cut identifier: consecutive per (disk, epoch), starting at 1.
     pub id: u64,
-    /// The agent's MAC over every field above ([`crate::aead::cut_aad`]) under a key
-    /// derived from the disk's data key: failover checks it before using the point. The
-    /// process server and the store carry it verbatim and cannot forge it.
+    /// The agent's MAC over every field above and the group stamp
+    /// ([`crate::aead::cut_aad`]) under a key derived from the disk's data key: failover
+    /// checks it before using the point. The process server and the store carry it
+    /// verbatim and cannot forge it.
     pub mac: [u8; CUT_MAC_LEN],
+    /// For a member of a group point (protocol version 5 on): the group, its instant and
+    /// the cut's clock error. Only crash-consistent cuts carry one.
+    pub group: Option<GroupStamp>,
 }
 
 /// Cumulative acknowledgement: every batch `<= durable_seq` and every cut
@@ -423,6 +446,60 @@ pub struct EpochContinued {
     pub next_cut_id: u64,
 }
 
+/// Agent -> server, on the control stream (protocol version 5 on): a clock probe, sent
+/// every second or so. The agent notes its own clock when sending and when the
+/// [`TimeReply`] arrives; with the server's two readings that gives the offset between
+/// the clocks and a bound on its error (half the round trip less the server's hold time),
+/// as NTP does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimeProbe {
+    /// Echoed in the reply.
+    pub nonce: u64,
+}
+
+/// Server -> agent: the answer to a [`TimeProbe`], with the server's wall clock (unix ns)
+/// when the probe arrived and when this reply left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimeReply {
+    /// The probe's nonce.
+    pub nonce: u64,
+    /// Server clock at the probe's arrival.
+    pub received_ns: u64,
+    /// Server clock at the reply's departure (`>= received_ns`).
+    pub sent_ns: u64,
+}
+
+/// Server -> agent, on the control stream (protocol version 5 on): the consistency group
+/// of this machine, sent after the hello and whenever it changes.
+///
+/// The coordinator's clock is the configuration role's. A server that is not the
+/// configuration role measures its own clock against it and says where it stands
+/// (`coordinator_offset_ns`, this server's clock minus the coordinator's, within
+/// `coordinator_error_ns`); the agent adds its own measured offset to this server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupSchedule {
+    /// The group (meaningless when `members` is 0).
+    pub group: GroupId,
+    /// Group points are due at every multiple of this interval of the coordinator's clock
+    /// (1000..=3_600_000 ms unless `members` is 0).
+    pub interval_ms: u64,
+    /// Disks the group's points span (0: the machine is in no group; else
+    /// 1..=[`MAX_GROUP_MEMBERS`]).
+    pub members: u16,
+    /// A cut whose clock error is more than half this is not stamped (two such cuts could
+    /// be `max_error_ns` apart).
+    pub max_error_ns: u64,
+    /// This server's clock minus the coordinator's (0 on the configuration role itself).
+    pub coordinator_offset_ns: i64,
+    /// Bound on the error of `coordinator_offset_ns`.
+    pub coordinator_error_ns: u64,
+}
+
+/// Shortest group interval a [`GroupSchedule`] may carry.
+pub const MIN_GROUP_INTERVAL_MS: u64 = 1000;
+/// Longest group interval a [`GroupSchedule`] may carry.
+pub const MAX_GROUP_INTERVAL_MS: u64 = 3_600_000;
+
 /// Refusal or failure report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorMessage {
@@ -466,6 +543,9 @@ pub enum Message {
     DiskName(DiskName),
     ContinueEpoch(ContinueEpoch),
     EpochContinued(EpochContinued),
+    TimeProbe(TimeProbe),
+    TimeReply(TimeReply),
+    GroupSchedule(GroupSchedule),
 }
 
 /// A message whose contents violate a bound or invariant of the wire format.
@@ -506,6 +586,32 @@ pub enum InvalidMessage {
     /// A device name is empty or holds control characters.
     #[error("device name is empty or holds control characters")]
     UnprintableDeviceName,
+    /// A group stamp or schedule names a member count outside its bounds.
+    #[error("a group of {members} disks: need 1..={MAX_GROUP_MEMBERS}")]
+    GroupMembers {
+        /// The count carried.
+        members: u16,
+    },
+    /// A group schedule's interval is outside its bounds.
+    #[error(
+        "a group interval of {interval_ms} ms: need {MIN_GROUP_INTERVAL_MS}..={MAX_GROUP_INTERVAL_MS}"
+    )]
+    GroupInterval {
+        /// The interval carried.
+        interval_ms: u64,
+    },
+    /// A time reply's departure precedes its arrival.
+    #[error("a time reply left ({sent_ns}) before its probe arrived ({received_ns})")]
+    TimeReplyOrder {
+        /// Arrival reading.
+        received_ns: u64,
+        /// Departure reading.
+        sent_ns: u64,
+    },
+    /// An application-consistent cut carries a group stamp (group points are
+    /// crash-consistent).
+    #[error("an application-consistent cut carries a group stamp")]
+    GroupStampOnAppCut,
 }
 
 /// Why a frame could not be decoded. Every variant means the byte stream is

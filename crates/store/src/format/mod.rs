@@ -31,7 +31,7 @@
 //! | `pack` | `.pack`: header, batch records, footer directory |
 //! | `index` | `.idx`: index segments |
 //! | `checkpoint` | `.ckpt`: extent map of an epoch as of a seq |
-//! | `catalog` | `.cat`: catalog segments of committed recovery points (and the legacy one-point `.cut`) |
+//! | `catalog` | `.cat`: catalog segments of committed recovery points, with their group stamps (and the legacy one-point `.cut`) |
 //! | `gc_marker` | `.doomed`: packs pending deletion |
 //! | `epoch` | `.json`: epoch descriptions |
 //! | `key` | `.json`: key rotations of an epoch |
@@ -50,8 +50,8 @@ mod pack;
 mod primitives;
 
 pub use catalog::{
-    CATALOG_ENTRY_LEN, CatalogEntry, MAX_CATALOG_ENTRIES, decode_catalog, decode_cut,
-    encode_catalog, encode_cut,
+    CATALOG_ENTRY_MAX_LEN, CATALOG_ENTRY_MIN_LEN, CATALOG_V3_ENTRY_LEN, CatalogEntry,
+    MAX_CATALOG_ENTRIES, decode_catalog, decode_cut, encode_catalog, encode_catalog_v3, encode_cut,
 };
 pub use checkpoint::{Checkpoint, RunTarget, decode_checkpoint, encode_checkpoint};
 pub use epoch::{decode_epoch, encode_epoch};
@@ -79,8 +79,12 @@ pub use primitives::MAX_NAME;
 /// server's commit time) that the writer compacts (decision 0014). Every other object
 /// kind is laid out as in version 2, and version-2 objects (including one-point `.cut`
 /// catalog entries) are still read; every object is written as version 3 so that an
-/// older build refuses the store loudly instead of missing its `.cat` points.
-pub const FORMAT_VERSION: u32 = 3;
+/// older build refuses the store loudly instead of missing its `.cat` points;
+/// 4 = every catalog segment entry ends with a flag and, when set, the cut's
+/// consistency-group stamp (issue 16). Every other object kind is laid out as in
+/// version 2; version-3 segments (no flags) and every version-2/3 object are still read,
+/// and every object is written as version 4, for the same reason as in version 3.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Oldest format version this build reads ([`FORMAT_VERSION`] is the newest).
 pub const OLDEST_READABLE_VERSION: u32 = 2;

@@ -176,9 +176,14 @@ impl<'a> Dec<'a> {
 
 /// Starts a metadata object: magic and version.
 pub(super) fn frame(magic: &[u8; 8]) -> Enc {
+    frame_as(magic, FORMAT_VERSION)
+}
+
+/// Starts a metadata object of an older `version` (encoders kept for tests and tools).
+pub(super) fn frame_as(magic: &[u8; 8], version: u32) -> Enc {
     let mut e = Enc::default();
     e.bytes(magic);
-    e.u32(FORMAT_VERSION);
+    e.u32(version);
     e
 }
 

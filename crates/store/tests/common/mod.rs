@@ -140,6 +140,7 @@ pub fn cut(epoch: u64, cut_id: u64, seq: u64) -> CutInfo {
         } else {
             CutKind::Crash
         },
+        group: None,
         // The store carries the agent's MAC verbatim and never checks it.
         mac: [cut_id as u8; 32],
     }

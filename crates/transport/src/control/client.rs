@@ -11,8 +11,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixT
 use rustls::server::WebPkiClientVerifier;
 
 use super::{
-    AssignedMachine, CONTROL_ALPN, CONTROL_TIMEOUT, ControlError, JoinRequest, Reply,
-    ReportRequest, Request, read_message, write_message,
+    CONTROL_ALPN, CONTROL_TIMEOUT, ControlError, JoinRequest, Reply, ReportAccepted, ReportRequest,
+    Request, read_message, write_message,
 };
 use crate::endpoint::{provider, roots_with};
 use crate::pki::{
@@ -181,10 +181,7 @@ impl ControlClient {
     /// Sends one report and returns the machines assigned to this server
     /// ([`Reply::Refused`] as [`ControlError::Refused`]). A broken connection is dropped,
     /// so the next call reconnects.
-    pub async fn report(
-        &mut self,
-        report: ReportRequest,
-    ) -> Result<Vec<AssignedMachine>, ControlError> {
+    pub async fn report(&mut self, report: ReportRequest) -> Result<ReportAccepted, ControlError> {
         let result = tokio::time::timeout(CONTROL_TIMEOUT, self.report_inner(report))
             .await
             .unwrap_or(Err(ControlError::Timeout));
@@ -205,7 +202,7 @@ impl ControlClient {
     async fn report_inner(
         &mut self,
         report: ReportRequest,
-    ) -> Result<Vec<AssignedMachine>, ControlError> {
+    ) -> Result<ReportAccepted, ControlError> {
         if self
             .conn
             .as_ref()
@@ -227,12 +224,30 @@ impl ControlClient {
             );
         }
         let (_, conn) = self.conn.as_ref().expect("connected above");
-        match exchange(conn, &Request::Report(report)).await? {
-            Reply::Accepted { machines } => Ok(machines),
+        let sent = wall_ns();
+        let reply = exchange(conn, &Request::Report(report)).await?;
+        let received = wall_ns();
+        match reply {
+            Reply::Accepted {
+                machines,
+                groups,
+                clock,
+            } => Ok(ReportAccepted {
+                machines,
+                groups,
+                clock: clock.map(|c| (sent, c, received)),
+            }),
             Reply::Refused { refusal, message } => Err(ControlError::Refused { refusal, message }),
             Reply::Joined { .. } => Err(ControlError::UnexpectedReply("joined")),
         }
     }
+}
+
+/// This host's wall clock, unix ns.
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 impl Drop for ControlClient {

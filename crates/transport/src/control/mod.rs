@@ -103,6 +103,14 @@ pub enum Reply {
         /// only ones its data endpoint accepts.
         #[serde(default)]
         machines: Vec<AssignedMachine>,
+        /// The consistency-group schedule of each of those machines in a group (older
+        /// configuration roles send none).
+        #[serde(default)]
+        groups: Vec<MachineGroup>,
+        /// The configuration role's wall clock when the report arrived and when this
+        /// reply left: the reporter measures its clock against the coordinator's with it.
+        #[serde(default)]
+        clock: Option<ClockReading>,
     },
     /// Refused; `message` says what to do.
     Refused {
@@ -122,6 +130,45 @@ pub struct AssignedMachine {
     pub id: String,
     /// SHA-256 of its current certificate, hex.
     pub cert_sha256: String,
+}
+
+/// A machine's consistency group, as its process server relays it to the agent (the
+/// fields of the wire's `GroupSchedule`, without the clock offset the relaying server adds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MachineGroup {
+    /// The machine id.
+    pub machine: String,
+    /// The group id, 32 hex digits.
+    pub group: String,
+    /// Group points are due at every multiple of this of the coordinator's clock.
+    pub interval_ms: u64,
+    /// Disks the group's points span.
+    pub members: u16,
+    /// A point whose clock-error bound passes this is not offered.
+    pub max_error_ns: u64,
+}
+
+/// Two readings of the configuration role's wall clock (unix ns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ClockReading {
+    /// When the request arrived.
+    pub received_ns: u64,
+    /// When the reply left (`>= received_ns`).
+    pub sent_ns: u64,
+}
+
+/// What an accepted report brought back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReportAccepted {
+    /// See [`Reply::Accepted`].
+    pub machines: Vec<AssignedMachine>,
+    /// See [`Reply::Accepted`].
+    pub groups: Vec<MachineGroup>,
+    /// The reply's clock readings with the reporter's own, at the request's departure
+    /// and the reply's arrival: `(sent_ns, reply, received_ns)`.
+    pub clock: Option<(u64, ClockReading, u64)>,
 }
 
 /// Why the configuration role refused a request.
@@ -272,7 +319,7 @@ mod tests {
         assert!(decode_request(br#"{"type":"join"}"#).is_err());
         assert!(decode_request(&vec![b' '; MAX_CONTROL_MESSAGE + 1]).is_err());
         let accepted: Reply = serde_json::from_slice(br#"{"type":"accepted"}"#).unwrap();
-        assert!(matches!(accepted, Reply::Accepted { machines } if machines.is_empty()));
+        assert!(matches!(accepted, Reply::Accepted { machines, .. } if machines.is_empty()));
         let reply = Reply::Refused {
             refusal: Refusal::Cloned,
             message: "m".into(),
