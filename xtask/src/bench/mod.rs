@@ -5,7 +5,8 @@
 //! [`crate::saturation`]), `digest.rs` (block digests vs a plain read), `failover.rs`
 //! (failover speed and store size), `failback.rs` (the master target's full and delta
 //! steps vs fio), `link.rs` (Cubic vs BBR on a lossy link), `plan.rs` (a recovery plan's
-//! parallel failover vs one machine at a time); `common.rs` holds what they share (fio with half-compressible data, medians, a process's CPU time
+//! parallel failover vs one machine at a time), `group.rs` (consistency-group points per
+//! minute and their clock-error bounds with 2, 16 and 64 members); `common.rs` holds what they share (fio with half-compressible data, medians, a process's CPU time
 //! and peak RSS). Every bench writes its JSON under `target/bench/`.
 
 use clap::Subcommand;
@@ -16,6 +17,7 @@ mod common;
 mod digest;
 mod failback;
 mod failover;
+mod group;
 mod link;
 mod plan;
 
@@ -98,6 +100,22 @@ pub enum Which {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// Consistency groups: 2, 16 and 64 member machines on this host (real agents, own
+    /// identities and loop devices, a light write load), one group with a 1 s interval:
+    /// complete group points per minute in the target store and their clock-error bounds
+    /// (median, p99, max); then `bench plan` (four 1 GiB machines by one plan vs one by
+    /// one) unless --skip-plan. Writes target/bench/group.json (and plan.json).
+    Group {
+        /// Member counts to measure (comma-separated; at most 64).
+        #[arg(long, value_delimiter = ',', default_value = "2,16,64")]
+        members: Vec<usize>,
+        /// Seconds each size is measured.
+        #[arg(long, default_value_t = 60)]
+        window_secs: u64,
+        /// Leave out the plan failover half.
+        #[arg(long)]
+        skip_plan: bool,
+    },
     /// Recovery plan failover: four replicated machines (one disk each, three quarters
     /// filled with half-compressible data) failed over by one `ripcord plan failover`
     /// (one group: machines in parallel) vs four `ripcord failover` one after another;
@@ -151,6 +169,21 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         Which::Digest { size_mib, reps } => digest::digest(size_mib, reps),
         Which::Failback { size_mib } => failback::failback(size_mib),
         Which::Plan { size_mib, reps } => plan::plan(size_mib, reps),
+        Which::Group {
+            members,
+            window_secs,
+            skip_plan,
+        } => {
+            anyhow::ensure!(
+                members.iter().all(|&n| (1..=64).contains(&n)),
+                "--members: a group holds 1 to 64 machines"
+            );
+            group::group(&members, window_secs)?;
+            if skip_plan {
+                return Ok(());
+            }
+            plan::plan(1024, 3)
+        }
         Which::Link {
             mib,
             loss,
