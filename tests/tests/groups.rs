@@ -231,6 +231,26 @@ fn group_points_never_show_a_reference_without_its_record_even_with_a_skewed_clo
             "the skewed agent measured an offset of {offset} ns, not about {SKEW_NS}: {p}"
         );
     }
+    // `--point latest-group` takes both disks to the newest group point (one instant).
+    let (ia, ib) = (
+        site.subdir("img").join("a.img"),
+        site.subdir("img").join("b.img"),
+    );
+    for (disk, image) in [(&disk_a, &ia), (&disk_b, &ib)] {
+        let (ok, out, err) = failover(
+            site.target(),
+            disk,
+            "latest-group",
+            image,
+            &site.ps.passphrase_file,
+        )
+        .unwrap();
+        assert!(ok, "failover --point latest-group of {disk}:\n{out}{err}");
+    }
+    let newest = causal::check(&ia, &ib).unwrap_or_else(|broken| {
+        panic!("the latest group point shows B's reference without A's record: {broken}")
+    });
+    assert!(newest.references > 0, "{newest:?}");
     eprintln!(
         "checked {} group points ({refs1} + {refs2} references), {written} pairs written",
         2 * POINTS

@@ -8,8 +8,8 @@
 //!
 //! Invariants: every point counted is complete (every member disk stamped at its instant,
 //! `ripcord_store::groups`); the numbers are those of this machine, where all members
-//! share two cores: each member spins for the last 300 µs before an instant, so 64 of
-//! them at once are a worst case for lateness, not a typical deployment.
+//! share two cores and wake for the same instant: a worst case for lateness, not a
+//! typical deployment (one agent per host).
 
 use std::{
     os::unix::fs::{FileExt as _, OpenOptionsExt as _},
@@ -103,19 +103,35 @@ fn members(n: usize, window: Duration) -> anyhow::Result<serde_json::Value> {
         "--interval-secs",
         "1",
     ])?;
+    // Every machine is registered before any agent runs: placement judges a server's load
+    // (decision 0023), and 64 agents starting beside it would be that load.
+    eprintln!("group bench: {n} members: registering");
+    let mut ids = Vec::new();
     let mut devices = Vec::new();
-    let mut agents = Vec::new();
-    eprintln!("group bench: {n} members: registering and starting agents");
     for i in 0..n {
         let machine = format!("m{i:02}");
-        let dev = LoopDevice::create(&scratch.path.join(format!("{machine}.img")), DEVICE_MIB << 20)?;
-        let id = AgentIdentity::register(&ps, &scratch.path, &machine)?;
+        devices.push(LoopDevice::create(
+            &scratch.path.join(format!("{machine}.img")),
+            DEVICE_MIB << 20,
+        )?);
+        ids.push(AgentIdentity::register(&ps, &scratch.path, &machine)?);
         cli(&[
-            "group", "add", "--deployment", &dep, "--name", "bench", "--machine", &machine,
+            "group",
+            "add",
+            "--deployment",
+            &dep,
+            "--name",
+            "bench",
+            "--machine",
+            &machine,
         ])?;
-        agents.push(Replicator::start(&id, &[&dev.path], &[])?);
-        devices.push(dev);
     }
+    eprintln!("group bench: {n} members: starting agents");
+    let agents = ids
+        .iter()
+        .zip(&devices)
+        .map(|(id, dev)| Replicator::start(id, &[&dev.path], &[]))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     for a in &agents {
         a.wait_synced(Duration::from_secs(300))?;
     }
@@ -171,9 +187,11 @@ fn members(n: usize, window: Duration) -> anyhow::Result<serde_json::Value> {
         .iter()
         .filter_map(|a| a.stats())
         .filter_map(|s| {
-            s["disks"]
-                .as_array()
-                .map(|d| d.iter().filter_map(|d| d["group_misses"].as_u64()).sum::<u64>())
+            s["disks"].as_array().map(|d| {
+                d.iter()
+                    .filter_map(|d| d["group_misses"].as_u64())
+                    .sum::<u64>()
+            })
         })
         .sum();
     let per_minute = points.len() as f64 * 60.0 / window.as_secs_f64();
