@@ -205,18 +205,12 @@ fn relay_schedules(accepted: &ripcord_transport::control::ReportAccepted) -> Sch
     let Some((sent, reading, received)) = accepted.clock else {
         return Schedules::default();
     };
-    let Some(round_trip) = received.checked_sub(sent) else {
+    let Some((offset, error)) =
+        ripcord_proto::clock_offset(sent, reading.received_ns, reading.sent_ns, received)
+    else {
         return Schedules::default();
     };
-    let held = reading.sent_ns.saturating_sub(reading.received_ns);
-    let error = round_trip.saturating_sub(held) / 2
-        + RELAY_AGE_ALLOWANCE.as_nanos() as u64 / 1_000_000 * DRIFT_PPM;
-    let offset = (i128::from(sent) - i128::from(reading.received_ns) + i128::from(received)
-        - i128::from(reading.sent_ns))
-        / 2;
-    let Ok(offset) = i64::try_from(offset) else {
-        return Schedules::default();
-    };
+    let error = error + RELAY_AGE_ALLOWANCE.as_nanos() as u64 / 1_000_000 * DRIFT_PPM;
     let mut out = HashMap::new();
     for g in &accepted.groups {
         let Ok(group) = g.group.parse::<ripcord_proto::GroupId>() else {
@@ -251,12 +245,8 @@ pub fn unscheduled() -> watch::Receiver<Schedules> {
     watch::channel(Schedules::default()).1
 }
 
-/// This server's wall clock, unix ns (the clock of `TimeReply`).
-pub fn now_wall_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
+/// This server's wall clock, unix ns (the clock of `TimeReply` and of the reports' replies).
+pub use ripcord_transport::control::unix_now_ns as now_wall_ns;
 
 #[cfg(test)]
 mod tests {

@@ -105,16 +105,10 @@ impl GroupClock {
     /// A probe's answer: `sent` and `received` are the local wall clock when the probe
     /// left and when the reply arrived, `mono` CLOCK_MONOTONIC at arrival.
     pub fn add_sample(&mut self, sent: u64, reply: &TimeReply, received: u64, mono: u64) {
-        let Some(round_trip) = received.checked_sub(sent) else {
+        let Some((offset_ns, error_ns)) =
+            ripcord_proto::clock_offset(sent, reply.received_ns, reply.sent_ns, received)
+        else {
             return; // the wall clock went back during the probe: useless
-        };
-        let held = reply.sent_ns.saturating_sub(reply.received_ns);
-        let error_ns = round_trip.saturating_sub(held) / 2;
-        let offset = (i128::from(sent) - i128::from(reply.received_ns) + i128::from(received)
-            - i128::from(reply.sent_ns))
-            / 2;
-        let Ok(offset_ns) = i64::try_from(offset) else {
-            return;
         };
         if self.samples.len() == SAMPLES {
             self.samples.pop_front();

@@ -469,6 +469,27 @@ pub struct TimeReply {
     pub sent_ns: u64,
 }
 
+/// The offset of a local clock against a remote one from one round trip, as NTP computes
+/// it: the request left at local `sent`, arrived at remote `remote_received`, the answer
+/// left at remote `remote_sent` and arrived at local `received` (all ns). Returns the
+/// local clock minus the remote one, and the bound on its error: half the round trip less
+/// the remote hold time (the one-way delays are unknown but not negative). `None` when the
+/// local clock went back during the round trip or the offset does not fit an `i64`.
+pub fn clock_offset(
+    sent: u64,
+    remote_received: u64,
+    remote_sent: u64,
+    received: u64,
+) -> Option<(i64, u64)> {
+    let round_trip = received.checked_sub(sent)?;
+    let held = remote_sent.saturating_sub(remote_received);
+    let error = round_trip.saturating_sub(held) / 2;
+    let offset = (i128::from(sent) - i128::from(remote_received) + i128::from(received)
+        - i128::from(remote_sent))
+        / 2;
+    Some((i64::try_from(offset).ok()?, error))
+}
+
 /// Server -> agent, on the control stream (protocol version 5 on): the consistency group
 /// of this machine, sent after the hello and whenever it changes.
 ///

@@ -224,9 +224,9 @@ impl ControlClient {
             );
         }
         let (_, conn) = self.conn.as_ref().expect("connected above");
-        let sent = wall_ns();
+        let sent = super::unix_now_ns();
         let reply = exchange(conn, &Request::Report(report)).await?;
-        let received = wall_ns();
+        let received = super::unix_now_ns();
         match reply {
             Reply::Accepted {
                 machines,
@@ -241,13 +241,6 @@ impl ControlClient {
             Reply::Joined { .. } => Err(ControlError::UnexpectedReply("joined")),
         }
     }
-}
-
-/// This host's wall clock, unix ns.
-fn wall_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 impl Drop for ControlClient {

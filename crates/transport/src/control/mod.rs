@@ -159,6 +159,14 @@ pub struct ClockReading {
     pub sent_ns: u64,
 }
 
+/// This host's wall clock, unix ns (0 before 1970): the clock of [`ClockReading`], and of
+/// the process server's answers to agents' clock probes.
+pub fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// What an accepted report brought back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReportAccepted {
