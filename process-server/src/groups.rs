@@ -39,6 +39,7 @@ pub fn schedule_for(schedules: &Schedules, machine: &str) -> GroupSchedule {
         max_error_ns: 0,
         coordinator_offset_ns: 0,
         coordinator_error_ns: 0,
+        app_every: 0,
     })
 }
 
@@ -79,6 +80,7 @@ pub fn read_schedules(db: &ripcord_control::ControlDb) -> anyhow::Result<Schedul
             max_error_ns: g.max_error_us.saturating_mul(1000),
             coordinator_offset_ns: 0,
             coordinator_error_ns: 0,
+            app_every: g.app_every,
         };
         for m in &g.machines {
             out.insert(m.clone(), schedule);
@@ -152,6 +154,7 @@ pub fn relayed(
                 interval_ms: s.interval_ms,
                 members: s.members,
                 max_error_ns: s.max_error_ns,
+                app_every: s.app_every,
             })
         })
         .collect()
@@ -227,6 +230,7 @@ fn relay_schedules(accepted: &ripcord_transport::control::ReportAccepted) -> Sch
             max_error_ns: g.max_error_ns,
             coordinator_offset_ns: offset,
             coordinator_error_ns: error,
+            app_every: g.app_every,
         };
         // Checked as the wire will check it: a bad one is dropped here, not at the agent.
         if ripcord_proto::Message::GroupSchedule(schedule)
@@ -262,6 +266,7 @@ mod tests {
                 interval_ms: 5000,
                 members: 3,
                 max_error_ns: 50_000_000,
+                app_every: 0,
             }],
             clock,
         }

@@ -5,6 +5,7 @@
 //! drill.
 
 pub mod causal;
+pub mod groups;
 
 use std::{
     path::{Path, PathBuf},

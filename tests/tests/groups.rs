@@ -6,12 +6,15 @@
 //!
 //! Needs root (loop devices, BPF). Skips loudly without it, and fails under `CI=true`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ripcord_tests::causal::{self, CausalWriter};
+use ripcord_tests::{
+    causal::{self, CausalWriter},
+    groups::{self, member_point},
+};
 use testkit::{
     Site,
-    replication::{Replicator, failover, ripcord},
+    replication::{Replicator, failover},
 };
 
 const MIB: u64 = 1 << 20;
@@ -27,41 +30,6 @@ const SKEW_NS: i64 = -350_000_000;
 /// Group points checked in each phase.
 const POINTS: usize = 50;
 
-fn cli(site: &Site, args: &[&str]) -> String {
-    let (ok, out, err) = ripcord(args, &site.ps.passphrase_file).unwrap();
-    assert!(ok, "ripcord {args:?} failed:\n{out}{err}");
-    out
-}
-
-/// The group points of `group` whose instant is at or after `since_ns`.
-fn group_points(site: &Site, group: &str, since_ns: u64) -> Vec<serde_json::Value> {
-    let dep = site.ps.dir.to_str().unwrap();
-    let (ok, out, err) = ripcord(
-        &[
-            "group",
-            "points",
-            "--deployment",
-            dep,
-            "--target",
-            site.target(),
-            "--name",
-            group,
-            "--json",
-        ],
-        &site.ps.passphrase_file,
-    )
-    .unwrap();
-    if !ok {
-        // The store may not hold a point yet.
-        assert!(err.contains("no recovery point") || err.is_empty(), "{err}");
-        return Vec::new();
-    }
-    out.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|p| p["instant_ns"].as_u64().unwrap() >= since_ns)
-        .collect()
-}
-
 fn wait_for_group_points(
     site: &Site,
     group: &str,
@@ -69,20 +37,15 @@ fn wait_for_group_points(
     want: usize,
     logs: &dyn Fn() -> String,
 ) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        let points = group_points(site, group, since_ns);
-        if points.len() >= want {
-            return points;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} group points within 240 s (want {want});\n{}",
-            points.len(),
-            logs()
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    groups::wait_for_group_points(
+        site,
+        group,
+        since_ns,
+        want,
+        Duration::from_secs(240),
+        &|_| true,
+        logs,
+    )
 }
 
 /// Fails both disks over at each point and checks the images; returns the references seen.
@@ -102,11 +65,7 @@ fn check_points(site: &Site, points: &[serde_json::Value], disks: [&str; 2]) -> 
         let members = p["disks"].as_array().unwrap();
         assert_eq!(members.len(), 2, "{p}");
         for (disk, image) in disks.iter().zip([&ia, &ib]) {
-            let m = members
-                .iter()
-                .find(|m| m["disk"] == *disk)
-                .unwrap_or_else(|| panic!("disk {disk} missing from {p}"));
-            let point = m["point"].as_str().unwrap();
+            let point = member_point(p, disk);
             let (ok, out, err) =
                 failover(site.target(), disk, point, image, &site.ps.passphrase_file).unwrap();
             assert!(
@@ -149,37 +108,7 @@ fn group_points_never_show_a_reference_without_its_record_even_with_a_skewed_clo
         site.loop_device("a.img", 16 * MIB),
         site.loop_device("b.img", 16 * MIB),
     );
-    let dep = site.ps.dir.to_str().unwrap().to_owned();
-    cli(
-        &site,
-        &[
-            "group",
-            "create",
-            "--deployment",
-            &dep,
-            "--name",
-            "shop",
-            "--interval-secs",
-            "1",
-            "--max-error-ms",
-            &MAX_ERROR_MS.to_string(),
-        ],
-    );
-    cli(
-        &site,
-        &[
-            "group",
-            "add",
-            "--deployment",
-            &dep,
-            "--name",
-            "shop",
-            "--machine",
-            "app",
-            "--machine",
-            "db",
-        ],
-    );
+    groups::create_group(&site, "shop", MAX_ERROR_MS, &["app", "db"], &[]);
     let agent_a = site.replicator(&[&a.path]);
     let mut agent_b = Replicator::start(&db, &[&b.path], &[]).unwrap();
     agent_a.wait_synced(Duration::from_secs(60)).unwrap();

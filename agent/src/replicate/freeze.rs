@@ -12,6 +12,13 @@
 //! in its own process group, with its output logged line by line prefixed with its name;
 //! one that outlives the freeze timeout is killed with its whole process group.
 //!
+//! Besides its phase (its only argument), a hook is told which point it serves in its
+//! environment: `RIPCORD_POINT` is `app` (the machine's own application-consistent
+//! point) or `group-app` (an application-consistent group point, decision 0028), and for
+//! the latter `RIPCORD_GROUP` (the group's id, 32 hex digits) and
+//! `RIPCORD_GROUP_INSTANT_NS` (the coordinator's instant, ns since the Unix epoch, as
+//! `ripcord group points` lists it).
+//!
 //! A point is reported as application-consistent only if every hook ran and succeeded in
 //! every phase and every file system was frozen. A hook that is not executable (or any
 //! hook that fails or times out) therefore fails the attempt with a warning naming it:
@@ -158,17 +165,27 @@ pub fn hooks_in(dir: &Path) -> anyhow::Result<Option<Vec<PathBuf>>> {
     Ok(Some(hooks))
 }
 
-/// Run every hook in `hooks` with `phase` as its argument, each bounded by `timeout`.
-/// Fails on the first hook that fails or times out (that one is killed with its process
-/// group).
-pub fn run_hooks(hooks: &[PathBuf], phase: &str, timeout: Duration) -> anyhow::Result<()> {
+/// Run every hook in `hooks` with `phase` as its argument and `env` added to its
+/// environment (see the module doc), each bounded by `timeout`. Fails on the first hook
+/// that fails or times out (that one is killed with its process group).
+pub fn run_hooks(
+    hooks: &[PathBuf],
+    phase: &str,
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> anyhow::Result<()> {
     for hook in hooks {
-        run_hook(hook, phase, timeout)?;
+        run_hook(hook, phase, env, timeout)?;
     }
     Ok(())
 }
 
-fn run_hook(hook: &Path, phase: &str, timeout: Duration) -> anyhow::Result<()> {
+fn run_hook(
+    hook: &Path,
+    phase: &str,
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt as _;
     let name = hook.file_name().map_or_else(
         || hook.display().to_string(),
@@ -176,6 +193,7 @@ fn run_hook(hook: &Path, phase: &str, timeout: Duration) -> anyhow::Result<()> {
     );
     let mut child = Command::new(hook)
         .arg(phase)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -256,6 +274,8 @@ fn is_executable(p: &Path) -> bool {
 pub struct Frozen {
     files: Arc<Vec<(PathBuf, File)>>,
     disarmed: Arc<AtomicBool>,
+    /// The watchdog cannot thaw before this (its timer starts after it).
+    held_until: Instant,
     /// Dropping it wakes the watchdog, which then exits.
     _wake: std::sync::mpsc::Sender<()>,
 }
@@ -278,6 +298,7 @@ impl Frozen {
         let files = Arc::new(files);
         let disarmed = Arc::new(AtomicBool::new(false));
         let (wake, woken) = std::sync::mpsc::channel::<()>();
+        let held_until = Instant::now() + timeout;
         {
             let (files, disarmed) = (Arc::clone(&files), Arc::clone(&disarmed));
             std::thread::spawn(move || {
@@ -293,8 +314,16 @@ impl Frozen {
         Ok(Frozen {
             files,
             disarmed,
+            held_until,
             _wake: wake,
         })
+    }
+
+    /// Before this instant the file systems are certainly still frozen: the watchdog's
+    /// timer starts after it is taken, and nothing else thaws while the guard lives. A cut
+    /// whose snapshot is taken before it is a state of the frozen file systems.
+    pub fn held_until(&self) -> Instant {
+        self.held_until
     }
 
     /// Whether the watchdog already thawed (the freeze took too long).
@@ -362,14 +391,14 @@ mod tests {
         write("20-b", &format!("echo b $1 >> {}", log.display()));
         std::fs::write(dir.join("README.md"), "not a hook").unwrap();
         let hooks = hooks_in(&dir).unwrap().unwrap();
-        run_hooks(&hooks, "pre-freeze", Duration::from_secs(5)).unwrap();
+        run_hooks(&hooks, "pre-freeze", &[], Duration::from_secs(5)).unwrap();
         assert_eq!(
             std::fs::read_to_string(&log).unwrap(),
             "a pre-freeze\nb pre-freeze\n"
         );
         write("30-fail", "exit 3");
         let hooks = hooks_in(&dir).unwrap().unwrap();
-        let e = run_hooks(&hooks, "frozen", Duration::from_secs(5)).unwrap_err();
+        let e = run_hooks(&hooks, "frozen", &[], Duration::from_secs(5)).unwrap_err();
         assert!(format!("{e:#}").contains("30-fail frozen failed"), "{e:#}");
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(
@@ -401,7 +430,7 @@ mod tests {
         );
         let hooks = hooks_in(&dir).unwrap().unwrap();
         let started = Instant::now();
-        let e = run_hooks(&hooks, "frozen", Duration::from_millis(300)).unwrap_err();
+        let e = run_hooks(&hooks, "frozen", &[], Duration::from_millis(300)).unwrap_err();
         assert!(format!("{e:#}").contains("longer than"), "{e:#}");
         assert!(started.elapsed() < Duration::from_secs(5));
         let pid: i32 = std::fs::read_to_string(&pid_file)

@@ -62,6 +62,9 @@ pub struct GroupTarget {
     pub stamp: GroupStamp,
     /// Largest error a stamped cut may have (half the group's limit).
     pub max_error_ns: u64,
+    /// An application-consistent group point: the agent freezes its file systems before
+    /// the instant and cuts while frozen (`points::group_app_point`).
+    pub app: bool,
 }
 
 /// What the network side learnt about the group and the clocks; shared with the producer.
@@ -144,9 +147,16 @@ impl GroupClock {
         Some((offset, best.0 + schedule.coordinator_error_ns))
     }
 
-    /// The next group cut if one is due within `lead` of the local `wall` clock, once per
+    /// The next group cut if one is due within `lead` of the local `wall` clock (within
+    /// `lead + app_lead` for an application-consistent one, which freezes first), once per
     /// instant.
-    pub fn due(&mut self, wall: u64, mono: u64, lead: Duration) -> Option<GroupTarget> {
+    pub fn due(
+        &mut self,
+        wall: u64,
+        mono: u64,
+        lead: Duration,
+        app_lead: Duration,
+    ) -> Option<GroupTarget> {
         let schedule = self.schedule?;
         let (offset, error) = self.offset_at(wall, mono)?;
         let interval = schedule.interval_ms * 1_000_000;
@@ -157,6 +167,9 @@ impl GroupClock {
             return None;
         }
         let local_ns = instant.checked_add_signed(offset)?;
+        let app = schedule.app_every > 0
+            && (instant / interval).is_multiple_of(u64::from(schedule.app_every));
+        let lead = if app { lead + app_lead } else { lead };
         if local_ns.saturating_sub(wall) > lead.as_nanos() as u64 {
             return None;
         }
@@ -171,16 +184,21 @@ impl GroupClock {
                 error_ns: error,
             },
             max_error_ns: schedule.max_error_ns / 2,
+            app,
         })
     }
 }
 
 /// The next due target from the shared clock (see [`GroupClock::due`]).
-pub fn next_target(clock: &SharedGroupClock, lead: Duration) -> Option<GroupTarget> {
+pub fn next_target(
+    clock: &SharedGroupClock,
+    lead: Duration,
+    app_lead: Duration,
+) -> Option<GroupTarget> {
     clock
         .lock()
         .expect("group clock lock")
-        .due(now_wall_ns(), now_mono_ns(), lead)
+        .due(now_wall_ns(), now_mono_ns(), lead, app_lead)
 }
 
 #[cfg(test)]
@@ -196,6 +214,7 @@ mod tests {
             max_error_ns: 10_000_000,
             coordinator_offset_ns: 0,
             coordinator_error_ns: 0,
+            app_every: 0,
         }
     }
 
@@ -248,12 +267,21 @@ mod tests {
         probe(&mut c, 9_900_000_000, skew, 1_000, 0, 1_000);
         let mono = 8_900_002_000;
         // Coordinator now ≈ 9.6 s: the next instant is 10 s, local 10.3 s, 400 ms away.
-        assert_eq!(c.due(9_900_002_000, mono, Duration::from_millis(100)), None);
+        assert_eq!(
+            c.due(
+                9_900_002_000,
+                mono,
+                Duration::from_millis(100),
+                Duration::ZERO
+            ),
+            None
+        );
         let t = c
             .due(
                 10_250_000_000,
                 mono + 350_000_000,
                 Duration::from_millis(100),
+                Duration::ZERO,
             )
             .unwrap();
         assert_eq!(t.stamp.instant_ns, 10_000_000_000);
@@ -264,18 +292,37 @@ mod tests {
             c.due(
                 10_260_000_000,
                 mono + 360_000_000,
-                Duration::from_millis(100)
+                Duration::from_millis(100),
+                Duration::ZERO,
             ),
             None,
             "an instant is handed out once"
         );
+        // Every second instant application-consistent: 12 s is one, 11 s is not, and an
+        // application-consistent one is handed out a freeze lead earlier.
+        let mut sched = schedule(3);
+        sched.app_every = 2;
+        c.set_schedule(sched);
+        let lead = Duration::from_millis(100);
+        let app_lead = Duration::from_secs(1);
+        let t = c.due(10_900_000_000, mono + 1_000_000_000, lead, app_lead);
+        assert_eq!(t, None, "11.3 s is 400 ms away and not app");
+        let t = c
+            .due(11_250_000_000, mono + 1_350_000_000, lead, app_lead)
+            .unwrap();
+        assert!(!t.app && t.stamp.instant_ns == 11_000_000_000);
+        let t = c
+            .due(11_500_000_000, mono + 1_600_000_000, lead, app_lead)
+            .unwrap();
+        assert!(t.app && t.stamp.instant_ns == 12_000_000_000, "{t:?}");
         // Leaving the group: no more targets.
         c.set_schedule(schedule(0));
         assert_eq!(
             c.due(
                 11_250_000_000,
                 mono + 1_350_000_000,
-                Duration::from_millis(100)
+                Duration::from_millis(100),
+                Duration::ZERO,
             ),
             None
         );

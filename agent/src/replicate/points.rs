@@ -181,6 +181,99 @@ pub fn app_point(
     send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
     cfg: &AgentConfig,
 ) -> anyhow::Result<AppPoint> {
+    let env = [("RIPCORD_POINT", "app".to_owned())];
+    cut_while_frozen(
+        capture,
+        producers,
+        round_cfg,
+        send,
+        cfg,
+        CutRequest::App,
+        &env,
+        &|_| Ok(()),
+        &|| Ok(()),
+    )
+}
+
+/// An application-consistent **group** point (decision 0028): hooks, freeze, and, if the
+/// file systems were frozen before the instant in real time (the freeze's end plus the
+/// offset's error is before the instant on this clock), rounds at the instant until every
+/// disk has an application-consistent group cut; thaw, hooks. Every member that gets this
+/// far was frozen over the coordinator's instant, so the members' cuts are their states
+/// at one moment at which all of them were quiesced, without any message between them.
+pub fn group_app_point(
+    capture: &mut Capture,
+    producers: &mut [DiskProducer],
+    round_cfg: &RoundConfig,
+    send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
+    cfg: &AgentConfig,
+    target: super::group::GroupTarget,
+) -> anyhow::Result<AppPoint> {
+    debug_assert!(target.app);
+    let env = [
+        ("RIPCORD_POINT", "group-app".to_owned()),
+        ("RIPCORD_GROUP", target.stamp.group.to_string()),
+        (
+            "RIPCORD_GROUP_INSTANT_NS",
+            target.stamp.instant_ns.to_string(),
+        ),
+    ];
+    // Freeze as late as is safe: the dirty data written back first (so FIFREEZE itself
+    // is short), then the freeze `GROUP_FREEZE_MARGIN` before the instant less the
+    // offset's error, so applications stall for about the margin, not the whole lead.
+    let freeze_at = target
+        .local_ns
+        .saturating_sub(target.stamp.error_ns)
+        .saturating_sub(GROUP_FREEZE_MARGIN.as_nanos() as u64);
+    let before_freeze = |mounts: &[std::path::PathBuf]| {
+        for m in mounts {
+            let f = std::fs::File::open(m).with_context(|| format!("opening {}", m.display()))?;
+            nix::unistd::syncfs(&f).with_context(|| format!("syncfs {}", m.display()))?;
+        }
+        let now = crate::clock::now_wall_ns();
+        std::thread::sleep(Duration::from_nanos(freeze_at.saturating_sub(now)));
+        Ok(())
+    };
+    let frozen_in_time = || {
+        let frozen_at = crate::clock::now_wall_ns();
+        let deadline = target.local_ns.saturating_sub(target.stamp.error_ns);
+        anyhow::ensure!(
+            frozen_at < deadline,
+            "the file systems were frozen {:.1} ms too late for the group instant (the \
+             pre-freeze hooks and the freeze took longer than the lead)",
+            (frozen_at - deadline) as f64 / 1e6
+        );
+        Ok(())
+    };
+    cut_while_frozen(
+        capture,
+        producers,
+        round_cfg,
+        send,
+        cfg,
+        CutRequest::Group(target),
+        &env,
+        &before_freeze,
+        &frozen_in_time,
+    )
+}
+
+/// The sequence of both kinds of application-consistent point: pre-freeze hooks,
+/// `before_freeze` (given the mounts), freeze, `frozen_check`, frozen hooks, rounds with `cut` until every disk has an
+/// application-consistent cut taken while frozen (`RoundConfig::frozen_until`), thaw,
+/// post-thaw hooks. The file systems are thawed on every path (guard and watchdog).
+#[allow(clippy::too_many_arguments)]
+fn cut_while_frozen(
+    capture: &mut Capture,
+    producers: &mut [DiskProducer],
+    round_cfg: &RoundConfig,
+    send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
+    cfg: &AgentConfig,
+    cut: CutRequest,
+    env: &[(&str, String)],
+    before_freeze: &dyn Fn(&[std::path::PathBuf]) -> anyhow::Result<()>,
+    frozen_check: &dyn Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<AppPoint> {
     let timeout = Duration::from_millis(cfg.freeze_timeout_ms);
     let devs: Vec<_> = producers.iter().map(|p| p.dev.clone()).collect();
     let mounts = freeze::mounts_on(&devs)?;
@@ -197,13 +290,16 @@ pub fn app_point(
             Vec::new()
         }
     };
-    freeze::run_hooks(&hooks, "pre-freeze", timeout)?;
+    freeze::run_hooks(&hooks, "pre-freeze", env, timeout)?;
     let result = (|| -> anyhow::Result<()> {
+        before_freeze(&mounts)?;
         let frozen = freeze::Frozen::freeze(&mounts, timeout)?;
-        freeze::run_hooks(&hooks, "frozen", timeout)?;
+        frozen_check()?;
+        freeze::run_hooks(&hooks, "frozen", env, timeout)?;
         let before: Vec<u64> = producers.iter().map(|p| p.counters.app_cuts).collect();
-        let app_cfg = RoundConfig {
-            cut: CutRequest::App,
+        let frozen_cfg = RoundConfig {
+            cut,
+            frozen_until: Some(frozen.held_until()),
             ..*round_cfg
         };
         loop {
@@ -211,7 +307,7 @@ pub fn app_point(
                 !frozen.expired(),
                 "no clean round within the freeze timeout ({timeout:?})"
             );
-            round(capture, producers, &app_cfg, send).context("a round while frozen")?;
+            round(capture, producers, &frozen_cfg, send).context("a round while frozen")?;
             if producers
                 .iter()
                 .zip(&before)
@@ -223,7 +319,7 @@ pub fn app_point(
         drop(frozen);
         Ok(())
     })();
-    let thawed = freeze::run_hooks(&hooks, "post-thaw", timeout);
+    let thawed = freeze::run_hooks(&hooks, "post-thaw", env, timeout);
     result?;
     thawed?;
     let names = |v: Vec<String>| {
@@ -243,6 +339,11 @@ pub fn app_point(
         frozen: names(mounts.iter().map(|m| m.display().to_string()).collect()),
     })
 }
+
+/// How long before a group's application-consistent instant (less the clock's error) its
+/// members freeze: room for FIFREEZE of file systems whose dirty data was just written
+/// back. A freeze that ends later than the instant less the error takes no point.
+const GROUP_FREEZE_MARGIN: Duration = Duration::from_millis(250);
 
 /// What an application-consistent point did, for the log.
 #[derive(Debug)]

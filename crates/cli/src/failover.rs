@@ -35,6 +35,8 @@ pub enum PointSpec {
     LatestApp,
     /// The disk's point in the newest complete point of its consistency group.
     LatestGroup,
+    /// The same among the group's application-consistent points (decision 0028).
+    LatestGroupApp,
     /// The newest point at or before this wall-clock time (unix ns).
     At(u64),
     /// A point id, `<epoch>-<cut>`.
@@ -43,7 +45,8 @@ pub enum PointSpec {
 
 /// The accepted forms of `--point`, for help and errors.
 pub const POINT_FORMS: &str = "latest, latest-app, latest-group (the newest point of the \
-                               disk's consistency group), an RFC 3339 time such as \
+                               disk's consistency group), latest-group-app (its newest \
+                               application-consistent one), an RFC 3339 time such as \
                                2024-05-01T12:00:00Z (the newest point at or before it), or a \
                                point id <epoch>-<cut> such as 3-17 (`ripcord points list` \
                                shows them)";
@@ -56,6 +59,7 @@ impl std::str::FromStr for PointSpec {
             "latest" => PointSpec::Latest,
             "latest-app" => PointSpec::LatestApp,
             "latest-group" => PointSpec::LatestGroup,
+            "latest-group-app" => PointSpec::LatestGroupApp,
             s if s.contains('T') && s.contains(':') => {
                 let t = humantime::parse_rfc3339_weak(s).map_err(|_| bad())?;
                 let ns = t
@@ -84,6 +88,10 @@ impl std::fmt::Display for PointSpec {
             PointSpec::LatestGroup => {
                 f.write_str("latest-group (in the newest point of its consistency group)")
             }
+            PointSpec::LatestGroupApp => f.write_str(
+                "latest-group-app (in the newest application-consistent point of its \
+                 consistency group)",
+            ),
             PointSpec::At(ns) => write!(f, "at or before {}", crate::rfc3339(*ns)),
             PointSpec::Id(id) => write!(f, "with id {id}"),
         }
@@ -108,7 +116,7 @@ pub fn select(
             .max_by_key(|p| (p.time_ns, p.epoch, p.cut_id)),
         PointSpec::Id(id) => points.iter().find(|p| &p.id == id),
         // A group point is a property of several disks' catalogs: see `find_point`.
-        PointSpec::LatestGroup => None,
+        PointSpec::LatestGroup | PointSpec::LatestGroupApp => None,
     };
     found.cloned().with_context(|| {
         format!(
@@ -140,12 +148,18 @@ pub async fn find_point(
             _ => None,
         },
         PointSpec::At(_) => return select(&store.points(disk).await?, spec, disk),
-        PointSpec::LatestGroup => {
-            let chosen = crate::group_points::latest_group_points(store).await?;
+        PointSpec::LatestGroup | PointSpec::LatestGroupApp => {
+            let app_only = *spec == PointSpec::LatestGroupApp;
+            let chosen = crate::group_points::latest_group_points(store, app_only).await?;
             let id = chosen.get(disk).with_context(|| {
                 format!(
-                    "disk {disk} is in no complete group point (`ripcord group points` lists \
-                     a group's points)"
+                    "disk {disk} is in no complete {}group point (`ripcord group points` \
+                     lists a group's points)",
+                    if app_only {
+                        "application-consistent "
+                    } else {
+                        ""
+                    }
                 )
             })?;
             return Box::pin(find_point(store, disk, &PointSpec::Id(id.clone()))).await;

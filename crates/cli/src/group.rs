@@ -52,7 +52,7 @@ pub enum GroupCommand {
         #[arg(long, default_value_t = 50.0)]
         max_error_ms: f64,
     },
-    /// Change a group's interval or max error (what is not given stays). The agents take
+    /// Change a group's interval, max error or app-every (what is not given stays). The agents take
     /// the change within a few seconds, without restarts.
     Set {
         /// The config role's deployment directory (holding control.db).
@@ -68,6 +68,11 @@ pub enum GroupCommand {
         /// 10000).
         #[arg(long)]
         max_error_ms: Option<f64>,
+        /// Make every N-th group point application-consistent (every member runs its
+        /// hooks and freezes its file systems before the instant, and cuts at it while
+        /// frozen); 0 for none.
+        #[arg(long)]
+        app_every: Option<u32>,
     },
     /// Add machines to a group. A machine is in at most one group: take it out of its
     /// group first (`ripcord group remove`). Machines are added in the order given; on a
@@ -152,10 +157,11 @@ pub fn run(command: GroupCommand) -> anyhow::Result<()> {
             name,
             interval_secs,
             max_error_ms,
+            app_every,
         } => {
             ensure!(
-                interval_secs.is_some() || max_error_ms.is_some(),
-                "nothing to change: give --interval-secs, --max-error-ms or both"
+                interval_secs.is_some() || max_error_ms.is_some() || app_every.is_some(),
+                "nothing to change: give --interval-secs, --max-error-ms, --app-every"
             );
             let new_interval = interval_secs.map(interval_ms).transpose()?;
             let new_error = max_error_ms.map(max_error_us).transpose()?;
@@ -168,11 +174,21 @@ pub fn run(command: GroupCommand) -> anyhow::Result<()> {
                 .ok_or_else(|| ControlError::UnknownGroup(name.clone()))?;
             let interval_ms = new_interval.unwrap_or(group.interval_ms);
             let max_error_us = new_error.unwrap_or(group.max_error_us);
-            db.set_group_timing(&name, interval_ms, max_error_us, &operator(), unix_now())?;
+            if new_interval.is_some() || new_error.is_some() {
+                db.set_group_timing(&name, interval_ms, max_error_us, &operator(), unix_now())?;
+            }
+            if let Some(n) = app_every {
+                db.set_group_app_every(&name, n, &operator(), unix_now())?;
+            }
+            let app_every = app_every.unwrap_or(group.app_every);
             println!(
-                "group {name}: a point every {}, max error {}",
+                "group {name}: a point every {}, max error {}, application-consistent {}",
                 secs(interval_ms),
-                millis(max_error_us)
+                millis(max_error_us),
+                match app_every {
+                    0 => "never".to_owned(),
+                    n => format!("every {n} points"),
+                }
             );
             Ok(())
         }
@@ -390,6 +406,7 @@ mod tests {
             name: name(),
             interval_secs: None,
             max_error_ms: Some(20.0),
+            app_every: Some(60),
         })
         .unwrap();
         run(GroupCommand::Add {
@@ -420,6 +437,7 @@ mod tests {
             name: "nope".into(),
             interval_secs: Some(10.0),
             max_error_ms: None,
+            app_every: None,
         })
         .unwrap_err();
         assert!(err.to_string().contains("no group \"nope\""), "{err}");
@@ -432,6 +450,7 @@ mod tests {
             (5_000, 20_000),
             "set kept the interval it was not given"
         );
+        assert_eq!(groups[0].app_every, 60);
         assert_eq!(groups[0].machines, ["db01", "web01", "web02"]);
         list(&deployment, false).unwrap();
         list(&deployment, true).unwrap();
@@ -455,6 +474,7 @@ mod tests {
             [
                 "create-group",
                 "set-group-timing",
+                "set-group-app-every",
                 "add-to-group",
                 "add-to-group",
                 "add-to-group",

@@ -1,5 +1,6 @@
-//! `ripcord group points`, and `--point latest-group`: the points a consistency group's
-//! disks share, read from the target store alone (decision 0027).
+//! `ripcord group points`, and `--point latest-group` / `latest-group-app`: the points a
+//! consistency group's disks share, read from the target store alone (decisions 0027 and
+//! 0028).
 //!
 //! A group point is an instant of the coordinator's clock for which every member disk
 //! holds a stamped recovery point in the store ([`ripcord_store::groups`]). The listing
@@ -71,7 +72,10 @@ pub async fn list(args: PointsArgs) -> anyhow::Result<()> {
         println!("group {group} has no complete point in {}", args.target);
         return Ok(());
     }
-    println!("{:<32} {:>10} {:>7}  points", "instant", "bound", "disks");
+    println!(
+        "{:<32} {:<5} {:>10} {:>7}  points",
+        "instant", "kind", "bound", "disks"
+    );
     for p in &points {
         let ids: Vec<String> = p
             .disks
@@ -79,8 +83,9 @@ pub async fn list(args: PointsArgs) -> anyhow::Result<()> {
             .map(|(d, rp)| format!("{d}:{}", rp.id))
             .collect();
         println!(
-            "{:<32} {:>8}µs {:>7}  {}",
+            "{:<32} {:<5} {:>8}µs {:>7}  {}",
             crate::rfc3339(p.instant_ns),
+            if p.app { "app" } else { "crash" },
             p.bound_ns / 1000,
             p.disks.len(),
             ids.join(" ")
@@ -96,6 +101,7 @@ fn to_json(p: &GroupPoint) -> serde_json::Value {
         "instant": crate::rfc3339(p.instant_ns),
         "bound_ns": p.bound_ns,
         "members": p.members,
+        "app": p.app,
         "disks": p.disks.iter().map(|(d, rp)| {
             let stamp = rp.group.expect("a group point's members are stamped");
             serde_json::json!({
@@ -111,15 +117,20 @@ fn to_json(p: &GroupPoint) -> serde_json::Value {
     })
 }
 
-/// For `--point latest-group`: every disk of the store that is a member of some group's
-/// newest complete point, with that point's id for the disk. Computed once for all the
-/// disks of a run, so the disks of one group are failed over to one instant even while
-/// new points are committed. A disk whose groups have points in several groups (it moved)
-/// gets the newest instant.
-pub async fn latest_group_points(store: &Store) -> anyhow::Result<HashMap<DiskId, String>> {
+/// For `--point latest-group` (`app_only`: `latest-group-app`): every disk of the store
+/// that is a member of some group's newest complete point (application-consistent one),
+/// with that point's id for the disk. Computed once for all the disks of a run, so the
+/// disks of one group are failed over to one instant even while new points are
+/// committed. A disk whose groups have points in several groups (it moved) gets the
+/// newest instant.
+pub async fn latest_group_points(
+    store: &Store,
+    app_only: bool,
+) -> anyhow::Result<HashMap<DiskId, String>> {
     let mut out: HashMap<DiskId, (u64, String)> = HashMap::new();
     for group in groups::group_ids(store).await? {
-        let Some(newest) = groups::group_points(store, group).await?.pop() else {
+        let points = groups::group_points(store, group).await?;
+        let Some(newest) = points.into_iter().rev().find(|p| p.app || !app_only) else {
             continue;
         };
         for (disk, rp) in newest.disks {

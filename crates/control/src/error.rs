@@ -62,6 +62,12 @@ pub enum ControlError {
     )]
     GroupMaxErrorOutOfRange { max_error_us: u64 },
     #[error(
+        "an application-consistent group point every {app_every} instants is more than \
+         {} (a day of 1 s instants)",
+        crate::MAX_GROUP_APP_EVERY
+    )]
+    GroupAppEveryOutOfRange { app_every: u32 },
+    #[error(
         "a group {0:?} exists already: change its timing with `ripcord group set --name {0}`, \
          or delete it first"
     )]

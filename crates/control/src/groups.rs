@@ -30,6 +30,10 @@ pub const MAX_GROUP_MACHINES: usize = 64;
 // Every member machine has a disk to cut, so the machine bound never exceeds the disk bound.
 const _: () = assert!(MAX_GROUP_MACHINES <= MAX_GROUP_MEMBERS as usize);
 
+/// Largest `app_every` of a group (an application-consistent point at most every this
+/// many instants; a day of 1 s instants).
+pub const MAX_GROUP_APP_EVERY: u32 = 86_400;
+
 /// A group's interval between points, in milliseconds: 1 s to 1 hour.
 pub const GROUP_INTERVAL_MS: RangeInclusive<u64> = 1_000..=3_600_000;
 
@@ -99,6 +103,37 @@ impl ControlDb {
              max error {old_error} -> {max_error_us} us"
         );
         audit(&tx, at, actor, "set-group-timing", &detail)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Makes every `app_every`-th instant of group `name` an application-consistent group
+    /// point (0: none; at most [`MAX_GROUP_APP_EVERY`]), an operator action.
+    pub fn set_group_app_every(
+        &mut self,
+        name: &str,
+        app_every: u32,
+        actor: &str,
+        at: i64,
+    ) -> Result<()> {
+        if app_every > MAX_GROUP_APP_EVERY {
+            return Err(ControlError::GroupAppEveryOutOfRange { app_every });
+        }
+        let tx = self.conn.transaction()?;
+        let changed = tx.execute(
+            "UPDATE groups SET app_every = ?2 WHERE name = ?1",
+            params![name, app_every],
+        )?;
+        if changed == 0 {
+            return Err(ControlError::UnknownGroup(name.to_owned()));
+        }
+        audit(
+            &tx,
+            at,
+            actor,
+            "set-group-app-every",
+            &format!("{name}: every {app_every} instants"),
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -247,7 +282,8 @@ impl ControlDb {
     fn groups_where(&self, condition: &str, params: impl rusqlite::Params) -> Result<Vec<Group>> {
         let rows = self.rows(
             &format!(
-                "SELECT g.name, g.id, g.interval_ms, g.max_error_us, g.created_at, m.machine
+                "SELECT g.name, g.id, g.interval_ms, g.max_error_us, g.created_at, m.machine,
+                        g.app_every
                  FROM groups g LEFT JOIN group_members m ON m.group_name = g.name
                  {condition} ORDER BY g.name, m.machine"
             ),
@@ -260,6 +296,7 @@ impl ControlDb {
                     max_error_us: r.get(3)?,
                     machines: Vec::new(),
                     created_at: r.get(4)?,
+                    app_every: r.get(6)?,
                 };
                 Ok((group, r.get::<_, Option<String>>(5)?))
             },

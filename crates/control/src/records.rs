@@ -189,6 +189,8 @@ pub struct Group {
     pub machines: Vec<String>,
     /// When it was created (Unix seconds).
     pub created_at: i64,
+    /// Every `app_every`-th instant is an application-consistent group point (0: none).
+    pub app_every: u32,
 }
 
 /// How bad an alert is.

@@ -12,6 +12,7 @@ const ALL: &[M<'static>] = &[
     M::up(V4),
     M::up(V5),
     M::up(V6),
+    M::up(V7),
 ];
 
 /// The migrations, for `rusqlite_migration`.
@@ -142,6 +143,11 @@ CREATE TABLE group_members (
     added_at   INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX group_members_by_group ON group_members(group_name);
+";
+
+/// Application-consistent group points: every `app_every`-th instant of a group (0: none).
+const V7: &str = "
+ALTER TABLE groups ADD COLUMN app_every INTEGER NOT NULL DEFAULT 0 CHECK (app_every >= 0);
 ";
 
 #[cfg(test)]

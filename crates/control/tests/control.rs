@@ -422,17 +422,17 @@ fn a_reader_opens_only_a_current_database_and_never_writes() {
     assert!(err.to_string().contains("readonly"), "{err}");
     drop(reader);
     let raw = rusqlite::Connection::open(&path).unwrap();
-    raw.pragma_update(None, "user_version", 7).unwrap();
+    raw.pragma_update(None, "user_version", 8).unwrap();
     drop(raw);
     let err = ControlDb::open_read_only(&path)
         .err()
-        .expect("schema 7 opened");
+        .expect("schema 8 opened");
     assert!(
         matches!(
             err,
             ControlError::SchemaMismatch {
-                found: 7,
-                expected: 6,
+                found: 8,
+                expected: 7,
                 ..
             }
         ),
@@ -472,8 +472,17 @@ fn a_group_is_created_filled_and_listed_with_its_machines_sorted() {
         max_error_us: 50_000,
         machines: vec!["app01".to_owned(), "db01".to_owned(), "web02".to_owned()],
         created_at: 900,
+        app_every: 0,
     };
     assert_eq!(db.groups().unwrap(), std::slice::from_ref(&shop));
+    // Every 12th instant application-consistent; past a day of 1 s instants is refused.
+    db.set_group_app_every("shop", 12, "alice", 902).unwrap();
+    assert_eq!(db.groups().unwrap()[0].app_every, 12);
+    assert!(matches!(
+        db.set_group_app_every("shop", 86_401, "alice", 902),
+        Err(ControlError::GroupAppEveryOutOfRange { app_every: 86_401 })
+    ));
+    db.set_group_app_every("shop", 0, "alice", 902).unwrap();
     assert_eq!(db.group_of("web02").unwrap(), Some(shop.clone()));
     assert_eq!(db.group_of("nobody").unwrap(), None);
 
@@ -759,19 +768,19 @@ fn group_rows_hold_against_sql_beside_the_library() {
     raw.pragma_update(None, "foreign_keys", "ON").unwrap();
     for (sql, why) in [
         (
-            "INSERT INTO groups VALUES ('g2', zeroblob(15), 5000, 50000, 1)",
+            "INSERT INTO groups (name, id, interval_ms, max_error_us, created_at) VALUES ('g2', zeroblob(15), 5000, 50000, 1)",
             "CHECK",
         ),
         (
-            "INSERT INTO groups VALUES ('g 2', zeroblob(16), 5000, 50000, 1)",
+            "INSERT INTO groups (name, id, interval_ms, max_error_us, created_at) VALUES ('g 2', zeroblob(16), 5000, 50000, 1)",
             "CHECK",
         ),
         (
-            "INSERT INTO groups VALUES ('g2', '0123456789abcdef', 5000, 50000, 1)",
+            "INSERT INTO groups (name, id, interval_ms, max_error_us, created_at) VALUES ('g2', '0123456789abcdef', 5000, 50000, 1)",
             "CHECK",
         ),
         (
-            "INSERT INTO groups SELECT 'g2', id, 5000, 50000, 1 FROM groups",
+            "INSERT INTO groups (name, id, interval_ms, max_error_us, created_at) SELECT 'g2', id, 5000, 50000, 1 FROM groups",
             "UNIQUE",
         ),
         (
@@ -787,7 +796,7 @@ fn group_rows_hold_against_sql_beside_the_library() {
         assert!(err.to_string().contains(why), "{sql}: {err}");
     }
     raw.execute(
-        "INSERT INTO groups VALUES ('a-b_9', zeroblob(16), 5000, 50000, 1)",
+        "INSERT INTO groups (name, id, interval_ms, max_error_us, created_at) VALUES ('a-b_9', zeroblob(16), 5000, 50000, 1)",
         [],
     )
     .unwrap();

@@ -358,6 +358,7 @@ pub fn valid() -> Vec<Seed> {
                     interval_ms: 5_000,
                     members: 3,
                     max_error_ns: 50_000_000,
+                    app_every: 12,
                 }],
                 clock: Some(ClockReading {
                     received_ns: 1_700_000_000_000_000_000,

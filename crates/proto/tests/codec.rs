@@ -146,12 +146,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     seq,
                     time_ns,
                     mono_ns,
-                    // Group points are crash-consistent: a stamp rides only on those.
-                    kind: if app && group.is_none() {
-                        CutKind::App
-                    } else {
-                        CutKind::Crash
-                    },
+                    kind: if app { CutKind::App } else { CutKind::Crash },
                     id,
                     mac,
                     group,
@@ -171,18 +166,22 @@ fn arb_message() -> impl Strategy<Value = Message> {
             0..=MAX_GROUP_MEMBERS,
             any::<u64>(),
             any::<i64>(),
-            any::<u64>()
+            any::<u64>(),
+            any::<u32>()
         )
-            .prop_map(|(group, interval_ms, members, max_error_ns, off, err)| {
-                Message::GroupSchedule(GroupSchedule {
-                    group: GroupId(group),
-                    interval_ms,
-                    members,
-                    max_error_ns,
-                    coordinator_offset_ns: off,
-                    coordinator_error_ns: err,
-                })
-            }),
+            .prop_map(
+                |(group, interval_ms, members, max_error_ns, off, err, app_every)| {
+                    Message::GroupSchedule(GroupSchedule {
+                        group: GroupId(group),
+                        interval_ms,
+                        members,
+                        max_error_ns,
+                        coordinator_offset_ns: off,
+                        coordinator_error_ns: err,
+                        app_every,
+                    })
+                }
+            ),
         (arb_disk(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
             |(disk_id, epoch, durable_seq, durable_cut_id)| Message::Ack(Ack {
                 disk_id,
@@ -777,13 +776,11 @@ fn a_group_stamp_that_is_cut_short_or_names_no_member_is_refused() {
 }
 
 #[test]
-fn an_app_cut_cannot_carry_a_group_stamp_and_a_reply_cannot_leave_before_it_arrived() {
+fn an_app_group_cut_round_trips_and_a_reply_cannot_leave_before_it_arrived() {
     let mut cut = stamped_cut();
     cut.kind = CutKind::App;
-    assert_eq!(
-        Message::Cut(cut).to_frame(),
-        Err(InvalidMessage::GroupStampOnAppCut)
-    );
+    let frame = Message::Cut(cut.clone()).to_frame().unwrap();
+    assert!(matches!(decode_frame(&frame), Ok(Some((Message::Cut(c), _))) if c == cut));
     let reply = TimeReply {
         nonce: 1,
         received_ns: 10,
@@ -800,6 +797,7 @@ fn an_app_cut_cannot_carry_a_group_stamp_and_a_reply_cannot_leave_before_it_arri
         max_error_ns: 1,
         coordinator_offset_ns: 0,
         coordinator_error_ns: 0,
+        app_every: 0,
     };
     assert!(matches!(
         Message::GroupSchedule(schedule).to_frame(),

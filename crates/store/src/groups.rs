@@ -55,6 +55,9 @@ pub struct GroupPoint {
     pub bound_ns: u64,
     /// Each member disk's point, sorted by disk id (`members` of them).
     pub disks: Vec<(DiskId, RecoveryPoint)>,
+    /// Application-consistent: every member's point is (each member froze its file
+    /// systems before the instant and cut while frozen).
+    pub app: bool,
 }
 
 /// The clock-error bound of a group point whose members' cuts have the given errors:
@@ -146,12 +149,14 @@ pub async fn group_points(store: &Store, group: GroupId) -> Result<Vec<GroupPoin
             continue;
         }
         let bound = bound_ns(disks.values().filter_map(|p| p.group.map(|s| s.error_ns)));
+        let app = disks.values().all(|p| p.kind == crate::types::CutKind::App);
         out.push(GroupPoint {
             group,
             instant_ns,
             members: most,
             bound_ns: bound,
             disks: disks.into_iter().collect(),
+            app,
         });
     }
     Ok(out)

@@ -108,7 +108,11 @@ pub enum CutRequest {
     /// A group cut: the round takes its instant at the target's local time (after the
     /// page-cache write-back, so nothing slow lies between the wait and the instant),
     /// and a clean round's cut carries the stamp if the cut's total clock error stays
-    /// within the target's limit (else it is an ordinary crash-consistent cut).
+    /// within the target's limit (else it is an ordinary crash-consistent cut). An
+    /// application-consistent target (`app`, decision 0028) is cut only under a freeze
+    /// (`RoundConfig::frozen_until`), once the instant has passed by the offset's error
+    /// too: the coordinator's instant then lies, in real time, inside the freeze, so the
+    /// cut is the state at the instant and no lateness enters its error.
     Group(super::group::GroupTarget),
 }
 
@@ -120,6 +124,11 @@ pub struct RoundConfig {
     pub sync_chunk_sectors: u64,
     pub cut_interval: Duration,
     pub cut: CutRequest,
+    /// For a round under a freeze: until when the file systems are certainly frozen
+    /// (`Frozen::held_until`). An application-consistent cut (`App`, or a `Group` target
+    /// with `app`) is placed only if its snapshot is taken before it, so a cut can never
+    /// be labelled application-consistent after the watchdog thawed.
+    pub frozen_until: Option<std::time::Instant>,
 }
 
 /// Counters of one disk's producer.

@@ -45,15 +45,30 @@ pub fn round(
     // the snapshot, which lies between them.
     let mut stamp = None;
     if let CutRequest::Group(target) = cfg.cut {
-        wait_until_wall(target.local_ns);
+        wait_until_wall(if target.app {
+            target.local_ns.saturating_add(target.stamp.error_ns)
+        } else {
+            target.local_ns
+        });
     }
     let before = now_wall_ns();
     let snap = capture.gen_snapshot();
+    let frozen_at_snapshot = cfg.frozen_until.is_some_and(|until| Instant::now() < until);
     let t_mono = now_mono_ns();
     let t_wall = now_wall_ns();
+    let app = match cfg.cut {
+        CutRequest::App => true,
+        CutRequest::Group(target) => target.app,
+        CutRequest::Interval | CutRequest::Forced => false,
+    };
     if let CutRequest::Group(target) = cfg.cut {
-        // |cut − instant| ≤ (after − target) + the offset's error (decision 0027).
-        let late = t_wall.saturating_sub(target.local_ns.min(before));
+        // |cut − instant| ≤ (after − target) + the offset's error (decision 0027); under a
+        // freeze that spans the instant, the offset's error alone (decision 0028).
+        let late = if app {
+            0
+        } else {
+            t_wall.saturating_sub(target.local_ns.min(before))
+        };
         let error_ns = target.stamp.error_ns.saturating_add(late);
         if error_ns <= target.max_error_ns {
             stamp = Some(ripcord_proto::GroupStamp {
@@ -242,12 +257,12 @@ pub fn round(
         let due = cfg.cut != CutRequest::Interval
             || d.last_cut.is_none_or(|t| t.elapsed() >= cfg.cut_interval);
         let wanted = d.uncut || cfg.cut != CutRequest::Interval;
-        let placed = clean && drained_all && !d.syncing() && wanted && due;
+        let placed =
+            clean && drained_all && !d.syncing() && wanted && due && (!app || frozen_at_snapshot);
         if matches!(cfg.cut, CutRequest::Group(_)) && !(placed && stamp.is_some()) {
             d.counters.group_misses += 1;
         }
         if placed {
-            let app = cfg.cut == CutRequest::App;
             send(
                 slot,
                 Outgoing::Cut {
@@ -259,8 +274,11 @@ pub fn round(
                 },
             )?;
             d.counters.cuts += 1;
+            if app {
+                d.counters.app_cuts += 1;
+            }
             match cfg.cut {
-                CutRequest::App => d.counters.app_cuts += 1,
+                CutRequest::App => {}
                 CutRequest::Forced => d.counters.forced_cuts += 1,
                 CutRequest::Group(_) if stamp.is_some() => d.counters.group_cuts += 1,
                 CutRequest::Interval | CutRequest::Group(_) => {}

@@ -325,7 +325,10 @@ async fn new_run(
         .replace(':', "");
     // The group points are read once, so every disk of a group gets the same instant.
     let group_points = match spec {
-        PointSpec::LatestGroup => Some(crate::group_points::latest_group_points(store).await?),
+        PointSpec::LatestGroup | PointSpec::LatestGroupApp => Some(
+            crate::group_points::latest_group_points(store, spec == PointSpec::LatestGroupApp)
+                .await?,
+        ),
         _ => None,
     };
     let mut points = BTreeMap::new();

@@ -238,6 +238,7 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
             max_error_ns: r.u64("group_schedule.max_error_ns")?,
             coordinator_offset_ns: r.u64("group_schedule.coordinator_offset_ns")? as i64,
             coordinator_error_ns: r.u64("group_schedule.coordinator_error_ns")?,
+            app_every: r.u32("group_schedule.app_every")?,
         }),
         MessageType::StoreStatus => Message::StoreStatus(StoreStatus {
             disk_id: r.disk_id("store_status.disk_id")?,

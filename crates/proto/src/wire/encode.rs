@@ -166,9 +166,6 @@ impl Message {
             Self::DiskName(m) => super::check_device_name(&m.device),
             Self::Cut(m) => match &m.group {
                 None => Ok(()),
-                Some(_) if m.kind != super::CutKind::Crash => {
-                    Err(InvalidMessage::GroupStampOnAppCut)
-                }
                 Some(g) => check_members(g.members),
             },
             Self::TimeReply(m) if m.sent_ns < m.received_ns => {
@@ -279,6 +276,7 @@ impl Message {
                 put_u64(out, m.max_error_ns);
                 put_u64(out, m.coordinator_offset_ns as u64);
                 put_u64(out, m.coordinator_error_ns);
+                put_u32(out, m.app_every);
             }
             Self::StoreStatus(m) => {
                 out.extend_from_slice(&m.disk_id.0);

@@ -52,7 +52,7 @@
 //! | 0x000E | [`EpochContinued`] | disk_id `[u8; 16]`, epoch u64, resume_from_seq u64, next_cut_id u64                                   |
 //! | 0x000F | [`TimeProbe`]    | nonce u64                                                                                                 |
 //! | 0x0010 | [`TimeReply`]    | nonce u64, received_ns u64, sent_ns u64                                                                   |
-//! | 0x0011 | [`GroupSchedule`] | group `[u8; 16]`, interval_ms u64, members u16 (0: no group), max_error_ns u64, coordinator_offset_ns i64, coordinator_error_ns u64 |
+//! | 0x0011 | [`GroupSchedule`] | group `[u8; 16]`, interval_ms u64, members u16 (0: no group), max_error_ns u64, coordinator_offset_ns i64, coordinator_error_ns u64, app_every u32 (0: no application-consistent group points) |
 //!
 //! Enum values: [`ExtentKind`] Data=0, Zero=1, Discard=2; [`CutKind`]
 //! Crash=0, App=1; [`ErrorCode`] see its docs. Batch flags: bit 0
@@ -257,7 +257,7 @@ impl MessageType {
             Self::EpochContinued => DISK_ID_LEN + 8 + 8 + 8,
             Self::TimeProbe => 8,
             Self::TimeReply => 8 + 8 + 8,
-            Self::GroupSchedule => 16 + 8 + 2 + 8 + 8 + 8,
+            Self::GroupSchedule => 16 + 8 + 2 + 8 + 8 + 8 + 4,
         }
     }
 }
@@ -514,6 +514,10 @@ pub struct GroupSchedule {
     pub coordinator_offset_ns: i64,
     /// Bound on the error of `coordinator_offset_ns`.
     pub coordinator_error_ns: u64,
+    /// Every `app_every`-th instant (those whose number of intervals since the Unix epoch
+    /// is a multiple of it) is an application-consistent group point: every member
+    /// freezes before the instant and cuts at it while frozen (decision 0028). 0: none.
+    pub app_every: u32,
 }
 
 /// Shortest group interval a [`GroupSchedule`] may carry.
@@ -629,10 +633,6 @@ pub enum InvalidMessage {
         /// Departure reading.
         sent_ns: u64,
     },
-    /// An application-consistent cut carries a group stamp (group points are
-    /// crash-consistent).
-    #[error("an application-consistent cut carries a group stamp")]
-    GroupStampOnAppCut,
 }
 
 /// Why a frame could not be decoded. Every variant means the byte stream is

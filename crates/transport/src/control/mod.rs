@@ -147,6 +147,10 @@ pub struct MachineGroup {
     pub members: u16,
     /// A point whose clock-error bound passes this is not offered.
     pub max_error_ns: u64,
+    /// Every this-many-th instant is application-consistent (0: none; older roles send
+    /// none).
+    #[serde(default)]
+    pub app_every: u32,
 }
 
 /// Two readings of the configuration role's wall clock (unix ns).
