@@ -321,7 +321,9 @@ async fn copy_plan(
     let is_block = target.is_block;
     let machine = std::sync::Arc::new(plan.epoch.machine_id.clone());
     // Runs are disjoint, so batches can be fetched, opened and written in any order: keep
-    // a few in flight so fetching, decryption and writing overlap on all cores.
+    // a few in flight so fetching, decryption and writing overlap on all cores. Each run's
+    // write-back starts as soon as it is written, so the device writes the image while
+    // the store is still being read (see `ripcord_restore::write_back`).
     let parallel = std::thread::available_parallelism()
         .map_or(2, |n| n.get() * 2)
         .clamp(4, 16);
@@ -341,6 +343,9 @@ async fn copy_plan(
                         let len = r.sectors * 512;
                         let RunSource::Data { offset, .. } = r.source else {
                             zero_at(&file, is_block, r.sector * 512, len)?;
+                            if is_block {
+                                start_write_back(&file, r.sector * 512, len)?;
+                            }
                             continue;
                         };
                         let end = offset + len;
@@ -356,6 +361,7 @@ async fn copy_plan(
                             &plain[offset as usize..end as usize],
                             r.sector * 512,
                         )?;
+                        start_write_back(&file, r.sector * 512, len)?;
                         written += len;
                     }
                     Ok(written)
@@ -393,4 +399,10 @@ fn write_sparse(file: &File, is_block: bool, data: &[u8], offset: u64) -> anyhow
         file.write_all_at(chunk, offset + (i as u64) * (64 << 10))?;
     }
     Ok(())
+}
+
+/// Starts the write-back of a range just written (see [`ripcord_restore::write_back`]).
+fn start_write_back(file: &File, offset: u64, len: u64) -> anyhow::Result<()> {
+    ripcord_restore::write_back::start(file, offset, len)
+        .with_context(|| format!("starting the write-back of {len} bytes at byte {offset}"))
 }
