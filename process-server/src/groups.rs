@@ -24,8 +24,7 @@ use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 use ripcord_proto::{GroupSchedule, MAX_GROUP_MEMBERS};
 use tokio::sync::watch;
 
-/// How often the configuration database is read for groups.
-pub const REFRESH: Duration = Duration::from_secs(2);
+pub use crate::db_watch::REFRESH;
 
 /// Each machine's schedule (machines in no group are absent).
 pub type Schedules = Arc<HashMap<String, GroupSchedule>>;
@@ -89,53 +88,10 @@ pub fn read_schedules(db: &ripcord_control::ControlDb) -> anyhow::Result<Schedul
     Ok(Arc::new(out))
 }
 
-/// Reads the groups of the configuration database at `path` every [`REFRESH`] on a
-/// thread of its own; the receiver always holds the latest map (empty until the first
-/// read, and kept as it was while reads fail).
+/// Reads the groups of the configuration database at `path` every [`REFRESH`] (see
+/// `crate::db_watch`).
 pub fn watch_control_db(path: &Path) -> watch::Receiver<Schedules> {
-    let (tx, rx) = watch::channel(Schedules::default());
-    let path = path.to_owned();
-    let spawned = std::thread::Builder::new()
-        .name("ripcord-groups".into())
-        .spawn(move || {
-            let mut db = None;
-            let mut failing = false;
-            while !tx.is_closed() {
-                let read = (|| -> anyhow::Result<Schedules> {
-                    if db.is_none() {
-                        db = Some(ripcord_control::ControlDb::open_read_only(&path)?);
-                    }
-                    read_schedules(db.as_ref().expect("opened above"))
-                })();
-                match read {
-                    Ok(map) => {
-                        failing = false;
-                        tx.send_if_modified(|old| {
-                            let changed = **old != *map;
-                            if changed {
-                                *old = map;
-                            }
-                            changed
-                        });
-                    }
-                    Err(e) => {
-                        db = None;
-                        if !failing {
-                            tracing::warn!(
-                                "cannot read the consistency groups from {}: {e:#}",
-                                path.display()
-                            );
-                        }
-                        failing = true;
-                    }
-                }
-                std::thread::sleep(REFRESH);
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start the consistency-group reader: {e}");
-    }
-    rx
+    crate::db_watch::watch(path, "consistency-groups", read_schedules)
 }
 
 /// The schedules of `machines` (those assigned to a joined server), as the configuration
@@ -193,14 +149,7 @@ impl Relay {
 
     /// Takes an accepted report's groups and clock.
     pub fn update(&mut self, accepted: &ripcord_transport::control::ReportAccepted) {
-        let map = relay_schedules(accepted);
-        self.tx.send_if_modified(|old| {
-            let changed = **old != *map;
-            if changed {
-                *old = map;
-            }
-            changed
-        });
+        crate::db_watch::send_if_changed(&self.tx, relay_schedules(accepted));
     }
 }
 
@@ -268,6 +217,7 @@ mod tests {
                 max_error_ns: 50_000_000,
                 app_every: 0,
             }],
+            policies: Vec::new(),
             clock,
         }
     }

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod config_metrics;
 pub mod control;
+pub mod db_watch;
 pub mod deploy;
 pub mod disk;
 pub mod frames;
@@ -14,6 +15,7 @@ pub mod join;
 pub mod metrics;
 pub mod peers;
 pub mod placement;
+pub mod policies;
 pub mod registry;
 pub mod replay;
 pub mod reporting;

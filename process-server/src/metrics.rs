@@ -58,6 +58,7 @@ pub struct Metrics {
     upload_errors: Family<DiskLabel, Counter>,
     uploads_failing: Family<DiskLabel, Gauge>,
     point_age: Family<DiskLabel, Gauge>,
+    retention: Family<DiskLabel, Gauge>,
     lag: Family<DiskLabel, Gauge>,
     /// 1 while a disk's acknowledgements are held for cache space (set by the disk itself,
     /// live: no group commit happens while it is held).
@@ -116,6 +117,7 @@ impl Metrics {
             upload_errors: Family::default(),
             uploads_failing: Family::default(),
             point_age: Family::default(),
+            retention: Family::default(),
             lag: Family::default(),
             space_held: Family::default(),
             health: Gauge::default(),
@@ -192,6 +194,12 @@ impl Metrics {
             "Seconds since the disk's newest recovery point was committed (or since this \
              server started, if none was)",
             m.point_age.clone(),
+        );
+        registry.register(
+            "retention_seconds",
+            "How long the disk's recovery points are kept, as its last retention run applied \
+             it: its machine's policy's retention, else the server's retention-secs",
+            m.retention.clone(),
         );
         registry.register(
             "lag_seconds",
@@ -366,6 +374,11 @@ impl Metrics {
                 .get_or_create(label)
                 .set(st.point_age().as_secs() as i64);
             self.lag.get_or_create(label).set(st.lag().as_secs() as i64);
+            if let Some(r) = st.retention {
+                self.retention
+                    .get_or_create(label)
+                    .set(i64::try_from(r.as_secs()).unwrap_or(i64::MAX));
+            }
         }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");

@@ -70,6 +70,9 @@ pub(crate) struct Reporter {
     /// The group schedules the configuration role relays for this server's machines,
     /// with this server's clock offset to the coordinator (`crate::groups::Relay`).
     pub(crate) groups: watch::Receiver<crate::groups::Schedules>,
+    /// The policies the configuration role relays for this server's machines
+    /// (`crate::policies::Relay`).
+    pub(crate) policies: watch::Receiver<crate::policies::Policies>,
 }
 
 impl Reporter {
@@ -142,6 +145,7 @@ pub(crate) async fn start_reporting(
     machines: MachineStore,
 ) -> anyhow::Result<Reporter> {
     let mut relay = crate::groups::Relay::default();
+    let mut policy_relay = crate::policies::Relay::default();
     let mut link = Link {
         config_role: config_role.to_owned(),
         host: crate::config::config_role_host(config_role)?.to_owned(),
@@ -164,6 +168,7 @@ pub(crate) async fn start_reporting(
             tracing::info!(config_role, "reporting to the configuration role");
             sync_machines(&machines, &accepted.machines).await;
             relay.update(&accepted);
+            policy_relay.update(&accepted);
         }
         Ok(Outcome::Refused(refusal, message)) if refusal.is_final() => {
             bail!("the configuration role at {config_role} refuses this server: {message}")
@@ -180,6 +185,7 @@ pub(crate) async fn start_reporting(
         ),
     }
     let groups_rx = relay.subscribe();
+    let policies_rx = policy_relay.subscribe();
     let (latest, mut rx) = watch::channel(ReportBody::default());
     let config_role = config_role.to_owned();
     let refresh = Arc::new(tokio::sync::Notify::new());
@@ -202,6 +208,7 @@ pub(crate) async fn start_reporting(
             if let Outcome::Accepted(accepted) = &outcome {
                 sync_machines(&machines, &accepted.machines).await;
                 relay.update(accepted);
+                policy_relay.update(accepted);
             }
             reported_tx.notify_waiters();
             if kind == failing {
@@ -229,6 +236,7 @@ pub(crate) async fn start_reporting(
         reported,
         task,
         groups: groups_rx,
+        policies: policies_rx,
     })
 }
 
@@ -394,10 +402,12 @@ fn take_report(
             }
             control.send_for(server, Event::Disks(body.disks));
             let groups = crate::groups::relayed(&state.groups.borrow(), &machines);
+            let policies = crate::policies::relayed(&state.policies.borrow(), &machines);
             Reply::Accepted {
                 machines,
                 groups,
                 clock: None,
+                policies,
             }
         }
         Err((refusal, message)) => {

@@ -82,6 +82,8 @@ pub struct State {
     pub(crate) reporter: Option<crate::reporting::Reporter>,
     /// Each machine's consistency-group schedule (`crate::groups`).
     pub(crate) groups: tokio::sync::watch::Receiver<crate::groups::Schedules>,
+    /// Each machine's policy settings (`crate::policies`).
+    pub(crate) policies: tokio::sync::watch::Receiver<crate::policies::Policies>,
 }
 
 impl State {
@@ -123,6 +125,7 @@ impl State {
                 core.clone(),
                 cfg,
                 status,
+                self.policies.clone(),
             ))
         });
         disks.insert(
@@ -320,15 +323,20 @@ pub async fn serve(
         })
         .collect();
     let control = start_control(&dep, &machines, data.local_addr()?)?;
-    let groups = if control.is_some() {
-        crate::groups::watch_control_db(&crate::control::db_path(&dep.dir))
+    let (groups, policies) = if control.is_some() {
+        let db = crate::control::db_path(&dep.dir);
+        (
+            crate::groups::watch_control_db(&db),
+            crate::policies::watch_control_db(&db),
+        )
     } else if let Some(reporter) = &reporter {
-        reporter.groups.clone()
+        (reporter.groups.clone(), reporter.policies.clone())
     } else {
-        crate::groups::unscheduled()
+        (crate::groups::unscheduled(), crate::policies::none())
     };
     let state = Arc::new(State {
         groups,
+        policies,
         control,
         instances: crate::reporting::Instances::default(),
         reporter,

@@ -100,12 +100,15 @@ pub(crate) async fn connection(
         };
         tracing::info!(%machine, agent = %hello.agent_version, "agent connected");
         // Protocol 5 on, the control stream carries clock probes and the machine's group
-        // schedule; it lives as long as the connection.
+        // schedule (6 on: and its policy); it lives as long as the connection.
         let _control = (version >= 5).then(|| {
-            let groups = state.groups.clone();
+            let watched = Watched {
+                groups: state.groups.clone(),
+                policies: state.policies.clone(),
+            };
             let machine = machine.clone();
             AbortOnDrop(tokio::spawn(async move {
-                if let Err(e) = control_stream(send, reader, groups, &machine).await {
+                if let Err(e) = control_stream(send, reader, watched, version, &machine).await {
                     tracing::info!(%machine, "control stream ended: {e:#}");
                 }
             }))
@@ -141,17 +144,41 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// What the control stream pushes to the agent when it changes.
+struct Watched {
+    groups: tokio::sync::watch::Receiver<crate::groups::Schedules>,
+    policies: tokio::sync::watch::Receiver<crate::policies::Policies>,
+}
+
 /// The control stream after the hello (protocol 5 on): answers clock probes with this
-/// server's clock, and sends the machine's group schedule at once and whenever it
-/// changes (`crate::groups`).
+/// server's clock, and sends the machine's group schedule (`crate::groups`) and, protocol
+/// 6 on, its policy (`crate::policies`) at once and whenever they change. A protocol 5
+/// agent gets schedules without application-consistent instants (it cannot take them).
 async fn control_stream(
     mut send: SendStream,
     mut reader: FrameReader,
-    mut groups: tokio::sync::watch::Receiver<crate::groups::Schedules>,
+    watched: Watched,
+    version: u16,
     machine: &str,
 ) -> anyhow::Result<()> {
-    let mut current = crate::groups::schedule_for(&groups.borrow_and_update(), machine);
+    let Watched {
+        mut groups,
+        mut policies,
+    } = watched;
+    let schedule_for = |groups: &crate::groups::Schedules| {
+        let mut s = crate::groups::schedule_for(groups, machine);
+        if version < 6 {
+            s.app_every = 0;
+        }
+        s
+    };
+    let mut current = schedule_for(&groups.borrow_and_update());
     send_message(&mut send, &Message::GroupSchedule(current)).await?;
+    let mut policy = crate::policies::update_for(&policies.borrow_and_update(), machine);
+    let mut watching_policies = version >= 6;
+    if watching_policies {
+        send_message(&mut send, &Message::PolicyUpdate(policy)).await?;
+    }
     let mut watching = true;
     loop {
         tokio::select! {
@@ -176,10 +203,27 @@ async fn control_stream(
                     watching = false; // no source of groups on this server
                     continue;
                 }
-                let next = crate::groups::schedule_for(&groups.borrow_and_update(), machine);
+                let next = schedule_for(&groups.borrow_and_update());
                 if next != current {
                     current = next;
                     send_message(&mut send, &Message::GroupSchedule(current)).await?;
+                }
+            }
+            changed = policies.changed(), if watching_policies => {
+                if changed.is_err() {
+                    watching_policies = false; // no source of policies on this server
+                    continue;
+                }
+                let next = crate::policies::update_for(&policies.borrow_and_update(), machine);
+                if next != policy {
+                    policy = next;
+                    tracing::info!(
+                        %machine,
+                        assigned = policy.assigned,
+                        app_interval_secs = policy.app_interval_secs,
+                        "the machine's policy changed: telling its agent"
+                    );
+                    send_message(&mut send, &Message::PolicyUpdate(policy)).await?;
                 }
             }
         }

@@ -240,3 +240,113 @@ fn a_process_only_server_keeps_no_configuration_database() {
     let (ok, _) = agent.stop().unwrap();
     assert!(ok);
 }
+
+/// A policy given to a machine reaches its process server (the disk's retention, shown in
+/// its metrics) and its agent (application-consistent points, none configured in its own
+/// file) within seconds, with neither restarted (issue 15, item 3).
+#[test]
+fn a_policy_reaches_the_process_server_and_the_agent_without_restarts() {
+    let Some(site) =
+        Site::builder("a_policy_reaches_the_process_server_and_the_agent_without_restarts")
+            .file_target()
+            .machine("db01")
+            .start()
+    else {
+        return;
+    };
+    let disk = site.loop_device("disk.img", 32 * MIB);
+    testkit::run("mkfs.ext4", &["-q", "-F", disk.path.to_str().unwrap()]).unwrap();
+    let mnt = testkit::Mount::new(&disk.path, &site.path().join("mnt"), &["-t", "ext4"]).unwrap();
+    let hooks = site.subdir("hooks");
+    let config = site.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "app-interval-secs = 0\nhooks-dir = {:?}\nmetrics-addr = \"\"\n",
+            hooks.display().to_string()
+        ),
+    )
+    .unwrap();
+    let agent = site.replicator_with(&[&disk.path], &["--config", config.to_str().unwrap()], &[]);
+    agent.wait_synced(Duration::from_secs(60)).unwrap();
+    let started = std::time::Instant::now();
+    let disk_id = site.id.disk_id(&disk.path).unwrap();
+    let label = format!("disk=\"{disk_id}\"");
+    let retention = || {
+        let m = ripcord_tests::http_get(site.ps.metrics_port, "/metrics");
+        m.lines()
+            .any(|l| l.starts_with("ripcord_ps_retention_seconds{") && l.contains(&label))
+            .then(|| ripcord_tests::metric(&m, "ripcord_ps_retention_seconds", &label))
+    };
+    wait_for(
+        "the disk's retention metric",
+        Duration::from_secs(30),
+        || Ok(retention().is_some()),
+    )
+    .unwrap();
+    assert_eq!(retention(), Some(72.0 * 3600.0), "the server's default");
+
+    let dep = site.ps.dir.to_str().unwrap();
+    for args in [
+        &[
+            "set",
+            "--name",
+            "gold",
+            "--retention-hours",
+            "2",
+            "--app-consistent-every-secs",
+            "60",
+        ][..],
+        &["assign", "--machine", "db01", "--policy", "gold"],
+    ] {
+        let (ok, out, err) = testkit::replication::ripcord(
+            &[&["policy"], args, &["--deployment", dep]].concat(),
+            &site.ps.passphrase_file,
+        )
+        .unwrap();
+        assert!(ok, "policy {args:?}: {out}{err}");
+    }
+    wait_for(
+        "the policy's retention on the process server",
+        Duration::from_secs(20),
+        || Ok(retention() == Some(7200.0)),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}\n{}", retention(), site.ps.logs()));
+    wait_for(
+        "the agent to take the policy's interval",
+        Duration::from_secs(20),
+        || {
+            Ok(agent
+                .log()
+                .contains("sets application-consistent points every 60 s"))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
+    // The agent's file asks for none; the policy's first one is due 60 s after the agent
+    // started.
+    let app_points = || {
+        testkit::replication::points(site.target(), &disk_id, &site.ps.passphrase_file)
+            .unwrap()
+            .into_iter()
+            .filter(|p| p["kind"] == "app")
+            .count()
+    };
+    assert_eq!(app_points(), 0);
+    wait_for(
+        "an application-consistent point by the policy",
+        Duration::from_secs(120),
+        || Ok(app_points() > 0),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
+    assert!(
+        started.elapsed() >= Duration::from_secs(55),
+        "an application-consistent point came before the policy's interval had passed"
+    );
+    assert!(
+        agent.log().contains("application-consistent point taken"),
+        "{}",
+        agent.log()
+    );
+    drop(agent);
+    drop(mnt);
+}

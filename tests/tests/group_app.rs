@@ -186,10 +186,12 @@ fn group_app_points_equal_every_members_frozen_copy() {
         "only {} distinct images among the app points",
         distinct.len()
     );
-    drop(mnt_a);
-    drop(mnt_b);
+    // The agents first: one killed while frozen would leave its file system frozen (the
+    // mounts' drop thaws that too).
     drop(agent_a);
     drop(agent_b);
+    drop(mnt_a);
+    drop(mnt_b);
 }
 
 /// Whether a file can be written (and synced) on `dir` within `within`; a frozen file
@@ -267,8 +269,43 @@ fn a_coordinator_killed_during_a_group_freeze_leaves_nothing_frozen_beyond_the_t
         "both file systems writable {:?} after the coordinator was killed during the freeze",
         frozen_seen.elapsed()
     );
-    drop(mnt_a);
-    drop(mnt_b);
     drop(agent_a);
     drop(agent_b);
+    drop(mnt_a);
+    drop(mnt_b);
+}
+
+/// An agent killed during an application-consistent point leaves its file systems frozen
+/// (its watchdog dies with it); the next agent on the device thaws them at start-up and
+/// says so.
+#[test]
+fn an_agent_thaws_what_a_killed_agent_left_frozen() {
+    let Some(site) = Site::builder("an_agent_thaws_what_a_killed_agent_left_frozen")
+        .file_target()
+        .start()
+    else {
+        return;
+    };
+    let dev = site.loop_device("disk.img", 32 * MIB);
+    testkit::run("mkfs.ext4", &["-q", "-F", dev.path.to_str().unwrap()]).unwrap();
+    let mnt = Mount::new(&dev.path, &site.path().join("mnt"), &["-t", "ext4"]).unwrap();
+    // What a killed agent leaves: the file system frozen.
+    testkit::run("fsfreeze", &["-f", mnt.dir.to_str().unwrap()]).unwrap();
+    assert!(
+        !writable_within(&mnt.dir, Duration::from_millis(500)),
+        "fsfreeze did not freeze"
+    );
+    let agent = site.replicator(&[&dev.path]);
+    assert!(
+        writable_within(&mnt.dir, Duration::from_secs(10)),
+        "still frozen after the agent started:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("was left frozen"),
+        "the agent did not say it thawed:\n{}",
+        agent.log()
+    );
+    drop(agent);
+    drop(mnt);
 }

@@ -270,6 +270,32 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// Thaws every file system mounted on `devices` that is frozen, with a warning naming it:
+/// an agent killed during an application-consistent point took its watchdog with it, and
+/// its successor (this agent, holding the devices' locks) is the one to undo the freeze.
+/// FITHAW of a file system that is not frozen fails (EINVAL) and changes nothing.
+pub fn thaw_left_frozen(devices: &[BlockDevice]) {
+    let mounts = match mounts_on(devices) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("cannot list the protected devices' mounts to thaw them: {e:#}");
+            return;
+        }
+    };
+    for m in mounts {
+        let Ok(f) = File::open(&m) else { continue };
+        // SAFETY: as in `Frozen::freeze`.
+        if unsafe { fithaw(f.as_raw_fd(), 0) }.is_ok() {
+            tracing::warn!(
+                mount = %m.display(),
+                "{} was left frozen (an agent stopped during an application-consistent \
+                 point, or someone ran fsfreeze): thawed",
+                m.display()
+            );
+        }
+    }
+}
+
 /// File systems frozen until this is dropped (or the watchdog fires).
 pub struct Frozen {
     files: Arc<Vec<(PathBuf, File)>>,

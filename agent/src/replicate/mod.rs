@@ -28,6 +28,7 @@ pub mod net;
 pub mod outcome;
 pub mod pipeline;
 pub mod points;
+pub mod policy;
 pub mod protect;
 pub mod read_log;
 pub mod readback;

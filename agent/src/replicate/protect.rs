@@ -85,6 +85,7 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     // Held until the agent exits: one agent per state directory and per device.
     let _locks = super::lock::lock_all(&cfg.state_dir, &devs)?;
+    super::freeze::thaw_left_frozen(&devs);
     let metrics = Arc::new(AgentMetrics::new());
     if !cfg.metrics_addr.is_empty() {
         let addr = cfg.metrics_addr.parse().context("metrics-addr")?;
@@ -287,6 +288,7 @@ fn run_epoch(
         );
     }
     let group_clock = SharedGroupClock::default();
+    let machine_policy = crate::replicate::policy::SharedPolicy::default();
     let net_cfg = NetConfig {
         server: server_addr,
         server_name,
@@ -295,6 +297,7 @@ fn run_epoch(
         window_bytes: cfg.window_mib << 20,
         congestion: cfg.congestion.into(),
         group_clock: Arc::clone(&group_clock),
+        policy: machine_policy.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -349,8 +352,6 @@ fn run_epoch(
     let mut gaps = vec![GapState::default(); producers.len()];
     let mut churn = vec![ChurnWatch::default(); producers.len()];
     let mut freezes = FreezeStats::default();
-    let app_interval =
-        (cfg.app_interval_secs > 0).then(|| Duration::from_secs(cfg.app_interval_secs));
     let mut last_app = Instant::now();
     let total: u64 = devs.iter().map(|d| d.sectors * 512).sum();
     let bar = ProgressBar::new(total).with_style(
@@ -495,7 +496,7 @@ fn run_epoch(
             }
             continue;
         }
-        if let Some(interval) = app_interval
+        if let Some(interval) = machine_policy.app_interval(cfg.app_interval_secs)
             && last_app.elapsed() >= interval
             && producers.iter().all(|p| !p.syncing())
         {

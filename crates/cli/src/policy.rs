@@ -7,8 +7,9 @@
 //! twice the threshold) and cleared below it; a change applies at the next check, with no
 //! restart. A machine without a policy gets
 //! [`ripcord_control::DEFAULT_RPO_THRESHOLD_SECS`]. The retention and app-consistent
-//! interval are recorded with the policy; agents and process servers still take theirs
-//! from agent.toml and ps.toml (`cargo xtask deploy` writes both from the inventory).
+//! interval reach the machine's process server and agent within seconds, without
+//! restarts, and override their `retention-secs` (ps.toml) and `app-interval-secs`
+//! (agent.toml) while the machine has the policy (process-server `policies` module).
 
 use std::path::{Path, PathBuf};
 
@@ -24,7 +25,8 @@ use crate::{
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// Create or change a policy. A change reaches the alerts of every machine given it
-    /// within a second, without restarts.
+    /// within a second, and their process servers and agents within seconds, without
+    /// restarts.
     Set {
         /// The config role's deployment directory (holding control.db).
         #[arg(long, default_value = "/var/lib/ripcord/ps")]
@@ -36,10 +38,12 @@ pub enum PolicyCommand {
         /// this many seconds; critical at twice it.
         #[arg(long, default_value_t = DEFAULT_RPO_THRESHOLD_SECS)]
         rpo_threshold_secs: u64,
-        /// Keep recovery points this many hours (recorded with the policy).
+        /// Keep recovery points this many hours (the machines' process servers apply it
+        /// at their next retention run).
         #[arg(long, default_value_t = 72)]
         retention_hours: u64,
-        /// Take an app-consistent point this often (recorded with the policy).
+        /// Take an app-consistent point this often (the machines' agents take it within
+        /// seconds, overriding their app-interval-secs).
         #[arg(long, default_value_t = 3600)]
         app_consistent_every_secs: u64,
     },

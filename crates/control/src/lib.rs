@@ -312,6 +312,26 @@ impl ControlDb {
         )
     }
 
+    /// Every machine that has a policy, with that policy, by machine id.
+    pub fn machine_policies(&self) -> Result<Vec<(String, Policy)>> {
+        self.rows(
+            "SELECT m.id, p.name, p.rpo_threshold_secs, p.retention_secs, p.app_interval_secs
+             FROM machines m JOIN policies p ON p.name = m.policy ORDER BY m.id",
+            [],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    Policy {
+                        name: r.get(1)?,
+                        rpo_threshold_secs: r.get(2)?,
+                        retention_secs: r.get(3)?,
+                        app_interval_secs: r.get(4)?,
+                    },
+                ))
+            },
+        )
+    }
+
     /// Gives `machine` policy `policy` (an operator action).
     pub fn assign_policy(
         &mut self,

@@ -118,7 +118,12 @@ fn an_operator_action_and_its_audit_entry_commit_together() {
         app_interval_secs: 3600,
     };
     db.set_policy(&policy, "bob", 502).unwrap();
+    assert!(db.machine_policies().unwrap().is_empty());
     db.assign_policy("db01", "gold", "bob", 503).unwrap();
+    assert_eq!(
+        db.machine_policies().unwrap(),
+        [("db01".to_owned(), policy.clone())]
+    );
     let err = db.assign_policy("db01", "silver", "bob", 504).unwrap_err();
     assert!(matches!(err, ControlError::UnknownPolicy(_)), "{err}");
     db.audit("carol", "create-token", "1 use, 24 h", 505)

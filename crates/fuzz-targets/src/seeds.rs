@@ -96,6 +96,34 @@ fn messages() -> Vec<(&'static str, Message)> {
                 next_cut_id: 212,
             }),
         ),
+        ("time_probe", Message::TimeProbe(TimeProbe { nonce: 7 })),
+        (
+            "time_reply",
+            Message::TimeReply(TimeReply {
+                nonce: 7,
+                received_ns: 1_700_000_000_000_000_000,
+                sent_ns: 1_700_000_000_000_020_000,
+            }),
+        ),
+        (
+            "group_schedule",
+            Message::GroupSchedule(GroupSchedule {
+                group: GroupId([0x6b; 16]),
+                interval_ms: 5_000,
+                members: 3,
+                max_error_ns: 50_000_000,
+                coordinator_offset_ns: -1_200_000,
+                coordinator_error_ns: 400_000,
+                app_every: 12,
+            }),
+        ),
+        (
+            "policy_update",
+            Message::PolicyUpdate(PolicyUpdate {
+                assigned: true,
+                app_interval_secs: 3600,
+            }),
+        ),
     ]
 }
 
@@ -315,8 +343,8 @@ pub fn valid() -> Vec<Seed> {
     // The process servers' link to the configuration role.
     {
         use ripcord_transport::control::{
-            AssignedMachine, ClockReading, JoinRequest, MachineGroup, Refusal, Reply,
-            ReportRequest, Request,
+            AssignedMachine, ClockReading, JoinRequest, MachineGroup, MachinePolicy,
+            MachinePolicySettings, Refusal, Reply, ReportRequest, Request,
         };
         fn to_json(value: &impl serde::Serialize) -> Vec<u8> {
             serde_json::to_vec(value).expect("a seed encodes")
@@ -364,6 +392,13 @@ pub fn valid() -> Vec<Seed> {
                     received_ns: 1_700_000_000_000_000_000,
                     sent_ns: 1_700_000_000_000_250_000,
                 }),
+                policies: vec![MachinePolicy {
+                    machine: "host-01.example".into(),
+                    settings: MachinePolicySettings {
+                        retention_secs: 72 * 3600,
+                        app_interval_secs: 3600,
+                    },
+                }],
             }),
         );
         add(

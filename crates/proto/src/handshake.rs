@@ -24,7 +24,11 @@ use thiserror::Error;
 /// [`crate::wire::GroupSchedule`] (server -> agent) on the control stream, and the group
 /// stamp of a [`crate::wire::Cut`] (an agent stamps cuts only on a session of 5 or more,
 /// the only sessions on which it learns a schedule).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// Version 6 adds application-consistent group points (the trailing `app_every` of a
+/// [`crate::wire::GroupSchedule`], sent only when not 0 and only on sessions of 6 or
+/// more) and [`crate::wire::PolicyUpdate`] (server -> agent, control stream): what the
+/// machine's policy in the configuration role sets for the agent.
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Lowest protocol version this crate still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 

@@ -182,6 +182,12 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     })
                 }
             ),
+        (any::<bool>(), 0..=MAX_POLICY_APP_INTERVAL_SECS).prop_map(|(assigned, secs)| {
+            Message::PolicyUpdate(PolicyUpdate {
+                assigned,
+                app_interval_secs: if assigned { secs } else { 0 },
+            })
+        }),
         (arb_disk(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
             |(disk_id, epoch, durable_seq, durable_cut_id)| Message::Ack(Ack {
                 disk_id,
@@ -802,5 +808,51 @@ fn an_app_group_cut_round_trips_and_a_reply_cannot_leave_before_it_arrived() {
     assert!(matches!(
         Message::GroupSchedule(schedule).to_frame(),
         Err(InvalidMessage::GroupInterval { interval_ms: 999 })
+    ));
+}
+
+#[test]
+fn a_schedule_without_app_points_keeps_protocol_5s_layout_and_policy_updates_are_bounded() {
+    let mut schedule = GroupSchedule {
+        group: GroupId([1; 16]),
+        interval_ms: 5000,
+        members: 2,
+        max_error_ns: 1,
+        coordinator_offset_ns: -3,
+        coordinator_error_ns: 4,
+        app_every: 0,
+    };
+    // Without app points: 50 bytes of body, as protocol 5 sent it.
+    let v5 = Message::GroupSchedule(schedule).to_frame().unwrap();
+    assert_eq!(v5.len(), HEADER_LEN + 50);
+    assert!(matches!(decode_frame(&v5), Ok(Some((Message::GroupSchedule(s), _))) if s == schedule));
+    schedule.app_every = 12;
+    let v6 = Message::GroupSchedule(schedule).to_frame().unwrap();
+    assert_eq!(v6.len(), v5.len() + 4);
+    assert!(matches!(decode_frame(&v6), Ok(Some((Message::GroupSchedule(s), _))) if s == schedule));
+
+    let update = |assigned, app_interval_secs| {
+        Message::PolicyUpdate(PolicyUpdate {
+            assigned,
+            app_interval_secs,
+        })
+    };
+    assert!(matches!(
+        update(true, MAX_POLICY_APP_INTERVAL_SECS + 1).to_frame(),
+        Err(InvalidMessage::PolicyAppInterval { .. })
+    ));
+    assert!(matches!(
+        update(false, 60).to_frame(),
+        Err(InvalidMessage::PolicyAppInterval { secs: 60 })
+    ));
+    // A hostile "assigned" byte is named.
+    let mut frame = update(true, 60).to_frame().unwrap();
+    frame[HEADER_LEN] = 2;
+    assert!(matches!(
+        decode_frame(&frame),
+        Err(DecodeError::InvalidEnum {
+            field: "policy_update.assigned",
+            value: 2
+        })
     ));
 }

@@ -119,6 +119,9 @@ pub struct Uploader {
     last_gc: Instant,
     dirty: bool,
     status: Arc<Mutex<UploadStatus>>,
+    /// The machines' policies, for the owner's retention (`crate::policies`); without
+    /// them `cfg.retention` applies.
+    policies: Option<tokio::sync::watch::Receiver<crate::policies::Policies>>,
 }
 
 impl Uploader {
@@ -146,6 +149,7 @@ impl Uploader {
             last_gc: Instant::now(),
             dirty: false,
             status: Arc::default(),
+            policies: None,
         })
     }
 
@@ -161,6 +165,34 @@ impl Uploader {
         }
         self.status = status;
         self
+    }
+
+    /// Looks up the owner's policies from now on (see [`Uploader::retention`]).
+    pub fn with_policies(
+        mut self,
+        policies: tokio::sync::watch::Receiver<crate::policies::Policies>,
+    ) -> Self {
+        self.policies = Some(policies);
+        self
+    }
+
+    /// How long the disk's points are kept now: the owner's policy's retention, else the
+    /// server's. Notes a change in the status and the log.
+    fn retention(&self) -> Duration {
+        let retention = self.policies.as_ref().map_or(self.cfg.retention, |p| {
+            crate::policies::retention_for(&p.borrow(), &self.owner, self.cfg.retention)
+        });
+        let mut st = self.status.lock().expect("status lock");
+        if st.retention != Some(retention) {
+            tracing::info!(
+                disk = %self.disk, machine = self.owner,
+                retention_secs = retention.as_secs(),
+                "recovery points are kept {}",
+                humantime::format_duration(retention)
+            );
+            st.retention = Some(retention);
+        }
+        retention
     }
 
     /// The status this uploader reports into.
@@ -230,10 +262,12 @@ impl Uploader {
             device,
             durable,
         } = disk_summary(&self.core).await?;
+        // Looked up every step, so a policy's change shows (log, metric) within a step.
+        let retention = self.retention();
         if self.last_gc.elapsed() >= self.cfg.gc_interval {
             self.last_gc = Instant::now();
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-            let keep_after = now.saturating_sub(self.cfg.retention).as_nanos() as u64;
+            let keep_after = now.saturating_sub(retention).as_nanos() as u64;
             match self.store.apply_retention(&self.disk, keep_after).await {
                 Ok(r) if r.is_noop() => tracing::debug!(disk = %hex, "retention: nothing to do"),
                 Ok(r) => tracing::info!(
@@ -378,6 +412,7 @@ pub async fn supervise(
     core: SharedDisk,
     cfg: UploadConfig,
     status: Arc<Mutex<UploadStatus>>,
+    policies: tokio::sync::watch::Receiver<crate::policies::Policies>,
 ) {
     let mut delay = Duration::from_secs(1);
     loop {
@@ -385,7 +420,8 @@ pub async fn supervise(
             let mut uploader =
                 Uploader::open(store.clone(), disk, owner.clone(), core.clone(), cfg)
                     .await?
-                    .with_status(Arc::clone(&status));
+                    .with_status(Arc::clone(&status))
+                    .with_policies(policies.clone());
             loop {
                 let step = uploader.step().await?;
                 // Back to a short delay only once the store took a flush again.

@@ -43,6 +43,9 @@ pub struct UploadStatus {
     /// The last time the newest committed point was seen to hold every batch this server
     /// made durable while the owner's stream was open (see the module doc).
     current_at: Option<SystemTime>,
+    /// The retention the last retention run applied (the machine's policy's, else the
+    /// server's `retention-secs`); `None` before the first run.
+    pub retention: Option<std::time::Duration>,
 }
 
 impl Default for UploadStatus {
@@ -58,6 +61,7 @@ impl Default for UploadStatus {
             logged_failure: None,
             open_streams: 0,
             current_at: None,
+            retention: None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The session's control stream after the hello (protocol 5 on): clock probes against the
 //! process server every [`PROBE_EVERY`], and the server's consistency-group schedule, both
-//! into the shared [`GroupClock`](crate::replicate::group::GroupClock).
+//! into the shared [`GroupClock`](crate::replicate::group::GroupClock); protocol 6 on, the
+//! machine's policy into the shared [`SharedPolicy`].
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use ripcord_proto::Message;
 use super::{FrameReader, send_msg};
 use crate::{
     clock::{now_mono_ns, now_wall_ns},
-    replicate::group::SharedGroupClock,
+    replicate::{group::SharedGroupClock, policy::SharedPolicy},
 };
 
 /// How often the control stream probes the server's clock.
@@ -24,6 +25,7 @@ pub(super) async fn run(
     mut send: SendStream,
     mut reader: FrameReader,
     clock: &SharedGroupClock,
+    policy: &SharedPolicy,
 ) -> anyhow::Result<()> {
     let mut nonce = 0u64;
     let mut outstanding: Option<(u64, u64)> = None;
@@ -52,6 +54,7 @@ pub(super) async fn run(
                 Some(Message::GroupSchedule(schedule)) => {
                     clock.lock().expect("group clock lock").set_schedule(schedule);
                 }
+                Some(Message::PolicyUpdate(update)) => policy.set(update),
                 Some(other) => bail!("unexpected {} frame on the control stream", other.message_type()),
                 None => bail!("the process server closed the control stream"),
             },

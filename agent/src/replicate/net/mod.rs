@@ -278,6 +278,8 @@ pub struct NetConfig {
     pub congestion: ripcord_transport::endpoint::Congestion,
     /// Where the group's coordinator clock is, fed by the control stream (protocol 5 on).
     pub group_clock: SharedGroupClock,
+    /// The machine's policy, fed by the control stream (protocol 6 on).
+    pub policy: crate::replicate::policy::SharedPolicy,
 }
 
 /// Frame reader over a QUIC receive stream.
@@ -459,7 +461,7 @@ async fn serve_links(
     let results = if version >= 5 {
         tokio::select! {
             results = drivers => results,
-            failed = control::run(send, reader, &cfg.group_clock) => return failed,
+            failed = control::run(send, reader, &cfg.group_clock, &cfg.policy) => return failed,
         }
     } else {
         drivers.await

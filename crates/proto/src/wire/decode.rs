@@ -14,7 +14,8 @@ use super::{
     GroupId, GroupSchedule, GroupStamp, HEADER_LEN, Hello, HelloAck, InvalidMessage, MAGIC,
     MAX_AGENT_VERSION_LEN, MAX_DEVICE_NAME_LEN, MAX_ERROR_MESSAGE_LEN, MAX_EXTENTS_PER_BATCH,
     MAX_MACHINE_ID_LEN, MAX_PAYLOAD_LEN, MAX_SERVER_ID_LEN, MAX_WRAPPED_KEY_LEN, Message,
-    MessageType, Ping, Pong, ProtectDisk, StoreStatus, TimeProbe, TimeReply, WIRE_VERSION,
+    MessageType, Ping, PolicyUpdate, Pong, ProtectDisk, StoreStatus, TimeProbe, TimeReply,
+    WIRE_VERSION,
 };
 
 struct Reader<'a> {
@@ -238,8 +239,30 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
             max_error_ns: r.u64("group_schedule.max_error_ns")?,
             coordinator_offset_ns: r.u64("group_schedule.coordinator_offset_ns")? as i64,
             coordinator_error_ns: r.u64("group_schedule.coordinator_error_ns")?,
-            app_every: r.u32("group_schedule.app_every")?,
+            // Protocol 6's trailing field, present only when not 0.
+            app_every: if r.buf.is_empty() {
+                0
+            } else {
+                r.u32("group_schedule.app_every")?
+            },
         }),
+        MessageType::PolicyUpdate => {
+            let raw = r.u8("policy_update.assigned")?;
+            let assigned = match raw {
+                0 => false,
+                1 => true,
+                value => {
+                    return Err(DecodeError::InvalidEnum {
+                        field: "policy_update.assigned",
+                        value: value.into(),
+                    });
+                }
+            };
+            Message::PolicyUpdate(PolicyUpdate {
+                assigned,
+                app_interval_secs: r.u32("policy_update.app_interval_secs")?,
+            })
+        }
         MessageType::StoreStatus => Message::StoreStatus(StoreStatus {
             disk_id: r.disk_id("store_status.disk_id")?,
             epoch: r.u64("store_status.epoch")?,

@@ -131,6 +131,7 @@ impl Message {
             Self::TimeProbe(_) => MessageType::TimeProbe,
             Self::TimeReply(_) => MessageType::TimeReply,
             Self::GroupSchedule(_) => MessageType::GroupSchedule,
+            Self::PolicyUpdate(_) => MessageType::PolicyUpdate,
         }
     }
 
@@ -185,7 +186,16 @@ impl Message {
                 }
                 Ok(())
             }
+            Self::PolicyUpdate(m)
+                if m.app_interval_secs > super::MAX_POLICY_APP_INTERVAL_SECS
+                    || (!m.assigned && m.app_interval_secs != 0) =>
+            {
+                Err(InvalidMessage::PolicyAppInterval {
+                    secs: m.app_interval_secs,
+                })
+            }
             Self::DiskAccepted(_)
+            | Self::PolicyUpdate(_)
             | Self::TimeProbe(_)
             | Self::TimeReply(_)
             | Self::GroupSchedule(_)
@@ -276,7 +286,13 @@ impl Message {
                 put_u64(out, m.max_error_ns);
                 put_u64(out, m.coordinator_offset_ns as u64);
                 put_u64(out, m.coordinator_error_ns);
-                put_u32(out, m.app_every);
+                if m.app_every != 0 {
+                    put_u32(out, m.app_every);
+                }
+            }
+            Self::PolicyUpdate(m) => {
+                out.push(u8::from(m.assigned));
+                put_u32(out, m.app_interval_secs);
             }
             Self::StoreStatus(m) => {
                 out.extend_from_slice(&m.disk_id.0);

@@ -196,6 +196,9 @@ pub enum MessageType {
     /// Server -> agent, control stream (protocol version 5 on): the consistency group the
     /// machine belongs to (or none), and where the coordinator's clock is.
     GroupSchedule = 0x0011,
+    /// Server -> agent, control stream (protocol version 6 on): what the machine's policy
+    /// sets for the agent (or that it has none).
+    PolicyUpdate = 0x0012,
 }
 
 impl std::fmt::Display for MessageType {
@@ -235,6 +238,7 @@ impl MessageType {
             0x000F => Self::TimeProbe,
             0x0010 => Self::TimeReply,
             0x0011 => Self::GroupSchedule,
+            0x0012 => Self::PolicyUpdate,
             _ => return None,
         })
     }
@@ -258,6 +262,7 @@ impl MessageType {
             Self::TimeProbe => 8,
             Self::TimeReply => 8 + 8 + 8,
             Self::GroupSchedule => 16 + 8 + 2 + 8 + 8 + 8 + 4,
+            Self::PolicyUpdate => 1 + 4,
         }
     }
 }
@@ -517,8 +522,26 @@ pub struct GroupSchedule {
     /// Every `app_every`-th instant (those whose number of intervals since the Unix epoch
     /// is a multiple of it) is an application-consistent group point: every member
     /// freezes before the instant and cuts at it while frozen (decision 0028). 0: none.
+    /// A trailing field (protocol 6), on the wire only when not 0, so a schedule without
+    /// it has protocol 5's layout.
     pub app_every: u32,
 }
+
+/// Server -> agent, on the control stream (protocol version 6 on): what the policy the
+/// configuration role gives this machine (`ripcord policy assign`) sets for the agent,
+/// sent after the hello and whenever it changes. It overrides the agent's configuration
+/// file while `assigned`; without a policy the file's values apply again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyUpdate {
+    /// Whether the machine has a policy (on the wire: 1 or 0).
+    pub assigned: bool,
+    /// Application-consistent points this often, in seconds (0: none; at most
+    /// [`MAX_POLICY_APP_INTERVAL_SECS`]; 0 when not `assigned`).
+    pub app_interval_secs: u32,
+}
+
+/// Longest application-consistent interval a [`PolicyUpdate`] may carry (a week).
+pub const MAX_POLICY_APP_INTERVAL_SECS: u32 = 7 * 24 * 3600;
 
 /// Shortest group interval a [`GroupSchedule`] may carry.
 pub const MIN_GROUP_INTERVAL_MS: u64 = 1000;
@@ -571,6 +594,7 @@ pub enum Message {
     TimeProbe(TimeProbe),
     TimeReply(TimeReply),
     GroupSchedule(GroupSchedule),
+    PolicyUpdate(PolicyUpdate),
 }
 
 /// A message whose contents violate a bound or invariant of the wire format.
@@ -624,6 +648,15 @@ pub enum InvalidMessage {
     GroupInterval {
         /// The interval carried.
         interval_ms: u64,
+    },
+    /// A policy update's application-consistent interval is out of bounds, or set
+    /// without a policy.
+    #[error(
+        "a policy's application-consistent interval of {secs} s: need 0..={MAX_POLICY_APP_INTERVAL_SECS}, and 0 without a policy"
+    )]
+    PolicyAppInterval {
+        /// The interval carried.
+        secs: u32,
     },
     /// A time reply's departure precedes its arrival.
     #[error("a time reply left ({sent_ns}) before its probe arrived ({received_ns})")]

@@ -232,9 +232,11 @@ impl ControlClient {
                 machines,
                 groups,
                 clock,
+                policies,
             } => Ok(ReportAccepted {
                 machines,
                 groups,
+                policies,
                 clock: clock.map(|c| (sent, c, received)),
             }),
             Reply::Refused { refusal, message } => Err(ControlError::Refused { refusal, message }),

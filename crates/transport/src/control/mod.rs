@@ -111,6 +111,10 @@ pub enum Reply {
         /// reply left: the reporter measures its clock against the coordinator's with it.
         #[serde(default)]
         clock: Option<ClockReading>,
+        /// The policy of each of those machines that has one (older configuration roles
+        /// send none).
+        #[serde(default)]
+        policies: Vec<MachinePolicy>,
     },
     /// Refused; `message` says what to do.
     Refused {
@@ -119,6 +123,29 @@ pub enum Reply {
         /// For the operator.
         message: String,
     },
+}
+
+/// What a machine's policy in the configuration role sets for its process server and
+/// agent (`ripcord policy set | assign`): relayed to a joined server with each report's
+/// reply, so a change reaches them without restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MachinePolicySettings {
+    /// Keep the machine's recovery points this long, seconds.
+    pub retention_secs: u64,
+    /// Application-consistent points this often, seconds (0: none).
+    pub app_interval_secs: u64,
+}
+
+/// A machine's policy settings, by machine id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MachinePolicy {
+    /// The machine id.
+    pub machine: String,
+    /// Its policy's settings.
+    #[serde(flatten)]
+    pub settings: MachinePolicySettings,
 }
 
 /// A machine assigned to a process server, and the SHA-256 (hex) of its current
@@ -178,6 +205,8 @@ pub struct ReportAccepted {
     pub machines: Vec<AssignedMachine>,
     /// See [`Reply::Accepted`].
     pub groups: Vec<MachineGroup>,
+    /// See [`Reply::Accepted`].
+    pub policies: Vec<MachinePolicy>,
     /// The reply's clock readings with the reporter's own, at the request's departure
     /// and the reply's arrival: `(sent_ns, reply, received_ns)`.
     pub clock: Option<(u64, ClockReading, u64)>,
