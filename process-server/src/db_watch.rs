@@ -41,13 +41,7 @@ where
                 match value {
                     Ok(value) => {
                         failing = false;
-                        tx.send_if_modified(|old| {
-                            let changed = **old != *value;
-                            if changed {
-                                *old = value;
-                            }
-                            changed
-                        });
+                        send_if_changed(&tx, value);
                     }
                     Err(e) => {
                         db = None;

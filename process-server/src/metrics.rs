@@ -197,8 +197,8 @@ impl Metrics {
         );
         registry.register(
             "retention_seconds",
-            "How long the disk's recovery points are kept, as its last retention run applied \
-             it: its machine's policy's retention, else the server's retention-secs",
+            "How long the disk's recovery points are kept now: its machine's policy's \
+             retention, else the server's retention-secs (absent until the policies are known)",
             m.retention.clone(),
         );
         registry.register(

@@ -12,8 +12,13 @@
 //! # Invariants
 //! - A machine without a policy gets `PolicyUpdate { assigned: false }`: its agent's own
 //!   configuration applies again, and the server's `retention-secs` applies to its disks.
+//! - **Retention waits until the policies are known** (read from the database, or relayed
+//!   once): deleting by the server's default while a machine's longer policy is merely
+//!   unknown (a joined server started while the role is unreachable) cannot be undone.
 //! - A relay that fails (the role unreachable) keeps the last policies it had: data never
 //!   depends on the configuration role being up.
+//! - Values are bounded again where they are used ([`ripcord_control::POLICY_RETENTION_SECS`],
+//!   [`ripcord_control::POLICY_APP_INTERVAL_SECS`]): a relayed value is not trusted.
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
@@ -23,12 +28,28 @@ use ripcord_transport::control::{
 };
 use tokio::sync::watch;
 
-/// Each machine's policy settings (machines without a policy are absent).
-pub type Policies = Arc<HashMap<String, MachinePolicySettings>>;
+/// Each machine's policy settings (machines without a policy are absent), once known.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyMap {
+    /// Whether the policies were read or relayed at least once (see the module doc).
+    pub known: bool,
+    /// Each machine's settings.
+    pub by_machine: HashMap<String, MachinePolicySettings>,
+}
+
+/// The shared, latest [`PolicyMap`].
+pub type Policies = Arc<PolicyMap>;
+
+fn known(by_machine: HashMap<String, MachinePolicySettings>) -> Policies {
+    Arc::new(PolicyMap {
+        known: true,
+        by_machine,
+    })
+}
 
 /// The policy settings of every machine of the configuration database that has a policy.
 pub fn read_policies(db: &ripcord_control::ControlDb) -> anyhow::Result<Policies> {
-    Ok(Arc::new(
+    Ok(known(
         db.machine_policies()?
             .into_iter()
             .map(|(machine, p)| {
@@ -48,19 +69,22 @@ pub fn watch_control_db(path: &Path) -> watch::Receiver<Policies> {
     crate::db_watch::watch(path, "policies", read_policies)
 }
 
-/// No policies ever: a server with no source of them.
+/// No policies ever: a server with no source of them (its own settings apply).
 pub fn none() -> watch::Receiver<Policies> {
-    watch::channel(Policies::default()).1
+    watch::channel(known(HashMap::new())).1
 }
 
 /// What `machine`'s agent is told.
 pub fn update_for(policies: &Policies, machine: &str) -> PolicyUpdate {
-    match policies.get(machine) {
+    match policies.by_machine.get(machine) {
         Some(p) => PolicyUpdate {
             assigned: true,
-            app_interval_secs: u32::try_from(p.app_interval_secs)
-                .unwrap_or(u32::MAX)
-                .min(MAX_POLICY_APP_INTERVAL_SECS),
+            app_interval_secs: match p.app_interval_secs {
+                0 => 0,
+                secs => u32::try_from(clamp(secs, &ripcord_control::POLICY_APP_INTERVAL_SECS))
+                    .unwrap_or(MAX_POLICY_APP_INTERVAL_SECS)
+                    .min(MAX_POLICY_APP_INTERVAL_SECS),
+            },
         },
         None => PolicyUpdate {
             assigned: false,
@@ -70,11 +94,21 @@ pub fn update_for(policies: &Policies, machine: &str) -> PolicyUpdate {
 }
 
 /// How long `machine`'s recovery points are kept: its policy's retention, else
-/// `configured` (the server's `retention-secs`).
-pub fn retention_for(policies: &Policies, machine: &str, configured: Duration) -> Duration {
-    policies
-        .get(machine)
-        .map_or(configured, |p| Duration::from_secs(p.retention_secs))
+/// `configured` (the server's `retention-secs`); `None` while the policies are unknown.
+pub fn retention_for(policies: &Policies, machine: &str, configured: Duration) -> Option<Duration> {
+    if !policies.known {
+        return None;
+    }
+    Some(policies.by_machine.get(machine).map_or(configured, |p| {
+        Duration::from_secs(clamp(
+            p.retention_secs,
+            &ripcord_control::POLICY_RETENTION_SECS,
+        ))
+    }))
+}
+
+fn clamp(v: u64, range: &std::ops::RangeInclusive<u64>) -> u64 {
+    v.clamp(*range.start(), *range.end())
 }
 
 /// The policies of `machines` (those assigned to a joined server), as the configuration
@@ -85,7 +119,7 @@ pub fn relayed(policies: &Policies, machines: &[AssignedMachine]) -> Vec<Machine
         .filter_map(|m| {
             Some(MachinePolicy {
                 machine: m.id.clone(),
-                settings: *policies.get(&m.id)?,
+                settings: *policies.by_machine.get(&m.id)?,
             })
         })
         .collect()
@@ -117,7 +151,7 @@ impl Relay {
             .iter()
             .map(|p| (p.machine.clone(), p.settings))
             .collect();
-        crate::db_watch::send_if_changed(&self.tx, Arc::new(map));
+        crate::db_watch::send_if_changed(&self.tx, known(map));
     }
 }
 
@@ -126,7 +160,7 @@ mod tests {
     use super::*;
 
     fn policies() -> Policies {
-        Arc::new(HashMap::from([(
+        known(HashMap::from([(
             "db1".to_owned(),
             MachinePolicySettings {
                 retention_secs: 7200,
@@ -150,9 +184,24 @@ mod tests {
         let configured = Duration::from_secs(72 * 3600);
         assert_eq!(
             retention_for(&p, "db1", configured),
-            Duration::from_secs(7200)
+            Some(Duration::from_secs(7200))
         );
-        assert_eq!(retention_for(&p, "web1", configured), configured);
+        assert_eq!(retention_for(&p, "web1", configured), Some(configured));
+        // Unknown policies: no retention by the server's default meanwhile.
+        assert_eq!(retention_for(&Policies::default(), "db1", configured), None);
+        // A relayed value outside the bounds is brought back inside them.
+        let hostile = known(HashMap::from([(
+            "db1".to_owned(),
+            MachinePolicySettings {
+                retention_secs: 1,
+                app_interval_secs: 1,
+            },
+        )]));
+        assert_eq!(
+            retention_for(&hostile, "db1", configured),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(update_for(&hostile, "db1").app_interval_secs, 60);
     }
 
     #[test]
@@ -165,12 +214,14 @@ mod tests {
         assert_eq!(relayed.len(), 1);
         let mut relay = Relay::default();
         let rx = relay.subscribe();
+        assert!(!rx.borrow().known, "nothing relayed yet");
         relay.update(&ReportAccepted {
             machines: Vec::new(),
             groups: Vec::new(),
             policies: relayed,
             clock: None,
         });
-        assert_eq!(rx.borrow()["db1"].retention_secs, 7200);
+        assert!(rx.borrow().known);
+        assert_eq!(rx.borrow().by_machine["db1"].retention_secs, 7200);
     }
 }

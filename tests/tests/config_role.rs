@@ -267,9 +267,10 @@ fn a_policy_reaches_the_process_server_and_the_agent_without_restarts() {
         ),
     )
     .unwrap();
+    // Before the agent starts: its application-consistent interval counts from its start.
+    let started = std::time::Instant::now();
     let agent = site.replicator_with(&[&disk.path], &["--config", config.to_str().unwrap()], &[]);
     agent.wait_synced(Duration::from_secs(60)).unwrap();
-    let started = std::time::Instant::now();
     let disk_id = site.id.disk_id(&disk.path).unwrap();
     let label = format!("disk=\"{disk_id}\"");
     let retention = || {

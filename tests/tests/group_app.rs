@@ -52,6 +52,7 @@ fn member(site: &Site, name: &str, then: &str, freeze_timeout_ms: u64) -> Member
         &hook,
         format!(
             "#!/bin/sh\n[ \"$1\" = frozen ] && [ \"$RIPCORD_POINT\" = group-app ] || exit 0\n\
+             date +%s%N > {copies}/$RIPCORD_GROUP_INSTANT_NS.frozen-at\n\
              dd if={dev} of={copies}/$RIPCORD_GROUP_INSTANT_NS.img bs=1M iflag=direct \
              status=none\n{then}\n",
             dev = dev.path.display(),
@@ -106,9 +107,9 @@ fn group_app_points_equal_every_members_frozen_copy() {
     let db = site.register("db");
     let a = member(&site, "a", "", 10_000);
     let b = member(&site, "b", "", 10_000);
-    // A group point every second, every third one application-consistent; 50 ms is the
+    // A group point every second, every fifth one application-consistent; 50 ms is the
     // default limit on a point's clock-error bound.
-    groups::create_group(&site, "shop", 50, &["app", "db"], &["--app-every", "3"]);
+    groups::create_group(&site, "shop", 50, &["app", "db"], &["--app-every", "5"]);
     let config_arg = |m: &Member| m.config.to_str().unwrap().to_owned();
     let (ca, cb) = (config_arg(&a), config_arg(&b));
     let agent_a = site.replicator_with(&[&a.dev.path], &["--config", &ca], &[]);
@@ -143,15 +144,20 @@ fn group_app_points_equal_every_members_frozen_copy() {
         &|p| p["app"] == true,
         &logs,
     );
+    // Crash-consistent group points go on between them (one late cut leaves an instant
+    // without its point, so a loaded machine may need a few).
+    groups::wait_for_group_points(
+        &site,
+        "shop",
+        since,
+        1,
+        Duration::from_secs(120),
+        &|p| p["app"] == false,
+        &logs,
+    );
     stop.store(true, Ordering::Relaxed);
     let written = writer.join().unwrap();
     assert!(written > 0);
-    // Crash-consistent group points go on between them.
-    let all = groups::group_points(&site, "shop", since);
-    assert!(
-        all.iter().any(|p| p["app"] == false),
-        "no crash-consistent group point among {all:?}"
-    );
 
     let image = site.path().join("restored.img");
     let mut distinct = std::collections::HashSet::new();
@@ -164,6 +170,18 @@ fn group_app_points_equal_every_members_frozen_copy() {
                 failover(site.target(), disk, point, &image, &site.ps.passphrase_file).unwrap();
             assert!(ok, "failover of {disk} to {point}:\n{out}{err}");
             assert!(out.contains("app-consistent"), "{out}");
+            // Frozen before the coordinator's instant (the hook runs once it is frozen;
+            // both clocks are this host's, so no skew enters).
+            let frozen_at: u64 =
+                std::fs::read_to_string(m.copies.join(format!("{instant}.frozen-at")))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+            assert!(
+                frozen_at < instant,
+                "{disk} was frozen at {frozen_at}, after the group instant {instant}"
+            );
             let copy = m.copies.join(format!("{instant}.img"));
             assert!(
                 copy.exists(),
@@ -229,7 +247,7 @@ fn a_coordinator_killed_during_a_group_freeze_leaves_nothing_frozen_beyond_the_t
     let timeout_ms = FREEZE_TIMEOUT.as_millis() as u64;
     let a = member(&site, "a", &then, timeout_ms);
     let b = member(&site, "b", "", timeout_ms);
-    groups::create_group(&site, "shop", 50, &["app", "db"], &["--app-every", "2"]);
+    groups::create_group(&site, "shop", 50, &["app", "db"], &["--app-every", "5"]);
     let (ca, cb) = (
         a.config.to_str().unwrap().to_owned(),
         b.config.to_str().unwrap().to_owned(),
@@ -276,25 +294,37 @@ fn a_coordinator_killed_during_a_group_freeze_leaves_nothing_frozen_beyond_the_t
 }
 
 /// An agent killed during an application-consistent point leaves its file systems frozen
-/// (its watchdog dies with it); the next agent on the device thaws them at start-up and
-/// says so.
+/// (its watchdog dies with it) and its marker listing them; the next agent on the device
+/// thaws what the marker lists at start-up and says so. A freeze someone else made (no
+/// marker: a backup tool's) is left alone.
 #[test]
-fn an_agent_thaws_what_a_killed_agent_left_frozen() {
-    let Some(site) = Site::builder("an_agent_thaws_what_a_killed_agent_left_frozen")
-        .file_target()
-        .start()
+fn an_agent_thaws_what_a_killed_agent_left_frozen_and_nothing_else() {
+    let Some(site) =
+        Site::builder("an_agent_thaws_what_a_killed_agent_left_frozen_and_nothing_else")
+            .file_target()
+            .start()
     else {
         return;
     };
     let dev = site.loop_device("disk.img", 32 * MIB);
     testkit::run("mkfs.ext4", &["-q", "-F", dev.path.to_str().unwrap()]).unwrap();
     let mnt = Mount::new(&dev.path, &site.path().join("mnt"), &["-t", "ext4"]).unwrap();
-    // What a killed agent leaves: the file system frozen.
-    testkit::run("fsfreeze", &["-f", mnt.dir.to_str().unwrap()]).unwrap();
+    let dir = mnt.dir.to_str().unwrap().to_owned();
+    testkit::run("fsfreeze", &["-f", &dir]).unwrap();
     assert!(
         !writable_within(&mnt.dir, Duration::from_millis(500)),
         "fsfreeze did not freeze"
     );
+    // Someone else's freeze: the agent leaves it.
+    let agent = site.replicator(&[&dev.path]);
+    assert!(
+        !writable_within(&mnt.dir, Duration::from_secs(2)),
+        "the agent thawed a freeze it did not make:\n{}",
+        agent.log()
+    );
+    drop(agent);
+    // What a killed agent leaves: the freeze, and its marker.
+    std::fs::write(site.id.state_dir.join("frozen-mounts"), format!("{dir}\n")).unwrap();
     let agent = site.replicator(&[&dev.path]);
     assert!(
         writable_within(&mnt.dir, Duration::from_secs(10)),
@@ -302,10 +332,11 @@ fn an_agent_thaws_what_a_killed_agent_left_frozen() {
         agent.log()
     );
     assert!(
-        agent.log().contains("was left frozen"),
+        agent.log().contains("was left frozen by an agent"),
         "the agent did not say it thawed:\n{}",
         agent.log()
     );
+    assert!(!site.id.state_dir.join("frozen-mounts").exists());
     drop(agent);
     drop(mnt);
 }

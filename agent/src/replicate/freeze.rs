@@ -270,35 +270,42 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Thaws every file system mounted on `devices` that is frozen, with a warning naming it:
-/// an agent killed during an application-consistent point took its watchdog with it, and
-/// its successor (this agent, holding the devices' locks) is the one to undo the freeze.
+/// The file in the agent's state directory listing the mounts it holds frozen, one path
+/// per line, written before the first FIFREEZE and removed after the thaw: what an agent
+/// killed while frozen leaves for its successor ([`thaw_left_frozen`]).
+pub const FROZEN_MARKER: &str = "frozen-mounts";
+
+/// Thaws the file systems a killed agent left frozen (its watchdog died with it), as its
+/// marker in `state_dir` lists them, with a warning naming each; then removes the marker.
+/// A freeze someone else made (a backup tool's) is not in the marker and is left alone.
 /// FITHAW of a file system that is not frozen fails (EINVAL) and changes nothing.
-pub fn thaw_left_frozen(devices: &[BlockDevice]) {
-    let mounts = match mounts_on(devices) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!("cannot list the protected devices' mounts to thaw them: {e:#}");
-            return;
-        }
+pub fn thaw_left_frozen(state_dir: &Path) {
+    let marker = state_dir.join(FROZEN_MARKER);
+    let Ok(listed) = std::fs::read_to_string(&marker) else {
+        return;
     };
-    for m in mounts {
-        let Ok(f) = File::open(&m) else { continue };
+    for m in listed.lines().filter(|l| !l.is_empty()).map(Path::new) {
+        let Ok(f) = File::open(m) else { continue };
         // SAFETY: as in `Frozen::freeze`.
         if unsafe { fithaw(f.as_raw_fd(), 0) }.is_ok() {
             tracing::warn!(
                 mount = %m.display(),
-                "{} was left frozen (an agent stopped during an application-consistent \
-                 point, or someone ran fsfreeze): thawed",
+                "{} was left frozen by an agent stopped during an application-consistent \
+                 point: thawed",
                 m.display()
             );
         }
+    }
+    if let Err(e) = std::fs::remove_file(&marker) {
+        tracing::warn!("removing {}: {e}", marker.display());
     }
 }
 
 /// File systems frozen until this is dropped (or the watchdog fires).
 pub struct Frozen {
     files: Arc<Vec<(PathBuf, File)>>,
+    /// The marker listing them ([`FROZEN_MARKER`]), removed once they are thawed.
+    marker: Arc<PathBuf>,
     disarmed: Arc<AtomicBool>,
     /// The watchdog cannot thaw before this (its timer starts after it).
     held_until: Instant,
@@ -307,15 +314,28 @@ pub struct Frozen {
 }
 
 impl Frozen {
-    /// Freeze every mount in `mounts`; on a failure, thaw those already frozen and fail.
-    /// The watchdog thaws them all after `timeout` whatever happens to the caller.
-    pub fn freeze(mounts: &[PathBuf], timeout: Duration) -> anyhow::Result<Frozen> {
+    /// Freeze every mount in `mounts`, listed first in the marker file `marker` (see
+    /// [`FROZEN_MARKER`]); on a failure, thaw those already frozen and fail. The watchdog
+    /// thaws them all after `timeout` whatever happens to the caller.
+    pub fn freeze(mounts: &[PathBuf], timeout: Duration, marker: &Path) -> anyhow::Result<Frozen> {
+        let listed: String = mounts
+            .iter()
+            .map(|m| format!("{}\n", m.display()))
+            .collect();
+        std::fs::write(marker, listed).with_context(|| format!("writing {}", marker.display()))?;
+        let marker = Arc::new(marker.to_owned());
         let mut files = Vec::new();
         for m in mounts {
-            let f = File::open(m).with_context(|| format!("opening {}", m.display()))?;
+            let f = match File::open(m) {
+                Ok(f) => f,
+                Err(e) => {
+                    thaw_all(&files, &marker);
+                    return Err(e).with_context(|| format!("opening {}", m.display()));
+                }
+            };
             // SAFETY: FIFREEZE reads no argument memory; the fd is a valid open file.
             if let Err(errno) = unsafe { fifreeze(f.as_raw_fd(), 0) } {
-                thaw_all(&files);
+                thaw_all(&files, &marker);
                 return Err(std::io::Error::from(errno))
                     .with_context(|| format!("FIFREEZE {}", m.display()));
             }
@@ -326,19 +346,24 @@ impl Frozen {
         let (wake, woken) = std::sync::mpsc::channel::<()>();
         let held_until = Instant::now() + timeout;
         {
-            let (files, disarmed) = (Arc::clone(&files), Arc::clone(&disarmed));
+            let (files, disarmed, marker) = (
+                Arc::clone(&files),
+                Arc::clone(&disarmed),
+                Arc::clone(&marker),
+            );
             std::thread::spawn(move || {
                 // Returns early when the guard is dropped (the sender goes away).
                 if woken.recv_timeout(timeout) == Err(RecvTimeoutError::Timeout)
                     && !disarmed.swap(true, Ordering::AcqRel)
                 {
                     tracing::warn!("freeze timeout ({timeout:?}) passed: thawing");
-                    thaw_all(&files);
+                    thaw_all(&files, &marker);
                 }
             });
         }
         Ok(Frozen {
             files,
+            marker,
             disarmed,
             held_until,
             _wake: wake,
@@ -361,12 +386,13 @@ impl Frozen {
 impl Drop for Frozen {
     fn drop(&mut self) {
         if !self.disarmed.swap(true, Ordering::AcqRel) {
-            thaw_all(&self.files);
+            thaw_all(&self.files, &self.marker);
         }
     }
 }
 
-fn thaw_all(files: &[(PathBuf, File)]) {
+/// Thaws `files`, then removes the marker that lists them.
+fn thaw_all(files: &[(PathBuf, File)], marker: &Path) {
     for (m, f) in files {
         // SAFETY: as in `freeze`.
         if let Err(errno) = unsafe { fithaw(f.as_raw_fd(), 0) } {
@@ -376,6 +402,11 @@ fn thaw_all(files: &[(PathBuf, File)]) {
                 std::io::Error::from(errno)
             );
         }
+    }
+    if let Err(e) = std::fs::remove_file(marker)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("removing {}: {e}", marker.display());
     }
 }
 

@@ -65,6 +65,38 @@ pub struct GroupTarget {
     /// An application-consistent group point: the agent freezes its file systems before
     /// the instant and cuts while frozen (`points::group_app_point`).
     pub app: bool,
+    /// CLOCK_MONOTONIC and the wall clock minus it when the target was handed out: the
+    /// cut checks that the wall clock was not stepped since, and adds the drift over the
+    /// time since to its error ([`GroupTarget::clock_at`]).
+    pub due_mono_ns: u64,
+    due_wall_minus_mono: i128,
+}
+
+impl GroupTarget {
+    /// The error the target's offset has at the local clocks `wall`, `mono` (grown by
+    /// [`DRIFT_PPM`] since it was handed out), or `None` if the wall clock was stepped
+    /// since (the target's `local_ns` then no longer names the coordinator's instant).
+    pub fn clock_at(&self, wall: u64, mono: u64) -> Option<u64> {
+        let step = wall_minus_mono(wall, mono) - self.due_wall_minus_mono;
+        if step.unsigned_abs() > u128::from(STEP_NS) {
+            return None;
+        }
+        let age = mono.saturating_sub(self.due_mono_ns);
+        Some(self.stamp.error_ns + age / 1_000_000 * DRIFT_PPM)
+    }
+
+    /// The same instant, crash-consistent (an application-consistent attempt failed).
+    pub fn crash_consistent(self) -> GroupTarget {
+        GroupTarget { app: false, ..self }
+    }
+
+    /// The offset's error as it will have grown by the instant (`local_ns`): how far
+    /// before and after it an application-consistent member must be frozen.
+    pub fn error_at_instant(&self) -> u64 {
+        let due_wall = i128::from(self.due_mono_ns) + self.due_wall_minus_mono;
+        let lead = (i128::from(self.local_ns) - due_wall).max(0) as u64;
+        self.stamp.error_ns + lead / 1_000_000 * DRIFT_PPM
+    }
 }
 
 /// What the network side learnt about the group and the clocks; shared with the producer.
@@ -185,6 +217,8 @@ impl GroupClock {
             },
             max_error_ns: schedule.max_error_ns / 2,
             app,
+            due_mono_ns: mono,
+            due_wall_minus_mono: wall_minus_mono(wall, mono),
         })
     }
 }

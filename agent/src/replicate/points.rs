@@ -19,12 +19,13 @@ use anyhow::Context as _;
 use super::{
     config::AgentConfig,
     freeze,
+    group::GroupTarget,
     pipeline::{CutRequest, DiskProducer, Outgoing, RoundConfig, round},
 };
 use crate::capture::Capture;
 
 /// When to force a point, from the agent configuration.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct GapPolicy {
     /// The bound on the time between two points of a disk.
     pub max_gap: Duration,
@@ -36,6 +37,8 @@ pub struct GapPolicy {
     pub freeze_limit: Duration,
     /// Least time between two forced attempts on a disk (a quarter of the bound).
     pub retry_after: Duration,
+    /// Where a freeze is recorded while held (`freeze::FROZEN_MARKER`).
+    pub frozen_marker: PathBuf,
 }
 
 impl GapPolicy {
@@ -47,6 +50,7 @@ impl GapPolicy {
             forced_points: cfg.forced_points,
             freeze_limit: Duration::from_millis(cfg.forced_freeze_ms),
             retry_after: max_gap / 4,
+            frozen_marker: cfg.state_dir.join(super::freeze::FROZEN_MARKER),
         }
     }
 }
@@ -148,7 +152,7 @@ pub fn forced_point(
         ..*round_cfg
     };
     let started = Instant::now();
-    let frozen = freeze::Frozen::freeze(mounts, policy.freeze_limit)?;
+    let frozen = freeze::Frozen::freeze(mounts, policy.freeze_limit, &policy.frozen_marker)?;
     let result = loop {
         if due.iter().all(|&s| producers[s].counters.cuts > before[s]) {
             break Ok(());
@@ -195,21 +199,62 @@ pub fn app_point(
     )
 }
 
+/// The application-consistent group point due at `target` ([`group_app_point`]), logged;
+/// if it cannot be taken, the crash-consistent target of the same instant, for the round
+/// that then cuts at it (so the group still gets its point), else `None`.
+pub fn take_group_app_point(
+    capture: &mut Capture,
+    producers: &mut [DiskProducer],
+    round_cfg: &RoundConfig,
+    send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
+    cfg: &AgentConfig,
+    target: GroupTarget,
+) -> Option<GroupTarget> {
+    match group_app_point(capture, producers, round_cfg, send, cfg, target) {
+        Ok(p) => {
+            tracing::info!(
+                instant_ns = target.stamp.instant_ns,
+                hooks = %p.hooks,
+                frozen = %p.frozen,
+                "application-consistent group cut taken"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(
+                instant_ns = target.stamp.instant_ns,
+                "no application-consistent group point this time: {e:#}; a crash-consistent \
+                 group cut instead"
+            );
+            Some(target.crash_consistent())
+        }
+    }
+}
+
 /// An application-consistent **group** point (decision 0028): hooks, freeze, and, if the
 /// file systems were frozen before the instant in real time (the freeze's end plus the
 /// offset's error is before the instant on this clock), rounds at the instant until every
 /// disk has an application-consistent group cut; thaw, hooks. Every member that gets this
 /// far was frozen over the coordinator's instant, so the members' cuts are their states
 /// at one moment at which all of them were quiesced, without any message between them.
+/// Every disk must carry a mounted file system: a disk with none would be cut live,
+/// late, and labelled as if frozen.
 pub fn group_app_point(
     capture: &mut Capture,
     producers: &mut [DiskProducer],
     round_cfg: &RoundConfig,
     send: &mut dyn FnMut(usize, Outgoing) -> anyhow::Result<()>,
     cfg: &AgentConfig,
-    target: super::group::GroupTarget,
+    target: GroupTarget,
 ) -> anyhow::Result<AppPoint> {
     debug_assert!(target.app);
+    for p in producers.iter() {
+        anyhow::ensure!(
+            !freeze::mounts_on(std::slice::from_ref(&p.dev))?.is_empty(),
+            "{} has no mounted file system to freeze",
+            p.dev.path.display()
+        );
+    }
     let env = [
         ("RIPCORD_POINT", "group-app".to_owned()),
         ("RIPCORD_GROUP", target.stamp.group.to_string()),
@@ -218,13 +263,26 @@ pub fn group_app_point(
             target.stamp.instant_ns.to_string(),
         ),
     ];
-    // Freeze as late as is safe: the dirty data written back first (so FIFREEZE itself
-    // is short), then the freeze `GROUP_FREEZE_MARGIN` before the instant less the
-    // offset's error, so applications stall for about the margin, not the whole lead.
-    let freeze_at = target
-        .local_ns
-        .saturating_sub(target.stamp.error_ns)
-        .saturating_sub(GROUP_FREEZE_MARGIN.as_nanos() as u64);
+    // Frozen by the instant less the offset's error (as it will have grown by then), or
+    // no point. The freeze comes as late as is safe: the dirty data written back first
+    // (so FIFREEZE itself is short), then the freeze `GROUP_FREEZE_MARGIN` before that
+    // deadline, so applications stall for about the margin, not the whole lead.
+    let deadline = target.local_ns.saturating_sub(target.error_at_instant());
+    let freeze_at = deadline.saturating_sub(GROUP_FREEZE_MARGIN.as_nanos() as u64);
+    let in_time = |what: &str| {
+        let (wall, mono) = (crate::clock::now_wall_ns(), crate::clock::now_mono_ns());
+        anyhow::ensure!(
+            target.clock_at(wall, mono).is_some(),
+            "the wall clock was stepped since the group instant was scheduled"
+        );
+        anyhow::ensure!(
+            wall < deadline,
+            "{what} {:.1} ms too late for the group instant (the pre-freeze hooks and the \
+             freeze took longer than the lead)",
+            (wall - deadline) as f64 / 1e6
+        );
+        Ok(())
+    };
     let before_freeze = |mounts: &[std::path::PathBuf]| {
         for m in mounts {
             let f = std::fs::File::open(m).with_context(|| format!("opening {}", m.display()))?;
@@ -232,18 +290,7 @@ pub fn group_app_point(
         }
         let now = crate::clock::now_wall_ns();
         std::thread::sleep(Duration::from_nanos(freeze_at.saturating_sub(now)));
-        Ok(())
-    };
-    let frozen_in_time = || {
-        let frozen_at = crate::clock::now_wall_ns();
-        let deadline = target.local_ns.saturating_sub(target.stamp.error_ns);
-        anyhow::ensure!(
-            frozen_at < deadline,
-            "the file systems were frozen {:.1} ms too late for the group instant (the \
-             pre-freeze hooks and the freeze took longer than the lead)",
-            (frozen_at - deadline) as f64 / 1e6
-        );
-        Ok(())
+        in_time("ready to freeze")
     };
     cut_while_frozen(
         capture,
@@ -254,14 +301,15 @@ pub fn group_app_point(
         CutRequest::Group(target),
         &env,
         &before_freeze,
-        &frozen_in_time,
+        &|| in_time("frozen"),
     )
 }
 
 /// The sequence of both kinds of application-consistent point: pre-freeze hooks,
-/// `before_freeze` (given the mounts), freeze, `frozen_check`, frozen hooks, rounds with `cut` until every disk has an
-/// application-consistent cut taken while frozen (`RoundConfig::frozen_until`), thaw,
-/// post-thaw hooks. The file systems are thawed on every path (guard and watchdog).
+/// `before_freeze` (given the mounts), freeze, `frozen_check`, frozen hooks, rounds with
+/// `cut` until every disk has an application-consistent cut taken while frozen
+/// (`RoundConfig::frozen_until`), thaw, post-thaw hooks. The file systems are thawed on
+/// every path (guard, watchdog, and the next agent for a killed one: `freeze`).
 #[allow(clippy::too_many_arguments)]
 fn cut_while_frozen(
     capture: &mut Capture,
@@ -293,7 +341,8 @@ fn cut_while_frozen(
     freeze::run_hooks(&hooks, "pre-freeze", env, timeout)?;
     let result = (|| -> anyhow::Result<()> {
         before_freeze(&mounts)?;
-        let frozen = freeze::Frozen::freeze(&mounts, timeout)?;
+        let marker = cfg.state_dir.join(freeze::FROZEN_MARKER);
+        let frozen = freeze::Frozen::freeze(&mounts, timeout, &marker)?;
         frozen_check()?;
         freeze::run_hooks(&hooks, "frozen", env, timeout)?;
         let before: Vec<u64> = producers.iter().map(|p| p.counters.app_cuts).collect();

@@ -85,7 +85,7 @@ pub fn run(opts: ProtectOptions) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     // Held until the agent exits: one agent per state directory and per device.
     let _locks = super::lock::lock_all(&cfg.state_dir, &devs)?;
-    super::freeze::thaw_left_frozen(&devs);
+    super::freeze::thaw_left_frozen(&cfg.state_dir);
     let metrics = Arc::new(AgentMetrics::new());
     if !cfg.metrics_addr.is_empty() {
         let addr = cfg.metrics_addr.parse().context("metrics-addr")?;
@@ -407,30 +407,21 @@ fn run_epoch(
             send_or_stop(&rt, &senders[slot], &link_stats[slot], item, stop, in_sync)
         };
         // A group cut due soon takes this round: it waits for the instant (decision 0027).
-        let target = (!in_sync)
+        let mut target = (!in_sync)
             .then(|| group::next_target(&group_clock, GROUP_LEAD, GROUP_APP_LEAD))
             .flatten();
-        if let Some(target) = target.filter(|t| t.app) {
-            match points::group_app_point(
+        if let Some(app_target) = target.filter(|t| t.app) {
+            target = points::take_group_app_point(
                 &mut capture,
                 &mut producers,
                 &round_cfg,
                 &mut send,
                 cfg,
-                target,
-            ) {
-                Ok(p) => tracing::info!(
-                    instant_ns = target.stamp.instant_ns,
-                    hooks = %p.hooks,
-                    frozen = %p.frozen,
-                    "application-consistent group point taken"
-                ),
-                Err(e) => tracing::warn!(
-                    instant_ns = target.stamp.instant_ns,
-                    "no application-consistent group point this time: {e:#}"
-                ),
+                app_target,
+            );
+            if target.is_none() {
+                continue;
             }
-            continue;
         }
         let this_round = match target {
             Some(target) => RoundConfig {

@@ -125,30 +125,16 @@ impl DeviceReader {
     /// round's instant, the writes complete before it and the reads after it are clean.
     /// Pages already clean cost a walk of the page-cache tags, no I/O.
     pub fn write_back(&self, sector: u64, len: u64) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd as _;
         let (offset, bytes) = (
             sector * 512,
             len.min(self.sectors - sector.min(self.sectors)) * 512,
         );
-        if bytes == 0 {
-            return Ok(());
-        }
-        // SAFETY: a plain syscall on a descriptor we own; no memory is passed.
-        let rc = unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                offset as libc::off64_t,
-                bytes as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+        ripcord_crashsafe::write_back_range(
+            &self.file,
+            offset,
+            bytes,
+            ripcord_crashsafe::WriteBack::AndWait,
+        )
     }
 
     /// Read `buf.len()` bytes (whole sectors, `buf` aligned for O_DIRECT) at `sector`.

@@ -323,7 +323,7 @@ async fn copy_plan(
     // Runs are disjoint, so batches can be fetched, opened and written in any order: keep
     // a few in flight so fetching, decryption and writing overlap on all cores. Each run's
     // write-back starts as soon as it is written, so the device writes the image while
-    // the store is still being read (see `ripcord_restore::write_back`).
+    // the store is still being read (see `start_write_back`).
     let parallel = std::thread::available_parallelism()
         .map_or(2, |n| n.get() * 2)
         .clamp(4, 16);
@@ -401,8 +401,13 @@ fn write_sparse(file: &File, is_block: bool, data: &[u8], offset: u64) -> anyhow
     Ok(())
 }
 
-/// Starts the write-back of a range just written (see [`ripcord_restore::write_back`]).
+/// Starts the write-back of a range just written. A restore writes far more than it reads
+/// (a batch decompresses to several times its stored size) through the page cache, and
+/// makes it durable with one `fsync` at the end; left to itself the kernel starts writing
+/// back only past `dirty_background_ratio` (gigabytes on a large host), so the device would
+/// read the store while idle for writes, then write everything while nothing is read.
+/// Durability still comes from the final `fsync`.
 fn start_write_back(file: &File, offset: u64, len: u64) -> anyhow::Result<()> {
-    ripcord_restore::write_back::start(file, offset, len)
+    ripcord_crashsafe::write_back_range(file, offset, len, ripcord_crashsafe::WriteBack::Start)
         .with_context(|| format!("starting the write-back of {len} bytes at byte {offset}"))
 }

@@ -174,6 +174,17 @@ pub fn run(command: GroupCommand) -> anyhow::Result<()> {
                 .ok_or_else(|| ControlError::UnknownGroup(name.clone()))?;
             let interval_ms = new_interval.unwrap_or(group.interval_ms);
             let max_error_us = new_error.unwrap_or(group.max_error_us);
+            // Checked before anything is written: a refusal changes nothing.
+            let every = app_every.unwrap_or(group.app_every);
+            ensure!(
+                every == 0
+                    || interval_ms.saturating_mul(u64::from(every))
+                        >= ripcord_control::MIN_GROUP_APP_PERIOD_MS,
+                "an application-consistent point every {every} points of {} is more often than \
+                 every {}: each pauses replication on its members for 2 s",
+                secs(interval_ms),
+                secs(ripcord_control::MIN_GROUP_APP_PERIOD_MS)
+            );
             if new_interval.is_some() || new_error.is_some() {
                 db.set_group_timing(&name, interval_ms, max_error_us, &operator(), unix_now())?;
             }

@@ -138,12 +138,12 @@ fn check(p: &Policy) -> anyhow::Result<()> {
         p.rpo_threshold_secs
     );
     ensure!(
-        (3600..=87_600 * 3600).contains(&p.retention_secs),
+        ripcord_control::POLICY_RETENTION_SECS.contains(&p.retention_secs),
         "--retention-hours {} is outside 1..87600 (10 years)",
         p.retention_secs / 3600
     );
     ensure!(
-        (60..=7 * 24 * 3600).contains(&p.app_interval_secs),
+        ripcord_control::POLICY_APP_INTERVAL_SECS.contains(&p.app_interval_secs),
         "--app-consistent-every-secs {} is outside 60 s..7 days",
         p.app_interval_secs
     );

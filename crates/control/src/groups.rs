@@ -34,6 +34,11 @@ const _: () = assert!(MAX_GROUP_MACHINES <= MAX_GROUP_MEMBERS as usize);
 /// many instants; a day of 1 s instants).
 pub const MAX_GROUP_APP_EVERY: u32 = 86_400;
 
+/// Shortest time between two application-consistent group points (interval × app-every),
+/// ms: each one pauses a member's rounds for its 2 s lead, so they must leave at least as
+/// long again for replication.
+pub const MIN_GROUP_APP_PERIOD_MS: u64 = 5_000;
+
 /// A group's interval between points, in milliseconds: 1 s to 1 hour.
 pub const GROUP_INTERVAL_MS: RangeInclusive<u64> = 1_000..=3_600_000;
 

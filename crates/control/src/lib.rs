@@ -32,11 +32,13 @@ use std::{path::Path, time::Duration};
 
 pub use error::{ControlError, Result};
 pub use groups::{
-    GROUP_INTERVAL_MS, GROUP_MAX_ERROR_US, MAX_GROUP_APP_EVERY, MAX_GROUP_MACHINES, is_valid_name,
+    GROUP_INTERVAL_MS, GROUP_MAX_ERROR_US, MAX_GROUP_APP_EVERY, MAX_GROUP_MACHINES,
+    MIN_GROUP_APP_PERIOD_MS, is_valid_name,
 };
 pub use records::{
     Alert, AuditEntry, DEFAULT_RPO_THRESHOLD_SECS, Disk, DiskReport, Group, HEARTBEAT_WINDOW_SECS,
-    Health, Machine, Policy, ProcessServer, ServerLoad, Severity,
+    Health, Machine, POLICY_APP_INTERVAL_SECS, POLICY_RETENTION_SECS, Policy, ProcessServer,
+    ServerLoad, Severity,
 };
 use rusqlite::{Connection, OptionalExtension as _, params};
 

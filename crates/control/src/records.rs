@@ -159,6 +159,13 @@ pub struct DiskReport {
 /// disk lagging more is warned about; twice as much is critical.
 pub const DEFAULT_RPO_THRESHOLD_SECS: u64 = 900;
 
+/// Bounds of a policy's retention (1 hour to 10 years), seconds: checked where policies
+/// are set, and applied again where they are used (a relayed value is not trusted).
+pub const POLICY_RETENTION_SECS: std::ops::RangeInclusive<u64> = 3600..=87_600 * 3600;
+
+/// Bounds of a policy's application-consistent interval (a minute to a week), seconds.
+pub const POLICY_APP_INTERVAL_SECS: std::ops::RangeInclusive<u64> = 60..=7 * 24 * 3600;
+
 /// A replication policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {

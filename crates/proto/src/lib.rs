@@ -41,6 +41,6 @@ pub use wire::{
 pub use wire::{FLAG_COMPRESSED, FLAG_SEALED, MAX_EXTENTS_PER_BATCH, MAX_PAYLOAD_LEN};
 pub use wire::{
     GroupId, GroupSchedule, GroupStamp, MAX_GROUP_INTERVAL_MS, MAX_GROUP_MEMBERS,
-    MAX_POLICY_APP_INTERVAL_SECS, MIN_GROUP_INTERVAL_MS, PolicyUpdate, TimeProbe, TimeReply,
-    clock_offset,
+    MAX_POLICY_APP_INTERVAL_SECS, MIN_GROUP_INTERVAL_MS, MIN_POLICY_APP_INTERVAL_SECS,
+    PolicyUpdate, TimeProbe, TimeReply, clock_offset,
 };

@@ -182,12 +182,19 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     })
                 }
             ),
-        (any::<bool>(), 0..=MAX_POLICY_APP_INTERVAL_SECS).prop_map(|(assigned, secs)| {
-            Message::PolicyUpdate(PolicyUpdate {
-                assigned,
-                app_interval_secs: if assigned { secs } else { 0 },
-            })
-        }),
+        (
+            any::<bool>(),
+            prop_oneof![
+                Just(0),
+                MIN_POLICY_APP_INTERVAL_SECS..=MAX_POLICY_APP_INTERVAL_SECS
+            ]
+        )
+            .prop_map(|(assigned, secs)| {
+                Message::PolicyUpdate(PolicyUpdate {
+                    assigned,
+                    app_interval_secs: if assigned { secs } else { 0 },
+                })
+            }),
         (arb_disk(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
             |(disk_id, epoch, durable_seq, durable_cut_id)| Message::Ack(Ack {
                 disk_id,
@@ -830,6 +837,17 @@ fn a_schedule_without_app_points_keeps_protocol_5s_layout_and_policy_updates_are
     let v6 = Message::GroupSchedule(schedule).to_frame().unwrap();
     assert_eq!(v6.len(), v5.len() + 4);
     assert!(matches!(decode_frame(&v6), Ok(Some((Message::GroupSchedule(s), _))) if s == schedule));
+    // An explicit 0 would be a second encoding of the same schedule: refused.
+    let mut zero = v6.clone();
+    let n = zero.len();
+    zero[n - 4..].fill(0);
+    assert!(matches!(
+        decode_frame(&zero),
+        Err(DecodeError::InvalidEnum {
+            field: "group_schedule.app_every",
+            value: 0
+        })
+    ));
 
     let update = |assigned, app_interval_secs| {
         Message::PolicyUpdate(PolicyUpdate {
@@ -840,6 +858,10 @@ fn a_schedule_without_app_points_keeps_protocol_5s_layout_and_policy_updates_are
     assert!(matches!(
         update(true, MAX_POLICY_APP_INTERVAL_SECS + 1).to_frame(),
         Err(InvalidMessage::PolicyAppInterval { .. })
+    ));
+    assert!(matches!(
+        update(true, MIN_POLICY_APP_INTERVAL_SECS - 1).to_frame(),
+        Err(InvalidMessage::PolicyAppInterval { secs: 59 })
     ));
     assert!(matches!(
         update(false, 60).to_frame(),

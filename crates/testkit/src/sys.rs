@@ -245,13 +245,13 @@ impl Mount {
 }
 
 impl Drop for Mount {
-    /// Unmounts; a file system left frozen (an agent killed during an application-
-    /// consistent point) is thawed first, or a lazy unmount would keep it, frozen and
-    /// unreachable, holding its loop device until the host reboots.
+    /// Thaws, then unmounts: a file system left frozen (an agent killed during an
+    /// application-consistent point) would otherwise outlive its unmount, frozen and
+    /// unreachable, holding its loop device until the host reboots (a freeze holds the
+    /// superblock). Thawing one that is not frozen fails harmlessly.
     fn drop(&mut self) {
         if self.mounted
             && let Some(d) = self.dir.to_str()
-            && run("umount", &[d]).is_err()
         {
             let _ = run("fsfreeze", &["-u", d]);
             if run("umount", &[d]).is_err() {

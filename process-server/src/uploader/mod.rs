@@ -177,11 +177,15 @@ impl Uploader {
     }
 
     /// How long the disk's points are kept now: the owner's policy's retention, else the
-    /// server's. Notes a change in the status and the log.
-    fn retention(&self) -> Duration {
-        let retention = self.policies.as_ref().map_or(self.cfg.retention, |p| {
-            crate::policies::retention_for(&p.borrow(), &self.owner, self.cfg.retention)
-        });
+    /// server's; `None` while the policies are not known yet (`crate::policies`). Notes a
+    /// change in the status and the log.
+    fn retention(&self) -> Option<Duration> {
+        let retention = match &self.policies {
+            None => self.cfg.retention,
+            Some(p) => {
+                crate::policies::retention_for(&p.borrow(), &self.owner, self.cfg.retention)?
+            }
+        };
         let mut st = self.status.lock().expect("status lock");
         if st.retention != Some(retention) {
             tracing::info!(
@@ -192,7 +196,7 @@ impl Uploader {
             );
             st.retention = Some(retention);
         }
-        retention
+        Some(retention)
     }
 
     /// The status this uploader reports into.
@@ -264,7 +268,9 @@ impl Uploader {
         } = disk_summary(&self.core).await?;
         // Looked up every step, so a policy's change shows (log, metric) within a step.
         let retention = self.retention();
-        if self.last_gc.elapsed() >= self.cfg.gc_interval {
+        if self.last_gc.elapsed() >= self.cfg.gc_interval
+            && let Some(retention) = retention
+        {
             self.last_gc = Instant::now();
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
             let keep_after = now.saturating_sub(retention).as_nanos() as u64;

@@ -43,8 +43,8 @@ pub struct UploadStatus {
     /// The last time the newest committed point was seen to hold every batch this server
     /// made durable while the owner's stream was open (see the module doc).
     current_at: Option<SystemTime>,
-    /// The retention the last retention run applied (the machine's policy's, else the
-    /// server's `retention-secs`); `None` before the first run.
+    /// The retention in force (the machine's policy's, else the server's
+    /// `retention-secs`); `None` until the policies are known.
     pub retention: Option<std::time::Duration>,
 }
 

@@ -46,7 +46,7 @@ pub fn round(
     let mut stamp = None;
     if let CutRequest::Group(target) = cfg.cut {
         wait_until_wall(if target.app {
-            target.local_ns.saturating_add(target.stamp.error_ns)
+            target.local_ns.saturating_add(target.error_at_instant())
         } else {
             target.local_ns
         });
@@ -63,13 +63,23 @@ pub fn round(
     };
     if let CutRequest::Group(target) = cfg.cut {
         // |cut − instant| ≤ (after − target) + the offset's error (decision 0027); under a
-        // freeze that spans the instant, the offset's error alone (decision 0028).
+        // freeze that spans the instant, the offset's error alone (decision 0028). The
+        // offset's error grew by the drift since the target was handed out; a wall clock
+        // stepped since voids the target.
         let late = if app {
             0
         } else {
             t_wall.saturating_sub(target.local_ns.min(before))
         };
-        let error_ns = target.stamp.error_ns.saturating_add(late);
+        let offset_error = target.clock_at(t_wall, t_mono);
+        if offset_error.is_none() {
+            tracing::warn!(
+                instant_ns = target.stamp.instant_ns,
+                "the wall clock was stepped while a group cut waited for its instant: not \
+                 stamped"
+            );
+        }
+        let error_ns = offset_error.map_or(u64::MAX, |e| e.saturating_add(late));
         if error_ns <= target.max_error_ns {
             stamp = Some(ripcord_proto::GroupStamp {
                 error_ns,

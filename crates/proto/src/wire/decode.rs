@@ -239,11 +239,20 @@ fn decode_body(ty: MessageType, body: &[u8]) -> Result<Message, DecodeError> {
             max_error_ns: r.u64("group_schedule.max_error_ns")?,
             coordinator_offset_ns: r.u64("group_schedule.coordinator_offset_ns")? as i64,
             coordinator_error_ns: r.u64("group_schedule.coordinator_error_ns")?,
-            // Protocol 6's trailing field, present only when not 0.
+            // Protocol 6's trailing field, present only when not 0 (one encoding per
+            // message: an explicit 0 is refused).
             app_every: if r.buf.is_empty() {
                 0
             } else {
-                r.u32("group_schedule.app_every")?
+                match r.u32("group_schedule.app_every")? {
+                    0 => {
+                        return Err(DecodeError::InvalidEnum {
+                            field: "group_schedule.app_every",
+                            value: 0,
+                        });
+                    }
+                    n => n,
+                }
             },
         }),
         MessageType::PolicyUpdate => {

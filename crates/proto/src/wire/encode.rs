@@ -188,6 +188,8 @@ impl Message {
             }
             Self::PolicyUpdate(m)
                 if m.app_interval_secs > super::MAX_POLICY_APP_INTERVAL_SECS
+                    || (m.app_interval_secs != 0
+                        && m.app_interval_secs < super::MIN_POLICY_APP_INTERVAL_SECS)
                     || (!m.assigned && m.app_interval_secs != 0) =>
             {
                 Err(InvalidMessage::PolicyAppInterval {

@@ -535,13 +535,17 @@ pub struct GroupSchedule {
 pub struct PolicyUpdate {
     /// Whether the machine has a policy (on the wire: 1 or 0).
     pub assigned: bool,
-    /// Application-consistent points this often, in seconds (0: none; at most
-    /// [`MAX_POLICY_APP_INTERVAL_SECS`]; 0 when not `assigned`).
+    /// Application-consistent points this often, in seconds (0: none; else
+    /// [`MIN_POLICY_APP_INTERVAL_SECS`]..=[`MAX_POLICY_APP_INTERVAL_SECS`]; 0 when not
+    /// `assigned`).
     pub app_interval_secs: u32,
 }
 
 /// Longest application-consistent interval a [`PolicyUpdate`] may carry (a week).
 pub const MAX_POLICY_APP_INTERVAL_SECS: u32 = 7 * 24 * 3600;
+/// Shortest non-zero application-consistent interval a [`PolicyUpdate`] may carry (each
+/// point freezes the machine's file systems).
+pub const MIN_POLICY_APP_INTERVAL_SECS: u32 = 60;
 
 /// Shortest group interval a [`GroupSchedule`] may carry.
 pub const MIN_GROUP_INTERVAL_MS: u64 = 1000;
@@ -652,7 +656,7 @@ pub enum InvalidMessage {
     /// A policy update's application-consistent interval is out of bounds, or set
     /// without a policy.
     #[error(
-        "a policy's application-consistent interval of {secs} s: need 0..={MAX_POLICY_APP_INTERVAL_SECS}, and 0 without a policy"
+        "a policy's application-consistent interval of {secs} s: need 0 or {MIN_POLICY_APP_INTERVAL_SECS}..={MAX_POLICY_APP_INTERVAL_SECS}, and 0 without a policy"
     )]
     PolicyAppInterval {
         /// The interval carried.
